@@ -1,0 +1,63 @@
+"""Default config: a 2D binary U-Net on the embedded synthetic data set.
+
+Every other config imports this one and overrides only what differs.
+
+    python launch.py --config=configs/default.py --workdir=runs/default
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Seeds parameters, data order and augmentation.
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'synthetic_shapes'  # A TFDS name, or 'segmentation_folder'.
+  config.data.config = ''  # TFDS builder config, e.g. 'binary_64'; '' for the default.
+  config.data.root = ''  # Folder of images and masks, for 'segmentation_folder'.
+  config.data.data_dir = ''  # TFDS data_dir; '' means TFDS's default (~/tensorflow_datasets).
+  config.data.train_split = 'train'
+  config.data.eval_split = 'validation'
+  config.data.size_policy = 'pad'  # Sizes the model cannot take: 'pad', 'crop' or 'resize'.
+  config.data.patch_size = ()  # 3D only: random training patches of this size; () for none.
+  config.data.foreground_fraction = 1 / 3  # 3D only: share of patches centred on foreground.
+
+  config.augment = ml_collections.ConfigDict()
+  config.augment.flip = True
+  config.augment.rot90 = True
+  config.augment.scale = (1.0, 1.0)  # Random scale-and-crop range; (1, 1) turns it off.
+  config.augment.intensity = 0.0  # Intensity jitter amplitude; 0 turns it off.
+  config.augment.elastic = 0.0  # Elastic displacement in pixels; 0 turns it off.
+
+  config.model = ml_collections.ConfigDict()
+  config.model.num_classes = 1  # 1 logit with a sigmoid for binary tasks.
+  config.model.features = 16
+  config.model.depth = 3
+  config.model.upsample = 'transpose'
+  config.model.norm = 'batch'
+  config.model.dropout = 0.0
+  config.model.dtype = 'float32'  # Compute dtype; 'bfloat16' for mixed precision.
+  config.model.remat = False
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.name = 'dice_bce'
+  config.loss.kwargs = ml_collections.ConfigDict()  # Keyword options of the loss.
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = 'adam'
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.schedule = 'cosine'
+  config.optimizer.warmup_steps = 50
+  config.optimizer.weight_decay = 0.0
+  config.optimizer.momentum = 0.99
+  config.optimizer.grad_clip_norm = 1.0
+
+  config.batch_size = 16  # Global batch, split across devices.
+  config.num_train_steps = 600
+  config.log_every_steps = 50
+  config.eval_every_steps = 200
+  config.checkpoint_every_steps = 200
+  config.keep_checkpoints = 2
+  config.parallelism = 'jit'  # 'jit' (Mesh + NamedSharding) or 'pmap'.
+  return config

@@ -1,0 +1,318 @@
+"""The U-Net (Ronneberger et al., 2015), one Linen module for 2D and 3D.
+
+Inputs are channels-last. `(N, H, W, C)` gives a 2D network and `(N, D, H, W, C)` a
+3D one: the convolution dimensionality follows the input rank, so 2D and 3D share every
+line of code. The model returns logits; softmax or sigmoid is the loss's job.
+
+    model = UNet(num_classes=2)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 1)), train=False)
+    logits = model.apply(variables, images, train=False)   # [N, H, W, 2]
+
+The defaults are the seed's network: 64 features doubling over 4 levels to a 1024-wide
+bottleneck, two 3x3 convolutions a level, 2x max-pooling, a learned 2x2 stride-2
+transposed convolution to upsample, skip connections by concatenation and a 1x1 head.
+With 'same' padding, 1 input channel, 2 classes and `norm='none'` it has exactly
+31,030,658 parameters (tests/models_test.py).
+
+Reference: O. Ronneberger, P. Fischer, T. Brox, "U-Net: Convolutional Networks for
+Biomedical Image Segmentation", MICCAI 2015, arXiv:1505.04597.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+UPSAMPLE_MODES = ('transpose', 'bilinear')
+NORMS = ('batch', 'group', 'instance', 'none')
+
+IntOrTuple = int | Sequence[int]
+
+
+def _per_axis(value: IntOrTuple, ndim: int, name: str) -> tuple[int, ...]:
+  """Expands an int to `ndim` copies; checks a tuple has `ndim` entries."""
+  if isinstance(value, int):
+    return (value,) * ndim
+  value = tuple(int(v) for v in value)
+  if len(value) != ndim:
+    raise ValueError(
+        f'{name}={value} has {len(value)} entries, but the input has {ndim} spatial'
+        f' axes.')
+  return value
+
+
+def _is_shape(value: Any) -> bool:
+  return isinstance(value, int) or all(isinstance(v, int) for v in value)
+
+
+def level_shapes(
+    *,
+    ndim: int,
+    depth: int,
+    kernel_sizes: IntOrTuple | Sequence[IntOrTuple] = 3,
+    pool_sizes: IntOrTuple | Sequence[IntOrTuple] = 2,
+) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]:
+  """Per-level kernel and pooling shapes for a network of `ndim` spatial axes.
+
+  Args:
+    ndim: 2 or 3 spatial axes.
+    depth: the number of pooling steps.
+    kernel_sizes: one kernel for every level (an int, or a flat tuple of `ndim` ints),
+      or a list of `depth + 1` kernels: the encoder levels from the top, then the
+      bottleneck. Decoder level i uses the kernel of encoder level i.
+    pool_sizes: one pooling window (= stride) for every level (an int or a flat
+      tuple), or a list of `depth`.
+
+  Returns:
+    `(kernels, pools)`: `depth + 1` kernel tuples and `depth` pool tuples.
+  """
+  if depth < 1:
+    raise ValueError(f'depth must be at least 1, got {depth}.')
+  # An int, or a flat sequence of ints (one size per axis), applies to every level.
+  if _is_shape(kernel_sizes):
+    kernel_sizes = [kernel_sizes] * (depth + 1)
+  if _is_shape(pool_sizes):
+    pool_sizes = [pool_sizes] * depth
+  if len(kernel_sizes) != depth + 1:
+    raise ValueError(
+        f'kernel_sizes has {len(kernel_sizes)} levels; depth={depth} needs'
+        f' {depth + 1} (the encoder levels, then the bottleneck).')
+  if len(pool_sizes) != depth:
+    raise ValueError(
+        f'pool_sizes has {len(pool_sizes)} levels; depth={depth} needs {depth}.')
+  kernels = tuple(_per_axis(k, ndim, 'kernel_sizes') for k in kernel_sizes)
+  pools = tuple(_per_axis(p, ndim, 'pool_sizes') for p in pool_sizes)
+  for p in pools:
+    if min(p) < 1:
+      raise ValueError(f'pool sizes must be positive, got {p}.')
+  return kernels, pools
+
+
+def input_divisor(
+    *,
+    ndim: int,
+    depth: int,
+    pool_sizes: IntOrTuple | Sequence[IntOrTuple] = 2,
+) -> tuple[int, ...]:
+  """What every spatial size of the input must be a multiple of, axis by axis."""
+  _, pools = level_shapes(ndim=ndim, depth=depth, pool_sizes=pool_sizes)
+  return tuple(math.prod(p[axis] for p in pools) for axis in range(ndim))
+
+
+def check_spatial_shape(
+    spatial_shape: Sequence[int], divisor: Sequence[int]) -> None:
+  """Raises a ValueError naming the size and the nearest valid sizes."""
+  axis_names = ('D', 'H', 'W')[-len(spatial_shape):]
+  for name, size, div in zip(axis_names, spatial_shape, divisor):
+    if size % div:
+      below = (size // div) * div
+      above = below + div
+      nearest = f'{below} or {above}' if below > 0 else f'{above}'
+      raise ValueError(
+          f'Spatial size {size} along axis {name} of input shape'
+          f' {tuple(spatial_shape)} is not divisible by {div}, the product of the'
+          f' pooling strides along that axis. Nearest valid sizes: {nearest}. Pad,'
+          ' crop or resize the input (config.data.size_policy).')
+
+
+def _norm(kind: str, *, train: bool, dtype: Any, axis_name: str | None,
+          groups: int, name: str) -> nn.Module | None:
+  if kind == 'batch':
+    # momentum 0.9 is PyTorch's default of 0.1 in Flax's convention.
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                        dtype=dtype, axis_name=axis_name, name=name)
+  if kind == 'group':
+    return nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=dtype, name=name)
+  if kind == 'instance':
+    return nn.InstanceNorm(epsilon=1e-5, dtype=dtype, name=name)
+  return None
+
+
+class ConvBlock(nn.Module):
+  """Two (conv -> norm -> ReLU) layers, 'same' padding. The unit of rematerialisation."""
+  features: int
+  kernel_size: tuple[int, ...]
+  norm: str = 'batch'
+  norm_groups: int = 8
+  train: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.norm == 'group' and self.features % self.norm_groups:
+      raise ValueError(
+          f"norm='group' with norm_groups={self.norm_groups} needs widths divisible"
+          f' by it; this level has {self.features} channels.')
+    for i in range(2):
+      x = nn.Conv(self.features, self.kernel_size, padding='SAME',
+                  use_bias=self.norm == 'none', dtype=self.dtype,
+                  param_dtype=self.param_dtype, name=f'conv{i}')(x)
+      norm = _norm(self.norm, train=self.train, dtype=self.dtype,
+                   axis_name=self.bn_axis_name, groups=self.norm_groups,
+                   name=f'norm{i}')
+      if norm is not None:
+        x = norm(x)
+      x = nn.relu(x)
+    return x
+
+
+class Upsample(nn.Module):
+  """2x (or `strides`) upsampling to `features` channels.
+
+  'transpose': a learned transposed convolution, kernel = stride (2x2 by default).
+  'bilinear': parameter-free linear interpolation (bilinear in 2D, trilinear in 3D),
+    half-pixel centres (PyTorch's align_corners=False), with a convolution to
+    `features` channels. With the default 1x1 kernel the convolution is applied before
+    the resize: a 1x1 convolution commutes with linear interpolation (whose weights sum
+    to one), so the output is identical and the work is 2^ndim times smaller.
+  """
+  features: int
+  strides: tuple[int, ...]
+  mode: str = 'transpose'
+  conv_kernel: int = 1
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    ndim = x.ndim - 2
+    if self.mode == 'transpose':
+      return nn.ConvTranspose(self.features, self.strides, strides=self.strides,
+                              padding='VALID', dtype=self.dtype,
+                              param_dtype=self.param_dtype, name='conv')(x)
+    shape = (x.shape[0],) + tuple(
+        s * r for s, r in zip(x.shape[1:-1], self.strides))
+    conv = nn.Conv(self.features, (self.conv_kernel,) * ndim, padding='SAME',
+                   dtype=self.dtype, param_dtype=self.param_dtype, name='conv')
+    if self.conv_kernel == 1:
+      x = conv(x)
+      return jax.image.resize(x, shape + (x.shape[-1],), method='linear')
+    x = jax.image.resize(x, shape + (x.shape[-1],), method='linear')
+    return conv(x)
+
+
+class UNet(nn.Module):
+  """A U-Net for 2D or 3D inputs, by input rank.
+
+  Attributes:
+    num_classes: output channels of the 1x1 head (logits). 1 for a sigmoid binary task.
+    features: width of the top level; level i has `features * 2**i`, the bottleneck
+      `features * 2**depth`.
+    depth: number of pooling steps (4 in the paper).
+    upsample: 'transpose' (learned 2x2 stride-2 transposed conv) or 'bilinear'
+      (parameter-free interpolation + a `upsample_conv_kernel` conv to the same width).
+      Decoder widths are identical in both modes.
+    upsample_conv_kernel: kernel of the convolution after bilinear upsampling.
+    norm: 'batch', 'group', 'instance' or 'none' (no norm; convolutions get biases).
+    norm_groups: groups for `norm='group'`.
+    bn_axis_name: the mapped axis over which BatchNorm averages its statistics, for
+      `pmap`. Under `jax.jit` with a sharded batch, statistics are global already.
+    kernel_sizes: an int, one tuple for every level, or `depth + 1` per-level kernels
+      (encoder levels from the top, then the bottleneck), e.g. `[(1, 3, 3), (1, 3, 3),
+      (3, 3, 3), (3, 3, 3), (3, 3, 3)]` for thick-slice CT. Decoder level i uses the
+      kernel of encoder level i. A `(1, 3, 3)` kernel makes that level 2D inside a 3D
+      network: this is how the seed's mixed 2D/3D design is expressed.
+    pool_sizes: an int, one tuple, or `depth` per-level pooling windows (= strides),
+      e.g. `[(1, 2, 2), (1, 2, 2), (2, 2, 2), (2, 2, 2)]`. Upsampling mirrors them.
+    dropout: dropout rate at the end of the contracting path (the bottleneck), as in
+      the paper. Needs a 'dropout' rng when `train=True` and the rate is positive.
+    dtype: compute dtype (e.g. jnp.bfloat16); logits are returned in float32.
+    param_dtype: parameter dtype (float32 for mixed precision).
+    remat: rematerialise each conv block in the backward pass (saves activation
+      memory, mostly for 3D, at the cost of recomputation).
+    deep_supervision: number of extra 1x1 heads on the decoder levels below the top
+      (nnU-Net style). When positive, `__call__` returns `(logits, aux)` where `aux` is
+      a tuple of logits at 1/2, 1/4, ... of the resolution, highest first.
+  """
+  num_classes: int
+  features: int = 64
+  depth: int = 4
+  upsample: str = 'transpose'
+  upsample_conv_kernel: int = 1
+  norm: str = 'batch'
+  norm_groups: int = 8
+  bn_axis_name: str | None = None
+  kernel_sizes: Any = 3
+  pool_sizes: Any = 2
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  remat: bool = False
+  deep_supervision: int = 0
+
+  def _check(self, x: jax.Array) -> int:
+    if x.ndim not in (4, 5):
+      raise ValueError(
+          f'UNet takes (N, H, W, C) or (N, D, H, W, C) channels-last inputs; got'
+          f' shape {x.shape} (rank {x.ndim}).')
+    if self.upsample not in UPSAMPLE_MODES:
+      raise ValueError(
+          f'upsample={self.upsample!r} is not one of {UPSAMPLE_MODES}.')
+    if self.norm not in NORMS:
+      raise ValueError(f'norm={self.norm!r} is not one of {NORMS}.')
+    if not 0 <= self.deep_supervision < self.depth:
+      raise ValueError(
+          f'deep_supervision={self.deep_supervision} must be in [0, depth-1='
+          f'{self.depth - 1}].')
+    ndim = x.ndim - 2
+    check_spatial_shape(
+        x.shape[1:-1],
+        input_divisor(ndim=ndim, depth=self.depth, pool_sizes=self.pool_sizes))
+    return ndim
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False):
+    """Logits `[N, *spatial, num_classes]` (float32) for `x` of `[N, *spatial, C]`."""
+    ndim = self._check(x)
+    kernels, pools = level_shapes(ndim=ndim, depth=self.depth,
+                                  kernel_sizes=self.kernel_sizes,
+                                  pool_sizes=self.pool_sizes)
+    block_cls = nn.remat(ConvBlock) if self.remat else ConvBlock
+    block = lambda width, kernel, name: block_cls(
+        width, kernel, norm=self.norm, norm_groups=self.norm_groups, train=train,
+        dtype=self.dtype, param_dtype=self.param_dtype,
+        bn_axis_name=self.bn_axis_name, name=name)
+
+    x = x.astype(self.dtype)
+    skips = []
+    for level in range(self.depth):
+      x = block(self.features * 2**level, kernels[level], f'encoder{level}')(x)
+      skips.append(x)
+      x = nn.max_pool(x, pools[level], strides=pools[level], padding='VALID')
+
+    x = block(self.features * 2**self.depth, kernels[self.depth], 'bottleneck')(x)
+    if self.dropout > 0:
+      x = nn.Dropout(self.dropout, deterministic=not train)(x)
+
+    aux = []
+    for level in reversed(range(self.depth)):
+      width = self.features * 2**level
+      x = Upsample(width, pools[level], mode=self.upsample,
+                   conv_kernel=self.upsample_conv_kernel, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name=f'upsample{level}')(x)
+      x = jnp.concatenate([skips[level], x], axis=-1)
+      x = block(width, kernels[level], f'decoder{level}')(x)
+      if 0 < level <= self.deep_supervision:
+        aux.append(self._head(x, f'aux_head{level}'))
+
+    logits = self._head(x, 'head')
+    if self.deep_supervision:
+      return logits, tuple(reversed(aux))
+    return logits
+
+  def _head(self, x: jax.Array, name: str) -> jax.Array:
+    ndim = x.ndim - 2
+    y = nn.Conv(self.num_classes, (1,) * ndim, dtype=self.dtype,
+                param_dtype=self.param_dtype, name=name)(x)
+    return y.astype(jnp.float32)
+
+
+def count_params(params: Any) -> int:
+  """Number of scalar parameters in a pytree."""
+  return sum(int(math.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
