@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.grad_clip_norm = 1.0
 
   config.batch_size = 16  # Global batch, split across devices.
+  config.eval_batch_size = 16  # Global; the last batch is padded and the padding masked.
   config.num_train_steps = 600
   config.log_every_steps = 50
   config.eval_every_steps = 200

@@ -1,0 +1,29 @@
+r"""Patch-based 3D U-Net on the embedded `synthetic_volumes` data set.
+
+Random training patches with nnU-Net's one-third foreground oversampling; evaluation
+on whole volumes. Anisotropic: the first level pools in-plane only, as for thick-slice
+CT, with (1, 3, 3) kernels there (the seed's mixed 2D/3D design).
+
+    python launch.py --config=configs/unet3d.py --workdir=runs/unet3d
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.data.name = 'synthetic_volumes'
+  config.data.patch_size = (16, 32, 32)
+  config.data.foreground_fraction = 1 / 3
+  config.augment.rot90 = True
+  config.loss.name = 'dice_ce'
+  config.model.num_classes = 2
+  config.model.features = 8
+  config.model.depth = 3
+  config.model.norm = 'instance'
+  config.model.kernel_sizes = ((1, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3))
+  config.model.pool_sizes = ((1, 2, 2), (2, 2, 2), (2, 2, 2))
+  config.batch_size = 2
+  config.eval_batch_size = 2
+  config.num_train_steps = 400
+  return config

@@ -1,0 +1,252 @@
+"""End-to-end training on generated data: outputs, exact resume, SIGKILL, devices, NaN."""
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from unet_jax import checkpointing
+from unet_jax import input_pipeline
+from unet_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 6
+
+# The tiny run, as command-line overrides (for launch.py) and as a config (in-process).
+OVERRIDES = {
+    'data.config': 'tiny',
+    'model.features': 4,
+    'model.depth': 2,
+    'batch_size': 4,
+    'eval_batch_size': 4,
+    'num_train_steps': STEPS,
+    'log_every_steps': 1,
+    'eval_every_steps': 3,
+    'checkpoint_every_steps': 3,
+    'optimizer.warmup_steps': 2,
+    'augment.elastic': 2.0,
+    'augment.intensity': 0.1,
+}
+
+
+def tiny_config(data_dir, **extra):
+  config = importlib.import_module('configs.dice_bce').get_config()
+  for key, value in {**OVERRIDES, 'data.data_dir': data_dir, **extra}.items():
+    node = config
+    *path, leaf = key.split('.')
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def flag_args(data_dir, **extra):
+  items = {**OVERRIDES, 'data.data_dir': data_dir, **extra}
+  return [f'--config.{k}={v}' for k, v in items.items()]
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp('tfds'))
+  # Builds the tiny data set once for the module.
+  input_pipeline.get_info(tiny_config(path).data, divisor=4)
+  return path
+
+
+@pytest.fixture(scope='module')
+def reference(data_dir, tmp_path_factory):
+  """One uninterrupted in-process run: (workdir, final metrics, final state)."""
+  workdir = str(tmp_path_factory.mktemp('reference'))
+  result = train.train_and_evaluate(tiny_config(data_dir), workdir)
+  return workdir, result, _final_state(workdir)
+
+
+def _final_state(workdir):
+  manager = checkpointing.create_manager(os.path.join(workdir, 'checkpoints'), keep=5)
+  step = manager.latest_step()
+  state = manager.restore(step)
+  manager.close()
+  return step, state
+
+
+def _read_jsonl(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def _train_losses(workdir):
+  return [r['train_loss'] for r in _read_jsonl(workdir) if 'train_loss' in r]
+
+
+def _assert_states_equal(a, b):
+  leaves_a, tree_a = jax.tree_util.tree_flatten(a)
+  leaves_b, tree_b = jax.tree_util.tree_flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_end_to_end_writes_checkpoints_metrics_and_samples(reference):
+  workdir, result, (step, _) = reference
+  assert step == STEPS
+  assert set(os.listdir(os.path.join(workdir, 'checkpoints'))) >= {'3', '6'}
+  records = _read_jsonl(workdir)
+  train_steps = [r['step'] for r in records if 'train_loss' in r]
+  assert train_steps == list(range(1, STEPS + 1))
+  evals = [r for r in records if 'eval_dice' in r]
+  assert [r['step'] for r in evals] == [3, 6]
+  for key in ('eval_mean_iou', 'eval_pixel_accuracy', 'eval_dice_per_class',
+              'eval_iou_per_class'):
+    assert key in evals[-1]
+  assert all(np.isfinite(r['train_loss']) for r in records if 'train_loss' in r)
+  assert {'learning_rate', 'steps_per_sec'} <= set(records[0])
+  for step in (3, 6):
+    with Image.open(os.path.join(workdir, 'samples', f'step_{step}.png')) as png:
+      assert png.format == 'PNG' and min(png.size) > 100
+  assert any(f.startswith('events.out.tfevents')
+             for f in os.listdir(os.path.join(workdir, 'tensorboard')))
+  assert 0.0 <= result['mean_iou'] <= 1.0
+  assert 0.0 <= result['pixel_accuracy'] <= 1.0
+  assert len(result['dice_per_class']) == 2
+
+
+class _Preempted(Exception):
+  pass
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(
+    reference, data_dir, tmp_path, monkeypatch):
+  _, _, (_, expected) = reference
+  real = input_pipeline.train_iterator
+
+  def dies_after_five(*args, **kwargs):
+    for i, batch in enumerate(real(*args, **kwargs)):
+      if i == 4 and kwargs.get('start_step', 0) == 0:
+        raise _Preempted()  # Step 5 never runs; the checkpoint of step 3 is the latest.
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, 'train_iterator', dies_after_five)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(_Preempted):
+    train.train_and_evaluate(tiny_config(data_dir), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3']
+  train.train_and_evaluate(tiny_config(data_dir), workdir)
+  step, state = _final_state(workdir)
+  assert step == STEPS
+  _assert_states_equal(state, expected)
+
+
+def test_sigkill_during_a_save_leaves_a_checkpoint_that_restores(
+    reference, data_dir, tmp_path):
+  _, _, (_, expected) = reference
+  workdir = str(tmp_path / 'killed')
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  cmd = [sys.executable, os.path.join(ROOT, 'launch.py'),
+         '--config=' + os.path.join(ROOT, 'configs/dice_bce.py'),
+         f'--workdir={workdir}'] + flag_args(data_dir, checkpoint_every_steps=1)
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  killed_during_save = False
+  try:
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+      names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+      finished = [n for n in names if n.isdigit()]
+      if any('tmp' in n for n in names) and finished:
+        killed_during_save = True
+        break
+      if len(finished) >= 3:
+        break
+      time.sleep(0.002)
+    assert proc.poll() is None, 'the run ended before it could be killed'
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  manager = checkpointing.create_manager(ckpt_dir, keep=5)
+  latest = manager.latest_step()
+  assert latest is not None and 1 <= latest < STEPS
+  assert manager.restore(latest) is not None
+  manager.close()
+  # The same command again resumes and ends exactly where an unbroken run ends.
+  subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=300,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  step, state = _final_state(workdir)
+  assert step == STEPS
+  _assert_states_equal(state, expected)
+  print('killed during a save:', killed_during_save)
+
+
+_DEVICES_SCRIPT = r'''
+import importlib, json, sys
+sys.path.insert(0, {root!r})
+import jax
+from tests import train_test
+from unet_jax import train
+assert jax.device_count() == 4, jax.devices()
+out = {{}}
+for mode in ('jit', 'pmap'):
+  workdir = {tmp!r} + '/' + mode
+  train.train_and_evaluate(
+      train_test.tiny_config({data_dir!r}, parallelism=mode), workdir)
+  out[mode] = train_test._train_losses(workdir)
+print('LOSSES=' + json.dumps(out))
+'''
+
+
+def test_one_device_jit_and_four_device_jit_and_pmap_agree(
+    reference, data_dir, tmp_path):
+  workdir, _, _ = reference
+  one_device = _train_losses(workdir)
+  script = _DEVICES_SCRIPT.format(root=ROOT, tmp=str(tmp_path), data_dir=data_dir)
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  proc = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=400)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith('LOSSES=')][-1]
+  losses = json.loads(line[len('LOSSES='):])
+  assert len(one_device) == len(losses['jit']) == len(losses['pmap']) == STEPS
+  np.testing.assert_allclose(losses['jit'], one_device, rtol=2e-4)
+  np.testing.assert_allclose(losses['pmap'], losses['jit'], rtol=2e-4)
+  # The trajectory moves: the comparison is not between constants.
+  assert abs(one_device[-1] - one_device[0]) > 1e-3
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
+    data_dir, tmp_path, monkeypatch):
+  real = input_pipeline.train_iterator
+
+  def poisoned(*args, **kwargs):
+    for step, batch in enumerate(real(*args, **kwargs), start=1):
+      if step == 5:
+        batch = dict(batch, image=np.full_like(batch['image'], np.nan))
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, 'train_iterator', poisoned)
+  workdir = str(tmp_path / 'nan')
+  with pytest.raises(FloatingPointError, match='at step 5'):
+    train.train_and_evaluate(tiny_config(data_dir), workdir)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  assert sorted(os.listdir(ckpt_dir)) == ['3']
+  _, state = _final_state(workdir)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state))
+
+
+def test_unknown_data_set_fails_before_compiling(data_dir, tmp_path):
+  with pytest.raises(ValueError, match='no_such_data'):
+    train.train_and_evaluate(
+        tiny_config(data_dir, **{'data.name': 'no_such_data'}), str(tmp_path))
+  assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))
