@@ -20,6 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.train_split = 'train'
   config.data.eval_split = 'validation'
   config.data.size_policy = 'pad'  # Sizes the model cannot take: 'pad', 'crop' or 'resize'.
+  config.data.image_size = ()  # Target size for the size policy; () = from the data.
+  config.data.num_classes = 0  # segmentation_folder: classes in the masks; 0 = infer.
   config.data.patch_size = ()  # 3D only: random training patches of this size; () for none.
   config.data.foreground_fraction = 1 / 3  # 3D only: share of patches centred on foreground.
 
@@ -29,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.augment.scale = (1.0, 1.0)  # Random scale-and-crop range; (1, 1) turns it off.
   config.augment.intensity = 0.0  # Intensity jitter amplitude; 0 turns it off.
   config.augment.elastic = 0.0  # Elastic displacement in pixels; 0 turns it off.
+  config.augment.elastic_grid = 3  # Points per axis of the coarse displacement grid.
 
   config.model = ml_collections.ConfigDict()
   config.model.num_classes = 1  # 1 logit with a sigmoid for binary tasks.

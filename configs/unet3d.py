@@ -13,6 +13,7 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.data.name = 'synthetic_volumes'
+  config.data.config = 'anisotropic'  # 16x64x64 voxels, spacing (3, 1, 1).
   config.data.patch_size = (16, 32, 32)
   config.data.foreground_fraction = 1 / 3
   config.augment.rot90 = True

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging as py_logging
 import math
 import os
 import time
@@ -176,11 +177,13 @@ def validate_against_data(config: ml_collections.ConfigDict,
                           info: input_pipeline.DatasetInfo) -> None:
   """`num_classes` and the input size must fit the data."""
   c = config.model.num_classes
-  binary_sigmoid = (c == 1 and info.num_classes == 2
-                    and config.loss.name in SIGMOID_LOSSES)
+  sigmoid = (config.loss.name in SIGMOID_LOSSES
+             or config.loss.kwargs.get('activation') == 'sigmoid')
+  binary_sigmoid = c == 1 and info.num_classes == 2 and sigmoid
   if c != info.num_classes and not binary_sigmoid:
-    hint = (" (one logit works only with a sigmoid loss, 'dice_bce' or 'bce', on a"
-            ' 2-class data set)' if c == 1 else '')
+    hint = (" (one logit works only with a sigmoid loss, 'dice_bce', 'bce' or"
+            " loss.kwargs.activation='sigmoid', on a 2-class data set)"
+            if c == 1 else '')
     raise ValueError(
         f'config.model.num_classes={c} does not match the data set'
         f' {config.data.name!r}, which has {info.num_classes} classes{hint}.')
@@ -430,6 +433,22 @@ class _MetricWriter:
       self._tb.close()
 
 
+class _LibraryInfoFilter:
+  """Drops INFO records from orbax and TFDS internals (every save logs ~20 lines);
+  their warnings and errors still show."""
+  _NOISY = (os.sep + 'orbax' + os.sep, os.sep + 'tensorflow_datasets' + os.sep)
+
+  def filter(self, record) -> bool:
+    return record.levelno >= py_logging.WARNING or not any(
+        part in record.pathname for part in self._NOISY)
+
+
+def _quiet_library_logs() -> None:
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
+    handler.addFilter(_LibraryInfoFilter())
+
+
 def _check_finite(pending: list[tuple[int, jax.Array]]) -> None:
   """Raises naming the first step whose loss is NaN or Inf."""
   for step, loss in pending:
@@ -447,6 +466,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Returns the final evaluation metrics.
   """
+  _quiet_library_logs()
   validate_config(config, num_devices=jax.device_count(),
                   process_count=jax.process_count())
   mesh = create_mesh()

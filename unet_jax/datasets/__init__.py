@@ -1,0 +1,40 @@
+"""Segmentation data sets as TFDS builders.
+
+Importing this package registers, for `tfds.builder`, `tfds.load` and
+`tfds.data_source`:
+
+* `synthetic_shapes` (2D) and `synthetic_volumes` (3D): generated locally from
+  a seed, no download (`synthetic.py`).
+* `segmentation_folder`: a user's folder of images and masks
+  (`segmentation_folder.py`).
+
+Oxford-IIIT Pet is TFDS's own `oxford_iiit_pet`; `pets.py` maps its trimaps to
+classes.
+
+TensorFlow is imported only to build a data set, with GPUs hidden from it
+(`cpu_tensorflow.py`); reading one needs numpy alone.
+"""
+
+from unet_jax.datasets import cpu_tensorflow
+from unet_jax.datasets import pets
+from unet_jax.datasets import segmentation_folder
+from unet_jax.datasets import synthetic
+from unet_jax.datasets.segmentation_folder import BadDataError
+from unet_jax.datasets.segmentation_folder import SegmentationFolder
+from unet_jax.datasets.segmentation_folder import SegmentationFolderConfig
+from unet_jax.datasets.synthetic import SyntheticConfig
+from unet_jax.datasets.synthetic import SyntheticShapes
+from unet_jax.datasets.synthetic import SyntheticVolumes
+
+__all__ = [
+    'BadDataError',
+    'SegmentationFolder',
+    'SegmentationFolderConfig',
+    'SyntheticConfig',
+    'SyntheticShapes',
+    'SyntheticVolumes',
+    'cpu_tensorflow',
+    'pets',
+    'segmentation_folder',
+    'synthetic',
+]
