@@ -5,7 +5,9 @@ logit on the embedded `synthetic_shapes` data set (about 5% foreground), no down
 
     python launch.py --config=configs/dice_bce.py --workdir=runs/dice_bce
 
-Expected result: validation foreground Dice >= 0.9 (measured: see RESULTS below).
+Expected result: validation foreground Dice >= 0.9. Measured on 2 CPU cores
+(2026-11-23, 600 steps, 3.6 min of training, 4 min with start-up): foreground Dice
+0.9964, mIoU 0.9963, pixel accuracy 0.9996.
 """
 
 from configs import default

@@ -413,9 +413,10 @@ def test_oxford_iiit_pet_with_mock_data(tmp_path):
   assert batch['image'].shape == (2, 32, 32, 3)
   assert set(np.unique(batch['label'])) == {0, 1, 2}
   assert len(evals) == 2 and evals[1]['mask'].tolist() == [1, 0]
-  # The pet (trimap 1, class 0) stays where it was after resizing.
+  # The pet (trimap 1, class 1) stays where it was after resizing; background
+  # (trimap 2) is class 0.
   label = evals[0]['label'][0]
-  assert label[8, 8] == 0 and label[30, 30] == 1
+  assert label[8, 8] == 1 and label[30, 30] == 0
 
 
 # ----------------------------------------------------------------- bad configs

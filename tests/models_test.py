@@ -163,9 +163,10 @@ def test_indivisible_size_raises_under_jit_at_trace_time():
     ({'kernel_sizes': [(3, 3), (3, 3)]}, 'kernel_sizes'),
     ({'kernel_sizes': (3, 3, 3)}, 'kernel_sizes'),
     ({'pool_sizes': (2, 2, 2)}, 'pool_sizes'),
+    ({'num_classes': 0}, 'num_classes'),
 ])
 def test_bad_options_raise(kwargs, match):
-  model = models.UNet(num_classes=2, features=4, depth=3, **kwargs)
+  model = models.UNet(**{'num_classes': 2, 'features': 4, 'depth': 3, **kwargs})
   with pytest.raises(ValueError, match=match):
     _init(model, jnp.zeros((1, 16, 16, 1)))
 

@@ -8,7 +8,8 @@ import pytest
 from unet_jax import input_pipeline
 from unet_jax import train
 
-CONFIGS = ('default', 'dice_bce', 'dice_ce', 'focal_dice', 'unet3d', 'pets')
+CONFIGS = ('default', 'dice_bce', 'dice_ce', 'focal_dice', 'unet3d', 'pets',
+           'folder')
 
 
 @pytest.mark.parametrize('name', CONFIGS)
@@ -40,6 +41,7 @@ def _config(**overrides):
     ({'model.dtype': 'float16'}, r'model.dtype'),
     ({'batch_size': 0}, r'batch_size must be positive'),
     ({'optimizer.learning_rate': -1.0}, r'learning_rate'),
+    ({'model.num_classes': -2}, r'num_classes must be positive'),
 ])
 def test_bad_config_raises(overrides, match):
   with pytest.raises(ValueError, match=match):

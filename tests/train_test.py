@@ -250,3 +250,53 @@ def test_unknown_data_set_fails_before_compiling(data_dir, tmp_path):
     train.train_and_evaluate(
         tiny_config(data_dir, **{'data.name': 'no_such_data'}), str(tmp_path))
   assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))
+
+
+def test_trains_on_a_folder_of_images_and_masks(tmp_path):
+  """A user's own folder trains with one command, RGB images with 3 classes."""
+  from unet_jax.datasets import segmentation_folder  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  root = tmp_path / 'my_data'
+  for split, count in (('train', 6), ('val', 3)):
+    for i in range(count):
+      label = np.zeros((24, 24), np.uint8)  # 24: padded to 24 (divisor 4).
+      label[4:12, 4:12] = 1
+      label[14:20, 10:22] = 2
+      image = (rng.normal(80, 10, (24, 24, 3)) + 60 * label[..., None]).clip(0, 255)
+      segmentation_folder.write_pair(root, split, f'case{i}', image.astype(np.uint8),
+                                     label)
+  workdir = str(tmp_path / 'run')
+  cmd = [sys.executable, os.path.join(ROOT, 'launch.py'),
+         '--config=' + os.path.join(ROOT, 'configs/folder.py'),
+         f'--workdir={workdir}', f'--config.data.root={root}',
+         f'--config.data.data_dir={tmp_path / "tfds"}', '--config.model.features=4', '--config.model.depth=2',
+         '--config.batch_size=2', '--config.eval_batch_size=2',
+         '--config.num_train_steps=4', '--config.eval_every_steps=4',
+         '--config.log_every_steps=2']
+  proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'Final validation: dice' in proc.stdout
+  # Three classes, read from the masks.
+  assert 'model.num_classes = 3, from the data' in proc.stderr
+  evals = [r for r in _read_jsonl(workdir) if 'eval_dice_per_class' in r]
+  assert len(evals[-1]['eval_dice_per_class']) == 3
+  assert os.path.exists(os.path.join(workdir, 'samples', 'step_4.png'))
+
+
+def test_folder_with_a_bad_mask_fails_naming_the_file(tmp_path):
+  from unet_jax.datasets import segmentation_folder  # pylint: disable=g-import-not-at-top
+  root = tmp_path / 'bad'
+  for split in ('train', 'val'):
+    for i in range(2):
+      segmentation_folder.write_pair(root, split, f'case{i}',
+                                     np.zeros((8, 8), np.uint8),
+                                     np.zeros((8, 8), np.uint8))
+  segmentation_folder.write_pair(root, 'train', 'broken', np.zeros((8, 8), np.uint8),
+                                 np.full((8, 8), 7, np.uint8))
+  config = tiny_config(str(tmp_path / 'tfds'), **{
+      'data.name': 'segmentation_folder', 'data.root': str(root),
+      'data.config': '2d', 'data.num_classes': 2, 'loss.name': 'dice_ce',
+      'model.num_classes': 2})
+  with pytest.raises(ValueError, match=r'broken\.png'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))

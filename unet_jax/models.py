@@ -251,6 +251,10 @@ class UNet(nn.Module):
       raise ValueError(
           f'UNet takes (N, H, W, C) or (N, D, H, W, C) channels-last inputs; got'
           f' shape {x.shape} (rank {x.ndim}).')
+    if self.num_classes < 1 or self.features < 1:
+      raise ValueError(
+          f'num_classes ({self.num_classes}) and features ({self.features}) must be'
+          ' positive.')
     if self.upsample not in UPSAMPLE_MODES:
       raise ValueError(
           f'upsample={self.upsample!r} is not one of {UPSAMPLE_MODES}.')

@@ -153,6 +153,9 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
   choice('model.upsample', config.model.upsample, models.UPSAMPLE_MODES)
   choice('model.norm', config.model.norm, models.NORMS)
   choice('model.dtype', config.model.dtype, tuple(DTYPES))
+  if config.model.num_classes < 0:
+    raise ValueError('config.model.num_classes must be positive (or 0: from the'
+                     f' data), got {config.model.num_classes}.')
   for field in ('batch_size', 'eval_batch_size', 'num_train_steps', 'log_every_steps',
                 'eval_every_steps', 'checkpoint_every_steps'):
     if config[field] < 1:
@@ -470,10 +473,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   validate_config(config, num_devices=jax.device_count(),
                   process_count=jax.process_count())
   mesh = create_mesh()
-  model_fn = functools.partial(create_model, config.model)
   info = input_pipeline.get_info(config.data, divisor=_divisor(config))
+  if config.model.num_classes == 0:  # From the data set.
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.num_classes = info.num_classes
+    logging.info('model.num_classes = %d, from the data.', info.num_classes)
   validate_against_data(config, info)
   num_metric_classes = max(info.num_classes, 2)
+  model_fn = functools.partial(create_model, config.model)
 
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:

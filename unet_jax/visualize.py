@@ -66,7 +66,7 @@ def save_sample_grid(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]
   for ax, name in zip(axes[0], ('image', 'ground truth', 'prediction')):
     ax.set_title(name)
   if spatial_ndim == 3:
-    fig.text(0.01, 0.01, 'middle slice along D', fontsize=8)
+    title = f'{title} (middle slice along D)' if title else 'middle slice along D'
   if title:
     fig.suptitle(title)
   fig.tight_layout()
