@@ -518,8 +518,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pending: list[tuple[int, jax.Array]] = []
   t_last, step_last, t_start = time.time(), start_step, time.time()
   losses_since_log = []
+  input_wait = 0.0  # Seconds blocked on the input pipeline since the last log.
   for step in range(start_step + 1, total + 1):
+    t_wait = time.time()
     batch = next(train_iter)
+    input_wait += time.time() - t_wait
     state, m = runner.train(state, batch)
     pending.append((step, m['loss']))
     losses_since_log.append(m['loss'])
@@ -534,14 +537,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       loss = float(np.mean([float(x) for x in losses_since_log]))
       losses_since_log.clear()
       eta = (total - step) / max(steps_per_sec, 1e-9)
+      # The share of wall time spent waiting for input: near 0 means the pipeline
+      # keeps up with the train step.
+      wait = input_wait / max(now - t_last, 1e-9)
       writer.write(step, {'train_loss': loss,
                           'learning_rate': float(m['learning_rate']),
                           'grad_norm': float(m['grad_norm']),
                           'steps_per_sec': steps_per_sec,
-                          'examples_per_sec': steps_per_sec * config.batch_size})
-      logging.info('step %d/%d  loss %.4f  %.2f steps/s  ETA %s', step, total, loss,
-                   steps_per_sec, _fmt_time(eta))
-      t_last, step_last = now, step
+                          'examples_per_sec': steps_per_sec * config.batch_size,
+                          'input_wait_fraction': wait})
+      logging.info('step %d/%d  loss %.4f  %.2f steps/s  input wait %.0f%%  ETA %s',
+                   step, total, loss, steps_per_sec, 100 * wait, _fmt_time(eta))
+      t_last, step_last, input_wait = now, step, 0.0
 
     if do_eval:
       eval_metrics, samples = evaluate(runner, state, config, info,
@@ -554,7 +561,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         visualize.save_sample_grid(
             samples, os.path.join(workdir, 'samples', f'step_{step}.png'),
             title=f'step {step}: dice {eval_metrics["dice"]:.3f}')
-      t_last = time.time()  # Evaluation time is not training throughput.
+      t_last, step_last, input_wait = time.time(), step, 0.0  # Not training time.
 
     if do_ckpt:
       _check_finite(pending)
@@ -562,7 +569,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if do_eval and math.isfinite(eval_metrics['dice']):
         ckpt_metrics = {checkpointing.BEST_METRIC: eval_metrics['dice']}
       checkpointing.save(manager, step, runner.get_state(state), metrics=ckpt_metrics)
-      t_last = time.time()
+      t_last, step_last, input_wait = time.time(), step, 0.0
 
   if start_step >= total:
     eval_metrics, _ = evaluate(runner, state, config, info,
