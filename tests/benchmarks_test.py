@@ -1,0 +1,28 @@
+"""The benchmark scripts run and write what RESULTS.md reads (no timing is asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_upsampling_benchmark_smoke_run(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'benchmarks', 'upsampling.py'), '--quick',
+       '--repeats=2', '--steps=1', f'--out={tmp_path}'],
+      cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
+      text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / 'upsampling.json') as f:
+    results = json.load(f)['results']
+  (row,) = results.values()
+  for mode in ('transpose', 'bilinear'):
+    assert len(row[mode]['train_examples_per_s_all']) == 2
+    assert row[mode]['train_examples_per_s_median'] > 0
+  # features 4, depth 2, 1 input channel, 2 classes, BatchNorm (convs without bias):
+  # the 2x2 transposed convs (16*8 + 8*4 weights, 4 taps each, plus biases) become
+  # 1x1 convs: 3 * (16*8 + 8*4) = 480 fewer parameters.
+  assert row['transpose']['params'] - row['bilinear']['params'] == 480
+  assert (tmp_path / 'upsampling.png').stat().st_size > 1000
