@@ -551,6 +551,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       t_last, step_last, input_wait = now, step, 0.0
 
     if do_eval:
+      _check_finite(pending)  # Never evaluate, log or save a diverged state.
       eval_metrics, samples = evaluate(runner, state, config, info,
                                        num_metric_classes=num_metric_classes)
       writer.write(step, {f'eval_{k}': v for k, v in eval_metrics.items()})
