@@ -59,9 +59,7 @@ def grain_rate(data_config, *, steps, batch_size, threads):
   saved = input_pipeline._READ_THREADS  # pylint: disable=protected-access
   input_pipeline._READ_THREADS = threads  # pylint: disable=protected-access
   try:
-    it = input_pipeline.train_iterator(
-        data_config, batch_size=batch_size, seed=0, divisor=8
-    )
+    it = input_pipeline.open(data_config, divisor=8).train_iterator(batch_size=batch_size, seed=0)
     return _rate(it, steps=steps, batch_size=batch_size)
   finally:
     input_pipeline._READ_THREADS = saved  # pylint: disable=protected-access
@@ -170,7 +168,7 @@ def main():
   }
 
   start = time.perf_counter()
-  input_pipeline.get_info(config.data, divisor=8)
+  input_pipeline.open(config.data, divisor=8).info
   results['build_seconds_synthetic_shapes_binary'] = time.perf_counter() - start
 
   for threads in (1, 2, 4):
@@ -186,13 +184,7 @@ def main():
 
   start = time.perf_counter()
   next(
-      input_pipeline.train_iterator(
-          config.data,
-          batch_size=batch_size,
-          seed=0,
-          divisor=8,
-          start_step=args.resume_step,
-      )
+      input_pipeline.open(config.data, divisor=8).train_iterator(batch_size=batch_size, seed=0, start_step=args.resume_step)
   )
   results['grain_resume_seconds'] = time.perf_counter() - start
   start = time.perf_counter()
@@ -208,7 +200,7 @@ def main():
       name='synthetic_volumes', data_dir=config.data.data_dir, patch_size=(16, 32, 32)
   )
   results['grain_3d_patch_examples_per_s'] = _rate(
-      input_pipeline.train_iterator(volumes, batch_size=2, seed=0, divisor=8),
+      input_pipeline.open(volumes, divisor=8).train_iterator(batch_size=2, seed=0),
       steps=args.steps,
       batch_size=2,
   )
@@ -219,9 +211,7 @@ def main():
         ('full_augment', dict(scale=(0.8, 1.25), elastic=4.0, intensity=0.1)),
     ):
       config.augment.update(overrides)
-      batches = input_pipeline.train_iterator(
-          config.data, batch_size=batch_size, seed=1, divisor=8
-      )
+      batches = input_pipeline.open(config.data, divisor=8).train_iterator(batch_size=batch_size, seed=1)
       results[f'augment_alone_examples_per_s_{name}'] = augment_rate(
           config, next(batches), steps=args.steps
       )

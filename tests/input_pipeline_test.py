@@ -65,7 +65,7 @@ def _identify(images, references):
 
 
 def test_get_info_2d(shapes):
-  info = input_pipeline.get_info(shapes, divisor=(8, 8))
+  info = input_pipeline.open(shapes, divisor=(8, 8)).info
   assert info == input_pipeline.DatasetInfo(
       num_classes=2,
       num_channels=1,
@@ -78,7 +78,7 @@ def test_get_info_2d(shapes):
 
 
 def test_get_info_3d_patches(volumes):
-  info = input_pipeline.get_info(volumes, divisor=(2, 8, 8))
+  info = input_pipeline.open(volumes, divisor=(2, 8, 8)).info
   assert info.spatial_shape == (8, 16, 16)
   assert info.eval_spatial_shape == (16, 32, 32)
   assert info.spacing == (1.0, 1.0, 1.0)
@@ -89,7 +89,7 @@ def test_get_info_3d_patches(volumes):
 
 
 def test_train_batches_are_normalised(shapes):
-  batch = next(input_pipeline.train_iterator(shapes, batch_size=4, seed=0, divisor=8))
+  batch = next(input_pipeline.open(shapes, divisor=8).train_iterator(batch_size=4, seed=0))
   assert batch['image'].shape == (4, 32, 32, 1) and batch['image'].dtype == np.float32
   assert batch['label'].shape == (4, 32, 32) and batch['label'].dtype == np.int32
   np.testing.assert_allclose(batch['image'].mean(axis=(1, 2, 3)), 0, atol=1e-5)
@@ -99,12 +99,10 @@ def test_train_batches_are_normalised(shapes):
 
 def test_exact_resume(shapes):
   from_start = _take(
-      input_pipeline.train_iterator(shapes, batch_size=4, seed=3, divisor=8), 7
+      input_pipeline.open(shapes, divisor=8).train_iterator(batch_size=4, seed=3), 7
   )
   resumed = _take(
-      input_pipeline.train_iterator(
-          shapes, batch_size=4, seed=3, divisor=8, start_step=5
-      ),
+      input_pipeline.open(shapes, divisor=8).train_iterator(batch_size=4, seed=3, start_step=5),
       2,
   )
   for a, b in zip(from_start[5:], resumed):
@@ -113,9 +111,9 @@ def test_exact_resume(shapes):
 
 
 def test_seed_decides_the_order(shapes):
-  a = _take(input_pipeline.train_iterator(shapes, batch_size=4, seed=0, divisor=8), 2)
-  b = _take(input_pipeline.train_iterator(shapes, batch_size=4, seed=0, divisor=8), 2)
-  c = _take(input_pipeline.train_iterator(shapes, batch_size=4, seed=1, divisor=8), 2)
+  a = _take(input_pipeline.open(shapes, divisor=8).train_iterator(batch_size=4, seed=0), 2)
+  b = _take(input_pipeline.open(shapes, divisor=8).train_iterator(batch_size=4, seed=0), 2)
+  c = _take(input_pipeline.open(shapes, divisor=8).train_iterator(batch_size=4, seed=1), 2)
   np.testing.assert_array_equal(a[1]['image'], b[1]['image'])
   assert not np.array_equal(a[0]['image'], c[0]['image'])
 
@@ -123,14 +121,10 @@ def test_seed_decides_the_order(shapes):
 def test_epochs_are_permutations_reshuffled(shapes):
   references = [
       b['image'][0]
-      for b in input_pipeline.eval_iterator(
-          _data_config(data_dir=shapes.data_dir, eval_split='train'),
-          batch_size=1,
-          divisor=8,
-      )
+      for b in input_pipeline.open(_data_config(data_dir=shapes.data_dir, eval_split='train'), divisor=8).eval_iterator(batch_size=1)
   ]
   batches = _take(
-      input_pipeline.train_iterator(shapes, batch_size=4, seed=0, divisor=8), 8
+      input_pipeline.open(shapes, divisor=8).train_iterator(batch_size=4, seed=0), 8
   )
   order = _identify(np.concatenate([b['image'] for b in batches]), references)
   first, second = order[:16], order[16:]
@@ -140,22 +134,12 @@ def test_epochs_are_permutations_reshuffled(shapes):
 
 def test_processes_split_the_global_batch(shapes):
   whole = _take(
-      input_pipeline.train_iterator(
-          shapes, batch_size=4, seed=0, divisor=8, start_step=2
-      ),
+      input_pipeline.open(shapes, divisor=8).train_iterator(batch_size=4, seed=0, start_step=2),
       2,
   )
   parts = [
       _take(
-          input_pipeline.train_iterator(
-              shapes,
-              batch_size=4,
-              seed=0,
-              divisor=8,
-              start_step=2,
-              process_index=p,
-              process_count=2,
-          ),
+          input_pipeline.open(shapes, divisor=8).train_iterator(batch_size=4, seed=0, start_step=2, process_index=p, process_count=2),
           2,
       )
       for p in range(2)
@@ -170,26 +154,27 @@ def test_processes_split_the_global_batch(shapes):
 
 
 def test_eval_is_one_padded_pass(shapes):
-  batches = list(input_pipeline.eval_iterator(shapes, batch_size=3, divisor=8))
+  batches = list(input_pipeline.open(shapes, divisor=8).eval_iterator(batch_size=3))
   assert len(batches) == 3
   np.testing.assert_array_equal(
       np.concatenate([b['mask'] for b in batches]), [1] * 8 + [0]
   )
   assert all(b['image'].shape == (3, 32, 32, 1) for b in batches)
-  assert not batches[-1]['image'][2].any() and not batches[-1]['label'][2].any()
-  again = list(input_pipeline.eval_iterator(shapes, batch_size=3, divisor=8))
+  assert not batches[-1]['image'][2].any()
+  assert (batches[-1]['label'][2] == input_pipeline.IGNORE_LABEL).all()
+  assert batches[-1]['index'].tolist() == [6, 7, -1]
+  assert batches[0]['id'].tolist() == ['0', '1', '2']  # Synthetic cases are named by index.
+  again = list(input_pipeline.open(shapes, divisor=8).eval_iterator(batch_size=3))
   np.testing.assert_array_equal(batches[1]['image'], again[1]['image'])
 
 
 def test_eval_processes_see_each_example_once(shapes):
-  whole = list(input_pipeline.eval_iterator(shapes, batch_size=8, divisor=8))
+  whole = list(input_pipeline.open(shapes, divisor=8).eval_iterator(batch_size=8))
   references = np.concatenate([b['image'] for b in whole])
   seen = []
   for p in range(2):
     batches = list(
-        input_pipeline.eval_iterator(
-            shapes, batch_size=6, divisor=8, process_index=p, process_count=2
-        )
+        input_pipeline.open(shapes, divisor=8).eval_iterator(batch_size=6, process_index=p, process_count=2)
     )
     assert len(batches) == 2  # ceil(8 / 6) global batches, each of 3 per process.
     for b in batches:
@@ -207,7 +192,7 @@ def test_patches_oversample_foreground(volumes):
     overrides = {'foreground_fraction': fraction, 'patch_size': (4, 8, 8)}
     config = _data_config(**{**volumes.to_dict(), **overrides})
     batches = _take(
-        input_pipeline.train_iterator(config, batch_size=4, seed=0, divisor=4), 6
+        input_pipeline.open(config, divisor=4).train_iterator(batch_size=4, seed=0), 6
     )
     labels = np.concatenate([b['label'] for b in batches])
     assert labels.shape == (24, 4, 8, 8) and batches[0]['image'].shape == (4, 4, 8, 8, 1)
@@ -225,18 +210,16 @@ def test_foreground_share_is_exact():
 
 def test_patches_are_deterministic(volumes):
   a = _take(
-      input_pipeline.train_iterator(
-          volumes, batch_size=2, seed=5, divisor=8, start_step=3
-      ),
+      input_pipeline.open(volumes, divisor=8).train_iterator(batch_size=2, seed=5, start_step=3),
       1,
   )[0]
-  b = _take(input_pipeline.train_iterator(volumes, batch_size=2, seed=5, divisor=8), 4)[3]
+  b = _take(input_pipeline.open(volumes, divisor=8).train_iterator(batch_size=2, seed=5), 4)[3]
   np.testing.assert_array_equal(a['label'], b['label'])
   np.testing.assert_array_equal(a['image'], b['image'])
 
 
 def test_3d_eval_yields_whole_volumes(volumes):
-  batches = list(input_pipeline.eval_iterator(volumes, batch_size=2, divisor=8))
+  batches = list(input_pipeline.open(volumes, divisor=8).eval_iterator(batch_size=2))
   assert len(batches) == 2 and batches[0]['image'].shape == (2, 16, 32, 32, 1)
 
 
@@ -260,9 +243,11 @@ def folder(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    'policy, shape', [('pad', (32, 32)), ('crop', (16, 16)), ('resize', (32, 32))]
+    'policy, train_shape', [('pad', (32, 32)), ('crop', (24, 24)), ('resize', (32, 32))]
 )
-def test_size_policies(folder, data_dir, policy, shape):
+def test_size_policies(folder, data_dir, policy, train_shape):
+  # Train sizes (20, 30), (27, 18), (24, 24): the largest is (27, 30), the median
+  # (24, 24); multiples of 8.
   config = _data_config(
       name='segmentation_folder',
       config='2d',
@@ -270,15 +255,51 @@ def test_size_policies(folder, data_dir, policy, shape):
       data_dir=data_dir,
       size_policy=policy,
   )
-  info = input_pipeline.get_info(config, divisor=8)
-  assert info.spatial_shape == shape and info.num_channels == 3 and info.num_classes == 2
+  data = input_pipeline.open(config, divisor=8)
+  info = data.info
+  assert info.spatial_shape == train_shape
+  assert info.num_channels == 3 and info.num_classes == 2
+  assert info.eval_spatial_shape == (32, 32)
   assert (info.num_train, info.num_eval) == (3, 2)  # eval_split 'validation' reads 'val'.
-  batches = list(input_pipeline.eval_iterator(config, batch_size=2, divisor=8))
-  assert batches[0]['image'].shape == (2,) + shape + (3,)
-  if policy == 'pad':  # Padding keeps every labelled pixel.
-    assert batches[0]['label'].sum() == 2 * 48
-  train = next(input_pipeline.train_iterator(config, batch_size=2, seed=0, divisor=8))
-  assert train['image'].shape == (2,) + shape + (3,)
+  batches = list(data.eval_iterator(batch_size=2))
+  assert batches[0]['image'].shape == (2, 32, 32, 3)
+  label = batches[0]['label']
+  if policy != 'resize':
+    # Evaluation covers whole images: every labelled pixel is there, and the
+    # padding is ignored (IGNORE_LABEL), never counted as background.
+    assert (label == 1).sum() == 2 * 48
+    assert (label >= 0).sum() == 22 * 26 + 30 * 17
+    assert (label[0, :, :2] == input_pipeline.IGNORE_LABEL).all()
+  train = next(data.train_iterator(batch_size=2, seed=0))
+  assert train['image'].shape == (2,) + train_shape + (3,)
+
+
+def test_crop_policy_takes_random_crops_of_each_image(folder, data_dir):
+  config = _data_config(name='segmentation_folder', config='2d', root=folder,
+                        data_dir=data_dir, size_policy='crop', image_size=(8, 8))
+  data = input_pipeline.open(config, divisor=8)
+  crops = [next(data.train_iterator(s, batch_size=3, seed=0))['image'][0]
+           for s in range(12)]
+  # Without a crop at random, every crop of an image would be the same centre crop.
+  assert len({c.tobytes() for c in crops}) > 3
+  assert all(c.shape == (8, 8, 3) for c in crops)
+
+
+def test_a_tiny_image_is_named_and_does_not_shrink_the_others(tmp_path, data_dir, caplog):
+  root = tmp_path / 'tiny_one'
+  for i in range(4):
+    label = np.zeros((16, 16), np.uint8)
+    label[4:9, 4:9] = 1
+    sf.write_pair(root, 'train', f'big{i}', (label * 200).astype(np.uint8), label)
+    sf.write_pair(root, 'val', f'big{i}', (label * 200).astype(np.uint8), label)
+  sf.write_pair(root, 'train', 'tiny', np.zeros((1, 1), np.uint8), np.ones((1, 1), np.uint8))
+  config = _data_config(name='segmentation_folder', config='2d', root=str(root),
+                        data_dir=data_dir, size_policy='crop')
+  with caplog.at_level('WARNING'):
+    data = input_pipeline.open(config, divisor=4)
+  assert data.info.spatial_shape == (16, 16)
+  assert data.info.eval_spatial_shape == (16, 16)
+  assert any('tiny.png' in r.getMessage() for r in caplog.records)
 
 
 def test_image_size_overrides_the_data(folder, data_dir):
@@ -290,7 +311,7 @@ def test_image_size_overrides_the_data(folder, data_dir):
       size_policy='resize',
       image_size=(21, 43),
   )
-  assert input_pipeline.get_info(config, divisor=8).spatial_shape == (24, 40)
+  assert input_pipeline.open(config, divisor=8).info.spatial_shape == (24, 40)
 
 
 def test_folder_3d_pipeline(tmp_path, data_dir):
@@ -308,13 +329,13 @@ def test_folder_3d_pipeline(tmp_path, data_dir):
       data_dir=data_dir,
       num_classes=3,
   )
-  info = input_pipeline.get_info(config, divisor=(2, 4, 4))
+  info = input_pipeline.open(config, divisor=(2, 4, 4)).info
   assert (
       info.spatial_shape == (4, 12, 12)
       and info.spacing == (2.0, 0.5, 0.5)
       and info.num_classes == 3
   )
-  batch = next(input_pipeline.eval_iterator(config, batch_size=1, divisor=(2, 4, 4)))
+  batch = next(input_pipeline.open(config, divisor=(2, 4, 4)).eval_iterator(batch_size=1))
   assert batch['image'].shape == (1, 4, 12, 12, 1)
 
 
@@ -326,10 +347,10 @@ def test_folder_edit_is_picked_up(tmp_path, data_dir):
     sf.write_pair(root, 'train', f'a{i}', np.full((16, 16), 50 * i, np.uint8), label)
     sf.write_pair(root, 'val', f'a{i}', np.full((16, 16), 50 * i, np.uint8), label)
   config = _data_config(name='segmentation_folder', root=str(root), data_dir=data_dir)
-  assert input_pipeline.get_info(config, divisor=8).num_classes == 2
+  assert input_pipeline.open(config, divisor=8).info.num_classes == 2
   label[10:12, 10:12] = 2
   sf.write_pair(root, 'train', 'a0', np.zeros((16, 16), np.uint8), label)
-  assert input_pipeline.get_info(config, divisor=8).num_classes == 3
+  assert input_pipeline.open(config, divisor=8).info.num_classes == 3
 
 
 def test_bad_folder_fails_get_info_up_front(tmp_path, data_dir):
@@ -347,11 +368,11 @@ def test_bad_folder_fails_get_info_up_front(tmp_path, data_dir):
   with pytest.raises(
       datasets.BadDataError, match=r'val/masks/ok.png: mask value\(s\) \[4\]'
   ):
-    input_pipeline.get_info(config, divisor=8)
+    input_pipeline.open(config, divisor=8).info
   assert not list((tmp_path / 'tfds').glob('**/*.array_record*'))
   (root / 'val' / 'masks' / 'ok.png').unlink()
   with pytest.raises(datasets.BadDataError, match='image without a mask'):
-    next(input_pipeline.train_iterator(config, batch_size=1, seed=0, divisor=8))
+    next(input_pipeline.open(config, divisor=8).train_iterator(batch_size=1, seed=0))
 
 
 # ----------------------------------------------------------------- TFDS interplay
@@ -363,9 +384,9 @@ def test_tfrecord_data_set_gains_array_record(tmp_path):
   )  # Builds TFRecord.
   assert not list(tmp_path.glob('**/*.array_record*'))
   config = _data_config(data_dir=str(tmp_path))
-  assert input_pipeline.get_info(config, divisor=8).num_train == 16
+  assert input_pipeline.open(config, divisor=8).info.num_train == 16
   assert list(tmp_path.glob('**/*train.array_record*'))
-  batch = next(input_pipeline.train_iterator(config, batch_size=2, seed=0, divisor=8))
+  batch = next(input_pipeline.open(config, divisor=8).train_iterator(batch_size=2, seed=0))
   assert batch['image'].shape == (2, 32, 32, 1)
 
 
@@ -398,7 +419,7 @@ def test_oxford_iiit_pet_with_mock_data(tmp_path):
       eval_split='validation',
   )
   with tfds.testing.mock_data(as_data_source_fn=_fake_pets):
-    info = input_pipeline.get_info(config, divisor=8)
+    info = input_pipeline.open(config, divisor=8).info
     assert info == input_pipeline.DatasetInfo(
         num_classes=3,
         num_channels=3,
@@ -408,8 +429,8 @@ def test_oxford_iiit_pet_with_mock_data(tmp_path):
         spacing=None,
         eval_spatial_shape=(32, 32),
     )
-    batch = next(input_pipeline.train_iterator(config, batch_size=2, seed=0, divisor=8))
-    evals = list(input_pipeline.eval_iterator(config, batch_size=2, divisor=8))
+    batch = next(input_pipeline.open(config, divisor=8).train_iterator(batch_size=2, seed=0))
+    evals = list(input_pipeline.open(config, divisor=8).eval_iterator(batch_size=2))
   assert batch['image'].shape == (2, 32, 32, 3)
   assert set(np.unique(batch['label'])) == {0, 1, 2}
   assert len(evals) == 2 and evals[1]['mask'].tolist() == [1, 0]
@@ -444,34 +465,28 @@ def test_oxford_iiit_pet_with_mock_data(tmp_path):
 def test_bad_config_raises_before_building(tmp_path, overrides, divisor, message):
   config = _data_config(data_dir=str(tmp_path), **overrides)
   with pytest.raises(ValueError, match=message):
-    input_pipeline.get_info(config, divisor=divisor)
+    input_pipeline.open(config, divisor=divisor).info
   assert not list(tmp_path.iterdir())
 
 
 def test_bad_split_and_batch(shapes):
   with pytest.raises(ValueError, match="no split 'val'"):
-    input_pipeline.get_info(
-        _data_config(data_dir=shapes.data_dir, eval_split='val'), divisor=8
-    )
+    input_pipeline.open(_data_config(data_dir=shapes.data_dir, eval_split='val'), divisor=8).info
   with pytest.raises(ValueError, match='multiple of process_count'):
-    input_pipeline.train_iterator(
-        shapes, batch_size=3, seed=0, divisor=8, process_index=0, process_count=2
-    )
+    input_pipeline.open(shapes, divisor=8).train_iterator(batch_size=3, seed=0, process_index=0, process_count=2)
   with pytest.raises(ValueError, match='process_index'):
-    input_pipeline.eval_iterator(
-        shapes, batch_size=4, divisor=8, process_index=2, process_count=2
-    )
+    input_pipeline.open(shapes, divisor=8).eval_iterator(batch_size=4, process_index=2, process_count=2)
 
 
 def test_reading_a_built_data_set_needs_no_tensorflow(shapes):
-  input_pipeline.get_info(shapes, divisor=8)  # Builds it, if no test did yet.
+  input_pipeline.open(shapes, divisor=8).info  # Builds it, if no test did yet.
   script = f"""
 import sys
 import ml_collections
 from unet_jax import input_pipeline
 config = ml_collections.ConfigDict({shapes.to_dict()!r})
-next(input_pipeline.train_iterator(config, batch_size=2, seed=0, divisor=8))
-next(input_pipeline.eval_iterator(config, batch_size=2, divisor=8))
+next(input_pipeline.open(config, divisor=8).train_iterator(batch_size=2, seed=0))
+next(input_pipeline.open(config, divisor=8).eval_iterator(batch_size=2))
 print('tensorflow' in sys.modules)
 """
   result = subprocess.run(

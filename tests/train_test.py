@@ -57,7 +57,7 @@ def flag_args(data_dir, **extra):
 def data_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp('tfds'))
   # Builds the tiny data set once for the module.
-  input_pipeline.get_info(tiny_config(path).data, divisor=4)
+  input_pipeline.open(tiny_config(path).data, divisor=4).info
   return path
 
 
@@ -109,13 +109,14 @@ def test_end_to_end_writes_checkpoints_metrics_and_samples(reference):
   assert all(np.isfinite(r['train_loss']) for r in records if 'train_loss' in r)
   assert {'learning_rate', 'steps_per_sec'} <= set(records[0])
   for step in (3, 6):
-    with Image.open(os.path.join(workdir, 'samples', f'step_{step}.png')) as png:
+    with Image.open(os.path.join(workdir, 'samples', f'eval_step_{step}.png')) as png:
       assert png.format == 'PNG' and min(png.size) > 100
   assert any(f.startswith('events.out.tfevents')
              for f in os.listdir(os.path.join(workdir, 'tensorboard')))
-  assert 0.0 <= result['mean_iou'] <= 1.0
-  assert 0.0 <= result['pixel_accuracy'] <= 1.0
-  assert len(result['dice_per_class']) == 2
+  assert 0.0 <= result['eval']['mean_iou'] <= 1.0
+  assert 0.0 <= result['eval']['pixel_accuracy'] <= 1.0
+  assert len(result['eval']['dice_per_class']) == 2
+  assert result['eval']['dice'] == evals[-1]['eval_dice']
 
 
 class _Preempted(Exception):
@@ -125,15 +126,15 @@ class _Preempted(Exception):
 def test_interrupted_and_resumed_run_equals_uninterrupted(
     reference, data_dir, tmp_path, monkeypatch):
   _, _, (_, expected) = reference
-  real = input_pipeline.train_iterator
+  real = input_pipeline.Dataset.train_iterator
 
-  def dies_after_five(*args, **kwargs):
-    for i, batch in enumerate(real(*args, **kwargs)):
-      if i == 4 and kwargs.get('start_step', 0) == 0:
+  def dies_after_five(self, start_step=0, **kwargs):
+    for i, batch in enumerate(real(self, start_step, **kwargs)):
+      if i == 4 and start_step == 0:
         raise _Preempted()  # Step 5 never runs; the checkpoint of step 3 is the latest.
       yield batch
 
-  monkeypatch.setattr(input_pipeline, 'train_iterator', dies_after_five)
+  monkeypatch.setattr(input_pipeline.Dataset, 'train_iterator', dies_after_five)
   workdir = str(tmp_path / 'run')
   with pytest.raises(_Preempted):
     train.train_and_evaluate(tiny_config(data_dir), workdir)
@@ -227,15 +228,15 @@ def test_one_device_jit_and_four_device_jit_and_pmap_agree(
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
     data_dir, tmp_path, monkeypatch):
-  real = input_pipeline.train_iterator
+  real = input_pipeline.Dataset.train_iterator
 
-  def poisoned(*args, **kwargs):
-    for step, batch in enumerate(real(*args, **kwargs), start=1):
+  def poisoned(self, start_step=0, **kwargs):
+    for step, batch in enumerate(real(self, start_step, **kwargs), start=start_step + 1):
       if step == 5:
         batch = dict(batch, image=np.full_like(batch['image'], np.nan))
       yield batch
 
-  monkeypatch.setattr(input_pipeline, 'train_iterator', poisoned)
+  monkeypatch.setattr(input_pipeline.Dataset, 'train_iterator', poisoned)
   workdir = str(tmp_path / 'nan')
   with pytest.raises(FloatingPointError, match='at step 5'):
     train.train_and_evaluate(tiny_config(data_dir), workdir)
@@ -281,7 +282,7 @@ def test_trains_on_a_folder_of_images_and_masks(tmp_path):
   assert 'model.num_classes = 3, from the data' in proc.stderr
   evals = [r for r in _read_jsonl(workdir) if 'eval_dice_per_class' in r]
   assert len(evals[-1]['eval_dice_per_class']) == 3
-  assert os.path.exists(os.path.join(workdir, 'samples', 'step_4.png'))
+  assert os.path.exists(os.path.join(workdir, 'samples', 'eval_step_4.png'))
 
 
 def test_folder_with_a_bad_mask_fails_naming_the_file(tmp_path):
