@@ -17,14 +17,30 @@ on the 4th NIfTI axis). NIfTI arrays (x, y, z) are transposed to (D, H, W) =
 Hidden files (names starting with '.') are ignored; any other file is either
 used or reported.
 
+2D masks (see `read_mask`): a single-channel PNG holds the class index of each
+pixel; a palette PNG (mode 'P', as in Pascal VOC) holds it as the palette
+index; a grey RGB mask (R = G = B, alpha constant if any) is its grey value. A
+colour mask needs `mask_colors`, the RGB colour of each class (index =
+class); a colour outside it is an error. `ignore_index` (e.g. VOC's 255
+border) names a mask value that marks pixels to ignore: it may lie at or above
+`num_classes`, is left out of the class check, `class_pixels` and class
+inference, and is stored unchanged for the input pipeline to map.
+
 Nothing is silently dropped. `list_pairs` (file names only) and `validate`
 (reads every file) raise `BadDataError`, a `ValueError` naming each offending
 file, for: an image without a mask or a mask without an image, an unknown
 extension, an empty split, a 3D volume in a 2D data set or the other way
-round, an unreadable or truncated file, image and mask shapes that differ,
-mask values that are not class indices in [0, num_classes), and images whose
-channel counts differ. The builder validates the whole folder before it writes
-anything.
+round, an unreadable or truncated file (image and mask are checked apart, so
+one does not hide the other), image and mask shapes that differ, mask values
+that are not class indices in [0, num_classes), a colour mask without
+`mask_colors` or with a colour outside it, every image whose channel count
+differs from the most common one, and, when the classes are inferred, every
+mask holding a value past a class that never occurs (a 0/255 mask). All
+problems go in one error; past 20 it ends with "... and N more" and the path
+of a file under `tempfile.gettempdir()` (not the data folder, which may be
+read-only) that lists all of them. The builder validates the whole folder
+before it writes anything. `validate` also reports the per-axis median shape
+and names the images smaller than half of it along some axis.
 
 Use from a config::
 
@@ -39,8 +55,10 @@ or directly with TFDS::
         download_config=tfds.download.DownloadConfig(manual_dir='/path/to/root'))
 
 The input pipeline names the built copy after a fingerprint of the folder (file
-names, sizes and modification times) and `num_classes`, so editing the folder
-rebuilds it instead of reading a stale copy.
+names, sizes and modification times) and of the options that change what is
+built (`num_classes`, `mask_colors`, `ignore_index`, passed as `fingerprint`'s
+`extra`), so editing the folder or an option rebuilds it instead of reading a
+stale copy.
 """
 
 import collections
