@@ -332,9 +332,10 @@ def _constant_alpha(path: str, array: np.ndarray) -> np.ndarray:
   """Drops the last (alpha) channel; BadDataError if the alpha varies."""
   alpha = array[..., -1]
   if alpha.size and np.any(alpha != alpha.flat[0]):
+    values = np.unique(alpha)
     raise BadDataError(
-        f'{path}: mask has an alpha channel that varies (values {np.unique(alpha)[:5].tolist()}'
-        ' ...); masks must not use transparency.'
+        f'{path}: mask has an alpha channel that varies ({values.size} values,'
+        f' e.g. {values[:5].tolist()}); masks must not use transparency.'
     )
   return array[..., :-1]
 
