@@ -1,6 +1,6 @@
-"""Tests for unet_jax.surface_metrics: hand-counted boundaries and a brute force.
+"""Tests for unet_jax.surface_metrics: hand-counted boundaries, a brute force.
 
-Torch-free. The agreement with MONAI is checked by benchmarks/monai_boundary_parity.py.
+Torch-free. benchmarks/monai_boundary_parity.py checks agreement with MONAI.
 """
 
 import math
@@ -381,15 +381,16 @@ def test_bad_input_raises(pred_shape, overrides, match):
 
 def test_bad_values_raise():
   label = np.zeros((6, 6), np.int32)
-  with pytest.raises(ValueError, match=r'prediction holds values outside \[0, 2\): \[2, 5\]'):
-    sm.boundary_metrics(np.array(label) + [[0, 2, 5, 0, 0, 0]], label, **GOOD)
-  with pytest.raises(ValueError, match=r'label holds values outside \[0, 2\): \[-1\]'):
+  bad_pred = label + np.array([0, 2, 5, 0, 0, 0], np.int32)
+  with pytest.raises(ValueError, match=r'prediction holds .* \[0, 2\): \[2, 5\]'):
+    sm.boundary_metrics(bad_pred, label, **GOOD)
+  with pytest.raises(ValueError, match=r'label holds .* \[0, 2\): \[-1\]'):
     sm.boundary_metrics(label, label - 1, **GOOD)
-  with pytest.raises(ValueError, match=r'outside \[0, 2\) or ignore_index=255: \[-1\]'):
+  with pytest.raises(ValueError, match=r'\[0, 2\) or ignore_index=255: \[-1\]'):
     sm.boundary_metrics(label, label - 1, ignore_index=255, **GOOD)
   with pytest.raises(ValueError, match='integer class map, got dtype float32'):
     sm.boundary_metrics(label.astype(np.float32), label, **GOOD)
-  with pytest.raises(ValueError, match=r'percentile must lie in \[0, 100\], got 101'):
+  with pytest.raises(ValueError, match=r'lie in \[0, 100\], got 101'):
     sm.hausdorff_distance_95(label, label, num_classes=2, percentile=101)
 
 
