@@ -47,10 +47,11 @@ per-class values with ``np.nanmean`` to leave such classes out. A structure
 that was missed, or predicted where there is none, is at infinite distance
 (the directed distance to an empty set is ``min`` over nothing, +inf), so it
 cannot disappear from a mean. This equals MONAI's ``compute_surface_dice``
-and MONAI's ``compute_hausdorff_distance`` with ``percentile=None``; with
-``percentile=95`` MONAI 1.6 returns NaN when one side is empty, an artefact of
-``torch.quantile`` interpolating between infinities (``inf - inf``), which
-would make a missed structure vanish from a NaN-aware mean. Report, next to
+and MONAI's ``compute_hausdorff_distance`` with ``percentile=None``; given
+any percentile (95, even 100) MONAI 1.6.1 returns NaN when one side is empty,
+an artefact of ``torch.quantile`` interpolating between infinities
+(``inf - inf``), which would make a missed structure vanish from a NaN-aware
+mean. Report, next to
 a mean over finite values, how many cases were infinite.
 
 Example::
