@@ -247,6 +247,15 @@ def test_ignore_index_equals_background_in_both_maps():
           pred, label, num_classes=3, spacing=(1.0, 2.0)))
 
 
+def test_ignore_index_outside_int32():
+  # The ignored voxels are found before the maps are cast to int32.
+  label = SHIFT_LABEL.astype(np.int64)
+  label[0, :] = 2**40 + 1  # would wrap to class 1 in int32
+  hd = sm.hausdorff_distance_95(
+      SHIFT_PRED, label, num_classes=2, ignore_index=2**40 + 1)
+  np.testing.assert_array_equal(hd, [2.0])
+
+
 def test_ignore_index_inside_the_class_range_empties_that_class():
   pred = SHIFT_PRED + _box((20, 20), (0, 3), (0, 3), value=2)
   label = SHIFT_LABEL + _box((20, 20), (0, 3), (0, 3), value=2)
@@ -370,6 +379,7 @@ GOOD = dict(num_classes=2, spacing=(1.0, 1.0), tolerance=1.0)
         ((6, 6), dict(tolerance=(1.0, 2.0)), r'1 values.*\(1\.0, 2\.0\)'),
         ((6, 6), dict(num_classes=1), r'num_classes=1 leaves no class'),
         ((6, 6), dict(num_classes=2.0), r'num_classes must be an int'),
+        ((6, 6), dict(ignore_index=1.5), r'ignore_index must be an int, got 1\.5'),
     ],
 )
 def test_bad_input_raises(pred_shape, overrides, match):

@@ -135,13 +135,18 @@ def _prepare(
         f'num_classes={num_classes} leaves no class to score with '
         f'include_background={include_background}.'
     )
+  if ignore_index is not None and (
+      isinstance(ignore_index, bool)
+      or not isinstance(ignore_index, (int, np.integer))
+  ):
+    raise ValueError(f'ignore_index must be an int, got {ignore_index!r}.')
   spacing = _as_spacing(spacing, prediction.ndim)
   _check_values('prediction', prediction, num_classes, None)
   _check_values('label', label, num_classes, ignore_index)
+  ignored = None if ignore_index is None else label == ignore_index
   prediction = prediction.astype(np.int32)
   label = label.astype(np.int32)
-  if ignore_index is not None:
-    ignored = label == ignore_index
+  if ignored is not None:
     prediction[ignored] = -1
     label[ignored] = -1
   return prediction, label, spacing, range(first, num_classes)
@@ -324,10 +329,10 @@ def hausdorff_distance_95(
     Huttenlocher et al., Comparing images using the Hausdorff distance,
     IEEE TPAMI 15(9), 1993. MONAI ``monai.metrics.compute_hausdorff_distance``.
   """
+  percentile = _check_percentile(percentile)
   prediction, label, spacing, classes = _prepare(
       prediction, label, num_classes, spacing, include_background,
       ignore_index)
-  percentile = _check_percentile(percentile)
   distances = _class_distances(prediction, label, classes, spacing)
   return np.array([_hd(d, percentile) for d in distances], np.float64)
 
