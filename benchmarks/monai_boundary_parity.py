@@ -42,14 +42,15 @@ import sys
 import warnings
 
 import monai
+from monai.metrics import compute_hausdorff_distance
+from monai.metrics import compute_surface_dice
+from monai.metrics.hausdorff_distance import _compute_percentile_hausdorff_distance
+from monai.metrics.utils import get_edge_surface_distance
+from monai.metrics.utils import prepare_spacing
 import numpy as np
 import scipy
-import torch
-from monai.metrics import compute_hausdorff_distance, compute_surface_dice
-from monai.metrics.hausdorff_distance import (
-    _compute_percentile_hausdorff_distance)
-from monai.metrics.utils import get_edge_surface_distance, prepare_spacing
 from scipy import ndimage
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

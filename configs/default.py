@@ -17,16 +17,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.name = 'synthetic_shapes'  # A TFDS name, or 'segmentation_folder'.
   config.data.config = ''  # TFDS builder config, e.g. 'binary_64'; '' for the default.
   config.data.root = ''  # Folder of images and masks, for 'segmentation_folder'.
-  config.data.data_dir = ''  # TFDS data_dir; '' means TFDS's default (~/tensorflow_datasets).
+  config.data.data_dir = ''  # TFDS data_dir; '': TFDS's default (~/tensorflow_datasets).
   config.data.train_split = 'train'
   config.data.eval_split = 'validation'
   config.data.size_policy = 'pad'  # Sizes the model cannot take: 'pad', 'crop' or 'resize'.
   config.data.image_size = ()  # Target size for the size policy; () = from the data.
   config.data.num_classes = 0  # segmentation_folder: classes in the masks; 0 = infer.
-  config.data.patch_size = ()  # 3D only: random training patches of this size; () for none.
-  config.data.foreground_fraction = 1 / 3  # 3D only: share of patches centred on foreground.
-  config.data.ignore_index = -1  # A mask value to leave out (e.g. 255, VOC's borders); -1: none.
-  config.data.mask_colors = ()  # segmentation_folder: RGB colour of each class, for colour masks.
+  config.data.patch_size = ()  # 3D only: random training patches of this size; (): none.
+  config.data.foreground_fraction = 1 / 3  # 3D only: share of patches on foreground.
+  config.data.ignore_index = -1  # A mask value to leave out (255: VOC's borders); -1: none.
+  config.data.mask_colors = ()  # Folders of colour masks: the RGB colour of each class.
 
   config.augment = ml_collections.ConfigDict()
   config.augment.flip = True

@@ -8,8 +8,8 @@ import tempfile
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 import pytest
+from scipy import ndimage
 import tensorflow_datasets as tfds
 
 from unet_jax import datasets
@@ -133,7 +133,7 @@ def test_custom_config_builds(tmp_path):
   assert set(builder.info.splits) == {'train', 'validation'}
   labels = [ex['label'] for ex in _all(builder.as_data_source('train'))]
   assert labels[0].shape == (24, 24)
-  assert 0.15 < np.mean([(l > 0).mean() for l in labels]) < 0.35
+  assert 0.15 < np.mean([(lab > 0).mean() for lab in labels]) < 0.35
 
 
 def test_multiclass_has_every_class():

@@ -114,7 +114,8 @@ def _optional_shape(value, ndim: int, what: str) -> tuple[int, ...] | None:
   if not values:
     return None
   if len(values) != ndim:
-    raise ValueError(f'{what} {values} has {len(values)} axes, but the data set is {ndim}D.')
+    raise ValueError(
+        f'{what} {values} has {len(values)} axes, but the data set is {ndim}D.')
   if min(values) < 1:
     raise ValueError(f'{what} {values} must be positive.')
   return values

@@ -361,8 +361,9 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
 # ------------------------------------------------------------------ the loop
 
 
-def _check_finite(run: _Run, state, pending: list, *, state_too: bool) -> None:
-  """Raises FloatingPointError at the first non-finite loss or a non-finite state."""
+def _check_finite(run: _Run, state, pending: list, *, step: int, state_too: bool) -> None:
+  """Raises FloatingPointError at the first non-finite loss of `pending` (step, loss)
+  pairs, or, with `state_too`, if the state after `step` is not finite."""
   last = run.manager.latest_step()
   kept = (f'the last good checkpoint is step {last}' if last is not None
           else 'no checkpoint was written')
@@ -372,9 +373,9 @@ def _check_finite(run: _Run, state, pending: list, *, state_too: bool) -> None:
     if not math.isfinite(float(loss)):
       raise FloatingPointError(f'Loss is {float(loss)} at step {step}. Training'
                                f' stopped; {kept}. {advice}')
-  if state_too and pending and not run.runner.is_finite(state):
+  if state_too and not run.runner.is_finite(state):
     raise FloatingPointError(
-        f'The parameters or optimizer state are not finite after step {pending[-1][0]}'
+        f'The parameters or optimizer state are not finite after step {step}'
         f' (the loss was still finite). Training stopped and nothing was saved; {kept}.'
         f' {advice}')
   pending.clear()
@@ -430,12 +431,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     pending.append((step, m['loss']))
     extra = {'learning_rate': m['learning_rate'], 'grad_norm': m['grad_norm']}
     if progress.step_done(step, loss=m['loss'], extra=extra) is not None:
-      _check_finite(run, state, pending, state_too=False)
+      _check_finite(run, state, pending, step=step, state_too=False)
     due = [s for s in run.evaluators if s.due(step, total)]
     stop = stop_requested is not None and stop_requested()
     if due or stop or step % config.checkpoint_every_steps == 0 or step == total:
       with progress.paused():
-        _check_finite(run, state, pending, state_too=True)
+        _check_finite(run, state, pending, step=step, state_too=True)
         for scheduled in due:
           results[scheduled.name] = _evaluate(run, state, scheduled, step)
         _save(run, state, step, {s.name: results[s.name] for s in due})

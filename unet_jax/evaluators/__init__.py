@@ -24,6 +24,7 @@ import dataclasses
 import inspect
 from typing import Any, Callable
 
+from unet_jax.evaluators import boundary
 from unet_jax.evaluators import common
 from unet_jax.evaluators import confusion
 from unet_jax.evaluators import per_case
@@ -31,6 +32,7 @@ from unet_jax.evaluators import per_case
 EVALUATORS: dict[str, Callable[..., Any]] = {
     'confusion': confusion.Evaluator,
     'per_case': per_case.Evaluator,
+    'boundary': boundary.Evaluator,
 }
 COMMON_FIELDS = ('type', 'split', 'every_steps', 'batch_size')
 
@@ -73,7 +75,7 @@ def check_config(evals_config) -> None:
 
 def from_config(evals_config, *, data, predict, num_classes: int, workdir: str | None,
                 default_split: str, default_batch_size: int) -> list[Scheduled]:
-  """Builds the evaluators `config.evals` names, in the order given."""
+  """Builds the evaluators `config.evals` names, in the order of their names."""
   scheduled = []
   for name, cfg in dict(evals_config).items():
     cfg = dict(cfg)
