@@ -148,27 +148,9 @@ def augment_rate(config, batch, *, steps):
   return steps * batch['image'].shape[0] / (time.perf_counter() - start)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument(
-    '--steps', type=int, default=200, help='Batches timed per measurement.'
-  )
-  parser.add_argument('--resume_step', type=int, default=2000, help='Step to resume at.')
-  parser.add_argument(
-    '--data_dir', default='', help='TFDS data_dir; default a temporary folder.'
-  )
-  parser.add_argument('--skip_train_step', action='store_true')
-  args = parser.parse_args()
-  data_dir = args.data_dir or tempfile.mkdtemp(prefix='unet_jax_bench_')
-  config = default.get_config()
-  config.data.data_dir = os.path.join(data_dir, 'array_record')
+def _measure_input(config, args, data_dir, results):
+  """Reading speed, resume cost and 3D patches: grain against tf.data."""
   batch_size = config.batch_size
-  results = {
-    'machine': (
-      f'{os.cpu_count()} CPU cores, jax {jax.__version__}, backend {jax.default_backend()}'
-    )
-  }
-
   start = time.perf_counter()
   input_pipeline.open(config.data, divisor=8).info
   results['build_seconds_synthetic_shapes_binary'] = time.perf_counter() - start
@@ -209,21 +191,51 @@ def main():
     batch_size=2,
   )
 
+
+
+def _measure_train_step(config, args, results):
+  """The train step alone and fed by the pipeline, with and without augmentation."""
+  batch_size = config.batch_size
+  for name, overrides in (
+    ('default_augment', {}),
+    ('full_augment', dict(scale=(0.8, 1.25), elastic=4.0, intensity=0.1)),
+  ):
+    config.augment.update(overrides)
+    batches = input_pipeline.open(config.data, divisor=8).train_iterator(
+      batch_size=batch_size, seed=1
+    )
+    results[f'augment_alone_examples_per_s_{name}'] = augment_rate(
+      config, next(batches), steps=args.steps
+    )
+    alone, fed = train_step_rate(config, batches, steps=max(args.steps // 10, 10))
+    results[f'train_step_examples_per_s_{name}'] = alone
+    results[f'train_step_fed_by_pipeline_examples_per_s_{name}'] = fed
+
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument(
+    '--steps', type=int, default=200, help='Batches timed per measurement.'
+  )
+  parser.add_argument('--resume_step', type=int, default=2000, help='Step to resume at.')
+  parser.add_argument(
+    '--data_dir', default='', help='TFDS data_dir; default a temporary folder.'
+  )
+  parser.add_argument('--skip_train_step', action='store_true')
+  args = parser.parse_args()
+  data_dir = args.data_dir or tempfile.mkdtemp(prefix='unet_jax_bench_')
+  config = default.get_config()
+  config.data.data_dir = os.path.join(data_dir, 'array_record')
+  results = {
+    'machine': (
+      f'{os.cpu_count()} CPU cores, jax {jax.__version__}, backend {jax.default_backend()}'
+    )
+  }
+
+  _measure_input(config, args, data_dir, results)
   if not args.skip_train_step:
-    for name, overrides in (
-      ('default_augment', {}),
-      ('full_augment', dict(scale=(0.8, 1.25), elastic=4.0, intensity=0.1)),
-    ):
-      config.augment.update(overrides)
-      batches = input_pipeline.open(config.data, divisor=8).train_iterator(
-        batch_size=batch_size, seed=1
-      )
-      results[f'augment_alone_examples_per_s_{name}'] = augment_rate(
-        config, next(batches), steps=args.steps
-      )
-      alone, fed = train_step_rate(config, batches, steps=max(args.steps // 10, 10))
-      results[f'train_step_examples_per_s_{name}'] = alone
-      results[f'train_step_fed_by_pipeline_examples_per_s_{name}'] = fed
+    _measure_train_step(config, args, results)
 
   width = max(map(len, results))
   for key, value in results.items():

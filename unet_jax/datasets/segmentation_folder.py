@@ -554,101 +554,21 @@ def validate(
       )
     num_classes = len(mask_colors)
   _check_ignore_index(ignore_index, num_classes)
-  errors = []
-  paths_by_channels = collections.defaultdict(list)
-  shapes, spacings = [], []
-  class_pixels = collections.Counter()
-  values_by_mask = {}
-  masks_unread = False
+  survey = _Survey()
   for split_pairs in pairs.values():
     for pair in split_pairs:
-      image = mask = None
-      try:
-        image, image_spacing = read_image(pair.image, ndim=ndim)
-      except BadDataError as e:
-        errors.append(str(e))
-      try:
-        mask, mask_spacing = read_mask(pair.mask, ndim=ndim, mask_colors=mask_colors)
-      except BadDataError as e:
-        errors.append(str(e))
-        masks_unread = True
-      if mask is not None:
-        values, counts = np.unique(mask, return_counts=True)
-        if ignore_index is not None:
-          kept = values != ignore_index
-          values, counts = values[kept], counts[kept]
-        class_pixels.update(dict(zip(values.tolist(), counts.tolist())))
-        values_by_mask[pair.mask] = values
-        if num_classes is not None and values.size and values[-1] >= num_classes:
-          bad = values[values >= num_classes].tolist()
-          errors.append(
-              f'{pair.mask}: mask value(s) {bad[:5]} at or above'
-              f' num_classes={num_classes}.'
-          )
-      if image is None:
-        continue
-      paths_by_channels[image.shape[-1]].append(pair.image)
-      if mask is None:
-        continue
-      if image.shape[:-1] != mask.shape:
-        errors.append(
-            f'{pair.image}: image shape {image.shape[:-1]} differs from mask shape'
-            f' {mask.shape} ({pair.mask}).'
-        )
-        continue
-      if image_spacing is not None and not np.allclose(
-          image_spacing, mask_spacing, rtol=1e-3
-      ):
-        errors.append(
-            f'{pair.image}: spacing {image_spacing} differs from mask spacing'
-            f' {mask_spacing} ({pair.mask}).'
-        )
-        continue
-      shapes.append((pair.image, tuple(int(s) for s in mask.shape)))
-      if image_spacing is not None:
-        spacings.append(image_spacing)
-  if len(paths_by_channels) > 1:
-    total = sum(len(p) for p in paths_by_channels.values())
-    common = max(paths_by_channels, key=lambda c: len(paths_by_channels[c]))
-    for c in sorted(paths_by_channels):
-      if c != common:
-        errors.extend(
-            f'{path}: {c} channel(s), while {len(paths_by_channels[common])} of'
-            f' {total} images have {common}; channel counts must agree.'
-            for path in paths_by_channels[c]
-        )
+      survey.add(pair, ndim=ndim, num_classes=num_classes, mask_colors=mask_colors,
+                 ignore_index=ignore_index)
+  survey.check_channels()
   hint = ''
-  if num_classes is None and not masks_unread and values_by_mask:
-    num_classes = max(class_pixels, default=-1) + 1
-    missing = [c for c in range(num_classes) if c not in class_pixels]
-    if num_classes <= 1:
-      errors.append(
-          f'{next(iter(values_by_mask))}: every mask is all background (0)'
-          f'{" or ignore_index" if ignore_index is not None else ""}; cannot infer'
-          ' the classes. Set config.data.num_classes if this is intended.'
-      )
-    elif missing:
-      for path, values in values_by_mask.items():
-        beyond = values[values > missing[0]].tolist()
-        if beyond:
-          verb = 'implies' if len(beyond) == 1 else 'imply'
-          errors.append(
-              f'{path}: {_values_text(beyond)} {verb} at least {beyond[-1] + 1}'
-              f' classes, but classes {_ranges(missing)} never occur in any mask.'
-          )
-      hint = (
-          f'Inferred {num_classes} classes from the largest mask value, but classes'
-          f' {_ranges(missing)} never occur: masks must hold class indices 0..C-1'
-          ' (map a 0/255 mask to 0/1, set config.data.ignore_index=255 if 255'
-          ' marks pixels to ignore, or set config.data.num_classes if this is'
-          ' intended).'
-      )
-  _raise_all(errors, hint=hint)
-  if not shapes:
+  if num_classes is None and not survey.masks_unread and survey.values_by_mask:
+    num_classes, hint = survey.infer_classes(ignore_index)
+  _raise_all(survey.errors, hint=hint)
+  if not survey.shapes:
     raise BadDataError('The segmentation folder holds no examples.')
-  array = np.array([s for _, s in shapes])
+  array = np.array([s for _, s in survey.shapes])
   median = np.median(array, axis=0)
-  small = [[p, list(s)] for p, s in shapes if np.any(np.array(s) < median / 2)]
+  small = [[p, list(s)] for p, s in survey.shapes if np.any(np.array(s) < median / 2)]
   for path, shape in small:
     logging.warning(
         'Segmentation folder: %s has shape %s, smaller than half the median'
@@ -657,9 +577,10 @@ def validate(
         shape,
         median.tolist(),
     )
+  spacings = survey.spacings
   metadata = {
       'num_classes': int(num_classes),
-      'num_channels': int(next(iter(paths_by_channels))),
+      'num_channels': int(next(iter(survey.paths_by_channels))),
       'ndim': ndim,
       'min_shape': [int(s) for s in array.min(axis=0)],
       'max_shape': [int(s) for s in array.max(axis=0)],
@@ -667,10 +588,116 @@ def validate(
       'small_examples': small,
       'spacing': [float(s) for s in np.median(spacings, axis=0)] if spacings else None,
       'num_examples': {split: len(p) for split, p in pairs.items()},
-      'class_pixels': {str(k): int(v) for k, v in sorted(class_pixels.items())},
+      'class_pixels': {str(k): int(v) for k, v in sorted(survey.class_pixels.items())},
   }
   logging.info('Validated segmentation folder: %s', metadata)
   return metadata
+
+
+class _Survey:
+  """What `validate` learns from reading a folder, file by file, and its errors."""
+
+  def __init__(self):
+    self.errors: list[str] = []
+    self.paths_by_channels = collections.defaultdict(list)
+    self.shapes: list[tuple[str, tuple[int, ...]]] = []
+    self.spacings: list[tuple[float, ...]] = []
+    self.class_pixels = collections.Counter()
+    self.values_by_mask: dict[str, np.ndarray] = {}
+    self.masks_unread = False
+
+  def _read(self, reader, path, **kwargs):
+    try:
+      return reader(path, **kwargs)
+    except BadDataError as e:
+      self.errors.append(str(e))
+      return None, None
+
+  def add(self, pair: Pair, *, ndim, num_classes, mask_colors, ignore_index) -> None:
+    """Reads one pair; records its problems, classes, channels, shape and spacing."""
+    image, image_spacing = self._read(read_image, pair.image, ndim=ndim)
+    mask, mask_spacing = self._read(read_mask, pair.mask, ndim=ndim,
+                                    mask_colors=mask_colors)
+    if mask is None:
+      self.masks_unread = True
+    else:
+      values, counts = np.unique(mask, return_counts=True)
+      if ignore_index is not None:
+        kept = values != ignore_index
+        values, counts = values[kept], counts[kept]
+      self.class_pixels.update(dict(zip(values.tolist(), counts.tolist())))
+      self.values_by_mask[pair.mask] = values
+      if num_classes is not None and values.size and values[-1] >= num_classes:
+        bad = values[values >= num_classes].tolist()
+        self.errors.append(
+            f'{pair.mask}: mask value(s) {bad[:5]} at or above'
+            f' num_classes={num_classes}.'
+        )
+    if image is None:
+      return
+    self.paths_by_channels[image.shape[-1]].append(pair.image)
+    if mask is None:
+      return
+    if image.shape[:-1] != mask.shape:
+      self.errors.append(
+          f'{pair.image}: image shape {image.shape[:-1]} differs from mask shape'
+          f' {mask.shape} ({pair.mask}).'
+      )
+    elif image_spacing is not None and not np.allclose(
+        image_spacing, mask_spacing, rtol=1e-3
+    ):
+      self.errors.append(
+          f'{pair.image}: spacing {image_spacing} differs from mask spacing'
+          f' {mask_spacing} ({pair.mask}).'
+      )
+    else:
+      self.shapes.append((pair.image, tuple(int(s) for s in mask.shape)))
+      if image_spacing is not None:
+        self.spacings.append(image_spacing)
+
+  def check_channels(self) -> None:
+    """Names every image whose channel count is not the most common one."""
+    by_channels = self.paths_by_channels
+    if len(by_channels) <= 1:
+      return
+    total = sum(len(p) for p in by_channels.values())
+    common = max(by_channels, key=lambda c: len(by_channels[c]))
+    for c in sorted(by_channels):
+      if c != common:
+        self.errors.extend(
+            f'{path}: {c} channel(s), while {len(by_channels[common])} of'
+            f' {total} images have {common}; channel counts must agree.'
+            for path in by_channels[c]
+        )
+
+  def infer_classes(self, ignore_index) -> tuple[int, str]:
+    """num_classes from the largest mask value; names the masks if classes skip."""
+    num_classes = max(self.class_pixels, default=-1) + 1
+    missing = [c for c in range(num_classes) if c not in self.class_pixels]
+    if num_classes <= 1:
+      self.errors.append(
+          f'{next(iter(self.values_by_mask))}: every mask is all background (0)'
+          f'{" or ignore_index" if ignore_index is not None else ""}; cannot infer'
+          ' the classes. Set config.data.num_classes if this is intended.'
+      )
+      return num_classes, ''
+    if not missing:
+      return num_classes, ''
+    for path, values in self.values_by_mask.items():
+      beyond = values[values > missing[0]].tolist()
+      if beyond:
+        verb = 'implies' if len(beyond) == 1 else 'imply'
+        self.errors.append(
+            f'{path}: {_values_text(beyond)} {verb} at least {beyond[-1] + 1}'
+            f' classes, but classes {_ranges(missing)} never occur in any mask.'
+        )
+    return num_classes, (
+        f'Inferred {num_classes} classes from the largest mask value, but classes'
+        f' {_ranges(missing)} never occur: masks must hold class indices 0..C-1'
+        ' (map a 0/255 mask to 0/1, set config.data.ignore_index=255 if 255'
+        ' marks pixels to ignore, or set config.data.num_classes if this is'
+        ' intended).'
+    )
 
 
 def write_pair(
