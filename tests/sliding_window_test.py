@@ -2,6 +2,7 @@
 
 import functools
 import itertools
+import tracemalloc
 
 import jax
 import jax.numpy as jnp
@@ -251,6 +252,28 @@ def test_flip_tta_averages_all_flips_flipped_back(ndim):
     expected += np.flip(np.cumsum(np.flip(image, axes), axis=0), axes)
   np.testing.assert_allclose(out, expected / 2**ndim, rtol=1e-5, atol=1e-5)
   assert not np.allclose(out, np.cumsum(image, axis=0), atol=1e-3)
+
+
+@pytest.mark.parametrize('shape', [(512, 384, 1), (500, 20, 2)],
+                         ids=['unpadded', 'padded'])
+def test_host_memory_is_the_documented_buffers(shape):
+  """Peak numpy allocations: 4 (C + K + 1) bytes a padded pixel, + 4 K a pixel
+  for the crop of a padded image (the docstring's bound), and little more."""
+  three = lambda x: x[..., :1] @ jnp.array([[1.0, 2.0, 3.0]])
+  image = _image(shape)
+  sw.sliding_window_predict(three, image[:40, :20], patch_size=32)   # compile
+  padded = shape[0] * max(shape[1], 32)
+  c, k = (0 if shape[1] >= 32 else shape[2]), 3     # no padded copy of the image
+  bound = 4 * (c + k + 1) * padded + 4 * k * shape[0] * shape[1] * (shape[1] < 32)
+  tracemalloc.start()
+  try:
+    out = sw.sliding_window_predict(three, image, patch_size=32, batch_size=4,
+                                    output='probabilities')
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  assert out.shape == shape[:-1] + (3,)
+  assert bound <= peak <= 1.1 * bound + 2**18, (peak, bound)
 
 
 # --- outputs ---------------------------------------------------------------------

@@ -212,11 +212,14 @@ def sliding_window_predict(
 
   Memory: the image, the output and the weight map live on the host (numpy), as
   float32: about `4 * (C + K + 1)` bytes per (padded) pixel, growing linearly with
-  the image; the returned crop adds `4 * K` per pixel where the image was padded.
-  The device holds the importance map, two batches in flight (one computing while
-  the host adds the previous one) and `apply_fn`'s activations for one batch: fixed by
-  `batch_size` and `patch_size`, whatever the image size. A volume too large for the
-  accelerator is therefore predicted as long as it fits in host memory.
+  the image, plus one more float32 copy of the output (`4 * K` per pixel) when it is
+  cropped after padding (probabilities are computed in place). The device holds the importance map, two
+  batches in flight (one computing while the host adds the previous one) and
+  `apply_fn`'s activations for one batch: fixed by `batch_size` and `patch_size`,
+  whatever the image size. A volume too large for the accelerator is therefore
+  predicted as long as it fits in host memory. The compiled function is cached on
+  `apply_fn`, which keeps it (and what it closes over) alive until
+  `jax.clear_caches()`.
 
   Args:
     apply_fn: maps a float32 batch `[b, *patch_size, C]` to logits
@@ -237,7 +240,7 @@ def sliding_window_predict(
     divisor: an int or one per axis: what the network's input sizes must be
       multiples of (`models.input_divisor`); `patch_size` must respect it.
     output: 'logits', or 'probabilities': a softmax over K, or a sigmoid when K == 1,
-      of the blended logits.
+      of the blended (and flip-averaged) logits, as nnU-Net does.
 
   Returns:
     float32 numpy array `[*image.shape[:-1], K]`.
@@ -317,9 +320,14 @@ def sliding_window_predict(
   add(pending)
 
   out /= weight_sum[..., None]
+  weight_sum = None                             # room for the softmax's temporaries
   crop = tuple(slice(before, before + s) for (before, _), s in zip(pads, spatial))
   out = out[crop]
-  if output == 'probabilities':
-    out = (scipy.special.expit(out) if out.shape[-1] == 1
-           else scipy.special.softmax(out, axis=-1))
+  if output == 'probabilities':                # in place: no more image-sized copies
+    if out.shape[-1] == 1:
+      scipy.special.expit(out, out=out)
+    else:
+      out -= out.max(axis=-1, keepdims=True)
+      np.exp(out, out=out)
+      out /= out.sum(axis=-1, keepdims=True)
   return np.ascontiguousarray(out, dtype=np.float32)
