@@ -176,8 +176,8 @@ class MemoryEstimate:
         f" {c['in_channels']} -> {c['num_classes']} channels, features"
         f" {c['features']}, depth {c['depth']}, norm {c['norm']}, upsample"
         f" {c['upsample']}, {c['dtype']}, {mode}")
-    rows = [('parameters', f'{format_bytes(self.param_bytes)} ({self.param_count:,}'
-                           ' parameters)')]
+    rows = [('parameters', (f'{format_bytes(self.param_bytes)}'
+                            f' ({self.param_count:,} parameters)'))]
     if c['training']:
       rows += [('gradients', format_bytes(self.gradient_bytes)),
                ('Adam moments', format_bytes(self.optimizer_bytes)),
@@ -186,8 +186,8 @@ class MemoryEstimate:
       rows += [('input', format_bytes(self.input_bytes)),
                ('output logits', format_bytes(self.output_bytes))]
     rows += [
-        ('activations', f'{format_bytes(self.activation_bytes)} (peak at'
-                        f' {self.peak_op})'),
+        ('activations', (f'{format_bytes(self.activation_bytes)}'
+                         f' (peak at {self.peak_op})')),
         ('total', format_bytes(self.total_bytes)),
         ('largest feature map', str(self.largest_feature_map)),
     ]

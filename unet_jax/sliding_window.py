@@ -264,7 +264,7 @@ def sliding_window_predict(
     if p % d:
       raise ValueError(
           f'patch_size={patch} is not a multiple of divisor={div}: the network only'
-          ' takes sizes that are (the product of its pooling strides).')
+          ' takes sizes that are multiples of the product of its pooling strides.')
   overlap = _check_overlap(overlap)
   if mode not in MODES:
     raise ValueError(f'mode={mode!r} is not one of {MODES}.')
