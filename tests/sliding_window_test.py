@@ -1,4 +1,4 @@
-"""Tests for unet_jax.sliding_window: positions, weights, stitching, padding, TTA, errors."""
+"""Tests for unet_jax.sliding_window: positions, weights, stitching, TTA, errors."""
 
 import functools
 import itertools

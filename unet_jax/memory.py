@@ -529,6 +529,7 @@ def compiled_memory(
   """
   # pylint: disable=g-import-not-at-top
   import functools
+
   import jax
   import jax.numpy as jnp
   import optax

@@ -213,12 +213,12 @@ def sliding_window_predict(
   Memory: the image, the output and the weight map live on the host (numpy), as
   float32: about `4 * (C + K + 1)` bytes per (padded) pixel, growing linearly with
   the image, plus one more float32 copy of the output (`4 * K` per pixel) when it is
-  cropped after padding (probabilities are computed in place). The device holds the importance map, two
-  batches in flight (one computing while the host adds the previous one) and
-  `apply_fn`'s activations for one batch: fixed by `batch_size` and `patch_size`,
-  whatever the image size. A volume too large for the accelerator is therefore
-  predicted as long as it fits in host memory. The compiled function is cached on
-  `apply_fn`, which keeps it (and what it closes over) alive until
+  cropped after padding (probabilities are computed in place). The device holds the
+  importance map, two batches in flight (one computing while the host adds the
+  previous one) and `apply_fn`'s activations for one batch: fixed by `batch_size`
+  and `patch_size`, whatever the image size. A volume too large for the accelerator
+  is therefore predicted as long as it fits in host memory. The compiled function is
+  cached on `apply_fn`, which keeps it (and what it closes over) alive until
   `jax.clear_caches()`.
 
   Args:
