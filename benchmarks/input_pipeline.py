@@ -36,9 +36,10 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # For `configs`.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import default
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from configs import default
 from unet_jax import input_pipeline
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -59,8 +60,8 @@ def grain_rate(data_config, *, steps, batch_size, threads):
   saved = input_pipeline._READ_THREADS  # pylint: disable=protected-access
   input_pipeline._READ_THREADS = threads  # pylint: disable=protected-access
   try:
-    it = input_pipeline.train_iterator(
-        data_config, batch_size=batch_size, seed=0, divisor=8
+    it = input_pipeline.open(data_config, divisor=8).train_iterator(
+      batch_size=batch_size, seed=0
     )
     return _rate(it, steps=steps, batch_size=batch_size)
   finally:
@@ -79,7 +80,7 @@ def tf_data_pipeline(data_dir, *, batch_size, skip_examples=0):
     return {'image': image, 'label': tf.cast(example['label'], tf.int32)}
 
   ds = builder.as_dataset(
-      split='train', shuffle_files=True, read_config=tfds.ReadConfig(shuffle_seed=0)
+    split='train', shuffle_files=True, read_config=tfds.ReadConfig(shuffle_seed=0)
   )
   ds = ds.repeat().shuffle(1024, seed=0).skip(skip_examples)
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
@@ -96,21 +97,21 @@ def train_step_rate(config, batches, *, steps, rounds=3):
   tx = train.create_optimizer(config)
   batch = next(batches)
   state = train.create_train_state(
-      jax.random.key(0), model, tx, (1,) + batch['image'].shape[1:]
+    jax.random.key(0), model, tx, (1,) + batch['image'].shape[1:]
   )
   loss_fn = functools.partial(
-      losses.get_loss(config.loss.name), **config.loss.kwargs.to_dict()
+    losses.get_loss(config.loss.name), **config.loss.kwargs.to_dict()
   )
   step = jax.jit(
-      functools.partial(
-          train.train_step,
-          model=model,
-          tx=tx,
-          loss_fn=loss_fn,
-          learning_rate_fn=train.create_learning_rate_fn(config),
-          aug_config=config.augment,
-          seed=0,
-      )
+    functools.partial(
+      train.train_step,
+      model=model,
+      tx=tx,
+      loss_fn=loss_fn,
+      learning_rate_fn=train.create_learning_rate_fn(config),
+      aug_config=config.augment,
+      seed=0,
+    )
   )
   fixed = jax.device_put(batch)
   for _ in range(3):
@@ -150,11 +151,11 @@ def augment_rate(config, batch, *, steps):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument(
-      '--steps', type=int, default=200, help='Batches timed per measurement.'
+    '--steps', type=int, default=200, help='Batches timed per measurement.'
   )
   parser.add_argument('--resume_step', type=int, default=2000, help='Step to resume at.')
   parser.add_argument(
-      '--data_dir', default='', help='TFDS data_dir; default a temporary folder.'
+    '--data_dir', default='', help='TFDS data_dir; default a temporary folder.'
   )
   parser.add_argument('--skip_train_step', action='store_true')
   args = parser.parse_args()
@@ -163,67 +164,62 @@ def main():
   config.data.data_dir = os.path.join(data_dir, 'array_record')
   batch_size = config.batch_size
   results = {
-      'machine': (
-          f'{os.cpu_count()} CPU cores, jax {jax.__version__},'
-          f' backend {jax.default_backend()}'
-      )
+    'machine': (
+      f'{os.cpu_count()} CPU cores, jax {jax.__version__}, backend {jax.default_backend()}'
+    )
   }
 
   start = time.perf_counter()
-  input_pipeline.get_info(config.data, divisor=8)
+  input_pipeline.open(config.data, divisor=8).info
   results['build_seconds_synthetic_shapes_binary'] = time.perf_counter() - start
 
   for threads in (1, 2, 4):
     results[f'grain_examples_per_s_{threads}_threads'] = grain_rate(
-        config.data, steps=args.steps, batch_size=batch_size, threads=threads
+      config.data, steps=args.steps, batch_size=batch_size, threads=threads
     )
   tf_dir = os.path.join(data_dir, 'tfrecord')
   results['tf_data_examples_per_s'] = _rate(
-      tf_data_pipeline(tf_dir, batch_size=batch_size),
-      steps=args.steps,
-      batch_size=batch_size,
+    tf_data_pipeline(tf_dir, batch_size=batch_size),
+    steps=args.steps,
+    batch_size=batch_size,
   )
 
   start = time.perf_counter()
   next(
-      input_pipeline.train_iterator(
-          config.data,
-          batch_size=batch_size,
-          seed=0,
-          divisor=8,
-          start_step=args.resume_step,
-      )
+    input_pipeline.open(config.data, divisor=8).train_iterator(
+      batch_size=batch_size, seed=0, start_step=args.resume_step
+    )
   )
   results['grain_resume_seconds'] = time.perf_counter() - start
   start = time.perf_counter()
   next(
-      tf_data_pipeline(
-          tf_dir, batch_size=batch_size, skip_examples=args.resume_step * batch_size
-      )
+    tf_data_pipeline(
+      tf_dir, batch_size=batch_size, skip_examples=args.resume_step * batch_size
+    )
   )
   results['tf_data_resume_seconds'] = time.perf_counter() - start
 
   volumes = default.get_config().data
   volumes.update(
-      name='synthetic_volumes', data_dir=config.data.data_dir, patch_size=(16, 32, 32)
+    name='synthetic_volumes', data_dir=config.data.data_dir, patch_size=(16, 32, 32)
   )
   results['grain_3d_patch_examples_per_s'] = _rate(
-      input_pipeline.train_iterator(volumes, batch_size=2, seed=0, divisor=8),
-      steps=args.steps,
-      batch_size=2,
+    input_pipeline.open(volumes, divisor=8).train_iterator(batch_size=2, seed=0),
+    steps=args.steps,
+    batch_size=2,
   )
 
   if not args.skip_train_step:
     for name, overrides in (
-        ('default_augment', {}),
-        ('full_augment', dict(scale=(0.8, 1.25), elastic=4.0, intensity=0.1)),
+      ('default_augment', {}),
+      ('full_augment', dict(scale=(0.8, 1.25), elastic=4.0, intensity=0.1)),
     ):
       config.augment.update(overrides)
-      batches = input_pipeline.train_iterator(
-          config.data, batch_size=batch_size, seed=1, divisor=8
+      batches = input_pipeline.open(config.data, divisor=8).train_iterator(
+        batch_size=batch_size, seed=1
       )
       results[f'augment_alone_examples_per_s_{name}'] = augment_rate(
-          config, next(batches), steps=args.steps
+        config, next(batches), steps=args.steps
       )
       alone, fed = train_step_rate(config, batches, steps=max(args.steps // 10, 10))
       results[f'train_step_examples_per_s_{name}'] = alone
@@ -232,9 +228,9 @@ def main():
   width = max(map(len, results))
   for key, value in results.items():
     print(
-        f'{key:<{width}}  {value:.1f}'
-        if isinstance(value, float)
-        else f'{key:<{width}}  {value}'
+      f'{key:<{width}}  {value:.1f}'
+      if isinstance(value, float)
+      else f'{key:<{width}}  {value}'
     )
   out = pathlib.Path(__file__).resolve().parent / 'out'
   out.mkdir(exist_ok=True)

@@ -130,8 +130,8 @@ def run_jax(path_in, path_out):
 
 
 def run_monai(case, logits, labels, target):
-  import torch
   from monai import losses as ml
+  import torch
   x = torch.from_numpy(np.moveaxis(logits, -1, 1)).double()
   if target is not None:
     y = torch.from_numpy(np.moveaxis(target, -1, 1)).double()

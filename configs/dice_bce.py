@@ -1,4 +1,4 @@
-r"""Binary segmentation with the seed's standard loss, L = L_Dice + L_BCE.
+r"""Binary segmentation with the standard combined loss, L = L_Dice + L_BCE.
 
 The README's main example, and what `make run` trains: a 2D U-Net with one sigmoid
 logit on the embedded `synthetic_shapes` data set (about 5% foreground), no download.

@@ -1,4 +1,4 @@
-r"""Binary segmentation with the seed's "Focal Dice" loss (see unet_jax.losses).
+r"""Binary segmentation with the "Focal Dice" loss (see unet_jax.losses).
 
     python launch.py --config=configs/focal_dice.py --workdir=runs/focal_dice
 

@@ -2,7 +2,7 @@ r"""Patch-based 3D U-Net on the embedded `synthetic_volumes` data set.
 
 Random training patches with nnU-Net's one-third foreground oversampling; evaluation
 on whole volumes. Anisotropic: the first level pools in-plane only, as for thick-slice
-CT, with (1, 3, 3) kernels there (the seed's mixed 2D/3D design).
+CT, with (1, 3, 3) kernels there (a mixed 2D/3D design: that level is 2D).
 
     python launch.py --config=configs/unet3d.py --workdir=runs/unet3d
 

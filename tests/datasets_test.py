@@ -1,12 +1,15 @@
 """Tests for unet_jax.datasets: the TFDS builders, the folder reader and Pet's trimaps."""
 
 import gzip
+import logging
 import pathlib
+import re
+import tempfile
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 import pytest
+from scipy import ndimage
 import tensorflow_datasets as tfds
 
 from unet_jax import datasets
@@ -130,7 +133,7 @@ def test_custom_config_builds(tmp_path):
   assert set(builder.info.splits) == {'train', 'validation'}
   labels = [ex['label'] for ex in _all(builder.as_data_source('train'))]
   assert labels[0].shape == (24, 24)
-  assert 0.15 < np.mean([(l > 0).mean() for l in labels]) < 0.35
+  assert 0.15 < np.mean([(lab > 0).mean() for lab in labels]) < 0.35
 
 
 def test_multiclass_has_every_class():
@@ -474,6 +477,278 @@ def test_missing_root_and_split_folders(tmp_path):
   (tmp_path / 'root' / 'train' / 'images').mkdir(parents=True)
   with pytest.raises(datasets.BadDataError, match='masks.*missing folder'):
     sf.list_pairs(tmp_path / 'root', ndim=2)
+
+
+def test_folder_names_every_content_problem_in_one_error(tmp_path):
+  root = tmp_path / 'root'
+  _make_folder_2d(root)
+  train, val = root / 'train', root / 'val'
+  # A mask value at num_classes=3.
+  Image.fromarray(np.full((20, 24), 3, np.uint8)).save(train / 'masks' / 'case1.png')
+  # An unreadable image whose mask is also bad: both are named.
+  (train / 'images' / 'case0.png').write_bytes(b'not a png at all')
+  Image.fromarray(np.full((20, 24), 5, np.uint8)).save(train / 'masks' / 'case0.png')
+  # A colour mask without mask_colors.
+  colour = np.zeros((28, 16, 3), np.uint8)
+  colour[:5] = (200, 0, 0)
+  Image.fromarray(colour).save(train / 'masks' / 'case2.png')
+  # Image and mask shapes differ.
+  Image.fromarray(np.zeros((21, 24), np.uint8)).save(val / 'masks' / 'case0.png')
+  # Two RGB images among three grey ones: both RGB files are named.
+  for name, shape in (('case1', (20, 24, 3)), ('case2', (28, 16, 3))):
+    Image.fromarray(np.zeros(shape, np.uint8)).save(val / 'images' / f'{name}.png')
+  with pytest.raises(datasets.BadDataError) as error:
+    sf.validate(sf.list_pairs(root, ndim=2), ndim=2, num_classes=3)
+  message = str(error.value)
+  assert message.startswith('7 problem(s)')
+  expected = [
+      f'{train}/images/case0.png: unreadable or truncated image',
+      f'{train}/masks/case0.png: mask value(s) [5] at or above num_classes=3',
+      f'{train}/masks/case1.png: mask value(s) [3] at or above num_classes=3',
+      f'{train}/masks/case2.png: a colour mask (2 colours, e.g. (0, 0, 0), (200, 0, 0));'
+      ' set config.data.mask_colors',
+      f'{val}/images/case0.png: image shape (20, 24) differs from mask shape (21, 24)',
+      f'{val}/images/case1.png: 3 channel(s), while 3 of 5 images have 1',
+      f'{val}/images/case2.png: 3 channel(s), while 3 of 5 images have 1',
+  ]
+  for line in expected:
+    assert line in message, line
+
+
+def test_folder_lists_more_than_20_problems_in_a_file(tmp_path, monkeypatch):
+  monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path / 'tmp'))
+  (tmp_path / 'tmp').mkdir()
+  root = tmp_path / 'root'
+  for i in range(25):
+    sf.write_pair(root, 'train', f'ex{i:02d}', np.zeros((4, 4), np.uint8),
+                  np.full((4, 4), 7, np.uint8))
+  before = sorted(root.rglob('*'))
+  with pytest.raises(datasets.BadDataError) as error:
+    sf.validate(sf.list_pairs(root, ndim=2), ndim=2, num_classes=2)
+  message = str(error.value)
+  assert message.startswith('25 problem(s)')
+  assert sum(f'ex{i:02d}.png' in message for i in range(25)) == 20
+  match = re.search(r'\.\.\. and 5 more; all 25 are listed in (\S+)\.$', message)
+  assert match, message
+  listing = pathlib.Path(match.group(1))
+  assert listing.parent == tmp_path / 'tmp'
+  lines = listing.read_text().splitlines()
+  assert lines[0] == '25 problem(s) in the segmentation folder:'
+  for i in range(25):
+    assert any(f'ex{i:02d}.png: mask value(s) [7]' in line for line in lines), i
+  assert sorted(root.rglob('*')) == before  # Nothing written in the data folder.
+  # A second failure writes a second file; the first is kept.
+  with pytest.raises(datasets.BadDataError) as again:
+    sf.validate(sf.list_pairs(root, ndim=2), ndim=2, num_classes=2)
+  assert str(listing) not in str(again.value) and listing.exists()
+
+
+def test_inferred_classes_error_names_every_file_involved(tmp_path):
+  root = tmp_path / 'root'
+  _make_folder_2d(root)
+  _mask_0_255(root)
+  background = root / 'val' / 'masks' / 'case2.png'
+  Image.fromarray(np.zeros((28, 16), np.uint8)).save(background)
+  with pytest.raises(datasets.BadDataError) as error:
+    sf.validate(sf.list_pairs(root, ndim=2), ndim=2)
+  message = str(error.value)
+  assert message.startswith('5 problem(s)')
+  for split, name in [('train', 'case0'), ('train', 'case1'), ('train', 'case2'),
+                      ('val', 'case0'), ('val', 'case1')]:
+    assert (
+        f'{root}/{split}/masks/{name}.png: mask value 255 implies at least 256'
+        ' classes, but classes 1..254 never occur' in message
+    )
+  assert str(background) not in message
+  assert 'config.data.ignore_index=255' in message
+
+
+def test_inferred_classes_error_names_only_values_past_a_missing_class(tmp_path):
+  root = tmp_path / 'root'
+  labels = {'a': [0, 1], 'b': [0, 1, 3, 4], 'c': [0, 4]}
+  for name, values in labels.items():
+    mask = np.array(values * 4, np.uint8)[: len(values) * 2].reshape(2, -1)
+    sf.write_pair(root, 'train', name, np.zeros(mask.shape, np.uint8), mask)
+  with pytest.raises(datasets.BadDataError) as error:
+    sf.validate(sf.list_pairs(root, ndim=2), ndim=2)
+  message = str(error.value)
+  assert 'b.png: mask values 3, 4 imply at least 5 classes, but classes 2' in message
+  assert 'c.png: mask value 4 implies at least 5 classes' in message
+  assert 'a.png' not in message and message.startswith('2 problem(s)')
+
+
+def _voc_palette():
+  """Pascal VOC's colour map: the bits of the class index spread over R, G, B."""
+  palette = []
+  for index in range(256):
+    rgb = [0, 0, 0]
+    for bit in range(8):
+      for channel in range(3):
+        rgb[channel] |= ((index >> (3 * bit + channel)) & 1) << (7 - bit)
+    palette.append(tuple(rgb))
+  return palette
+
+
+def test_palette_masks_read_as_class_indices_with_an_ignore_border(tmp_path):
+  palette = _voc_palette()
+  assert palette[:3] == [(0, 0, 0), (128, 0, 0), (0, 128, 0)]
+  assert palette[255] == (224, 224, 192)
+  root = tmp_path / 'root'
+  label = np.zeros((10, 12), np.uint8)
+  label[2:6, 2:6] = 1
+  label[6:9, 7:11] = 2
+  label[1, :] = 255  # VOC's "void" border.
+  for i in range(2):
+    sf.write_pair(root, 'train', f'voc{i}', np.zeros((10, 12, 3), np.uint8), label)
+    mask = Image.fromarray(label)
+    mask.putpalette([v for rgb in palette for v in rgb])
+    mask.save(root / 'train' / 'masks' / f'voc{i}.png')
+  path = root / 'train' / 'masks' / 'voc0.png'
+  with Image.open(path) as im:
+    assert im.mode == 'P'
+  read, _ = sf.read_mask(str(path), ndim=2)
+  np.testing.assert_array_equal(read, label)
+  # With mask_colors, a palette mask is read by colour instead.
+  colors = [(0, 0, 0), (0, 128, 0), (128, 0, 0), (224, 224, 192)]
+  by_colour, _ = sf.read_mask(str(path), ndim=2, mask_colors=colors)
+  np.testing.assert_array_equal(by_colour, np.array([0, 2, 1, 3])[np.minimum(label, 3)])
+  pairs = sf.list_pairs(root, ndim=2)
+  with pytest.raises(datasets.BadDataError, match=r'voc0.png: mask value\(s\) \[255\]'):
+    sf.validate(pairs, ndim=2, num_classes=3)
+  meta = sf.validate(pairs, ndim=2, ignore_index=255)
+  assert meta['num_classes'] == 3
+  assert meta['class_pixels'] == {'0': 2 * (120 - 12 - 16 - 12), '1': 32, '2': 24}
+  config = datasets.SegmentationFolderConfig(
+      name='voc', ndim=2, root=str(root), ignore_index=255
+  )
+  builder = _build('segmentation_folder', config, tmp_path / 'data')
+  for ex in _all(builder.as_data_source('train')):
+    np.testing.assert_array_equal(ex['label'], label)  # 255 stored unchanged.
+
+
+def test_ignore_index_is_checked(tmp_path):
+  root = tmp_path / 'root'
+  _make_folder_2d(root, splits=('train',))
+  pairs = sf.list_pairs(root, ndim=2)
+  for ignore_index, num_classes, match in [
+      (-1, None, 'non-negative int'),
+      (True, None, 'non-negative int'),
+      (2, 3, 'below num_classes=3'),
+  ]:
+    with pytest.raises(ValueError, match=match):
+      sf.validate(pairs, ndim=2, num_classes=num_classes, ignore_index=ignore_index)
+  # Ignoring a value that never occurs changes nothing.
+  assert sf.validate(pairs, ndim=2, ignore_index=255) == sf.validate(pairs, ndim=2)
+
+
+def test_grey_rgb_and_constant_alpha_masks_are_their_grey_value(tmp_path):
+  label = np.zeros((6, 8), np.uint8)
+  label[1:3] = 1
+  label[4:] = 2
+  grey = np.repeat(label[..., None], 3, axis=-1)
+  alpha = np.full((6, 8, 1), 255, np.uint8)
+  cases = {
+      'rgb.png': Image.fromarray(grey),
+      'rgba.png': Image.fromarray(np.concatenate([grey, alpha], -1)),
+      'la.png': Image.fromarray(np.concatenate([label[..., None], alpha], -1), 'LA'),
+  }
+  for name, im in cases.items():
+    im.save(tmp_path / name)
+    read, _ = sf.read_mask(str(tmp_path / name), ndim=2)
+    np.testing.assert_array_equal(read, label)
+    assert read.dtype == np.int64
+  alpha[0, 0] = 0
+  Image.fromarray(np.concatenate([grey, alpha], -1)).save(tmp_path / 'holes.png')
+  with pytest.raises(
+      datasets.BadDataError, match=r'holes.png: .*alpha channel that varies \(2 values'
+  ):
+    sf.read_mask(str(tmp_path / 'holes.png'), ndim=2)
+
+
+_COLOURS = [(0, 0, 0), (255, 0, 0), (0, 0, 255)]
+
+
+def _write_colour_folder(root):
+  label = np.zeros((8, 10), np.uint8)
+  label[1:4, 2:8] = 1
+  label[5:7] = 2
+  colour = np.array(_COLOURS, np.uint8)[label]
+  for split in ('train', 'val'):
+    sf.write_pair(root, split, 'a', np.zeros((8, 10), np.uint8), label)
+    Image.fromarray(colour).save(root / split / 'masks' / 'a.png')
+  return label, colour
+
+
+def test_colour_masks_map_through_mask_colors(tmp_path):
+  root = tmp_path / 'root'
+  label, colour = _write_colour_folder(root)
+  pairs = sf.list_pairs(root, ndim=2)
+  with pytest.raises(datasets.BadDataError) as error:
+    sf.validate(pairs, ndim=2)
+  assert 'train/masks/a.png: a colour mask (3 colours' in str(error.value)
+  assert 'val/masks/a.png: a colour mask' in str(error.value)
+  assert 'set config.data.mask_colors' in str(error.value)
+  meta = sf.validate(pairs, ndim=2, mask_colors=_COLOURS)
+  assert meta['num_classes'] == 3
+  assert meta['class_pixels'] == {'0': 2 * 42, '1': 2 * 18, '2': 2 * 20}
+  # One more class colour than the masks hold: 4 classes, one never seen.
+  more = sf.validate(pairs, ndim=2, mask_colors=_COLOURS + [(9, 9, 9)])
+  assert more['num_classes'] == 4 and '3' not in more['class_pixels']
+  config = datasets.SegmentationFolderConfig(
+      name='colours', ndim=2, root=str(root), mask_colors=_COLOURS
+  )
+  builder = _build('segmentation_folder', config, tmp_path / 'data')
+  np.testing.assert_array_equal(builder.as_data_source('val')[0]['label'], label)
+  # A colour outside the map is named with its pixel count.
+  colour[0, :3] = (255, 0, 1)
+  colour[7, 9] = (7, 7, 7)
+  Image.fromarray(colour).save(root / 'train' / 'masks' / 'a.png')
+  with pytest.raises(datasets.BadDataError) as error:
+    sf.validate(pairs, ndim=2, mask_colors=_COLOURS)
+  assert (
+      'train/masks/a.png: colour(s) not in mask_colors: (255, 0, 1) in 3 pixel(s),'
+      ' (7, 7, 7) in 1 pixel(s).' in str(error.value)
+  )
+  assert str(error.value).startswith('1 problem(s)')
+
+
+@pytest.mark.parametrize(
+    'mask_colors, num_classes, match',
+    [
+        ([(0, 0, 0), (0, 0)], None, r'mask_colors\[1\] = \(0, 0\)'),
+        ([(0, 0, 0), (0, 256, 0)], None, r'mask_colors\[1\].*\[0, 255\]'),
+        ([(0, 0, 0), (0.5, 0, 0)], None, r'mask_colors\[1\]'),
+        ([(1, 2, 3), (1, 2, 3)], None, r'mask_colors\[1\] = \(1, 2, 3\) repeats'),
+        ([], None, 'non-empty'),
+        ('red', None, 'non-empty'),
+        (_COLOURS, 4, 'num_classes=4 but mask_colors holds 3'),
+    ],
+)
+def test_bad_mask_colors(tmp_path, mask_colors, num_classes, match):
+  root = tmp_path / 'root'
+  _write_colour_folder(root)
+  with pytest.raises(ValueError, match=match):
+    sf.validate(
+        sf.list_pairs(root, ndim=2), ndim=2, num_classes=num_classes,
+        mask_colors=mask_colors,
+    )
+
+
+def test_size_outliers_are_reported(tmp_path, caplog):
+  root = tmp_path / 'root'
+  sizes = ((20, 24), (20, 24), (22, 24), (6, 30), (21, 11))
+  _make_folder_2d(root, sizes=sizes, splits=('train',))
+  with caplog.at_level(logging.WARNING):
+    meta = sf.validate(sf.list_pairs(root, ndim=2), ndim=2)
+  assert meta['median_shape'] == [20.0, 24.0]
+  images = root / 'train' / 'images'
+  assert meta['small_examples'] == [
+      [str(images / 'case3.png'), [6, 30]],
+      [str(images / 'case4.png'), [21, 11]],
+  ]
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warnings) == 2
+  assert 'case3.png' in warnings[0] and 'case4.png' in warnings[1]
 
 
 # ----------------------------------------------------------------- oxford_iiit_pet

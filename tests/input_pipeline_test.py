@@ -17,17 +17,17 @@ from unet_jax.datasets import segmentation_folder as sf
 
 def _data_config(**overrides) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(
-      {
-          'name': 'synthetic_shapes',
-          'config': 'tiny',
-          'root': '',
-          'data_dir': '',
-          'train_split': 'train',
-          'eval_split': 'validation',
-          'size_policy': 'pad',
-          'patch_size': (),
-          'foreground_fraction': 1 / 3,
-      }
+    {
+      'name': 'synthetic_shapes',
+      'config': 'tiny',
+      'root': '',
+      'data_dir': '',
+      'train_split': 'train',
+      'eval_split': 'validation',
+      'size_policy': 'pad',
+      'patch_size': (),
+      'foreground_fraction': 1 / 3,
+    }
   )
   if not overrides.get('name', 'synthetic').startswith('synthetic'):
     config.config = ''
@@ -56,29 +56,27 @@ def _take(iterator, n):
 
 def _identify(images, references):
   """Index in `references` of each image (images are unique per example)."""
-  return [
-      int(np.argmin([np.abs(image - r).max() for r in references])) for image in images
-  ]
+  return [int(np.argmin([np.abs(image - r).max() for r in references])) for image in images]
 
 
 # ----------------------------------------------------------------- info
 
 
 def test_get_info_2d(shapes):
-  info = input_pipeline.get_info(shapes, divisor=(8, 8))
+  info = input_pipeline.open(shapes, divisor=(8, 8)).info
   assert info == input_pipeline.DatasetInfo(
-      num_classes=2,
-      num_channels=1,
-      spatial_shape=(32, 32),
-      num_train=16,
-      num_eval=8,
-      spacing=None,
-      eval_spatial_shape=(32, 32),
+    num_classes=2,
+    num_channels=1,
+    spatial_shape=(32, 32),
+    num_train=16,
+    num_eval=8,
+    spacing=None,
+    eval_spatial_shape=(32, 32),
   )
 
 
 def test_get_info_3d_patches(volumes):
-  info = input_pipeline.get_info(volumes, divisor=(2, 8, 8))
+  info = input_pipeline.open(volumes, divisor=(2, 8, 8)).info
   assert info.spatial_shape == (8, 16, 16)
   assert info.eval_spatial_shape == (16, 32, 32)
   assert info.spacing == (1.0, 1.0, 1.0)
@@ -89,7 +87,7 @@ def test_get_info_3d_patches(volumes):
 
 
 def test_train_batches_are_normalised(shapes):
-  batch = next(input_pipeline.train_iterator(shapes, batch_size=4, seed=0, divisor=8))
+  batch = next(input_pipeline.open(shapes, divisor=8).train_iterator(batch_size=4, seed=0))
   assert batch['image'].shape == (4, 32, 32, 1) and batch['image'].dtype == np.float32
   assert batch['label'].shape == (4, 32, 32) and batch['label'].dtype == np.int32
   np.testing.assert_allclose(batch['image'].mean(axis=(1, 2, 3)), 0, atol=1e-5)
@@ -99,13 +97,13 @@ def test_train_batches_are_normalised(shapes):
 
 def test_exact_resume(shapes):
   from_start = _take(
-      input_pipeline.train_iterator(shapes, batch_size=4, seed=3, divisor=8), 7
+    input_pipeline.open(shapes, divisor=8).train_iterator(batch_size=4, seed=3), 7
   )
   resumed = _take(
-      input_pipeline.train_iterator(
-          shapes, batch_size=4, seed=3, divisor=8, start_step=5
-      ),
-      2,
+    input_pipeline.open(shapes, divisor=8).train_iterator(
+      batch_size=4, seed=3, start_step=5
+    ),
+    2,
   )
   for a, b in zip(from_start[5:], resumed):
     np.testing.assert_array_equal(a['image'], b['image'])
@@ -113,24 +111,22 @@ def test_exact_resume(shapes):
 
 
 def test_seed_decides_the_order(shapes):
-  a = _take(input_pipeline.train_iterator(shapes, batch_size=4, seed=0, divisor=8), 2)
-  b = _take(input_pipeline.train_iterator(shapes, batch_size=4, seed=0, divisor=8), 2)
-  c = _take(input_pipeline.train_iterator(shapes, batch_size=4, seed=1, divisor=8), 2)
+  a = _take(input_pipeline.open(shapes, divisor=8).train_iterator(batch_size=4, seed=0), 2)
+  b = _take(input_pipeline.open(shapes, divisor=8).train_iterator(batch_size=4, seed=0), 2)
+  c = _take(input_pipeline.open(shapes, divisor=8).train_iterator(batch_size=4, seed=1), 2)
   np.testing.assert_array_equal(a[1]['image'], b[1]['image'])
   assert not np.array_equal(a[0]['image'], c[0]['image'])
 
 
 def test_epochs_are_permutations_reshuffled(shapes):
   references = [
-      b['image'][0]
-      for b in input_pipeline.eval_iterator(
-          _data_config(data_dir=shapes.data_dir, eval_split='train'),
-          batch_size=1,
-          divisor=8,
-      )
+    b['image'][0]
+    for b in input_pipeline.open(
+      _data_config(data_dir=shapes.data_dir, eval_split='train'), divisor=8
+    ).eval_iterator(batch_size=1)
   ]
   batches = _take(
-      input_pipeline.train_iterator(shapes, batch_size=4, seed=0, divisor=8), 8
+    input_pipeline.open(shapes, divisor=8).train_iterator(batch_size=4, seed=0), 8
   )
   order = _identify(np.concatenate([b['image'] for b in batches]), references)
   first, second = order[:16], order[16:]
@@ -140,25 +136,19 @@ def test_epochs_are_permutations_reshuffled(shapes):
 
 def test_processes_split_the_global_batch(shapes):
   whole = _take(
-      input_pipeline.train_iterator(
-          shapes, batch_size=4, seed=0, divisor=8, start_step=2
-      ),
-      2,
+    input_pipeline.open(shapes, divisor=8).train_iterator(
+      batch_size=4, seed=0, start_step=2
+    ),
+    2,
   )
   parts = [
-      _take(
-          input_pipeline.train_iterator(
-              shapes,
-              batch_size=4,
-              seed=0,
-              divisor=8,
-              start_step=2,
-              process_index=p,
-              process_count=2,
-          ),
-          2,
-      )
-      for p in range(2)
+    _take(
+      input_pipeline.open(shapes, divisor=8).train_iterator(
+        batch_size=4, seed=0, start_step=2, process_index=p, process_count=2
+      ),
+      2,
+    )
+    for p in range(2)
   ]
   for step in range(2):
     assert parts[0][step]['image'].shape[0] == 2
@@ -170,26 +160,27 @@ def test_processes_split_the_global_batch(shapes):
 
 
 def test_eval_is_one_padded_pass(shapes):
-  batches = list(input_pipeline.eval_iterator(shapes, batch_size=3, divisor=8))
+  batches = list(input_pipeline.open(shapes, divisor=8).eval_iterator(batch_size=3))
   assert len(batches) == 3
-  np.testing.assert_array_equal(
-      np.concatenate([b['mask'] for b in batches]), [1] * 8 + [0]
-  )
+  np.testing.assert_array_equal(np.concatenate([b['mask'] for b in batches]), [1] * 8 + [0])
   assert all(b['image'].shape == (3, 32, 32, 1) for b in batches)
-  assert not batches[-1]['image'][2].any() and not batches[-1]['label'][2].any()
-  again = list(input_pipeline.eval_iterator(shapes, batch_size=3, divisor=8))
+  assert not batches[-1]['image'][2].any()
+  assert (batches[-1]['label'][2] == input_pipeline.IGNORE_LABEL).all()
+  assert batches[-1]['index'].tolist() == [6, 7, -1]
+  assert batches[0]['id'].tolist() == ['0', '1', '2']  # Synthetic cases are named by index.
+  again = list(input_pipeline.open(shapes, divisor=8).eval_iterator(batch_size=3))
   np.testing.assert_array_equal(batches[1]['image'], again[1]['image'])
 
 
 def test_eval_processes_see_each_example_once(shapes):
-  whole = list(input_pipeline.eval_iterator(shapes, batch_size=8, divisor=8))
+  whole = list(input_pipeline.open(shapes, divisor=8).eval_iterator(batch_size=8))
   references = np.concatenate([b['image'] for b in whole])
   seen = []
   for p in range(2):
     batches = list(
-        input_pipeline.eval_iterator(
-            shapes, batch_size=6, divisor=8, process_index=p, process_count=2
-        )
+      input_pipeline.open(shapes, divisor=8).eval_iterator(
+        batch_size=6, process_index=p, process_count=2
+      )
     )
     assert len(batches) == 2  # ceil(8 / 6) global batches, each of 3 per process.
     for b in batches:
@@ -207,7 +198,7 @@ def test_patches_oversample_foreground(volumes):
     overrides = {'foreground_fraction': fraction, 'patch_size': (4, 8, 8)}
     config = _data_config(**{**volumes.to_dict(), **overrides})
     batches = _take(
-        input_pipeline.train_iterator(config, batch_size=4, seed=0, divisor=4), 6
+      input_pipeline.open(config, divisor=4).train_iterator(batch_size=4, seed=0), 6
     )
     labels = np.concatenate([b['label'] for b in batches])
     assert labels.shape == (24, 4, 8, 8) and batches[0]['image'].shape == (4, 4, 8, 8, 1)
@@ -225,18 +216,20 @@ def test_foreground_share_is_exact():
 
 def test_patches_are_deterministic(volumes):
   a = _take(
-      input_pipeline.train_iterator(
-          volumes, batch_size=2, seed=5, divisor=8, start_step=3
-      ),
-      1,
+    input_pipeline.open(volumes, divisor=8).train_iterator(
+      batch_size=2, seed=5, start_step=3
+    ),
+    1,
   )[0]
-  b = _take(input_pipeline.train_iterator(volumes, batch_size=2, seed=5, divisor=8), 4)[3]
+  b = _take(
+    input_pipeline.open(volumes, divisor=8).train_iterator(batch_size=2, seed=5), 4
+  )[3]
   np.testing.assert_array_equal(a['label'], b['label'])
   np.testing.assert_array_equal(a['image'], b['image'])
 
 
 def test_3d_eval_yields_whole_volumes(volumes):
-  batches = list(input_pipeline.eval_iterator(volumes, batch_size=2, divisor=8))
+  batches = list(input_pipeline.open(volumes, divisor=8).eval_iterator(batch_size=2))
   assert len(batches) == 2 and batches[0]['image'].shape == (2, 16, 32, 32, 1)
 
 
@@ -248,8 +241,8 @@ def folder(tmp_path_factory):
   root = tmp_path_factory.mktemp('folder')
   rng = np.random.default_rng(0)
   for split, sizes in (
-      ('train', ((20, 30), (27, 18), (24, 24))),
-      ('val', ((22, 26), (30, 17))),
+    ('train', ((20, 30), (27, 18), (24, 24))),
+    ('val', ((22, 26), (30, 17))),
   ):
     for i, (h, w) in enumerate(sizes):
       label = np.zeros((h, w), np.uint8)
@@ -260,37 +253,89 @@ def folder(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    'policy, shape', [('pad', (32, 32)), ('crop', (16, 16)), ('resize', (32, 32))]
+  'policy, train_shape', [('pad', (32, 32)), ('crop', (24, 24)), ('resize', (32, 32))]
 )
-def test_size_policies(folder, data_dir, policy, shape):
+def test_size_policies(folder, data_dir, policy, train_shape):
+  # Train sizes (20, 30), (27, 18), (24, 24): the largest is (27, 30), the median
+  # (24, 24); multiples of 8.
   config = _data_config(
-      name='segmentation_folder',
-      config='2d',
-      root=folder,
-      data_dir=data_dir,
-      size_policy=policy,
+    name='segmentation_folder',
+    config='2d',
+    root=folder,
+    data_dir=data_dir,
+    size_policy=policy,
   )
-  info = input_pipeline.get_info(config, divisor=8)
-  assert info.spatial_shape == shape and info.num_channels == 3 and info.num_classes == 2
+  data = input_pipeline.open(config, divisor=8)
+  info = data.info
+  assert info.spatial_shape == train_shape
+  assert info.num_channels == 3 and info.num_classes == 2
+  assert info.eval_spatial_shape == (32, 32)
   assert (info.num_train, info.num_eval) == (3, 2)  # eval_split 'validation' reads 'val'.
-  batches = list(input_pipeline.eval_iterator(config, batch_size=2, divisor=8))
-  assert batches[0]['image'].shape == (2,) + shape + (3,)
-  if policy == 'pad':  # Padding keeps every labelled pixel.
-    assert batches[0]['label'].sum() == 2 * 48
-  train = next(input_pipeline.train_iterator(config, batch_size=2, seed=0, divisor=8))
-  assert train['image'].shape == (2,) + shape + (3,)
+  batches = list(data.eval_iterator(batch_size=2))
+  assert batches[0]['image'].shape == (2, 32, 32, 3)
+  label = batches[0]['label']
+  if policy != 'resize':
+    # Evaluation covers whole images: every labelled pixel is there, and the
+    # padding is ignored (IGNORE_LABEL), never counted as background.
+    assert (label == 1).sum() == 2 * 48
+    assert (label >= 0).sum() == 22 * 26 + 30 * 17
+    assert (label[0, :, :2] == input_pipeline.IGNORE_LABEL).all()
+  train = next(data.train_iterator(batch_size=2, seed=0))
+  assert train['image'].shape == (2,) + train_shape + (3,)
+
+
+def test_crop_policy_takes_random_crops_of_each_image(folder, data_dir):
+  config = _data_config(
+    name='segmentation_folder',
+    config='2d',
+    root=folder,
+    data_dir=data_dir,
+    size_policy='crop',
+    image_size=(8, 8),
+  )
+  data = input_pipeline.open(config, divisor=8)
+  crops = [
+    next(data.train_iterator(s, batch_size=3, seed=0))['image'][0] for s in range(12)
+  ]
+  # Without a crop at random, every crop of an image would be the same centre crop.
+  assert len({c.tobytes() for c in crops}) > 3
+  assert all(c.shape == (8, 8, 3) for c in crops)
+
+
+def test_a_tiny_image_is_named_and_does_not_shrink_the_others(tmp_path, data_dir, caplog):
+  root = tmp_path / 'tiny_one'
+  for i in range(4):
+    label = np.zeros((16, 16), np.uint8)
+    label[4:9, 4:9] = 1
+    sf.write_pair(root, 'train', f'big{i}', (label * 200).astype(np.uint8), label)
+    sf.write_pair(root, 'val', f'big{i}', (label * 200).astype(np.uint8), label)
+  sf.write_pair(
+    root, 'train', 'tiny', np.zeros((1, 1), np.uint8), np.ones((1, 1), np.uint8)
+  )
+  config = _data_config(
+    name='segmentation_folder',
+    config='2d',
+    root=str(root),
+    data_dir=data_dir,
+    size_policy='crop',
+  )
+  with caplog.at_level('WARNING'):
+    data = input_pipeline.open(config, divisor=4)
+  assert data.info.spatial_shape == (16, 16)
+  assert data.info.eval_spatial_shape == (16, 16)
+  assert any('tiny.png' in r.getMessage() for r in caplog.records)
 
 
 def test_image_size_overrides_the_data(folder, data_dir):
   config = _data_config(
-      name='segmentation_folder',
-      config='2d',
-      root=folder,
-      data_dir=data_dir,
-      size_policy='resize',
-      image_size=(21, 43),
+    name='segmentation_folder',
+    config='2d',
+    root=folder,
+    data_dir=data_dir,
+    size_policy='resize',
+    image_size=(21, 43),
   )
-  assert input_pipeline.get_info(config, divisor=8).spatial_shape == (24, 40)
+  assert input_pipeline.open(config, divisor=8).info.spatial_shape == (24, 40)
 
 
 def test_folder_3d_pipeline(tmp_path, data_dir):
@@ -299,22 +344,22 @@ def test_folder_3d_pipeline(tmp_path, data_dir):
     label[1:3, 3:7, 2:6] = i % 2 + 1
     image = np.random.default_rng(i).normal(size=(4, 12, 10)).astype(np.float32)
     sf.write_pair(
-        tmp_path, 'train' if i else 'val', f'v{i}', image, label, spacing=(2.0, 0.5, 0.5)
+      tmp_path, 'train' if i else 'val', f'v{i}', image, label, spacing=(2.0, 0.5, 0.5)
     )
   config = _data_config(
-      name='segmentation_folder',
-      config='3d',
-      root=str(tmp_path),
-      data_dir=data_dir,
-      num_classes=3,
+    name='segmentation_folder',
+    config='3d',
+    root=str(tmp_path),
+    data_dir=data_dir,
+    num_classes=3,
   )
-  info = input_pipeline.get_info(config, divisor=(2, 4, 4))
+  info = input_pipeline.open(config, divisor=(2, 4, 4)).info
   assert (
-      info.spatial_shape == (4, 12, 12)
-      and info.spacing == (2.0, 0.5, 0.5)
-      and info.num_classes == 3
+    info.spatial_shape == (4, 12, 12)
+    and info.spacing == (2.0, 0.5, 0.5)
+    and info.num_classes == 3
   )
-  batch = next(input_pipeline.eval_iterator(config, batch_size=1, divisor=(2, 4, 4)))
+  batch = next(input_pipeline.open(config, divisor=(2, 4, 4)).eval_iterator(batch_size=1))
   assert batch['image'].shape == (1, 4, 12, 12, 1)
 
 
@@ -326,10 +371,10 @@ def test_folder_edit_is_picked_up(tmp_path, data_dir):
     sf.write_pair(root, 'train', f'a{i}', np.full((16, 16), 50 * i, np.uint8), label)
     sf.write_pair(root, 'val', f'a{i}', np.full((16, 16), 50 * i, np.uint8), label)
   config = _data_config(name='segmentation_folder', root=str(root), data_dir=data_dir)
-  assert input_pipeline.get_info(config, divisor=8).num_classes == 2
+  assert input_pipeline.open(config, divisor=8).info.num_classes == 2
   label[10:12, 10:12] = 2
   sf.write_pair(root, 'train', 'a0', np.zeros((16, 16), np.uint8), label)
-  assert input_pipeline.get_info(config, divisor=8).num_classes == 3
+  assert input_pipeline.open(config, divisor=8).info.num_classes == 3
 
 
 def test_bad_folder_fails_get_info_up_front(tmp_path, data_dir):
@@ -339,19 +384,19 @@ def test_bad_folder_fails_get_info_up_front(tmp_path, data_dir):
     sf.write_pair(root, split, 'ok', np.zeros((16, 16), np.uint8), label + 1)
   Image.fromarray(np.full((16, 16), 4, np.uint8)).save(root / 'val' / 'masks' / 'ok.png')
   config = _data_config(
-      name='segmentation_folder',
-      root=str(root),
-      data_dir=str(tmp_path / 'tfds'),
-      num_classes=2,
+    name='segmentation_folder',
+    root=str(root),
+    data_dir=str(tmp_path / 'tfds'),
+    num_classes=2,
   )
   with pytest.raises(
-      datasets.BadDataError, match=r'val/masks/ok.png: mask value\(s\) \[4\]'
+    datasets.BadDataError, match=r'val/masks/ok.png: mask value\(s\) \[4\]'
   ):
-    input_pipeline.get_info(config, divisor=8)
+    input_pipeline.open(config, divisor=8).info
   assert not list((tmp_path / 'tfds').glob('**/*.array_record*'))
   (root / 'val' / 'masks' / 'ok.png').unlink()
   with pytest.raises(datasets.BadDataError, match='image without a mask'):
-    next(input_pipeline.train_iterator(config, batch_size=1, seed=0, divisor=8))
+    next(input_pipeline.open(config, divisor=8).train_iterator(batch_size=1, seed=0))
 
 
 # ----------------------------------------------------------------- TFDS interplay
@@ -359,13 +404,13 @@ def test_bad_folder_fails_get_info_up_front(tmp_path, data_dir):
 
 def test_tfrecord_data_set_gains_array_record(tmp_path):
   tfds.load(
-      'synthetic_shapes/tiny', split='train', data_dir=str(tmp_path)
+    'synthetic_shapes/tiny', split='train', data_dir=str(tmp_path)
   )  # Builds TFRecord.
   assert not list(tmp_path.glob('**/*.array_record*'))
   config = _data_config(data_dir=str(tmp_path))
-  assert input_pipeline.get_info(config, divisor=8).num_train == 16
+  assert input_pipeline.open(config, divisor=8).info.num_train == 16
   assert list(tmp_path.glob('**/*train.array_record*'))
-  batch = next(input_pipeline.train_iterator(config, batch_size=2, seed=0, divisor=8))
+  batch = next(input_pipeline.open(config, divisor=8).train_iterator(batch_size=2, seed=0))
   assert batch['image'].shape == (2, 32, 32, 1)
 
 
@@ -379,37 +424,39 @@ def _fake_pets(self, split, **kwargs):
     trimap[3:20, 3:27] = 3
     trimap[6:20, 5:25] = 1
     examples.append(
-        {
-            'image': rng.integers(0, 255, (h, w, 3), dtype=np.uint8),
-            'segmentation_mask': trimap,
-            'file_name': f'pet_{i}.jpg',
-        }
+      {
+        'image': rng.integers(0, 255, (h, w, 3), dtype=np.uint8),
+        'segmentation_mask': trimap,
+        'file_name': f'pet_{i}.jpg',
+      }
     )
   return examples
 
 
 def test_oxford_iiit_pet_with_mock_data(tmp_path):
   config = _data_config(
-      name='oxford_iiit_pet',
-      config='',
-      data_dir=str(tmp_path),
-      size_policy='resize',
-      image_size=(32, 32),
-      eval_split='validation',
+    name='oxford_iiit_pet',
+    config='',
+    data_dir=str(tmp_path),
+    size_policy='resize',
+    image_size=(32, 32),
+    eval_split='validation',
   )
   with tfds.testing.mock_data(as_data_source_fn=_fake_pets):
-    info = input_pipeline.get_info(config, divisor=8)
+    info = input_pipeline.open(config, divisor=8).info
     assert info == input_pipeline.DatasetInfo(
-        num_classes=3,
-        num_channels=3,
-        spatial_shape=(32, 32),
-        num_train=6,
-        num_eval=3,
-        spacing=None,
-        eval_spatial_shape=(32, 32),
+      num_classes=3,
+      num_channels=3,
+      spatial_shape=(32, 32),
+      num_train=6,
+      num_eval=3,
+      spacing=None,
+      eval_spatial_shape=(32, 32),
     )
-    batch = next(input_pipeline.train_iterator(config, batch_size=2, seed=0, divisor=8))
-    evals = list(input_pipeline.eval_iterator(config, batch_size=2, divisor=8))
+    batch = next(
+      input_pipeline.open(config, divisor=8).train_iterator(batch_size=2, seed=0)
+    )
+    evals = list(input_pipeline.open(config, divisor=8).eval_iterator(batch_size=2))
   assert batch['image'].shape == (2, 32, 32, 3)
   assert set(np.unique(batch['label'])) == {0, 1, 2}
   assert len(evals) == 2 and evals[1]['mask'].tolist() == [1, 0]
@@ -423,58 +470,58 @@ def test_oxford_iiit_pet_with_mock_data(tmp_path):
 
 
 @pytest.mark.parametrize(
-    'overrides, divisor, message',
-    [
-        ({'name': 'imagenet'}, 8, 'Unknown data set'),
-        ({'name': 'segmentation_folder'}, 8, 'needs config.data.root'),
-        ({'name': 'segmentation_folder', 'root': '/no/such/folder'}, 8, 'not a folder'),
-        ({'name': 'segmentation_folder', 'root': '/', 'config': '4d'}, 8, "'2d' or '3d'"),
-        ({'size_policy': 'stretch'}, 8, 'size_policy'),
-        ({}, (8, 8, 8), 'the data set is 2D'),
-        (
-            {'name': 'synthetic_volumes', 'patch_size': (8, 12, 16)},
-            8,
-            'multiple of the model divisor',
-        ),
-        ({'name': 'synthetic_volumes', 'patch_size': (8, 16)}, 8, 'patch_size'),
-        ({'name': 'oxford_iiit_pet'}, 8, 'image_size'),
-        ({'foreground_fraction': 1.5}, 8, 'foreground_fraction'),
-    ],
+  'overrides, divisor, message',
+  [
+    ({'name': 'imagenet'}, 8, 'Unknown data set'),
+    ({'name': 'segmentation_folder'}, 8, 'needs config.data.root'),
+    ({'name': 'segmentation_folder', 'root': '/no/such/folder'}, 8, 'not a folder'),
+    ({'name': 'segmentation_folder', 'root': '/', 'config': '4d'}, 8, "'2d' or '3d'"),
+    ({'size_policy': 'stretch'}, 8, 'size_policy'),
+    ({}, (8, 8, 8), 'the data set is 2D'),
+    (
+      {'name': 'synthetic_volumes', 'patch_size': (8, 12, 16)},
+      8,
+      'multiple of the model divisor',
+    ),
+    ({'name': 'synthetic_volumes', 'patch_size': (8, 16)}, 8, 'patch_size'),
+    ({'name': 'oxford_iiit_pet'}, 8, 'image_size'),
+    ({'foreground_fraction': 1.5}, 8, 'foreground_fraction'),
+  ],
 )
 def test_bad_config_raises_before_building(tmp_path, overrides, divisor, message):
   config = _data_config(data_dir=str(tmp_path), **overrides)
   with pytest.raises(ValueError, match=message):
-    input_pipeline.get_info(config, divisor=divisor)
+    input_pipeline.open(config, divisor=divisor).info
   assert not list(tmp_path.iterdir())
 
 
 def test_bad_split_and_batch(shapes):
   with pytest.raises(ValueError, match="no split 'val'"):
-    input_pipeline.get_info(
-        _data_config(data_dir=shapes.data_dir, eval_split='val'), divisor=8
-    )
+    input_pipeline.open(
+      _data_config(data_dir=shapes.data_dir, eval_split='val'), divisor=8
+    ).info
   with pytest.raises(ValueError, match='multiple of process_count'):
-    input_pipeline.train_iterator(
-        shapes, batch_size=3, seed=0, divisor=8, process_index=0, process_count=2
+    input_pipeline.open(shapes, divisor=8).train_iterator(
+      batch_size=3, seed=0, process_index=0, process_count=2
     )
   with pytest.raises(ValueError, match='process_index'):
-    input_pipeline.eval_iterator(
-        shapes, batch_size=4, divisor=8, process_index=2, process_count=2
+    input_pipeline.open(shapes, divisor=8).eval_iterator(
+      batch_size=4, process_index=2, process_count=2
     )
 
 
 def test_reading_a_built_data_set_needs_no_tensorflow(shapes):
-  input_pipeline.get_info(shapes, divisor=8)  # Builds it, if no test did yet.
+  input_pipeline.open(shapes, divisor=8).info  # Builds it, if no test did yet.
   script = f"""
 import sys
 import ml_collections
 from unet_jax import input_pipeline
 config = ml_collections.ConfigDict({shapes.to_dict()!r})
-next(input_pipeline.train_iterator(config, batch_size=2, seed=0, divisor=8))
-next(input_pipeline.eval_iterator(config, batch_size=2, divisor=8))
+next(input_pipeline.open(config, divisor=8).train_iterator(batch_size=2, seed=0))
+next(input_pipeline.open(config, divisor=8).eval_iterator(batch_size=2))
 print('tensorflow' in sys.modules)
 """
   result = subprocess.run(
-      [sys.executable, '-c', script], capture_output=True, text=True, check=True
+    [sys.executable, '-c', script], capture_output=True, text=True, check=True
   )
   assert result.stdout.strip().splitlines()[-1] == 'False'

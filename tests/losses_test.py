@@ -224,7 +224,7 @@ def test_batch_option_pools_examples():
 
 
 def test_imbalance_bce_low_but_dice_near_one():
-  """The seed's point: 5% foreground, 'all background' looks good to BCE."""
+  """The imbalance argument: 5% foreground, 'all background' looks good to BCE."""
   labels = np.zeros((1, 20, 20), np.int32)
   labels[0, 2:6, 3:8] = 1  # 20 of 400 pixels: 5% foreground.
   assert labels.mean() == 0.05

@@ -238,13 +238,13 @@ def test_batch_norm_averages_statistics_across_an_axis():
   per_shard = jax.vmap(functools.partial(stats, sharded), axis_name='data')(
       x.reshape(2, 2, 8, 8, 1))
   local = jax.vmap(functools.partial(stats, whole))(x.reshape(2, 2, 8, 8, 1))
-  for r, s, l in zip(jax.tree_util.tree_leaves(ref),
+  for r, s, leaf in zip(jax.tree_util.tree_leaves(ref),
                      jax.tree_util.tree_leaves(per_shard),
                      jax.tree_util.tree_leaves(local)):
     np.testing.assert_allclose(s[0], r, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(s[1], r, rtol=1e-4, atol=1e-5)
   # Without the axis name, the shards disagree: the test can fail.
-  assert not all(np.allclose(l[0], l[1]) for l in jax.tree_util.tree_leaves(local))
+  assert not all(np.allclose(x[0], x[1]) for x in jax.tree_util.tree_leaves(local))
 
 
 def test_training_updates_batch_stats():

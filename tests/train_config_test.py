@@ -5,6 +5,7 @@ import importlib
 import numpy as np
 import pytest
 
+from unet_jax import config_checks
 from unet_jax import input_pipeline
 from unet_jax import train
 
@@ -17,7 +18,7 @@ def test_every_config_is_valid_and_documents_its_command(name):
   module = importlib.import_module(f'configs.{name}')
   assert f'--config=configs/{name}.py' in module.__doc__
   config = module.get_config()
-  train.validate_config(config, num_devices=1, process_count=1)
+  config_checks.validate_config(config, num_devices=1, process_count=1)
   train.create_optimizer(config)  # Builds.
 
 
@@ -45,12 +46,12 @@ def _config(**overrides):
 ])
 def test_bad_config_raises(overrides, match):
   with pytest.raises(ValueError, match=match):
-    train.validate_config(_config(**overrides), num_devices=1, process_count=1)
+    config_checks.validate_config(_config(**overrides), num_devices=1, process_count=1)
 
 
 def test_batch_not_divisible_by_devices():
   with pytest.raises(ValueError, match=r'batch_size=6 .* 4 devices'):
-    train.validate_config(_config(batch_size=6), num_devices=4, process_count=1)
+    config_checks.validate_config(_config(batch_size=6), num_devices=4, process_count=1)
 
 
 def _info(num_classes, spatial_shape):
@@ -62,21 +63,21 @@ def _info(num_classes, spatial_shape):
 def test_num_classes_must_match_the_data():
   config = _config(**{'model.num_classes': 3, 'loss.name': 'dice_ce'})
   with pytest.raises(ValueError, match=r'num_classes=3 .* 4 classes'):
-    train.validate_against_data(config, _info(4, (64, 64)))
+    config_checks.validate_against_data(config, _info(4, (64, 64)))
   # One sigmoid logit for a binary data set is fine with dice_bce, not with dice_ce.
-  train.validate_against_data(_config(), _info(2, (64, 64)))
+  config_checks.validate_against_data(_config(), _info(2, (64, 64)))
   with pytest.raises(ValueError, match='sigmoid loss'):
-    train.validate_against_data(
+    config_checks.validate_against_data(
         _config(**{'loss.name': 'dice_ce'}), _info(2, (64, 64)))
 
 
 def test_patch_size_the_model_cannot_take():
   config = importlib.import_module('configs.unet3d').get_config()
   with pytest.raises(ValueError, match=r'patch_size .* 20 along axis H'):
-    train.validate_against_data(config, _info(2, (16, 20, 32)))
+    config_checks.validate_against_data(config, _info(2, (16, 20, 32)))
 
 
-@pytest.mark.parametrize('schedule', train.SCHEDULES)
+@pytest.mark.parametrize('schedule', config_checks.SCHEDULES)
 def test_learning_rate_schedule_warms_up_then_decays(schedule):
   config = _config(**{'optimizer.schedule': schedule, 'optimizer.warmup_steps': 10,
                       'num_train_steps': 100, 'optimizer.learning_rate': 0.5})

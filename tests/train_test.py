@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -57,7 +56,7 @@ def flag_args(data_dir, **extra):
 def data_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp('tfds'))
   # Builds the tiny data set once for the module.
-  input_pipeline.get_info(tiny_config(path).data, divisor=4)
+  input_pipeline.open(tiny_config(path).data, divisor=4).info
   return path
 
 
@@ -109,13 +108,14 @@ def test_end_to_end_writes_checkpoints_metrics_and_samples(reference):
   assert all(np.isfinite(r['train_loss']) for r in records if 'train_loss' in r)
   assert {'learning_rate', 'steps_per_sec'} <= set(records[0])
   for step in (3, 6):
-    with Image.open(os.path.join(workdir, 'samples', f'step_{step}.png')) as png:
+    with Image.open(os.path.join(workdir, 'samples', f'eval_step_{step}.png')) as png:
       assert png.format == 'PNG' and min(png.size) > 100
   assert any(f.startswith('events.out.tfevents')
              for f in os.listdir(os.path.join(workdir, 'tensorboard')))
-  assert 0.0 <= result['mean_iou'] <= 1.0
-  assert 0.0 <= result['pixel_accuracy'] <= 1.0
-  assert len(result['dice_per_class']) == 2
+  assert 0.0 <= result['eval']['mean_iou'] <= 1.0
+  assert 0.0 <= result['eval']['pixel_accuracy'] <= 1.0
+  assert len(result['eval']['dice_per_class']) == 2
+  assert result['eval']['dice'] == evals[-1]['eval_dice']
 
 
 class _Preempted(Exception):
@@ -125,15 +125,15 @@ class _Preempted(Exception):
 def test_interrupted_and_resumed_run_equals_uninterrupted(
     reference, data_dir, tmp_path, monkeypatch):
   _, _, (_, expected) = reference
-  real = input_pipeline.train_iterator
+  real = input_pipeline.Dataset.train_iterator
 
-  def dies_after_five(*args, **kwargs):
-    for i, batch in enumerate(real(*args, **kwargs)):
-      if i == 4 and kwargs.get('start_step', 0) == 0:
+  def dies_after_five(self, start_step=0, **kwargs):
+    for i, batch in enumerate(real(self, start_step, **kwargs)):
+      if i == 4 and start_step == 0:
         raise _Preempted()  # Step 5 never runs; the checkpoint of step 3 is the latest.
       yield batch
 
-  monkeypatch.setattr(input_pipeline, 'train_iterator', dies_after_five)
+  monkeypatch.setattr(input_pipeline.Dataset, 'train_iterator', dies_after_five)
   workdir = str(tmp_path / 'run')
   with pytest.raises(_Preempted):
     train.train_and_evaluate(tiny_config(data_dir), workdir)
@@ -144,98 +144,166 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(
   _assert_states_equal(state, expected)
 
 
+# Runs launch.py in this process after patching something, for the subprocess tests.
+_DRIVER = r"""
+import os, runpy, signal, sys
+sys.path.insert(0, {root!r})
+{patch}
+sys.argv = [{launch!r}] + {args!r}
+runpy.run_path({launch!r}, run_name='__main__')
+"""
+
+# Kills the process with SIGKILL inside orbax's save of step 2: the files are written
+# to the temporary folder, but the rename that commits them has not happened.
+_KILL_IN_SAVE = """
+from orbax.checkpoint._src.path import atomicity
+real = atomicity.AtomicRenameTemporaryPath.finalize
+async def finalize(self):
+  if self.get_final().name == '2':
+    os.kill(os.getpid(), signal.SIGKILL)
+  return await real(self)
+atomicity.AtomicRenameTemporaryPath.finalize = finalize
+"""
+
+# Sends this process `count` SIGTERMs while step 4's batch is read.
+_SIGTERM_AT_STEP_4 = """
+from unet_jax import input_pipeline
+real = input_pipeline.Dataset.train_iterator
+def train_iterator(self, start_step=0, **kwargs):
+  for step, batch in enumerate(real(self, start_step, **kwargs), start=start_step + 1):
+    if step == 4 and start_step == 0:
+      for _ in range({count}):
+        os.kill(os.getpid(), signal.SIGTERM)
+    yield batch
+input_pipeline.Dataset.train_iterator = train_iterator
+"""
+
+
+def _launch(workdir, data_dir, *, patch='', timeout=300, **extra):
+  """Runs launch.py on the tiny config in a subprocess; returns the finished process."""
+  args = ['--config=' + os.path.join(ROOT, 'configs/dice_bce.py'),
+          f'--workdir={workdir}'] + flag_args(data_dir, **extra)
+  script = _DRIVER.format(root=ROOT, patch=patch, args=args,
+                          launch=os.path.join(ROOT, 'launch.py'))
+  return subprocess.run([sys.executable, '-c', script], cwd=ROOT, timeout=timeout,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
+                        text=True)
+
+
 def test_sigkill_during_a_save_leaves_a_checkpoint_that_restores(
     reference, data_dir, tmp_path):
   _, _, (_, expected) = reference
   workdir = str(tmp_path / 'killed')
   ckpt_dir = os.path.join(workdir, 'checkpoints')
-  cmd = [sys.executable, os.path.join(ROOT, 'launch.py'),
-         '--config=' + os.path.join(ROOT, 'configs/dice_bce.py'),
-         f'--workdir={workdir}'] + flag_args(data_dir, checkpoint_every_steps=1)
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  killed_during_save = False
-  try:
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-      names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
-      finished = [n for n in names if n.isdigit()]
-      if any('tmp' in n for n in names) and finished:
-        killed_during_save = True
-        break
-      if len(finished) >= 3:
-        break
-      time.sleep(0.002)
-    assert proc.poll() is None, 'the run ended before it could be killed'
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
-  assert proc.returncode == -signal.SIGKILL
+  proc = _launch(workdir, data_dir, patch=_KILL_IN_SAVE, checkpoint_every_steps=1)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  # The kill landed inside the save of step 2: its files are in orbax's temporary
+  # folder, which is never read, and step 1 is the latest finished checkpoint.
+  names = os.listdir(ckpt_dir)
+  assert '2' not in names and any(n.startswith('2.orbax-checkpoint-tmp') for n in names)
   manager = checkpointing.create_manager(ckpt_dir, keep=5)
-  latest = manager.latest_step()
-  assert latest is not None and 1 <= latest < STEPS
-  assert manager.restore(latest) is not None
+  assert manager.latest_step() == 1
+  assert int(manager.restore(1)['step']) == 1
   manager.close()
   # The same command again resumes and ends exactly where an unbroken run ends.
-  subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=300,
-                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = _launch(workdir, data_dir, checkpoint_every_steps=1)
+  assert proc.returncode == 0, proc.stderr[-3000:]
   step, state = _final_state(workdir)
   assert step == STEPS
   _assert_states_equal(state, expected)
-  print('killed during a save:', killed_during_save)
+
+
+def test_sigterm_saves_at_the_step_and_the_same_command_resumes(
+    reference, data_dir, tmp_path):
+  _, _, (_, expected) = reference
+  workdir = str(tmp_path / 'preempted')
+  proc = _launch(workdir, data_dir, patch=_SIGTERM_AT_STEP_4.format(count=1))
+  assert proc.returncode == 130, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('Stopped at step 4 on request') and 'same command' in last
+  assert 'Traceback' not in proc.stderr
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '4']
+  proc = _launch(workdir, data_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  step, state = _final_state(workdir)
+  assert step == STEPS
+  _assert_states_equal(state, expected)
+  assert [r['step'] for r in _read_jsonl(workdir) if 'train_loss' in r] == list(
+      range(1, STEPS + 1))
+
+
+def test_a_second_signal_exits_at_once(data_dir, tmp_path):
+  workdir = str(tmp_path / 'twice')
+  proc = _launch(workdir, data_dir, patch=_SIGTERM_AT_STEP_4.format(count=2))
+  assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+  assert 'exiting now, without saving' in proc.stderr
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3']
 
 
 _DEVICES_SCRIPT = r'''
-import importlib, json, sys
+import json, sys
 sys.path.insert(0, {root!r})
 import jax
+import numpy as np
 from tests import train_test
 from unet_jax import train
 assert jax.device_count() == 4, jax.devices()
 out = {{}}
 for mode in ('jit', 'pmap'):
   workdir = {tmp!r} + '/' + mode
-  train.train_and_evaluate(
+  result = train.train_and_evaluate(
       train_test.tiny_config({data_dir!r}, parallelism=mode), workdir)
-  out[mode] = train_test._train_losses(workdir)
-print('LOSSES=' + json.dumps(out))
+  _, state = train_test._final_state(workdir)
+  out[mode] = dict(losses=train_test._train_losses(workdir), eval=result['eval'],
+                   params=[np.asarray(x).tolist() for x in
+                           jax.tree.leaves(state['params'])])
+print('RESULT=' + json.dumps(out))
 '''
 
 
 def test_one_device_jit_and_four_device_jit_and_pmap_agree(
     reference, data_dir, tmp_path):
-  workdir, _, _ = reference
-  one_device = _train_losses(workdir)
+  workdir, result, (_, state) = reference
+  one_device = dict(losses=_train_losses(workdir), eval=result['eval'],
+                    params=jax.tree.leaves(state['params']))
   script = _DEVICES_SCRIPT.format(root=ROOT, tmp=str(tmp_path), data_dir=data_dir)
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS='--xla_force_host_platform_device_count=4')
   proc = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=400)
+                        capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith('LOSSES=')][-1]
-  losses = json.loads(line[len('LOSSES='):])
-  assert len(one_device) == len(losses['jit']) == len(losses['pmap']) == STEPS
-  np.testing.assert_allclose(losses['jit'], one_device, rtol=2e-4)
-  np.testing.assert_allclose(losses['pmap'], losses['jit'], rtol=2e-4)
+  line = [s for s in proc.stdout.splitlines() if s.startswith('RESULT=')][-1]
+  runs = json.loads(line[len('RESULT='):])
+  # The learning rate is 0 only at step 0 (warmup 2); five real updates follow.
+  assert float(train.create_learning_rate_fn(tiny_config(data_dir))(1)) > 0
+  for mode in ('jit', 'pmap'):
+    run = runs[mode]
+    np.testing.assert_allclose(run['losses'], one_device['losses'], rtol=2e-4)
+    for got, want in zip(run['params'], one_device['params']):
+      np.testing.assert_allclose(np.asarray(got), want, rtol=1e-3, atol=2e-5)
+    for key in ('dice', 'mean_iou', 'pixel_accuracy'):
+      assert run['eval'][key] == pytest.approx(one_device['eval'][key], abs=2e-3)
   # The trajectory moves: the comparison is not between constants.
-  assert abs(one_device[-1] - one_device[0]) > 1e-3
+  assert abs(one_device['losses'][-1] - one_device['losses'][0]) > 1e-3
+  initial = train.create_train_state(
+      jax.random.key(0), train.create_model(tiny_config(data_dir).model),
+      train.create_optimizer(tiny_config(data_dir)), (1, 32, 32, 1)).params
+  moved = [np.abs(np.asarray(a) - b).max() for a, b in
+           zip(jax.tree.leaves(initial), one_device['params'])]
+  assert min(moved) > 1e-4
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
     data_dir, tmp_path, monkeypatch):
-  real = input_pipeline.train_iterator
+  real = input_pipeline.Dataset.train_iterator
 
-  def poisoned(*args, **kwargs):
-    for step, batch in enumerate(real(*args, **kwargs), start=1):
+  def poisoned(self, start_step=0, **kwargs):
+    for step, batch in enumerate(real(self, start_step, **kwargs), start=start_step + 1):
       if step == 5:
         batch = dict(batch, image=np.full_like(batch['image'], np.nan))
       yield batch
 
-  monkeypatch.setattr(input_pipeline, 'train_iterator', poisoned)
+  monkeypatch.setattr(input_pipeline.Dataset, 'train_iterator', poisoned)
   workdir = str(tmp_path / 'nan')
   with pytest.raises(FloatingPointError, match='at step 5'):
     train.train_and_evaluate(tiny_config(data_dir), workdir)
@@ -269,7 +337,8 @@ def test_trains_on_a_folder_of_images_and_masks(tmp_path):
   cmd = [sys.executable, os.path.join(ROOT, 'launch.py'),
          '--config=' + os.path.join(ROOT, 'configs/folder.py'),
          f'--workdir={workdir}', f'--config.data.root={root}',
-         f'--config.data.data_dir={tmp_path / "tfds"}', '--config.model.features=4', '--config.model.depth=2',
+         f'--config.data.data_dir={tmp_path / "tfds"}', '--config.model.features=4',
+         '--config.model.depth=2',
          '--config.batch_size=2', '--config.eval_batch_size=2',
          '--config.num_train_steps=4', '--config.eval_every_steps=4',
          '--config.log_every_steps=2']
@@ -281,7 +350,7 @@ def test_trains_on_a_folder_of_images_and_masks(tmp_path):
   assert 'model.num_classes = 3, from the data' in proc.stderr
   evals = [r for r in _read_jsonl(workdir) if 'eval_dice_per_class' in r]
   assert len(evals[-1]['eval_dice_per_class']) == 3
-  assert os.path.exists(os.path.join(workdir, 'samples', 'step_4.png'))
+  assert os.path.exists(os.path.join(workdir, 'samples', 'eval_step_4.png'))
 
 
 def test_folder_with_a_bad_mask_fails_naming_the_file(tmp_path):

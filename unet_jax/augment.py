@@ -21,10 +21,9 @@ mask, both reflecting at the border (`d c b a | a b c d | d c b a`). Flips and
 rotations map pixels to pixels exactly, so they never blur. Outputs have the
 input shapes and dtypes. Works for 2D [N, H, W, C] and 3D [N, D, H, W, C].
 
-Cost (benchmarks/input_pipeline.py, 2-core CPU, a 16x64x64x1 batch): 27,000
-examples/s with every transform on, 42,000 with flips and rotations only,
-against 37-55 examples/s for the default train step: under 0.2% of the step,
-and it needs no host work or transfer besides the batch itself.
+Cost: it runs inside the jitted train step, on the device, so it needs no
+host work or transfer besides the batch itself; its share of the step is
+measured in benchmarks/RESULTS.md ("Input pipeline").
 """
 
 import functools
@@ -70,11 +69,11 @@ def _sample_linear(x: jax.Array, coords: list[jax.Array]) -> jax.Array:
   """Samples x [*spatial, C] at fractional coords (one [*spatial] array per axis)."""
   spatial = x.shape[:-1]
   lower = [jnp.floor(c) for c in coords]
-  frac = [c - l for c, l in zip(coords, lower)]
-  lower = [l.astype(jnp.int32) for l in lower]
+  frac = [c - lo for c, lo in zip(coords, lower)]
+  lower = [lo.astype(jnp.int32) for lo in lower]
   out = jnp.zeros(coords[0].shape + x.shape[-1:], x.dtype)
   for corner in itertools.product((0, 1), repeat=len(spatial)):
-    index = tuple(_reflect(l + o, s) for l, o, s in zip(lower, corner, spatial))
+    index = tuple(_reflect(lo + o, s) for lo, o, s in zip(lower, corner, spatial))
     weight = functools.reduce(
         jnp.multiply, [f if o else 1 - f for f, o in zip(frac, corner)]
     )

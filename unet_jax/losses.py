@@ -50,6 +50,16 @@ values. Sigmoid and softmax are taken from logits in stable form (log-sigmoid,
 log-sum-exp), so logits of +-1e4 give finite losses and gradients. String and
 bool options are static: bind them with `functools.partial` before `jax.jit`.
 
+Where they come from. The project follows a U-Net course handout (a lab text
+on semantic segmentation; "the U-Net course text" below) that names BCE, Dice,
+their sum and a focal variant; MONAI's losses fix the options and their
+semantics, and `benchmarks/monai_parity.py` checks the values against MONAI.
+
+Why not `optax.losses.dice_loss`: it has no ``ignore_index``, which training
+needs (padding and "don't care" pixels must not count), and none of MONAI's
+options (``include_background``, ``squared_pred``, ``jaccard``, ``batch``,
+the smoothing terms), so it could not match MONAI's values.
+
 Example::
 
   loss_fn = functools.partial(losses.dice_ce_loss, include_background=False)
@@ -307,7 +317,7 @@ def binary_cross_entropy_loss(
     over all elements of the batch. 'sum': [], the sum of the 'none' values.
 
   References:
-    The seed's L_BCE; `optax.sigmoid_binary_cross_entropy`.
+    L_BCE of the U-Net course text; `optax.sigmoid_binary_cross_entropy`.
   """
   _check_options(reduction=reduction)
   _check_inputs(logits, labels, activation='sigmoid', ignore_index=ignore_index)
@@ -742,7 +752,7 @@ def dice_bce_loss(
     ignore_index: int | None = None,
     reduction: str = 'mean',
 ) -> jax.Array:
-  """Sigmoid Dice + binary cross-entropy, the seed's standard combined loss.
+  """Sigmoid Dice + binary cross-entropy, the standard combined loss.
 
   ::
 
@@ -772,8 +782,8 @@ def dice_bce_loss(
     'none': [N]. 'mean' and 'sum': [].
 
   References:
-    The seed's "Combined Loss"; MONAI ``DiceCELoss(sigmoid=True)`` for one
-    channel.
+    The "Combined Loss" of the U-Net course text; MONAI
+    ``DiceCELoss(sigmoid=True)`` for one channel.
   """
   dice = dice_loss(
       logits,

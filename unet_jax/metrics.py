@@ -12,6 +12,8 @@ The device side counts; the host side divides:
   `mean_dice` take such a matrix and run in NumPy on the host, in int64 and
   float64: accumulate the per-batch int32 matrices into an int64 NumPy array.
 * `per_image_dice` (jit-able) gives per-example Dice for imbalance analysis.
+* `confusion_matrices_host` counts per-example matrices in NumPy (int64), and
+  `summarize` turns a summed matrix into the figures training reports.
 
 Absent classes: a class with no pixel in either the prediction or the ground
 truth has ``TP + FP + FN = 0``, so its IoU and Dice are 0 / 0. Libraries
@@ -276,3 +278,65 @@ def per_image_dice(
   present = denominator > 0
   safe = jnp.where(present, denominator, 1).astype(jnp.float32)
   return jnp.where(present, 2 * tp.astype(jnp.float32) / safe, jnp.nan)
+
+
+def confusion_matrices_host(
+    predictions: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+) -> np.ndarray:
+  """Per-example confusion matrices on the host (NumPy), exact in int64.
+
+  ::
+
+    cm[n, i, j] = #{pixels of example n with label i and prediction j}
+
+  Labels outside ``[0, num_classes)`` (the input pipeline's -1 for padding and
+  ignored pixels) are not counted; nor are predictions outside that range.
+
+  Args:
+    predictions: [N, *spatial] integer predicted classes.
+    labels: [N, *spatial] integer true classes.
+    num_classes: C.
+
+  Returns:
+    [N, C, C] int64, rows true and columns predicted; sum over N for the
+    data set's matrix.
+  """
+  predictions = np.asarray(predictions)
+  labels = np.asarray(labels)
+  if predictions.shape != labels.shape or predictions.ndim < 1:
+    raise ValueError(
+        'predictions and labels must have the same shape with a leading batch'
+        f' axis, got {predictions.shape} and {labels.shape}.'
+    )
+  n, c = labels.shape[0], int(num_classes)
+  predictions = predictions.reshape(n, -1).astype(np.int64)
+  labels = labels.reshape(n, -1).astype(np.int64)
+  valid = (labels >= 0) & (labels < c) & (predictions >= 0) & (predictions < c)
+  example = np.broadcast_to(np.arange(n)[:, None], labels.shape)
+  cells = (example * c + labels) * c + predictions
+  counts = np.bincount(cells[valid], minlength=n * c * c)
+  return counts.reshape(n, c, c)
+
+
+def summarize(cm) -> dict:
+  """Data-set-level metrics from a summed confusion matrix (host).
+
+  Returns:
+    A dict with 'pixel_accuracy', 'mean_iou', 'mean_dice' (floats),
+    'dice_per_class' and 'iou_per_class' (lists of C floats, NaN for absent
+    classes), and 'dice': the foreground Dice, the mean over classes 1..C-1
+    present (the figure segmentation papers quote).
+  """
+  dice = dice_per_class(cm)
+  iou = iou_per_class(cm)
+  foreground = np.asarray(dice[1:], np.float64)
+  return {
+      'pixel_accuracy': pixel_accuracy(cm),
+      'mean_iou': mean_iou(cm),
+      'mean_dice': mean_dice(cm),
+      'dice_per_class': [float(v) for v in dice],
+      'iou_per_class': [float(v) for v in iou],
+      'dice': _nanmean(foreground),
+  }

@@ -8,7 +8,7 @@ line of code. The model returns logits; softmax or sigmoid is the loss's job.
     variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 1)), train=False)
     logits = model.apply(variables, images, train=False)   # [N, H, W, 2]
 
-The defaults are the seed's network: 64 features doubling over 4 levels to a 1024-wide
+The defaults are the paper's network: 64 features doubling over 4 levels to a 1024-wide
 bottleneck, two 3x3 convolutions a level, 2x max-pooling, a learned 2x2 stride-2
 transposed convolution to upsample, skip connections by concatenation and a 1x1 head.
 With 'same' padding, 1 input channel, 2 classes and `norm='none'` it has exactly
@@ -217,7 +217,7 @@ class UNet(nn.Module):
       (encoder levels from the top, then the bottleneck), e.g. `[(1, 3, 3), (1, 3, 3),
       (3, 3, 3), (3, 3, 3), (3, 3, 3)]` for thick-slice CT. Decoder level i uses the
       kernel of encoder level i. A `(1, 3, 3)` kernel makes that level 2D inside a 3D
-      network: this is how the seed's mixed 2D/3D design is expressed.
+      network: this is how a mixed 2D/3D design (2D levels in a 3D net) is expressed.
     pool_sizes: an int, one tuple, or `depth` per-level pooling windows (= strides),
       e.g. `[(1, 2, 2), (1, 2, 2), (2, 2, 2), (2, 2, 2)]`. Upsampling mirrors them.
     dropout: dropout rate at the end of the contracting path (the bottleneck), as in

@@ -1,12 +1,12 @@
-"""Training and evaluation: small top-level functions in the Flax examples' manner.
+"""Training: the state, the steps, and the loop that ties the other modules together.
 
-    create_mesh -> create_model -> create_optimizer -> create_train_state
-    train_step / eval_step (pure, jitted, data-parallel) -> train_and_evaluate
+    create_model -> create_optimizer -> create_train_state
+    train_step / predict_step (pure; run by runner.Runner under jit or pmap)
+    train_and_evaluate: the loop
 
-Data parallelism: `jax.jit` over a 1-axis device `Mesh` ('data'); the global batch is
-split over that axis with `NamedSharding`, the state is replicated and donated. The
-same step runs under `jax.pmap` when `config.parallelism == 'pmap'`; gradients and
-BatchNorm statistics are then averaged with `pmean` over the 'data' axis.
+Where the rest lives: config checks in `config_checks`, devices in `runner`,
+data in `input_pipeline`, evaluation in `evaluators`, metric files and the
+progress line in `reporting`, checkpoints in `checkpointing`.
 
 Exact resume: the batch at step s is a pure function of (seed, s), the augmentation
 and dropout keys are `fold_in(key(seed), s)`, and the checkpoint holds the step, the
@@ -17,12 +17,10 @@ that never stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import json
-import logging as py_logging
 import math
 import os
-import time
 from typing import Any, Callable
 
 from absl import logging
@@ -30,25 +28,20 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
-import numpy as np
 import optax
 
 from unet_jax import augment as augment_lib
 from unet_jax import checkpointing
+from unet_jax import config_checks
+from unet_jax import evaluators
 from unet_jax import input_pipeline
 from unet_jax import losses
-from unet_jax import metrics as metrics_lib
 from unet_jax import models
-from unet_jax import visualize
+from unet_jax import reporting
+from unet_jax import runner as runner_lib
 
-OPTIMIZERS = ('adam', 'adamw', 'sgd')
-SCHEDULES = ('cosine', 'poly', 'constant')
-PARALLELISM = ('jit', 'pmap')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-# Losses whose activation is a sigmoid: they accept one logit for a binary task.
-SIGMOID_LOSSES = ('dice_bce', 'bce')
 
 
 @flax.struct.dataclass
@@ -59,37 +52,30 @@ class TrainState:
   opt_state: Any
 
 
+class Interrupted(Exception):
+  """Training stopped on request (SIGINT or SIGTERM) after saving a checkpoint."""
+
+
 # ------------------------------------------------------------------ construction
-
-
-def create_mesh(devices=None) -> Mesh:
-  """A 1-axis mesh named 'data' over all (global) devices."""
-  devices = np.asarray(jax.devices() if devices is None else devices)
-  return Mesh(devices.reshape(-1), ('data',))
 
 
 def create_model(model_config: ml_collections.ConfigDict, *,
                  bn_axis_name: str | None = None) -> models.UNet:
-  return models.UNet(
-      num_classes=model_config.num_classes,
-      features=model_config.features,
-      depth=model_config.depth,
-      upsample=model_config.upsample,
-      norm=model_config.norm,
-      kernel_sizes=_tuples(model_config.get('kernel_sizes', 3)),
-      pool_sizes=_tuples(model_config.get('pool_sizes', 2)),
-      dropout=model_config.dropout,
-      dtype=DTYPES[model_config.dtype],
-      remat=model_config.remat,
-      bn_axis_name=bn_axis_name,
-  )
+  """The UNet that `config.model` describes: every field is passed through.
 
-
-def _tuples(value):
-  """Config lists (which ml-collections may hand over as lists) to nested tuples."""
-  if isinstance(value, (list, tuple)):
-    return tuple(_tuples(v) for v in value)
-  return value
+  Unset (None) fields keep the UNet's defaults; an unknown field is a ValueError
+  listing the valid ones.
+  """
+  options = {k: v for k, v in dict(model_config).items() if v is not None}
+  unknown = sorted(set(options) - set(config_checks.model_options()))
+  if unknown:
+    raise ValueError(f'config.model has unknown field(s) {unknown}; the UNet takes'
+                     f' {list(config_checks.model_options())}.')
+  for key in ('dtype', 'param_dtype'):
+    if key in options:
+      options[key] = DTYPES[options[key]]
+  options = {k: config_checks.as_tuples(v) for k, v in options.items()}
+  return models.UNet(**options, bn_axis_name=bn_axis_name)
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -135,77 +121,7 @@ def create_train_state(key: jax.Array, model: nn.Module,
                     opt_state=tx.init(params))
 
 
-# ------------------------------------------------------------------ validation
-
-
-def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
-                    process_count: int) -> None:
-  """Raises ValueError for a config that cannot run, before anything compiles."""
-  def choice(field, value, valid):
-    if value not in valid:
-      raise ValueError(f'config.{field}={value!r} is not one of {sorted(valid)}.')
-
-  if config.loss.name not in losses.LOSSES:
-    losses.get_loss(config.loss.name)  # Raises, listing the valid names.
-  choice('optimizer.name', config.optimizer.name, OPTIMIZERS)
-  choice('optimizer.schedule', config.optimizer.schedule, SCHEDULES)
-  choice('parallelism', config.parallelism, PARALLELISM)
-  choice('model.upsample', config.model.upsample, models.UPSAMPLE_MODES)
-  choice('model.norm', config.model.norm, models.NORMS)
-  choice('model.dtype', config.model.dtype, tuple(DTYPES))
-  if config.model.num_classes < 0:
-    raise ValueError('config.model.num_classes must be positive (or 0: from the'
-                     f' data), got {config.model.num_classes}.')
-  for field in ('batch_size', 'eval_batch_size', 'num_train_steps', 'log_every_steps',
-                'eval_every_steps', 'checkpoint_every_steps'):
-    if config[field] < 1:
-      raise ValueError(f'config.{field} must be positive, got {config[field]}.')
-  if config.batch_size % num_devices:
-    raise ValueError(
-        f'config.batch_size={config.batch_size} (the global batch) is not divisible'
-        f' by the {num_devices} devices; use a multiple of {num_devices}.')
-  if config.eval_batch_size % num_devices:
-    raise ValueError(
-        f'config.eval_batch_size={config.eval_batch_size} is not divisible by the'
-        f' {num_devices} devices; use a multiple of {num_devices}.')
-  if config.batch_size % process_count:
-    raise ValueError(
-        f'config.batch_size={config.batch_size} is not divisible by the'
-        f' {process_count} processes.')
-  if config.optimizer.learning_rate <= 0:
-    raise ValueError('config.optimizer.learning_rate must be positive.')
-
-
-def validate_against_data(config: ml_collections.ConfigDict,
-                          info: input_pipeline.DatasetInfo) -> None:
-  """`num_classes` and the input size must fit the data."""
-  c = config.model.num_classes
-  sigmoid = (config.loss.name in SIGMOID_LOSSES
-             or config.loss.kwargs.get('activation') == 'sigmoid')
-  binary_sigmoid = c == 1 and info.num_classes == 2 and sigmoid
-  if c != info.num_classes and not binary_sigmoid:
-    hint = (" (one logit works only with a sigmoid loss, 'dice_bce', 'bce' or"
-            " loss.kwargs.activation='sigmoid', on a 2-class data set)"
-            if c == 1 else '')
-    raise ValueError(
-        f'config.model.num_classes={c} does not match the data set'
-        f' {config.data.name!r}, which has {info.num_classes} classes{hint}.')
-  divisor = models.input_divisor(ndim=len(info.spatial_shape),
-                                 depth=config.model.depth,
-                                 pool_sizes=_tuples(config.model.get('pool_sizes', 2)))
-  try:
-    models.check_spatial_shape(info.spatial_shape, divisor)
-  except ValueError as e:
-    field = 'data.patch_size' if config.data.get('patch_size') else 'the data'
-    raise ValueError(f'{field} does not fit the model: {e}') from None
-
-
 # ------------------------------------------------------------------ steps
-
-
-def _loss_fn(config: ml_collections.ConfigDict) -> Callable[..., jax.Array]:
-  fn = losses.get_loss(config.loss.name)
-  return functools.partial(fn, **config.loss.kwargs.to_dict())
 
 
 def _augment(key: jax.Array, batch: dict[str, jax.Array], aug_config,
@@ -221,6 +137,49 @@ def _augment(key: jax.Array, batch: dict[str, jax.Array], aug_config,
 
   image, label = jax.vmap(one)(keys, batch['image'], batch['label'])
   return dict(batch, image=image, label=label)
+
+
+def deep_supervision_loss(loss_fn: Callable[..., jax.Array], outputs, labels: jax.Array,
+                          *, strides: tuple[tuple[int, ...], ...]) -> jax.Array:
+  """The loss of a model's main and auxiliary outputs, weighted as nnU-Net does.
+
+  ::
+
+    L = sum_i w_i L(logits_i, labels_i),   w_i = 2^-i / sum_j 2^-j
+
+  where i = 0 is the full-resolution output and i >= 1 the auxiliary heads, each
+  compared with the labels subsampled to its resolution (nearest neighbour: the
+  pixel nearest the centre of each block, so ignored pixels stay ignored).
+
+  Args:
+    loss_fn: (logits, labels) -> scalar.
+    outputs: logits [N, *spatial, C], or (logits, (aux_1, aux_2, ...)) from a
+      UNet with `deep_supervision`.
+    labels: [N, *spatial] integer classes.
+    strides: for each auxiliary output, its downsampling factor per axis.
+
+  Returns:
+    A scalar.
+  """
+  if not isinstance(outputs, tuple):
+    return loss_fn(outputs, labels)
+  logits, aux = outputs
+  terms = [loss_fn(logits, labels)]
+  for head, stride in zip(aux, strides):
+    window = (slice(None),) + tuple(slice(s // 2, None, s) for s in stride)
+    terms.append(loss_fn(head, labels[window]))
+  weights = jnp.asarray([0.5**i for i in range(len(terms))])
+  return jnp.sum(weights / weights.sum() * jnp.stack(terms))
+
+
+def supervision_strides(model: models.UNet, ndim: int) -> tuple[tuple[int, ...], ...]:
+  """The downsampling factor per axis of each auxiliary head of `model`."""
+  _, pools = models.level_shapes(ndim=ndim, depth=model.depth, pool_sizes=model.pool_sizes)
+  strides, total = [], (1,) * ndim
+  for level in range(model.deep_supervision):
+    total = tuple(t * p for t, p in zip(total, pools[level]))
+    strides.append(total)
+  return tuple(strides)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *,
@@ -241,6 +200,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
     first = jax.lax.axis_index(axis_name) * batch['image'].shape[0]
     dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis_name))
   batch = _augment(aug_key, batch, aug_config, first)
+  strides = supervision_strides(model, batch['label'].ndim - 1)
 
   def compute_loss(params):
     variables = {'params': params}
@@ -248,9 +208,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
     if state.batch_stats:
       variables['batch_stats'] = state.batch_stats
       mutable = ['batch_stats']
-    logits, new_vars = model.apply(variables, batch['image'], train=True,
-                                   mutable=mutable, rngs={'dropout': dropout_key})
-    return loss_fn(logits, batch['label']), new_vars
+    outputs, new_vars = model.apply(variables, batch['image'], train=True,
+                                    mutable=mutable, rngs={'dropout': dropout_key})
+    loss = deep_supervision_loss(loss_fn, outputs, batch['label'], strides=strides)
+    return loss, new_vars
 
   (loss, new_vars), grads = jax.value_and_grad(compute_loss, has_aux=True)(
       state.params)
@@ -266,323 +227,227 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
                      'grad_norm': optax.tree.norm(grads)}
 
 
-def predict(model: nn.Module, state: TrainState, images: jax.Array) -> jax.Array:
-  """Integer class predictions [N, *spatial]. One logit: sigmoid > 0.5."""
+def logits_step(state: TrainState, images: jax.Array, *, model: nn.Module) -> jax.Array:
+  """Float32 logits [N, *spatial, K] of the main output, in inference mode."""
   variables = {'params': state.params}
   if state.batch_stats:
     variables['batch_stats'] = state.batch_stats
-  logits = model.apply(variables, images, train=False)
+  outputs = model.apply(variables, images, train=False)
+  return outputs[0] if isinstance(outputs, tuple) else outputs
+
+
+def to_classes(logits: jax.Array) -> jax.Array:
+  """Integer class maps [N, *spatial] from logits. One logit: sigmoid > 0.5."""
   if logits.shape[-1] == 1:
     return (logits[..., 0] > 0).astype(jnp.int32)
   return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-              num_classes: int, axis_name: str | None = None
-              ) -> tuple[jax.Array, jax.Array]:
-  """Confusion matrix [C, C] of the batch (padding examples excluded) and predictions."""
-  preds = predict(model, state, batch['image'])
-  # Padding examples (mask 0) get the label -1, which the confusion matrix drops.
-  keep = batch['mask'].reshape((-1,) + (1,) * (preds.ndim - 1)) > 0
-  labels = jnp.where(keep, batch['label'], -1)
-  cm = metrics_lib.confusion_matrix(preds, labels, num_classes, ignore_index=-1)
-  if axis_name is not None:
-    cm = jax.lax.psum(cm, axis_name)
-  return cm, preds
+def predict_step(state: TrainState, images: jax.Array, *, model: nn.Module) -> jax.Array:
+  """Integer class predictions [N, *spatial]."""
+  return to_classes(logits_step(state, images, model=model))
+
+
+# ------------------------------------------------------------------ setting up a run
+
+
+@dataclasses.dataclass
+class _Run:
+  """Everything a run needs, built and checked before the first step."""
+
+  config: ml_collections.ConfigDict
+  data: input_pipeline.Dataset
+  runner: runner_lib.Runner
+  state: Any
+  start_step: int
+  manager: Any
+  record: dict[str, Any]
+  evaluators: list[evaluators.Scheduled]
+  writer: reporting.MetricWriter
+
+
+def check_workdir(workdir: str) -> None:
+  """The workdir is a folder (created if missing) that this process can write."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f'--workdir {workdir!r} is a file, not a folder.')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f'--workdir {workdir!r} cannot be created: {e.strerror}.') from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise ValueError(f'--workdir {workdir!r} is not writable.')
+
+
+def _with_data_classes(config, info) -> ml_collections.ConfigDict:
+  if config.model.num_classes:
+    return config
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.num_classes = info.num_classes
+  logging.info('model.num_classes = %d, from the data.', info.num_classes)
+  return config
+
+
+def _restore(manager, state, record: dict[str, Any], workdir: str):
+  """The latest checkpoint, after checking it was written with a compatible config."""
+  step = manager.latest_step()
+  if step is None:
+    return state, 0
+  where = os.path.join(workdir, 'checkpoints', str(step))
+  saved = checkpointing.read_record(manager, step)
+  if saved is None:
+    logging.warning('%s records no config (written by an older unet_jax); resuming'
+                    ' without checking it.', where)
+  else:
+    for change in config_checks.check_resume(saved, record, where=where):
+      logging.info('Changed on resume: %s', change)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  try:
+    state = checkpointing.restore(manager, abstract, step=step)
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f'Cannot restore {where}: its state does not fit this config'
+                     f' ({type(e).__name__}: {str(e)[:300]}). Use a new --workdir.'
+                     ) from None
+  logging.info('Resumed from %s at step %d.', where, int(state.step))
+  return state, int(state.step)
+
+
+def _create_runner(config, tx) -> runner_lib.Runner:
+  axis = runner_lib.AXIS if config.parallelism == 'pmap' else None
+  model = create_model(config.model, bn_axis_name=axis)
+  loss_fn = functools.partial(losses.get_loss(config.loss.name),
+                              ignore_index=input_pipeline.IGNORE_LABEL,
+                              **config.loss.kwargs.to_dict())
+  step = functools.partial(
+      train_step, model=model, tx=tx, loss_fn=loss_fn,
+      learning_rate_fn=create_learning_rate_fn(config), aug_config=config.augment,
+      seed=config.seed, axis_name=axis)
+  return runner_lib.Runner(config.parallelism, train_step=step,
+                           predict_step=functools.partial(predict_step, model=model))
+
+
+def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
+  """Checks, opens the data, builds and restores the state; writes nothing on error."""
+  check_workdir(workdir)
+  config_checks.validate_config(config, num_devices=jax.device_count(),
+                                process_count=jax.process_count())
+  ndim = config_checks.config_ndim(config)
+  data = input_pipeline.open(config.data, divisor=config_checks.divisor(config.model, ndim))
+  config = _with_data_classes(config, data.info)
+  config_checks.validate_against_data(config, data.info)
+  tx = create_optimizer(config)
+  input_shape = (1, *data.info.spatial_shape, data.info.num_channels)
+  state = create_train_state(jax.random.key(config.seed), create_model(config.model), tx,
+                             input_shape)
+  manager = checkpointing.create_manager(
+      os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints,
+      best_metric=config.best_metric, best_mode=config.best_mode)
+  record = config_checks.state_record(config, data.info)
+  state, start_step = _restore(manager, state, record, workdir)
+  if runner_lib.is_main_process():
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  num_metric_classes = max(data.info.num_classes, 2)
+  runner = _create_runner(config, tx)
+  scheduled = evaluators.from_config(
+      config.evals, data=data, predict=runner.predict, num_classes=num_metric_classes,
+      workdir=workdir, default_split=config.data.eval_split,
+      default_batch_size=config.eval_batch_size)
+  return _Run(config=config, data=data, runner=runner, state=runner.put_state(state),
+              start_step=start_step, manager=manager, record=record,
+              evaluators=scheduled,
+              writer=reporting.MetricWriter(workdir, start_step=start_step))
 
 
 # ------------------------------------------------------------------ the loop
 
 
-class _Runner:
-  """Places batches and runs the jitted or pmapped steps; hides jit vs pmap."""
-
-  def __init__(self, config, model_fn, tx, mesh, num_metric_classes, lr_fn):
-    self.mode = config.parallelism
-    self.mesh = mesh
-    self.repl = NamedSharding(mesh, P())
-    self.data = NamedSharding(mesh, P('data'))
-    axis = 'data' if self.mode == 'pmap' else None
-    self.model = model_fn(bn_axis_name=axis)
-    step = functools.partial(
-        train_step, model=self.model, tx=tx, loss_fn=_loss_fn(config),
-        learning_rate_fn=lr_fn, aug_config=config.augment, seed=config.seed,
-        axis_name=axis)
-    ev = functools.partial(eval_step, model=self.model,
-                           num_classes=num_metric_classes, axis_name=axis)
-    if self.mode == 'pmap':
-      self.n_local = jax.local_device_count()
-      self._train = jax.pmap(step, axis_name='data', donate_argnums=(0,))
-      self._eval = jax.pmap(ev, axis_name='data')
-    else:
-      self._train = jax.jit(step, in_shardings=(self.repl, self.data),
-                            out_shardings=(self.repl, self.repl), donate_argnums=(0,))
-      self._eval = jax.jit(ev, in_shardings=(self.repl, self.data),
-                           out_shardings=(self.repl, self.data))
-
-  def put_state(self, state):
-    if self.mode == 'pmap':
-      return jax.tree.map(lambda x: np.stack([np.asarray(x)] * self.n_local),
-                          jax.device_get(state))
-    return jax.device_put(state, self.repl)
-
-  def get_state(self, state):
-    """The state as host numpy arrays (one replica)."""
-    if self.mode == 'pmap':
-      return jax.tree.map(lambda x: np.asarray(x[0]), jax.device_get(state))
-    return jax.device_get(state)
-
-  def put_batch(self, batch):
-    if self.mode == 'pmap':
-      return jax.tree.map(
-          lambda x: x.reshape((self.n_local, -1) + x.shape[1:]), batch)
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(self.data, x), batch)
-
-  def train(self, state, batch):
-    state, m = self._train(state, self.put_batch(batch))
-    if self.mode == 'pmap':
-      m = jax.tree.map(lambda x: x[0], m)
-    return state, m
-
-  def evaluate(self, state, batch):
-    cm, preds = self._eval(state, self.put_batch(batch))
-    if self.mode == 'pmap':
-      cm = cm[0]
-      preds = preds.reshape((-1,) + preds.shape[2:])
-    else:
-      # This process's rows of the global batch, in order: what it fed in.
-      shards = sorted(preds.addressable_shards, key=lambda s: s.index[0].start or 0)
-      preds = np.concatenate([np.asarray(s.data) for s in shards])
-    return np.asarray(cm, np.int64), np.asarray(preds)
-
-
-def evaluate(runner: _Runner, state, config, info, *, num_metric_classes: int,
-             num_samples: int = 4):
-  """Full pass over the eval split. Returns (metrics dict, a few sample triplets)."""
-  total = np.zeros((num_metric_classes, num_metric_classes), np.int64)
-  samples = []
-  divisor = _divisor(config)
-  for batch in input_pipeline.eval_iterator(
-      config.data, batch_size=config.eval_batch_size, divisor=divisor):
-    cm, preds = runner.evaluate(state, batch)
-    total += cm
-    if len(samples) < num_samples and jax.process_index() == 0:
-      n_real = int(batch['mask'].sum())
-      for i in range(min(n_real, num_samples - len(samples), len(preds))):
-        samples.append((batch['image'][i], batch['label'][i], preds[i]))
-  return summarize_confusion(total), samples
-
-
-def summarize_confusion(cm: np.ndarray) -> dict[str, Any]:
-  """Dataset-level metrics from a summed confusion matrix."""
-  dice = metrics_lib.dice_per_class(cm)
-  iou = metrics_lib.iou_per_class(cm)
-  out = {
-      'pixel_accuracy': float(metrics_lib.pixel_accuracy(cm)),
-      'mean_iou': float(metrics_lib.mean_iou(cm)),
-      'mean_dice': float(metrics_lib.mean_dice(cm)),
-      'dice_per_class': [float(v) for v in dice],
-      'iou_per_class': [float(v) for v in iou],
-  }
-  # The figure researchers quote: foreground Dice (mean over classes 1..C-1).
-  fg = np.asarray(dice[1:], np.float64)
-  out['dice'] = float(np.nanmean(fg)) if np.any(np.isfinite(fg)) else float('nan')
-  return out
-
-
-def _divisor(config) -> int | tuple[int, ...]:
-  """What input sizes must be a multiple of: an int for every axis when the pooling
-  is isotropic, else a tuple with one entry per spatial axis."""
-  pools = _tuples(config.model.get('pool_sizes', 2))
-  if isinstance(pools, int):
-    return pools**config.model.depth
-  shape = pools if all(isinstance(p, int) for p in pools) else pools[0]
-  return models.input_divisor(ndim=len(shape), depth=config.model.depth,
-                              pool_sizes=pools)
-
-
-class _MetricWriter:
-  """metrics.jsonl and TensorBoard event files, written by process 0 only."""
-
-  def __init__(self, workdir: str):
-    self.active = jax.process_index() == 0
-    if not self.active:
-      return
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.set_visible_devices([], 'GPU')
-    self._tf = tf
-    self._tb = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-
-  def write(self, step: int, values: dict[str, Any]) -> None:
-    if not self.active:
-      return
-    self._jsonl.write(json.dumps({'step': step, **values}) + '\n')
-    self._jsonl.flush()
-    with self._tb.as_default(step=step):
-      for name, value in values.items():
-        if isinstance(value, (list, tuple)):
-          for i, v in enumerate(value):
-            if math.isfinite(v):
-              self._tf.summary.scalar(f'{name}/{i}', v)
-        elif isinstance(value, (int, float)) and math.isfinite(value):
-          self._tf.summary.scalar(name, value)
-    self._tb.flush()
-
-  def close(self):
-    if self.active:
-      self._jsonl.close()
-      self._tb.close()
-
-
-class _LibraryInfoFilter:
-  """Drops INFO records from orbax and TFDS internals (every save logs ~20 lines);
-  their warnings and errors still show."""
-  _NOISY = (os.sep + 'orbax' + os.sep, os.sep + 'tensorflow_datasets' + os.sep)
-
-  def filter(self, record) -> bool:
-    return record.levelno >= py_logging.WARNING or not any(
-        part in record.pathname for part in self._NOISY)
-
-
-def _quiet_library_logs() -> None:
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
-    handler.addFilter(_LibraryInfoFilter())
-
-
-def _check_finite(pending: list[tuple[int, jax.Array]]) -> None:
-  """Raises naming the first step whose loss is NaN or Inf."""
+def _check_finite(run: _Run, state, pending: list, *, step: int, state_too: bool) -> None:
+  """Raises FloatingPointError at the first non-finite loss of `pending` (step, loss)
+  pairs, or, with `state_too`, if the state after `step` is not finite."""
+  last = run.manager.latest_step()
+  kept = (f'the last good checkpoint is step {last}' if last is not None
+          else 'no checkpoint was written')
+  advice = ('Lower the learning rate, enable gradient clipping'
+            ' (config.optimizer.grad_clip_norm) or check the data.')
   for step, loss in pending:
-    value = float(loss)
-    if not math.isfinite(value):
-      raise FloatingPointError(
-          f'Loss is {value} at step {step}. Training stopped; the last checkpoint'
-          ' written before this step is intact. Lower the learning rate, enable'
-          ' gradient clipping (config.optimizer.grad_clip_norm) or check the data.')
+    if not math.isfinite(float(loss)):
+      raise FloatingPointError(f'Loss is {float(loss)} at step {step}. Training'
+                               f' stopped; {kept}. {advice}')
+  if state_too and not run.runner.is_finite(state):
+    raise FloatingPointError(
+        f'The parameters or optimizer state are not finite after step {step}'
+        f' (the loss was still finite). Training stopped and nothing was saved; {kept}.'
+        f' {advice}')
   pending.clear()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def _evaluate(run: _Run, state, scheduled, step: int) -> dict[str, Any]:
+  """Runs one evaluator; writes and logs its metrics, prefixed with its name."""
+  result = scheduled.evaluator.run(state)
+  run.writer.write(step, {f'{scheduled.name}_{k}': v for k, v in result.items()})
+  shown = '  '.join(f'{k} {v:.4f}' for k, v in result.items() if isinstance(v, float))
+  logging.info('eval %s at step %d: %s', scheduled.name, step, shown)
+  return result
+
+
+def _save(run: _Run, state, step: int, results: dict[str, dict]) -> None:
+  name = config_checks.best_evaluator(run.config)
+  value = results.get(name, {}).get(run.config.best_metric[len(name) + 1:])
+  metrics = {run.config.best_metric: value} if value is not None else None
+  checkpointing.save(run.manager, step, run.runner.get_state(state), record=run.record,
+                     metrics=metrics)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_requested: Callable[[], bool] | None = None
+                       ) -> dict[str, dict[str, Any]]:
   """Trains, evaluates and checkpoints in `workdir`; resumes from its latest step.
 
-  Returns the final evaluation metrics.
+  Args:
+    config: the run's config (see configs/default.py).
+    workdir: the run's folder.
+    stop_requested: polled after every step; when it returns True, the run saves
+      a checkpoint and raises `Interrupted` (launch.py sets it on SIGINT/SIGTERM).
+
+  Returns:
+    The last metrics of each evaluator, by evaluator name.
   """
-  _quiet_library_logs()
-  validate_config(config, num_devices=jax.device_count(),
-                  process_count=jax.process_count())
-  mesh = create_mesh()
-  info = input_pipeline.get_info(config.data, divisor=_divisor(config))
-  if config.model.num_classes == 0:  # From the data set.
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.model.num_classes = info.num_classes
-    logging.info('model.num_classes = %d, from the data.', info.num_classes)
-  validate_against_data(config, info)
-  num_metric_classes = max(info.num_classes, 2)
-  model_fn = functools.partial(create_model, config.model)
-
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-
-  lr_fn = create_learning_rate_fn(config)
-  tx = create_optimizer(config)
-  runner = _Runner(config, model_fn, tx, mesh, num_metric_classes, lr_fn)
-  input_shape = (1, *info.spatial_shape, info.num_channels)
-  state = create_train_state(jax.random.key(config.seed), model_fn(), tx, input_shape)
-
-  manager = checkpointing.create_manager(os.path.join(workdir, 'checkpoints'),
-                                         keep=config.keep_checkpoints)
-  restored = checkpointing.restore_latest(
-      manager, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
-  if restored is not None:
-    state = restored
-    logging.info('Resumed from %s at step %d.', manager.directory, int(state.step))
-  start_step = int(state.step)
-  state = runner.put_state(state)
-
-  writer = _MetricWriter(workdir)
-  divisor = _divisor(config)
-  train_iter = input_pipeline.train_iterator(
-      config.data, batch_size=config.batch_size, seed=config.seed, divisor=divisor,
-      start_step=start_step)
-  total = config.num_train_steps
-  logging.info('Training %s for %d steps from step %d on %d device(s) (%s), global '
-               'batch %d, input %s.', config.data.name, total, start_step,
+  run = _prepare(config, workdir)
+  config, state, total = run.config, run.state, run.config.num_train_steps
+  logging.info('Training %s for %d steps from step %d on %d device(s) (%s), global'
+               ' batch %d, input %s.', config.data.name, total, run.start_step,
                jax.device_count(), config.parallelism, config.batch_size,
-               input_shape[1:])
-
-  eval_metrics: dict[str, Any] = {}
-  pending: list[tuple[int, jax.Array]] = []
-  t_last, step_last, t_start = time.time(), start_step, time.time()
-  losses_since_log = []
-  input_wait = 0.0  # Seconds blocked on the input pipeline since the last log.
-  for step in range(start_step + 1, total + 1):
-    t_wait = time.time()
-    batch = next(train_iter)
-    input_wait += time.time() - t_wait
-    state, m = runner.train(state, batch)
+               run.data.info.spatial_shape)
+  progress = reporting.Progress(total_steps=total, start_step=run.start_step,
+                                every_steps=config.log_every_steps,
+                                batch_size=config.batch_size, writer=run.writer)
+  batches = run.data.train_iterator(run.start_step, batch_size=config.batch_size,
+                                    seed=config.seed)
+  results, pending = {}, []
+  for step in range(run.start_step + 1, total + 1):
+    with progress.timed('data'):
+      batch = next(batches)
+    state, m = run.runner.train(state, batch)
     pending.append((step, m['loss']))
-    losses_since_log.append(m['loss'])
-    is_last = step == total
-    do_eval = step % config.eval_every_steps == 0 or is_last
-    do_ckpt = do_eval or step % config.checkpoint_every_steps == 0
-
-    if step % config.log_every_steps == 0 or is_last:
-      _check_finite(pending)
-      now = time.time()
-      steps_per_sec = (step - step_last) / max(now - t_last, 1e-9)
-      loss = float(np.mean([float(x) for x in losses_since_log]))
-      losses_since_log.clear()
-      eta = (total - step) / max(steps_per_sec, 1e-9)
-      # The share of wall time spent waiting for input: near 0 means the pipeline
-      # keeps up with the train step.
-      wait = input_wait / max(now - t_last, 1e-9)
-      writer.write(step, {'train_loss': loss,
-                          'learning_rate': float(m['learning_rate']),
-                          'grad_norm': float(m['grad_norm']),
-                          'steps_per_sec': steps_per_sec,
-                          'examples_per_sec': steps_per_sec * config.batch_size,
-                          'input_wait_fraction': wait})
-      logging.info('step %d/%d  loss %.4f  %.2f steps/s  input wait %.0f%%  ETA %s',
-                   step, total, loss, steps_per_sec, 100 * wait, _fmt_time(eta))
-      t_last, step_last, input_wait = now, step, 0.0
-
-    if do_eval:
-      _check_finite(pending)  # Never evaluate, log or save a diverged state.
-      eval_metrics, samples = evaluate(runner, state, config, info,
-                                       num_metric_classes=num_metric_classes)
-      writer.write(step, {f'eval_{k}': v for k, v in eval_metrics.items()})
-      logging.info('eval step %d: dice %.4f  mIoU %.4f  pixel acc %.4f', step,
-                   eval_metrics['dice'], eval_metrics['mean_iou'],
-                   eval_metrics['pixel_accuracy'])
-      if jax.process_index() == 0 and samples:
-        visualize.save_sample_grid(
-            samples, os.path.join(workdir, 'samples', f'step_{step}.png'),
-            title=f'step {step}: dice {eval_metrics["dice"]:.3f}')
-      t_last, step_last, input_wait = time.time(), step, 0.0  # Not training time.
-
-    if do_ckpt:
-      _check_finite(pending)
-      ckpt_metrics = None
-      if do_eval and math.isfinite(eval_metrics['dice']):
-        ckpt_metrics = {checkpointing.BEST_METRIC: eval_metrics['dice']}
-      checkpointing.save(manager, step, runner.get_state(state), metrics=ckpt_metrics)
-      t_last, step_last, input_wait = time.time(), step, 0.0
-
-  if start_step >= total:
-    eval_metrics, _ = evaluate(runner, state, config, info,
-                               num_metric_classes=num_metric_classes)
-  writer.close()
-  manager.close()
-  logging.info('Done in %s.', _fmt_time(time.time() - t_start))
-  return eval_metrics
-
-
-def _fmt_time(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f'{h}:{m:02d}:{s:02d}' if h else f'{m}:{s:02d}'
+    extra = {'learning_rate': m['learning_rate'], 'grad_norm': m['grad_norm']}
+    if progress.step_done(step, loss=m['loss'], extra=extra) is not None:
+      _check_finite(run, state, pending, step=step, state_too=False)
+    due = [s for s in run.evaluators if s.due(step, total)]
+    stop = stop_requested is not None and stop_requested()
+    if due or stop or step % config.checkpoint_every_steps == 0 or step == total:
+      with progress.paused():
+        _check_finite(run, state, pending, step=step, state_too=True)
+        for scheduled in due:
+          results[scheduled.name] = _evaluate(run, state, scheduled, step)
+        _save(run, state, step, {s.name: results[s.name] for s in due})
+    if stop:
+      raise Interrupted(
+          f'Stopped at step {step} on request; checkpoint saved in'
+          f' {os.path.join(workdir, "checkpoints", str(step))}. Run the same command'
+          ' to resume.')
+  if run.start_step >= total:  # A finished run: evaluate what it left.
+    results = {s.name: _evaluate(run, state, s, total) for s in run.evaluators}
+  run.writer.close()
+  run.manager.close()
+  logging.info('Done in %s.', reporting.format_time(progress.elapsed()))
+  return results

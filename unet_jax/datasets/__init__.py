@@ -8,6 +8,9 @@ Importing this package registers, for `tfds.builder`, `tfds.load` and
 * `segmentation_folder`: a user's folder of images and masks
   (`segmentation_folder.py`).
 
+`sources.py` registers these and `oxford_iiit_pet` by name for
+`config.data.name`, and opens each as a random-access source.
+
 Oxford-IIIT Pet is TFDS's own `oxford_iiit_pet`; `pets.py` maps its trimaps to
 classes.
 
@@ -18,6 +21,7 @@ TensorFlow is imported only to build a data set, with GPUs hidden from it
 from unet_jax.datasets import cpu_tensorflow
 from unet_jax.datasets import pets
 from unet_jax.datasets import segmentation_folder
+from unet_jax.datasets import sources
 from unet_jax.datasets import synthetic
 from unet_jax.datasets.segmentation_folder import BadDataError
 from unet_jax.datasets.segmentation_folder import SegmentationFolder
@@ -36,5 +40,6 @@ __all__ = [
     'cpu_tensorflow',
     'pets',
     'segmentation_folder',
+    'sources',
     'synthetic',
 ]

@@ -17,14 +17,30 @@ on the 4th NIfTI axis). NIfTI arrays (x, y, z) are transposed to (D, H, W) =
 Hidden files (names starting with '.') are ignored; any other file is either
 used or reported.
 
+2D masks (see `read_mask`): a single-channel PNG holds the class index of each
+pixel; a palette PNG (mode 'P', as in Pascal VOC) holds it as the palette
+index; a grey RGB mask (R = G = B, alpha constant if any) is its grey value. A
+colour mask needs `mask_colors`, the RGB colour of each class (index =
+class); a colour outside it is an error. `ignore_index` (e.g. VOC's 255
+border) names a mask value that marks pixels to ignore: it may lie at or above
+`num_classes`, is left out of the class check, `class_pixels` and class
+inference, and is stored unchanged for the input pipeline to map.
+
 Nothing is silently dropped. `list_pairs` (file names only) and `validate`
 (reads every file) raise `BadDataError`, a `ValueError` naming each offending
 file, for: an image without a mask or a mask without an image, an unknown
 extension, an empty split, a 3D volume in a 2D data set or the other way
-round, an unreadable or truncated file, image and mask shapes that differ,
-mask values that are not class indices in [0, num_classes), and images whose
-channel counts differ. The builder validates the whole folder before it writes
-anything.
+round, an unreadable or truncated file (image and mask are checked apart, so
+one does not hide the other), image and mask shapes that differ, mask values
+that are not class indices in [0, num_classes), a colour mask without
+`mask_colors` or with a colour outside it, every image whose channel count
+differs from the most common one, and, when the classes are inferred, every
+mask holding a value past a class that never occurs (a 0/255 mask). All
+problems go in one error; past 20 it ends with "... and N more" and the path
+of a file under `tempfile.gettempdir()` (not the data folder, which may be
+read-only) that lists all of them. The builder validates the whole folder
+before it writes anything. `validate` also reports the per-axis median shape
+and names the images smaller than half of it along some axis.
 
 Use from a config::
 
@@ -39,15 +55,19 @@ or directly with TFDS::
         download_config=tfds.download.DownloadConfig(manual_dir='/path/to/root'))
 
 The input pipeline names the built copy after a fingerprint of the folder (file
-names, sizes and modification times) and `num_classes`, so editing the folder
-rebuilds it instead of reading a stale copy.
+names, sizes and modification times) and of the options that change what is
+built (`num_classes`, `mask_colors`, `ignore_index`, passed as `fingerprint`'s
+`extra`), so editing the folder or an option rebuilds it instead of reading a
+stale copy.
 """
 
 import collections
+from collections.abc import Sequence
 import dataclasses
 import hashlib
 import os
 import pathlib
+import tempfile
 
 from absl import logging
 import numpy as np
@@ -65,17 +85,52 @@ class BadDataError(ValueError):
   """A file of a segmentation folder is missing, unreadable or inconsistent."""
 
 
-def _raise_all(errors: list[str]) -> None:
+def _write_full_list(message: str) -> str:
+  """Writes `message` to a new file in the temporary folder; returns its path.
+
+  The temporary folder (`tempfile.gettempdir()`) is used, not the data folder,
+  which may be read-only.
+  """
+  fd, path = tempfile.mkstemp(prefix='unet_jax_bad_data_', suffix='.txt', text=True)
+  with os.fdopen(fd, 'w') as f:
+    f.write(message + '\n')
+  return path
+
+
+def _raise_all(errors: list[str], *, hint: str = '') -> None:
+  """Raises one `BadDataError` listing `errors` (one line each), if any.
+
+  Past `_MAX_LISTED_ERRORS` lines the message ends with "... and N more" and
+  the path of a file in the temporary folder that lists all of them.
+  """
   if not errors:
     return
+  header = f'{len(errors)} problem(s) in the segmentation folder:'
+  full = header + '\n  ' + '\n  '.join(errors) + (f'\n{hint}' if hint else '')
   shown = errors[:_MAX_LISTED_ERRORS]
+  message = header + '\n  ' + '\n  '.join(shown)
   more = len(errors) - len(shown)
-  message = f'{len(errors)} problem(s) in the segmentation folder:\n  ' + '\n  '.join(
-      shown
-  )
   if more:
-    message += f'\n  ... and {more} more.'
+    try:
+      listing = f'all {len(errors)} are listed in {_write_full_list(full)}'
+    except OSError as e:
+      listing = f'could not write the full list ({type(e).__name__}: {e})'
+    message += f'\n  ... and {more} more; {listing}.'
+  if hint:
+    message += f'\n{hint}'
   raise BadDataError(message)
+
+
+def _ranges(values: list[int]) -> str:
+  """'1..254' for [1, 2, ..., 254]; '1, 3..5' for [1, 3, 4, 5]."""
+  parts, start = [], None
+  for i, v in enumerate(values):
+    if start is None:
+      start = v
+    if i + 1 == len(values) or values[i + 1] != v + 1:
+      parts.append(str(v) if v == start else f'{start}..{v}')
+      start = None
+  return ', '.join(parts)
 
 
 def _split_extension(name: str) -> tuple[str, str]:
@@ -173,7 +228,16 @@ def list_pairs(root: str | os.PathLike, *, ndim: int) -> dict[str, list[Pair]]:
 def fingerprint(
     root: str | os.PathLike, pairs: dict[str, list[Pair]], *, extra: str = ''
 ) -> str:
-  """A short hash of the folder's file names, sizes and modification times."""
+  """A short hash of the folder's file names, sizes and modification times.
+
+  Args:
+    root: The folder root; paths are hashed relative to it.
+    pairs: From `list_pairs`.
+    extra: Anything else that changes the built copy, folded into the hash. A
+      caller must include every option of `SegmentationFolderConfig` that
+      changes what is validated or written: `ndim`, `num_classes`,
+      `mask_colors` and `ignore_index` (e.g. their `repr`s joined by '\\0').
+  """
   digest = hashlib.sha256(extra.encode())
   root = pathlib.Path(root)
   for split in sorted(pairs):
@@ -185,7 +249,131 @@ def fingerprint(
   return digest.hexdigest()[:12]
 
 
-def _read_2d(path: str, *, is_mask: bool) -> np.ndarray:
+def _check_mask_colors(
+    mask_colors: Sequence[Sequence[int]] | None,
+) -> tuple[tuple[int, int, int], ...] | None:
+  """`mask_colors` as a tuple of (R, G, B) int triples; ValueError if malformed."""
+  if mask_colors is None:
+    return None
+  if isinstance(mask_colors, (str, bytes)) or not len(mask_colors):
+    raise ValueError(
+        f'mask_colors must be a non-empty list of RGB triples, one per class, got'
+        f' {mask_colors!r}.'
+    )
+  colors, seen = [], {}
+  for c, color in enumerate(mask_colors):
+    triple = tuple(color) if not isinstance(color, (str, bytes)) else ()
+    if len(triple) != 3 or not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= 255
+        for v in triple
+    ):
+      raise ValueError(
+          f'mask_colors[{c}] = {color!r}: each entry must be an RGB triple of ints'
+          ' in [0, 255].'
+      )
+    triple = tuple(int(v) for v in triple)
+    if triple in seen:
+      raise ValueError(
+          f'mask_colors[{c}] = {triple} repeats mask_colors[{seen[triple]}]; each'
+          ' class needs its own colour.'
+      )
+    seen[triple] = c
+    colors.append(triple)
+  return tuple(colors)
+
+
+def _check_ignore_index(ignore_index: int | None, num_classes: int | None) -> None:
+  if ignore_index is None:
+    return
+  if (
+      not isinstance(ignore_index, (int, np.integer))
+      or isinstance(ignore_index, bool)
+      or ignore_index < 0
+  ):
+    raise ValueError(
+        f'ignore_index must be None or a non-negative int (a mask value, e.g. 255),'
+        f' got {ignore_index!r}.'
+    )
+  if num_classes is not None and ignore_index < num_classes:
+    raise ValueError(
+        f'ignore_index={ignore_index} is a class index below'
+        f' num_classes={num_classes}; it must lie outside [0, num_classes).'
+    )
+
+
+def _colors_to_classes(
+    path: str, rgb: np.ndarray, mask_colors: tuple[tuple[int, int, int], ...]
+) -> np.ndarray:
+  """Maps an [H, W, 3] uint8 colour mask to class indices through `mask_colors`."""
+  rgb = rgb.astype(np.int64)
+  keys = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+  uniques, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+  by_key = {(r << 16) | (g << 8) | b: c for c, (r, g, b) in enumerate(mask_colors)}
+  classes = np.array([by_key.get(int(k), -1) for k in uniques], np.int64)
+  unknown = np.flatnonzero(classes < 0)
+  if unknown.size:
+    unknown = unknown[np.argsort(-counts[unknown], kind='stable')]
+    listed = ', '.join(
+        f'{_key_to_rgb(uniques[u])} in {counts[u]} pixel(s)' for u in unknown[:5]
+    )
+    more = f' and {unknown.size - 5} more colour(s)' if unknown.size > 5 else ''
+    raise BadDataError(
+        f'{path}: colour(s) not in mask_colors: {listed}{more}.'
+    )
+  return classes[inverse.reshape(keys.shape)]
+
+
+def _key_to_rgb(key: int) -> tuple[int, int, int]:
+  key = int(key)
+  return (key >> 16, (key >> 8) & 255, key & 255)
+
+
+def _constant_alpha(path: str, array: np.ndarray) -> np.ndarray:
+  """Drops the last (alpha) channel; BadDataError if the alpha varies."""
+  alpha = array[..., -1]
+  if alpha.size and np.any(alpha != alpha.flat[0]):
+    values = np.unique(alpha)
+    raise BadDataError(
+        f'{path}: mask has an alpha channel that varies ({values.size} values,'
+        f' e.g. {values[:5].tolist()}); masks must not use transparency.'
+    )
+  return array[..., :-1]
+
+
+def _mask_2d(path: str, im, mask_colors) -> np.ndarray:
+  """The class indices of an opened 2D mask (see `read_mask`)."""
+  mode = im.mode
+  if mode == 'P' and mask_colors is not None:
+    im, mode = im.convert('RGB'), 'RGB'
+  if mode in ('1', 'L', 'P', 'I', 'I;16', 'I;16B', 'I;16L'):
+    return np.asarray(im).astype(np.int64)
+  if mode not in ('LA', 'RGB', 'RGBA'):
+    raise BadDataError(
+        f'{path}: mask has mode {mode}; masks must be single-channel PNGs whose'
+        ' pixel values are class indices, palette PNGs, or RGB colour masks'
+        ' with config.data.mask_colors.'
+    )
+  array = np.asarray(im)
+  if mode in ('LA', 'RGBA'):
+    array = _constant_alpha(path, array)
+  if mode == 'LA':
+    return array[..., 0].astype(np.int64)
+  if mask_colors is not None:
+    return _colors_to_classes(path, array, mask_colors)
+  if np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(
+      array[..., 1], array[..., 2]
+  ):
+    return array[..., 0].astype(np.int64)  # Grey saved as RGB.
+  colors = np.unique(array.reshape(-1, 3), axis=0)
+  examples = ', '.join(str(tuple(int(v) for v in c)) for c in colors[:4])
+  raise BadDataError(
+      f'{path}: a colour mask ({len(colors)} colours, e.g. {examples}); set'
+      ' config.data.mask_colors to the RGB colour of each class (index = class),'
+      ' or save the masks as single-channel class indices.'
+  )
+
+
+def _read_2d(path: str, *, is_mask: bool, mask_colors=None) -> np.ndarray:
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
   with Image.open(path) as im:
@@ -195,14 +383,9 @@ def _read_2d(path: str, *, is_mask: bool) -> np.ndarray:
           " config.data.config='3d'."
       )
     im.load()
-    mode = im.mode
     if is_mask:
-      if mode not in ('1', 'L', 'P', 'I', 'I;16', 'I;16B', 'I;16L'):
-        raise BadDataError(
-            f'{path}: mask has mode {mode}; masks must be single-channel PNGs whose'
-            ' pixel values are class indices.'
-        )
-      return np.asarray(im).astype(np.int64)
+      return _mask_2d(path, im, mask_colors)
+    mode = im.mode
     if mode in ('P', 'CMYK', 'YCbCr', 'RGBA', 'LAB', 'HSV'):
       im = im.convert('RGB')
     elif mode in ('1', 'LA'):
@@ -257,16 +440,40 @@ def read_image(path: str, *, ndim: int) -> tuple[np.ndarray, tuple[float, ...] |
     ) from e
 
 
-def read_mask(path: str, *, ndim: int) -> tuple[np.ndarray, tuple[float, ...] | None]:
+def read_mask(
+    path: str, *, ndim: int, mask_colors: Sequence[Sequence[int]] | None = None
+) -> tuple[np.ndarray, tuple[float, ...] | None]:
   """Reads a mask: int64 [*spatial] class indices, and the spacing or None.
+
+  2D masks (PNG) are read by mode:
+
+  * single-channel ('L', 'I;16', '1', ...): the pixel value is the class;
+  * palette ('P', as in Pascal VOC): the palette index is the class (VOC's
+    255 border stays 255; see `validate`'s `ignore_index`);
+  * RGB, or RGBA / grey+alpha with a constant alpha: with `mask_colors`, the
+    colour at index c is class c (palette masks are then also read by
+    colour); without it, a grey RGB mask (R = G = B) is its grey value, and
+    any other colour mask is an error.
+
+  Args:
+    path: The mask file.
+    ndim: 2 or 3.
+    mask_colors: 2D only: the RGB colour of each class, [C] triples of ints in
+      [0, 255], index = class. None: masks hold class indices.
 
   Raises:
     BadDataError: naming the file, if it is unreadable, truncated, of the wrong
-      dimensionality, or holds values that are not non-negative integers.
+      dimensionality, holds values that are not non-negative integers, is a
+      colour mask without `mask_colors`, or holds a colour not in
+      `mask_colors` (each such colour is named with its pixel count).
+    ValueError: if `mask_colors` is malformed, or given for 3D.
   """
+  mask_colors = _check_mask_colors(mask_colors)
+  if mask_colors is not None and ndim != 2:
+    raise ValueError('mask_colors applies to 2D (PNG) masks only.')
   try:
     if ndim == 2:
-      mask, spacing = _read_2d(path, is_mask=True), None
+      mask, spacing = _read_2d(path, is_mask=True, mask_colors=mask_colors), None
     else:
       mask, spacing = _read_3d(path, is_mask=True)
   except BadDataError:
@@ -288,40 +495,100 @@ def read_mask(path: str, *, ndim: int) -> tuple[np.ndarray, tuple[float, ...] | 
   return mask, spacing
 
 
+def _values_text(values: list[int]) -> str:
+  shown = ', '.join(str(v) for v in values[:5])
+  shown += f', ... ({len(values)} values)' if len(values) > 5 else ''
+  return f'mask value {shown}' if len(values) == 1 else f'mask values {shown}'
+
+
 def validate(
-    pairs: dict[str, list[Pair]], *, ndim: int, num_classes: int | None = None
+    pairs: dict[str, list[Pair]],
+    *,
+    ndim: int,
+    num_classes: int | None = None,
+    mask_colors: Sequence[Sequence[int]] | None = None,
+    ignore_index: int | None = None,
 ) -> dict[str, object]:
   """Reads every file once and checks the whole folder.
+
+  Each image and each mask is read and checked on its own, so an unreadable
+  image does not hide a problem with its mask. Every problem found is listed
+  in one `BadDataError` (see `_raise_all` for long lists).
 
   Args:
     pairs: From `list_pairs`.
     ndim: 2 or 3.
-    num_classes: If given, every mask value must be below it. If None, it is
-      inferred as the largest mask value plus one, and every class below it
-      must occur somewhere (so a 0/255 mask is reported, not taken as 256
-      classes).
+    num_classes: If given, every mask value (except `ignore_index`) must be
+      below it. If None and `mask_colors` is given, it is `len(mask_colors)`.
+      If both are None, it is inferred as the largest mask value plus one, and
+      every class below it must occur somewhere (so a 0/255 mask is reported,
+      naming every mask that holds a value past a missing class, not taken as
+      256 classes).
+    mask_colors: 2D only: the RGB colour of each class (see `read_mask`).
+    ignore_index: A mask value that marks pixels to ignore (e.g. VOC's 255
+      border). It may lie at or above `num_classes`, must not lie below it,
+      is left out of `class_pixels` and of class inference, and is stored
+      unchanged.
 
   Returns:
-    Metadata: num_classes, num_channels, ndim, min_shape, max_shape, spacing
+    Metadata: num_classes, num_channels, ndim, min_shape, max_shape,
+    median_shape (per-axis median over all examples, floats), small_examples
+    (a list of [image path, shape] of the images smaller than half of
+    `median_shape` along some axis; each is also logged as a warning), spacing
     (median per axis, 3D only), num_examples per split and class_pixels (pixel
-    count of each class over all splits).
+    count of each class over all splits, ignored pixels excluded).
 
   Raises:
     BadDataError: listing every offending file.
+    ValueError: if `mask_colors` or `ignore_index` is malformed or disagrees
+      with `num_classes`.
   """
+  mask_colors = _check_mask_colors(mask_colors)
+  if mask_colors is not None:
+    if ndim != 2:
+      raise ValueError('mask_colors applies to 2D (PNG) masks only.')
+    if num_classes is not None and num_classes != len(mask_colors):
+      raise ValueError(
+          f'num_classes={num_classes} but mask_colors holds {len(mask_colors)}'
+          ' colours; give one colour per class.'
+      )
+    num_classes = len(mask_colors)
+  _check_ignore_index(ignore_index, num_classes)
   errors = []
-  channels = collections.Counter()
-  first_with_channels = {}
-  min_shape, max_shape, spacings = None, None, []
+  paths_by_channels = collections.defaultdict(list)
+  shapes, spacings = [], []
   class_pixels = collections.Counter()
-  max_by_file = {}
+  values_by_mask = {}
+  masks_unread = False
   for split_pairs in pairs.values():
     for pair in split_pairs:
+      image = mask = None
       try:
         image, image_spacing = read_image(pair.image, ndim=ndim)
-        mask, mask_spacing = read_mask(pair.mask, ndim=ndim)
       except BadDataError as e:
         errors.append(str(e))
+      try:
+        mask, mask_spacing = read_mask(pair.mask, ndim=ndim, mask_colors=mask_colors)
+      except BadDataError as e:
+        errors.append(str(e))
+        masks_unread = True
+      if mask is not None:
+        values, counts = np.unique(mask, return_counts=True)
+        if ignore_index is not None:
+          kept = values != ignore_index
+          values, counts = values[kept], counts[kept]
+        class_pixels.update(dict(zip(values.tolist(), counts.tolist())))
+        values_by_mask[pair.mask] = values
+        if num_classes is not None and values.size and values[-1] >= num_classes:
+          bad = values[values >= num_classes].tolist()
+          errors.append(
+              f'{pair.mask}: mask value(s) {bad[:5]} at or above'
+              f' num_classes={num_classes}.'
+          )
+      if image is None:
+        continue
+      paths_by_channels[image.shape[-1]].append(pair.image)
+      if mask is None:
         continue
       if image.shape[:-1] != mask.shape:
         errors.append(
@@ -337,53 +604,67 @@ def validate(
             f' {mask_spacing} ({pair.mask}).'
         )
         continue
-      c = image.shape[-1]
-      channels[c] += 1
-      first_with_channels.setdefault(c, pair.image)
-      shape = np.asarray(mask.shape)
-      min_shape = shape if min_shape is None else np.minimum(min_shape, shape)
-      max_shape = shape if max_shape is None else np.maximum(max_shape, shape)
+      shapes.append((pair.image, tuple(int(s) for s in mask.shape)))
       if image_spacing is not None:
         spacings.append(image_spacing)
-      values, counts = np.unique(mask, return_counts=True)
-      class_pixels.update(dict(zip(values.tolist(), counts.tolist())))
-      max_by_file[pair.mask] = int(values[-1]) if values.size else 0
-      if num_classes is not None and values.size and values[-1] >= num_classes:
-        bad = values[values >= num_classes].tolist()
-        errors.append(
-            f'{pair.mask}: mask value(s) {bad[:5]} at or above num_classes={num_classes}.'
-        )
-  if len(channels) > 1:
-    common = channels.most_common(1)[0][0]
-    for c, path in first_with_channels.items():
+  if len(paths_by_channels) > 1:
+    total = sum(len(p) for p in paths_by_channels.values())
+    common = max(paths_by_channels, key=lambda c: len(paths_by_channels[c]))
+    for c in sorted(paths_by_channels):
       if c != common:
-        errors.append(
-            f'{path}: {c} channel(s), while most images have {common}; channel'
-            ' counts must agree.'
+        errors.extend(
+            f'{path}: {c} channel(s), while {len(paths_by_channels[common])} of'
+            f' {total} images have {common}; channel counts must agree.'
+            for path in paths_by_channels[c]
         )
-  _raise_all(errors)
-  if num_classes is None:
-    num_classes = max(class_pixels) + 1
-    if num_classes == 1:
-      raise BadDataError(
-          f'{next(iter(max_by_file))}: every mask is all background (0); cannot'
-          ' infer the classes. Set config.data.num_classes if this is intended.'
-      )
+  hint = ''
+  if num_classes is None and not masks_unread and values_by_mask:
+    num_classes = max(class_pixels, default=-1) + 1
     missing = [c for c in range(num_classes) if c not in class_pixels]
-    if missing:
-      worst = max(max_by_file, key=max_by_file.get)
-      raise BadDataError(
-          f'{worst}: mask value {max_by_file[worst]} implies {num_classes} classes,'
-          f' but classes {missing[:10]} never occur: masks must hold class indices'
-          ' 0..C-1 (a 0/255 mask must be mapped to 0/1). Set config.data.num_classes'
-          ' if this is intended.'
+    if num_classes <= 1:
+      errors.append(
+          f'{next(iter(values_by_mask))}: every mask is all background (0)'
+          f'{" or ignore_index" if ignore_index is not None else ""}; cannot infer'
+          ' the classes. Set config.data.num_classes if this is intended.'
       )
+    elif missing:
+      for path, values in values_by_mask.items():
+        beyond = values[values > missing[0]].tolist()
+        if beyond:
+          verb = 'implies' if len(beyond) == 1 else 'imply'
+          errors.append(
+              f'{path}: {_values_text(beyond)} {verb} at least {beyond[-1] + 1}'
+              f' classes, but classes {_ranges(missing)} never occur in any mask.'
+          )
+      hint = (
+          f'Inferred {num_classes} classes from the largest mask value, but classes'
+          f' {_ranges(missing)} never occur: masks must hold class indices 0..C-1'
+          ' (map a 0/255 mask to 0/1, set config.data.ignore_index=255 if 255'
+          ' marks pixels to ignore, or set config.data.num_classes if this is'
+          ' intended).'
+      )
+  _raise_all(errors, hint=hint)
+  if not shapes:
+    raise BadDataError('The segmentation folder holds no examples.')
+  array = np.array([s for _, s in shapes])
+  median = np.median(array, axis=0)
+  small = [[p, list(s)] for p, s in shapes if np.any(np.array(s) < median / 2)]
+  for path, shape in small:
+    logging.warning(
+        'Segmentation folder: %s has shape %s, smaller than half the median'
+        ' shape %s along some axis.',
+        path,
+        shape,
+        median.tolist(),
+    )
   metadata = {
       'num_classes': int(num_classes),
-      'num_channels': int(next(iter(channels))),
+      'num_channels': int(next(iter(paths_by_channels))),
       'ndim': ndim,
-      'min_shape': [int(s) for s in min_shape],
-      'max_shape': [int(s) for s in max_shape],
+      'min_shape': [int(s) for s in array.min(axis=0)],
+      'max_shape': [int(s) for s in array.max(axis=0)],
+      'median_shape': [float(s) for s in median],
+      'small_examples': small,
       'spacing': [float(s) for s in np.median(spacings, axis=0)] if spacings else None,
       'num_examples': {split: len(p) for split, p in pairs.items()},
       'class_pixels': {str(k): int(v) for k, v in sorted(class_pixels.items())},
@@ -460,15 +741,27 @@ def write_pair(
 class SegmentationFolderConfig(tfds.core.BuilderConfig):
   """Configuration of `segmentation_folder`.
 
+  Every field changes what is built, so a caller that names built copies
+  (as the input pipeline does) must fold `num_classes`, `mask_colors` and
+  `ignore_index` into `fingerprint(..., extra=...)`.
+
   Attributes:
     ndim: 2 for images, 3 for volumes.
     root: The folder; None to take TFDS's `manual_dir` instead.
     num_classes: Checked against every mask; None to infer it.
+    mask_colors: 2D only: the RGB colour of each class, index = class, for
+      colour masks (see `read_mask`); None for masks of class indices.
+    ignore_index: A mask value to ignore (e.g. 255); stored unchanged, and
+      left out of the class check, the class inference and `class_pixels`.
   """
 
   ndim: int = 2
   root: str | None = None
   num_classes: int | None = None
+  mask_colors: Sequence[Sequence[int]] | None = dataclasses.field(
+      default=None, kw_only=True
+  )
+  ignore_index: int | None = dataclasses.field(default=None, kw_only=True)
 
 
 class SegmentationFolder(tfds.core.GeneratorBasedBuilder):
@@ -513,7 +806,13 @@ class SegmentationFolder(tfds.core.GeneratorBasedBuilder):
     root = config.root or dl_manager.manual_dir
     pairs = list_pairs(root, ndim=config.ndim)
     self.info.metadata.update(
-        validate(pairs, ndim=config.ndim, num_classes=config.num_classes)
+        validate(
+            pairs,
+            ndim=config.ndim,
+            num_classes=config.num_classes,
+            mask_colors=config.mask_colors,
+            ignore_index=config.ignore_index,
+        )
     )
     return {
         split: self._generate_examples(split_pairs)
@@ -522,9 +821,10 @@ class SegmentationFolder(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, pairs):
     ndim = self.builder_config.ndim
+    mask_colors = self.builder_config.mask_colors
     for pair in pairs:
       image, spacing = read_image(pair.image, ndim=ndim)
-      label, _ = read_mask(pair.mask, ndim=ndim)
+      label, _ = read_mask(pair.mask, ndim=ndim, mask_colors=mask_colors)
       yield pair.id, {
           'id': pair.id,
           'image': image,

@@ -1,0 +1,325 @@
+"""Data sets by name: each opens as a random-access `Source`, built with TFDS on first use.
+
+    entry = sources.get(config.data.name)   # a ValueError lists the valid names
+    entry.check(config.data)                # config errors that need no data set built
+    source = entry.open(config.data)        # builds into config.data.data_dir if needed
+    example = source.read('train', 7)       # image float32 [*spatial, C], label int32 ...
+
+`DATASETS` maps each name to its `Entry`; `register` adds one. The registered
+names are the embedded `synthetic_shapes` (2D) and `synthetic_volumes` (3D), a
+user's `segmentation_folder` (2D or 3D) and TFDS's `oxford_iiit_pet`.
+
+A data set is read in array_record format, which gives random access by index
+(exact resume and a global shuffle need it). `build` prepares a data set in that
+format, and adds array_record copies to one that TFDS prepared as TFRecord only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+from absl import logging
+import numpy as np
+import tensorflow_datasets as tfds
+
+from unet_jax.datasets import cpu_tensorflow
+from unet_jax.datasets import pets
+from unet_jax.datasets import segmentation_folder as folder_lib
+from unet_jax.datasets import synthetic  # noqa: F401  Registers its TFDS builders.
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """One decoded example.
+
+  Attributes:
+    image: float32 [*spatial, C], raw intensities (not normalised).
+    label: int32 [*spatial], class indices; the data set's own ignore value (if
+      any) is still in place.
+    spacing: physical voxel size per spatial axis (ones when unknown).
+    case_id: a name for the example: its file name, or its index.
+  """
+
+  image: np.ndarray
+  label: np.ndarray
+  spacing: tuple[float, ...]
+  case_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """An opened, built data set.
+
+  Attributes:
+    name: the registered name.
+    builder: the TFDS builder.
+    num_classes: classes in the masks, background included.
+    num_channels: image channels.
+    ndim: 2 or 3 spatial axes.
+    min_shape, max_shape, median_shape: spatial shapes over the data set; None
+      when the data set does not record them (images of varying size).
+    spacing: median voxel spacing of 3D data (None for 2D).
+    small_examples: (case, shape) of examples far smaller than the median.
+    splits: the split names.
+    split_aliases: names read as another split (e.g. 'validation' -> 'val').
+    to_image_label: decodes a stored example to (image, label).
+  """
+
+  name: str
+  builder: Any
+  num_classes: int
+  num_channels: int
+  ndim: int
+  min_shape: tuple[int, ...] | None
+  max_shape: tuple[int, ...] | None
+  median_shape: tuple[int, ...] | None
+  spacing: tuple[float, ...] | None
+  small_examples: tuple[tuple[str, tuple[int, ...]], ...]
+  splits: tuple[str, ...]
+  split_aliases: Mapping[str, str]
+  to_image_label: Callable[[dict], tuple[np.ndarray, np.ndarray]]
+
+  def split(self, split: str) -> Sequence[dict]:
+    """The random-access source of a split; a ValueError names the known splits."""
+    split = self.split_aliases.get(split, split)
+    if split not in self.splits:
+      raise ValueError(
+          f'{self.name} has no split {split!r}; its splits are {list(self.splits)}.')
+    return self.builder.as_data_source(split)
+
+  def read(self, records: Sequence[dict], index: int) -> Example:
+    """Decodes example `index` of `records` (from `split`) and checks its shapes."""
+    record = records[index]
+    image, label = self.to_image_label(record)
+    if image.shape[:-1] != label.shape or image.ndim != self.ndim + 1:
+      raise ValueError(
+          f'{self.name}: example {index} has image {image.shape} and label'
+          f' {label.shape}.')
+    spacing = record.get('spacing') if isinstance(record, Mapping) else None
+    if spacing is None:
+      spacing = self.spacing or (1.0,) * self.ndim
+    return Example(image=image, label=label,
+                   spacing=tuple(float(s) for s in np.asarray(spacing).reshape(-1)),
+                   case_id=_case_id(record, index))
+
+
+def _case_id(record, index: int) -> str:
+  for key in ('id', 'file_name'):
+    value = record.get(key) if isinstance(record, Mapping) else None
+    if value is not None:
+      value = np.asarray(value).item()
+      return value.decode('utf-8', 'replace') if isinstance(value, bytes) else str(value)
+  return str(index)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """How to open one registered data set.
+
+  Attributes:
+    ndim: the dimensionality a config names, known before building.
+    check: raises ValueError for config errors that need no data set built.
+    open: opens (building first if needed) the data set a config names.
+  """
+
+  ndim: Callable[[Any], int]
+  check: Callable[[Any], None]
+  open: Callable[[Any], Source]
+
+
+DATASETS: dict[str, Entry] = {}
+
+
+def register(name: str, entry: Entry) -> None:
+  """Makes `name` usable as `config.data.name`."""
+  DATASETS[name] = entry
+
+
+def get(name: str) -> Entry:
+  """The entry of a registered data set; a ValueError lists the valid names."""
+  if name not in DATASETS:
+    raise ValueError(
+        f'Unknown data set {name!r}; config.data.name must be one of'
+        f' {sorted(DATASETS)}.')
+  return DATASETS[name]
+
+
+def config_value(data_config, key: str, default=None):
+  """`data_config[key]`, or `default` when the field is missing or None."""
+  value = data_config.get(key, default)
+  return default if value is None else value
+
+
+# ---------------------------------------------------------------------------
+# Building.
+
+
+def _add_array_record(builder) -> None:
+  """Adds array_record copies of a data set prepared as TFRecord only.
+
+  Makes a data set built by `tfds.load` (or an earlier, TFRecord-only
+  download) readable at random without building it again.
+  """
+  # pylint: disable-next=g-import-not-at-top
+  from array_record.python import array_record_module
+
+  tf = cpu_tensorflow.import_tensorflow()
+  info = builder.info
+  logging.info('Adding array_record files to %s for random access.', builder.data_dir)
+  for split_info in info.splits.values():
+    template = split_info.filename_template
+    sources = template.sharded_filepaths(split_info.num_shards)
+    targets = template.replace(filetype_suffix='array_record').sharded_filepaths(
+        split_info.num_shards)
+    for source, target in zip(sources, targets):
+      partial = f'{target}.incomplete'
+      writer = array_record_module.ArrayRecordWriter(partial, 'group_size:1')
+      for record in tf.data.TFRecordDataset(os.fspath(source)).as_numpy_iterator():
+        writer.write(record)
+      writer.close()
+      os.replace(partial, target)
+  info.add_alternative_file_format('array_record')
+  info.write_to_directory(builder.data_dir)
+
+
+def build(builder) -> None:
+  """Builds a data set in array_record format if it is not built yet."""
+  if not builder.is_prepared():
+    logging.info(
+        'Building %s into %s (first use; this reads or generates every example once).',
+        builder.info.full_name, builder.data_dir)
+    cpu_tensorflow.import_tensorflow()
+    builder.download_and_prepare(file_format='array_record')
+    logging.info('Built %s.', builder.info.full_name)
+  elif 'array_record' not in {f.value for f in builder.info.available_file_formats()}:
+    _add_array_record(builder)
+
+
+def _data_dir(data_config) -> str | None:
+  return config_value(data_config, 'data_dir', '') or None
+
+
+def _image_to_float(example: dict) -> tuple[np.ndarray, np.ndarray]:
+  return np.asarray(example['image'], np.float32), np.asarray(example['label'], np.int32)
+
+
+def _from_metadata(name: str, builder, ndim: int) -> Source:
+  """A Source of a builder whose metadata records classes, channels and shapes."""
+  meta = builder.info.metadata
+  if meta.get('ndim') != ndim:
+    raise ValueError(f'{builder.info.full_name} is {meta.get("ndim")}D, expected {ndim}D.')
+  spacing = meta.get('spacing')
+  if spacing is None and ndim == 3:
+    spacing = (1.0,) * ndim
+  shape = lambda key: None if meta.get(key) is None else tuple(int(s) for s in meta[key])
+  median = shape('median_shape')
+  if median is None and meta.get('min_shape') == meta.get('max_shape'):
+    median = shape('max_shape')
+  return Source(
+      name=name,
+      builder=builder,
+      num_classes=int(meta['num_classes']),
+      num_channels=int(meta['num_channels']),
+      ndim=ndim,
+      min_shape=shape('min_shape'),
+      max_shape=shape('max_shape'),
+      median_shape=median,
+      spacing=None if spacing is None else tuple(float(s) for s in spacing),
+      small_examples=tuple((str(p), tuple(s)) for p, s in meta.get('small_examples', [])),
+      splits=tuple(builder.info.splits.keys()),
+      split_aliases={},
+      to_image_label=_image_to_float,
+  )
+
+
+# ---------------------------------------------------------------------------
+# The registered data sets.
+
+
+def _no_check(data_config) -> None:
+  del data_config
+
+
+def _open_synthetic(ndim: int) -> Callable[[Any], Source]:
+  def open_source(data_config) -> Source:
+    builder = tfds.builder(data_config.name,
+                           config=config_value(data_config, 'config', '') or None,
+                           data_dir=_data_dir(data_config))
+    build(builder)
+    return _from_metadata(data_config.name, builder, ndim)
+  return open_source
+
+
+def _folder_ndim(data_config) -> int:
+  config = config_value(data_config, 'config', '') or '2d'
+  if config not in ('2d', '3d'):
+    raise ValueError(
+        f"segmentation_folder takes config.data.config '2d' or '3d', got {config!r}.")
+  return int(config[0])
+
+
+def _folder_check(data_config) -> None:
+  _folder_ndim(data_config)
+  root = config_value(data_config, 'root', '')
+  if not root:
+    raise ValueError(
+        'segmentation_folder needs config.data.root, the folder of images and masks.')
+  if not os.path.isdir(os.path.expanduser(root)):
+    raise ValueError(f'config.data.root {root!r} is not a folder.')
+
+
+def _folder_options(data_config) -> dict[str, Any]:
+  """The options that decide a folder's built copy (they key its fingerprint)."""
+  colors = config_value(data_config, 'mask_colors', ()) or ()
+  ignore = config_value(data_config, 'ignore_index', None)
+  return {
+      'num_classes': config_value(data_config, 'num_classes', None) or None,  # 0: infer.
+      'mask_colors': tuple(tuple(int(v) for v in c) for c in colors) or None,
+      'ignore_index': None if ignore is None or ignore < 0 else int(ignore),
+  }
+
+
+def _open_folder(data_config) -> Source:
+  ndim = _folder_ndim(data_config)
+  root = os.path.abspath(os.path.expanduser(config_value(data_config, 'root', '')))
+  options = _folder_options(data_config)
+  pairs = folder_lib.list_pairs(root, ndim=ndim)  # Cheap checks on file names.
+  extra = '\0'.join(str(v) for v in (root, ndim, *options.values()))
+  digest = folder_lib.fingerprint(root, pairs, extra=extra)
+  fields = {f.name for f in dataclasses.fields(folder_lib.SegmentationFolderConfig)}
+  builder_config = folder_lib.SegmentationFolderConfig(
+      name=f'{ndim}d_{digest}', ndim=ndim, root=root,
+      **{k: v for k, v in options.items() if k in fields})
+  builder = tfds.builder('segmentation_folder', config=builder_config,
+                         data_dir=_data_dir(data_config))
+  build(builder)
+  source = _from_metadata('segmentation_folder', builder, ndim)
+  return dataclasses.replace(source, split_aliases={'validation': 'val'})
+
+
+def _pets_check(data_config) -> None:
+  if not config_value(data_config, 'image_size', None):
+    raise ValueError(
+        f'{pets.NAME} holds images of varying size; set config.data.image_size'
+        " (e.g. 128) and config.data.size_policy='resize'.")
+
+
+def _open_pets(data_config) -> Source:
+  builder = tfds.builder(pets.NAME, data_dir=_data_dir(data_config))
+  build(builder)
+  return Source(
+      name=pets.NAME, builder=builder, num_classes=pets.NUM_CLASSES, num_channels=3,
+      ndim=2, min_shape=None, max_shape=None, median_shape=None, spacing=None,
+      small_examples=(), splits=pets.SPLITS, split_aliases={'validation': 'test'},
+      to_image_label=pets.to_image_label)
+
+
+register('synthetic_shapes', Entry(ndim=lambda c: 2, check=_no_check,
+                                   open=_open_synthetic(2)))
+register('synthetic_volumes', Entry(ndim=lambda c: 3, check=_no_check,
+                                    open=_open_synthetic(3)))
+register('segmentation_folder', Entry(ndim=_folder_ndim, check=_folder_check,
+                                      open=_open_folder))
+register(pets.NAME, Entry(ndim=lambda c: 2, check=_pets_check, open=_open_pets))

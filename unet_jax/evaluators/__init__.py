@@ -1,0 +1,88 @@
+"""Evaluators, built from `config.evals`, after big_vision's `evaluators/`.
+
+    config.evals.eval = dict(type='confusion', split='validation', every_steps=200)
+    config.evals.cases = dict(type='per_case', split='test', every_steps=1000)
+
+Each entry names a registered type (`EVALUATORS`: 'confusion', 'per_case',
+'boundary') and its options:
+
+* type: the evaluator.
+* split: the split to evaluate ('' = `config.data.eval_split`).
+* every_steps: how often it runs; it also runs after the last step.
+* batch_size: the global batch (0 = `config.eval_batch_size`).
+* anything else is passed to the evaluator (e.g. `samples` for 'confusion',
+  `tolerance` for 'boundary'); an unknown option is an error.
+
+An evaluator has `run(state) -> dict of metrics`; the training loop writes
+them prefixed with the evaluator's name ('eval_dice', 'cases_dice_std', ...),
+and `config.best_metric` names the one that picks the best checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable
+
+from unet_jax.evaluators import boundary
+from unet_jax.evaluators import common
+from unet_jax.evaluators import confusion
+from unet_jax.evaluators import per_case
+
+EVALUATORS: dict[str, Callable[..., Any]] = {
+    'confusion': confusion.Evaluator,
+    'per_case': per_case.Evaluator,
+    'boundary': boundary.Evaluator,
+}
+COMMON_FIELDS = ('type', 'split', 'every_steps', 'batch_size')
+
+
+@dataclasses.dataclass
+class Scheduled:
+  """An evaluator with its name and period."""
+
+  name: str
+  evaluator: Any
+  every_steps: int
+
+  def due(self, step: int, last_step: int) -> bool:
+    return step % self.every_steps == 0 or step == last_step
+
+
+def _options(name: str, cfg: dict) -> tuple[Callable, dict]:
+  kind = cfg.get('type')
+  if kind not in EVALUATORS:
+    raise ValueError(f'config.evals.{name}.type={kind!r} is not one of'
+                     f' {sorted(EVALUATORS)}.')
+  cls = EVALUATORS[kind]
+  options = {k: v for k, v in cfg.items() if k not in COMMON_FIELDS}
+  accepted = [p for p in inspect.signature(cls).parameters if p != 'inputs']
+  unknown = sorted(set(options) - set(accepted))
+  if unknown:
+    raise ValueError(f'config.evals.{name} has unknown option(s) {unknown}; a {kind!r}'
+                     f' evaluator takes {sorted(COMMON_FIELDS) + accepted}.')
+  if int(cfg.get('every_steps', 0)) < 1:
+    raise ValueError(f'config.evals.{name}.every_steps must be positive, got'
+                     f' {cfg.get("every_steps")}.')
+  return cls, options
+
+
+def check_config(evals_config) -> None:
+  """Raises ValueError for an unknown type or option, before anything is built."""
+  for name, cfg in dict(evals_config).items():
+    _options(name, dict(cfg))
+
+
+def from_config(evals_config, *, data, predict, num_classes: int, workdir: str | None,
+                default_split: str, default_batch_size: int) -> list[Scheduled]:
+  """Builds the evaluators `config.evals` names, in the order of their names."""
+  scheduled = []
+  for name, cfg in dict(evals_config).items():
+    cfg = dict(cfg)
+    cls, options = _options(name, cfg)
+    inputs = common.Inputs(
+        name=name, data=data, predict=predict, num_classes=num_classes, workdir=workdir,
+        split=cfg.get('split') or default_split,
+        batch_size=int(cfg.get('batch_size') or default_batch_size))
+    scheduled.append(Scheduled(name, cls(inputs, **options), int(cfg['every_steps'])))
+  return scheduled

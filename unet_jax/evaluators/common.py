@@ -1,0 +1,118 @@
+"""What every evaluator shares: its inputs, the prediction pass, and CSV output."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import numpy as np
+
+from unet_jax import input_pipeline
+from unet_jax import runner as runner_lib
+
+_ID_BYTES = 256  # Case names travel between processes as fixed-width bytes.
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+  """What an evaluator is built with.
+
+  Attributes:
+    name: the evaluator's name in `config.evals`; prefixes its metrics.
+    data: the opened data set.
+    predict: (state, images [b, *spatial, C]) -> class maps [b, *spatial] of
+      this process's rows (`Runner.predict`).
+    num_classes: classes counted by the metrics (2 for a one-logit binary model).
+    workdir: where CSV files and pictures go; None writes nothing.
+    split: the split to evaluate.
+    batch_size: the global evaluation batch.
+  """
+
+  name: str
+  data: input_pipeline.Dataset
+  predict: Callable[[Any, np.ndarray], np.ndarray]
+  num_classes: int
+  workdir: str | None
+  split: str
+  batch_size: int
+
+
+def step_of(state: Any) -> int:
+  """The step a (replicated or per-device) train state is at."""
+  return int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
+
+
+def predictions(inputs: Inputs, state: Any) -> Iterator[tuple[dict, np.ndarray]]:
+  """One pass over the split: (batch, predicted class maps) for this process's rows.
+
+  Padding examples (batch['mask'] == 0) are included, so that every process
+  makes the same device calls; leave them out with `real_rows`.
+  """
+  for batch in inputs.data.eval_iterator(inputs.split, batch_size=inputs.batch_size):
+    yield batch, inputs.predict(state, batch['image'])
+
+
+def real_rows(batch: dict) -> np.ndarray:
+  """Indices of the real (not padding) examples of an eval batch."""
+  return np.flatnonzero(batch['mask'] > 0)
+
+
+def gather_cases(index: np.ndarray, ids: Sequence[str], values: np.ndarray
+                 ) -> tuple[list[str], np.ndarray]:
+  """Per-case rows of all processes, ordered by their index in the split.
+
+  Args:
+    index: [n] int, each case's index in the split (this process's cases).
+    ids: n case names.
+    values: [n, ...] float per-case values.
+
+  Returns:
+    (case names, values) of every process's cases, sorted by index.
+  """
+  encoded = np.zeros((len(ids), _ID_BYTES), np.uint8)
+  for i, name in enumerate(ids):
+    raw = name.encode('utf-8')[:_ID_BYTES]
+    encoded[i, :len(raw)] = np.frombuffer(raw, np.uint8)
+  index = runner_lib.gather_over_processes(np.asarray(index, np.int64))
+  encoded = runner_lib.gather_over_processes(encoded)
+  values = runner_lib.gather_over_processes(np.asarray(values, np.float64))
+  order = np.argsort(index, kind='stable')
+  names = [bytes(encoded[i]).rstrip(b'\0').decode('utf-8', 'replace') for i in order]
+  return names, values[order]
+
+
+def write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  """Writes a CSV atomically (a temporary name, then a rename); returns `path`."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  partial = path + '.tmp'
+  with open(partial, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(header)
+    for row in rows:
+      writer.writerow([f'{v:.6g}' if isinstance(v, float) else v for v in row])
+  os.replace(partial, path)
+  return path
+
+
+def nan_stats(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Mean and standard deviation over axis 0, ignoring NaN (NaN where all are)."""
+  values = np.asarray(values, np.float64)
+  present = ~np.isnan(values)
+  count = present.sum(axis=0)
+  total = np.where(present, values, 0).sum(axis=0)
+  mean = np.full(values.shape[1:], np.nan)
+  np.divide(total, count, out=mean, where=count > 0)
+  sq = np.where(present, (values - np.where(np.isnan(mean), 0, mean)) ** 2, 0).sum(axis=0)
+  std = np.full(values.shape[1:], np.nan)
+  np.divide(sq, count, out=std, where=count > 0)
+  return mean, np.sqrt(std)
+
+
+def mean_over(values) -> float:
+  """The mean of the non-NaN values (inf counts); NaN when there are none."""
+  values = np.asarray(values, np.float64)
+  values = values[~np.isnan(values)]
+  return float(values.mean()) if values.size else float('nan')
