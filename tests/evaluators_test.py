@@ -180,3 +180,42 @@ def test_from_config_builds_and_checks():
 def test_bad_evaluator_configs(entry, match):
   with pytest.raises(ValueError, match=match):
     evaluators.check_config({'x': entry})
+
+
+def test_volumes_larger_than_the_patch_are_evaluated_in_sliding_windows(tmp_path):
+  config = ml_collections.ConfigDict({
+      'name': 'synthetic_volumes', 'config': 'tiny', 'data_dir': str(tmp_path),
+      'train_split': 'train', 'eval_split': 'validation', 'size_policy': 'pad'})
+  volumes = input_pipeline.open(config, divisor=4)
+  assert volumes.info.eval_spatial_shape == (16, 32, 32)
+  calls = []
+
+  def logits(state, images):  # Pixel by pixel, so windows blend to the same result.
+    del state
+    calls.append(images.shape)
+    z = images[..., :1]
+    return np.concatenate([np.zeros_like(z), z - 0.5], axis=-1)
+
+  def predict(state, images):
+    return np.argmax(logits(state, images), axis=-1)
+
+  inputs = evaluators.common.Inputs(
+      name='eval', data=volumes, predict=predict, num_classes=2, workdir=None,
+      split='validation', batch_size=2, logits=logits)
+  whole = evaluators.confusion.Evaluator(inputs).run(STATE)
+  assert calls == [(2, 16, 32, 32, 1)] * 2  # 4 volumes, 2 a batch, whole.
+  calls.clear()
+  windows = evaluators.confusion.Evaluator(
+      dataclasses.replace(inputs, patch_size=(8, 16, 16), divisor=4)).run(STATE)
+  # 3 x 3 x 3 windows of each volume, 2 windows a call.
+  assert calls == [(2, 8, 16, 16, 1)] * (4 * 14)
+  assert windows == whole
+  assert 0 < whole['dice'] < 1
+
+
+def test_a_patch_the_model_cannot_take_is_refused():
+  evals = {'eval': {'type': 'confusion', 'every_steps': 1, 'patch_size': (8, 12, 16)}}
+  with pytest.raises(ValueError, match=r'patch_size=\(8, 12, 16\) must have one'):
+    evaluators.from_config(evals, data=None, predict=_predict, num_classes=2,
+                           workdir=None, default_split='val', default_batch_size=2,
+                           divisor=(1, 8, 8))

@@ -330,3 +330,26 @@ def test_helpers_reject_bad_input():
     sw.patch_positions((64, 64), 32, 1.5)
   with pytest.raises(ValueError, match='patch_size'):
     sw.gaussian_importance_map((0, 8))
+
+
+@pytest.mark.parametrize('flip_tta', [False, True])
+def test_an_already_compiled_apply_fn_gives_the_same_result(flip_tta):
+  """jit_apply=False: apply_fn takes and returns host arrays (the trainer's runner)."""
+  cumsum = lambda x: jnp.cumsum(x, axis=1) * 0.5 + x[..., :1]
+  compiled = jax.jit(cumsum)
+  calls = []
+
+  def on_host(batch):
+    assert isinstance(batch, np.ndarray)
+    calls.append(batch.shape)
+    return np.asarray(compiled(batch))
+
+  image = _image((30, 21, 2))
+  traced = sw.sliding_window_predict(cumsum, image, patch_size=16, flip_tta=flip_tta,
+                                     batch_size=3)
+  host = sw.sliding_window_predict(on_host, image, patch_size=16, flip_tta=flip_tta,
+                                   batch_size=3, jit_apply=False)
+  np.testing.assert_allclose(host, traced, rtol=1e-5, atol=1e-5)
+  positions = len(sw.patch_positions((30, 21), 16, 0.5))
+  assert len(calls) == -(-positions // 3) * (4 if flip_tta else 1)
+  assert set(calls) == {(3, 16, 16, 2)}

@@ -44,17 +44,19 @@ def _all_finite(tree) -> jax.Array:
 
 
 class Runner:
-  """Runs `train_step(state, batch)` and `predict_step(state, images)` on the devices.
+  """Runs the train, prediction and logits steps on the devices.
 
   Args:
     mode: 'jit' or 'pmap'.
-    train_step: the pure step; under pmap it must average over the axis 'data'.
-    predict_step: (state, images) -> logits or class maps, per example.
+    train_step: (state, batch) -> (state, metrics), pure; under pmap it must
+      average over the axis 'data'.
+    predict_step: (state, images) -> class maps, per example.
+    logits_step: (state, images) -> logits, per example.
     mesh: the device mesh ('jit').
   """
 
   def __init__(self, mode: str, *, train_step: Callable, predict_step: Callable,
-               mesh: Mesh | None = None):
+               logits_step: Callable, mesh: Mesh | None = None):
     if mode not in MODES:
       raise ValueError(f'parallelism must be one of {MODES}, got {mode!r}.')
     self.mode = mode
@@ -62,6 +64,7 @@ class Runner:
       self.n_local = jax.local_device_count()
       self._train = jax.pmap(train_step, axis_name=AXIS, donate_argnums=(0,))
       self._predict = jax.pmap(predict_step, axis_name=AXIS)
+      self._logits = jax.pmap(logits_step, axis_name=AXIS)
       self._finite = jax.pmap(_all_finite)
       return
     mesh = mesh or create_mesh()
@@ -70,8 +73,10 @@ class Runner:
     self._train = jax.jit(train_step, in_shardings=(self.replicated, self.sharded),
                           out_shardings=(self.replicated, self.replicated),
                           donate_argnums=(0,))
-    self._predict = jax.jit(predict_step, in_shardings=(self.replicated, self.sharded),
-                            out_shardings=self.sharded)
+    per_example = dict(in_shardings=(self.replicated, self.sharded),
+                       out_shardings=self.sharded)
+    self._predict = jax.jit(predict_step, **per_example)
+    self._logits = jax.jit(logits_step, **per_example)
     self._finite = jax.jit(_all_finite, out_shardings=self.replicated)
 
   def put_state(self, state: Any) -> Any:
@@ -102,8 +107,18 @@ class Runner:
     return state, metrics
 
   def predict(self, state: Any, images: np.ndarray) -> np.ndarray:
-    """`predict_step` on this process's rows of a global batch: its rows back, on host."""
-    out = self._predict(state, self.put_batch({'image': images})['image'])
+    """Class maps of this process's rows of a global batch, on the host."""
+    return self._local_rows(self._predict(state, self._put_images(images)))
+
+  def logits(self, state: Any, images: np.ndarray) -> np.ndarray:
+    """Logits of this process's rows of a global batch, on the host."""
+    return self._local_rows(self._logits(state, self._put_images(images)))
+
+  def _put_images(self, images: np.ndarray) -> jax.Array:
+    return self.put_batch({'image': images})['image']
+
+  def _local_rows(self, out: jax.Array) -> np.ndarray:
+    """This process's rows of a per-example output, in order, on the host."""
     if self.mode == 'pmap':
       return np.asarray(out).reshape((-1,) + out.shape[2:])
     # This process's rows of the global batch, in order: what it fed in.

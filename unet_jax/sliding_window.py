@@ -185,6 +185,24 @@ def _weighted_logits(patches, weight, *, apply_fn, flip_tta):
   return logits * weight[None, ..., None]
 
 
+def _host_weighted_logits(patches, weight, *, apply_fn, flip_tta):
+  """As `_weighted_logits`, for an `apply_fn` that is compiled already (no tracing)."""
+  ndim = patches.ndim - 2
+  flips = [tuple(1 + a for a in range(ndim) if mask[a])
+           for mask in itertools.product((False, True), repeat=ndim)]
+  total = None
+  for axes in flips if flip_tta else [()]:
+    x = np.flip(patches, axis=axes) if axes else patches
+    y = np.asarray(apply_fn(x), np.float32)
+    if y.ndim != x.ndim or y.shape[:-1] != x.shape[:-1]:
+      raise ValueError(
+          f'apply_fn must map patches {x.shape} to logits [{x.shape[0]},'
+          f" {', '.join(map(str, x.shape[1:-1]))}, K]; it returned shape {y.shape}.")
+    y = np.flip(y, axis=axes) if axes else y
+    total = y if total is None else total + y
+  return total / (len(flips) if flip_tta else 1) * weight[None, ..., None]
+
+
 def sliding_window_predict(
     apply_fn: Callable[[jax.Array], jax.Array],
     image,
@@ -197,6 +215,7 @@ def sliding_window_predict(
     padding_mode: str = 'reflect',
     divisor: int | Sequence[int] = 1,
     output: str = 'logits',
+    jit_apply: bool = True,
 ) -> np.ndarray:
   r"""Predicts one whole image or volume patch by patch, blending the overlaps.
 
@@ -241,6 +260,10 @@ def sliding_window_predict(
       multiples of (`models.input_divisor`); `patch_size` must respect it.
     output: 'logits', or 'probabilities': a softmax over K, or a sigmoid when K == 1,
       of the blended (and flip-averaged) logits, as nnU-Net does.
+    jit_apply: trace `apply_fn` into the jitted weighting (the default). False for
+      an `apply_fn` that is compiled already and takes and returns host arrays, such
+      as the training runner's sharded prediction: it is then called as it is, once
+      a batch (and flip), and the weighting is done on the host.
 
   Returns:
     float32 numpy array `[*image.shape[:-1], K]`.
@@ -289,8 +312,12 @@ def sliding_window_predict(
   weight = (gaussian_importance_map(patch) if mode == 'gaussian'
             else np.ones(patch, np.float32))
   weight_device = jnp.asarray(weight)
-  predict = functools.partial(_weighted_logits, weight=weight_device,
-                              apply_fn=apply_fn, flip_tta=bool(flip_tta))
+  if jit_apply:
+    predict = functools.partial(_weighted_logits, weight=weight_device,
+                                apply_fn=apply_fn, flip_tta=bool(flip_tta))
+  else:
+    predict = functools.partial(_host_weighted_logits, weight=weight,
+                                apply_fn=apply_fn, flip_tta=bool(flip_tta))
 
   out = None
   weight_sum = np.zeros(padded, np.float32)
@@ -313,7 +340,7 @@ def sliding_window_predict(
     batch = np.zeros((batch_size, *patch, image.shape[-1]), np.float32)
     for j, start in enumerate(starts):
       batch[j] = image[tuple(slice(s, s + p) for s, p in zip(start, patch))]
-    result = predict(jnp.asarray(batch))        # dispatched asynchronously
+    result = predict(jnp.asarray(batch) if jit_apply else batch)  # asynchronous
     if pending is not None:
       add(pending)                              # overlaps with the device's work
     pending = (result, starts)

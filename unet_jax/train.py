@@ -322,7 +322,8 @@ def _create_runner(config, tx) -> runner_lib.Runner:
       learning_rate_fn=create_learning_rate_fn(config), aug_config=config.augment,
       seed=config.seed, axis_name=axis)
   return runner_lib.Runner(config.parallelism, train_step=step,
-                           predict_step=functools.partial(predict_step, model=model))
+                           predict_step=functools.partial(predict_step, model=model),
+                           logits_step=functools.partial(logits_step, model=model))
 
 
 def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
@@ -351,7 +352,8 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   scheduled = evaluators.from_config(
       config.evals, data=data, predict=runner.predict, num_classes=num_metric_classes,
       workdir=workdir, default_split=config.data.eval_split,
-      default_batch_size=config.eval_batch_size)
+      default_batch_size=config.eval_batch_size, logits=runner.logits,
+      divisor=config_checks.divisor(config.model, ndim))
   return _Run(config=config, data=data, runner=runner, state=runner.put_state(state),
               start_step=start_step, manager=manager, record=record,
               evaluators=scheduled,

@@ -10,6 +10,9 @@ Each entry names a registered type (`EVALUATORS`: 'confusion', 'per_case',
 * split: the split to evaluate ('' = `config.data.eval_split`).
 * every_steps: how often it runs; it also runs after the last step.
 * batch_size: the global batch (0 = `config.eval_batch_size`).
+* patch_size: examples larger than this are predicted by Gaussian-weighted
+  sliding windows (3D volumes larger than the training patches); () = whole.
+* overlap: the sliding windows' overlap (default 0.5).
 * anything else is passed to the evaluator (e.g. `samples` for 'confusion',
   `tolerance` for 'boundary'); an unknown option is an error.
 
@@ -34,7 +37,7 @@ EVALUATORS: dict[str, Callable[..., Any]] = {
     'per_case': per_case.Evaluator,
     'boundary': boundary.Evaluator,
 }
-COMMON_FIELDS = ('type', 'split', 'every_steps', 'batch_size')
+COMMON_FIELDS = ('type', 'split', 'every_steps', 'batch_size', 'patch_size', 'overlap')
 
 
 @dataclasses.dataclass
@@ -73,8 +76,20 @@ def check_config(evals_config) -> None:
     _options(name, dict(cfg))
 
 
+def _patch(name: str, cfg: dict, divisor) -> tuple[int, ...] | None:
+  patch = tuple(int(p) for p in cfg.get('patch_size') or ())
+  if not patch:
+    return None
+  divisor = (divisor,) * len(patch) if isinstance(divisor, int) else tuple(divisor)
+  if len(patch) != len(divisor) or any(p < 1 or p % d for p, d in zip(patch, divisor)):
+    raise ValueError(f'config.evals.{name}.patch_size={patch} must have one positive'
+                     f' multiple of the model divisor {divisor} per axis.')
+  return patch
+
+
 def from_config(evals_config, *, data, predict, num_classes: int, workdir: str | None,
-                default_split: str, default_batch_size: int) -> list[Scheduled]:
+                default_split: str, default_batch_size: int, logits=None,
+                divisor=1) -> list[Scheduled]:
   """Builds the evaluators `config.evals` names, in the order of their names."""
   scheduled = []
   for name, cfg in dict(evals_config).items():
@@ -83,6 +98,8 @@ def from_config(evals_config, *, data, predict, num_classes: int, workdir: str |
     inputs = common.Inputs(
         name=name, data=data, predict=predict, num_classes=num_classes, workdir=workdir,
         split=cfg.get('split') or default_split,
-        batch_size=int(cfg.get('batch_size') or default_batch_size))
+        batch_size=int(cfg.get('batch_size') or default_batch_size), logits=logits,
+        patch_size=_patch(name, cfg, divisor), overlap=float(cfg.get('overlap', 0.5)),
+        divisor=divisor)
     scheduled.append(Scheduled(name, cls(inputs, **options), int(cfg['every_steps'])))
   return scheduled

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, Iterator, Sequence
 
@@ -12,6 +13,7 @@ import numpy as np
 
 from unet_jax import input_pipeline
 from unet_jax import runner as runner_lib
+from unet_jax import sliding_window
 
 _ID_BYTES = 256  # Case names travel between processes as fixed-width bytes.
 
@@ -29,6 +31,12 @@ class Inputs:
     workdir: where CSV files and pictures go; None writes nothing.
     split: the split to evaluate.
     batch_size: the global evaluation batch.
+    logits: (state, images) -> logits of this process's rows (`Runner.logits`),
+      for sliding windows.
+    patch_size: predict examples larger than this patch by sliding windows
+      (Gaussian-weighted, `sliding_window.sliding_window_predict`); None: whole.
+    overlap: the windows' overlap, in [0, 1).
+    divisor: what the model's input sizes must be multiples of, per axis.
   """
 
   name: str
@@ -38,6 +46,10 @@ class Inputs:
   workdir: str | None
   split: str
   batch_size: int
+  logits: Callable[[Any, np.ndarray], np.ndarray] | None = None
+  patch_size: tuple[int, ...] | None = None
+  overlap: float = 0.5
+  divisor: tuple[int, ...] | int = 1
 
 
 def step_of(state: Any) -> int:
@@ -45,14 +57,32 @@ def step_of(state: Any) -> int:
   return int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
 
 
+def _classes(logits: np.ndarray) -> np.ndarray:
+  """Class maps from logits, as the model's predict step makes them."""
+  if logits.shape[-1] == 1:
+    return (logits[..., 0] > 0).astype(np.int32)
+  return np.argmax(logits, axis=-1).astype(np.int32)
+
+
 def predictions(inputs: Inputs, state: Any) -> Iterator[tuple[dict, np.ndarray]]:
   """One pass over the split: (batch, predicted class maps) for this process's rows.
 
-  Padding examples (batch['mask'] == 0) are included, so that every process
-  makes the same device calls; leave them out with `real_rows`.
+  Examples larger than `inputs.patch_size` are predicted by sliding windows,
+  one example at a time, each window batch on all devices. Padding examples
+  (batch['mask'] == 0) are included, so that every process makes the same
+  device calls; leave them out with `real_rows`.
   """
+  patch = inputs.patch_size
   for batch in inputs.data.eval_iterator(inputs.split, batch_size=inputs.batch_size):
-    yield batch, inputs.predict(state, batch['image'])
+    images = batch['image']
+    if patch is None or all(s <= p for s, p in zip(images.shape[1:-1], patch)):
+      yield batch, inputs.predict(state, images)
+      continue
+    apply = functools.partial(inputs.logits, state)
+    logits = [sliding_window.sliding_window_predict(
+        apply, image, patch_size=patch, overlap=inputs.overlap, divisor=inputs.divisor,
+        batch_size=len(images), jit_apply=False) for image in images]
+    yield batch, _classes(np.stack(logits))
 
 
 def real_rows(batch: dict) -> np.ndarray:
