@@ -1,12 +1,15 @@
-r"""Trains and evaluates a U-Net. Flags and process-wide setup; the work is in unet_jax.
+r"""Trains a U-Net, predicts with a trained one, or exports it. Flags and process setup.
 
     python launch.py --config=configs/dice_bce.py --workdir=runs/demo
     python launch.py --config=configs/dice_bce.py --workdir=runs/demo \
         --config.optimizer.learning_rate=3e-4
+    python launch.py --mode=predict --workdir=runs/demo --input=scans/ --output=out/
+    python launch.py --mode=export --workdir=runs/demo --output=model.jax
 
-Running the same command again resumes from the latest checkpoint in --workdir.
-SIGINT (Ctrl-C) or SIGTERM (what SLURM and TPU preemption send first) stops the
-run after the current step with a checkpoint; a second signal exits at once.
+Training: running the same command again resumes from the latest checkpoint in
+--workdir. SIGINT (Ctrl-C) or SIGTERM (what SLURM and TPU preemption send first)
+stops the run after the current step with a checkpoint; a second signal exits at
+once. Prediction and export: see unet_jax/predict.py and unet_jax/inference.py.
 """
 
 import logging as py_logging
@@ -24,15 +27,29 @@ from ml_collections import config_flags
 from unet_jax import train
 
 FLAGS = flags.FLAGS
+flags.DEFINE_enum('mode', 'train', ['train', 'predict', 'export'], 'What to do.')
 flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs and samples.')
+flags.DEFINE_string('input', None, 'predict: an image or volume, or a folder of them.')
+flags.DEFINE_string('output', None, 'predict: the output folder; export: the file.')
+flags.DEFINE_string('step', 'best', "predict, export: 'best', 'latest' or a step.")
+flags.DEFINE_float('overlap', 0.5, 'predict: overlap of the sliding windows.')
+flags.DEFINE_bool('tta', False, 'predict: average over all axis flips.')
+flags.DEFINE_list('spatial_shape', None, 'export: input size (default: as trained).')
 flags.DEFINE_bool(
     'distributed', None,
     'Call jax.distributed.initialize() (multi-process jobs). Default: when the '
     'environment names a coordinator (JAX_COORDINATOR_ADDRESS) or a multi-task '
     'SLURM / Open MPI job.')
-config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.',
+config_flags.DEFINE_config_file('config', None, 'train: a configs/*.py file.',
                                 lock_config=True)
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flags_as_required(['workdir'])
+flags.register_multi_flags_validator(
+    ['mode', 'config', 'input', 'output'],
+    lambda f: (f['mode'] != 'train' or f['config'] is not None) and (
+        f['mode'] != 'predict' or (f['input'] and f['output'])) and (
+            f['mode'] != 'export' or f['output']),
+    message='--mode=train needs --config; predict needs --input and --output; export'
+    ' needs --output.')
 
 
 class _LibraryInfoFilter:
@@ -73,10 +90,30 @@ def _stop_on_signals() -> threading.Event:
   return stop
 
 
+def _predict_or_export() -> None:
+  if FLAGS.mode == 'predict':
+    from unet_jax import predict  # pylint: disable=g-import-not-at-top
+    predict.run(FLAGS.workdir, FLAGS.input, FLAGS.output, step=FLAGS.step,
+                overlap=FLAGS.overlap, tta=FLAGS.tta)
+  else:
+    from unet_jax import inference  # pylint: disable=g-import-not-at-top
+    shape = [int(s) for s in FLAGS.spatial_shape] if FLAGS.spatial_shape else None
+    path = inference.export_run(FLAGS.workdir, FLAGS.output, step=FLAGS.step,
+                                spatial_shape=shape)
+    print(f'Wrote {path}.')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+  if FLAGS.mode != 'train':
+    try:
+      _predict_or_export()
+    except (ValueError, FileNotFoundError) as e:
+      print(f'Error: {e}', file=sys.stderr, flush=True)
+      sys.exit(2)
+    return
   distributed = FLAGS.distributed
   if distributed is None:
     distributed = _launched_as_several_processes()

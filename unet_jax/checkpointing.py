@@ -50,7 +50,9 @@ def create_manager(directory: str, *, keep: int, best_metric: str = 'eval_dice',
       enable_async_checkpointing=False,
       create=True,
   )
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  # The handler named up front lets `metadata` read steps without warnings.
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               item_handlers=ocp.StandardCheckpointHandler())
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, *,

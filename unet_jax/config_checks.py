@@ -150,6 +150,7 @@ def state_record(config, info) -> dict[str, Any]:
   record = json.loads(config.to_json_best_effort())
   record['data_shape'] = {'num_channels': info.num_channels,
                           'ndim': len(info.spatial_shape)}
+  record['input'] = {'spatial_shape': list(info.spatial_shape)}  # What training fed.
   return record
 
 

@@ -166,7 +166,7 @@ def _shapes(data_config, source: sources.Source, divisor) -> _Shapes:
   return _Shapes(train=train, eval=eval_shape, patch=patch)
 
 
-def _normalise(image: np.ndarray) -> np.ndarray:
+def normalise(image: np.ndarray) -> np.ndarray:
   """Per-channel z-score over the spatial axes: float32 [*spatial, C]."""
   flat = image.reshape(-1, image.shape[-1]).astype(np.float32, copy=False)
   mean = flat.mean(axis=0)
@@ -328,7 +328,7 @@ class Dataset:
     label = example.label
     if self._ignore is not None:
       label = np.where(label == self._ignore, IGNORE_LABEL, label).astype(np.int32)
-    return dataclasses.replace(example, image=_normalise(example.image), label=label)
+    return dataclasses.replace(example, image=normalise(example.image), label=label)
 
   def train_iterator(self, start_step: int = 0, *, batch_size: int, seed: int,
                      process_index: int | None = None,

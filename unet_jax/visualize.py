@@ -74,3 +74,52 @@ def save_sample_grid(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]
   fig.savefig(path, dpi=80)
   plt.close(fig)
   return path
+
+
+def _blend(image: np.ndarray, mask: np.ndarray, num_classes: int) -> np.ndarray:
+  """RGB [H, W, 3]: the image in grey (or colour) with classes >= 1 tinted over it."""
+  shown = _display_image(image)
+  rgb = np.repeat(shown[..., None], 3, axis=-1) if shown.ndim == 2 else shown
+  colours = plt.get_cmap('tab10')(np.arange(max(num_classes, 2)) % 10)[:, :3]
+  tint = colours[np.clip(mask, 0, num_classes - 1)]
+  alpha = np.where(mask[..., None] > 0, 0.45, 0.0)
+  return (1 - alpha) * rgb + alpha * tint
+
+
+def save_overlay(image: np.ndarray, mask: np.ndarray, path: str, *, num_classes: int,
+                 title: str = '') -> str:
+  """Writes a PNG of an image with its class map drawn over it.
+
+  Args:
+    image: [H, W, C] or [D, H, W, C].
+    mask: [H, W] or [D, H, W] class indices; 0 (background) is left clear.
+    path: the PNG to write (format from the name).
+    num_classes: fixes the colour of each class (matplotlib's tab10 cycle).
+    title: a figure title.
+
+  Returns:
+    `path`. A 3D example shows the middle slice along each axis (D, H, W).
+  """
+  image, mask = np.asarray(image), np.asarray(mask)
+  if mask.ndim == 2:
+    panels = [(_blend(image, mask, num_classes), '')]
+  else:
+    panels = []
+    for axis, name in enumerate('DHW'):
+      middle = mask.shape[axis] // 2
+      panels.append((_blend(np.take(image, middle, axis=axis),
+                            np.take(mask, middle, axis=axis), num_classes),
+                     f'middle slice along {name}'))
+  fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4),
+                           squeeze=False)
+  for ax, (rgb, name) in zip(axes[0], panels):
+    ax.imshow(rgb, interpolation='nearest')
+    ax.set_title(name, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80, format='png')
+  plt.close(fig)
+  return path

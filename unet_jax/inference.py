@@ -1,0 +1,258 @@
+"""A trained run as a predictor: its model and variables, restored from the workdir.
+
+    predictor = inference.load('runs/demo', step='best')
+    logits = predictor.predict(image)            # [H, W, C] -> float32 [H, W, K]
+    classes = predictor.classes(logits)          # [H, W] int
+
+`load` reads the config each checkpoint recorded (or `config.json` for an older
+checkpoint), rebuilds the model from it, and restores only the parameters and
+BatchNorm statistics with orbax: the optimizer state is not read. `predict`
+normalises an image as training did (z-score per channel), and predicts it
+whole, or by Gaussian-weighted sliding windows when it is larger than the patch
+(the run's training patch for 3D; `patch_size` to choose), with optional flip
+test-time augmentation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from unet_jax import checkpointing
+from unet_jax import config_checks
+from unet_jax import input_pipeline
+from unet_jax import models
+from unet_jax import sliding_window
+from unet_jax import train
+
+STEPS = ('best', 'latest')
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictor:
+  """A restored model that predicts images.
+
+  Attributes:
+    model: the UNet, rebuilt from the run's config.
+    variables: {'params': ..., 'batch_stats': ...}, host arrays.
+    config: the config the checkpoint was written with.
+    step: the checkpoint's step.
+    num_channels: input channels the model takes.
+    ndim: 2 or 3 spatial axes.
+    divisor: what input sizes must be multiples of, per axis.
+    patch_size: the default sliding-window patch (the training patch), or None
+      to predict images whole.
+    train_shape: the spatial shape training fed the model, if recorded.
+  """
+
+  model: models.UNet
+  variables: dict[str, Any]
+  config: ml_collections.ConfigDict
+  step: int
+  num_channels: int
+  ndim: int
+  divisor: tuple[int, ...]
+  patch_size: tuple[int, ...] | None
+  train_shape: tuple[int, ...] | None = None
+
+  @functools.cached_property
+  def apply(self):
+    """Jitted logits of a batch: float32 [b, *spatial, C] -> [b, *spatial, K]."""
+    model, variables = self.model, jax.device_put(self.variables)
+
+    @jax.jit
+    def apply(images):
+      out = model.apply(variables, images, train=False)
+      return out[0] if isinstance(out, tuple) else out
+    return apply
+
+  def check(self, image: np.ndarray, *, name: str = 'image') -> None:
+    """Raises ValueError naming `name` if the model cannot take `image` [*spatial, C]."""
+    image = np.asarray(image)
+    if image.ndim != self.ndim + 1:
+      kind = 'volume [D, H, W, C]' if self.ndim == 3 else 'image [H, W, C]'
+      raise ValueError(f'{name}: shape {image.shape} is not a {kind}: the model of this'
+                       f' run is {self.ndim}D.')
+    if image.shape[-1] != self.num_channels:
+      raise ValueError(f'{name}: {image.shape[-1]} channel(s), but the model takes'
+                       f' {self.num_channels}.')
+
+  def predict(self, image: np.ndarray, *, patch_size: Sequence[int] | None = None,
+              overlap: float = 0.5, flip_tta: bool = False, output: str = 'logits',
+              batch_size: int = 4) -> np.ndarray:
+    """Logits (or probabilities) of one raw image [*spatial, C], at its own size.
+
+    The image is normalised as in training, padded by mirroring where the model
+    cannot take its size, and predicted by sliding windows of `patch_size`
+    (default: `self.patch_size`; whole when None), cropped back.
+
+    Returns:
+      float32 [*spatial, K].
+    """
+    self.check(image)
+    image = input_pipeline.normalise(np.asarray(image, np.float32))
+    patch = patch_size or self.patch_size
+    return sliding_window.sliding_window_predict(
+        self.apply, image, patch_size=patch, overlap=overlap, mode='gaussian',
+        batch_size=batch_size, flip_tta=flip_tta, divisor=self.divisor, output=output)
+
+  @staticmethod
+  def classes(logits: np.ndarray) -> np.ndarray:
+    """Class maps from logits [..., K]: argmax, or logit > 0 for one sigmoid logit."""
+    logits = np.asarray(logits)
+    if logits.shape[-1] == 1:
+      return (logits[..., 0] > 0).astype(np.int32)
+    return np.argmax(logits, axis=-1).astype(np.int32)
+
+
+def _pick_step(manager, step, config, where: str) -> int:
+  steps = manager.all_steps()
+  if not steps:
+    raise FileNotFoundError(f'{where} holds no finished checkpoint.')
+  if step == 'latest':
+    return manager.latest_step()
+  if step == 'best':
+    best = checkpointing.best_step(manager, best_metric=config.get('best_metric',
+                                                                   'eval_dice'),
+                                   best_mode=config.get('best_mode', 'max'))
+    return manager.latest_step() if best is None else best
+  if isinstance(step, str) and not step.isdigit():
+    raise ValueError(f'step={step!r} must be one of {STEPS} or a step number.')
+  if int(step) not in steps:
+    raise FileNotFoundError(f'{where} has no checkpoint of step {step}; it has {steps}.')
+  return int(step)
+
+
+def _run_config(manager, step: int, workdir: str) -> tuple[dict, dict]:
+  """The config a step was written with, and its data shape."""
+  record = checkpointing.read_record(manager, step)
+  if record is None:  # Written before checkpoints recorded their config.
+    path = os.path.join(workdir, 'config.json')
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'{workdir}: checkpoint {step} records no config and there'
+                              ' is no config.json to rebuild the model from.')
+    with open(path) as f:
+      record = json.load(f)
+  record = dict(record)
+  data_shape = dict(record.pop('data_shape', None) or {})
+  data_shape.update(record.pop('input', None) or {})
+  return record, data_shape
+
+
+def load(workdir: str, *, step: str | int = 'best') -> Predictor:
+  """Restores a run's model for prediction.
+
+  Args:
+    workdir: the run's folder (what `launch.py --workdir` was given).
+    step: 'best' (by the run's `best_metric`; the latest when no step was
+      evaluated), 'latest', or a step number.
+
+  Returns:
+    A `Predictor`.
+
+  Raises:
+    FileNotFoundError: naming the path, for a missing workdir or checkpoint.
+    ValueError: naming the checkpoint, if it does not fit the config it records.
+  """
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f'--workdir {workdir!r} does not exist.')
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f'{workdir!r} holds no checkpoints/ folder: train first.')
+  manager = checkpointing.create_manager(ckpt_dir, keep=1_000_000)
+  try:
+    latest = manager.latest_step()
+    first, _ = _run_config(manager, latest, workdir) if latest is not None else ({}, {})
+    chosen = _pick_step(manager, step, ml_collections.ConfigDict(first), ckpt_dir)
+    record, data_shape = _run_config(manager, chosen, workdir)
+    config = ml_collections.ConfigDict(record)
+    where = os.path.join(ckpt_dir, str(chosen))
+    ndim = int(data_shape.get('ndim') or len(config.data.get('patch_size') or ()) or 2)
+    channels = int(data_shape.get('num_channels') or 1)
+    variables = _restore_variables(ckpt_dir, chosen, config, ndim, channels, where)
+  finally:
+    manager.close()
+  model = train.create_model(config.model)
+  patch = tuple(config.data.get('patch_size') or ()) or None
+  return Predictor(model=model, variables=variables, config=config, step=chosen,
+                   num_channels=channels, ndim=ndim,
+                   divisor=config_checks.divisor(config.model, ndim), patch_size=patch,
+                   train_shape=tuple(data_shape.get('spatial_shape') or ()) or None)
+
+
+def _restore_variables(ckpt_dir, step, config, ndim, channels, where) -> dict[str, Any]:
+  """Parameters and BatchNorm statistics only, checked against the model's shapes."""
+  model = train.create_model(config.model)
+  size = config_checks.divisor(config.model, ndim)
+  abstract = jax.eval_shape(
+      functools.partial(model.init, train=False), jax.random.key(0),
+      jnp.zeros((1, *size, channels), jnp.float32))
+  item = {'params': abstract['params']}
+  if jax.tree.leaves(abstract.get('batch_stats', {})):
+    item['batch_stats'] = abstract['batch_stats']
+  # A partial restore (no optimizer state) needs the PyTree handler, not the
+  # Standard one the training manager registers.
+  reader = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
+      create=False, enable_async_checkpointing=False))
+  try:
+    restored = reader.restore(step, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True))
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f'{where} does not fit the model its config describes'
+                     f' ({type(e).__name__}: {str(e)[:300]}).') from None
+  finally:
+    reader.close()
+  wanted = jax.tree_util.tree_flatten_with_path(item)[0]
+  got = dict(jax.tree_util.tree_flatten_with_path(
+      {k: restored[k] for k in item})[0])
+  for path, leaf in wanted:
+    shape = np.shape(got.get(path))
+    if shape != leaf.shape:
+      raise ValueError(
+          f'{where} does not fit the model its config describes:'
+          f' {jax.tree_util.keystr(path)} has shape {shape} in the checkpoint, the'
+          f' model needs {leaf.shape}.')
+  return {k: restored[k] for k in item}
+
+
+def export_run(workdir: str, output: str, *, step: str | int = 'best',
+               spatial_shape: Sequence[int] | None = None) -> str:
+  """Writes a run's inference function as a `jax.export` file (see `unet_jax.export`).
+
+  Args:
+    workdir: the run's folder.
+    output: the file to write (e.g. model.jax); written under a temporary name,
+      then renamed.
+    step: as in `load`.
+    spatial_shape: the input size the file takes; default the size training fed
+      the model (its patch size for patch-based runs).
+
+  Returns:
+    `output`. The file takes float32 [b, *spatial_shape, C] for any b and needs
+    only JAX to run.
+  """
+  from unet_jax import export  # pylint: disable=g-import-not-at-top
+  predictor = load(workdir, step=step)
+  shape = tuple(spatial_shape or ()) or predictor.train_shape or predictor.patch_size
+  if not shape:
+    raise ValueError(f'{workdir}: the run records no input size; pass --spatial_shape.')
+  serialised = export.export_predict_fn(predictor.model, predictor.variables,
+                                        spatial_shape=shape,
+                                        num_channels=predictor.num_channels)
+  folder = os.path.dirname(os.path.abspath(output))
+  os.makedirs(folder, exist_ok=True)
+  partial = os.path.join(folder, f'.{os.path.basename(output)}.partial-{os.getpid()}')
+  with open(partial, 'wb') as f:
+    f.write(serialised)
+  os.replace(partial, output)
+  return output
