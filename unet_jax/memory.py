@@ -221,6 +221,57 @@ def _check_positive(**values):
       raise ValueError(f'{name} must be a positive integer, got {value!r}.')
 
 
+def _conv_params(k, cin, cout, use_bias) -> int:
+  return math.prod(k) * cin * cout + (cout if use_bias else 0)
+
+
+class _Graph:
+  """Collects the forward ops of a UNet, its parameter and statistics counts."""
+
+  def __init__(self, *, batch, itemsize, norm):
+    self.batch, self.itemsize, self.norm = batch, itemsize, norm
+    self.ops: list[_Op] = []
+    self.params = 0
+    self.stats = 0
+
+  def add(self, name, out, size, width, inputs, **kwargs) -> str:
+    self.ops.append(_Op(name, out, (self.batch, *size, width), self.itemsize, inputs,
+                        **kwargs))
+    return out
+
+  def block(self, prefix, x, cin, width, k, size) -> str:
+    """Two (conv -> norm -> ReLU) layers; returns the name of the output."""
+    for i in range(2):
+      pre = self.add(f'{prefix}/conv{i}', f'{prefix}/c{i}', size, width, (x,),
+                     saves=(x,), block=prefix)
+      self.params += _conv_params(k, cin, width, self.norm == 'none')
+      if self.norm != 'none':
+        # The norm's gradient reads its input (and per-channel statistics).
+        pre = self.add(f'{prefix}/norm{i}', f'{prefix}/n{i}', size, width, (pre,),
+                       saves=(pre,), elementwise=True, block=prefix)
+        self.params += 2 * width
+        self.stats += 2 * width if self.norm == 'batch' else 0
+      # ReLU's gradient reads its input (where it is positive).
+      x = self.add(f'{prefix}/relu{i}', f'{prefix}/r{i}', size, width, (pre,),
+                   saves=(pre,), elementwise=True, block=prefix)
+      cin = width
+    return x
+
+  def upsample(self, prefix, x, cin, width, size, pool, *, mode, conv_kernel) -> str:
+    """The decoder's upsampling to `size` and `width`, as `models.Upsample` runs it."""
+    if mode == 'transpose':
+      self.params += _conv_params(pool, cin, width, True)
+      return self.add(f'{prefix}/upsample', f'{prefix}/u', size, width, (x,), saves=(x,))
+    self.params += _conv_params((conv_kernel,) * len(size), cin, width, True)
+    if conv_kernel == 1:   # the 1x1 conv runs before the resize
+      low = tuple(s // p for s, p in zip(size, pool))
+      uc = self.add(f'{prefix}/upsample_conv', f'{prefix}/uc', low, width, (x,),
+                    saves=(x,))
+      return self.add(f'{prefix}/upsample', f'{prefix}/u', size, width, (uc,))
+    ur = self.add(f'{prefix}/upsample_resize', f'{prefix}/ur', size, cin, (x,))
+    return self.add(f'{prefix}/upsample', f'{prefix}/u', size, width, (ur,), saves=(ur,))
+
+
 def _graph(*, spatial_shape, in_channels, num_classes, features, depth, kernel_sizes,
            pool_sizes, norm, upsample, upsample_conv_kernel, batch, itemsize,
            training):
@@ -231,83 +282,35 @@ def _graph(*, spatial_shape, in_channels, num_classes, features, depth, kernel_s
                                        pool_sizes=pool_sizes)
   divisor = models.input_divisor(ndim=ndim, depth=depth, pool_sizes=pool_sizes)
   models.check_spatial_shape(spatial_shape, divisor)
-  ops: list[_Op] = []
-  params = 0
-  stats = 0
-  bias = norm == 'none'
-
-  def conv_params(k, cin, cout, use_bias):
-    return math.prod(k) * cin * cout + (cout if use_bias else 0)
-
-  def block(prefix, x, cin, width, k, size):
-    nonlocal params, stats
-    for i in range(2):
-      shape = (batch, *size, width)
-      ops.append(_Op(f'{prefix}/conv{i}', f'{prefix}/c{i}', shape, itemsize, (x,),
-                     saves=(x,), block=prefix))
-      params += conv_params(k, cin, width, bias)
-      pre = f'{prefix}/c{i}'
-      if norm != 'none':
-        # The norm's gradient reads its input (and per-channel statistics).
-        ops.append(_Op(f'{prefix}/norm{i}', f'{prefix}/n{i}', shape, itemsize, (pre,),
-                       saves=(pre,), elementwise=True, block=prefix))
-        params += 2 * width
-        stats += 2 * width if norm == 'batch' else 0
-        pre = f'{prefix}/n{i}'
-      # ReLU's gradient reads its input (where it is positive).
-      ops.append(_Op(f'{prefix}/relu{i}', f'{prefix}/r{i}', shape, itemsize, (pre,),
-                     saves=(pre,), elementwise=True, block=prefix))
-      x, cin = f'{prefix}/r{i}', width
-    return x
-
+  g = _Graph(batch=batch, itemsize=itemsize, norm=norm)
   size = tuple(spatial_shape)
   sizes, skips = [], []
   x, cin = 'input', in_channels
   for level in range(depth):
     width = features * 2**level
-    x = block(f'encoder{level}', x, cin, width, kernels[level], size)
+    x = g.block(f'encoder{level}', x, cin, width, kernels[level], size)
     sizes.append(size)
     skips.append(x)
     size = tuple(s // p for s, p in zip(size, pools[level]))
-    ops.append(_Op(f'encoder{level}/pool', f'encoder{level}/p', (batch, *size, width),
-                   itemsize, (x,), saves=(x,)))
-    x, cin = f'encoder{level}/p', width
+    x = g.add(f'encoder{level}/pool', f'encoder{level}/p', size, width, (x,), saves=(x,))
+    cin = width
   width = features * 2**depth
-  x = block('bottleneck', x, cin, width, kernels[depth], size)
+  x = g.block('bottleneck', x, cin, width, kernels[depth], size)
   cin = width
   for level in reversed(range(depth)):
-    width = features * 2**level
-    size = sizes[level]
-    prefix = f'decoder{level}'
-    if upsample == 'transpose':
-      ops.append(_Op(f'{prefix}/upsample', f'{prefix}/u', (batch, *size, width),
-                     itemsize, (x,), saves=(x,)))
-      params += conv_params(pools[level], cin, width, True)
-    else:
-      k = (upsample_conv_kernel,) * ndim
-      low = tuple(s // p for s, p in zip(size, pools[level]))
-      if upsample_conv_kernel == 1:   # the 1x1 conv runs before the resize
-        ops.append(_Op(f'{prefix}/upsample_conv', f'{prefix}/uc', (batch, *low, width),
-                       itemsize, (x,), saves=(x,)))
-        ops.append(_Op(f'{prefix}/upsample', f'{prefix}/u', (batch, *size, width),
-                       itemsize, (f'{prefix}/uc',)))
-      else:
-        ops.append(_Op(f'{prefix}/upsample_resize', f'{prefix}/ur',
-                       (batch, *size, cin), itemsize, (x,)))
-        ops.append(_Op(f'{prefix}/upsample', f'{prefix}/u', (batch, *size, width),
-                       itemsize, (f'{prefix}/ur',), saves=(f'{prefix}/ur',)))
-      params += conv_params(k, cin, width, True)
-    ops.append(_Op(f'{prefix}/concat', f'{prefix}/cat', (batch, *size, 2 * width),
-                   itemsize, (skips[level], f'{prefix}/u')))
-    x = block(prefix, f'{prefix}/cat', 2 * width, width, kernels[level], size)
+    width, size, prefix = features * 2**level, sizes[level], f'decoder{level}'
+    up = g.upsample(prefix, x, cin, width, size, pools[level], mode=upsample,
+                    conv_kernel=upsample_conv_kernel)
+    cat = g.add(f'{prefix}/concat', f'{prefix}/cat', size, 2 * width, (skips[level], up))
+    x = g.block(prefix, cat, 2 * width, width, kernels[level], size)
     cin = width
-  ops.append(_Op('head', 'logits', (batch, *spatial_shape, num_classes), 4, (x,),
-                 saves=(x,)))
-  params += conv_params((1,) * ndim, cin, num_classes, True)
+  g.ops.append(_Op('head', 'logits', (batch, *spatial_shape, num_classes), 4, (x,),
+                   saves=(x,)))
+  g.params += _conv_params((1,) * ndim, cin, num_classes, True)
   if training:
-    ops.append(_Op('loss', 'probabilities', (batch, *spatial_shape, num_classes), 4,
-                   ('logits',), saves=('probabilities',)))
-  return ops, params, stats
+    g.ops.append(_Op('loss', 'probabilities', (batch, *spatial_shape, num_classes), 4,
+                     ('logits',), saves=('probabilities',)))
+  return g.ops, g.params, g.stats
 
 
 def _inference_peak(ops: Sequence[_Op]) -> tuple[int, str]:

@@ -203,6 +203,78 @@ def _host_weighted_logits(patches, weight, *, apply_fn, flip_tta):
   return total / (len(flips) if flip_tta else 1) * weight[None, ..., None]
 
 
+def _check_arguments(apply_fn, image, *, patch_size, overlap, mode, batch_size,
+                     padding_mode, divisor, output) -> tuple[np.ndarray, tuple[int, ...]]:
+  """The image as an array and the patch size; a ValueError for any bad argument."""
+  image = np.asarray(image)
+  if image.ndim not in (3, 4):
+    raise ValueError(
+        f'image must be one [H, W, C] image or [D, H, W, C] volume, channels last;'
+        f' got shape {image.shape} (rank {image.ndim}). Predict a batch one image at'
+        ' a time.')
+  ndim = image.ndim - 1
+  spatial = image.shape[:-1]
+  if min(image.shape) < 1:
+    raise ValueError(f'image has an empty axis: shape {image.shape}.')
+  div = _per_axis(divisor, ndim, 'divisor')
+  if patch_size is None:
+    patch = tuple(-(-s // d) * d for s, d in zip(spatial, div))
+  else:
+    patch = _per_axis(patch_size, ndim, 'patch_size')
+  for p, d in zip(patch, div):
+    if p % d:
+      raise ValueError(
+          f'patch_size={patch} is not a multiple of divisor={div}: the network only'
+          ' takes sizes that are multiples of the product of its pooling strides.')
+  _check_overlap(overlap)
+  if mode not in MODES:
+    raise ValueError(f'mode={mode!r} is not one of {MODES}.')
+  if padding_mode not in PADDING_MODES:
+    raise ValueError(f'padding_mode={padding_mode!r} is not one of {PADDING_MODES}.')
+  if output not in OUTPUTS:
+    raise ValueError(f'output={output!r} is not one of {OUTPUTS}.')
+  if not isinstance(batch_size, int) or isinstance(batch_size, bool) or \
+      batch_size < 1:
+    raise ValueError(f'batch_size={batch_size!r} must be a positive integer.')
+  if not callable(apply_fn):
+    raise ValueError(f'apply_fn={apply_fn!r} is not callable.')
+
+  return image, patch
+
+
+def _accumulate(predict, image, positions, patch, weight, batch_size, *, jit_apply):
+  """Sums the weighted logits of every patch, and the weights, over the image."""
+  padded = image.shape[:-1]
+  out = None
+  weight_sum = np.zeros(padded, np.float32)
+
+  def add(pending):
+    nonlocal out
+    result, starts = pending
+    result = np.asarray(result)
+    if out is None:
+      out = np.zeros(padded + result.shape[-1:], np.float32)
+    for logits, start in zip(result, starts):
+      window = tuple(slice(s, s + p) for s, p in zip(start, patch))
+      out[window] += logits
+      weight_sum[window] += weight
+
+  pending = None
+  for first in range(0, len(positions), batch_size):
+    starts = positions[first:first + batch_size]
+    # A fresh buffer each batch: on CPU the device array may alias it.
+    batch = np.zeros((batch_size, *patch, image.shape[-1]), np.float32)
+    for j, start in enumerate(starts):
+      batch[j] = image[tuple(slice(s, s + p) for s, p in zip(start, patch))]
+    result = predict(jnp.asarray(batch) if jit_apply else batch)  # asynchronous
+    if pending is not None:
+      add(pending)                              # overlaps with the device's work
+    pending = (result, starts)
+  add(pending)
+
+  return out, weight_sum
+
+
 def sliding_window_predict(
     apply_fn: Callable[[jax.Array], jax.Array],
     image,
@@ -230,9 +302,10 @@ def sliding_window_predict(
   whole image this is `apply_fn(image[None])[0]`.
 
   Memory: the image, the output and the weight map live on the host (numpy), as
-  float32: about `4 * (C + K + 1)` bytes per (padded) pixel, growing linearly with
-  the image, plus one more float32 copy of the output (`4 * K` per pixel) when it is
-  cropped after padding (probabilities are computed in place). The device holds the
+  float32: about `4 * (C + K + 1)` bytes per (padded) pixel while blending, growing
+  linearly with the image. When the image was padded, the output is cropped into a
+  copy (`4 * K` bytes per pixel) after the weight map is freed, so the peak is the
+  larger of the two phases (probabilities are computed in place). The device holds the
   importance map, two batches in flight (one computing while the host adds the
   previous one) and `apply_fn`'s activations for one batch: fixed by `batch_size`
   and `patch_size`, whatever the image size. A volume too large for the accelerator
@@ -268,38 +341,10 @@ def sliding_window_predict(
   Returns:
     float32 numpy array `[*image.shape[:-1], K]`.
   """
-  image = np.asarray(image)
-  if image.ndim not in (3, 4):
-    raise ValueError(
-        f'image must be one [H, W, C] image or [D, H, W, C] volume, channels last;'
-        f' got shape {image.shape} (rank {image.ndim}). Predict a batch one image at'
-        ' a time.')
-  ndim = image.ndim - 1
+  image, patch = _check_arguments(
+      apply_fn, image, patch_size=patch_size, overlap=overlap, mode=mode,
+      batch_size=batch_size, padding_mode=padding_mode, divisor=divisor, output=output)
   spatial = image.shape[:-1]
-  if min(image.shape) < 1:
-    raise ValueError(f'image has an empty axis: shape {image.shape}.')
-  div = _per_axis(divisor, ndim, 'divisor')
-  if patch_size is None:
-    patch = tuple(-(-s // d) * d for s, d in zip(spatial, div))
-  else:
-    patch = _per_axis(patch_size, ndim, 'patch_size')
-  for p, d in zip(patch, div):
-    if p % d:
-      raise ValueError(
-          f'patch_size={patch} is not a multiple of divisor={div}: the network only'
-          ' takes sizes that are multiples of the product of its pooling strides.')
-  overlap = _check_overlap(overlap)
-  if mode not in MODES:
-    raise ValueError(f'mode={mode!r} is not one of {MODES}.')
-  if padding_mode not in PADDING_MODES:
-    raise ValueError(f'padding_mode={padding_mode!r} is not one of {PADDING_MODES}.')
-  if output not in OUTPUTS:
-    raise ValueError(f'output={output!r} is not one of {OUTPUTS}.')
-  if not isinstance(batch_size, int) or isinstance(batch_size, bool) or \
-      batch_size < 1:
-    raise ValueError(f'batch_size={batch_size!r} must be a positive integer.')
-  if not callable(apply_fn):
-    raise ValueError(f'apply_fn={apply_fn!r} is not callable.')
 
   # Pad up to a patch where the image is smaller; split the padding evenly.
   pads = [((max(p - s, 0)) // 2, max(p - s, 0) - max(p - s, 0) // 2)
@@ -319,33 +364,8 @@ def sliding_window_predict(
     predict = functools.partial(_host_weighted_logits, weight=weight,
                                 apply_fn=apply_fn, flip_tta=bool(flip_tta))
 
-  out = None
-  weight_sum = np.zeros(padded, np.float32)
-
-  def add(pending):
-    nonlocal out
-    result, starts = pending
-    result = np.asarray(result)
-    if out is None:
-      out = np.zeros(padded + result.shape[-1:], np.float32)
-    for logits, start in zip(result, starts):
-      window = tuple(slice(s, s + p) for s, p in zip(start, patch))
-      out[window] += logits
-      weight_sum[window] += weight
-
-  pending = None
-  for first in range(0, len(positions), batch_size):
-    starts = positions[first:first + batch_size]
-    # A fresh buffer each batch: on CPU the device array may alias it.
-    batch = np.zeros((batch_size, *patch, image.shape[-1]), np.float32)
-    for j, start in enumerate(starts):
-      batch[j] = image[tuple(slice(s, s + p) for s, p in zip(start, patch))]
-    result = predict(jnp.asarray(batch) if jit_apply else batch)  # asynchronous
-    if pending is not None:
-      add(pending)                              # overlaps with the device's work
-    pending = (result, starts)
-  add(pending)
-
+  out, weight_sum = _accumulate(predict, image, positions, patch, weight, batch_size,
+                                jit_apply=jit_apply)
   out /= weight_sum[..., None]
   weight_sum = None                             # room for the softmax's temporaries
   crop = tuple(slice(before, before + s) for (before, _), s in zip(pads, spatial))
