@@ -525,3 +525,55 @@ print('tensorflow' in sys.modules)
     [sys.executable, '-c', script], capture_output=True, text=True, check=True
   )
   assert result.stdout.strip().splitlines()[-1] == 'False'
+
+
+def _voc_like(root):
+  """Palette PNG masks with VOC's 255 "don't care" border, and colour masks."""
+  palette = [0, 0, 0, 128, 0, 0] + [0, 0, 0] * 253 + [224, 224, 192]
+  for split in ('train', 'val'):
+    for i in range(2):
+      label = np.zeros((16, 16), np.uint8)
+      label[4:10, 4:10] = 1
+      label[3, 3:11] = 255  # The border of the object: ignored.
+      image = (60 + 100 * (label == 1)).astype(np.uint8)
+      sf.write_pair(root / 'voc', split, f'im{i}', image, np.zeros_like(label))
+      mask = Image.fromarray(label, mode='P')
+      mask.putpalette(palette)
+      mask.save(root / 'voc' / split / 'masks' / f'im{i}.png')
+      colours = np.zeros((16, 16, 3), np.uint8)
+      colours[label == 1] = (200, 30, 30)
+      sf.write_pair(root / 'colour', split, f'im{i}', image, np.zeros_like(label))
+      Image.fromarray(colours).save(root / 'colour' / split / 'masks' / f'im{i}.png')
+
+
+def test_the_data_sets_ignore_value_reaches_the_loss_and_metrics_as_ignored(tmp_path):
+  _voc_like(tmp_path)
+  config = _data_config(name='segmentation_folder', config='2d',
+                        root=str(tmp_path / 'voc'), data_dir=str(tmp_path / 'tfds'),
+                        ignore_index=255)
+  data = input_pipeline.open(config, divisor=8)
+  assert data.info.num_classes == 2  # 255 is not a class.
+  train = next(data.train_iterator(batch_size=2, seed=0))
+  evals = next(data.eval_iterator(batch_size=2))
+  for batch in (train, evals):
+    labels = batch['label']
+    assert 255 not in labels
+    assert (labels == input_pipeline.IGNORE_LABEL).sum() == 2 * 8
+    assert (labels == 1).sum() == 2 * 36
+  # Without ignore_index, 255 would be read as a class (and refused as a gap).
+  with pytest.raises(ValueError, match='never occur'):
+    input_pipeline.open(_data_config(**dict(config, ignore_index=-1)), divisor=8)
+
+
+def test_colour_masks_with_mask_colors(tmp_path):
+  _voc_like(tmp_path)
+  config = _data_config(name='segmentation_folder', config='2d',
+                        root=str(tmp_path / 'colour'), data_dir=str(tmp_path / 'tfds'),
+                        mask_colors=((0, 0, 0), (200, 30, 30)))
+  data = input_pipeline.open(config, divisor=8)
+  assert data.info.num_classes == 2
+  labels = next(data.eval_iterator(batch_size=2))['label']
+  assert (labels == 1).sum() == 2 * 36
+  with pytest.raises(ValueError, match=r'colour\(s\) not in mask_colors: \(200, 30, 30\)'):
+    input_pipeline.open(
+        _data_config(**dict(config, mask_colors=((0, 0, 0), (0, 0, 255)))), divisor=8)

@@ -36,6 +36,12 @@ def test_output_shape(upsample, norm, shape):
     assert logits.shape == shape[:-1] + (3,)
     assert logits.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(logits)))
+  # Values: in inference mode every example is predicted on its own (no norm mixes
+  # examples), and the prediction depends on the input.
+  together = model.apply(variables, x)
+  alone = jnp.concatenate([model.apply(variables, x[i:i + 1]) for i in range(2)])
+  np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(together[0] - together[1]).max()) > 1e-6
 
 
 def test_conv_dimensionality_follows_input_rank():

@@ -19,7 +19,13 @@ def test_every_config_is_valid_and_documents_its_command(name):
   assert f'--config=configs/{name}.py' in module.__doc__
   config = module.get_config()
   config_checks.validate_config(config, num_devices=1, process_count=1)
-  train.create_optimizer(config)  # Builds.
+  model = train.create_model(config.model)
+  for field in ('features', 'depth', 'upsample', 'norm', 'num_classes'):
+    assert getattr(model, field) == config.model[field]
+  lr = train.create_learning_rate_fn(config)
+  warmup = min(config.optimizer.warmup_steps, config.num_train_steps)
+  assert float(lr(warmup)) == pytest.approx(config.optimizer.learning_rate)
+  assert train.create_optimizer(config).init({'w': np.zeros(3)}) is not None
 
 
 def _config(**overrides):

@@ -22,7 +22,9 @@ class index (0 is background), and for volumes `spacing` float32 `[3]`.
 Rendering, per example:
 
 * Foreground: 1-3 shapes whose total area (volume) is the config's
-  `foreground_fraction` of the image, give or take 30%. An ellipse is a random
+  `foreground_fraction` of the image, give or take 30%. Every foreground class
+  of the config occurs in every example (multi-class configs draw each class at
+  least once, and a shape painted over by another is drawn again). An ellipse is a random
   rotation of an axis-aligned ellipse; a polygon is a randomly rotated square
   (cube) cut by 1-3 random half-planes (half-spaces). Shapes are defined in
   physical units, so an anisotropic `spacing` squashes them in voxels.
@@ -43,6 +45,7 @@ import tensorflow_datasets as tfds
 from unet_jax.datasets import cpu_tensorflow
 
 _SPLIT_IDS = {'train': 0, 'validation': 1, 'test': 2}
+_MAX_REDRAWS = 50
 
 # Per foreground class: (shape kind, intensity offset, texture). Class c uses
 # entry c - 1. The binary variant draws its kind at random for each shape.
@@ -187,12 +190,25 @@ def render_example(
   shares = total * shares / shares.sum()
 
   label = np.zeros(shape, np.uint8)
-  for cls, volume in zip(classes, shares):
+
+  def paint(cls, volume):
     kind = _CLASS_STYLES[cls - 1][0] if num_classes > 2 else 'any'
     if kind == 'any':
       kind = ('ellipse', 'polygon')[int(rng.integers(2))]
     centre = rng.uniform(0.15, 0.85, size=ndim) * extent
     label[_shape_mask(rng, kind, coords, centre, volume)] = cls
+
+  for cls, volume in zip(classes, shares):
+    paint(cls, volume)
+  # Every class is present in every example: a shape painted over entirely by a
+  # later one is drawn again elsewhere (rare; other examples are unchanged).
+  for cls, volume in zip(classes, shares):
+    redraws = 0
+    while not np.any(label == cls):
+      if redraws == _MAX_REDRAWS:
+        raise RuntimeError(f'class {cls} could not be placed in {redraws} redraws.')
+      paint(cls, volume)
+      redraws += 1
 
   image = 100.0 + 18.0 * _smooth_noise(rng, shape, sigma=max(shape) / 10)
   image += 8.0 * _stripes(rng, coords, wavelength=rng.uniform(6.0, 12.0))
@@ -214,8 +230,11 @@ def render_example(
 class _SyntheticBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared implementation of the two synthetic builders."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Initial release.',
+      '1.1.0': 'Every class occurs in every multi-class example.',
+  }
   NDIM = 2
 
   def _info(self) -> tfds.core.DatasetInfo:
