@@ -83,6 +83,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.evals.eval.split = ''  # '': config.data.eval_split.
   config.evals.eval.every_steps = config.get_ref('eval_every_steps')
   config.evals.eval.batch_size = 0  # 0: config.eval_batch_size.
+  config.evals.eval.patch_size = ()  # Larger examples in sliding windows; (): whole.
+  config.evals.eval.overlap = 0.5  # Overlap of the sliding windows.
   config.evals.eval.samples = 4  # Examples drawn to samples/eval_step_<N>.png.
   config.best_metric = 'eval_dice'  # Picks the best checkpoint: <evaluator>_<metric>.
   config.best_mode = 'max'  # 'max' for Dice, 'min' for a distance such as hd95.

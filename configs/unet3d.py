@@ -27,6 +27,11 @@ def get_config():
   config.model.norm = 'instance'
   config.model.kernel_sizes = ((1, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3))
   config.model.pool_sizes = ((1, 2, 2), (2, 2, 2), (2, 2, 2))
+  config.model.deep_supervision = 2  # Losses at 1/2 and 1/4 resolution too (nnU-Net).
+  # Whole validation volumes (16x64x64) in Gaussian-weighted sliding windows of the
+  # training patch size, as nnU-Net predicts.
+  config.evals.eval.patch_size = (16, 32, 32)
+  config.evals.eval.overlap = 0.5
   config.batch_size = 2
   config.eval_batch_size = 2
   config.num_train_steps = 400

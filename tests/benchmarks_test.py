@@ -26,3 +26,20 @@ def test_upsampling_benchmark_smoke_run(tmp_path):
   # 1x1 convs: 3 * (16*8 + 8*4) = 480 fewer parameters.
   assert row['transpose']['params'] - row['bilinear']['params'] == 480
   assert (tmp_path / 'upsampling.png').stat().st_size > 1000
+
+
+def test_memory_check_smoke_run(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'benchmarks', 'memory_check.py'), '--quick',
+       f'--out={tmp_path}'],
+      cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
+      text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / 'memory_check.json') as f:
+    rows = json.load(f)['rows']
+  assert rows
+  for row in rows:
+    # The planner against XLA's own figures: the agreement the test suite asserts
+    # (tests/memory_test.py), here on the benchmark's quick cases.
+    assert 0.75 <= row['plan_total'] / row['xla_total'] <= 1.25, row
+  assert '| case | mode |' in proc.stdout
