@@ -138,10 +138,14 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(
   with pytest.raises(_Preempted):
     train.train_and_evaluate(tiny_config(data_dir), workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3']
+  # Step 4 was logged before the run died; its row goes when the run resumes at 3.
+  assert [r['step'] for r in _read_jsonl(workdir) if 'train_loss' in r] == [1, 2, 3, 4]
   train.train_and_evaluate(tiny_config(data_dir), workdir)
   step, state = _final_state(workdir)
   assert step == STEPS
   _assert_states_equal(state, expected)
+  assert [r['step'] for r in _read_jsonl(workdir) if 'train_loss' in r] == list(
+      range(1, STEPS + 1))
 
 
 # Runs launch.py in this process after patching something, for the subprocess tests.

@@ -1,0 +1,78 @@
+"""The progress line and the metric files, with a fake clock (no real timing)."""
+
+import json
+
+import pytest
+
+from unet_jax import reporting
+
+
+class FakeClock:
+
+  def __init__(self):
+    self.now = 100.0
+
+  def __call__(self):
+    return self.now
+
+
+class Recorder:
+
+  def __init__(self):
+    self.rows = []
+
+  def write(self, step, values):
+    self.rows.append((step, values))
+
+
+def test_rates_leave_out_pauses_and_count_the_input_wait():
+  clock, writer = FakeClock(), Recorder()
+  progress = reporting.Progress(total_steps=10, start_step=0, every_steps=2,
+                                batch_size=8, writer=writer, clock=clock)
+  for step in (1, 2):
+    with progress.timed('data'):
+      clock.now += 0.5          # Waiting for input.
+    clock.now += 1.5            # The step itself.
+    row = progress.step_done(step, loss=float(step))
+    assert (row is None) == (step == 1)
+    if step == 1:
+      with progress.paused():
+        clock.now += 100.0      # An evaluation: not training time.
+  assert row['steps_per_sec'] == pytest.approx(2 / 4.0)
+  assert row['examples_per_sec'] == pytest.approx(8 * 2 / 4.0)
+  assert row['input_wait_fraction'] == pytest.approx(1.0 / 4.0)
+  assert row['train_loss'] == pytest.approx(1.5)
+  assert writer.rows == [(2, row)]
+  # The next window starts afresh.
+  clock.now += 1.0
+  progress.step_done(3, loss=5.0)
+  row = progress.step_done(4, loss=7.0, extra={'learning_rate': 0.1})
+  assert row['steps_per_sec'] == pytest.approx(2 / 1.0)
+  assert row['input_wait_fraction'] == 0.0
+  assert row['train_loss'] == pytest.approx(6.0) and row['learning_rate'] == 0.1
+  assert progress.elapsed() == pytest.approx(clock.now - 100.0)
+
+
+def test_the_last_step_always_reports():
+  progress = reporting.Progress(total_steps=5, start_step=3, every_steps=50,
+                                batch_size=1, clock=FakeClock())
+  assert progress.step_done(4, loss=1.0) is None
+  assert progress.step_done(5, loss=1.0) is not None
+
+
+@pytest.mark.parametrize('seconds, text', [(0, '0:00'), (75, '1:15'), (3725, '1:02:05')])
+def test_format_time(seconds, text):
+  assert reporting.format_time(seconds) == text
+
+
+def test_resuming_drops_the_rows_past_the_restored_step(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text(''.join(json.dumps({'step': s, 'train_loss': s}) + '\n'
+                          for s in (1, 2, 3, 4, 5)))
+  writer = reporting.MetricWriter(str(tmp_path), start_step=3)
+  writer.write(4, {'train_loss': 40.0, 'dice_per_class': [0.5, float('nan')]})
+  writer.close()
+  rows = [json.loads(line) for line in path.read_text().splitlines()]
+  assert [r['step'] for r in rows] == [1, 2, 3, 4]
+  assert rows[-1]['train_loss'] == 40.0
+  assert list((tmp_path / 'tensorboard').iterdir())
