@@ -163,7 +163,7 @@ def load(workdir: str, *, step: str | int = 'best') -> Predictor:
     FileNotFoundError: naming the path, for a missing workdir or checkpoint.
     ValueError: naming the checkpoint, if it does not fit the config it records.
   """
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  ckpt_dir = os.path.join(os.path.abspath(workdir), 'checkpoints')
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f'--workdir {workdir!r} does not exist.')
   if not os.path.isdir(ckpt_dir):

@@ -331,8 +331,8 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   check_workdir(workdir)
   config_checks.validate_config(config, num_devices=jax.device_count(),
                                 process_count=jax.process_count())
-  ndim = config_checks.config_ndim(config)
-  data = input_pipeline.open(config.data, divisor=config_checks.divisor(config.model, ndim))
+  divisor = config_checks.divisor(config.model, config_checks.config_ndim(config))
+  data = input_pipeline.open(config.data, divisor=divisor)
   config = _with_data_classes(config, data.info)
   config_checks.validate_against_data(config, data.info)
   tx = create_optimizer(config)
@@ -352,8 +352,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   scheduled = evaluators.from_config(
       config.evals, data=data, predict=runner.predict, num_classes=num_metric_classes,
       workdir=workdir, default_split=config.data.eval_split,
-      default_batch_size=config.eval_batch_size, logits=runner.logits,
-      divisor=config_checks.divisor(config.model, ndim))
+      default_batch_size=config.eval_batch_size, logits=runner.logits, divisor=divisor)
   return _Run(config=config, data=data, runner=runner, state=runner.put_state(state),
               start_step=start_step, manager=manager, record=record,
               evaluators=scheduled,
