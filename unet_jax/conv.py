@@ -62,9 +62,10 @@ import jax.numpy as jnp
 from jax import lax
 
 WEIGHT_GRADS = ('xla', 'gemm')
-# The kernel-gradient formulation `models.UNet` uses by default, per backend
-# (benchmarks/RESULTS.md has the measurements behind the CPU choice).
-DEFAULT_WEIGHT_GRAD = {'cpu': 'xla', 'other': 'xla'}
+# The kernel-gradient formulation `models.UNet` uses by default on the CPU, for 2D
+# convolutions and for folded 3D ones (benchmarks/RESULTS.md has the measurements);
+# other backends always use 'xla'.
+CPU_WEIGHT_GRAD = {2: 'xla', 3: 'gemm'}
 
 
 def resolve(switch: bool | None) -> bool:
@@ -275,6 +276,7 @@ def _is_same_stride1(x_shape, kernel_shape, window_strides, padding, lhs_dilatio
 
 
 def conv_general_dilated_fn(*, fold_depth: bool = False, weight_grad: str = 'xla',
+                            weight_grad_3d: str | None = None,
                             pointwise_as_matmul: bool = False
                             ) -> Callable[..., jax.Array]:
   """A drop-in for `lax.conv_general_dilated`, for `nn.Conv(conv_general_dilated=...)`.
@@ -286,12 +288,16 @@ def conv_general_dilated_fn(*, fold_depth: bool = False, weight_grad: str = 'xla
 
   Args:
     fold_depth: 3D convolutions as folded 2D ones (`conv3d_same`).
-    weight_grad: 'xla' or 'gemm' for the 2D (and folded 3D) kernel gradient.
+    weight_grad: 'xla' or 'gemm' for the kernel gradient of 2D convolutions.
+    weight_grad_3d: the same for folded 3D convolutions (default: `weight_grad`).
     pointwise_as_matmul: 1x1 (1x1x1) convolutions as a product over the channel
       axis, `y = x K[0, 0]`, whose gradients are products too.
   """
-  if weight_grad not in WEIGHT_GRADS:
-    raise ValueError(f'weight_grad={weight_grad!r} is not one of {WEIGHT_GRADS}.')
+  if weight_grad_3d is None:
+    weight_grad_3d = weight_grad
+  for value in (weight_grad, weight_grad_3d):
+    if value not in WEIGHT_GRADS:
+      raise ValueError(f'weight_grad={value!r} is not one of {WEIGHT_GRADS}.')
 
   def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
            dimension_numbers=None, feature_group_count=1, batch_group_count=1,
@@ -306,9 +312,9 @@ def conv_general_dilated_fn(*, fold_depth: bool = False, weight_grad: str = 'xla
             lhs, rhs.reshape(rhs.shape[-2:]), (((lhs.ndim - 1,), (0,)), ((), ())),
             precision=precision)
       if lhs.ndim == 5:
-        if fold_depth or weight_grad != 'xla':
-          return conv3d_same(lhs, rhs, fold_depth=fold_depth,
-                             weight_grad=weight_grad, precision=precision)
+        if fold_depth:
+          return conv3d_same(lhs, rhs, fold_depth=True,
+                             weight_grad=weight_grad_3d, precision=precision)
       elif weight_grad != 'xla':
         return conv2d_same(lhs, rhs, weight_grad=weight_grad, precision=precision)
     return lax.conv_general_dilated(

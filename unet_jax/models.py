@@ -244,7 +244,8 @@ class UNet(nn.Module):
       formulations of the same function (`unet_jax/conv.py`): the transposed
       convolution as a product + depth-to-space; 3D convolutions as 2D ones with the
       depth taps on the channel axis; 1x1 convolutions as products; the kernel
-      gradient of 2D (and folded 3D) convolutions, 'xla' or 'gemm'. They change
+      gradient of 2D and folded 3D convolutions, 'xla' or 'gemm' (None: on the CPU
+      `conv.CPU_WEIGHT_GRAD`, by dimensionality). They change
       neither the parameters (names, shapes, dtypes, initialisation) nor the function
       beyond float rounding. None picks the default for `jax.default_backend()`: on
       for the CPU where benchmarks/RESULTS.md shows a win, off (plain XLA) on GPU and
@@ -272,16 +273,19 @@ class UNet(nn.Module):
 
   def _conv_fn(self):
     """The convolution function for nn.Conv (None: lax.conv_general_dilated)."""
-    weight_grad = self.conv_weight_grad
-    if weight_grad is None:
-      weight_grad = conv_lib.DEFAULT_WEIGHT_GRAD[
-          'cpu' if conv_lib.resolve(None) else 'other']
+    if self.conv_weight_grad is not None:
+      grad_2d = grad_3d = self.conv_weight_grad
+    elif conv_lib.resolve(None):
+      grad_2d, grad_3d = conv_lib.CPU_WEIGHT_GRAD[2], conv_lib.CPU_WEIGHT_GRAD[3]
+    else:
+      grad_2d = grad_3d = 'xla'
     fold = conv_lib.resolve(self.conv3d_as_2d)
     pointwise = conv_lib.resolve(self.pointwise_as_matmul)
-    if not fold and not pointwise and weight_grad == 'xla':
+    if not fold and not pointwise and grad_2d == 'xla':
       return None
     return conv_lib.conv_general_dilated_fn(
-        fold_depth=fold, weight_grad=weight_grad, pointwise_as_matmul=pointwise)
+        fold_depth=fold, weight_grad=grad_2d, weight_grad_3d=grad_3d,
+        pointwise_as_matmul=pointwise)
 
   def _check(self, x: jax.Array) -> int:
     if x.ndim not in (4, 5):
