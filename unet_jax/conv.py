@@ -29,7 +29,8 @@ each is a switch on `unet_jax.models.UNet`:
   widened `kw` times along W) and `G[(n, r, x), (i, o)] = g[n, r - i, x, o]` (the
   output gradient widened `kh` times along H, zero outside), so the product has
   `kw*C` rows and `kh*O` columns. The forward pass and the input gradient stay XLA
-  convolutions.
+  convolutions. The two widened copies cost `kw` times the input and `kh` times the
+  output gradient in temporary memory.
 - **Stride-s transposed convolution with an s x s kernel as a matrix product**
   (`conv_transpose_as_matmul`). With kernel = stride and 'VALID' padding, output
   pixel `s*i + a` sees exactly one input pixel, `i`:
@@ -63,9 +64,11 @@ from jax import lax
 
 WEIGHT_GRADS = ('xla', 'gemm')
 # The kernel-gradient formulation `models.UNet` uses by default on the CPU, for 2D
-# convolutions and for folded 3D ones (benchmarks/RESULTS.md has the measurements);
-# other backends always use 'xla'.
-CPU_WEIGHT_GRAD = {2: 'xla', 3: 'gemm'}
+# convolutions and for folded 3D ones; other backends always use 'xla'. 'gemm' loses
+# in 2D; in 3D it was faster but its widened copies of the input and the output
+# gradient more than double the step's temporary memory (benchmarks/RESULTS.md), so
+# it stays opt-in (`UNet(conv_weight_grad='gemm')`).
+CPU_WEIGHT_GRAD = {2: 'xla', 3: 'xla'}
 
 
 def resolve(switch: bool | None) -> bool:
