@@ -342,6 +342,27 @@ def _print_table(report):
             f'{j["gflops"]:9.0f} {100 * j["share_of_gemm"]:8.0f}% {tflops}')
 
 
+def markdown_table(report):
+  """The table of RESULTS.md, as markdown."""
+  lines = ['| case | dtype | JAX ms/step | PyTorch ms/step | JAX speed / PyTorch |'
+           ' JAX GFLOP/s | JAX % of GEMM | PyTorch GFLOP/s | PyTorch % of GEMM |',
+           '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
+  for name, res in report['results'].items():
+    for dtype in ('float32', 'bfloat16'):
+      if dtype not in res:
+        continue
+      row = res[dtype]
+      j, t = row['jax'], row.get('torch')
+      ratio = f'**{row["ratio_jax_speed_over_torch"]:.2f}×**' if t else '-'
+      lines.append(
+          f'| {name} | {dtype} | {j["ms_per_step_median"]:.0f} | '
+          + (f'{t["ms_per_step_median"]:.0f}' if t else 'unavailable')
+          + f' | {ratio} | {j["gflops"]:.0f} | {100 * j["share_of_gemm"]:.0f}% | '
+          + (f'{t["gflops"]:.0f} | {100 * t["share_of_gemm"]:.0f}% |' if t else
+             '- | - |'))
+  return '\n'.join(lines)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--quick', action='store_true',
@@ -405,6 +426,8 @@ def main(argv=None):
                      gemm_n=512 if args.quick else 2048, steps=steps, warmup=warmup,
                      repeats=repeats)
     _print_table(report)
+    print()
+    print(markdown_table(report))
     path = os.path.join(args.out, 'speed.json')
   meta['uptime_after'] = _uptime()
   print(f'load: before [{meta["uptime_before"]}] after [{meta["uptime_after"]}]')
