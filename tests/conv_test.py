@@ -51,12 +51,13 @@ def _assert_close(got, want, dtype):
 DTYPES = [jnp.float32, jnp.bfloat16]
 
 
-@pytest.mark.parametrize('dtype', DTYPES)
-@pytest.mark.parametrize('x_shape, k_shape', [
-    ((2, 7, 9, 3), (3, 3, 3, 4)),     # odd sizes
-    ((1, 5, 6, 1), (3, 3, 1, 8)),     # one input channel (the first layer)
-    ((3, 4, 5, 8), (1, 3, 8, 2)),     # a 1 x 3 kernel
-    ((1, 6, 3, 5), (5, 3, 5, 3)),     # a kernel larger than the width
+@pytest.mark.parametrize('x_shape, k_shape, dtype', [
+    ((2, 7, 9, 3), (3, 3, 3, 4), jnp.float32),     # odd sizes
+    ((2, 7, 9, 3), (3, 3, 3, 4), jnp.bfloat16),
+    ((1, 5, 6, 1), (3, 3, 1, 8), jnp.float32),     # one input channel (first layer)
+    ((3, 4, 5, 8), (1, 3, 8, 2), jnp.float32),     # a 1 x 3 kernel
+    ((3, 4, 5, 8), (1, 3, 8, 2), jnp.bfloat16),
+    ((1, 6, 3, 5), (5, 3, 5, 3), jnp.float32),     # a kernel larger than the width
 ])
 def test_gemm_weight_grad_matches_xla_2d(x_shape, k_shape, dtype):
   x, k, probe = _inputs(x_shape, k_shape, dtype)
@@ -82,13 +83,14 @@ def test_weight_grad_gemm_hand_computed():
   np.testing.assert_array_equal(dk, want)
 
 
-@pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize('weight_grad', conv.WEIGHT_GRADS)
-@pytest.mark.parametrize('x_shape, k_shape', [
-    ((2, 5, 7, 9, 3), (3, 3, 3, 3, 4)),   # odd sizes
-    ((1, 4, 6, 5, 1), (3, 3, 3, 1, 6)),   # one input channel
-    ((1, 3, 5, 4, 2), (1, 3, 3, 2, 5)),   # an in-plane (2D) level of a 3D network
-    ((2, 6, 5, 3, 3), (5, 3, 1, 3, 2)),   # a 5 x 3 x 1 kernel
+@pytest.mark.parametrize('x_shape, k_shape, dtype', [
+    ((2, 5, 7, 9, 3), (3, 3, 3, 3, 4), jnp.float32),   # odd sizes
+    ((2, 5, 7, 9, 3), (3, 3, 3, 3, 4), jnp.bfloat16),
+    ((1, 4, 6, 5, 1), (3, 3, 3, 1, 6), jnp.float32),   # one input channel
+    ((1, 3, 5, 4, 2), (1, 3, 3, 2, 5), jnp.float32),   # an in-plane level in 3D
+    ((1, 3, 5, 4, 2), (1, 3, 3, 2, 5), jnp.bfloat16),
+    ((2, 6, 5, 3, 3), (5, 3, 1, 3, 2), jnp.float32),   # a 5 x 3 x 1 kernel
 ])
 def test_folded_3d_matches_xla(x_shape, k_shape, weight_grad, dtype):
   x, k, probe = _inputs(x_shape, k_shape, dtype)
