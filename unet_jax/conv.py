@@ -64,10 +64,10 @@ from jax import lax
 
 WEIGHT_GRADS = ('xla', 'gemm')
 # The kernel-gradient formulation `models.UNet` uses by default on the CPU, for 2D
-# convolutions and for folded 3D ones; other backends always use 'xla'. 'gemm' loses
-# in 2D; in 3D it was faster but its widened copies of the input and the output
-# gradient more than double the step's temporary memory (benchmarks/RESULTS.md), so
-# it stays opt-in (`UNet(conv_weight_grad='gemm')`).
+# convolutions and for folded 3D ones; other backends always use 'xla'. 'gemm' is
+# slower in 2D; in 3D it was faster, but its widened copies of the input and of the
+# output gradient add much temporary memory (benchmarks/RESULTS.md), so it stays
+# opt-in there (`UNet(conv_weight_grad='gemm')`).
 CPU_WEIGHT_GRAD = {2: 'xla', 3: 'xla'}
 
 
