@@ -43,3 +43,32 @@ def test_memory_check_smoke_run(tmp_path):
     # (tests/memory_test.py), here on the benchmark's quick cases.
     assert 0.75 <= row['plan_total'] / row['xla_total'] <= 1.25, row
   assert '| case | mode |' in proc.stdout
+
+
+def test_speed_benchmark_quick_run(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'benchmarks', 'speed.py'), '--quick',
+       f'--out={tmp_path}'],
+      cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
+      text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / 'speed.json') as f:
+    report = json.load(f)
+  assert report['torch_available'] is False
+  assert report['gemm']['gemm_gflops_float32'] > 0
+  assert set(report['results']) == {'2d_quick', '3d_quick'}
+  for res in report['results'].values():
+    row = res['float32']
+    assert 'torch' not in row
+    assert len(row['jax']['ms_per_process']) == 1
+    assert row['jax']['ms_per_step_median'] > 0
+    # The train step is forward + two backward products: 2 to 4 times the forward.
+    assert 2 < res['train_step_flops'] / res['forward_flops'] < 4
+  # features 4, depth 2, 1 channel in, 2 classes, BatchNorm, transposed upsampling:
+  # encoder 9*1*4 + 9*4*4, 9*4*8 + 9*8*8, bottleneck 9*8*16 + 9*16*16, upsampling
+  # 4*16*8 + 8 and 4*8*4 + 4, decoder 9*16*8 + 9*8*8 and 9*8*4 + 9*4*4, head 4*2 + 2,
+  # and 2 BatchNorm parameters per channel of each of the 10 convolutions.
+  convs = (9 * (4 + 16 + 32 + 64 + 128 + 256 + 128 + 64 + 32 + 16)
+           + 4 * 16 * 8 + 8 + 4 * 8 * 4 + 4 + 4 * 2 + 2)
+  norms = 2 * 2 * (4 + 8 + 16 + 8 + 4)
+  assert report['results']['2d_quick']['float32']['jax']['params'] == convs + norms

@@ -500,6 +500,11 @@ def largest_patch(budget_bytes: int, *, ndim: int, **kwargs) -> int | None:
   return lo * step
 
 
+# `UNet` options that select plain XLA convolutions on every backend (conv.py).
+PLAIN_FORMULATION = dict(transpose_as_matmul=False, conv3d_as_2d=False,
+                         pointwise_as_matmul=False, conv_weight_grad='xla')
+
+
 def compiled_memory(
     *,
     spatial_shape: Sequence[int],
@@ -516,8 +521,15 @@ def compiled_memory(
     dtype: str = 'float32',
     training: bool = False,
     remat: bool = False,
+    plain: bool = True,
 ) -> dict[str, int]:
   """XLA's own memory figures for what `estimate` models, on the default backend.
+
+  `plain=True` compiles the plain XLA formulation of `UNet` (every speed switch of
+  `unet_jax/conv.py` off), which is what runs on GPU and TPU and what `estimate`
+  models. `plain=False` compiles `UNet`'s defaults for this backend: on the CPU the
+  faster formulations, whose temporaries differ (folded 3D convolutions hold their
+  depth taps side by side; see benchmarks/RESULTS.md).
 
   Compiles (never runs) the same computation: the eval-mode forward pass, or a jitted
   train step (forward, backward, softmax cross-entropy, an Adam update) with the
@@ -544,7 +556,8 @@ def compiled_memory(
   model = models.UNet(num_classes=num_classes, features=features, depth=depth,
                       kernel_sizes=kernel_sizes, pool_sizes=pool_sizes, norm=norm,
                       upsample=upsample, upsample_conv_kernel=upsample_conv_kernel,
-                      dtype=jnp.dtype(dtype), remat=remat)
+                      dtype=jnp.dtype(dtype), remat=remat,
+                      **(PLAIN_FORMULATION if plain else {}))
   x = jax.ShapeDtypeStruct((batch, *spatial_shape, in_channels), jnp.float32)
   variables = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype)))

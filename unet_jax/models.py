@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from unet_jax import conv as conv_lib
+
 UPSAMPLE_MODES = ('transpose', 'bilinear')
 NORMS = ('batch', 'group', 'instance', 'none')
 
@@ -142,6 +144,7 @@ class ConvBlock(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  conv_fn: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -152,7 +155,8 @@ class ConvBlock(nn.Module):
     for i in range(2):
       x = nn.Conv(self.features, self.kernel_size, padding='SAME',
                   use_bias=self.norm == 'none', dtype=self.dtype,
-                  param_dtype=self.param_dtype, name=f'conv{i}')(x)
+                  param_dtype=self.param_dtype, conv_general_dilated=self.conv_fn,
+                  name=f'conv{i}')(x)
       norm = _norm(self.norm, train=self.train, dtype=self.dtype,
                    axis_name=self.bn_axis_name, groups=self.norm_groups,
                    name=f'norm{i}')
@@ -178,10 +182,16 @@ class Upsample(nn.Module):
   conv_kernel: int = 1
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  transpose_as_matmul: bool = False
+  conv_fn: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     ndim = x.ndim - 2
+    if self.mode == 'transpose' and self.transpose_as_matmul:
+      # Same function and parameters as the nn.ConvTranspose below (conv.py).
+      return conv_lib.ConvTranspose(self.features, self.strides, dtype=self.dtype,
+                                    param_dtype=self.param_dtype, name='conv')(x)
     if self.mode == 'transpose':
       return nn.ConvTranspose(self.features, self.strides, strides=self.strides,
                               padding='VALID', dtype=self.dtype,
@@ -189,7 +199,8 @@ class Upsample(nn.Module):
     shape = (x.shape[0],) + tuple(
         s * r for s, r in zip(x.shape[1:-1], self.strides))
     conv = nn.Conv(self.features, (self.conv_kernel,) * ndim, padding='SAME',
-                   dtype=self.dtype, param_dtype=self.param_dtype, name='conv')
+                   dtype=self.dtype, param_dtype=self.param_dtype,
+                   conv_general_dilated=self.conv_fn, name='conv')
     if self.conv_kernel == 1:
       x = conv(x)
       return jax.image.resize(x, shape + (x.shape[-1],), method='linear')
@@ -229,6 +240,16 @@ class UNet(nn.Module):
     deep_supervision: number of extra 1x1 heads on the decoder levels below the top
       (nnU-Net style). When positive, `__call__` returns `(logits, aux)` where `aux` is
       a tuple of logits at 1/2, 1/4, ... of the resolution, highest first.
+    transpose_as_matmul, conv3d_as_2d, pointwise_as_matmul, conv_weight_grad: faster
+      formulations of the same function (`unet_jax/conv.py`): the transposed
+      convolution as a product + depth-to-space; 3D convolutions as 2D ones with the
+      depth taps on the channel axis; 1x1 convolutions as products; the kernel
+      gradient of 2D and folded 3D convolutions, 'xla' or 'gemm' (None: on the CPU
+      `conv.CPU_WEIGHT_GRAD`, by dimensionality). They change
+      neither the parameters (names, shapes, dtypes, initialisation) nor the function
+      beyond float rounding. None picks the default for `jax.default_backend()`: on
+      for the CPU where benchmarks/RESULTS.md shows a win, off (plain XLA) on GPU and
+      TPU, so accelerator programs are unchanged.
   """
   num_classes: int
   features: int = 64
@@ -245,6 +266,26 @@ class UNet(nn.Module):
   param_dtype: Any = jnp.float32
   remat: bool = False
   deep_supervision: int = 0
+  transpose_as_matmul: bool | None = None
+  conv3d_as_2d: bool | None = None
+  pointwise_as_matmul: bool | None = None
+  conv_weight_grad: str | None = None
+
+  def _conv_fn(self):
+    """The convolution function for nn.Conv (None: lax.conv_general_dilated)."""
+    if self.conv_weight_grad is not None:
+      grad_2d = grad_3d = self.conv_weight_grad
+    elif conv_lib.resolve(None):
+      grad_2d, grad_3d = conv_lib.CPU_WEIGHT_GRAD[2], conv_lib.CPU_WEIGHT_GRAD[3]
+    else:
+      grad_2d = grad_3d = 'xla'
+    fold = conv_lib.resolve(self.conv3d_as_2d)
+    pointwise = conv_lib.resolve(self.pointwise_as_matmul)
+    if not fold and not pointwise and grad_2d == 'xla':
+      return None
+    return conv_lib.conv_general_dilated_fn(
+        fold_depth=fold, weight_grad=grad_2d, weight_grad_3d=grad_3d,
+        pointwise_as_matmul=pointwise)
 
   def _check(self, x: jax.Array) -> int:
     if x.ndim not in (4, 5):
@@ -260,6 +301,10 @@ class UNet(nn.Module):
           f'upsample={self.upsample!r} is not one of {UPSAMPLE_MODES}.')
     if self.norm not in NORMS:
       raise ValueError(f'norm={self.norm!r} is not one of {NORMS}.')
+    if self.conv_weight_grad not in (None,) + conv_lib.WEIGHT_GRADS:
+      raise ValueError(
+          f'conv_weight_grad={self.conv_weight_grad!r} is not None or one of'
+          f' {conv_lib.WEIGHT_GRADS}.')
     if not 0 <= self.deep_supervision < self.depth:
       raise ValueError(
           f'deep_supervision={self.deep_supervision} must be in [0, depth-1='
@@ -277,11 +322,12 @@ class UNet(nn.Module):
     kernels, pools = level_shapes(ndim=ndim, depth=self.depth,
                                   kernel_sizes=self.kernel_sizes,
                                   pool_sizes=self.pool_sizes)
+    conv_fn = self._conv_fn()
     block_cls = nn.remat(ConvBlock) if self.remat else ConvBlock
     block = lambda width, kernel, name: block_cls(
         width, kernel, norm=self.norm, norm_groups=self.norm_groups, train=train,
         dtype=self.dtype, param_dtype=self.param_dtype,
-        bn_axis_name=self.bn_axis_name, name=name)
+        bn_axis_name=self.bn_axis_name, conv_fn=conv_fn, name=name)
 
     x = x.astype(self.dtype)
     skips = []
@@ -299,21 +345,24 @@ class UNet(nn.Module):
       width = self.features * 2**level
       x = Upsample(width, pools[level], mode=self.upsample,
                    conv_kernel=self.upsample_conv_kernel, dtype=self.dtype,
-                   param_dtype=self.param_dtype, name=f'upsample{level}')(x)
+                   param_dtype=self.param_dtype,
+                   transpose_as_matmul=conv_lib.resolve(self.transpose_as_matmul),
+                   conv_fn=conv_fn, name=f'upsample{level}')(x)
       x = jnp.concatenate([skips[level], x], axis=-1)
       x = block(width, kernels[level], f'decoder{level}')(x)
       if 0 < level <= self.deep_supervision:
-        aux.append(self._head(x, f'aux_head{level}'))
+        aux.append(self._head(x, f'aux_head{level}', conv_fn))
 
-    logits = self._head(x, 'head')
+    logits = self._head(x, 'head', conv_fn)
     if self.deep_supervision:
       return logits, tuple(reversed(aux))
     return logits
 
-  def _head(self, x: jax.Array, name: str) -> jax.Array:
+  def _head(self, x: jax.Array, name: str, conv_fn: Any = None) -> jax.Array:
     ndim = x.ndim - 2
     y = nn.Conv(self.num_classes, (1,) * ndim, dtype=self.dtype,
-                param_dtype=self.param_dtype, name=name)(x)
+                param_dtype=self.param_dtype, conv_general_dilated=conv_fn,
+                name=name)(x)
     return y.astype(jnp.float32)
 
 

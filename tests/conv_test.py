@@ -1,0 +1,251 @@
+"""The faster formulations of conv.py compute the same function as plain XLA."""
+
+import functools
+
+import flax.linen as nn
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unet_jax import conv
+from unet_jax import models
+
+
+def _plain(x, kernel):
+  """The reference: XLA's 'same' convolution, channels-last."""
+  ndim = x.ndim - 2
+  spec = ('NHWC', 'HWIO', 'NHWC') if ndim == 2 else ('NDHWC', 'DHWIO', 'NDHWC')
+  return lax.conv_general_dilated(x, kernel, (1,) * ndim, 'SAME',
+                                  dimension_numbers=spec)
+
+
+def _value_and_grads(fn, x, kernel, probe):
+  """fn(x, k), and the gradients of <fn(x, k), probe> w.r.t. x and k (jitted)."""
+  def all_of_it(x, kernel, probe):
+    loss = lambda x, k: jnp.sum(fn(x, k).astype(jnp.float32) * probe)
+    return fn(x, kernel), *jax.grad(loss, argnums=(0, 1))(x, kernel)
+  return jax.jit(all_of_it)(x, kernel, probe)
+
+
+def _inputs(x_shape, k_shape, dtype, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(keys[0], x_shape).astype(dtype)
+  k = (jax.random.normal(keys[1], k_shape) / np.sqrt(np.prod(k_shape[:-1]))
+       ).astype(dtype)
+  probe = jax.random.normal(keys[2], x_shape[:-1] + k_shape[-1:])
+  return x, k, probe
+
+
+def _assert_close(got, want, dtype):
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  assert got.shape == want.shape
+  scale = max(1.0, float(np.abs(want).max()))
+  # float32: rounding of a different summation order. bf16: products in bf16 and
+  # outputs rounded to 8 bits of mantissa (relative 2^-8 = 0.4%) on either side.
+  tol = 1e-5 if dtype == jnp.float32 else 3e-2
+  np.testing.assert_allclose(got, want, atol=tol * scale, rtol=tol)
+
+
+DTYPES = [jnp.float32, jnp.bfloat16]
+
+
+@pytest.mark.parametrize('x_shape, k_shape, dtype', [
+    ((2, 7, 9, 3), (3, 3, 3, 4), jnp.float32),     # odd sizes
+    ((2, 7, 9, 3), (3, 3, 3, 4), jnp.bfloat16),
+    ((1, 5, 6, 1), (3, 3, 1, 8), jnp.float32),     # one input channel (first layer)
+    ((3, 4, 5, 8), (1, 3, 8, 2), jnp.float32),     # a 1 x 3 kernel
+    ((3, 4, 5, 8), (1, 3, 8, 2), jnp.bfloat16),
+    ((1, 6, 3, 5), (5, 3, 5, 3), jnp.float32),     # a kernel larger than the width
+])
+def test_gemm_weight_grad_matches_xla_2d(x_shape, k_shape, dtype):
+  x, k, probe = _inputs(x_shape, k_shape, dtype)
+  fast = functools.partial(conv.conv2d_same, weight_grad='gemm')
+  got = _value_and_grads(fast, x, k, probe)
+  want = _value_and_grads(_plain, x, k, probe)
+  assert got[2].dtype == k.dtype and got[1].dtype == x.dtype
+  for g, w in zip(got, want):
+    _assert_close(g, w, dtype)
+
+
+def test_weight_grad_gemm_hand_computed():
+  # 1x1 kernel: dL/dK[0, 0, c, o] = sum over pixels of x[..., c] * g[..., o].
+  x = jnp.arange(6.0).reshape(1, 2, 3, 1)
+  g = jnp.ones((1, 2, 3, 1))
+  np.testing.assert_array_equal(conv.weight_grad_gemm(x, g, (1, 1, 1, 1)),
+                                [[[[15.0]]]])
+  # 3x3 kernel, one pixel, g = 1: only the centre tap sees x (the rest is padding).
+  dk = conv.weight_grad_gemm(jnp.full((1, 1, 1, 1), 2.0), jnp.ones((1, 1, 1, 1)),
+                             (3, 3, 1, 1))
+  want = np.zeros((3, 3, 1, 1))
+  want[1, 1] = 2.0
+  np.testing.assert_array_equal(dk, want)
+
+
+@pytest.mark.parametrize('weight_grad', conv.WEIGHT_GRADS)
+@pytest.mark.parametrize('x_shape, k_shape, dtype', [
+    ((2, 5, 7, 9, 3), (3, 3, 3, 3, 4), jnp.float32),   # odd sizes
+    ((2, 5, 7, 9, 3), (3, 3, 3, 3, 4), jnp.bfloat16),
+    ((1, 4, 6, 5, 1), (3, 3, 3, 1, 6), jnp.float32),   # one input channel
+    ((1, 3, 5, 4, 2), (1, 3, 3, 2, 5), jnp.float32),   # an in-plane level in 3D
+    ((1, 3, 5, 4, 2), (1, 3, 3, 2, 5), jnp.bfloat16),
+    ((2, 6, 5, 3, 3), (5, 3, 1, 3, 2), jnp.float32),   # a 5 x 3 x 1 kernel
+])
+def test_folded_3d_matches_xla(x_shape, k_shape, weight_grad, dtype):
+  x, k, probe = _inputs(x_shape, k_shape, dtype)
+  fast = functools.partial(conv.conv3d_same, fold_depth=True,
+                           weight_grad=weight_grad)
+  got = _value_and_grads(fast, x, k, probe)
+  want = _value_and_grads(_plain, x, k, probe)
+  for g, w in zip(got, want):
+    _assert_close(g, w, dtype)
+
+
+def test_folded_3d_kernel_deeper_than_volume():
+  # kd = 5 over 3 slices: taps beyond the volume see zero padding only.
+  x, k, probe = _inputs((1, 3, 4, 4, 2), (5, 3, 3, 2, 3), jnp.float32)
+  fast = functools.partial(conv.conv3d_same, fold_depth=True)
+  for g, w in zip(_value_and_grads(fast, x, k, probe),
+                  _value_and_grads(_plain, x, k, probe)):
+    _assert_close(g, w, jnp.float32)
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('x_shape, strides, features', [
+    ((2, 3, 5, 4), (2, 2), 6),
+    ((1, 3, 2, 5, 4), (2, 2, 2), 1),
+    ((1, 3, 2, 5, 4), (1, 2, 2), 6),    # anisotropic, as with pool_sizes (1, 2, 2)
+    ((2, 3, 5, 1), (3, 2), 2),
+])
+def test_conv_transpose_as_matmul_matches_flax(x_shape, strides, features, dtype):
+  x = jax.random.normal(jax.random.key(0), x_shape).astype(dtype)
+  ref = nn.ConvTranspose(features, strides, strides=strides, padding='VALID',
+                         dtype=dtype)
+  fast = conv.ConvTranspose(features, strides, dtype=dtype)
+  variables = ref.init(jax.random.key(1), x)
+  # Same parameter tree and the same initial values from the same key.
+  fast_variables = fast.init(jax.random.key(1), x)
+  assert jax.tree.structure(fast_variables) == jax.tree.structure(variables)
+  jax.tree.map(np.testing.assert_array_equal, fast_variables, variables)
+  # A non-zero bias, so that its gradient and broadcast are checked too.
+  variables = jax.tree.map(lambda a: a + 0.25, variables)
+  out_shape = (x_shape[0],) + tuple(
+      s * r for s, r in zip(x_shape[1:-1], strides)) + (features,)
+  probe = jax.random.normal(jax.random.key(2), out_shape)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def value_and_grads(module, variables, x):
+    loss = lambda v, x: jnp.sum(module.apply(v, x).astype(jnp.float32) * probe)
+    return module.apply(variables, x), *jax.grad(loss, argnums=(0, 1))(variables, x)
+
+  got = value_and_grads(fast, variables, x)
+  want = value_and_grads(ref, variables, x)
+  assert got[0].shape == out_shape
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    _assert_close(g, w, dtype)
+
+
+def test_conv_transpose_as_matmul_hand_computed():
+  # One input pixel, 1 -> 1 channel, stride 2: the output is the flipped kernel.
+  kernel = jnp.arange(4.0).reshape(2, 2, 1, 1)
+  y = conv.conv_transpose_as_matmul(jnp.ones((1, 1, 1, 1)), kernel, jnp.ones(1))
+  np.testing.assert_array_equal(y[0, :, :, 0], [[4.0, 3.0], [2.0, 1.0]])
+
+
+def test_conv_transpose_rejects_wrong_rank():
+  with pytest.raises(ValueError, match='strides'):
+    conv.ConvTranspose(2, (2, 2, 2)).init(jax.random.key(0), jnp.ones((1, 4, 4, 1)))
+
+
+@pytest.mark.parametrize('x_shape, k_shape', [
+    ((2, 5, 7, 3), (1, 1, 3, 4)), ((1, 3, 5, 4, 2), (1, 1, 1, 2, 3))])
+def test_pointwise_as_matmul(x_shape, k_shape):
+  fn = conv.conv_general_dilated_fn(pointwise_as_matmul=True)
+  ndim = len(x_shape) - 2
+  spec = lax.conv_dimension_numbers(
+      x_shape, k_shape,
+      ('NHWC', 'HWIO', 'NHWC') if ndim == 2 else ('NDHWC', 'DHWIO', 'NDHWC'))
+  fast = lambda x, k: fn(x, k, (1,) * ndim, 'SAME', dimension_numbers=spec)
+  x, k, probe = _inputs(x_shape, k_shape, jnp.float32)
+  for g, w in zip(_value_and_grads(fast, x, k, probe),
+                  _value_and_grads(_plain, x, k, probe)):
+    _assert_close(g, w, jnp.float32)
+
+
+def test_other_convolutions_fall_back_to_xla():
+  # Stride 2, dilation and feature groups are not rewritten: identical results.
+  fn = conv.conv_general_dilated_fn(fold_depth=True, weight_grad='gemm',
+                                    pointwise_as_matmul=True)
+  x = jax.random.normal(jax.random.key(0), (1, 4, 6, 6, 4))
+  k = jax.random.normal(jax.random.key(1), (3, 3, 3, 2, 4))
+  spec = lax.conv_dimension_numbers(x.shape, k.shape, ('NDHWC', 'DHWIO', 'NDHWC'))
+  for kwargs in (dict(window_strides=(2, 2, 2), padding='SAME'),
+                 dict(window_strides=(1, 1, 1), padding='SAME',
+                      rhs_dilation=(2, 2, 2)),
+                 dict(window_strides=(1, 1, 1), padding='VALID')):
+    np.testing.assert_array_equal(
+        fn(x, k, dimension_numbers=spec, feature_group_count=2, **kwargs),
+        lax.conv_general_dilated(x, k, dimension_numbers=spec,
+                                 feature_group_count=2, **kwargs))
+
+
+def test_bad_weight_grad_is_a_value_error():
+  with pytest.raises(ValueError, match='weight_grad'):
+    conv.conv2d_same(jnp.ones((1, 3, 3, 1)), jnp.ones((3, 3, 1, 1)),
+                     weight_grad='fft')
+  with pytest.raises(ValueError, match='conv_weight_grad'):
+    models.UNet(num_classes=2, features=2, depth=1, conv_weight_grad='fft').init(
+        jax.random.key(0), jnp.ones((1, 4, 4, 1)))
+
+
+def test_resolve_follows_the_backend():
+  assert conv.resolve(True) is True and conv.resolve(False) is False
+  assert conv.resolve(None) is (jax.default_backend() == 'cpu')
+
+
+ALL_OFF = dict(transpose_as_matmul=False, conv3d_as_2d=False,
+               pointwise_as_matmul=False, conv_weight_grad='xla')
+ALL_ON = dict(transpose_as_matmul=True, conv3d_as_2d=True,
+              pointwise_as_matmul=True, conv_weight_grad='gemm')
+
+
+@pytest.mark.parametrize('shape, kwargs', [
+    ((2, 12, 20, 1), dict(upsample='transpose')),
+    ((1, 4, 8, 12, 2), dict(upsample='bilinear',
+                            kernel_sizes=[(1, 3, 3), (3, 3, 3)],
+                            pool_sizes=[(1, 2, 2)])),
+    ((1, 4, 4, 8, 1), dict(upsample='transpose')),
+])
+def test_unet_with_switches_on_equals_off(shape, kwargs):
+  off = models.UNet(num_classes=3, features=4, depth=1, **kwargs, **ALL_OFF)
+  on = models.UNet(num_classes=3, features=4, depth=1, **kwargs, **ALL_ON)
+  x = jax.random.normal(jax.random.key(0), shape)
+  init = lambda m: jax.jit(m.init).lower(jax.random.key(1), x).compile(
+      compiler_options={'xla_backend_optimization_level': 0})(jax.random.key(1), x)
+  variables = init(off)
+  on_variables = init(on)
+  # Identical trees: names, shapes, dtypes and the initial values themselves.
+  assert jax.tree.structure(on_variables) == jax.tree.structure(variables)
+  jax.tree.map(np.testing.assert_array_equal, on_variables, variables)
+  labels = jax.random.randint(jax.random.key(2), shape[:-1], 0, 3)
+
+  def loss_and_grads(model):
+    def loss(params):
+      logits, _ = model.apply({**variables, 'params': params}, x, train=True,
+                              mutable=['batch_stats'])
+      onehot = jax.nn.one_hot(labels, 3)
+      return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits), -1)), logits
+    (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+        variables['params'])
+    return value, logits, grads
+
+  want, got = loss_and_grads(off), loss_and_grads(on)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  np.testing.assert_allclose(got[1], want[1], atol=1e-4, rtol=1e-4)
+  flat_want = jax.tree_util.tree_leaves_with_path(want[2])
+  flat_got = jax.tree_util.tree_leaves(got[2])
+  for (path, w), g in zip(flat_want, flat_got):
+    scale = float(jnp.abs(w).max()) + 1e-6
+    np.testing.assert_allclose(g, w, atol=2e-4 * scale, rtol=2e-3,
+                               err_msg=jax.tree_util.keystr(path))

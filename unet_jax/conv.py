@@ -1,0 +1,392 @@
+r"""Faster formulations of the U-Net's convolutions: the same functions, other kernels.
+
+XLA:CPU runs some convolutions far below its matrix-product rate. This module computes
+the same functions in forms it runs faster; each is exact up to float rounding and
+each is a switch on `unet_jax.models.UNet`:
+
+- **3D convolution folded to 2D** (`conv_general_dilated(..., fold_depth=True)`). A
+  stride-1 'same' convolution with a `kd x kh x kw` kernel is a 2D `kh x kw`
+  convolution over the `N * D` depth slices of an input whose channels hold the `kd`
+  depth neighbours of each slice:
+
+  .. math::
+    y[n, d] = \sum_{i < k_d} \mathrm{conv2d}(x_p[n, d + i], K[i])
+            = \mathrm{conv2d}\big([x_p[n, d], \dots, x_p[n, d + k_d - 1]]_c,
+                                  [K[0]; \dots; K[k_d - 1]]_c\big),
+
+  where `x_p` is `x` zero-padded along depth and `[.]_c` concatenates on channels.
+  Shapes: `x [N, D, H, W, C] -> [N*D, H, W, kd*C]`, kernel `[kd, kh, kw, C, O] ->
+  [kh, kw, kd*C, O]`. A custom VJP keeps only `x` and the kernel for the backward
+  pass, so activation memory is that of the plain 3D convolution.
+- **Weight gradient as one matrix product** (`weight_grad='gemm'`). For a 'same' 2D
+  convolution with kernel `kh x kw`, the kernel gradient
+
+  .. math::
+    \frac{\partial L}{\partial K}[i, j, c, o]
+      = \sum_{n, y, x} x_p[n, y + i, x + j, c]\, g[n, y, x, o]
+
+  is computed as `X^T G` with `X[(n, r, x), (j, c)] = x_p[n, r, x + j, c]` (the input
+  widened `kw` times along W) and `G[(n, r, x), (i, o)] = g[n, r - i, x, o]` (the
+  output gradient widened `kh` times along H, zero outside), so the product has
+  `kw*C` rows and `kh*O` columns. The forward pass and the input gradient stay XLA
+  convolutions. The two widened copies cost `kw` times the input and `kh` times the
+  output gradient in temporary memory.
+- **Stride-s transposed convolution with an s x s kernel as a matrix product**
+  (`conv_transpose_as_matmul`). With kernel = stride and 'VALID' padding, output
+  pixel `s*i + a` sees exactly one input pixel, `i`:
+
+  .. math::
+    y[n, s i + a, o] = b[o] + \sum_c x[n, i, c]\, K[s - 1 - a, c, o]
+
+  (Flax's `nn.ConvTranspose`, `transpose_kernel=False`, flips the kernel), i.e. a
+  1x1 convolution to `s^d * O` channels followed by depth-to-space. Same function,
+  same parameters as `nn.ConvTranspose`.
+
+The switches are meant for the CPU: `models.UNet` turns them on only when
+`jax.default_backend() == 'cpu'` (`resolve`), so GPU and TPU programs are unchanged.
+
+References: K. Chellapilla, S. Puri, P. Simard, "High Performance Convolutional Neural
+Networks for Document Processing", 2006 (convolution as a matrix product);
+W. Shi et al., "Real-Time Single Image and Video Super-Resolution Using an Efficient
+Sub-Pixel Convolutional Neural Network", CVPR 2016, arXiv:1609.05158 (depth-to-space).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+WEIGHT_GRADS = ('xla', 'gemm')
+# The kernel-gradient formulation `models.UNet` uses by default on the CPU, for 2D
+# convolutions and for folded 3D ones; other backends always use 'xla'. 'gemm' is
+# slower in 2D; in 3D it was faster, but its widened copies of the input and of the
+# output gradient add much temporary memory (benchmarks/RESULTS.md), so it stays
+# opt-in there (`UNet(conv_weight_grad='gemm')`).
+CPU_WEIGHT_GRAD = {2: 'xla', 3: 'xla'}
+
+
+def resolve(switch: bool | None) -> bool:
+  """`switch`, or when it is None: on for the CPU backend only.
+
+  The formulations here are tuned for XLA:CPU; on GPU and TPU the plain XLA
+  convolutions (cuDNN, the TPU convolution units) are left alone.
+  """
+  if switch is None:
+    return jax.default_backend() == 'cpu'
+  return bool(switch)
+
+
+def _same_pads(kernel_spatial: Sequence[int]) -> list[tuple[int, int]]:
+  # XLA's 'SAME' for stride 1: k - 1 in total, the odd one on the high side.
+  return [((k - 1) // 2, k - 1 - (k - 1) // 2) for k in kernel_spatial]
+
+
+def _plain(x, kernel, precision=None):
+  ndim = x.ndim - 2
+  dn = lax.conv_dimension_numbers(
+      x.shape, kernel.shape,
+      ('NHWC', 'HWIO', 'NHWC') if ndim == 2 else ('NDHWC', 'DHWIO', 'NDHWC'))
+  return lax.conv_general_dilated(
+      x, kernel, (1,) * ndim, _same_pads(kernel.shape[:-2]),
+      dimension_numbers=dn, precision=precision)
+
+
+def weight_grad_gemm(x: jax.Array, g: jax.Array,
+                     kernel_shape: Sequence[int]) -> jax.Array:
+  """Kernel gradient of a stride-1 'same' 2D convolution, as one matrix product.
+
+  Args:
+    x: the convolution's input, `[N, H, W, C]`.
+    g: the gradient of its output, `[N, H, W, O]`.
+    kernel_shape: `(kh, kw, C, O)`.
+
+  Returns:
+    `dL/dK`, `[kh, kw, C, O]`, in float32 for float32 inputs and in `x.dtype` with
+    float32 accumulation otherwise. See the module docstring for the formula.
+  """
+  kh, kw, c, o = kernel_shape
+  n, h, w, _ = x.shape
+  (ph_lo, ph_hi), (pw_lo, pw_hi) = _same_pads((kh, kw))
+  xp = jnp.pad(x, ((0, 0), (ph_lo, ph_hi), (pw_lo, pw_hi), (0, 0)))
+  rows = h + kh - 1
+  # X[n, r, x, (j, c)] = xp[n, r, x + j, c]
+  xw = jnp.concatenate([xp[:, :, j:j + w] for j in range(kw)], axis=-1)
+  # G[n, r, x, (i, o)] = g[n, r - i, x, o], zero where r - i is outside [0, H).
+  gp = jnp.pad(g, ((0, 0), (kh - 1, kh - 1), (0, 0), (0, 0)))
+  gh = jnp.concatenate(
+      [gp[:, kh - 1 - i:kh - 1 - i + rows] for i in range(kh)], axis=-1)
+  out = lax.dot_general(
+      xw.reshape(n * rows * w, kw * c), gh.reshape(n * rows * w, kh * o),
+      (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  out = out.reshape(kw, c, kh, o).transpose(2, 0, 1, 3)
+  return out.astype(jnp.promote_types(x.dtype, g.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv2d_gemm_wgrad(x, kernel, precision):
+  return _plain(x, kernel, precision)
+
+
+def _conv2d_gemm_wgrad_fwd(x, kernel, precision):
+  return _plain(x, kernel, precision), (x, kernel)
+
+
+def _conv2d_gemm_wgrad_bwd(precision, res, g):
+  x, kernel = res
+  _, input_vjp = jax.vjp(lambda x: _plain(x, kernel, precision), x)
+  (dx,) = input_vjp(g)
+  dk = weight_grad_gemm(x, g, kernel.shape).astype(kernel.dtype)
+  return dx, dk
+
+
+_conv2d_gemm_wgrad.defvjp(_conv2d_gemm_wgrad_fwd, _conv2d_gemm_wgrad_bwd)
+
+
+def conv2d_same(x: jax.Array, kernel: jax.Array, *, weight_grad: str = 'xla',
+                precision: Any = None) -> jax.Array:
+  """Stride-1 'same' 2D convolution, `[N, H, W, C] x [kh, kw, C, O] -> [N, H, W, O]`.
+
+  Args:
+    x: channels-last input.
+    kernel: HWIO kernel.
+    weight_grad: 'xla' (autodiff of the XLA convolution) or 'gemm' (the kernel
+      gradient as one matrix product, `weight_grad_gemm`).
+    precision: passed to the XLA convolutions.
+  """
+  if weight_grad not in WEIGHT_GRADS:
+    raise ValueError(f'weight_grad={weight_grad!r} is not one of {WEIGHT_GRADS}.')
+  if weight_grad == 'gemm':
+    return _conv2d_gemm_wgrad(x, kernel, precision)
+  return _plain(x, kernel, precision)
+
+
+def _fold(x, kd):
+  """`[N, D, H, W, C] -> [N*D, H, W, kd*C]`: depth neighbours on the channel axis."""
+  n, d, h, w, c = x.shape
+  if kd == 1:
+    return x.reshape(n * d, h, w, c)
+  ((lo, hi),) = _same_pads((kd,))
+  xp = jnp.pad(x, ((0, 0), (lo, hi), (0, 0), (0, 0), (0, 0)))
+  xs = jnp.concatenate([xp[:, i:i + d] for i in range(kd)], axis=-1)
+  return xs.reshape(n * d, h, w, kd * c)
+
+
+def _fold_kernel(kernel):
+  kd, kh, kw, c, o = kernel.shape
+  return jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kd * c, o)
+
+
+def _unfold_kernel(kernel2d, kd):
+  kh, kw, kdc, o = kernel2d.shape
+  return jnp.transpose(kernel2d.reshape(kh, kw, kd, kdc // kd, o), (2, 0, 1, 3, 4))
+
+
+def _unfold_input_grad(dxs, shape, kd):
+  """Adjoint of `_fold`: sums each depth neighbour's gradient back into place."""
+  n, d, h, w, c = shape
+  dxs = dxs.reshape(n, d, h, w, kd, c)
+  if kd == 1:
+    return dxs.reshape(shape)
+  ((lo, hi),) = _same_pads((kd,))
+  # Slice i of the fold at depth d holds x[d + i - lo]: shift it back and sum.
+  padded = sum(
+      jnp.pad(dxs[..., i, :], ((0, 0), (i, kd - 1 - i), (0, 0), (0, 0), (0, 0)))
+      for i in range(kd))
+  return padded[:, lo:lo + d]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv3d_folded(x, kernel, weight_grad, precision):
+  n, d, h, w, _ = x.shape
+  y = conv2d_same(_fold(x, kernel.shape[0]), _fold_kernel(kernel),
+                  weight_grad=weight_grad, precision=precision)
+  return y.reshape(n, d, h, w, -1)
+
+
+def _conv3d_folded_fwd(x, kernel, weight_grad, precision):
+  return _conv3d_folded(x, kernel, weight_grad, precision), (x, kernel)
+
+
+def _conv3d_folded_bwd(weight_grad, precision, res, g):
+  x, kernel = res
+  kd = kernel.shape[0]
+  n, d, h, w, _ = x.shape
+  xs, k2 = _fold(x, kd), _fold_kernel(kernel)
+  g2 = g.reshape(n * d, h, w, -1)
+  _, input_vjp = jax.vjp(lambda xs: _plain(xs, k2, precision), xs)
+  (dxs,) = input_vjp(g2)
+  if weight_grad == 'gemm':
+    dk2 = weight_grad_gemm(xs, g2, k2.shape)
+  else:
+    _, kernel_vjp = jax.vjp(lambda k2: _plain(xs, k2, precision), k2)
+    (dk2,) = kernel_vjp(g2)
+  return (_unfold_input_grad(dxs, x.shape, kd),
+          _unfold_kernel(dk2, kd).astype(kernel.dtype))
+
+
+_conv3d_folded.defvjp(_conv3d_folded_fwd, _conv3d_folded_bwd)
+
+
+def conv3d_same(x: jax.Array, kernel: jax.Array, *, fold_depth: bool = True,
+                weight_grad: str = 'xla', precision: Any = None) -> jax.Array:
+  """Stride-1 'same' 3D convolution, `[N, D, H, W, C] x [kd, kh, kw, C, O]`.
+
+  Args:
+    x: channels-last input, `[N, D, H, W, C]`.
+    kernel: DHWIO kernel.
+    fold_depth: compute it as one 2D convolution over `N*D` slices with the `kd`
+      depth neighbours stacked on channels (module docstring); else XLA's 3D
+      convolution.
+    weight_grad: for the folded 2D convolution, 'xla' or 'gemm' (`conv2d_same`).
+    precision: passed to the XLA convolutions.
+
+  Returns:
+    `[N, D, H, W, O]`.
+  """
+  if weight_grad not in WEIGHT_GRADS:
+    raise ValueError(f'weight_grad={weight_grad!r} is not one of {WEIGHT_GRADS}.')
+  if not fold_depth:
+    return _plain(x, kernel, precision)
+  return _conv3d_folded(x, kernel, weight_grad, precision)
+
+
+def _is_same_stride1(x_shape, kernel_shape, window_strides, padding, lhs_dilation,
+                     rhs_dilation, dimension_numbers, feature_group_count):
+  ndim = len(x_shape) - 2
+  if ndim not in (2, 3) or feature_group_count != 1:
+    return False
+  if any(s != 1 for s in window_strides):
+    return False
+  if any(d != 1 for d in (lhs_dilation or ())) or any(
+      d != 1 for d in (rhs_dilation or ())):
+    return False
+  channels_last = lax.conv_dimension_numbers(
+      x_shape, kernel_shape,
+      ('NHWC', 'HWIO', 'NHWC') if ndim == 2 else ('NDHWC', 'DHWIO', 'NDHWC'))
+  if lax.conv_dimension_numbers(x_shape, kernel_shape,
+                                dimension_numbers) != channels_last:
+    return False
+  pads = _same_pads(kernel_shape[:-2])
+  if isinstance(padding, str):
+    return padding.upper() == 'SAME'
+  return [tuple(p) for p in padding] == pads
+
+
+def conv_general_dilated_fn(*, fold_depth: bool = False, weight_grad: str = 'xla',
+                            weight_grad_3d: str | None = None,
+                            pointwise_as_matmul: bool = False
+                            ) -> Callable[..., jax.Array]:
+  """A drop-in for `lax.conv_general_dilated`, for `nn.Conv(conv_general_dilated=...)`.
+
+  Channels-last stride-1 'same' convolutions without dilation or groups (those of
+  the U-Net) take the formulations above; any other call goes to
+  `lax.conv_general_dilated` unchanged. Passing it to `nn.Conv` keeps `nn.Conv`'s
+  parameters (names, shapes, dtypes, initialisation) exactly.
+
+  Args:
+    fold_depth: 3D convolutions as folded 2D ones (`conv3d_same`).
+    weight_grad: 'xla' or 'gemm' for the kernel gradient of 2D convolutions.
+    weight_grad_3d: the same for folded 3D convolutions (default: `weight_grad`).
+    pointwise_as_matmul: 1x1 (1x1x1) convolutions as a product over the channel
+      axis, `y = x K[0, 0]`, whose gradients are products too.
+  """
+  if weight_grad_3d is None:
+    weight_grad_3d = weight_grad
+  for value in (weight_grad, weight_grad_3d):
+    if value not in WEIGHT_GRADS:
+      raise ValueError(f'weight_grad={value!r} is not one of {WEIGHT_GRADS}.')
+
+  def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+           dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+           precision=None, preferred_element_type=None):
+    if (batch_group_count == 1 and preferred_element_type is None
+        and dimension_numbers is not None
+        and _is_same_stride1(lhs.shape, rhs.shape, window_strides, padding,
+                             lhs_dilation, rhs_dilation, dimension_numbers,
+                             feature_group_count)):
+      if pointwise_as_matmul and all(k == 1 for k in rhs.shape[:-2]):
+        return lax.dot_general(
+            lhs, rhs.reshape(rhs.shape[-2:]), (((lhs.ndim - 1,), (0,)), ((), ())),
+            precision=precision)
+      if lhs.ndim == 5:
+        if fold_depth:
+          return conv3d_same(lhs, rhs, fold_depth=True,
+                             weight_grad=weight_grad_3d, precision=precision)
+      elif weight_grad != 'xla':
+        return conv2d_same(lhs, rhs, weight_grad=weight_grad, precision=precision)
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count, precision=precision,
+        preferred_element_type=preferred_element_type)
+
+  return conv
+
+
+def conv_transpose_as_matmul(x: jax.Array, kernel: jax.Array,
+                             bias: jax.Array | None = None) -> jax.Array:
+  """`nn.ConvTranspose(O, s, strides=s, padding='VALID')` as a product + depth-to-space.
+
+  Args:
+    x: `[N, *spatial, C]`, 2 or 3 spatial axes.
+    kernel: `[*s, C, O]`, the kernel of `nn.ConvTranspose` (`transpose_kernel=False`)
+      whose kernel size equals its strides `s`.
+    bias: `[O]` or None.
+
+  Returns:
+    `[N, *(spatial * s), O]`: `y[n, s*i + a, o] = b[o] + sum_c x[n, i, c] K[s-1-a, c, o]`.
+  """
+  ndim = x.ndim - 2
+  s = kernel.shape[:ndim]
+  c, o = kernel.shape[-2:]
+  # Flip the taps (Flax's convention), then put them after the input channels.
+  k = kernel[(slice(None, None, -1),) * ndim]
+  k = jnp.moveaxis(k, ndim, 0).reshape(c, math.prod(s) * o)
+  y = lax.dot_general(x, k, (((x.ndim - 1,), (0,)), ((), ())))
+  n, spatial = x.shape[0], x.shape[1:-1]
+  y = y.reshape((n,) + spatial + tuple(s) + (o,))
+  # [n, i1.., a1.., o] -> [n, i1, a1, i2, a2, .., o]
+  perm = [0] + [p for a in range(ndim) for p in (1 + a, 1 + ndim + a)] + [1 + 2 * ndim]
+  y = jnp.transpose(y, perm).reshape(
+      (n,) + tuple(d * r for d, r in zip(spatial, s)) + (o,))
+  if bias is not None:
+    y = y + bias
+  return y
+
+
+class ConvTranspose(nn.Module):
+  """`nn.ConvTranspose` with kernel = strides and 'VALID' padding, as a matrix product.
+
+  The parameters are those of `nn.ConvTranspose(features, strides, strides=strides,
+  padding='VALID')`: 'kernel' `[*strides, C, features]` (LeCun normal) and 'bias'
+  `[features]` (zeros), in `param_dtype`; checkpoints of either restore into the
+  other. The function is the same (`conv_transpose_as_matmul`).
+  """
+  features: int
+  strides: tuple[int, ...]
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable[..., jax.Array] = nn.initializers.lecun_normal()
+  bias_init: Callable[..., jax.Array] = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if len(self.strides) != x.ndim - 2:
+      raise ValueError(
+          f'strides={self.strides} has {len(self.strides)} entries, but the input'
+          f' {x.shape} has {x.ndim - 2} spatial axes.')
+    kernel = self.param('kernel', self.kernel_init,
+                        tuple(self.strides) + (x.shape[-1], self.features),
+                        self.param_dtype)
+    bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return conv_transpose_as_matmul(x, kernel, bias)
