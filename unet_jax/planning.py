@@ -139,13 +139,15 @@ class Fingerprint:
     class_thickness: in-plane thickness in pixels, 2 x area / boundary pixels
       in each (H, W) slice (a line w pixels wide gives w); 0 for background
       and absent classes.
-    centroid_mean, centroid_sem: per class, per axis: the mean over cases of
-      the class's centroid in normalised coordinates (0 = first pixel, 1 =
-      last), and its standard error; 0.5 and 0 for background and absent
+    centroid_mean, centroid_sem: per class, per axis: the mean over the cases
+      holding the class of its centroid as a fraction of the extent ((mean
+      pixel index + 0.5) / size: 0.5 is the centre), and the standard error of
+      that mean (0 from a single case); 0.5 and 0 for background and absent
       classes.
-    elongation_mean, elongation_sem: per class: the mean over cases of log(s_H
-      / s_W), the in-plane spread of the class (physical units) along H over
-      that along W, and its standard error.
+    elongation_mean, elongation_sem: per class: the mean over cases of
+      log(s_H / s_W), where s is the standard deviation of the class's pixel
+      coordinates along an in-plane axis in physical units, plus half a pixel
+      (so a one-pixel line has a finite spread), and its standard error.
   """
 
   key: str
