@@ -237,6 +237,28 @@ def test_steps_from_the_time_budget():
   assert 'num_train_steps' not in planning.plan(_fp(), time_budget=300).values()
 
 
+def test_a_slow_step_shrinks_the_patch_then_the_width():
+  fp = _fp(shape_median=(16.0, 64.0, 64.0), shape_min=(16, 64, 64),
+           shape_max=(16, 64, 64), spacing_median=(4.0, 0.8, 0.8), anisotropy=5.0)
+  base = planning.plan(fp)
+  assert base['data.patch_size'] == (16, 64, 64) and base['batch_size'] == 2
+  ref = 16 * 64 * 64
+  # 150 s at 1.5 s a step is 100 steps; 250 need a step 0.4x as costly: the in-plane
+  # axes shrink together (D, at its median of 16, stays) to 40x40.
+  slow = planning.plan(fp, time_budget=150, step_time=1.5)
+  assert slow['data.patch_size'] == (16, 40, 40) and slow['batch_size'] == 2
+  assert 'model.features' not in slow.values()
+  assert slow['num_train_steps'] == math.floor(150 / (1.5 * 16 * 40 * 40 / ref))
+  # 12.5 s: even 16x32x32 (the floor) is too costly, so the width halves, 16 -> 8.
+  slower = planning.plan(fp, time_budget=150, step_time=12.5)
+  assert slower['data.patch_size'] == (16, 32, 32) and slower['model.features'] == 8
+  assert slower['num_train_steps'] == 150 // (12.5 * (16 * 32 * 32 * 8**2) / (ref * 16**2))
+  # A width set on the command line stays: fewer steps instead.
+  kept = planning.plan(fp, time_budget=150, step_time=12.5, fixed={'model.features': 16})
+  assert kept['data.patch_size'] == (16, 32, 32) and 'model.features' not in kept.values()
+  assert kept['num_train_steps'] == 48
+
+
 def test_plan_json_round_trips(tmp_path):
   p = planning.plan(_fp(num_classes=3, class_voxels=(9974, 25, 1),
                         class_frequency=(0.9974, 0.0025, 0.0001),

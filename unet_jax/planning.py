@@ -33,11 +33,12 @@ The plan (`plan`, a pure function of the fingerprint and the budgets):
   most `MAX_DEPTH` levels (the widths double at every level). The patch is
   rounded down to a multiple of the pooling factor and, while a training step
   of batch 2 does not fit `memory_budget` (`unet_jax.memory.estimate`), the
-  axis largest relative to the median shape is shrunk by one pooling factor,
-  re-planning the pooling each time (nnU-Net's rule). 2D: whole images (padded
-  to the largest) when the largest fits the budget and is at most 1.5x the
-  median along every axis, else random crops of the patch. 3D: random patches,
-  and sliding-window evaluation with the same patch when volumes are larger.
+  axis largest relative to the median shape (each of them on a tie) is shrunk
+  by one pooling factor, re-planning the pooling each time (nnU-Net's rule).
+  2D: whole images (padded to the largest) when the largest fits the budget and
+  is at most 1.5x the median along every axis, else random crops of the patch.
+  3D: random patches, and sliding-window evaluation with the same patch when
+  volumes are larger.
 * **Batch size**: the most that fits the budget, at most 5% of the data set's
   voxels, at least 2 (nnU-Net's rule); instance norm below a batch of 8, where
   batch statistics are noisy (nnU-Net uses instance norm throughout).
@@ -64,8 +65,13 @@ The plan (`plan`, a pure function of the fingerprint and the budgets):
 * **Loss**: Dice + cross-entropy (nnU-Net's); a class that is under 1% of the
   labelled voxels gets the weight min(10, sqrt(1% / frequency)), 1 otherwise.
 * **Steps**: `time_budget / step_time` when both are given (the step time is
-  measured on the planned model at the start of training), with a warmup of at
-  most 10% of them.
+  measured on the plan made without them, at the start of training), with a
+  warmup of at most 10% of them. When fewer than `MIN_STEPS` steps would fit,
+  the step is made cheaper first, taking its time as proportional to voxels x
+  batch x features^2: the patch shrinks (as for memory, not below
+  min(`MIN_PATCH_SIDE`, median) along any axis; 2D whole images become crops),
+  then the top width halves (not below `MIN_FEATURES`). CPUs, not memory, are
+  what limits training in minutes; nnU-Net plans for a GPU and has no such rule.
 
 Fields set on the command line are given to `plan` as `fixed`: the plan keeps
 their values, plans the rest around them (a fixed depth gets pooling for that
@@ -107,6 +113,9 @@ SAMPLES_PER_CASE = 10_000  # Foreground intensities sampled per case (nnU-Net's)
 RARE_CLASS = 0.01  # A class under this share of the labelled voxels is weighted.
 CT_MIN_VALUE = -500  # Integer data reaching this low is taken as Hounsfield units.
 _THIN = 3.0  # Pixels: a class thinner than this is not zoomed out.
+MIN_STEPS = 250  # The time rule makes a step cheaper until this many fit the budget.
+MIN_PATCH_SIDE = 32  # ... but not below this (or the median) along any axis,
+MIN_FEATURES = 8  # ... nor the top width below this.
 
 
 # ---------------------------------------------------------------------------
@@ -617,40 +626,59 @@ def _largest_batch(shape, pools, kernels, *, fp, features, budget, cap: int) -> 
   return b
 
 
-def _patch(fp: Fingerprint, fixed, *, budget, features, batch):
+def _patch(fp: Fingerprint, fixed, *, budget, features, batch, max_voxels=None,
+           time_batch=1):
   """(patch, pools, kernels, note): the median shape, rounded down to the pooling
-  factor, shrunk while a training step of `batch` does not fit `budget`."""
+  factor, shrunk while a training step of `batch` does not fit `budget`, then
+  while `time_batch` patches hold more than `max_voxels` voxels (the time rule;
+  not below min(MIN_PATCH_SIDE, median) along any axis). Each time the axes
+  largest relative to the median shape (all of them on a tie, so a square patch
+  stays square) shrink by their pooling factor."""
   median = [max(1.0, m) for m in fp.shape_median]
   patch = [max(1, int(round(m))) for m in median]
-  start = None
+  floor = [min(MIN_PATCH_SIDE, int(round(m))) for m in median]
+  start, shrunk = None, set()
   while True:
     pools, kernels, _ = _layout(fp, patch, fixed)
     divisor = _divisor(pools)
     rounded = [max(d, p // d * d) for p, d in zip(patch, divisor)]
     start = start or rounded
-    if _fits(rounded, pools, kernels, batch=batch, fp=fp, features=features,
-             budget=budget):
+    if not _fits(rounded, pools, kernels, batch=batch, fp=fp, features=features,
+                 budget=budget):
+      why = 'memory'
+      shrinkable = [a for a in range(fp.ndim) if rounded[a] > divisor[a]]
+    elif max_voxels is not None and math.prod(rounded) * time_batch > max_voxels:
+      why = 'time'
+      shrinkable = [a for a in range(fp.ndim) if rounded[a] - divisor[a] >= floor[a]]
+    else:
       break
-    shrinkable = [a for a in range(fp.ndim) if rounded[a] > divisor[a]]
     if not shrinkable:
       break
-    axis = max(shrinkable, key=lambda a: rounded[a] / median[a])
-    patch = list(rounded)
-    patch[axis] -= divisor[axis]
+    shrunk.add(why)
+    ratio = max(rounded[a] / median[a] for a in shrinkable)
+    patch = [r - d if a in shrinkable and r / m >= ratio - 1e-9 else r
+             for a, (r, d, m) in enumerate(zip(rounded, divisor, median))]
   note = (f'the median shape {_shape_text(fp.shape_median)}, rounded down to a multiple'
           f' of the pooling factor {_shape_text(divisor)}')
-  if rounded != start:
+  if 'memory' in shrunk:
     note += (f', shrunk from {_shape_text(start)} until a training step of batch'
              f' {batch} fits {memory.format_bytes(budget)}')
+  if 'time' in shrunk:
+    note += ', shrunk for the time budget (see num_train_steps)'
   return tuple(rounded), pools, kernels, note
 
 
 def _input_choices(fp: Fingerprint, fixed, *, budget: int, features: int,
-                   num_devices: int) -> tuple[list[Choice], tuple[int, ...]]:
+                   num_devices: int, max_voxels: float | None = None,
+                   max_batch: int | None = None
+                   ) -> tuple[list[Choice], tuple[int, ...], int]:
   """The input size (policy, image or patch size), the network's layout and the
-  batch. Returns the choices and the training input shape."""
+  batch; with `max_voxels`, at most that many voxels a step (the time rule), and
+  a batch of at most `max_batch`. Returns the choices, the training input shape
+  and the batch."""
   per_device = lambda b: max(1, -(-b // num_devices))
   first_batch = per_device(fixed.get('batch_size', 2))
+  time_batch = fixed.get('batch_size', max_batch or 1)
   field = 'data.patch_size' if fp.ndim == 3 else 'data.image_size'
   given = tuple(fixed.get(field) or ())
   if given:
@@ -658,7 +686,8 @@ def _input_choices(fp: Fingerprint, fixed, *, budget: int, features: int,
     pools, kernels, _ = _layout(fp, patch, fixed)
   else:
     patch, pools, kernels, note = _patch(fp, fixed, budget=budget, features=features,
-                                         batch=first_batch)
+                                         batch=first_batch, max_voxels=max_voxels,
+                                         time_batch=time_batch)
   choices, train_shape = [], patch
   if fp.ndim == 2:
     divisor = _divisor(pools)
@@ -666,7 +695,8 @@ def _input_choices(fp: Fingerprint, fixed, *, budget: int, features: int,
     whole_ok = not given and all(
         mx <= 1.5 * md for mx, md in zip(fp.shape_max, fp.shape_median)) and _fits(
             whole, pools, kernels, batch=first_batch, fp=fp, features=features,
-            budget=budget)
+            budget=budget) and (
+                max_voxels is None or math.prod(whole) * time_batch <= max_voxels)
     if fixed.get('data.size_policy', 'pad' if whole_ok else 'crop') == 'pad' and (
         not given):
       train_shape = whole
@@ -678,9 +708,9 @@ def _input_choices(fp: Fingerprint, fixed, *, budget: int, features: int,
     else:
       choices += [
           Choice('data.size_policy', 'crop', 'random crops of the image size: the'
-                 ' largest image is far larger than the median or does not fit'
-                 f' {memory.format_bytes(budget)}' if not given else
-                 'random crops of the image size'),
+                 ' largest image is far larger than the median, does not fit'
+                 f' {memory.format_bytes(budget)} or is too slow for the time budget'
+                 if not given else 'random crops of the image size'),
           Choice('data.image_size', patch, note)]
   else:
     choices.append(Choice('data.patch_size', patch, f'random patches: {note}'))
@@ -688,9 +718,10 @@ def _input_choices(fp: Fingerprint, fixed, *, budget: int, features: int,
       choices.append(Choice('evals.eval.patch_size', patch, 'volumes larger than the'
                             ' patch are evaluated by sliding windows of the patch'))
   choices += _layout_choices(fp, train_shape, pools, kernels, fixed)
-  choices += _batch_choices(fp, train_shape, pools, kernels, budget=budget,
-                            features=features, num_devices=num_devices, fixed=fixed)
-  return choices, tuple(train_shape)
+  batch = _batch_choices(fp, train_shape, pools, kernels, budget=budget,
+                         features=features, num_devices=num_devices, fixed=fixed,
+                         max_batch=max_batch)
+  return choices + batch, tuple(train_shape), batch[0].value
 
 
 def _layout_choices(fp, shape, pools, kernels, fixed) -> list[Choice]:
@@ -715,9 +746,11 @@ def _layout_choices(fp, shape, pools, kernels, fixed) -> list[Choice]:
 
 
 def _batch_choices(fp, shape, pools, kernels, *, budget, features, num_devices,
-                   fixed) -> list[Choice]:
+                   fixed, max_batch=None) -> list[Choice]:
   voxels = fp.num_cases * math.prod(fp.shape_median)
   cap = max(2, int(round(0.05 * voxels / math.prod(shape))))
+  if max_batch:
+    cap = min(cap, max_batch)
   if 'batch_size' in fixed:
     batch = int(fixed['batch_size'])
     why = 'set on the command line'
@@ -726,8 +759,9 @@ def _batch_choices(fp, shape, pools, kernels, *, budget, features, num_devices,
                                budget=budget, cap=-(-cap // num_devices)) * num_devices
     batch = max(2, min(cap, by_memory))
     batch = -(-batch // num_devices) * num_devices
+    limit = ', and the time rule' if max_batch else ''
     why = (f'the most that fits {memory.format_bytes(budget)} ({by_memory}), at most 5%'
-           f' of the data set\'s voxels ({cap}), at least 2')
+           f' of the data set\'s voxels ({cap}{limit}), at least 2')
     if num_devices > 1:
       why += f', a multiple of the {num_devices} devices'
   norm = 'instance' if batch < 8 else 'batch'
@@ -829,14 +863,43 @@ def _loss_choices(fp: Fingerprint, fixed) -> list[Choice]:
   return choices
 
 
-def _step_choices(time_budget, step_time) -> list[Choice]:
-  if not time_budget or not step_time:
-    return []
-  steps = max(1, math.floor(time_budget / step_time + 1e-9))
-  return [Choice('num_train_steps', steps, f'a time budget of {time_budget:g} s /'
-                 f' {step_time:.3g} s per step (measured on the planned model)'),
-          Choice('optimizer.warmup_steps', min(50, steps // 10),
-                 'at most 10% of the steps, at most 50')]
+def _timed_choices(fp, fixed, choices, shape, batch, *, time_budget, step_time,
+                   features, **options):
+  """The time rule: (choices, steps choices, input shape). A plan whose measured step would
+  allow fewer than MIN_STEPS steps in the budget is made cheaper (step time taken
+  as proportional to voxels x batch x features^2): the patch shrinks (not below
+  min(MIN_PATCH_SIDE, median) per axis), then the features halve (not below
+  MIN_FEATURES, and not if set on the command line)."""
+  ref_cost = math.prod(shape) * batch * features**2
+  allowed = ref_cost * time_budget / (step_time * MIN_STEPS)
+  ref = f'{_shape_text(shape)} x batch {batch}, features {features}'
+  width = features
+  if ref_cost > allowed:
+    while True:
+      choices, shape, batch = _input_choices(
+          fp, fixed, features=width, max_voxels=allowed / width**2, max_batch=batch,
+          **options)
+      cost = math.prod(shape) * batch * width**2
+      if cost <= allowed or width // 2 < MIN_FEATURES or 'model.features' in fixed:
+        break
+      width //= 2
+  cost = math.prod(shape) * batch * width**2
+  seconds = step_time * cost / ref_cost
+  steps = max(1, math.floor(time_budget / seconds + 1e-9))
+  why = f'a time budget of {time_budget:g} s / {seconds:.3g} s per step'
+  if cost != ref_cost:
+    why += (f' (measured {step_time:.3g} s for {ref}; scaled by voxels x batch x'
+            f' features^2: fewer than {MIN_STEPS} steps would fit unscaled)')
+  else:
+    why += ' (measured on the planned model)'
+  timed = [Choice('num_train_steps', steps, why),
+           Choice('optimizer.warmup_steps', min(50, steps // 10),
+                  'at most 10% of the steps, at most 50')]
+  if width != features:
+    choices = choices + [Choice('model.features', width, f'halved from {features}:'
+                                f' even the smallest patch the time rule allows'
+                                f' would leave under {MIN_STEPS} steps')]
+  return choices, timed, shape
 
 
 def plan(fp: Fingerprint, *, memory_budget: str | int = '2GiB',
@@ -863,12 +926,17 @@ def plan(fp: Fingerprint, *, memory_budget: str | int = '2GiB',
   """
   fixed = _tuples_in(fixed or {})
   budget = memory.parse_bytes(memory_budget)
-  choices, shape = _input_choices(fp, fixed, budget=budget, features=features,
-                                  num_devices=num_devices)
+  options = dict(budget=budget, num_devices=num_devices)
+  choices, shape, batch = _input_choices(fp, fixed, features=features, **options)
+  timed = []
+  if time_budget and step_time and 'num_train_steps' not in fixed:
+    choices, timed, shape = _timed_choices(
+        fp, fixed, choices, shape, batch, time_budget=time_budget, step_time=step_time,
+        features=features, **options)
   choices += _normalisation(fp, fixed)
   choices += _augment_choices(fp, shape)
   choices += _loss_choices(fp, fixed)
-  choices += _step_choices(time_budget, step_time)
+  choices += timed
   inputs = {'key': fp.key, 'memory_budget': memory.format_bytes(budget),
             'time_budget': time_budget, 'step_time': step_time, 'features': features,
             'num_devices': num_devices}
@@ -949,13 +1017,14 @@ def format_fingerprint(fp: Fingerprint) -> str:
 
 
 def measure_step_time(config: ml_collections.ConfigDict, data, *,
-                      steps: int = 6) -> float:
+                      steps: int = 6, warmup: int = 4) -> float:
   """Seconds per training step of `config` on `data` (an `input_pipeline.Dataset`
   opened for it), on one device with its share of the batch.
 
-  Compiles, runs 4 steps so the input pipeline's prefetch buffer is drained, then
-  times `steps` steps with real batches (so the input pipeline's time counts);
-  returns the mean.
+  Compiles, runs up to `warmup` more steps (for at most about 10 s) so the input
+  pipeline's prefetch buffer is drained, then times `steps` steps (at least 2,
+  fewer when they take over 15 s) with real batches, so the input pipeline's
+  time counts; returns the mean.
   """
   from unet_jax import train  # pylint: disable=g-import-not-at-top  (train imports us)
   info = data.info
@@ -975,14 +1044,22 @@ def measure_step_time(config: ml_collections.ConfigDict, data, *,
   batch_size = max(1, config.batch_size // jax.device_count())
   batches = data.train_iterator(0, batch_size=batch_size, seed=config.seed,
                                 process_index=0, process_count=1)
-  for _ in range(5):
+  state, metrics = step(state, next(batches))  # Compiles.
+  jax.block_until_ready(metrics['loss'])
+  start = time.perf_counter()
+  for _ in range(warmup):
+    if time.perf_counter() - start > 10:
+      break
     state, metrics = step(state, next(batches))
     jax.block_until_ready(metrics['loss'])
-  start = time.perf_counter()
-  for _ in range(steps):
+  start, done = time.perf_counter(), 0
+  while done < max(steps, 2):
     state, metrics = step(state, next(batches))
-  jax.block_until_ready(metrics['loss'])
-  return (time.perf_counter() - start) / steps
+    jax.block_until_ready(metrics['loss'])
+    done += 1
+    if done >= 2 and time.perf_counter() - start > 15:
+      break
+  return (time.perf_counter() - start) / done
 
 
 def _fixed(config, keep: Iterable[str]) -> dict[str, Any]:
