@@ -320,36 +320,46 @@ def _run(cmd: list[str], workdir: pathlib.Path) -> dict:
           'loop': done.group(1) if done else None}
 
 
-def train_runs(name, root, out, budget) -> dict[str, dict]:
+def _launch(workdir, name, root, data_dir, *flags) -> list[str]:
+  return [sys.executable, str(ROOT / 'launch.py'), '--config=configs/folder.py',
+          f'--workdir={workdir}', *_flags(name, root, data_dir), *flags]
+
+
+def train_runs(name, root, out, budget, arms, results) -> None:
+  """Runs the `arms` ('plan', 'fixed', 'fixed3') of one data set into `results`."""
   data_dir = out / 'tfds'
-  results = {}
-  workdir = out / f'{name}_plan'
-  cmd = [sys.executable, str(ROOT / 'launch.py'), '--config=configs/folder.py',
-         f'--workdir={workdir}', f'--config.plan_time_budget={budget}',
-         *_flags(name, root, data_dir)]
-  results['plan'] = _run(cmd, workdir)
-  with open(workdir / 'plan.json') as f:
-    plan = json.load(f)
-  results['plan']['step_time'] = plan['inputs']['step_time']
-  results['plan']['choices'] = {c['field']: c['value'] for c in plan['choices']}
-  steps, step_time = _fixed_steps(name, root, data_dir, budget)
-  workdir = out / f'{name}_fixed'
-  cmd = [sys.executable, str(ROOT / 'launch.py'), '--config=configs/folder.py',
-         f'--workdir={workdir}', '--config.plan=False',
-         f'--config.num_train_steps={steps}', *_flags(name, root, data_dir)]
+  if 'plan' in arms:
+    workdir = out / f'{name}_plan'
+    entry = _run(_launch(workdir, name, root, data_dir,
+                         f'--config.plan_time_budget={budget}'), workdir)
+    with open(workdir / 'plan.json') as f:
+      plan = json.load(f)
+    entry['measured_step_time'] = plan['inputs']['step_time']  # Of the plan before
+    entry['step_time'] = budget / entry['steps']  # the time rule; then as planned.
+    entry['choices'] = {c['field']: c['value'] for c in plan['choices']}
+    results['plan'] = entry
+  if 'fixed' in arms:
+    steps, step_time = _fixed_steps(name, root, data_dir, budget)
+    results['fixed_steps'], results['fixed'] = steps, {'step_time': step_time}
+  fixed = ['--config.plan=False']
   if name == 'aniso3d':
-    cmd.append('--config.data.patch_size=(16,64,64)')
-  results['fixed'] = _run(cmd, workdir)
-  results['fixed']['step_time'] = step_time
-  return results
+    fixed.append('--config.data.patch_size=(16,64,64)')
+  for arm, factor in (('fixed', 1), ('fixed3', 3)):
+    if arm in arms:
+      workdir = out / f'{name}_{arm}'
+      steps = factor * results.get('fixed_steps', results['fixed']['steps'])
+      step_time = results['fixed']['step_time']
+      results[arm] = _run(_launch(workdir, name, root, data_dir, *fixed,
+                                  f'--config.num_train_steps={steps}'), workdir)
+      results[arm]['step_time'] = step_time
 
 
 def _table(results: dict) -> str:
-  lines = ['| data set | method | steps | measured s/step | training s | run s |'
+  lines = ['| data set | method | steps | s/step (planned) | training s | run s |'
            ' foreground Dice | per class |',
            '| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |']
   for name, r in results.items():
-    for method in ('plan', 'fixed'):
+    for method in ('plan', 'fixed', 'fixed3'):
       if method not in r:
         continue
       m = r[method]
@@ -368,6 +378,9 @@ def main():
                       help='seconds of training steps per run')
   parser.add_argument('--only', default=','.join(SETS))
   parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'out' / 'planning'))
+  parser.add_argument('--arms', default='plan,fixed,fixed3',
+                      help="'plan', 'fixed' (the same budget) and 'fixed3' (3x its"
+                      ' steps, to see how much the budget alone explains)')
   parser.add_argument('--table_only', action='store_true',
                       help='print the table of the results in --out; run nothing')
   args = parser.parse_args()
@@ -377,8 +390,10 @@ def main():
   results = json.loads(path.read_text()) if path.exists() else {}
   if args.table_only:
     for name, entry in results.items():
-      for method in ('plan', 'fixed'):
-        entry[method].setdefault('train_s', _train_seconds(out / f'{name}_{method}'))
+      for method in ('plan', 'fixed', 'fixed3'):
+        if method in entry:
+          entry[method].setdefault('train_s', _train_seconds(out / f'{name}_{method}'))
+      entry['plan']['step_time'] = entry['budget_s'] / entry['plan']['steps']
     print(_table(results))
     return
   for name in args.only.split(','):
@@ -386,9 +401,10 @@ def main():
       raise SystemExit(f'--only: unknown data set {name!r}; the sets are {SETS}.')
     root = out / name
     write_set(name, root)
-    entry = {'classical': classical(name, root)}
+    entry = results.get(name, {})
+    entry['classical'] = classical(name, root)
     print(name, 'classical:', entry['classical'], flush=True)
-    entry.update(train_runs(name, root, out, args.budget))
+    train_runs(name, root, out, args.budget, args.arms.split(','), entry)
     entry['budget_s'] = args.budget
     entry['date'] = datetime.date.today().isoformat()
     results[name] = entry
