@@ -121,6 +121,9 @@ def main(argv):
     jax.distributed.initialize()
   logging.info('JAX process %d/%d, local devices %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
+  if 'plan_keep' in FLAGS.config:  # The plan (unet_jax/planning.py) keeps these.
+    FLAGS.config.plan_keep = tuple(sorted(
+        {*FLAGS.config.plan_keep, *config_flags.get_override_values(FLAGS['config'])}))
   stop = _stop_on_signals()
   try:
     results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir,

@@ -27,9 +27,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.foreground_fraction = 1 / 3  # 3D only: share of patches on foreground.
   config.data.ignore_index = -1  # A mask value to leave out (255: VOC's borders); -1: none.
   config.data.mask_colors = ()  # Folders of colour masks: the RGB colour of each class.
+  # 'zscore' per image; 'ct': clip to [low, high], then (x - mean) / std; 'rescale':
+  # (x - low) / (high - low). The intensity_* fields hold one value, or one per channel.
+  config.data.normalization = 'zscore'
+  config.data.intensity_low = ()  # 'ct', 'rescale': the low end of the window.
+  config.data.intensity_high = ()  # 'ct', 'rescale': the high end.
+  config.data.intensity_mean = ()  # 'ct': the global mean, after clipping.
+  config.data.intensity_std = ()  # 'ct': the global standard deviation.
 
   config.augment = ml_collections.ConfigDict()
   config.augment.flip = True
+  config.augment.flip_axes = ()  # The spatial axes flip acts on; (): every axis.
   config.augment.rot90 = True
   config.augment.scale = (1.0, 1.0)  # Random scale-and-crop range; (1, 1) turns it off.
   config.augment.intensity = 0.0  # Intensity jitter amplitude; 0 turns it off.

@@ -5,8 +5,22 @@ r"""Your own data: a folder of images and masks (see the README, "Your own data"
 
 The number of classes is read from the masks (`model.num_classes = 0`); set
 `--config.data.num_classes=N` to check the masks against N instead. For NIfTI volumes
-add `--config.data.config=3d` (and a `--config.data.patch_size`, e.g. '(32,64,64)').
-The result depends on your data; the tests train on a generated folder.
+add `--config.data.config=3d`.
+
+The plan (`config.plan = True`, `unet_jax/planning.py`, after nnU-Net): before
+training, a fingerprint of the train split (shapes, spacing, intensities, classes) is
+read once and the input or patch size, depth, pooling and kernels per axis, batch,
+normalisation, augmentation, loss and class weights are chosen from it by rules. The
+choices and their reasons are printed at the start and written to
+`<workdir>/plan.json`; `python -m unet_jax.planning --root=/path/to/my_data` prints
+them without training. Any field set on the command line wins over the plan, and the
+table says so. `--config.plan_time_budget=300` trains for about 300 s of steps (the
+step time is measured first); `--config.plan=False` restores the fixed settings below
+(features 16, depth 3, batch 16, flips and rot90, z-score per image, 600 steps; 3D
+needs a `--config.data.patch_size`, e.g. '(32,64,64)').
+
+Measured (benchmarks/RESULTS.md, "Planning"; 2 shared CPU cores, the same wall-clock
+budget for both): see the table there for each data set.
 """
 
 from configs import default
@@ -20,4 +34,9 @@ def get_config():
   config.data.eval_split = 'val'
   config.loss.name = 'dice_ce'
   config.model.num_classes = 0  # 0: as many as the masks hold.
+  config.plan = True  # Plan from the data (unet_jax/planning.py); False: fixed settings.
+  config.plan_keep = ()  # Fields the plan leaves alone; launch.py adds those set on the
+  # command line.
+  config.plan_memory_budget = '2GiB'  # Per device, for a training step.
+  config.plan_time_budget = 0.0  # Seconds of training steps; 0: num_train_steps.
   return config

@@ -101,6 +101,19 @@ def test_rot90_skipped_for_non_square_plane():
   np.testing.assert_array_equal(out_label, label)
 
 
+def test_flip_axes_limits_the_flips():
+  label = _blobs((5, 12, 12), 16)
+  _, every = _augment(_config(flip=True), _painted(label), label)
+  _, in_plane = _augment(_config(flip=True, flip_axes=(1, 2)), _painted(label), label)
+  depth_flips = 0
+  for i in range(16):
+    # The same random draw: the flips along H and W agree; none along D is left.
+    if not np.array_equal(in_plane[i], every[i]):
+      np.testing.assert_array_equal(in_plane[i], every[i][::-1])
+      depth_flips += 1
+  assert depth_flips >= 3  # About half of the examples drew a flip along D.
+
+
 def test_3d_rotates_in_plane_only():
   label = _blobs((5, 12, 12), 8)
   out_image, out_label = _augment(_config(flip=True, rot90=True), _painted(label), label)

@@ -30,7 +30,7 @@ def _folder_config(root, data_dir, ndim, **extra):
       'data.root': str(root), 'data.data_dir': str(data_dir), 'data.config': f'{ndim}d',
       'model.features': 4, 'model.depth': 2, 'batch_size': 2, 'eval_batch_size': 2,
       'num_train_steps': 3, 'log_every_steps': 1, 'eval_every_steps': 3,
-      'checkpoint_every_steps': 3, **extra}
+      'checkpoint_every_steps': 3, 'plan': False, **extra}
   for key, value in overrides.items():
     node = config
     *path, leaf = key.split('.')

@@ -577,3 +577,50 @@ def test_colour_masks_with_mask_colors(tmp_path):
   with pytest.raises(ValueError, match=r'colour\(s\) not in mask_colors: \(200, 30, 30\)'):
     input_pipeline.open(
         _data_config(**dict(config, mask_colors=((0, 0, 0), (0, 0, 255)))), divisor=8)
+
+
+# ----------------------------------------------------------------- normalisation
+
+
+def test_normalisation_modes_by_hand():
+  image = np.array([[[-1000.0], [0.0]], [[50.0], [3000.0]]], np.float32)  # [2, 2, 1]
+  ct = input_pipeline.normaliser(_data_config(
+    normalization='ct', intensity_low=(-100.0,), intensity_high=(200.0,),
+    intensity_mean=(50.0,), intensity_std=(25.0,)), 1)
+  # Clipped to [-100, 200]: -100, 0, 50, 200; then (x - 50) / 25.
+  np.testing.assert_allclose(ct(image)[..., 0], [[-6, -2], [0, 6]])
+  rescale = input_pipeline.normaliser(
+    _data_config(normalization='rescale', intensity_low=0, intensity_high=255), 1)
+  np.testing.assert_allclose(rescale(np.array([[[0.0], [255.0], [51.0]]]))[..., 0],
+                             [[0, 1, 0.2]], rtol=1e-6)
+  # The default is today's per-image z-score, unchanged.
+  default = input_pipeline.normaliser(_data_config(), 1)
+  np.testing.assert_array_equal(default(image), input_pipeline.normalise(image))
+  np.testing.assert_allclose(default(image).mean(), 0, atol=1e-6)
+
+
+def test_normalisation_reaches_the_batches(shapes):
+  config = _data_config(data_dir=shapes.data_dir, normalization='rescale',
+                        intensity_low=(0.0,), intensity_high=(255.0,))
+  batch = next(input_pipeline.open(config, divisor=8).train_iterator(batch_size=4, seed=0))
+  raw = next(input_pipeline.open(shapes, divisor=8).train_iterator(batch_size=4, seed=0))
+  assert 0 <= batch['image'].min() and batch['image'].max() <= 1
+  # The same examples: rescaling and the per-image z-score agree up to an affine map.
+  for scaled, zscored in zip(batch['image'], raw['image']):
+    np.testing.assert_allclose((scaled - scaled.mean()) / scaled.std(), zscored,
+                               atol=1e-3)
+
+
+@pytest.mark.parametrize('overrides,message', [
+  ({'normalization': 'minmax'}, r"normalization='minmax' is not one of"),
+  ({'normalization': 'ct', 'intensity_low': (0.0,)}, 'needs config.data.intensity_high'),
+  ({'normalization': 'rescale', 'intensity_low': (5.0,), 'intensity_high': (1.0,)},
+   'must be above'),
+  ({'normalization': 'ct', 'intensity_low': (0.0,), 'intensity_high': (1.0,),
+    'intensity_mean': (0.0,), 'intensity_std': (0.0,)}, 'intensity_std .* positive'),
+  ({'normalization': 'rescale', 'intensity_low': (0.0, 0.0, 0.0),
+    'intensity_high': (1.0, 1.0, 1.0)}, 'has 3 values; the data has 1 channel'),
+])
+def test_bad_normalisation_is_named(shapes, overrides, message):
+  with pytest.raises(ValueError, match=message):
+    input_pipeline.open(_data_config(data_dir=shapes.data_dir, **overrides), divisor=8)

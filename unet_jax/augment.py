@@ -3,7 +3,8 @@
 `augment(key, image, label, config=config.augment)` draws one random transform
 per example and applies it to the image and its mask alike:
 
-* flips along every spatial axis (`config.flip`);
+* flips along every spatial axis (`config.flip`), or only along the axes
+  `config.flip_axes` names (e.g. (1, 2): not along D of a [D, H, W] volume);
 * 90-degree rotations in the last two spatial axes, the (H, W) plane, when
   they are of equal size (`config.rot90`);
 * random scale and crop: zoom by s ~ U(`config.scale`) around a random
@@ -49,8 +50,14 @@ def _options(config) -> dict:
     )
   if grid < 2:
     raise ValueError(f'config.augment.elastic_grid must be >= 2, got {grid}.')
+  flip_axes = tuple(int(a) for a in config.get('flip_axes', ()) or ())
+  if any(a < 0 or a > 2 for a in flip_axes):
+    raise ValueError(
+        f'config.augment.flip_axes must hold spatial axes (0, 1 or 2), got {flip_axes}.'
+    )
   return {
       'flip': bool(config.get('flip', False)),
+      'flip_axes': flip_axes,
       'rot90': bool(config.get('rot90', False)),
       'scale': scale,
       'intensity': intensity,
@@ -119,7 +126,9 @@ def _coordinates(key: jax.Array, spatial: tuple[int, ...], opts: dict) -> list[j
     coords[-1] = jnp.select([k == 0, k == 1, k == 2], [x, last - y, last - x], y)
   if opts['flip']:
     flips = jax.random.bernoulli(k_flip, 0.5, (ndim,))
-    coords = [jnp.where(flips[d], spatial[d] - 1.0 - c, c) for d, c in enumerate(coords)]
+    axes = opts['flip_axes'] or range(ndim)
+    coords = [jnp.where(flips[d], spatial[d] - 1.0 - c, c) if d in axes else c
+              for d, c in enumerate(coords)]
   return coords
 
 
@@ -150,7 +159,8 @@ def augment(
     key: A `jax.random.key`.
     image: float [N, *spatial, C], spatial = (H, W) or (D, H, W).
     label: int [N, *spatial], class indices.
-    config: `config.augment`: flip (bool), rot90 (bool), scale ((min, max);
+    config: `config.augment`: flip (bool), flip_axes (spatial axes to flip;
+      () or missing: all), rot90 (bool), scale ((min, max);
       (1, 1) turns it off), intensity (float; 0 off), elastic (float, pixels;
       0 off) and optionally elastic_grid (int, default 3).
 

@@ -7,10 +7,11 @@
 `load` reads the config each checkpoint recorded (or `config.json` for an older
 checkpoint), rebuilds the model from it, and restores only the parameters and
 BatchNorm statistics with orbax: the optimizer state is not read. `predict`
-normalises an image as training did (z-score per channel), and predicts it
-whole, or by Gaussian-weighted sliding windows when it is larger than the patch
-(the run's training patch for 3D; `patch_size` to choose), with optional flip
-test-time augmentation.
+normalises an image as training did (the run's `config.data.normalization`, see
+`input_pipeline.normalise`; a z-score per channel for runs that predate it), and
+predicts it whole, or by Gaussian-weighted sliding windows when it is larger than
+the patch (the run's training patch for 3D; `patch_size` to choose), with optional
+flip test-time augmentation.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ class Predictor:
       float32 [*spatial, K].
     """
     self.check(image)
-    image = input_pipeline.normalise(np.asarray(image, np.float32))
+    normalise = input_pipeline.normaliser(self.config.data, self.num_channels)
+    image = normalise(np.asarray(image, np.float32))
     patch = patch_size or self.patch_size
     return sliding_window.sliding_window_predict(
         self.apply, image, patch_size=patch, overlap=overlap, mode='gaussian',

@@ -44,9 +44,13 @@ to the largest size, rounded up, and the padding is ignored. With
 instead, a share `config.data.foreground_fraction` of them centred on a
 foreground voxel, as nnU-Net does.
 
-Normalisation: each example, per channel, to zero mean and unit standard
-deviation over its own pixels (z-score, as nnU-Net does for MRI). Padding is
-added after normalisation, so the image padding is the mean (0).
+Normalisation (`config.data.normalization`, see `normalise`): 'zscore' (the
+default) takes each example, per channel, to zero mean and unit standard
+deviation over its own pixels (as nnU-Net does for MRI); 'ct' clips to a fixed
+intensity window and applies one global z-score (nnU-Net's CT normalisation);
+'rescale' maps a fixed range to [0, 1] (8-bit images). `unet_jax.planning`
+chooses one from the data. Padding is added after normalisation, so the image
+padding is 0 (the mean, under 'zscore').
 
 Why grain over array_record rather than tf.data: exact resume and a global,
 per-epoch reshuffle need random access by index, which array_record gives and
@@ -58,6 +62,7 @@ outrun the CPU train step by far (benchmarks/RESULTS.md, "Input pipeline").
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 from typing import Any, Iterator, Sequence
@@ -71,6 +76,7 @@ from scipy import ndimage
 from unet_jax.datasets import sources
 
 SIZE_POLICIES = ('pad', 'crop', 'resize')
+NORMALIZATIONS = ('zscore', 'ct', 'rescale')  # config.data.normalization; see normalise.
 IGNORE_LABEL = -1  # Label of pixels left out of the loss and the metrics.
 _READ_THREADS = 1  # Background threads building batches (benchmarks/RESULTS.md).
 _PREFETCH_BATCHES = 4  # Batches buffered ahead of the train step.
@@ -166,12 +172,82 @@ def _shapes(data_config, source: sources.Source, divisor) -> _Shapes:
   return _Shapes(train=train, eval=eval_shape, patch=patch)
 
 
-def normalise(image: np.ndarray) -> np.ndarray:
-  """Per-channel z-score over the spatial axes: float32 [*spatial, C]."""
-  flat = image.reshape(-1, image.shape[-1]).astype(np.float32, copy=False)
-  mean = flat.mean(axis=0)
-  std = np.sqrt(np.mean(np.square(flat - mean), axis=0))
-  return (image - mean) * (1 / np.maximum(std, 1e-6))
+def normalise(image: np.ndarray, *, mode: str = 'zscore', low=None, high=None,
+              mean=None, std=None) -> np.ndarray:
+  """Normalises an image [*spatial, C], per channel; float32 [*spatial, C].
+
+  ::
+
+    'zscore':  x' = (x - mean(x)) / max(std(x), 1e-6)   over the image's own pixels
+    'ct':      x' = (clip(x, low, high) - mean) / std   with the data set's values
+    'rescale': x' = (x - low) / (high - low)            a fixed range to [0, 1]
+
+  'zscore' is nnU-Net's normalisation for MRI-like data; 'ct' its CT normalisation,
+  with `low`, `high` the 0.5 and 99.5 percentiles and `mean`, `std` the mean and
+  standard deviation of the foreground intensities of the training set; 'rescale' a
+  fixed scaling, e.g. `low=0, high=255` for 8-bit images (Isensee et al., nnU-Net,
+  Nature Methods 2021, Sec. "Intensity normalization").
+
+  Args:
+    image: [*spatial, C] raw intensities.
+    mode: one of `NORMALIZATIONS`.
+    low, high, mean, std: 'ct' and 'rescale' only: a scalar or one value per
+      channel ([C]).
+  """
+  if mode == 'zscore':
+    flat = image.reshape(-1, image.shape[-1]).astype(np.float32, copy=False)
+    mean = flat.mean(axis=0)
+    std = np.sqrt(np.mean(np.square(flat - mean), axis=0))
+    return (image - mean) * (1 / np.maximum(std, 1e-6))
+  image = np.asarray(image, np.float32)
+  low, high = np.float32(low), np.float32(high)
+  if mode == 'ct':
+    mean, std = np.float32(mean), np.float32(std)
+    return ((np.clip(image, low, high) - mean) / std).astype(np.float32)
+  if mode == 'rescale':
+    return ((image - low) / (high - low)).astype(np.float32)
+  raise ValueError(f'mode={mode!r} is not one of {list(NORMALIZATIONS)}.')
+
+
+def _channel_values(data_config, field: str, num_channels: int | None) -> np.ndarray:
+  """`config.data.<field>`: one float per channel (or one for all), as float32 [C]."""
+  value = sources.config_value(data_config, field, ())
+  values = (value,) if isinstance(value, (int, float)) else tuple(value)
+  if not values:
+    mode = sources.config_value(data_config, 'normalization', 'zscore')
+    raise ValueError(f"config.data.normalization={mode!r} needs config.data.{field}"
+                     ' (one value, or one per channel).')
+  if num_channels is not None and len(values) not in (1, num_channels):
+    raise ValueError(f'config.data.{field}={values} has {len(values)} values; the data'
+                     f' has {num_channels} channel(s): give 1 or {num_channels}.')
+  return np.asarray([float(v) for v in values], np.float32)
+
+
+def normaliser(data_config, num_channels: int | None = None):
+  """The normalisation `config.data` asks for: image [*spatial, C] -> float32.
+
+  Reads `config.data.normalization` ('zscore' when missing, as in runs that
+  predate it) and, for 'ct' and 'rescale', `config.data.intensity_low`,
+  `intensity_high` (and for 'ct' `intensity_mean`, `intensity_std`). Raises a
+  ValueError naming the field for a bad value; with `num_channels` None the
+  channel counts are not checked.
+  """
+  mode = sources.config_value(data_config, 'normalization', 'zscore')
+  if mode not in NORMALIZATIONS:
+    raise ValueError(f'config.data.normalization={mode!r} is not one of'
+                     f' {list(NORMALIZATIONS)}.')
+  if mode == 'zscore':
+    return normalise
+  values = {name: _channel_values(data_config, f'intensity_{name}', num_channels)
+            for name in (('low', 'high', 'mean', 'std') if mode == 'ct' else
+                         ('low', 'high'))}
+  if np.any(values['high'] <= values['low']):
+    raise ValueError(f"config.data.intensity_high {values['high'].tolist()} must be above"
+                     f" intensity_low {values['low'].tolist()}.")
+  if mode == 'ct' and np.any(values['std'] <= 0):
+    raise ValueError(
+        f"config.data.intensity_std {values['std'].tolist()} must be positive.")
+  return functools.partial(normalise, mode=mode, **values)
 
 
 def _pad_to(image, label, shape):
@@ -275,6 +351,7 @@ def _check_config(data_config, divisor) -> tuple[sources.Entry, tuple[int, ...]]
   if not 0 <= fraction <= 1:
     raise ValueError(f'config.data.foreground_fraction must be in [0, 1], got {fraction}.')
   entry.check(data_config)
+  normaliser(data_config)
   divisor = _optional_shape(divisor, ndim, 'divisor')
   if divisor is None:
     raise ValueError(f'divisor must be a positive int or {ndim} of them, got {divisor!r}.')
@@ -308,6 +385,7 @@ class Dataset:
     self._fraction = float(sources.config_value(data_config, 'foreground_fraction', 0.0))
     ignore = sources.config_value(data_config, 'ignore_index', None)
     self._ignore = None if ignore is None or ignore < 0 else int(ignore)
+    self._normalise = normaliser(data_config, source.num_channels)
     self.info = DatasetInfo(
         num_classes=source.num_classes,
         num_channels=source.num_channels,
@@ -328,7 +406,7 @@ class Dataset:
     label = example.label
     if self._ignore is not None:
       label = np.where(label == self._ignore, IGNORE_LABEL, label).astype(np.int32)
-    return dataclasses.replace(example, image=normalise(example.image), label=label)
+    return dataclasses.replace(example, image=self._normalise(example.image), label=label)
 
   def train_iterator(self, start_step: int = 0, *, batch_size: int, seed: int,
                      process_index: int | None = None,

@@ -38,6 +38,7 @@ from unet_jax import evaluators
 from unet_jax import input_pipeline
 from unet_jax import losses
 from unet_jax import models
+from unet_jax import planning
 from unet_jax import reporting
 from unet_jax import runner as runner_lib
 
@@ -331,8 +332,10 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   check_workdir(workdir)
   config_checks.validate_config(config, num_devices=jax.device_count(),
                                 process_count=jax.process_count())
-  divisor = config_checks.divisor(config.model, config_checks.config_ndim(config))
-  data = input_pipeline.open(config.data, divisor=divisor)
+  ndim = config_checks.config_ndim(config)
+  data = input_pipeline.open(config.data, divisor=config_checks.divisor(config.model, ndim))
+  config, data = planning.plan_run(config, data, workdir)  # No-op unless config.plan.
+  divisor = config_checks.divisor(config.model, ndim)  # Of the planned model.
   config = _with_data_classes(config, data.info)
   config_checks.validate_against_data(config, data.info)
   tx = create_optimizer(config)

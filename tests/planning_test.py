@@ -1,0 +1,386 @@
+"""Tests for unet_jax.planning: the fingerprint by hand, the plan's rules, overrides,
+plan.json, and one planned run through launch.py."""
+
+import dataclasses
+import importlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from unet_jax import inference
+from unet_jax import input_pipeline
+from unet_jax import memory
+from unet_jax import planning
+from unet_jax.datasets import segmentation_folder as sf
+from unet_jax.datasets import sources
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _example(image, label, spacing=(1.0, 1.0)):
+  image = np.asarray(image, np.float32)
+  return sources.Example(image=image[..., None] if image.ndim == len(spacing) else image,
+                         label=np.asarray(label, np.int32), spacing=spacing, case_id='')
+
+
+# ----------------------------------------------------------------- the fingerprint
+
+
+def test_fingerprint_by_hand_2d():
+  a_label = np.zeros((4, 6), np.int32)
+  a_label[0, 0:2] = 1  # Two foreground pixels, top left.
+  a_image = np.full((4, 6), 7.0)
+  a_image[0, 0:2] = (10, 20)
+  b_label = np.zeros((6, 8), np.int32)
+  b_label[2:4, 3:5] = 1  # A 2x2 block in the middle; and a 1x1 class 2.
+  b_label[5, 7] = 2
+  b_image = np.full((6, 8), 200.0)
+  b_image[2:4, 3:5] = ((30, 40), (50, 60))
+  b_image[5, 7] = 0
+  fp = planning.fingerprint_examples([_example(a_image, a_label),
+                                      _example(b_image, b_label)],
+                                     ndim=2, num_channels=1, num_classes=3, key='hand')
+  assert fp.num_cases == 2 and fp.key == 'hand'
+  assert fp.shape_median == (5.0, 7.0)
+  assert fp.shape_min == (4, 6) and fp.shape_max == (6, 8)
+  assert fp.spacing_median == (1.0, 1.0) and fp.anisotropy == 1.0
+  assert fp.value_min == (0.0,) and fp.value_max == (200.0,)
+  assert fp.value_type == 'uint8'
+  # Foreground intensities 10, 20, 30, 40, 50, 60 and 0 (class 2).
+  values = np.array([10, 20, 30, 40, 50, 60, 0.0])
+  assert fp.foreground_mean == pytest.approx((values.mean(),))
+  assert fp.foreground_std == pytest.approx((values.std(),))
+  # numpy's linear percentiles of the 7 sorted values: index 0.005 * 6 = 0.03 gives
+  # 0 + 0.03 * 10; index 5.97 gives 50 + 0.97 * 10.
+  assert fp.foreground_p00_5 == pytest.approx((0.3,))
+  assert fp.foreground_p99_5 == pytest.approx((59.7,))
+  assert fp.class_voxels == (24 - 2 + 48 - 5, 2 + 4, 1)
+  assert fp.class_frequency == pytest.approx((65 / 72, 6 / 72, 1 / 72))
+  assert fp.class_image_share == (1.0, 1.0, 0.5)
+  # Every class-1 pixel is on its boundary: 2 x 6 / 6; class 2: 2 x 1 / 1.
+  assert fp.class_thickness == (0.0, 2.0, 2.0)
+  # Class 1 centroids, (mean index + 0.5) / size: (0.5 / 4, 1 / 6) and (3 / 6, 4 / 8).
+  assert fp.centroid_mean[1] == pytest.approx(((0.125 + 0.5) / 2, (1 / 6 + 0.5) / 2))
+  assert fp.centroid_sem[1] == pytest.approx(
+      (np.std([0.125, 0.5], ddof=1) / math.sqrt(2), np.std([1 / 6, 0.5], ddof=1) / 2**0.5))
+  # Class 2 occurs once: its standard error is 0.
+  assert fp.centroid_mean[2] == pytest.approx((5.5 / 6, 7.5 / 8))
+  assert fp.centroid_sem[2] == (0.0, 0.0)
+
+
+def test_fingerprint_spacing_value_types_and_ignored_pixels():
+  volumes = []
+  for spacing, value in (((3.0, 1.0, 1.0), -1000.0), ((5.0, 1.0, 1.0), 0.0),
+                         ((4.0, 0.5, 0.5), 40.0)):
+    label = np.zeros((4, 8, 8), np.int32)
+    label[1:3, 2:6, 2:6] = 1
+    label[0] = 9  # A "don't care" value: left out of everything but the shapes.
+    volumes.append(_example(np.full((4, 8, 8), value), label, spacing))
+  fp = planning.fingerprint_examples(volumes, ndim=3, num_channels=1, num_classes=2,
+                                     ignore_index=9)
+  assert fp.spacing_median == (4.0, 1.0, 1.0) and fp.anisotropy == 4.0
+  assert fp.value_type == 'int16' and fp.value_min == (-1000.0,)
+  assert fp.class_voxels == (3 * (3 * 64 - 32), 3 * 32)
+  assert fp.foreground_mean == pytest.approx(((-1000 + 0 + 40) / 3,))
+  float_fp = planning.fingerprint_examples(
+      [_example(np.full((4, 4), 0.5), np.eye(4))], ndim=2, num_channels=1, num_classes=2)
+  assert float_fp.value_type == 'float'
+
+
+# ----------------------------------------------------------------- the plan's rules
+
+
+def _fp(**overrides) -> planning.Fingerprint:
+  """A 2D, 8-bit, binary data set of 40 cases of 64x64 with a centred class."""
+  ndim = len(overrides.get('shape_median', (64, 64)))
+  base = dict(
+      key='test', ndim=ndim, num_channels=1, num_classes=2, num_cases=40,
+      shape_median=(64.0,) * ndim, shape_min=(64,) * ndim, shape_max=(64,) * ndim,
+      spacing_median=(1.0,) * ndim, anisotropy=1.0, value_min=(0.0,),
+      value_max=(255.0,), value_type='uint8', foreground_p00_5=(20.0,),
+      foreground_p99_5=(230.0,), foreground_mean=(120.0,), foreground_std=(30.0,),
+      class_voxels=(9000, 1000), class_frequency=(0.9, 0.1), class_image_share=(1.0, 1.0),
+      class_thickness=(0.0, 12.0), centroid_mean=((0.5,) * ndim, (0.5,) * ndim),
+      centroid_sem=((0.0,) * ndim, (0.05,) * ndim), elongation_mean=(0.0, 0.0),
+      elongation_sem=(0.0, 0.1))
+  base.update(overrides)
+  return planning.Fingerprint(**base)
+
+
+def test_anisotropic_spacing_pools_in_plane_first():
+  fp = _fp(shape_median=(20.0, 128.0, 128.0), shape_min=(20, 128, 128),
+           shape_max=(20, 128, 128), spacing_median=(5.0, 1.0, 1.0), anisotropy=5.0,
+           value_type='float', value_max=(3.7,))
+  p = planning.plan(fp, memory_budget='64GiB')
+  pools, kernels = p['model.pool_sizes'], p['model.kernel_sizes']
+  # Spacing 5 vs 1, then 5 vs 2: pooled in-plane only, with (1, 3, 3) kernels; then
+  # 5 vs 4 is within 2x: pooled along D too.
+  assert pools[:3] == ((1, 2, 2), (1, 2, 2), (2, 2, 2))
+  assert kernels[:3] == ((1, 3, 3), (1, 3, 3), (3, 3, 3))
+  assert p['model.depth'] == len(pools) == len(kernels) - 1
+  bottleneck = [s / math.prod(p[a] for p in pools)
+                for a, s in enumerate(p['data.patch_size'])]
+  assert all(b < 8 for b in bottleneck[1:])  # In-plane: pooled down to under 8.
+
+
+def test_isotropic_topology_and_depth_by_image_size():
+  # 64 -> 32 -> 16 -> 8 -> 4: an axis at least 8 long is pooled.
+  assert planning.topology((64, 64), (1, 1)) == (((2, 2),) * 4, ((3, 3),) * 5)
+  small = planning.plan(_fp(shape_median=(12.0, 12.0), shape_min=(12, 12),
+                            shape_max=(12, 12)))
+  large = planning.plan(_fp(shape_median=(256.0, 256.0), shape_min=(256, 256),
+                            shape_max=(256, 256)), memory_budget='64GiB')
+  assert small['model.depth'] == 1  # 12 -> 6: one pooling level.
+  assert large['model.depth'] == planning.MAX_DEPTH
+  assert planning.plan(_fp())['model.depth'] == 4
+
+
+def test_the_memory_budget_bounds_the_patch():
+  fp = _fp(shape_median=(128.0,) * 3, shape_min=(128,) * 3, shape_max=(128,) * 3,
+           spacing_median=(1.0,) * 3)
+  roomy = planning.plan(fp, memory_budget='64GiB')
+  tight = planning.plan(fp, memory_budget='256MiB')
+  assert roomy['data.patch_size'] == (128, 128, 128)
+  patch = tight['data.patch_size']
+  assert math.prod(patch) < 128**3 / 2
+  estimate = memory.estimate(
+      spatial_shape=patch, in_channels=1, num_classes=2, features=16,
+      depth=tight['model.depth'], kernel_sizes=tight['model.kernel_sizes'],
+      pool_sizes=tight['model.pool_sizes'], batch=tight['batch_size'], training=True)
+  assert estimate.total_bytes <= 256 * 2**20
+  assert 'shrunk from 128x128x128' in dict(
+      (c.field, c.reason) for c in tight.choices)['data.patch_size']
+  # Volumes larger than the patch are evaluated by sliding windows of it.
+  assert tight['evals.eval.patch_size'] == patch
+  assert 'evals.eval.patch_size' not in roomy.values()
+
+
+def test_normalisation_by_value_range():
+  ct = planning.plan(_fp(value_min=(-1024.0,), value_max=(2000.0,), value_type='int16'))
+  assert ct['data.normalization'] == 'ct'
+  assert (ct['data.intensity_low'], ct['data.intensity_high']) == ((20.0,), (230.0,))
+  assert (ct['data.intensity_mean'], ct['data.intensity_std']) == ((120.0,), (30.0,))
+  natural = planning.plan(_fp())
+  assert natural['data.normalization'] == 'rescale'
+  assert (natural['data.intensity_low'], natural['data.intensity_high']) == ((0.0,),
+                                                                            (255.0,))
+  mri = planning.plan(_fp(value_max=(1800.0,), value_type='uint16'))
+  assert mri['data.normalization'] == 'zscore'
+  assert 'data.intensity_low' not in mri.values()
+
+
+def test_a_rare_class_gets_class_weights():
+  common = planning.plan(_fp())
+  assert common['loss.name'] == 'dice_ce'
+  assert 'loss.kwargs.class_weights' not in common.values()
+  rare = planning.plan(_fp(num_classes=3, class_voxels=(9974, 25, 1),
+                           class_frequency=(0.9974, 0.0025, 0.0001),
+                           class_image_share=(1.0, 0.5, 0.1),
+                           class_thickness=(0.0, 5.0, 4.0),
+                           centroid_mean=((0.5, 0.5),) * 3, centroid_sem=((0.0, 0.0),) * 3,
+                           elongation_mean=(0.0,) * 3, elongation_sem=(0.0,) * 3))
+  # sqrt(1% / 0.25%) = 2; sqrt(1% / 0.01%) = 10.
+  assert rare['loss.kwargs.class_weights'] == (1.0, 2.0, 10.0)
+
+
+def test_augmentation_follows_position_orientation_and_thickness():
+  free = planning.plan(_fp())
+  assert free['augment.flip'] and free['augment.flip_axes'] == (0, 1)
+  assert free['augment.rot90'] and free['augment.scale'] == (0.85, 1.25)
+  # A class always on the left (W), far beyond its standard error: no flips along W,
+  # no rotations.
+  left = planning.plan(_fp(centroid_mean=((0.5, 0.5), (0.5, 0.2)),
+                           centroid_sem=((0.0, 0.0), (0.02, 0.02))))
+  assert left['augment.flip_axes'] == (0,) and not left['augment.rot90']
+  # Scattered positions (a large standard error) are no evidence of a side.
+  noisy = planning.plan(_fp(centroid_mean=((0.5, 0.5), (0.5, 0.3)),
+                            centroid_sem=((0.0, 0.0), (0.1, 0.1))))
+  assert noisy['augment.flip_axes'] == (0, 1) and noisy['augment.rot90']
+  upright = planning.plan(_fp(elongation_mean=(0.0, 1.2), elongation_sem=(0.0, 0.1)))
+  assert upright['augment.flip'] and not upright['augment.rot90']
+  thin = planning.plan(_fp(class_thickness=(0.0, 1.5)))
+  assert thin['augment.scale'] == (1.0, 1.25)
+  anisotropic = planning.plan(_fp(spacing_median=(1.0, 0.5)))
+  assert not anisotropic['augment.rot90']
+
+
+def test_fixed_fields_win_and_the_table_says_so():
+  fixed = {'model.depth': 2, 'batch_size': 4, 'data.normalization': 'zscore'}
+  p = planning.plan(_fp(), fixed=fixed)
+  assert p['model.depth'] == 2 and len(p['model.pool_sizes']) == 2
+  assert len(p['model.kernel_sizes']) == 3
+  assert p['batch_size'] == 4 and p['data.normalization'] == 'zscore'
+  assert 'data.intensity_low' not in p.values()  # No 'rescale' parameters.
+  by_field = {c.field: c for c in p.choices}
+  assert by_field['model.depth'].overridden and by_field['model.depth'].planned == 4
+  assert by_field['batch_size'].planned == 2
+  assert not by_field['augment.flip'].overridden
+  table = planning.format_table(p)
+  depth_line = next(line for line in table.splitlines() if line.startswith('model.depth'))
+  assert 'command line' in depth_line and "overrides the plan's 4" in depth_line
+  flip_line = next(line for line in table.splitlines() if line.startswith('augment.flip '))
+  assert 'command line' not in flip_line
+  config = planning.apply(importlib.import_module('configs.folder').get_config(), p)
+  assert config.model.depth == 2 and config.batch_size == 4
+  assert config.model.pool_sizes == ((2, 2), (2, 2))
+
+
+def test_steps_from_the_time_budget():
+  p = planning.plan(_fp(), time_budget=300, step_time=0.4)
+  assert p['num_train_steps'] == 750 and p['optimizer.warmup_steps'] == 50
+  assert 'num_train_steps' not in planning.plan(_fp(), time_budget=300).values()
+
+
+def test_a_slow_step_shrinks_the_patch_then_the_width():
+  fp = _fp(shape_median=(16.0, 64.0, 64.0), shape_min=(16, 64, 64),
+           shape_max=(16, 64, 64), spacing_median=(4.0, 0.8, 0.8), anisotropy=5.0)
+  base = planning.plan(fp)
+  assert base['data.patch_size'] == (16, 64, 64) and base['batch_size'] == 2
+  ref = 16 * 64 * 64
+  # 150 s at 1.5 s a step is 100 steps; 250 need a step 0.4x as costly: the in-plane
+  # axes shrink together (D, at its median of 16, stays) to 40x40.
+  slow = planning.plan(fp, time_budget=150, step_time=1.5)
+  assert slow['data.patch_size'] == (16, 40, 40) and slow['batch_size'] == 2
+  assert 'model.features' not in slow.values()
+  assert slow['num_train_steps'] == math.floor(150 / (1.5 * 16 * 40 * 40 / ref))
+  # 12.5 s: even 16x32x32 (the floor) is too costly, so the width halves, 16 -> 8.
+  slower = planning.plan(fp, time_budget=150, step_time=12.5)
+  assert slower['data.patch_size'] == (16, 32, 32) and slower['model.features'] == 8
+  assert slower['num_train_steps'] == 150 // (12.5 * (16 * 32 * 32 * 8**2) / (ref * 16**2))
+  # A width set on the command line stays: fewer steps instead.
+  kept = planning.plan(fp, time_budget=150, step_time=12.5, fixed={'model.features': 16})
+  assert kept['data.patch_size'] == (16, 32, 32) and 'model.features' not in kept.values()
+  assert kept['num_train_steps'] == 48
+
+
+def test_plan_json_round_trips(tmp_path):
+  p = planning.plan(_fp(num_classes=3, class_voxels=(9974, 25, 1),
+                        class_frequency=(0.9974, 0.0025, 0.0001),
+                        class_image_share=(1.0, 0.5, 0.1), class_thickness=(0, 5.0, 4.0),
+                        centroid_mean=((0.5, 0.5),) * 3, centroid_sem=((0.0, 0.0),) * 3,
+                        elongation_mean=(0.0,) * 3, elongation_sem=(0.0,) * 3),
+                    time_budget=60, step_time=0.123, fixed={'model.depth': 2})
+  path = str(tmp_path / 'plan.json')
+  planning.write_plan(path, p, _fp())
+  assert planning.read_plan(path) == p
+  with open(path) as f:
+    assert json.load(f)['fingerprint']['key'] == 'test'
+
+
+def test_plan_false_keeps_the_config_and_writes_nothing(tmp_path):
+  config = importlib.import_module('configs.folder').get_config()
+  config.plan = False
+  same, data = planning.plan_run(config, 'data', str(tmp_path))
+  assert same is config and data == 'data'
+  assert not os.listdir(tmp_path)
+  # The fixed settings are those of configs/default.py.
+  default = importlib.import_module('configs.default').get_config()
+  for field in ('model.features', 'model.depth', 'batch_size', 'augment.rot90',
+                'data.normalization', 'num_train_steps'):
+    node, leaf = planning._node_and_leaf(config, field)  # pylint: disable=protected-access
+    base, _ = planning._node_and_leaf(default, field)  # pylint: disable=protected-access
+    assert node[leaf] == base[leaf]
+
+
+# ----------------------------------------------------------------- end to end
+
+
+def test_a_planned_run_through_launch(tmp_path):
+  """configs/folder.py with the plan: plan.json, the table with the command-line
+  field marked, the planned normalisation used in training and in prediction."""
+  rng = np.random.default_rng(0)
+  root = tmp_path / 'data'
+  for split, count in (('train', 4), ('val', 2)):
+    for i in range(count):
+      label = np.zeros((16, 16), np.uint8)
+      label[4:10, 5:12] = 1
+      image = (rng.normal(60, 10, label.shape) + 100 * label).clip(0, 255)
+      sf.write_pair(root, split, f'case{i}', image.astype(np.uint8), label)
+  workdir = tmp_path / 'run'
+  cmd = [sys.executable, os.path.join(ROOT, 'launch.py'),
+         '--config=' + os.path.join(ROOT, 'configs/folder.py'), f'--workdir={workdir}',
+         f'--config.data.root={root}', f'--config.data.data_dir={tmp_path / "tfds"}',
+         '--config.model.features=4', '--config.batch_size=2',
+         '--config.eval_batch_size=2', '--config.num_train_steps=2',
+         '--config.eval_every_steps=2', '--config.checkpoint_every_steps=2']
+  proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'Final validation: dice' in proc.stdout
+  p = planning.read_plan(str(workdir / 'plan.json'))
+  by_field = {c.field: c for c in p.choices}
+  assert by_field['batch_size'].overridden and by_field['batch_size'].value == 2
+  assert not by_field['data.normalization'].overridden
+  assert p['data.normalization'] == 'rescale'  # 8-bit PNGs.
+  table_lines = [line for line in proc.stderr.splitlines()
+                 if line.startswith(('batch_size ', 'data.normalization '))]
+  assert len(table_lines) == 2 and 'command line' in table_lines[0]
+  with open(workdir / 'config.json') as f:
+    recorded = json.load(f)
+  assert recorded['data']['normalization'] == 'rescale'
+  assert recorded['model']['depth'] == p['model.depth'] == 2  # 16 -> 8 -> 4.
+  assert 'batch_size' in recorded['plan_keep']
+  # The fingerprint is cached beside the built data set.
+  cached = [n for _, _, names in os.walk(tmp_path / 'tfds') for n in names
+            if n.startswith('unet_jax_fingerprint')]
+  assert cached == ['unet_jax_fingerprint_train.json']
+  # Prediction normalises as the run was trained: 0-1 from the 8-bit range.
+  predictor = inference.load(str(workdir))
+  image, _ = sf.read_image(str(root / 'val' / 'images' / 'case0.png'), ndim=2)
+  np.testing.assert_allclose(predictor.predict(image),
+                             predictor.apply((image / 255.0)[None])[0], atol=1e-5)
+
+
+def test_the_planning_command_prints_fingerprint_and_plan(tmp_path):
+  root = tmp_path / 'data'
+  for i in range(3):
+    label = np.zeros((4, 12, 12), np.uint8)
+    label[1:3, 3:8, 3:8] = 1
+    image = np.where(label == 1, 40, -1000).astype(np.int16)
+    sf.write_pair(root, 'train', f'vol{i}', image, label, spacing=(4.0, 1.0, 1.0))
+  proc = subprocess.run(
+      [sys.executable, '-m', 'unet_jax.planning', f'--root={root}', '--config=3d',
+       f'--data_dir={tmp_path / "tfds"}'], cwd=ROOT, capture_output=True, text=True,
+      timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = proc.stdout
+  assert re.search(r'spacing_median +\(4, 1, 1\)', out)
+  assert re.search(r"value_type +'int16'", out)
+  normalization = next(line for line in out.splitlines()
+                       if line.startswith('data.normalization'))
+  assert "'ct'" in normalization and 'Hounsfield' in normalization
+  assert not list(tmp_path.glob('**/plan.json'))  # Nothing trained, nothing written.
+
+
+def test_fingerprint_of_a_data_set_is_cached_per_build(tmp_path):
+  root = tmp_path / 'data'
+  for split in ('train', 'val'):
+    for i in range(2):
+      label = np.zeros((8, 8), np.uint8)
+      label[2:5, 2:5] = 1
+      sf.write_pair(root, split, f'c{i}', (40 * label + 10).astype(np.uint8), label)
+  config = importlib.import_module('configs.folder').get_config()
+  config.data.root, config.data.data_dir = str(root), str(tmp_path / 'tfds')
+  data = input_pipeline.open(config.data, divisor=1)
+  first = planning.fingerprint(data)
+  assert first.class_voxels == (2 * 55, 2 * 9) and first.value_max == (50.0,)
+  path = planning._cache_path(data, 'train', None)  # pylint: disable=protected-access
+  with open(path) as f:
+    stored = json.load(f)
+  stored['num_cases'] = 99  # Read back from the cache, not recomputed:
+  with open(path, 'w') as f:
+    json.dump(stored, f)
+  assert planning.fingerprint(data).num_cases == 99
+  assert planning.fingerprint(data, cache=False) == first
+  # A changed folder is a new built copy, with a fingerprint of its own.
+  sf.write_pair(root, 'train', 'c9', np.full((8, 8), 200, np.uint8),
+                np.ones((8, 8), np.uint8))
+  changed = planning.fingerprint(input_pipeline.open(config.data, divisor=1))
+  assert changed.num_cases == 3 and changed.key != first.key
+  assert dataclasses.replace(changed, key=first.key) != first
