@@ -6,8 +6,9 @@ cross-process collectives run over gloo (JAX's default CPU collectives). This is
 the way JAX tests its own multi-process code. One chain of runs is shared by the
 checks:
 
-  A. a fresh data_dir and workdir; process 1 alone receives a SIGTERM at step 2:
-     both stop after step 2 with a checkpoint;
+  A. a fresh data_dir and workdir; process 1 alone receives a SIGTERM while it
+     reads the batch of step 1: both stop after step 2 (the stop vote answers one
+     step later, `runner.agreed_stop`) with a checkpoint;
   B. the same command resumes; both are killed with SIGKILL from outside while
      waiting for the batch of step 5 (the checkpoint of step 3 is the latest);
   C. the same command resumes from step 3 and finishes;
@@ -79,8 +80,8 @@ def first_time(name):
 
 def train_iterator(self, start_step=0, **kwargs):
   for step, batch in enumerate(real(self, start_step, **kwargs), start=start_step + 1):
-    if step == 2 and PROCESS == 1 and first_time('sigterm'):
-      os.kill(os.getpid(), signal.SIGTERM)  # Process 1 only.
+    if step == 1 and PROCESS == 1 and first_time('sigterm'):
+      os.kill(os.getpid(), signal.SIGTERM)  # Process 1 only; both stop after step 2.
     if step == 5 and first_time('waiting'):
       time.sleep(600)  # The test kills both processes here.
     yield batch

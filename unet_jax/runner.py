@@ -14,6 +14,12 @@
 The runner hides the difference: `put_state` / `get_state` move the state to
 and from the devices, `train` runs a step, `predict` gives this process's rows
 of the predictions.
+
+Across processes (each a no-op or the plain call with one process):
+`sum_over_processes` and `gather_over_processes` combine host arrays,
+`agreed_stop` makes a stop request that all processes act on after the same
+step, and `main_process_first` lets process 0 do shared work (building a data
+set) before the others.
 """
 
 from __future__ import annotations
@@ -166,9 +172,9 @@ def _count_over_devices():
   sharded, replicated = NamedSharding(mesh, P(AXIS)), NamedSharding(mesh, P())
   total = jax.jit(jnp.sum, out_shardings=replicated)
 
-  def count(flag: bool) -> int:
+  def count(flag: bool) -> jax.Array:
     local = np.full((jax.local_device_count(),), int(flag), np.int32)
-    return int(total(jax.make_array_from_process_local_data(sharded, local)))
+    return total(jax.make_array_from_process_local_data(sharded, local))
 
   return count
 
@@ -179,16 +185,20 @@ def agreed_stop(requested: Callable[[], bool]) -> Callable[[], bool]:
   With several processes, a signal reaches one of them (or reaches them at
   different moments), but they must all stop after the same step: a process
   that carries on alone waits forever in the next step's gradient all-reduce.
-  The returned callable sums the local `requested()` flags of all processes
-  (one int32 per device, an all-reduce of 4 * num_devices bytes) and returns
-  True on every process when any flag is set:
+  Each call of the returned callable starts a sum of the local `requested()`
+  flags of all processes (one int32 per device: an all-reduce of 4 bytes per
+  device) and returns the sum started by the call before, on every process:
 
-    stop = sum_p requested_p() > 0
+    stop_k = sum_p requested_p(at call k - 1) > 0
+
+  So every process gets the same answer at the same call, and the host only
+  waits for the previous step's vote, which the devices run right after that
+  step: the loop keeps one step in flight, as it does with one process. A
+  request is acted on one call later than it is seen.
 
   Every process must call it the same number of times, in the same order
   relative to its other collectives: `train.train_and_evaluate` calls it once
-  after each step. Each call waits for the step before it to finish (the sum
-  runs on the devices after it). With one process it is `requested` itself.
+  after each step. With one process it is `requested` itself.
 
   Args:
     requested: this process's flag (e.g. `threading.Event.is_set`).
@@ -198,7 +208,14 @@ def agreed_stop(requested: Callable[[], bool]) -> Callable[[], bool]:
   """
   if jax.process_count() == 1:
     return requested
-  return lambda: _count_over_devices()(requested()) > 0
+  count = _count_over_devices()
+  pending = []  # The vote started by the previous call.
+
+  def stop() -> bool:
+    pending.append(count(requested()))
+    return len(pending) > 1 and int(pending.pop(0)) > 0
+
+  return stop
 
 
 def main_process_first(fn: Callable[[], Any], *, what: str) -> Any:
