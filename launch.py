@@ -10,6 +10,15 @@ Training: running the same command again resumes from the latest checkpoint in
 --workdir. SIGINT (Ctrl-C) or SIGTERM (what SLURM and TPU preemption send first)
 stops the run after the current step with a checkpoint; a second signal exits at
 once. Prediction and export: see unet_jax/predict.py and unet_jax/inference.py.
+
+Several processes (one per host, or per GPU), each running the same command:
+
+    python launch.py --config=configs/dice_bce.py --workdir=/shared/run \
+        --coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=0   # and =1
+
+Under SLURM, Open MPI or on a Cloud TPU VM the three values are detected (README,
+"Running on a cluster"). A signal to any one process stops all of them after the
+same step, with a checkpoint.
 """
 
 import logging as py_logging
@@ -37,9 +46,16 @@ flags.DEFINE_bool('tta', False, 'predict: average over all axis flips.')
 flags.DEFINE_list('spatial_shape', None, 'export: input size (default: as trained).')
 flags.DEFINE_bool(
     'distributed', None,
-    'Call jax.distributed.initialize() (multi-process jobs). Default: when the '
-    'environment names a coordinator (JAX_COORDINATOR_ADDRESS) or a multi-task '
-    'SLURM / Open MPI job.')
+    'Call jax.distributed.initialize() (multi-process jobs). Default: when a flag '
+    'below is given, the environment names a coordinator (JAX_COORDINATOR_ADDRESS) '
+    'or the job is a multi-task SLURM / Open MPI job (their variables then give the '
+    'three values below).')
+flags.DEFINE_string('coordinator_address', None,
+                    'host:port of process 0 (default: JAX_COORDINATOR_ADDRESS, or '
+                    'detected from SLURM / Open MPI / Cloud TPU).')
+flags.DEFINE_integer('num_processes', None, 'Processes in the job (default: detected).')
+flags.DEFINE_integer('process_id', None, 'This process, 0 to num_processes - 1'
+                     ' (default: detected).')
 config_flags.DEFINE_config_file('config', None, 'train: a configs/*.py file.',
                                 lock_config=True)
 flags.mark_flags_as_required(['workdir'])
@@ -63,6 +79,9 @@ class _LibraryInfoFilter:
 
 
 def _launched_as_several_processes() -> bool:
+  if any(f is not None for f in (FLAGS.coordinator_address, FLAGS.num_processes,
+                                 FLAGS.process_id)):
+    return True
   if os.environ.get('JAX_COORDINATOR_ADDRESS'):
     return True
   for var in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'):
@@ -117,8 +136,9 @@ def main(argv):
   distributed = FLAGS.distributed
   if distributed is None:
     distributed = _launched_as_several_processes()
-  if distributed:
-    jax.distributed.initialize()
+  if distributed:  # On CPU, cross-process collectives use gloo (JAX's default).
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id)
   logging.info('JAX process %d/%d, local devices %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
   if 'plan_keep' in FLAGS.config:  # The plan (unet_jax/planning.py) keeps these.

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -72,3 +74,31 @@ def test_speed_benchmark_quick_run(tmp_path):
            + 4 * 16 * 8 + 8 + 4 * 8 * 4 + 4 + 4 * 2 + 2)
   norms = 2 * 2 * (4 + 8 + 16 + 8 + 4)
   assert report['results']['2d_quick']['float32']['jax']['params'] == convs + norms
+
+
+def test_scaling_benchmark_smoke_run(tmp_path):
+  """One process on 2 devices and 2 processes x 2 devices; the volume table."""
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'benchmarks', 'scaling.py'), '--quick',
+       '--devices=2', f'--out={tmp_path}', '--timeout=500'],
+      cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
+      text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / 'scaling.json') as f:
+    results = json.load(f)
+  rows = {(r['processes'], r['devices']): r for r in results['layouts']}
+  assert set(rows) == {(1, 2), (2, 4)}
+  for (_, devices), row in rows.items():
+    assert row['global_batch'] == 2 * devices  # --quick: 2 examples per device.
+    assert row['steps_per_s'] > 0 and row['local_step_ms'] > 0
+    assert 0.0 <= row['collective_share'] < 1.0
+  assert 'stop_vote_ms' in rows[(2, 4)] and 'stop_vote_ms' not in rows[(1, 2)]
+  volumes = results['volumes']
+  for v in volumes.values():
+    assert v['param_bytes'] == 4 * v['params']  # float32 parameters.
+    for n, sent in v['allreduce_bytes_per_device'].items():
+      assert sent == pytest.approx(v['param_bytes'] * 2 * (int(n) - 1) / int(n))
+  # dice_ce differs from dice_bce only in its output 1x1 conv: 4 classes instead of
+  # 1 logit, on the top level's 16 features, with a bias: 3 * (16 + 1) more.
+  assert volumes['dice_ce']['params'] - volumes['dice_bce']['params'] == 3 * 17
+  assert volumes['pets']['params'] > volumes['default']['params']

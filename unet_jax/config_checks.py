@@ -1,6 +1,7 @@
 """Config checks: every error a config can hold, raised before anything compiles.
 
 * `validate_config`: the config on its own, and against the device count.
+* `check_same_on_all_processes`: every process of a job runs the same config.
 * `validate_against_data`: `num_classes` and the input size against the data.
 * `check_resume`: a workdir's recorded config against the one resuming in it;
   fields that fix the shape of the saved state must agree.
@@ -8,10 +9,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from typing import Any
 
+import jax
 import ml_collections
+import numpy as np
 
 from unet_jax import evaluators
 from unet_jax import losses
@@ -87,6 +92,43 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
     raise ValueError('config.optimizer.learning_rate must be positive.')
   evaluators.check_config(config.evals)
   best_evaluator(config)
+
+
+def check_same_on_all_processes(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises ValueError, on every process, when the processes run different configs.
+
+  Every process of a multi-process job must run the same command: a process
+  with another batch size or model would wait forever in the first collective
+  instead of failing. Each process contributes the SHA-256 digest of its config
+  and absolute workdir (JSON with sorted keys; 32 bytes, gathered with
+  `multihost_utils.process_allgather`). When the digests differ, the texts are
+  gathered too and the error names each field that differs from process 0,
+  with both values. A no-op with one process. Call it before anything else
+  that could fail on one process only.
+  """
+  if jax.process_count() == 1:
+    return
+  text = json.dumps({'config': json.loads(config.to_json_best_effort()),
+                     'workdir': os.path.abspath(workdir)}, sort_keys=True).encode()
+  digest = np.frombuffer(hashlib.sha256(text).digest(), np.uint8)
+  digests = runner_lib.gather_over_processes(digest[None])
+  if (digests == digests[0]).all():
+    return
+  size = int(runner_lib.gather_over_processes(np.asarray([len(text)])).max())
+  padded = np.zeros((1, size), np.uint8)
+  padded[0, :len(text)] = np.frombuffer(text, np.uint8)
+  texts = [bytes(row).rstrip(b'\0').decode()
+           for row in runner_lib.gather_over_processes(padded)]
+  first = _flatten(json.loads(texts[0]))
+  lines = []
+  for p, other in enumerate(texts[1:], start=1):
+    other = _flatten(json.loads(other))
+    lines += [f'{k}: {first.get(k)!r} on process 0, {other.get(k)!r} on process {p}'
+              for k in sorted(first.keys() | other.keys()) if first.get(k) != other.get(k)]
+  raise ValueError(
+      f'The {jax.process_count()} processes were started with different configs; every'
+      ' process must run the same command (--config, --config.* overrides, --workdir):'
+      '\n  ' + '\n  '.join(lines) + '\nNothing was trained or written.')
 
 
 def best_evaluator(config) -> str:

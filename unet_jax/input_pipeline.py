@@ -521,7 +521,7 @@ def open(data_config, *, divisor) -> Dataset:  # pylint: disable=redefined-built
     datasets.BadDataError: (a ValueError) naming each bad file of a folder.
   """
   entry, divisor = _check_config(data_config, divisor)
-  source = entry.open(data_config)
+  source = sources.open_on_every_process(entry, data_config)  # Process 0 builds first.
   for case, shape in source.small_examples:
     logging.warning('%s: %s is far smaller than the median size %s of %s.', case, shape,
                     source.median_shape, source.name)

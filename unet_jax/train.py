@@ -329,6 +329,7 @@ def _create_runner(config, tx) -> runner_lib.Runner:
 
 def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   """Checks, opens the data, builds and restores the state; writes nothing on error."""
+  config_checks.check_same_on_all_processes(config, workdir)  # First: it is collective.
   check_workdir(workdir)
   config_checks.validate_config(config, num_devices=jax.device_count(),
                                 process_count=jax.process_count())
@@ -412,11 +413,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     workdir: the run's folder.
     stop_requested: polled after every step; when it returns True, the run saves
       a checkpoint and raises `Interrupted` (launch.py sets it on SIGINT/SIGTERM).
+      With several processes, the flags of all are combined after every step
+      (`runner.agreed_stop`), so all stop after the same step.
 
   Returns:
     The last metrics of each evaluator, by evaluator name.
   """
   run = _prepare(config, workdir)
+  if stop_requested is not None:
+    stop_requested = runner_lib.agreed_stop(stop_requested)
   config, state, total = run.config, run.state, run.config.num_train_steps
   logging.info('Training %s for %d steps from step %d on %d device(s) (%s), global'
                ' batch %d, input %s.', config.data.name, total, run.start_step,

@@ -24,6 +24,7 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from unet_jax import runner
 from unet_jax.datasets import cpu_tensorflow
 from unet_jax.datasets import pets
 from unet_jax.datasets import segmentation_folder as folder_lib
@@ -195,6 +196,21 @@ def build(builder) -> None:
     logging.info('Built %s.', builder.info.full_name)
   elif 'array_record' not in {f.value for f in builder.info.available_file_formats()}:
     _add_array_record(builder)
+
+
+def open_on_every_process(entry: Entry, data_config) -> Source:
+  """`entry.open(data_config)` on every JAX process, process 0 first.
+
+  Opening builds a data set that is not built yet. With several processes
+  sharing `data_dir`, each would build it at once and race to write the same
+  files, so process 0 opens (and builds) first while the others wait at a
+  barrier; then they open the copy it built (`runner.main_process_first`).
+  When process 0 fails, the others raise too. With one process, `entry.open`.
+  `data_dir` should be on storage that every process reads; a process that
+  finds nothing built after the barrier builds its own copy.
+  """
+  return runner.main_process_first(lambda: entry.open(data_config),
+                                   what=f'open the data set {data_config.name!r}')
 
 
 def _data_dir(data_config) -> str | None:
