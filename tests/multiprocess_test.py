@@ -35,6 +35,7 @@ import pytest
 from tests import train_test
 from unet_jax import checkpointing
 from unet_jax import config_checks
+from unet_jax.datasets import synthetic
 
 pytestmark = pytest.mark.multiprocess
 
@@ -226,7 +227,7 @@ def chain(tmp_path_factory):
 def test_multiprocess_data_set_is_built_by_process_0_only_and_both_train(chain):
   (p0, p1), codes, _ = chain['a']
   assert codes == [130, 130], p0.stderr[-3000:] + p1.stderr[-3000:]
-  building = 'Building synthetic_shapes/tiny/1.0.0 into'
+  building = f'Building synthetic_shapes/tiny/{synthetic.SyntheticShapes.VERSION} into'
   assert p0.stderr.count(building) == 1
   assert building not in p1.stderr
   for proc in (p0, p1):
