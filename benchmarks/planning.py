@@ -40,6 +40,7 @@ import math
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -303,6 +304,7 @@ def _train_seconds(workdir: pathlib.Path) -> float:
 
 
 def _run(cmd: list[str], workdir: pathlib.Path) -> dict:
+  shutil.rmtree(workdir, ignore_errors=True)  # A fresh run, never a resumed one.
   start = time.perf_counter()
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                         env=dict(os.environ, JAX_PLATFORMS='cpu'))
@@ -347,7 +349,9 @@ def train_runs(name, root, out, budget, arms, results) -> None:
   for arm, factor in (('fixed', 1), ('fixed3', 3)):
     if arm in arms:
       workdir = out / f'{name}_{arm}'
-      steps = factor * results.get('fixed_steps', results['fixed']['steps'])
+      base = (results['fixed_steps'] if 'fixed_steps' in results
+              else results['fixed']['steps'])
+      steps = factor * base
       step_time = results['fixed']['step_time']
       results[arm] = _run(_launch(workdir, name, root, data_dir, *fixed,
                                   f'--config.num_train_steps={steps}'), workdir)
