@@ -291,16 +291,16 @@ def _fixed_steps(name, root, data_dir, budget) -> tuple[int, float]:
 
 
 def _train_seconds(workdir: pathlib.Path) -> float:
-  """Seconds the training loop spent on steps (the first step's compilation
-  included, evaluation excluded), summed over the logged windows."""
-  with open(workdir / 'metrics.jsonl') as f:
-    rows = [json.loads(line) for line in f]
-  seconds, last = 0.0, 0
-  for row in rows:
-    if 'steps_per_sec' in row:
-      seconds += (row['step'] - last) / row['steps_per_sec']
-      last = row['step']
-  return round(seconds, 1)
+  """Seconds from the start of the training loop to its last step (the first step's
+  compilation included, the final evaluation excluded), from the log's timestamps."""
+  text = (workdir / 'stderr.txt').read_text()
+  stamp = r'^I\d{4} (\d\d):(\d\d):(\d\d\.\d+) .*'
+  first = re.search(stamp + r'Training .* for \d+ steps', text, re.M)
+  last = re.findall(stamp + r'\] step \d+/\d+ ', text, re.M)
+  if not first or not last:
+    raise RuntimeError(f'No training start or last step in {workdir}/stderr.txt.')
+  seconds = lambda h, m, s: 3600 * int(h) + 60 * int(m) + float(s)
+  return round((seconds(*last[-1][:3]) - seconds(*first.groups())) % 86400, 1)
 
 
 def _run(cmd: list[str], workdir: pathlib.Path) -> dict:
@@ -311,7 +311,7 @@ def _run(cmd: list[str], workdir: pathlib.Path) -> dict:
   wall = time.perf_counter() - start
   if proc.returncode:
     raise RuntimeError(f'{" ".join(cmd)} failed:\n{proc.stderr[-4000:]}')
-  (workdir / 'stderr.txt').write_text(proc.stderr)
+  (workdir / 'stderr.txt').write_text(proc.stderr)  # _train_seconds reads it.
   with open(workdir / 'metrics.jsonl') as f:
     rows = [json.loads(line) for line in f]
   last = [r for r in rows if 'eval_dice' in r][-1]
@@ -396,7 +396,7 @@ def main():
     for name, entry in results.items():
       for method in ('plan', 'fixed', 'fixed3'):
         if method in entry:
-          entry[method].setdefault('train_s', _train_seconds(out / f'{name}_{method}'))
+          entry[method]['train_s'] = _train_seconds(out / f'{name}_{method}')
       entry['plan']['step_time'] = entry['budget_s'] / entry['plan']['steps']
     print(_table(results))
     return

@@ -53,6 +53,33 @@ def test_rates_leave_out_pauses_and_count_the_input_wait():
   assert progress.elapsed() == pytest.approx(clock.now - 100.0)
 
 
+class DeviceScalar:
+  """A loss still being computed: reading it waits `seconds` on the clock."""
+
+  def __init__(self, clock, value, seconds):
+    self.clock, self.value, self.seconds = clock, value, seconds
+
+  def __float__(self):
+    self.clock.now += self.seconds
+    self.seconds = 0.0  # Ready once read.
+    return self.value
+
+
+def test_rates_count_the_device_time_the_loop_ran_ahead_of():
+  # Asynchronous dispatch: the loop queues 4 steps in 0.1 s each; the device needs
+  # 3 s each, so reading the losses at the reporting step waits 4 * 3 - 0.4 s.
+  clock = FakeClock()
+  progress = reporting.Progress(total_steps=4, start_step=0, every_steps=4,
+                                batch_size=2, clock=clock)
+  for step in range(1, 5):
+    clock.now += 0.1
+    wait = 4 * 3.0 - 0.4 if step == 1 else 0.0
+    row = progress.step_done(step, loss=DeviceScalar(clock, 1.0, wait),
+                             extra={'grad_norm': DeviceScalar(clock, 2.0, 0.0)})
+  assert row['steps_per_sec'] == pytest.approx(4 / 12.0)
+  assert row['grad_norm'] == 2.0
+
+
 def test_the_last_step_always_reports():
   progress = reporting.Progress(total_steps=5, start_step=3, every_steps=50,
                                 batch_size=1, clock=FakeClock())

@@ -156,16 +156,20 @@ class Progress:
     self._losses.append(loss)
     if step % self.every_steps and step != self.total_steps:
       return None
+    # Read the device values first: with asynchronous dispatch the loop runs ahead
+    # of the device, and only this wait tells how long the window's steps took.
+    loss_mean = float(sum(float(x) for x in self._losses) / len(self._losses))
+    extra = {k: float(v) for k, v in (extra or {}).items()}
     now = self._clock()
     elapsed = max(now - self._window_start, 1e-9)
     steps_per_sec = (step - self._window_step) / elapsed
     row = {
-        'train_loss': float(sum(float(x) for x in self._losses) / len(self._losses)),
+        'train_loss': loss_mean,
         'steps_per_sec': steps_per_sec,
         'examples_per_sec': steps_per_sec * self.batch_size,
         # Near 0: the input pipeline keeps up with the train step.
         'input_wait_fraction': self._timers.get('data', 0.0) / elapsed,
-        **{k: float(v) for k, v in (extra or {}).items()},
+        **extra,
     }
     eta = (self.total_steps - step) / max(steps_per_sec, 1e-9)
     logging.info('step %d/%d  loss %.4f  %.2f steps/s  input wait %.0f%%  ETA %s', step,

@@ -444,6 +444,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     due = [s for s in run.evaluators if s.due(step, total)]
     stop = stop_requested is not None and stop_requested()
     if due or stop or step % config.checkpoint_every_steps == 0 or step == total:
+      jax.block_until_ready(state)  # Steps still on the device are training time.
       with progress.paused():
         _check_finite(run, state, pending, step=step, state_too=True)
         for scheduled in due:
