@@ -10,13 +10,19 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_upsampling_benchmark_smoke_run(tmp_path):
+def run_quick(script, tmp_path, *args, timeout=300):
+  """Runs `benchmarks/<script> --quick --out=tmp_path ...` on the CPU; fails on error."""
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'benchmarks', 'upsampling.py'), '--quick',
-       '--repeats=2', '--steps=1', f'--out={tmp_path}'],
+      [sys.executable, os.path.join(ROOT, 'benchmarks', script), '--quick',
+       f'--out={tmp_path}', *args],
       cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
-      text=True, timeout=300)
+      text=True, timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def test_upsampling_benchmark_smoke_run(tmp_path):
+  run_quick('upsampling.py', tmp_path, '--repeats=2', '--steps=1')
   with open(tmp_path / 'upsampling.json') as f:
     results = json.load(f)['results']
   (row,) = results.values()
@@ -31,12 +37,7 @@ def test_upsampling_benchmark_smoke_run(tmp_path):
 
 
 def test_memory_check_smoke_run(tmp_path):
-  proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'benchmarks', 'memory_check.py'), '--quick',
-       f'--out={tmp_path}'],
-      cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
-      text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = run_quick('memory_check.py', tmp_path)
   with open(tmp_path / 'memory_check.json') as f:
     rows = json.load(f)['rows']
   assert rows
@@ -48,12 +49,7 @@ def test_memory_check_smoke_run(tmp_path):
 
 
 def test_speed_benchmark_quick_run(tmp_path):
-  proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'benchmarks', 'speed.py'), '--quick',
-       f'--out={tmp_path}'],
-      cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
-      text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  run_quick('speed.py', tmp_path)
   with open(tmp_path / 'speed.json') as f:
     report = json.load(f)
   assert report['torch_available'] is False
@@ -78,12 +74,7 @@ def test_speed_benchmark_quick_run(tmp_path):
 
 def test_scaling_benchmark_smoke_run(tmp_path):
   """One process on 2 devices and 2 processes x 2 devices; the volume table."""
-  proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'benchmarks', 'scaling.py'), '--quick',
-       '--devices=2', f'--out={tmp_path}', '--timeout=500'],
-      cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
-      text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  run_quick('scaling.py', tmp_path, '--devices=2', '--timeout=500', timeout=600)
   with open(tmp_path / 'scaling.json') as f:
     results = json.load(f)
   rows = {(r['processes'], r['devices']): r for r in results['layouts']}
