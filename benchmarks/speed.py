@@ -60,7 +60,8 @@ QUICK_CASES = {
 }
 # Every UNet speed switch off: the plain XLA formulation.
 PLAIN = dict(transpose_as_matmul=False, conv3d_as_2d=False,
-             pointwise_as_matmul=False, conv_weight_grad='xla')
+             pointwise_as_matmul=False, conv_weight_grad='xla',
+             native_conv_forward=False)
 
 # name: (arm A, arm B). An arm is JAX with UNet keyword overrides ('kwargs'), extra
 # XLA_FLAGS ('xla_flags') and/or no buffer donation ('donate': False). B vs A.
@@ -70,6 +71,12 @@ LEVERS = {
     'pointwise_as_matmul': ({'kwargs': {'pointwise_as_matmul': False}}, {}),
     'gemm_weight_grad': ({'kwargs': {'conv_weight_grad': 'xla'}},
                          {'kwargs': {'conv_weight_grad': 'gemm'}}),
+    # The native C++ kernel gradient alone, against XLA's.
+    'native_weight_grad': ({'kwargs': {'conv_weight_grad': 'xla',
+                                       'native_conv_forward': False}},
+                           {'kwargs': {'native_conv_forward': False}}),
+    # The native forward pass and input gradient, on top of the native kernel grad.
+    'native_forward': ({'kwargs': {'native_conv_forward': False}}, {}),
     'all_switches': ({'kwargs': PLAIN}, {}),
     'xnnpack': ({}, {'xla_flags': '--xla_cpu_use_xnnpack=true'}),
     'onednn_custom_call': (

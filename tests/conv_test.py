@@ -1,6 +1,10 @@
 """The faster formulations of conv.py compute the same function as plain XLA."""
 
 import functools
+import os
+import pathlib
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -11,6 +15,7 @@ import pytest
 
 from unet_jax import conv
 from unet_jax import models
+from unet_jax import native_kernels
 
 
 def _plain(x, kernel):
@@ -51,6 +56,11 @@ def _assert_close(got, want, dtype):
 DTYPES = [jnp.float32, jnp.bfloat16]
 
 
+# (kernel gradient, native forward pass and input gradient)
+OWN_2D = [('gemm', False), ('native', False), ('native', True), ('xla', True)]
+
+
+@pytest.mark.parametrize('weight_grad, native_forward', OWN_2D)
 @pytest.mark.parametrize('x_shape, k_shape, dtype', [
     ((2, 7, 9, 3), (3, 3, 3, 4), jnp.float32),     # odd sizes
     ((2, 7, 9, 3), (3, 3, 3, 4), jnp.bfloat16),
@@ -58,10 +68,19 @@ DTYPES = [jnp.float32, jnp.bfloat16]
     ((3, 4, 5, 8), (1, 3, 8, 2), jnp.float32),     # a 1 x 3 kernel
     ((3, 4, 5, 8), (1, 3, 8, 2), jnp.bfloat16),
     ((1, 6, 3, 5), (5, 3, 5, 3), jnp.float32),     # a kernel larger than the width
+    # The native kernel's register tiles: 8 x 32 and 16 x 16 channel blocks and
+    # every kind of remainder on either side.
+    ((2, 6, 5, 13), (3, 3, 13, 48), jnp.float32),
+    ((1, 5, 7, 40), (3, 3, 40, 17), jnp.float32),
+    ((3, 3, 4, 7), (3, 3, 7, 35), jnp.float32),
+    ((1, 4, 4, 2), (2, 2, 2, 16), jnp.float32),    # an even kernel
+    ((2, 9, 11, 5), (3, 3, 5, 20), jnp.float32),   # pixel tiles of 8, 2 and 1
 ])
-def test_gemm_weight_grad_matches_xla_2d(x_shape, k_shape, dtype):
+def test_own_formulations_match_xla_2d(x_shape, k_shape, dtype, weight_grad,
+                                       native_forward):
   x, k, probe = _inputs(x_shape, k_shape, dtype)
-  fast = functools.partial(conv.conv2d_same, weight_grad='gemm')
+  fast = functools.partial(conv.conv2d_same, weight_grad=weight_grad,
+                           native_forward=native_forward)
   got = _value_and_grads(fast, x, k, probe)
   want = _value_and_grads(_plain, x, k, probe)
   assert got[2].dtype == k.dtype and got[1].dtype == x.dtype
@@ -83,23 +102,112 @@ def test_weight_grad_gemm_hand_computed():
   np.testing.assert_array_equal(dk, want)
 
 
-@pytest.mark.parametrize('weight_grad', conv.WEIGHT_GRADS)
+@pytest.mark.parametrize('weight_grad, native_forward',
+                         [(w, False) for w in conv.WEIGHT_GRADS] + [('native', True)])
 @pytest.mark.parametrize('x_shape, k_shape, dtype', [
     ((2, 5, 7, 9, 3), (3, 3, 3, 3, 4), jnp.float32),   # odd sizes
+    ((1, 4, 6, 5, 16), (3, 3, 3, 16, 16), jnp.float32),  # the 3D benchmark's width
     ((2, 5, 7, 9, 3), (3, 3, 3, 3, 4), jnp.bfloat16),
     ((1, 4, 6, 5, 1), (3, 3, 3, 1, 6), jnp.float32),   # one input channel
     ((1, 3, 5, 4, 2), (1, 3, 3, 2, 5), jnp.float32),   # an in-plane level in 3D
     ((1, 3, 5, 4, 2), (1, 3, 3, 2, 5), jnp.bfloat16),
     ((2, 6, 5, 3, 3), (5, 3, 1, 3, 2), jnp.float32),   # a 5 x 3 x 1 kernel
 ])
-def test_folded_3d_matches_xla(x_shape, k_shape, weight_grad, dtype):
+def test_folded_3d_matches_xla(x_shape, k_shape, weight_grad, native_forward, dtype):
   x, k, probe = _inputs(x_shape, k_shape, dtype)
   fast = functools.partial(conv.conv3d_same, fold_depth=True,
-                           weight_grad=weight_grad)
+                           weight_grad=weight_grad, native_forward=native_forward)
   got = _value_and_grads(fast, x, k, probe)
   want = _value_and_grads(_plain, x, k, probe)
   for g, w in zip(got, want):
     _assert_close(g, w, dtype)
+
+
+def _weight_grad_by_loops(x, g, kh, kw):
+  """dL/dK of a 'same' convolution, term by term from its definition."""
+  n, h, w, c = x.shape
+  dk = np.zeros((kh, kw, c, g.shape[-1]))
+  for i in range(kh):
+    for j in range(kw):
+      for y in range(h):
+        for xx in range(w):
+          yy, xi = y + i - (kh - 1) // 2, xx + j - (kw - 1) // 2
+          if 0 <= yy < h and 0 <= xi < w:
+            dk[i, j] += np.einsum('nc,no->co', x[:, yy, xi], g[:, y, xx])
+  return dk
+
+
+def test_native_weight_grad_by_definition():
+  # Small integers, so every product and sum is exact in float32.
+  rng = np.random.default_rng(0)
+  x = rng.integers(-3, 4, (2, 5, 6, 3)).astype(np.float32)
+  g = rng.integers(-3, 4, (2, 5, 6, 18)).astype(np.float32)
+  for kh, kw in ((3, 3), (1, 3), (2, 2)):
+    np.testing.assert_array_equal(
+        native_kernels.conv2d_weight_grad(x, g, (kh, kw)),
+        _weight_grad_by_loops(x, g, kh, kw))
+
+
+def test_native_kernel_builds_on_this_machine():
+  # CI runs where a C++ compiler exists; a silent fallback to XLA would hide a
+  # broken build, so the build itself is asserted.
+  native_kernels.ensure_available()
+  assert conv.default_weight_grad(2) == 'native'
+  assert conv.default_weight_grad(3) == 'native'
+
+
+def test_native_forward_by_definition():
+  # y[n, y, x, o] = sum over taps inside the image of x * k; small integers, exact.
+  rng = np.random.default_rng(1)
+  x = rng.integers(-3, 4, (2, 5, 9, 3)).astype(np.float32)
+  k = rng.integers(-3, 4, (3, 3, 3, 35)).astype(np.float32)
+  want = np.zeros((2, 5, 9, 35))
+  for i in range(3):
+    for j in range(3):
+      for y in range(5):
+        for xx in range(9):
+          yy, xi = y + i - 1, xx + j - 1
+          if 0 <= yy < 5 and 0 <= xi < 9:
+            want[:, y, xx] += x[:, yy, xi] @ k[i, j]
+  np.testing.assert_array_equal(native_kernels.conv2d_same(x, k), want)
+
+
+def test_native_kernel_rejects_other_dtypes():
+  with pytest.raises(ValueError, match='float32'):
+    native_kernels.conv2d_weight_grad(jnp.ones((1, 3, 3, 1), jnp.bfloat16),
+                                      jnp.ones((1, 3, 3, 1), jnp.bfloat16), (3, 3))
+
+
+def test_failed_build_names_the_compiler_and_its_message(tmp_path, monkeypatch):
+  monkeypatch.setenv('UNET_JAX_CACHE_DIR', str(tmp_path))
+  monkeypatch.setenv('CXX', 'no-such-compiler-xyz')
+  with pytest.raises(native_kernels.NativeKernelError,
+                     match='no-such-compiler-xyz'):
+    native_kernels.build()
+  monkeypatch.delenv('CXX')
+  bad = tmp_path / 'broken.cc'
+  bad.write_text('this is not C++;\n')
+  monkeypatch.setattr(native_kernels, 'SOURCE', bad)
+  with pytest.raises(native_kernels.NativeKernelError,
+                     match=r'(?s)broken\.cc failed.*error'):
+    native_kernels.build()
+  assert not list(tmp_path.glob('*.so'))  # nothing half-written is left
+
+
+def test_default_falls_back_to_xla_when_the_kernel_is_unavailable(monkeypatch):
+  monkeypatch.setattr(native_kernels, 'available', lambda: False)
+  assert conv.default_weight_grad(2) == 'xla'
+
+
+def test_default_is_xla_with_several_devices():
+  # A fresh process with 2 CPU devices: jit over a mesh cannot split an FFI call.
+  code = ('import jax; from unet_jax import conv; '
+          'print(jax.device_count(), conv.default_weight_grad(2))')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
+  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True,
+                       text=True, timeout=120, check=True).stdout.split()
+  assert out == ['2', 'xla']
 
 
 def test_folded_3d_kernel_deeper_than_volume():
@@ -205,11 +313,14 @@ def test_resolve_follows_the_backend():
 
 
 ALL_OFF = dict(transpose_as_matmul=False, conv3d_as_2d=False,
-               pointwise_as_matmul=False, conv_weight_grad='xla')
+               pointwise_as_matmul=False, conv_weight_grad='xla',
+               native_conv_forward=False)
 ALL_ON = dict(transpose_as_matmul=True, conv3d_as_2d=True,
-              pointwise_as_matmul=True, conv_weight_grad='gemm')
+              pointwise_as_matmul=True)
 
 
+@pytest.mark.parametrize('weight_grad', ['gemm', 'native'])
+@pytest.mark.parametrize('native_forward', [False, True])
 @pytest.mark.parametrize('shape, kwargs', [
     ((2, 12, 20, 1), dict(upsample='transpose')),
     ((1, 4, 8, 12, 2), dict(upsample='bilinear',
@@ -217,9 +328,10 @@ ALL_ON = dict(transpose_as_matmul=True, conv3d_as_2d=True,
                             pool_sizes=[(1, 2, 2)])),
     ((1, 4, 4, 8, 1), dict(upsample='transpose')),
 ])
-def test_unet_with_switches_on_equals_off(shape, kwargs):
+def test_unet_with_switches_on_equals_off(shape, kwargs, weight_grad, native_forward):
   off = models.UNet(num_classes=3, features=4, depth=1, **kwargs, **ALL_OFF)
-  on = models.UNet(num_classes=3, features=4, depth=1, **kwargs, **ALL_ON)
+  on = models.UNet(num_classes=3, features=4, depth=1, **kwargs, **ALL_ON,
+                   conv_weight_grad=weight_grad, native_conv_forward=native_forward)
   x = jax.random.normal(jax.random.key(0), shape)
   init = lambda m: jax.jit(m.init).lower(jax.random.key(1), x).compile(
       compiler_options={'xla_backend_optimization_level': 0})(jax.random.key(1), x)

@@ -62,13 +62,16 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-WEIGHT_GRADS = ('xla', 'gemm')
+from unet_jax import native_kernels
+
+WEIGHT_GRADS = ('xla', 'gemm', 'native')
 # The kernel-gradient formulation `models.UNet` uses by default on the CPU, for 2D
-# convolutions and for folded 3D ones; other backends always use 'xla'. 'gemm' is
-# slower in 2D; in 3D it was faster, but its widened copies of the input and of the
-# output gradient add much temporary memory (benchmarks/RESULTS.md), so it stays
-# opt-in there (`UNet(conv_weight_grad='gemm')`).
-CPU_WEIGHT_GRAD = {2: 'xla', 3: 'xla'}
+# convolutions and for folded 3D ones; other backends always use 'xla'. 'native' is
+# the C++ kernel of `unet_jax.native_kernels` (`default_weight_grad` falls back to
+# 'xla' where it cannot be built). 'gemm' is slower in 2D; in 3D its widened copies
+# of the input and of the output gradient add much temporary memory
+# (benchmarks/RESULTS.md), so it stays opt-in (`UNet(conv_weight_grad='gemm')`).
+CPU_WEIGHT_GRAD = {2: 'native', 3: 'native'}
 
 
 def resolve(switch: bool | None) -> bool:
@@ -80,6 +83,24 @@ def resolve(switch: bool | None) -> bool:
   if switch is None:
     return jax.default_backend() == 'cpu'
   return bool(switch)
+
+
+def default_weight_grad(ndim: int) -> str:
+  """`UNet`'s kernel-gradient formulation when none is given, for 2 or 3 spatial axes.
+
+  'xla' off the CPU. On the CPU `CPU_WEIGHT_GRAD[ndim]`, except that 'native' becomes
+  'xla' when the kernel cannot be built here (`native_kernels.available()`, which
+  logs why) or when the process sees more than one device: under `jit` over a mesh
+  XLA's partitioner cannot split an FFI call by batch, and would gather every
+  device's input to each device instead.
+  """
+  if not resolve(None):
+    return 'xla'
+  choice = CPU_WEIGHT_GRAD[ndim]
+  if choice == 'native' and (jax.device_count() > 1 or
+                             not native_kernels.available()):
+    return 'xla'
+  return choice
 
 
 def _same_pads(kernel_spatial: Sequence[int]) -> list[tuple[int, int]]:
@@ -128,42 +149,79 @@ def weight_grad_gemm(x: jax.Array, g: jax.Array,
   return out.astype(jnp.promote_types(x.dtype, g.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv2d_gemm_wgrad(x, kernel, precision):
+# In the functions below `how` is `(weight_grad, native_forward)`: the kernel-gradient
+# formulation, and whether the forward pass and the input gradient use the native
+# kernel. The native kernels take float32 only; other dtypes use XLA's convolutions.
+
+
+def _is_f32(*arrays):
+  return all(a.dtype == jnp.float32 for a in arrays)
+
+
+def _forward(x, kernel, how, precision):
+  if how[1] and _is_f32(x, kernel):
+    return native_kernels.conv2d_same(x, kernel)
   return _plain(x, kernel, precision)
 
 
-def _conv2d_gemm_wgrad_fwd(x, kernel, precision):
-  return _plain(x, kernel, precision), (x, kernel)
-
-
-def _conv2d_gemm_wgrad_bwd(precision, res, g):
-  x, kernel = res
+def _input_grad(x, g, kernel, how, precision):
+  if how[1] and _is_f32(g, kernel):
+    return native_kernels.conv2d_same_input_grad(g, kernel).astype(x.dtype)
   _, input_vjp = jax.vjp(lambda x: _plain(x, kernel, precision), x)
-  (dx,) = input_vjp(g)
-  dk = weight_grad_gemm(x, g, kernel.shape).astype(kernel.dtype)
-  return dx, dk
+  return input_vjp(g)[0]
 
 
-_conv2d_gemm_wgrad.defvjp(_conv2d_gemm_wgrad_fwd, _conv2d_gemm_wgrad_bwd)
+def _kernel_grad(x, g, kernel, how, precision):
+  """dL/dK of `_plain(x, kernel)` given the output gradient `g`, by `how[0]`."""
+  weight_grad = how[0]
+  if weight_grad == 'gemm':
+    return weight_grad_gemm(x, g, kernel.shape).astype(kernel.dtype)
+  if (weight_grad == 'native' and x.dtype == jnp.float32
+      and g.dtype == jnp.float32):
+    return native_kernels.conv2d_weight_grad(x, g, tuple(kernel.shape[:2])).astype(
+        kernel.dtype)
+  # 'xla', and 'native' for other dtypes (the kernel takes float32 only).
+  _, kernel_vjp = jax.vjp(lambda k: _plain(x, k, precision), kernel)
+  return kernel_vjp(g)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv2d_own_wgrad(x, kernel, how, precision):
+  return _forward(x, kernel, how, precision)
+
+
+def _conv2d_own_wgrad_fwd(x, kernel, how, precision):
+  return _forward(x, kernel, how, precision), (x, kernel)
+
+
+def _conv2d_own_wgrad_bwd(how, precision, res, g):
+  x, kernel = res
+  return (_input_grad(x, g, kernel, how, precision),
+          _kernel_grad(x, g, kernel, how, precision))
+
+
+_conv2d_own_wgrad.defvjp(_conv2d_own_wgrad_fwd, _conv2d_own_wgrad_bwd)
 
 
 def conv2d_same(x: jax.Array, kernel: jax.Array, *, weight_grad: str = 'xla',
-                precision: Any = None) -> jax.Array:
+                native_forward: bool = False, precision: Any = None) -> jax.Array:
   """Stride-1 'same' 2D convolution, `[N, H, W, C] x [kh, kw, C, O] -> [N, H, W, O]`.
 
   Args:
     x: channels-last input.
     kernel: HWIO kernel.
-    weight_grad: 'xla' (autodiff of the XLA convolution) or 'gemm' (the kernel
-      gradient as one matrix product, `weight_grad_gemm`).
+    weight_grad: 'xla' (autodiff of the XLA convolution), 'gemm' (the kernel
+      gradient as one matrix product, `weight_grad_gemm`) or 'native' (the C++
+      kernel of `unet_jax.native_kernels`, float32 only; other dtypes use 'xla').
+    native_forward: the forward pass and the input gradient by the native kernel
+      too (float32 only; other dtypes use XLA's convolutions).
     precision: passed to the XLA convolutions.
   """
   if weight_grad not in WEIGHT_GRADS:
     raise ValueError(f'weight_grad={weight_grad!r} is not one of {WEIGHT_GRADS}.')
-  if weight_grad == 'gemm':
-    return _conv2d_gemm_wgrad(x, kernel, precision)
-  return _plain(x, kernel, precision)
+  if weight_grad == 'xla' and not native_forward:
+    return _plain(x, kernel, precision)
+  return _conv2d_own_wgrad(x, kernel, (weight_grad, bool(native_forward)), precision)
 
 
 def _fold(x, kd):
@@ -202,30 +260,24 @@ def _unfold_input_grad(dxs, shape, kd):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv3d_folded(x, kernel, weight_grad, precision):
+def _conv3d_folded(x, kernel, how, precision):
   n, d, h, w, _ = x.shape
-  y = conv2d_same(_fold(x, kernel.shape[0]), _fold_kernel(kernel),
-                  weight_grad=weight_grad, precision=precision)
+  y = _forward(_fold(x, kernel.shape[0]), _fold_kernel(kernel), how, precision)
   return y.reshape(n, d, h, w, -1)
 
 
-def _conv3d_folded_fwd(x, kernel, weight_grad, precision):
-  return _conv3d_folded(x, kernel, weight_grad, precision), (x, kernel)
+def _conv3d_folded_fwd(x, kernel, how, precision):
+  return _conv3d_folded(x, kernel, how, precision), (x, kernel)
 
 
-def _conv3d_folded_bwd(weight_grad, precision, res, g):
+def _conv3d_folded_bwd(how, precision, res, g):
   x, kernel = res
   kd = kernel.shape[0]
   n, d, h, w, _ = x.shape
   xs, k2 = _fold(x, kd), _fold_kernel(kernel)
   g2 = g.reshape(n * d, h, w, -1)
-  _, input_vjp = jax.vjp(lambda xs: _plain(xs, k2, precision), xs)
-  (dxs,) = input_vjp(g2)
-  if weight_grad == 'gemm':
-    dk2 = weight_grad_gemm(xs, g2, k2.shape)
-  else:
-    _, kernel_vjp = jax.vjp(lambda k2: _plain(xs, k2, precision), k2)
-    (dk2,) = kernel_vjp(g2)
+  dxs = _input_grad(xs, g2, k2, how, precision)
+  dk2 = _kernel_grad(xs, g2, k2, how, precision)
   return (_unfold_input_grad(dxs, x.shape, kd),
           _unfold_kernel(dk2, kd).astype(kernel.dtype))
 
@@ -234,7 +286,8 @@ _conv3d_folded.defvjp(_conv3d_folded_fwd, _conv3d_folded_bwd)
 
 
 def conv3d_same(x: jax.Array, kernel: jax.Array, *, fold_depth: bool = True,
-                weight_grad: str = 'xla', precision: Any = None) -> jax.Array:
+                weight_grad: str = 'xla', native_forward: bool = False,
+                precision: Any = None) -> jax.Array:
   """Stride-1 'same' 3D convolution, `[N, D, H, W, C] x [kd, kh, kw, C, O]`.
 
   Args:
@@ -243,7 +296,10 @@ def conv3d_same(x: jax.Array, kernel: jax.Array, *, fold_depth: bool = True,
     fold_depth: compute it as one 2D convolution over `N*D` slices with the `kd`
       depth neighbours stacked on channels (module docstring); else XLA's 3D
       convolution.
-    weight_grad: for the folded 2D convolution, 'xla' or 'gemm' (`conv2d_same`).
+    weight_grad: for the folded 2D convolution, 'xla', 'gemm' or 'native'
+      (`conv2d_same`).
+    native_forward: for the folded 2D convolution, the forward pass and the input
+      gradient by the native kernel too (`conv2d_same`).
     precision: passed to the XLA convolutions.
 
   Returns:
@@ -253,7 +309,7 @@ def conv3d_same(x: jax.Array, kernel: jax.Array, *, fold_depth: bool = True,
     raise ValueError(f'weight_grad={weight_grad!r} is not one of {WEIGHT_GRADS}.')
   if not fold_depth:
     return _plain(x, kernel, precision)
-  return _conv3d_folded(x, kernel, weight_grad, precision)
+  return _conv3d_folded(x, kernel, (weight_grad, bool(native_forward)), precision)
 
 
 def _is_same_stride1(x_shape, kernel_shape, window_strides, padding, lhs_dilation,
@@ -280,7 +336,8 @@ def _is_same_stride1(x_shape, kernel_shape, window_strides, padding, lhs_dilatio
 
 def conv_general_dilated_fn(*, fold_depth: bool = False, weight_grad: str = 'xla',
                             weight_grad_3d: str | None = None,
-                            pointwise_as_matmul: bool = False
+                            pointwise_as_matmul: bool = False,
+                            native_forward: bool = False,
                             ) -> Callable[..., jax.Array]:
   """A drop-in for `lax.conv_general_dilated`, for `nn.Conv(conv_general_dilated=...)`.
 
@@ -291,10 +348,13 @@ def conv_general_dilated_fn(*, fold_depth: bool = False, weight_grad: str = 'xla
 
   Args:
     fold_depth: 3D convolutions as folded 2D ones (`conv3d_same`).
-    weight_grad: 'xla' or 'gemm' for the kernel gradient of 2D convolutions.
+    weight_grad: 'xla', 'gemm' or 'native' for the kernel gradient of 2D
+      convolutions.
     weight_grad_3d: the same for folded 3D convolutions (default: `weight_grad`).
     pointwise_as_matmul: 1x1 (1x1x1) convolutions as a product over the channel
       axis, `y = x K[0, 0]`, whose gradients are products too.
+    native_forward: the forward pass and input gradient of 2D and folded 3D
+      convolutions by the native kernel (`conv2d_same`).
   """
   if weight_grad_3d is None:
     weight_grad_3d = weight_grad
@@ -316,10 +376,11 @@ def conv_general_dilated_fn(*, fold_depth: bool = False, weight_grad: str = 'xla
             precision=precision)
       if lhs.ndim == 5:
         if fold_depth:
-          return conv3d_same(lhs, rhs, fold_depth=True,
-                             weight_grad=weight_grad_3d, precision=precision)
-      elif weight_grad != 'xla':
-        return conv2d_same(lhs, rhs, weight_grad=weight_grad, precision=precision)
+          return conv3d_same(lhs, rhs, fold_depth=True, weight_grad=weight_grad_3d,
+                             native_forward=native_forward, precision=precision)
+      elif weight_grad != 'xla' or native_forward:
+        return conv2d_same(lhs, rhs, weight_grad=weight_grad,
+                           native_forward=native_forward, precision=precision)
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,

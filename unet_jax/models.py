@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from unet_jax import conv as conv_lib
+from unet_jax import native_kernels
 
 UPSAMPLE_MODES = ('transpose', 'bilinear')
 NORMS = ('batch', 'group', 'instance', 'none')
@@ -240,12 +241,16 @@ class UNet(nn.Module):
     deep_supervision: number of extra 1x1 heads on the decoder levels below the top
       (nnU-Net style). When positive, `__call__` returns `(logits, aux)` where `aux` is
       a tuple of logits at 1/2, 1/4, ... of the resolution, highest first.
-    transpose_as_matmul, conv3d_as_2d, pointwise_as_matmul, conv_weight_grad: faster
+    transpose_as_matmul, conv3d_as_2d, pointwise_as_matmul, conv_weight_grad,
+      native_conv_forward: faster
       formulations of the same function (`unet_jax/conv.py`): the transposed
       convolution as a product + depth-to-space; 3D convolutions as 2D ones with the
       depth taps on the channel axis; 1x1 convolutions as products; the kernel
-      gradient of 2D and folded 3D convolutions, 'xla' or 'gemm' (None: on the CPU
-      `conv.CPU_WEIGHT_GRAD`, by dimensionality). They change
+      gradient of 2D and folded 3D convolutions, 'xla', 'gemm' or 'native' (None:
+      `conv.default_weight_grad`: the C++ kernel of `unet_jax.native_kernels` on a
+      single-device CPU process where it builds, else 'xla'). native_conv_forward:
+      the forward pass and input gradient of those convolutions by the native
+      kernel too (None: wherever the native kernel gradient is used). They change
       neither the parameters (names, shapes, dtypes, initialisation) nor the function
       beyond float rounding. None picks the default for `jax.default_backend()`: on
       for the CPU where benchmarks/RESULTS.md shows a win, off (plain XLA) on GPU and
@@ -270,22 +275,25 @@ class UNet(nn.Module):
   conv3d_as_2d: bool | None = None
   pointwise_as_matmul: bool | None = None
   conv_weight_grad: str | None = None
+  native_conv_forward: bool | None = None
 
   def _conv_fn(self):
     """The convolution function for nn.Conv (None: lax.conv_general_dilated)."""
     if self.conv_weight_grad is not None:
       grad_2d = grad_3d = self.conv_weight_grad
-    elif conv_lib.resolve(None):
-      grad_2d, grad_3d = conv_lib.CPU_WEIGHT_GRAD[2], conv_lib.CPU_WEIGHT_GRAD[3]
     else:
-      grad_2d = grad_3d = 'xla'
+      grad_2d, grad_3d = (conv_lib.default_weight_grad(2),
+                          conv_lib.default_weight_grad(3))
     fold = conv_lib.resolve(self.conv3d_as_2d)
     pointwise = conv_lib.resolve(self.pointwise_as_matmul)
-    if not fold and not pointwise and grad_2d == 'xla':
+    native_forward = self.native_conv_forward
+    if native_forward is None:  # with the native kernel gradient, where it is used
+      native_forward = 'native' in (grad_2d, grad_3d)
+    if not fold and not pointwise and grad_2d == 'xla' and not native_forward:
       return None
     return conv_lib.conv_general_dilated_fn(
         fold_depth=fold, weight_grad=grad_2d, weight_grad_3d=grad_3d,
-        pointwise_as_matmul=pointwise)
+        pointwise_as_matmul=pointwise, native_forward=native_forward)
 
   def _check(self, x: jax.Array) -> int:
     if x.ndim not in (4, 5):
@@ -305,6 +313,9 @@ class UNet(nn.Module):
       raise ValueError(
           f'conv_weight_grad={self.conv_weight_grad!r} is not None or one of'
           f' {conv_lib.WEIGHT_GRADS}.')
+    if self.conv_weight_grad == 'native' or self.native_conv_forward:
+      # Asked for by name: an error that says why it cannot be built, not a fallback.
+      native_kernels.ensure_available()
     if not 0 <= self.deep_supervision < self.depth:
       raise ValueError(
           f'deep_supervision={self.deep_supervision} must be in [0, depth-1='
