@@ -148,6 +148,19 @@ def test_native_weight_grad_by_definition():
         _weight_grad_by_loops(x, g, kh, kw))
 
 
+def test_native_weight_grad_is_deterministic():
+  # Rows are shared out over threads, but each chunk of rows has its own partial
+  # sum and they are added in a fixed order: runs are bit-identical, which resumed
+  # training relies on.
+  keys = jax.random.split(jax.random.key(3))
+  x = jax.random.normal(keys[0], (4, 32, 16, 8))
+  g = jax.random.normal(keys[1], (4, 32, 16, 16))
+  first = np.asarray(native_kernels.conv2d_weight_grad(x, g, (3, 3)))
+  for _ in range(20):
+    np.testing.assert_array_equal(native_kernels.conv2d_weight_grad(x, g, (3, 3)),
+                                  first)
+
+
 def test_native_kernel_builds_on_this_machine():
   # CI runs where a C++ compiler exists; a silent fallback to XLA would hide a
   # broken build, so the build itself is asserted.
@@ -281,6 +294,35 @@ def test_pointwise_as_matmul(x_shape, k_shape):
     _assert_close(g, w, jnp.float32)
 
 
+@pytest.mark.parametrize('shape, window, dtype', [
+    ((2, 6, 10, 3), (2, 2), jnp.float32),
+    ((1, 4, 6, 8, 2), (2, 2, 2), jnp.float32),
+    ((1, 3, 4, 6, 2), (1, 2, 2), jnp.float32),   # in-plane pooling in 3D
+    ((2, 6, 10, 3), (2, 2), jnp.bfloat16),
+])
+def test_max_pool_as_reshape_equals_max_pool(shape, window, dtype):
+  # Integers from a small range: many ties within windows, incl. all-zero windows
+  # (as after a ReLU). The gradients must agree exactly, ties included.
+  x = jax.random.randint(jax.random.key(0), shape, -1, 3).astype(dtype)
+  x = jnp.maximum(x, 0)
+  probe = jax.random.normal(jax.random.key(1),
+                            (shape[0],) + tuple(s // w for s, w in
+                                                zip(shape[1:-1], window)) + shape[-1:])
+  def run(pool):
+    loss = lambda x: jnp.sum(pool(x).astype(jnp.float32) * probe)
+    return jax.jit(lambda x: (pool(x), jax.grad(loss)(x)))(x)
+  got = run(lambda x: conv.max_pool_as_reshape(x, window))
+  want = run(lambda x: nn.max_pool(x, window, strides=window, padding='VALID'))
+  for g, w in zip(got, want):
+    assert g.dtype == w.dtype
+    np.testing.assert_array_equal(g, w)
+
+
+def test_max_pool_as_reshape_rejects_a_partial_window():
+  with pytest.raises(ValueError, match='multiple of the window'):
+    conv.max_pool_as_reshape(jnp.ones((1, 5, 4, 1)), (2, 2))
+
+
 def test_other_convolutions_fall_back_to_xla():
   # Stride 2, dilation and feature groups are not rewritten: identical results.
   fn = conv.conv_general_dilated_fn(fold_depth=True, weight_grad='gemm',
@@ -314,9 +356,9 @@ def test_resolve_follows_the_backend():
 
 ALL_OFF = dict(transpose_as_matmul=False, conv3d_as_2d=False,
                pointwise_as_matmul=False, conv_weight_grad='xla',
-               native_conv_forward=False)
+               native_conv_forward=False, pool_as_reshape=False)
 ALL_ON = dict(transpose_as_matmul=True, conv3d_as_2d=True,
-              pointwise_as_matmul=True)
+              pointwise_as_matmul=True, pool_as_reshape=True)
 
 
 @pytest.mark.parametrize('weight_grad', ['gemm', 'native'])

@@ -451,3 +451,58 @@ class ConvTranspose(nn.Module):
             if self.use_bias else None)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     return conv_transpose_as_matmul(x, kernel, bias)
+
+
+def _pool_split(x, window):
+  """`[N, *spatial, C] -> [N, s1/w1, w1, s2/w2, w2, ..., C]`."""
+  shape = [x.shape[0]]
+  for size, w in zip(x.shape[1:-1], window):
+    shape += [size // w, w]
+  return x.reshape(shape + [x.shape[-1]])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def max_pool_as_reshape(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
+  """`nn.max_pool(x, window, strides=window, padding='VALID')` as a reshape and a max.
+
+  For non-overlapping windows that tile the input exactly (the U-Net's pooling,
+  whose sizes the model checks), each output is the max over one block of a reshaped
+  input: no reduce-window, and none of the argmax indices XLA:CPU builds for its
+  gradient. The gradient is the same as `nn.max_pool`'s, ties included: all of it
+  goes to the first maximum of each window in row-major order.
+
+  Args:
+    x: `[N, *spatial, C]`, each spatial size a multiple of its window.
+    window: one size per spatial axis.
+  """
+  return _max_pool_fwd(x, window)[0]
+
+
+def _max_pool_fwd(x, window):
+  for size, w in zip(x.shape[1:-1], window):
+    if size % w:
+      raise ValueError(f'max_pool_as_reshape: spatial shape {x.shape[1:-1]} is not'
+                       f' a multiple of the window {window}.')
+  window_axes = tuple(2 + 2 * i for i in range(len(window)))
+  return jnp.max(_pool_split(x, window), axis=window_axes), x
+
+
+def _max_pool_bwd(window, x, g):
+  ndim = len(window)
+  window_axes = tuple(2 + 2 * i for i in range(ndim))
+  xs = _pool_split(x, window)
+  expand = lambda a: jnp.expand_dims(a, window_axes)
+  is_max = xs == expand(jnp.max(xs, axis=window_axes))
+  # Row-major position of each element within its window, shaped to broadcast.
+  position = jnp.zeros((1,) * xs.ndim, jnp.int32)
+  for i, w in enumerate(window):
+    shape = [1] * xs.ndim
+    shape[window_axes[i]] = w
+    stride = math.prod(window[i + 1:])
+    position = position + jnp.arange(w, dtype=jnp.int32).reshape(shape) * stride
+  first = jnp.min(jnp.where(is_max, position, math.prod(window)), axis=window_axes)
+  dx = jnp.where(is_max & (position == expand(first)), expand(g), 0)
+  return (dx.astype(x.dtype).reshape(x.shape),)
+
+
+max_pool_as_reshape.defvjp(_max_pool_fwd, _max_pool_bwd)

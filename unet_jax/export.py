@@ -78,6 +78,10 @@ def export_predict_fn(
         spatial_shape,
         models.input_divisor(ndim=len(spatial_shape), depth=model.depth,
                              pool_sizes=model.pool_sizes))
+  if hasattr(model, 'native_conv_forward'):
+    # The exported program must run on any machine: no call into this machine's
+    # native CPU kernel, an FFI target the loading process would not have.
+    model = model.clone(native_conv_forward=False)
   variables = jax.tree.map(jnp.asarray, variables)
 
   def predict(images):

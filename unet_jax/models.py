@@ -242,7 +242,7 @@ class UNet(nn.Module):
       (nnU-Net style). When positive, `__call__` returns `(logits, aux)` where `aux` is
       a tuple of logits at 1/2, 1/4, ... of the resolution, highest first.
     transpose_as_matmul, conv3d_as_2d, pointwise_as_matmul, conv_weight_grad,
-      native_conv_forward: faster
+      native_conv_forward, pool_as_reshape: faster
       formulations of the same function (`unet_jax/conv.py`): the transposed
       convolution as a product + depth-to-space; 3D convolutions as 2D ones with the
       depth taps on the channel axis; 1x1 convolutions as products; the kernel
@@ -250,7 +250,9 @@ class UNet(nn.Module):
       `conv.default_weight_grad`: the C++ kernel of `unet_jax.native_kernels` on a
       single-device CPU process where it builds, else 'xla'). native_conv_forward:
       the forward pass and input gradient of those convolutions by the native
-      kernel too (None: wherever the native kernel gradient is used). They change
+      kernel too (None: wherever the native kernel gradient is used).
+      pool_as_reshape: max pooling as a reshape and a max, with `nn.max_pool`'s
+      gradient (`conv.max_pool_as_reshape`). They change
       neither the parameters (names, shapes, dtypes, initialisation) nor the function
       beyond float rounding. None picks the default for `jax.default_backend()`: on
       for the CPU where benchmarks/RESULTS.md shows a win, off (plain XLA) on GPU and
@@ -276,6 +278,7 @@ class UNet(nn.Module):
   pointwise_as_matmul: bool | None = None
   conv_weight_grad: str | None = None
   native_conv_forward: bool | None = None
+  pool_as_reshape: bool | None = None
 
   def _conv_fn(self):
     """The convolution function for nn.Conv (None: lax.conv_general_dilated)."""
@@ -345,7 +348,10 @@ class UNet(nn.Module):
     for level in range(self.depth):
       x = block(self.features * 2**level, kernels[level], f'encoder{level}')(x)
       skips.append(x)
-      x = nn.max_pool(x, pools[level], strides=pools[level], padding='VALID')
+      if conv_lib.resolve(self.pool_as_reshape):
+        x = conv_lib.max_pool_as_reshape(x, tuple(pools[level]))
+      else:
+        x = nn.max_pool(x, pools[level], strides=pools[level], padding='VALID')
 
     x = block(self.features * 2**self.depth, kernels[self.depth], 'bottleneck')(x)
     if self.dropout > 0:

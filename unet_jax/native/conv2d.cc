@@ -25,7 +25,8 @@
 // dK[i, j] += X^T G, where X is row y + i - ph of x shifted by j - pw along W
 // ([W, C], contiguous) and G is row y of g ([W, O]). A register tile of up to 8
 // input channels x 32 output channels is held in vector registers across the W
-// pixels. Each worker sums into its own copy of dK; the copies are added at the end.
+// pixels. Each chunk of rows sums into its own copy of dK; the copies are added in
+// chunk order at the end, so the result is the same whichever thread ran a chunk.
 //
 // Both share rows out over XLA's intra-op thread pool. Built by
 // unet_jax/native_kernels.py with the machine's C++ compiler (-O3 -march=native);
@@ -205,37 +206,32 @@ void fwd_rows(const float* xp, const float* k, float* y, const ConvShape& s,
   }
 }
 
-// Runs body(slot, r0, r1) over rows [0, nrows) in chunks, on the calling thread and
-// up to num_threads - 1 pool workers; slot is a distinct index in [0, slots) per
-// participating thread. State is held by shared_ptr, so a worker that starts after
-// the work is done finds nothing to do and exits.
+// Runs body(k, r0, r1) for the chunks k in [0, nchunks) of rows [0, nrows), on the
+// calling thread and up to num_threads - 1 pool workers. Which thread runs a chunk
+// varies, but each chunk's work, and so the result, does not. State is held by
+// shared_ptr, so a worker that starts after the work is done finds nothing to do.
 template <typename Body>
-int parallel_rows(ffi::ThreadPool& pool, int64_t nrows, int slots_max,
-                  Body body) {
+void parallel_rows(ffi::ThreadPool& pool, int64_t nrows, int64_t nchunks,
+                   Body body) {
   struct State {
     int64_t chunk, nchunks;
     std::atomic<int64_t> next_chunk{0};
-    std::atomic<int> next_slot{0};
     std::mutex mu;
     std::condition_variable cv;
     int active = 0;       // helpers inside work(), guarded by mu
     bool closed = false;  // set once the caller has no chunk left; guarded by mu
   };
-  const int64_t threads =
-      std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), slots_max);
   auto st = std::make_shared<State>();
-  // About four chunks per thread, so an uneven start still balances.
-  st->chunk = std::max<int64_t>(1, nrows / (4 * threads));
+  st->chunk = (nrows + nchunks - 1) / nchunks;
   st->nchunks = (nrows + st->chunk - 1) / st->chunk;
   auto work = [st, nrows, body]() {
-    int64_t k = st->next_chunk.fetch_add(1);
-    if (k >= st->nchunks) return;
-    const int slot = st->next_slot.fetch_add(1);
-    for (; k < st->nchunks; k = st->next_chunk.fetch_add(1)) {
+    for (int64_t k = st->next_chunk.fetch_add(1); k < st->nchunks;
+         k = st->next_chunk.fetch_add(1)) {
       const int64_t r0 = k * st->chunk;
-      body(slot, r0, std::min(r0 + st->chunk, nrows));
+      body(k, r0, std::min(r0 + st->chunk, nrows));
     }
   };
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t helpers = std::min<int64_t>(threads, st->nchunks) - 1;
   for (int64_t t = 0; t < helpers; ++t) {
     pool.Schedule([st, work] {
@@ -256,10 +252,15 @@ int parallel_rows(ffi::ThreadPool& pool, int64_t nrows, int slots_max,
   std::unique_lock<std::mutex> lock(st->mu);
   st->closed = true;
   st->cv.wait(lock, [&] { return st->active == 0; });
-  return st->next_slot.load();
 }
 
-constexpr int kMaxSlots = 64;
+// Chunks per pool thread: enough that an uneven start still balances.
+constexpr int64_t kChunksPerThread = 4;
+
+int64_t num_chunks(ffi::ThreadPool& pool, int64_t nrows) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  return std::max<int64_t>(1, std::min<int64_t>(nrows, kChunksPerThread * threads));
+}
 
 ffi::Error ConvWgradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                          ffi::Buffer<ffi::F32> g,
@@ -271,21 +272,20 @@ ffi::Error ConvWgradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (gd[0] != s.b || gd[1] != s.h || gd[2] != s.w || kd[2] != s.c || kd[3] != s.o)
     return ffi::Error::InvalidArgument("conv_wgrad: shapes do not agree");
   const int64_t size = s.kh * s.kw * s.c * s.o;
-  std::vector<std::vector<float>> partial(kMaxSlots);
+  // One partial dK per chunk, summed in chunk order: the result does not depend on
+  // which thread ran which chunk, so repeated runs are bit-identical.
+  const int64_t nchunks = num_chunks(pool, s.b * s.h);
+  std::vector<std::vector<float>> partial(nchunks);
   const float* xv = x.typed_data();
   const float* gv = g.typed_data();
-  const int used = parallel_rows(
-      pool, s.b * s.h, kMaxSlots, [&](int slot, int64_t r0, int64_t r1) {
-        std::vector<float>& acc = partial[slot];
-        if (acc.empty()) acc.assign(size, 0.0f);
-        rows(xv, gv, s, r0, r1, acc.data());
-      });
+  parallel_rows(pool, s.b * s.h, nchunks, [&](int64_t k, int64_t r0, int64_t r1) {
+    partial[k].assign(size, 0.0f);
+    rows(xv, gv, s, r0, r1, partial[k].data());
+  });
   float* out = dk->typed_data();
   std::memset(out, 0, sizeof(float) * size);
-  for (int t = 0; t < used; ++t) {
-    const float* p = partial[t].data();
-    for (int64_t k = 0; k < size; ++k) out[k] += p[k];
-  }
+  for (const std::vector<float>& p : partial)
+    for (int64_t k = 0; k < static_cast<int64_t>(p.size()); ++k) out[k] += p[k];
   return ffi::Error::Success();
 }
 
@@ -301,9 +301,8 @@ ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xp,
   const float* xv = xp.typed_data();
   const float* kv = k.typed_data();
   float* yv = y->typed_data();
-  parallel_rows(pool, s.b * s.h, kMaxSlots, [&](int, int64_t r0, int64_t r1) {
-    fwd_rows(xv, kv, yv, s, r0, r1);
-  });
+  parallel_rows(pool, s.b * s.h, num_chunks(pool, s.b * s.h),
+                [&](int64_t, int64_t r0, int64_t r1) { fwd_rows(xv, kv, yv, s, r0, r1); });
   return ffi::Error::Success();
 }
 
