@@ -77,7 +77,7 @@ LEVERS = {
                            {'kwargs': {'native_conv_forward': False}}),
     # The native forward pass and input gradient, on top of the native kernel grad.
     'native_forward': ({'kwargs': {'native_conv_forward': False}}, {}),
-    'pool_as_reshape': ({'kwargs': {'pool_as_reshape': False}}, {}),
+    'pool_as_reshape': ({}, {'kwargs': {'pool_as_reshape': True}}),
     'all_switches': ({'kwargs': PLAIN}, {}),
     'xnnpack': ({}, {'xla_flags': '--xla_cpu_use_xnnpack=true'}),
     'onednn_custom_call': (

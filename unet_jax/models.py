@@ -252,7 +252,8 @@ class UNet(nn.Module):
       the forward pass and input gradient of those convolutions by the native
       kernel too (None: wherever the native kernel gradient is used).
       pool_as_reshape: max pooling as a reshape and a max, with `nn.max_pool`'s
-      gradient (`conv.max_pool_as_reshape`). They change
+      gradient (`conv.max_pool_as_reshape`); off by default everywhere, as it did
+      not win on the CPU (benchmarks/RESULTS.md). They change
       neither the parameters (names, shapes, dtypes, initialisation) nor the function
       beyond float rounding. None picks the default for `jax.default_backend()`: on
       for the CPU where benchmarks/RESULTS.md shows a win, off (plain XLA) on GPU and
@@ -278,7 +279,7 @@ class UNet(nn.Module):
   pointwise_as_matmul: bool | None = None
   conv_weight_grad: str | None = None
   native_conv_forward: bool | None = None
-  pool_as_reshape: bool | None = None
+  pool_as_reshape: bool = False
 
   def _conv_fn(self):
     """The convolution function for nn.Conv (None: lax.conv_general_dilated)."""
@@ -348,7 +349,7 @@ class UNet(nn.Module):
     for level in range(self.depth):
       x = block(self.features * 2**level, kernels[level], f'encoder{level}')(x)
       skips.append(x)
-      if conv_lib.resolve(self.pool_as_reshape):
+      if self.pool_as_reshape:
         x = conv_lib.max_pool_as_reshape(x, tuple(pools[level]))
       else:
         x = nn.max_pool(x, pools[level], strides=pools[level], padding='VALID')

@@ -136,18 +136,22 @@ void rows(const float* x, const float* g, const Shape& s, int64_t r0, int64_t r1
   }
 }
 
-// Forward pass: y row (b, y), pixels [x0, x0 + MP), channels [o0, o0 + 16 NV).
+// Forward pass: y row (b, y), MP pixels, channels [o0, o0 + 16 NV), summed over
+// the taps and input channels [c0, c1); the first channel block writes y, the
+// others add to it.
 template <int MP, int NV>
 inline void fwd_tile(const float* xp, const float* k, float* y, int64_t wp,
-                     int64_t c, int64_t o, int64_t kh, int64_t kw) {
+                     int64_t c, int64_t o, int64_t kh, int64_t kw, int64_t c0,
+                     int64_t c1) {
   v16 acc[MP][NV];
   for (int m = 0; m < MP; ++m)
-    for (int v = 0; v < NV; ++v) acc[m][v] = v16{};
+    for (int v = 0; v < NV; ++v)
+      acc[m][v] = c0 == 0 ? v16{} : load16(y + m * o + 16 * v);
   for (int64_t i = 0; i < kh; ++i)
     for (int64_t j = 0; j < kw; ++j) {
       const float* xr = xp + (i * wp + j) * c;
       const float* kr = k + (i * kw + j) * c * o;
-      for (int64_t ci = 0; ci < c; ++ci) {
+      for (int64_t ci = c0; ci < c1; ++ci) {
         v16 kv[NV];
         for (int v = 0; v < NV; ++v) kv[v] = load16(kr + ci * o + 16 * v);
         for (int m = 0; m < MP; ++m) {
@@ -164,15 +168,22 @@ inline void fwd_tile(const float* xp, const float* k, float* y, int64_t wp,
 // Pixels [0, count) of one output row: tiles of MP pixels, then smaller ones.
 template <int MP, int NV>
 inline void fwd_pixels(const float* xp, const float* k, float* y, int64_t count,
-                       int64_t wp, int64_t c, int64_t o, int64_t kh, int64_t kw) {
+                       int64_t wp, int64_t c, int64_t o, int64_t kh, int64_t kw,
+                       int64_t c0, int64_t c1) {
   int64_t p = 0;
   for (; p + MP <= count; p += MP)
-    fwd_tile<MP, NV>(xp + p * c, k, y + p * o, wp, c, o, kh, kw);
+    fwd_tile<MP, NV>(xp + p * c, k, y + p * o, wp, c, o, kh, kw, c0, c1);
   if constexpr (MP > 1) {
     if (p < count)
-      fwd_pixels<MP / 2, NV>(xp + p * c, k, y + p * o, count - p, wp, c, o, kh, kw);
+      fwd_pixels<MP / 2, NV>(xp + p * c, k, y + p * o, count - p, wp, c, o, kh, kw,
+                             c0, c1);
   }
 }
+
+// Input channels per block of the forward pass: the block's kernel slice for one
+// tile of output channels (kh * kw * 32 * 32 floats, 36 KiB for 3 x 3) stays in L1
+// while a whole row of pixels uses it.
+constexpr int64_t kChannelBlock = 32;
 
 struct ConvShape {
   int64_t b, h, w, c, o, kh, kw;  // output H, W; the input is padded to H+kh-1, W+kw-1
@@ -186,10 +197,19 @@ void fwd_rows(const float* xp, const float* k, float* y, const ConvShape& s,
     const float* xrow = xp + (b * hp + yy) * wp * s.c;
     float* yrow = y + r * s.w * s.o;
     int64_t o0 = 0;
+    // A last channel block of fewer than half a block joins the one before it.
+    const int64_t nblocks =
+        std::max<int64_t>(1, (s.c + kChannelBlock / 2) / kChannelBlock);
     for (; o0 + 32 <= s.o; o0 += 32)
-      fwd_pixels<8, 2>(xrow, k + o0, yrow + o0, s.w, wp, s.c, s.o, s.kh, s.kw);
+      for (int64_t cb = 0; cb < nblocks; ++cb)
+        fwd_pixels<8, 2>(xrow, k + o0, yrow + o0, s.w, wp, s.c, s.o, s.kh, s.kw,
+                         cb * kChannelBlock,
+                         cb + 1 == nblocks ? s.c : (cb + 1) * kChannelBlock);
     for (; o0 + 16 <= s.o; o0 += 16)
-      fwd_pixels<16, 1>(xrow, k + o0, yrow + o0, s.w, wp, s.c, s.o, s.kh, s.kw);
+      for (int64_t cb = 0; cb < nblocks; ++cb)
+        fwd_pixels<16, 1>(xrow, k + o0, yrow + o0, s.w, wp, s.c, s.o, s.kh, s.kw,
+                          cb * kChannelBlock,
+                          cb + 1 == nblocks ? s.c : (cb + 1) * kChannelBlock);
     if (o0 < s.o) {  // fewer than 16 output channels left: plain loops.
       for (int64_t p = 0; p < s.w; ++p)
         for (int64_t oi = o0; oi < s.o; ++oi) {
@@ -257,9 +277,25 @@ void parallel_rows(ffi::ThreadPool& pool, int64_t nrows, int64_t nchunks,
 // Chunks per pool thread: enough that an uneven start still balances.
 constexpr int64_t kChunksPerThread = 4;
 
+int64_t num_threads(ffi::ThreadPool& pool) {
+  return std::max<int64_t>(1, pool.num_threads());
+}
+
+// Forward pass: chunks of rows write disjoint outputs, so they can be small.
 int64_t num_chunks(ffi::ThreadPool& pool, int64_t nrows) {
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  return std::max<int64_t>(1, std::min<int64_t>(nrows, kChunksPerThread * threads));
+  return std::max<int64_t>(1, std::min<int64_t>(nrows, kChunksPerThread * num_threads(pool)));
+}
+
+// Kernel gradient: each chunk zeroes, fills and hands back its own copy of dK, so a
+// chunk should hold enough pixels (kPixelsPerChunk) for that to cost little next to
+// its products; and there should be no fewer chunks than threads.
+constexpr int64_t kPixelsPerChunk = 2048;
+
+int64_t num_wgrad_chunks(ffi::ThreadPool& pool, int64_t nrows, int64_t width) {
+  const int64_t threads = num_threads(pool);
+  const int64_t by_size = (nrows * width + kPixelsPerChunk - 1) / kPixelsPerChunk;
+  const int64_t chunks = std::clamp<int64_t>(by_size, threads, kChunksPerThread * threads);
+  return std::max<int64_t>(1, std::min<int64_t>(nrows, chunks));
 }
 
 ffi::Error ConvWgradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -274,7 +310,7 @@ ffi::Error ConvWgradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t size = s.kh * s.kw * s.c * s.o;
   // One partial dK per chunk, summed in chunk order: the result does not depend on
   // which thread ran which chunk, so repeated runs are bit-identical.
-  const int64_t nchunks = num_chunks(pool, s.b * s.h);
+  const int64_t nchunks = num_wgrad_chunks(pool, s.b * s.h, s.w);
   std::vector<std::vector<float>> partial(nchunks);
   const float* xv = x.typed_data();
   const float* gv = g.typed_data();
