@@ -72,6 +72,10 @@ WEIGHT_GRADS = ('xla', 'gemm', 'native')
 # of the input and of the output gradient add much temporary memory
 # (benchmarks/RESULTS.md), so it stays opt-in (`UNet(conv_weight_grad='gemm')`).
 CPU_WEIGHT_GRAD = {2: 'native', 3: 'native'}
+# Whether the forward pass and the input gradient also use the native kernel by
+# default where the native kernel gradient does, by dimensionality: it won in 3D
+# (folded convolutions) and tied in 2D (benchmarks/RESULTS.md).
+CPU_NATIVE_FORWARD = {2: False, 3: True}
 
 
 def resolve(switch: bool | None) -> bool:
@@ -338,6 +342,7 @@ def conv_general_dilated_fn(*, fold_depth: bool = False, weight_grad: str = 'xla
                             weight_grad_3d: str | None = None,
                             pointwise_as_matmul: bool = False,
                             native_forward: bool = False,
+                            native_forward_3d: bool | None = None,
                             ) -> Callable[..., jax.Array]:
   """A drop-in for `lax.conv_general_dilated`, for `nn.Conv(conv_general_dilated=...)`.
 
@@ -353,11 +358,15 @@ def conv_general_dilated_fn(*, fold_depth: bool = False, weight_grad: str = 'xla
     weight_grad_3d: the same for folded 3D convolutions (default: `weight_grad`).
     pointwise_as_matmul: 1x1 (1x1x1) convolutions as a product over the channel
       axis, `y = x K[0, 0]`, whose gradients are products too.
-    native_forward: the forward pass and input gradient of 2D and folded 3D
-      convolutions by the native kernel (`conv2d_same`).
+    native_forward: the forward pass and input gradient of 2D convolutions by the
+      native kernel (`conv2d_same`).
+    native_forward_3d: the same for folded 3D convolutions (default:
+      `native_forward`).
   """
   if weight_grad_3d is None:
     weight_grad_3d = weight_grad
+  if native_forward_3d is None:
+    native_forward_3d = native_forward
   for value in (weight_grad, weight_grad_3d):
     if value not in WEIGHT_GRADS:
       raise ValueError(f'weight_grad={value!r} is not one of {WEIGHT_GRADS}.')
@@ -377,7 +386,7 @@ def conv_general_dilated_fn(*, fold_depth: bool = False, weight_grad: str = 'xla
       if lhs.ndim == 5:
         if fold_depth:
           return conv3d_same(lhs, rhs, fold_depth=True, weight_grad=weight_grad_3d,
-                             native_forward=native_forward, precision=precision)
+                             native_forward=native_forward_3d, precision=precision)
       elif weight_grad != 'xla' or native_forward:
         return conv2d_same(lhs, rhs, weight_grad=weight_grad,
                            native_forward=native_forward, precision=precision)

@@ -250,7 +250,8 @@ class UNet(nn.Module):
       `conv.default_weight_grad`: the C++ kernel of `unet_jax.native_kernels` on a
       single-device CPU process where it builds, else 'xla'). native_conv_forward:
       the forward pass and input gradient of those convolutions by the native
-      kernel too (None: wherever the native kernel gradient is used).
+      kernel too (None: with the native kernel gradient, in the dimensionalities
+      `conv.CPU_NATIVE_FORWARD` names).
       pool_as_reshape: max pooling as a reshape and a max, with `nn.max_pool`'s
       gradient (`conv.max_pool_as_reshape`); off by default everywhere, as it did
       not win on the CPU (benchmarks/RESULTS.md). They change
@@ -290,14 +291,18 @@ class UNet(nn.Module):
                           conv_lib.default_weight_grad(3))
     fold = conv_lib.resolve(self.conv3d_as_2d)
     pointwise = conv_lib.resolve(self.pointwise_as_matmul)
-    native_forward = self.native_conv_forward
-    if native_forward is None:  # with the native kernel gradient, where it is used
-      native_forward = 'native' in (grad_2d, grad_3d)
-    if not fold and not pointwise and grad_2d == 'xla' and not native_forward:
+    if self.native_conv_forward is None:
+      # With the native kernel gradient, where conv.CPU_NATIVE_FORWARD says so.
+      forward_2d = grad_2d == 'native' and conv_lib.CPU_NATIVE_FORWARD[2]
+      forward_3d = grad_3d == 'native' and conv_lib.CPU_NATIVE_FORWARD[3]
+    else:
+      forward_2d = forward_3d = self.native_conv_forward
+    if (not fold and not pointwise and grad_2d == 'xla' and not forward_2d):
       return None
     return conv_lib.conv_general_dilated_fn(
         fold_depth=fold, weight_grad=grad_2d, weight_grad_3d=grad_3d,
-        pointwise_as_matmul=pointwise, native_forward=native_forward)
+        pointwise_as_matmul=pointwise, native_forward=forward_2d,
+        native_forward_3d=forward_3d)
 
   def _check(self, x: jax.Array) -> int:
     if x.ndim not in (4, 5):
