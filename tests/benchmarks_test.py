@@ -93,3 +93,29 @@ def test_scaling_benchmark_smoke_run(tmp_path):
   # 1 logit, on the top level's 16 features, with a bias: 3 * (16 + 1) more.
   assert volumes['dice_ce']['params'] - volumes['dice_bce']['params'] == 3 * 17
   assert volumes['pets']['params'] > volumes['default']['params']
+
+
+def test_conv_kernels_benchmark_quick_run(tmp_path):
+  # The script checks every native result against XLA's before timing it.
+  proc = run_quick('conv_kernels.py', tmp_path)
+  with open(tmp_path / 'conv_kernels.json') as f:
+    (row,) = json.load(f)['rows']
+  for part in ('forward', 'input_grad', 'kernel_grad'):
+    assert row[part]['xla'] > 0 and row[part]['native'] > 0
+  assert '| layer | N | H=W |' in proc.stdout
+
+
+def test_profile_step_finds_the_native_kernels_in_the_default_step(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'benchmarks', 'profile_step.py'),
+       '--case=3d_quick', f'--out={tmp_path}'],
+      cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
+      text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / 'profile_3d_quick.json') as f:
+    by_kind = json.load(f)['ms_by_kind']
+  # The default 3D step on the CPU: native forward, input and kernel gradients, and
+  # no XLA convolution left.
+  assert by_kind['native kernel grad'] > 0
+  assert by_kind['native conv (forward or input grad)'] > 0
+  assert not [k for k in by_kind if k.endswith('(XLA)')], by_kind

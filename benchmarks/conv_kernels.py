@@ -1,0 +1,148 @@
+r"""Each 3x3 convolution of the benchmark U-Nets: XLA:CPU against the native kernel.
+
+For the layer shapes of `benchmarks/speed.py`'s 2D and 3D networks (3D convolutions
+in their folded 2D form, `unet_jax/conv.py`), it times the three parts of a 'same'
+convolution's train step on their own:
+
+- forward: `y = conv(x, k)`;
+- input gradient: `dL/dx` given `dL/dy`;
+- kernel gradient: `dL/dk` given `dL/dy`;
+
+once as XLA's convolutions (autodiff of `lax.conv_general_dilated`) and once as the
+native C++ kernel (`unet_jax.native_kernels`), and prints GFLOP/s (2 * N * H * W *
+kh * kw * C * O over the median time of `--repeats` calls, after one warm-up). Both
+run in this process, one after the other, shape by shape; every native result is
+checked against XLA's to float tolerance before it is timed.
+
+    .venv/bin/python benchmarks/conv_kernels.py            # about 2 minutes
+    .venv/bin/python benchmarks/conv_kernels.py --quick    # smoke run (tests)
+
+Writes benchmarks/out/conv_kernels.json.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+# (name, batch (N*D for folded 3D), H = W, C, O): the 3x3 convolutions of
+# speed.py's 2d cases (features 32, depth 4, batch 4, 128^2) and 3d cases (features
+# 16, depth 3, batch 1, 64^3, folded: C is 3x the 3D input channels).
+SHAPES = [
+    ('2d enc0 conv0', 4, 128, 1, 32),
+    ('2d enc0 conv1', 4, 128, 32, 32),
+    ('2d enc1', 4, 64, 64, 64),
+    ('2d enc2', 4, 32, 128, 128),
+    ('2d enc3', 4, 16, 256, 256),
+    ('2d bottleneck', 4, 8, 512, 512),
+    ('2d dec0 conv0', 4, 128, 64, 32),
+    ('3d enc0 conv0', 64, 64, 3, 16),
+    ('3d enc0 conv1', 64, 64, 48, 16),
+    ('3d enc1', 32, 32, 96, 32),
+    ('3d enc2', 16, 16, 192, 64),
+    ('3d bottleneck', 8, 8, 384, 128),
+]
+QUICK_SHAPES = [('quick', 2, 8, 5, 17)]
+
+
+def _median_seconds(fn, args, repeats):
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def measure(shape, repeats):
+  """{part: {'xla': GFLOP/s, 'native': GFLOP/s}} for one layer shape."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax import lax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from unet_jax import native_kernels  # pylint: disable=g-import-not-at-top
+
+  _, n, hw, c, o = shape
+  keys = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(keys[0], (n, hw, hw, c))
+  k = jax.random.normal(keys[1], (3, 3, c, o)) / np.sqrt(9 * c)
+  g = jax.random.normal(keys[2], (n, hw, hw, o))
+
+  def conv(x, k):
+    return lax.conv_general_dilated(x, k, (1, 1), 'SAME',
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  parts = {
+      'forward': (jax.jit(conv), jax.jit(native_kernels.conv2d_same), (x, k)),
+      'input_grad': (
+          jax.jit(lambda x, k, g: jax.vjp(lambda x: conv(x, k), x)[1](g)[0]),
+          jax.jit(lambda x, k, g: native_kernels.conv2d_same_input_grad(g, k)),
+          (x, k, g)),
+      'kernel_grad': (
+          jax.jit(lambda x, k, g: jax.vjp(lambda k: conv(x, k), k)[1](g)[0]),
+          jax.jit(lambda x, k, g: native_kernels.conv2d_weight_grad(x, g, (3, 3))),
+          (x, k, g)),
+  }
+  flops = 2 * n * hw * hw * 9 * c * o
+  out = {}
+  for part, (xla_fn, native_fn, args) in parts.items():
+    want, got = np.asarray(xla_fn(*args)), np.asarray(native_fn(*args))
+    scale = float(np.abs(want).max()) + 1e-6
+    np.testing.assert_allclose(got, want, atol=1e-4 * scale, rtol=1e-4,
+                               err_msg=f'{shape[0]} {part}')
+    out[part] = {name: flops / _median_seconds(fn, args, repeats) / 1e9
+                 for name, fn in (('xla', xla_fn), ('native', native_fn))}
+  return out
+
+
+def markdown_table(rows):
+  lines = ['| layer | N | H=W | C | O | forward XLA / native | input grad XLA / native'
+           ' | kernel grad XLA / native |',
+           '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
+  for row in rows:
+    cells = [f'{row[p]["xla"]:.0f} / {row[p]["native"]:.0f}'
+             for p in ('forward', 'input_grad', 'kernel_grad')]
+    lines.append(f'| {row["name"]} | {row["n"]} | {row["hw"]} | {row["c"]} |'
+                 f' {row["o"]} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--quick', action='store_true')
+  parser.add_argument('--repeats', type=int, default=None)
+  parser.add_argument('--out', default=str(HERE / 'out'))
+  args = parser.parse_args(argv)
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() != 'cpu':
+    parser.error(f'the native kernels are for the CPU; the backend is'
+                 f' {jax.default_backend()!r} (set JAX_PLATFORMS=cpu).')
+  shapes = QUICK_SHAPES if args.quick else SHAPES
+  repeats = args.repeats or (2 if args.quick else 7)
+  rows = []
+  for i, shape in enumerate(shapes):
+    result = measure(shape, repeats)
+    rows.append(dict(name=shape[0], n=shape[1], hw=shape[2], c=shape[3], o=shape[4],
+                     **result))
+    print(f'[{i + 1}/{len(shapes)}] {shape[0]}: ' + ', '.join(
+        f'{p} {r["xla"]:.0f} -> {r["native"]:.0f}' for p, r in result.items())
+        + ' GFLOP/s', flush=True)
+  print()
+  print(markdown_table(rows))
+  os.makedirs(args.out, exist_ok=True)
+  path = os.path.join(args.out, 'conv_kernels.json')
+  with open(path, 'w') as f:
+    json.dump({'date': time.strftime('%Y-%m-%d'), 'repeats': repeats,
+               'rows': rows}, f, indent=1)
+  print(f'wrote {path}')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,166 @@
+r"""Where the train step's time goes on XLA:CPU, by kind of operation.
+
+Runs one of `benchmarks/speed.py`'s cases (the same network, loss and Adam step),
+traces three steps with the JAX profiler (XLA:CPU's per-operation trace events, on
+with `--xla_cpu_enable_xprof_traceme=true`, which this script sets for its own
+process), and sums the events' durations by kind, read off the compiled HLO:
+
+- conv forward / conv input grad / conv kernel grad: XLA convolutions (a kernel
+  gradient is the one whose window is larger than 3 along some axis);
+- native conv / native kernel grad: the C++ kernels of `unet_jax.native_kernels`;
+- reduce-window (max pooling), concatenate, transpose/copy, iota/broadcast, dot,
+  other: the rest.
+
+Durations are per step and summed over threads, so with 2 threads the total exceeds
+the step's wall time where operations ran side by side.
+
+    .venv/bin/python benchmarks/profile_step.py --case=2d_transpose
+    .venv/bin/python benchmarks/profile_step.py --case=3d_transpose \
+        --kwargs='{"conv_weight_grad": "xla", "native_conv_forward": false}'
+"""
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import pathlib
+import re
+import sys
+import tempfile
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+STEPS = 3
+
+
+def _computations(hlo):
+  """{fusion or call instruction name: text of the computation it calls}."""
+  calls = dict(re.findall(r'%([\w.\-]+) = [^\n]*?calls=%([\w.\-]+)', hlo))
+  bodies = {m.group(1): m.group(0)
+            for m in re.finditer(r'^%([\w.\-]+) \(.*?\n}\n', hlo, re.S | re.M)}
+  lines = dict(re.findall(r'^\s*(?:ROOT )?%([\w.\-]+) = ([^\n]*)', hlo, re.M))
+  return calls, bodies, lines
+
+
+def kind(name, calls, bodies, lines):
+  """The kind of operation a trace event named `name` ran."""
+  line = lines.get(name, '')
+  body = bodies.get(calls.get(name, ''), '')
+  if 'custom_call_target="unet_jax_conv2d"' in line:
+    return 'native conv (forward or input grad)'
+  if 'custom_call_target="unet_jax_conv_wgrad"' in line:
+    return 'native kernel grad'
+  if 'convolution(' in body or ' convolution(' in line:
+    text = body or line
+    window = re.search(r'window=\{size=([\dx]+)', text)
+    sizes = [int(v) for v in window.group(1).split('x')] if window else [1]
+    if max(sizes) > 3 and any(s > 5 for s in sizes):
+      return 'conv kernel grad (XLA)'
+    return ('conv input grad (XLA)' if 'transpose(jvp' in text
+            else 'conv forward (XLA)')
+  if ' dot(' in body or ' dot(' in line:
+    return 'dot'
+  if 'reduce-window' in name or 'reduce-window(' in body:
+    return 'reduce-window'
+  if name.startswith('concatenate') or 'concatenate(' in body:
+    return 'concatenate'
+  if name.startswith(('wrapped_iota', 'wrapped_broadcast')):
+    return 'iota/broadcast'
+  if 'transpose' in name or 'copy' in name:
+    return 'transpose/copy'
+  return 'other (elementwise, reductions, optimizer)'
+
+
+def _step_and_state(case, kwargs):
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+
+  from unet_jax import models  # pylint: disable=g-import-not-at-top
+  shape = (case['batch'],) + (case['size'],) * case['ndim'] + (1,)
+  model = models.UNet(num_classes=2, features=case['features'], depth=case['depth'],
+                      upsample=case['upsample'], norm='batch', **kwargs)
+  x = jax.random.normal(jax.random.key(0), shape)
+  y = jax.random.randint(jax.random.key(1), shape[:-1], 0, 2)
+  variables = jax.jit(model.init).lower(jax.random.key(2), x).compile(
+      compiler_options={'xla_backend_optimization_level': 0})(jax.random.key(2), x)
+  tx = optax.adam(1e-3)
+
+  def train_step(params, batch_stats, opt_state):
+    def loss_fn(params):
+      logits, new = model.apply({'params': params, 'batch_stats': batch_stats}, x,
+                                train=True, mutable=['batch_stats'])
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      return loss, new['batch_stats']
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+  state = (variables['params'], variables['batch_stats'],
+           tx.init(variables['params']))
+  return jax.jit(train_step, donate_argnums=(0, 1, 2)).lower(*state).compile(), state
+
+
+def profile(case, kwargs):
+  import jax  # pylint: disable=g-import-not-at-top
+  step, state = _step_and_state(case, kwargs)
+  for _ in range(2):
+    *state, loss = step(*state)
+  loss.block_until_ready()
+  start = time.perf_counter()
+  for _ in range(STEPS):
+    *state, loss = step(*state)
+  loss.block_until_ready()
+  wall_ms = (time.perf_counter() - start) / STEPS * 1e3
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp, create_perfetto_trace=True):
+      for _ in range(STEPS):
+        *state, loss = step(*state)
+      loss.block_until_ready()
+    (path,) = glob.glob(os.path.join(tmp, '**', '*.trace.json.gz'), recursive=True)
+    with gzip.open(path) as f:
+      trace = json.load(f)
+  events = trace['traceEvents'] if isinstance(trace, dict) else trace
+  calls, bodies, lines = _computations(step.as_text())
+  by_kind = collections.Counter()
+  for event in events:
+    name = event.get('name', '')
+    if (event.get('ph') == 'X' and (name in lines or name in calls)):
+      by_kind[kind(name, calls, bodies, lines)] += event['dur'] / 1e3 / STEPS
+  return wall_ms, dict(by_kind)
+
+
+def main(argv=None):
+  import speed  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--case', default='2d_transpose',
+                      choices=sorted({**speed.CASES, **speed.QUICK_CASES}))
+  parser.add_argument('--kwargs', default='{}', help='UNet keyword overrides, JSON.')
+  parser.add_argument('--out', default=str(HERE / 'out'))
+  args = parser.parse_args(argv)
+  flag = '--xla_cpu_enable_xprof_traceme=true'
+  if flag not in os.environ.get('XLA_FLAGS', ''):
+    # XLA reads its flags once, when the backend starts: re-run with the flag set.
+    env = dict(os.environ, XLA_FLAGS=f'{os.environ.get("XLA_FLAGS", "")} {flag}')
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+  case = {**speed.CASES, **speed.QUICK_CASES}[args.case]
+  wall_ms, by_kind = profile(case, json.loads(args.kwargs))
+  total = sum(by_kind.values())
+  print(f'{args.case} {args.kwargs}: {wall_ms:.0f} ms per step (wall), '
+        f'{total:.0f} ms of operations summed over threads')
+  for name, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+    print(f'  {ms:8.1f} ms  {100 * ms / total:5.1f}%  {name}')
+  os.makedirs(args.out, exist_ok=True)
+  path = os.path.join(args.out, f'profile_{args.case}.json')
+  with open(path, 'w') as f:
+    json.dump({'case': args.case, 'kwargs': json.loads(args.kwargs),
+               'wall_ms': wall_ms, 'ms_by_kind': by_kind}, f, indent=1)
+  print(f'wrote {path}')
+
+
+if __name__ == '__main__':
+  main()
