@@ -18,6 +18,35 @@ from unet_jax import models
 from unet_jax import native_kernels
 
 
+@pytest.fixture(autouse=True)
+def native_at_every_width(monkeypatch):
+  # The tests' images are small; `UNet` uses the native kernels only from a width
+  # where they win. Here they run at every size, so that the formulation tests
+  # exercise them (the rule itself: test_native_kernels_follow_the_width_rule).
+  monkeypatch.setattr(conv, 'NATIVE_MIN_WIDTH', {'forward': 1, 'kernel_grad': 1})
+
+
+def _ffi_targets(fn, *args):
+  """The native FFI targets in the compiled gradient program of `fn`."""
+  loss = lambda *a: jnp.sum(fn(*a))
+  text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).as_text()
+  return {t for t in ('unet_jax_conv2d', 'unet_jax_conv_wgrad') if t in text}
+
+
+def test_native_kernels_follow_the_width_rule(monkeypatch):
+  monkeypatch.setattr(conv, 'NATIVE_MIN_WIDTH', {'forward': 32, 'kernel_grad': 16})
+  native = functools.partial(conv.conv2d_same, weight_grad='native',
+                             native_forward=True)
+  k = jnp.ones((3, 3, 4, 16))
+  assert _ffi_targets(native, jnp.ones((1, 4, 32, 4)), k) == {
+      'unet_jax_conv2d', 'unet_jax_conv_wgrad'}
+  assert _ffi_targets(native, jnp.ones((1, 4, 16, 4)), k) == {'unet_jax_conv_wgrad'}
+  assert _ffi_targets(native, jnp.ones((1, 4, 8, 4)), k) == set()
+  # One input channel: the forward pass stays XLA's, the kernel gradient native.
+  assert _ffi_targets(native, jnp.ones((1, 4, 32, 1)), jnp.ones((3, 3, 1, 16))) == {
+      'unet_jax_conv_wgrad'}
+
+
 def _plain(x, kernel):
   """The reference: XLA's 'same' convolution, channels-last."""
   ndim = x.ndim - 2

@@ -73,9 +73,10 @@ WEIGHT_GRADS = ('xla', 'gemm', 'native')
 # (benchmarks/RESULTS.md), so it stays opt-in (`UNet(conv_weight_grad='gemm')`).
 CPU_WEIGHT_GRAD = {2: 'native', 3: 'native'}
 # Whether the forward pass and the input gradient also use the native kernel by
-# default where the native kernel gradient does, by dimensionality: it won in 3D
-# (folded convolutions) and tied in 2D (benchmarks/RESULTS.md).
-CPU_NATIVE_FORWARD = {2: False, 3: True}
+# default where the native kernel gradient does, by dimensionality. Both won on the
+# whole train step, 2D once narrow images were left to XLA (`NATIVE_MIN_WIDTH`;
+# benchmarks/RESULTS.md).
+CPU_NATIVE_FORWARD = {2: True, 3: True}
 
 
 def resolve(switch: bool | None) -> bool:
@@ -158,18 +159,32 @@ def weight_grad_gemm(x: jax.Array, g: jax.Array,
 # kernel. The native kernels take float32 only; other dtypes use XLA's convolutions.
 
 
+# Below these image widths the native kernels lose to XLA's convolutions
+# (`benchmarks/conv_kernels.py` in RESULTS.md: on 16-wide images with 256 channels XLA's
+# forward pass and input gradient were faster, and on 8-wide ones its kernel gradient
+# too), so those convolutions keep XLA's; so does a forward pass from one input
+# channel (the first layer), where XLA was faster too.
+NATIVE_MIN_WIDTH = {'forward': 32, 'kernel_grad': 16}
+
+
 def _is_f32(*arrays):
   return all(a.dtype == jnp.float32 for a in arrays)
 
 
+def _native_forward_suits(x, kernel):
+  """Whether the native forward pass and input gradient are used for this conv."""
+  return (_is_f32(x, kernel) and x.shape[2] >= NATIVE_MIN_WIDTH['forward']
+          and x.shape[-1] > 1)
+
+
 def _forward(x, kernel, how, precision):
-  if how[1] and _is_f32(x, kernel):
+  if how[1] and _native_forward_suits(x, kernel):
     return native_kernels.conv2d_same(x, kernel)
   return _plain(x, kernel, precision)
 
 
 def _input_grad(x, g, kernel, how, precision):
-  if how[1] and _is_f32(g, kernel):
+  if how[1] and _native_forward_suits(x, kernel) and _is_f32(g):
     return native_kernels.conv2d_same_input_grad(g, kernel).astype(x.dtype)
   _, input_vjp = jax.vjp(lambda x: _plain(x, kernel, precision), x)
   return input_vjp(g)[0]
@@ -180,11 +195,12 @@ def _kernel_grad(x, g, kernel, how, precision):
   weight_grad = how[0]
   if weight_grad == 'gemm':
     return weight_grad_gemm(x, g, kernel.shape).astype(kernel.dtype)
-  if (weight_grad == 'native' and x.dtype == jnp.float32
-      and g.dtype == jnp.float32):
+  if (weight_grad == 'native' and _is_f32(x, g)
+      and x.shape[2] >= NATIVE_MIN_WIDTH['kernel_grad']):
     return native_kernels.conv2d_weight_grad(x, g, tuple(kernel.shape[:2])).astype(
         kernel.dtype)
-  # 'xla', and 'native' for other dtypes (the kernel takes float32 only).
+  # 'xla'; and 'native' for other dtypes (the kernel takes float32 only) and for
+  # images narrower than NATIVE_MIN_WIDTH['kernel_grad'].
   _, kernel_vjp = jax.vjp(lambda k: _plain(x, k, precision), kernel)
   return kernel_vjp(g)[0]
 
@@ -218,7 +234,9 @@ def conv2d_same(x: jax.Array, kernel: jax.Array, *, weight_grad: str = 'xla',
       gradient as one matrix product, `weight_grad_gemm`) or 'native' (the C++
       kernel of `unet_jax.native_kernels`, float32 only; other dtypes use 'xla').
     native_forward: the forward pass and the input gradient by the native kernel
-      too (float32 only; other dtypes use XLA's convolutions).
+      too. Both native options apply to float32 convolutions on images at least
+      `NATIVE_MIN_WIDTH` wide (and, for the forward pass, with more than one input
+      channel); the others use XLA's convolutions.
     precision: passed to the XLA convolutions.
   """
   if weight_grad not in WEIGHT_GRADS:
