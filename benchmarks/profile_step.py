@@ -76,38 +76,10 @@ def kind(name, calls, bodies, lines):
   return 'other (elementwise, reductions, optimizer)'
 
 
-def _step_and_state(case, kwargs):
-  import jax  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-
-  from unet_jax import models  # pylint: disable=g-import-not-at-top
-  shape = (case['batch'],) + (case['size'],) * case['ndim'] + (1,)
-  model = models.UNet(num_classes=2, features=case['features'], depth=case['depth'],
-                      upsample=case['upsample'], norm='batch', **kwargs)
-  x = jax.random.normal(jax.random.key(0), shape)
-  y = jax.random.randint(jax.random.key(1), shape[:-1], 0, 2)
-  variables = jax.jit(model.init).lower(jax.random.key(2), x).compile(
-      compiler_options={'xla_backend_optimization_level': 0})(jax.random.key(2), x)
-  tx = optax.adam(1e-3)
-
-  def train_step(params, batch_stats, opt_state):
-    def loss_fn(params):
-      logits, new = model.apply({'params': params, 'batch_stats': batch_stats}, x,
-                                train=True, mutable=['batch_stats'])
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-      return loss, new['batch_stats']
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), batch_stats, opt_state, loss
-
-  state = (variables['params'], variables['batch_stats'],
-           tx.init(variables['params']))
-  return jax.jit(train_step, donate_argnums=(0, 1, 2)).lower(*state).compile(), state
-
-
 def profile(case, kwargs):
   import jax  # pylint: disable=g-import-not-at-top
-  step, state = _step_and_state(case, kwargs)
+  import speed  # pylint: disable=g-import-not-at-top
+  step, state, _ = speed.build_step(case, kwargs=kwargs)
   for _ in range(2):
     *state, loss = step(*state)
   loss.block_until_ready()

@@ -95,7 +95,11 @@ LEVERS = {
 # Workers: each runs in a fresh process and prints one JSON line.
 
 
-def _jax_worker(case, *, dtype, steps, warmup, kwargs, donate):
+def build_step(case, *, dtype='float32', kwargs=None, donate=True):
+  """The case's compiled train step and its state: `(compiled, state, variables)`.
+
+  `compiled(*state)` returns `(*state, loss)`. Also used by profile_step.py.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
@@ -105,7 +109,7 @@ def _jax_worker(case, *, dtype, steps, warmup, kwargs, donate):
   shape = (case['batch'],) + (case['size'],) * case['ndim'] + (1,)
   model = models.UNet(num_classes=2, features=case['features'],
                       depth=case['depth'], upsample=case['upsample'], norm='batch',
-                      dtype=jnp.dtype(dtype), **kwargs)
+                      dtype=jnp.dtype(dtype), **(kwargs or {}))
   x = jax.random.normal(jax.random.key(0), shape)
   y = jax.random.randint(jax.random.key(1), shape[:-1], 0, 2)
   # XLA's optimiser spends ~20 s on the truncated-normal initialisers; the values
@@ -129,8 +133,17 @@ def _jax_worker(case, *, dtype, steps, warmup, kwargs, donate):
   step = jax.jit(train_step, donate_argnums=(0, 1, 2) if donate else ())
   state = (variables['params'], variables['batch_stats'],
            jax.jit(tx.init)(variables['params']))
+  return step.lower(*state).compile(), state, variables
+
+
+def _jax_worker(case, *, dtype, steps, warmup, kwargs, donate):
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from unet_jax import models  # pylint: disable=g-import-not-at-top
+
   start = time.perf_counter()
-  compiled = step.lower(*state).compile()
+  compiled, state, variables = build_step(case, dtype=dtype, kwargs=kwargs,
+                                          donate=donate)
   compile_s = time.perf_counter() - start
   for _ in range(warmup):
     *state, loss = compiled(*state)
@@ -141,6 +154,7 @@ def _jax_worker(case, *, dtype, steps, warmup, kwargs, donate):
     *state, loss = compiled(*state)
     loss.block_until_ready()
     times.append((time.perf_counter() - start) * 1e3)
+  # compile_s: the model's initialisation and the step's compilation.
   return {'ms_per_step': times, 'compile_s': compile_s,
           'params': models.count_params(variables['params']),
           'loss': float(loss), 'jax': jax.__version__,

@@ -114,8 +114,8 @@ def test_profile_step_finds_the_native_kernels_in_the_default_step(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(tmp_path / 'profile_3d_quick.json') as f:
     by_kind = json.load(f)['ms_by_kind']
-  # The default 3D step on the CPU: native forward, input and kernel gradients, and
-  # no XLA convolution left.
-  assert by_kind['native kernel grad'] > 0
-  assert by_kind['native conv (forward or input grad)'] > 0
-  assert not [k for k in by_kind if k.endswith('(XLA)')], by_kind
+  # The default step on the CPU uses the native kernel gradient (the quick case's
+  # 16-wide level; narrower levels and the forward passes, under
+  # conv.NATIVE_MIN_WIDTH, keep XLA's convolutions).
+  assert by_kind['native kernel grad'] > 0, by_kind
+  assert by_kind['conv forward (XLA)'] > 0, by_kind
