@@ -42,8 +42,17 @@ each is a switch on `unet_jax.models.UNet`:
   1x1 convolution to `s^d * O` channels followed by depth-to-space. Same function,
   same parameters as `nn.ConvTranspose`.
 
+- **Native C++ kernels** (`weight_grad='native'`, `native_forward=True`): the kernel
+  gradient, and optionally the forward pass and input gradient, of stride-1 'same'
+  2D convolutions (and so of folded 3D ones) by `unet_jax.native_kernels`, called
+  through XLA's FFI. Float32 only, and only on images at least `NATIVE_MIN_WIDTH`
+  wide; other convolutions keep XLA's.
+- **Max pooling as a reshape and a max** (`max_pool_as_reshape`), with `nn.max_pool`'s
+  gradient. Off by default.
+
 The switches are meant for the CPU: `models.UNet` turns them on only when
-`jax.default_backend() == 'cpu'` (`resolve`), so GPU and TPU programs are unchanged.
+`jax.default_backend() == 'cpu'` (`resolve`, `default_weight_grad`), so GPU and TPU
+programs are unchanged.
 
 References: K. Chellapilla, S. Puri, P. Simard, "High Performance Convolutional Neural
 Networks for Document Processing", 2006 (convolution as a matrix product);
