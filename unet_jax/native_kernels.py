@@ -1,9 +1,11 @@
 """C++ kernels for XLA:CPU, compiled on the machine at first use and called through FFI.
 
-One kernel so far: the kernel gradient of a stride-1 'same' 2D convolution
-(`native/conv_wgrad.cc`), which XLA:CPU computes far below its matrix-product rate
-(benchmarks/RESULTS.md, "Train step against the same network in PyTorch").
-`unet_jax.conv` uses it as `weight_grad='native'`.
+Stride-1 'same' 2D convolutions (`native/conv2d.cc`): the forward pass
+(`conv2d_same`), which is also the input gradient (`conv2d_same_input_grad`), and the
+kernel gradient (`conv2d_weight_grad`), which XLA:CPU computes far below its
+matrix-product rate (benchmarks/RESULTS.md, "Train step against the same network in
+PyTorch"). `unet_jax.conv` uses them as `weight_grad='native'` and
+`native_forward=True`.
 
 Building. The source ships with the package. On first use it is compiled with the
 machine's C++ compiler (`$CXX`, else `c++`) for the CPU it runs on (`-O3
@@ -161,8 +163,8 @@ def available() -> bool:
   except NativeKernelError as e:
     if not _state.get('warned'):
       _state['warned'] = True
-      logging.warning('Native CPU kernel not available, using XLA\'s kernel'
-                      ' gradient instead: %s', e)
+      logging.warning('Native CPU kernels not available, using XLA\'s'
+                      ' convolutions instead: %s', e)
     return False
 
 
@@ -180,9 +182,7 @@ def conv2d_weight_grad(x: jax.Array, g: jax.Array,
     NativeKernelError: the kernel is not available here.
     ValueError: shapes or dtypes the kernel does not take.
   """
-  if x.dtype != jnp.float32 or g.dtype != jnp.float32:
-    raise ValueError(f'the native kernel gradient takes float32; got {x.dtype} and'
-                     f' {g.dtype}.')
+  _check_f32(x, g)
   if x.ndim != 4 or g.ndim != 4 or x.shape[:3] != g.shape[:3]:
     raise ValueError(f'x {x.shape} and g {g.shape} must be [N, H, W, C] and'
                      ' [N, H, W, O] with the same N, H, W.')
