@@ -1,16 +1,18 @@
 r"""Each 3x3 convolution of the benchmark U-Nets: XLA:CPU against the native kernel.
 
-For the layer shapes of `benchmarks/speed.py`'s 2D and 3D networks (3D convolutions
-in their folded 2D form, `unet_jax/conv.py`), it times the three parts of a 'same'
-convolution's train step on their own:
+For the layer shapes of `benchmarks/speed.py`'s 2D and 3D networks, it times the
+three parts of a 'same' convolution's train step on their own:
 
 - forward: `y = conv(x, k)`;
 - input gradient: `dL/dx` given `dL/dy`;
 - kernel gradient: `dL/dk` given `dL/dy`;
 
-once as XLA's convolutions (autodiff of `lax.conv_general_dilated`) and once as the
-native C++ kernel (`unet_jax.native_kernels`), and prints GFLOP/s (2 * N * H * W *
-kh * kw * C * O over the median time of `--repeats` calls, after one warm-up). Both
+once as XLA's convolutions and once as the native C++ kernel
+(`unet_jax.native_kernels`), and prints GFLOP/s (2 * pixels * taps * C * O over the
+median time of `--repeats` calls, after one warm-up). XLA's side is what the library
+falls back to: autodiff of `lax.conv_general_dilated` in 2D, the folded 2D
+convolution in 3D (`conv.conv3d_same(fold_depth=True)`; XLA's own 3D convolution is
+slower still). Both
 run in this process, one after the other, shape by shape; every native result is
 checked against XLA's to float tolerance before it is timed.
 
@@ -31,24 +33,25 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-# (name, batch (N*D for folded 3D), H = W, C, O): the 3x3 convolutions of
-# speed.py's 2d cases (features 32, depth 4, batch 4, 128^2) and 3d cases (features
-# 16, depth 3, batch 1, 64^3, folded: C is 3x the 3D input channels).
+# (name, batch, spatial size, number of spatial axes, C, O): the 3x3 (3x3x3)
+# convolutions of speed.py's 2d cases (features 32, depth 4, batch 4, 128^2) and 3d
+# cases (features 16, depth 3, batch 1, 64^3).
 SHAPES = [
-    ('2d enc0 conv0', 4, 128, 1, 32),
-    ('2d enc0 conv1', 4, 128, 32, 32),
-    ('2d enc1', 4, 64, 64, 64),
-    ('2d enc2', 4, 32, 128, 128),
-    ('2d enc3', 4, 16, 256, 256),
-    ('2d bottleneck', 4, 8, 512, 512),
-    ('2d dec0 conv0', 4, 128, 64, 32),
-    ('3d enc0 conv0', 64, 64, 3, 16),
-    ('3d enc0 conv1', 64, 64, 48, 16),
-    ('3d enc1', 32, 32, 96, 32),
-    ('3d enc2', 16, 16, 192, 64),
-    ('3d bottleneck', 8, 8, 384, 128),
+    ('2d enc0 conv0', 4, 128, 2, 1, 32),
+    ('2d enc0 conv1', 4, 128, 2, 32, 32),
+    ('2d enc1', 4, 64, 2, 64, 64),
+    ('2d enc2', 4, 32, 2, 128, 128),
+    ('2d enc3', 4, 16, 2, 256, 256),
+    ('2d bottleneck', 4, 8, 2, 512, 512),
+    ('2d dec0 conv0', 4, 128, 2, 64, 32),
+    ('3d enc0 conv0', 1, 64, 3, 1, 16),
+    ('3d enc0 conv1', 1, 64, 3, 16, 16),
+    ('3d enc1', 1, 32, 3, 32, 32),
+    ('3d enc2', 1, 16, 3, 64, 64),
+    ('3d bottleneck', 1, 8, 3, 128, 128),
+    ('3d dec0 conv0', 1, 64, 3, 32, 16),
 ]
-QUICK_SHAPES = [('quick', 2, 8, 5, 17)]
+QUICK_SHAPES = [('quick 2d', 2, 8, 2, 5, 17), ('quick 3d', 1, 6, 3, 3, 16)]
 
 
 def _median_seconds(fn, args, repeats):
@@ -65,32 +68,34 @@ def _median_seconds(fn, args, repeats):
 def measure(shape, repeats):
   """{part: {'xla': GFLOP/s, 'native': GFLOP/s}} for one layer shape."""
   import jax  # pylint: disable=g-import-not-at-top
-  from jax import lax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
+  from unet_jax import conv as conv_lib  # pylint: disable=g-import-not-at-top
   from unet_jax import native_kernels  # pylint: disable=g-import-not-at-top
 
-  _, n, hw, c, o = shape
+  _, n, size, ndim, c, o = shape
   keys = jax.random.split(jax.random.key(0), 3)
-  x = jax.random.normal(keys[0], (n, hw, hw, c))
-  k = jax.random.normal(keys[1], (3, 3, c, o)) / np.sqrt(9 * c)
-  g = jax.random.normal(keys[2], (n, hw, hw, o))
+  spatial = (size,) * ndim
+  x = jax.random.normal(keys[0], (n,) + spatial + (c,))
+  k = jax.random.normal(keys[1], (3,) * ndim + (c, o)) / np.sqrt(3**ndim * c)
+  g = jax.random.normal(keys[2], (n,) + spatial + (o,))
 
-  def conv(x, k):
-    return lax.conv_general_dilated(x, k, (1, 1), 'SAME',
-                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  def conv(x, k):  # XLA's convolutions, as the library runs them without the kernels
+    if ndim == 3:
+      return conv_lib.conv3d_same(x, k, fold_depth=True)
+    return conv_lib.conv2d_same(x, k)
   parts = {
-      'forward': (jax.jit(conv), jax.jit(native_kernels.conv2d_same), (x, k)),
+      'forward': (jax.jit(conv), jax.jit(native_kernels.conv_same), (x, k)),
       'input_grad': (
           jax.jit(lambda x, k, g: jax.vjp(lambda x: conv(x, k), x)[1](g)[0]),
-          jax.jit(lambda x, k, g: native_kernels.conv2d_same_input_grad(g, k)),
+          jax.jit(lambda x, k, g: native_kernels.conv_same_input_grad(g, k)),
           (x, k, g)),
       'kernel_grad': (
           jax.jit(lambda x, k, g: jax.vjp(lambda k: conv(x, k), k)[1](g)[0]),
-          jax.jit(lambda x, k, g: native_kernels.conv2d_weight_grad(x, g, (3, 3))),
+          jax.jit(lambda x, k, g: native_kernels.conv_weight_grad(x, g, (3,) * ndim)),
           (x, k, g)),
   }
-  flops = 2 * n * hw * hw * 9 * c * o
+  flops = 2 * n * size**ndim * 3**ndim * c * o
   out = {}
   for part, (xla_fn, native_fn, args) in parts.items():
     want, got = np.asarray(xla_fn(*args)), np.asarray(native_fn(*args))
@@ -103,13 +108,14 @@ def measure(shape, repeats):
 
 
 def markdown_table(rows):
-  lines = ['| layer | N | H=W | C | O | forward XLA / native | input grad XLA / native'
+  lines = ['| layer | N | size | C | O | forward XLA / native | input grad XLA / native'
            ' | kernel grad XLA / native |',
            '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
   for row in rows:
     cells = [f'{row[p]["xla"]:.0f} / {row[p]["native"]:.0f}'
              for p in ('forward', 'input_grad', 'kernel_grad')]
-    lines.append(f'| {row["name"]} | {row["n"]} | {row["hw"]} | {row["c"]} |'
+    size = '×'.join([str(row['size'])] * row['ndim'])
+    lines.append(f'| {row["name"]} | {row["n"]} | {size} | {row["c"]} |'
                  f' {row["o"]} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
@@ -129,8 +135,8 @@ def main(argv=None):
   rows = []
   for i, shape in enumerate(shapes):
     result = measure(shape, repeats)
-    rows.append(dict(name=shape[0], n=shape[1], hw=shape[2], c=shape[3], o=shape[4],
-                     **result))
+    rows.append(dict(name=shape[0], n=shape[1], size=shape[2], ndim=shape[3],
+                     c=shape[4], o=shape[5], **result))
     print(f'[{i + 1}/{len(shapes)}] {shape[0]}: ' + ', '.join(
         f'{p} {r["xla"]:.0f} -> {r["native"]:.0f}' for p, r in result.items())
         + ' GFLOP/s', flush=True)

@@ -51,7 +51,7 @@ def kind(name, calls, bodies, lines):
   """The kind of operation a trace event named `name` ran."""
   line = lines.get(name, '')
   body = bodies.get(calls.get(name, ''), '')
-  if 'custom_call_target="unet_jax_conv2d"' in line:
+  if 'custom_call_target="unet_jax_conv"' in line:
     return 'native conv (forward or input grad)'
   if 'custom_call_target="unet_jax_conv_wgrad"' in line:
     return 'native kernel grad'

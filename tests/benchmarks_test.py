@@ -99,10 +99,13 @@ def test_conv_kernels_benchmark_quick_run(tmp_path):
   # The script checks every native result against XLA's before timing it.
   proc = run_quick('conv_kernels.py', tmp_path)
   with open(tmp_path / 'conv_kernels.json') as f:
-    (row,) = json.load(f)['rows']
-  for part in ('forward', 'input_grad', 'kernel_grad'):
-    assert row[part]['xla'] > 0 and row[part]['native'] > 0
-  assert '| layer | N | H=W |' in proc.stdout
+    rows = json.load(f)['rows']
+  assert [row['ndim'] for row in rows] == [2, 3]
+  for row in rows:
+    for part in ('forward', 'input_grad', 'kernel_grad'):
+      assert row[part]['xla'] > 0 and row[part]['native'] > 0
+  assert '| layer | N | size |' in proc.stdout
+  assert '| quick 3d | 1 | 6×6×6 |' in proc.stdout
 
 
 def test_profile_step_finds_the_native_kernels_in_the_default_step(tmp_path):
@@ -115,7 +118,7 @@ def test_profile_step_finds_the_native_kernels_in_the_default_step(tmp_path):
   with open(tmp_path / 'profile_3d_quick.json') as f:
     by_kind = json.load(f)['ms_by_kind']
   # The default step on the CPU uses the native kernel gradient (the quick case's
-  # 16-wide level; narrower levels and the forward passes, under
-  # conv.NATIVE_MIN_WIDTH, keep XLA's convolutions).
+  # levels at least conv.NATIVE_MIN_WIDTH wide); its forward passes, with fewer
+  # than conv.NATIVE_MIN_TILED_CHANNELS channels, keep XLA's convolutions.
   assert by_kind['native kernel grad'] > 0, by_kind
   assert by_kind['conv forward (XLA)'] > 0, by_kind

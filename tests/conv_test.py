@@ -3,6 +3,7 @@
 import functools
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -19,32 +20,49 @@ from unet_jax import native_kernels
 
 
 @pytest.fixture(autouse=True)
-def native_at_every_width(monkeypatch):
+def native_at_every_size(monkeypatch):
   # The tests' images are small; `UNet` uses the native kernels only from a width
-  # where they win. Here they run at every size, so that the formulation tests
-  # exercise them (the rule itself: test_native_kernels_follow_the_width_rule).
-  monkeypatch.setattr(conv, 'NATIVE_MIN_WIDTH', {'forward': 1, 'kernel_grad': 1})
+  # and channel count where they win. Here they run at every size, so that the
+  # formulation tests exercise them (the rules themselves:
+  # test_native_kernels_follow_the_size_rules).
+  monkeypatch.setattr(conv, 'NATIVE_MIN_WIDTH', {
+      2: {'forward': 1, 'kernel_grad': 1}, 3: {'forward': 1, 'kernel_grad': 1}})
+  monkeypatch.setattr(conv, 'NATIVE_MIN_TILED_CHANNELS', 1)
 
 
-def _ffi_targets(fn, *args):
-  """The native FFI targets in the compiled gradient program of `fn`."""
-  loss = lambda *a: jnp.sum(fn(*a))
-  text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).as_text()
-  return {t for t in ('unet_jax_conv2d', 'unet_jax_conv_wgrad') if t in text}
+def _natively(fn, x, kernel):
+  """Which parts of `fn(x, kernel)` call the native kernels: {'forward',
+  'input_grad', 'kernel_grad'}, each read from its own lowered program."""
+  loss = lambda x, k: jnp.sum(fn(x, k))
+  programs = {'forward': (fn, 'unet_jax_conv'),
+              'input_grad': (jax.grad(loss, argnums=0), 'unet_jax_conv'),
+              'kernel_grad': (jax.grad(loss, argnums=1), 'unet_jax_conv_wgrad')}
+  return {part for part, (f, target) in programs.items()
+          if re.search(rf'@{target}\b', jax.jit(f).lower(x, kernel).as_text())}
 
 
-def test_native_kernels_follow_the_width_rule(monkeypatch):
-  monkeypatch.setattr(conv, 'NATIVE_MIN_WIDTH', {'forward': 32, 'kernel_grad': 16})
+def test_native_kernels_follow_the_size_rules(monkeypatch):
+  monkeypatch.setattr(conv, 'NATIVE_MIN_WIDTH', {
+      2: {'forward': 32, 'kernel_grad': 16}, 3: {'forward': 8, 'kernel_grad': 8}})
+  monkeypatch.setattr(conv, 'NATIVE_MIN_TILED_CHANNELS', 16)
+  every = {'forward', 'input_grad', 'kernel_grad'}
   native = functools.partial(conv.conv2d_same, weight_grad='native',
                              native_forward=True)
-  k = jnp.ones((3, 3, 4, 16))
-  assert _ffi_targets(native, jnp.ones((1, 4, 32, 4)), k) == {
-      'unet_jax_conv2d', 'unet_jax_conv_wgrad'}
-  assert _ffi_targets(native, jnp.ones((1, 4, 16, 4)), k) == {'unet_jax_conv_wgrad'}
-  assert _ffi_targets(native, jnp.ones((1, 4, 8, 4)), k) == set()
-  # One input channel: the forward pass stays XLA's, the kernel gradient native.
-  assert _ffi_targets(native, jnp.ones((1, 4, 32, 1)), jnp.ones((3, 3, 1, 16))) == {
-      'unet_jax_conv_wgrad'}
+  k = jnp.ones((3, 3, 16, 16))
+  assert _natively(native, jnp.ones((1, 4, 32, 16)), k) == every
+  assert _natively(native, jnp.ones((1, 4, 16, 16)), k) == {'kernel_grad'}
+  assert _natively(native, jnp.ones((1, 4, 8, 16)), k) == set()
+  # The forward pass needs 16 output channels, the input gradient 16 input ones.
+  assert _natively(native, jnp.ones((1, 4, 32, 16)), jnp.ones((3, 3, 16, 8))) == {
+      'input_grad', 'kernel_grad'}
+  assert _natively(native, jnp.ones((1, 4, 32, 1)), jnp.ones((3, 3, 1, 16))) == {
+      'forward', 'kernel_grad'}
+  # 3D: native down to 8 wide; narrower, the folded XLA convolution.
+  native_3d = functools.partial(conv.conv3d_same, weight_grad='native',
+                                native_forward=True)
+  k3 = jnp.ones((3, 3, 3, 16, 16))
+  assert _natively(native_3d, jnp.ones((1, 2, 4, 8, 16)), k3) == every
+  assert _natively(native_3d, jnp.ones((1, 2, 4, 4, 16)), k3) == set()
 
 
 def _plain(x, kernel):
@@ -132,8 +150,14 @@ def test_weight_grad_gemm_hand_computed():
   np.testing.assert_array_equal(dk, want)
 
 
-@pytest.mark.parametrize('weight_grad, native_forward',
-                         [(w, False) for w in conv.WEIGHT_GRADS] + [('native', True)])
+# (fold_depth, kernel gradient, native forward pass and input gradient): every
+# formulation of a 3D convolution other than the reference (no fold, all XLA).
+OWN_3D = ([(True, w, False) for w in conv.WEIGHT_GRADS] +
+          [(True, 'native', True), (False, 'native', False), (False, 'native', True),
+           (False, 'xla', True)])
+
+
+@pytest.mark.parametrize('fold_depth, weight_grad, native_forward', OWN_3D)
 @pytest.mark.parametrize('x_shape, k_shape, dtype', [
     ((2, 5, 7, 9, 3), (3, 3, 3, 3, 4), jnp.float32),   # odd sizes
     ((1, 4, 6, 5, 16), (3, 3, 3, 16, 16), jnp.float32),  # the 3D benchmark's width
@@ -142,10 +166,16 @@ def test_weight_grad_gemm_hand_computed():
     ((1, 3, 5, 4, 2), (1, 3, 3, 2, 5), jnp.float32),   # an in-plane level in 3D
     ((1, 3, 5, 4, 2), (1, 3, 3, 2, 5), jnp.bfloat16),
     ((2, 6, 5, 3, 3), (5, 3, 1, 3, 2), jnp.float32),   # a 5 x 3 x 1 kernel
+    # The 3D native kernel's tiles and edges: channel remainders, an even kernel,
+    # pixel tiles of 8, 4, 2 and 1 between the edge pixels.
+    ((1, 3, 4, 17, 17), (3, 3, 3, 17, 48), jnp.float32),
+    ((2, 4, 3, 6, 5), (2, 2, 2, 5, 16), jnp.float32),
+    ((1, 2, 5, 9, 40), (3, 3, 3, 40, 20), jnp.float32),
 ])
-def test_folded_3d_matches_xla(x_shape, k_shape, weight_grad, native_forward, dtype):
+def test_3d_formulations_match_xla(x_shape, k_shape, fold_depth, weight_grad,
+                                   native_forward, dtype):
   x, k, probe = _inputs(x_shape, k_shape, dtype)
-  fast = functools.partial(conv.conv3d_same, fold_depth=True,
+  fast = functools.partial(conv.conv3d_same, fold_depth=fold_depth,
                            weight_grad=weight_grad, native_forward=native_forward)
   got = _value_and_grads(fast, x, k, probe)
   want = _value_and_grads(_plain, x, k, probe)
@@ -174,7 +204,7 @@ def test_native_weight_grad_by_definition():
   g = rng.integers(-3, 4, (2, 5, 6, 18)).astype(np.float32)
   for kh, kw in ((3, 3), (1, 3), (2, 2)):
     np.testing.assert_array_equal(
-        native_kernels.conv2d_weight_grad(x, g, (kh, kw)),
+        native_kernels.conv_weight_grad(x, g, (kh, kw)),
         _weight_grad_by_loops(x, g, kh, kw))
 
 
@@ -185,9 +215,9 @@ def test_native_weight_grad_is_deterministic():
   keys = jax.random.split(jax.random.key(3))
   x = jax.random.normal(keys[0], (4, 32, 16, 8))
   g = jax.random.normal(keys[1], (4, 32, 16, 16))
-  first = np.asarray(native_kernels.conv2d_weight_grad(x, g, (3, 3)))
+  first = np.asarray(native_kernels.conv_weight_grad(x, g, (3, 3)))
   for _ in range(20):
-    np.testing.assert_array_equal(native_kernels.conv2d_weight_grad(x, g, (3, 3)),
+    np.testing.assert_array_equal(native_kernels.conv_weight_grad(x, g, (3, 3)),
                                   first)
 
 
@@ -212,12 +242,59 @@ def test_native_forward_by_definition():
           yy, xi = y + i - 1, xx + j - 1
           if 0 <= yy < 5 and 0 <= xi < 9:
             want[:, y, xx] += x[:, yy, xi] @ k[i, j]
-  np.testing.assert_array_equal(native_kernels.conv2d_same(x, k), want)
+  np.testing.assert_array_equal(native_kernels.conv_same(x, k), want)
+
+
+def _conv3d_by_loops(x, k):
+  """y of a 'same' 3D convolution and its taps, term by term from the definition.
+
+  Returns y and a list of (output index, input index, tap) for every tap that
+  lands inside the input, from which the gradients follow.
+  """
+  n, d, h, w, _ = x.shape
+  kd, kh, kw = k.shape[:3]
+  pads = [(s - 1) // 2 for s in (kd, kh, kw)]
+  y = np.zeros((n, d, h, w, k.shape[-1]))
+  terms = []
+  for out in np.ndindex(d, h, w):
+    for tap in np.ndindex(kd, kh, kw):
+      src = tuple(o + t - p for o, t, p in zip(out, tap, pads))
+      if all(0 <= s_ < size for s_, size in zip(src, (d, h, w))):
+        y[(slice(None),) + out] += x[(slice(None),) + src] @ k[tap]
+        terms.append((out, src, tap))
+  return y, terms
+
+
+def test_native_3d_by_definition():
+  # The three 3D kernels on small integers (every product and sum exact in float32),
+  # against loops over the definition: y = sum x * k, dx[src] += g[out] k^T,
+  # dK[tap] += x[src]^T g[out]. Odd and even kernels, channel counts that leave
+  # register-tile remainders; rows narrower than the two 16-pixel edge regions the
+  # forward kernel pads for itself (17 wide) and wider, with an interior between
+  # them (37 wide: tiles of 4 and 1).
+  rng = np.random.default_rng(2)
+  for k_spatial, width in (((3, 3, 3), 17), ((2, 3, 2), 17), ((3, 1, 3), 37)):
+    x = rng.integers(-3, 4, (2, 3, 4, width, 5)).astype(np.float32)
+    k = rng.integers(-3, 4, k_spatial + (5, 36)).astype(np.float32)
+    g = rng.integers(-3, 4, (2, 3, 4, width, 36)).astype(np.float32)
+    y, terms = _conv3d_by_loops(x, k)
+    dx, dk = np.zeros(x.shape), np.zeros(k.shape)
+    for out, src, tap in terms:
+      dx[(slice(None),) + src] += g[(slice(None),) + out] @ k[tap].T
+      dk[tap] += x[(slice(None),) + src].T @ g[(slice(None),) + out]
+    np.testing.assert_array_equal(native_kernels.conv_same(x, k), y)
+    np.testing.assert_array_equal(native_kernels.conv_same_input_grad(g, k), dx)
+    np.testing.assert_array_equal(native_kernels.conv_weight_grad(x, g, k_spatial), dk)
+
+
+def test_native_kernel_rejects_bad_ranks():
+  with pytest.raises(ValueError, match=r'rank-4 kernel'):
+    native_kernels.conv_same(jnp.ones((1, 2, 3, 3, 1)), jnp.ones((3, 3, 1, 1)))
 
 
 def test_native_kernel_rejects_other_dtypes():
   with pytest.raises(ValueError, match='float32'):
-    native_kernels.conv2d_weight_grad(jnp.ones((1, 3, 3, 1), jnp.bfloat16),
+    native_kernels.conv_weight_grad(jnp.ones((1, 3, 3, 1), jnp.bfloat16),
                                       jnp.ones((1, 3, 3, 1), jnp.bfloat16), (3, 3))
 
 

@@ -17,7 +17,8 @@ each is a switch on `unet_jax.models.UNet`:
   where `x_p` is `x` zero-padded along depth and `[.]_c` concatenates on channels.
   Shapes: `x [N, D, H, W, C] -> [N*D, H, W, kd*C]`, kernel `[kd, kh, kw, C, O] ->
   [kh, kw, kd*C, O]`. A custom VJP keeps only `x` and the kernel for the backward
-  pass, so activation memory is that of the plain 3D convolution.
+  pass, so activation memory is that of the plain 3D convolution; the folded copy
+  (`kd` times the input) is temporary.
 - **Weight gradient as one matrix product** (`weight_grad='gemm'`). For a 'same' 2D
   convolution with kernel `kh x kw`, the kernel gradient
 
@@ -44,9 +45,11 @@ each is a switch on `unet_jax.models.UNet`:
 
 - **Native C++ kernels** (`weight_grad='native'`, `native_forward=True`): the kernel
   gradient, and optionally the forward pass and input gradient, of stride-1 'same'
-  2D convolutions (and so of folded 3D ones) by `unet_jax.native_kernels`, called
-  through XLA's FFI. Float32 only, and only on images at least `NATIVE_MIN_WIDTH`
-  wide; other convolutions keep XLA's.
+  2D and 3D convolutions by `unet_jax.native_kernels`, called through XLA's FFI.
+  They read the input in place: a 3D convolution needs no fold. Float32 only, and
+  only on images at least `NATIVE_MIN_WIDTH` wide (and, for the forward pass and
+  input gradient, `NATIVE_MIN_TILED_CHANNELS` channels); other convolutions keep
+  XLA's (folded, in 3D).
 - **Max pooling as a reshape and a max** (`max_pool_as_reshape`), with `nn.max_pool`'s
   gradient. Off by default.
 
@@ -163,96 +166,44 @@ def weight_grad_gemm(x: jax.Array, g: jax.Array,
   return out.astype(jnp.promote_types(x.dtype, g.dtype))
 
 
-# In the functions below `how` is `(weight_grad, native_forward)`: the kernel-gradient
-# formulation, and whether the forward pass and the input gradient use the native
-# kernel. The native kernels take float32 only; other dtypes use XLA's convolutions.
+# In the functions below `how` is `(weight_grad, native_forward, fold)`: the
+# kernel-gradient formulation, whether the forward pass and the input gradient use the
+# native kernel, and whether the XLA parts of a 3D convolution fold it to 2D. The
+# native kernels take float32 only; other dtypes use XLA's convolutions.
 
 
-# Below these image widths the native kernels lose to XLA's convolutions
-# (`benchmarks/conv_kernels.py` in RESULTS.md: on 16-wide images with 256 channels XLA's
-# forward pass and input gradient were faster, and on 8-wide ones its kernel gradient
-# too), so those convolutions keep XLA's; so does a forward pass from one input
-# channel (the first layer), where XLA was faster too.
-NATIVE_MIN_WIDTH = {'forward': 32, 'kernel_grad': 16}
+# Below these image widths, by number of spatial axes, the native kernels lose to
+# XLA's convolutions, so those convolutions keep XLA's (`benchmarks/conv_kernels.py` in
+# RESULTS.md). In 2D, XLA's forward pass and input gradient were faster on 16-wide
+# images with 256 channels, and on 8-wide ones its kernel gradient too. In 3D, where
+# XLA's alternative is the folded convolution, the native kernels tied or won on
+# every layer measured, down to 8 wide.
+NATIVE_MIN_WIDTH = {2: {'forward': 32, 'kernel_grad': 16},
+                    3: {'forward': 8, 'kernel_grad': 8}}
+# The native forward kernel has register tiles for 16 or more output channels, and
+# plain loops for fewer; so the forward pass needs 16 output channels and the input
+# gradient (the forward kernel with the channel axes swapped) 16 input channels.
+NATIVE_MIN_TILED_CHANNELS = 16
 
 
 def _is_f32(*arrays):
   return all(a.dtype == jnp.float32 for a in arrays)
 
 
+def _wide_enough(x, part):
+  return x.shape[-2] >= NATIVE_MIN_WIDTH[x.ndim - 2][part]
+
+
 def _native_forward_suits(x, kernel):
-  """Whether the native forward pass and input gradient are used for this conv."""
-  return (_is_f32(x, kernel) and x.shape[2] >= NATIVE_MIN_WIDTH['forward']
-          and x.shape[-1] > 1)
+  """Whether the native forward pass is used for this convolution."""
+  return (_is_f32(x, kernel) and _wide_enough(x, 'forward')
+          and kernel.shape[-1] >= NATIVE_MIN_TILED_CHANNELS)
 
 
-def _forward(x, kernel, how, precision):
-  if how[1] and _native_forward_suits(x, kernel):
-    return native_kernels.conv2d_same(x, kernel)
-  return _plain(x, kernel, precision)
-
-
-def _input_grad(x, g, kernel, how, precision):
-  if how[1] and _native_forward_suits(x, kernel) and _is_f32(g):
-    return native_kernels.conv2d_same_input_grad(g, kernel).astype(x.dtype)
-  _, input_vjp = jax.vjp(lambda x: _plain(x, kernel, precision), x)
-  return input_vjp(g)[0]
-
-
-def _kernel_grad(x, g, kernel, how, precision):
-  """dL/dK of `_plain(x, kernel)` given the output gradient `g`, by `how[0]`."""
-  weight_grad = how[0]
-  if weight_grad == 'gemm':
-    return weight_grad_gemm(x, g, kernel.shape).astype(kernel.dtype)
-  if (weight_grad == 'native' and _is_f32(x, g)
-      and x.shape[2] >= NATIVE_MIN_WIDTH['kernel_grad']):
-    return native_kernels.conv2d_weight_grad(x, g, tuple(kernel.shape[:2])).astype(
-        kernel.dtype)
-  # 'xla'; and 'native' for other dtypes (the kernel takes float32 only) and for
-  # images narrower than NATIVE_MIN_WIDTH['kernel_grad'].
-  _, kernel_vjp = jax.vjp(lambda k: _plain(x, k, precision), kernel)
-  return kernel_vjp(g)[0]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv2d_own_wgrad(x, kernel, how, precision):
-  return _forward(x, kernel, how, precision)
-
-
-def _conv2d_own_wgrad_fwd(x, kernel, how, precision):
-  return _forward(x, kernel, how, precision), (x, kernel)
-
-
-def _conv2d_own_wgrad_bwd(how, precision, res, g):
-  x, kernel = res
-  return (_input_grad(x, g, kernel, how, precision),
-          _kernel_grad(x, g, kernel, how, precision))
-
-
-_conv2d_own_wgrad.defvjp(_conv2d_own_wgrad_fwd, _conv2d_own_wgrad_bwd)
-
-
-def conv2d_same(x: jax.Array, kernel: jax.Array, *, weight_grad: str = 'xla',
-                native_forward: bool = False, precision: Any = None) -> jax.Array:
-  """Stride-1 'same' 2D convolution, `[N, H, W, C] x [kh, kw, C, O] -> [N, H, W, O]`.
-
-  Args:
-    x: channels-last input.
-    kernel: HWIO kernel.
-    weight_grad: 'xla' (autodiff of the XLA convolution), 'gemm' (the kernel
-      gradient as one matrix product, `weight_grad_gemm`) or 'native' (the C++
-      kernel of `unet_jax.native_kernels`, float32 only; other dtypes use 'xla').
-    native_forward: the forward pass and the input gradient by the native kernel
-      too. Both native options apply to float32 convolutions on images at least
-      `NATIVE_MIN_WIDTH` wide (and, for the forward pass, with more than one input
-      channel); the others use XLA's convolutions.
-    precision: passed to the XLA convolutions.
-  """
-  if weight_grad not in WEIGHT_GRADS:
-    raise ValueError(f'weight_grad={weight_grad!r} is not one of {WEIGHT_GRADS}.')
-  if weight_grad == 'xla' and not native_forward:
-    return _plain(x, kernel, precision)
-  return _conv2d_own_wgrad(x, kernel, (weight_grad, bool(native_forward)), precision)
+def _native_input_grad_suits(x, g, kernel):
+  """Whether the native input gradient is used for this convolution."""
+  return (_is_f32(x, g, kernel) and _wide_enough(x, 'forward')
+          and kernel.shape[-2] >= NATIVE_MIN_TILED_CHANNELS)
 
 
 def _fold(x, kd):
@@ -290,30 +241,98 @@ def _unfold_input_grad(dxs, shape, kd):
   return padded[:, lo:lo + d]
 
 
+def _folds(x, how):
+  return x.ndim == 5 and how[2]
+
+
+def _forward(x, kernel, how, precision):
+  if how[1] and _native_forward_suits(x, kernel):
+    return native_kernels.conv_same(x, kernel)
+  if _folds(x, how):
+    n, d, h, w, _ = x.shape
+    y = _plain(_fold(x, kernel.shape[0]), _fold_kernel(kernel), precision)
+    return y.reshape(n, d, h, w, -1)
+  return _plain(x, kernel, precision)
+
+
+def _input_grad(x, g, kernel, how, precision):
+  if how[1] and _native_input_grad_suits(x, g, kernel):
+    return native_kernels.conv_same_input_grad(g, kernel)
+  if _folds(x, how):
+    kd = kernel.shape[0]
+    xs, g2 = _fold(x, kd), g.reshape((-1,) + g.shape[2:])
+    _, input_vjp = jax.vjp(lambda xs: _plain(xs, _fold_kernel(kernel), precision), xs)
+    return _unfold_input_grad(input_vjp(g2)[0], x.shape, kd)
+  _, input_vjp = jax.vjp(lambda x: _plain(x, kernel, precision), x)
+  return input_vjp(g)[0]
+
+
+def _kernel_grad(x, g, kernel, how, precision):
+  """dL/dK of the convolution of `x` by `kernel` given the output gradient `g`."""
+  weight_grad = how[0]
+  if weight_grad == 'native' and _is_f32(x, g) and _wide_enough(x, 'kernel_grad'):
+    return native_kernels.conv_weight_grad(
+        x, g, tuple(kernel.shape[:-2])).astype(kernel.dtype)
+  if _folds(x, how):
+    kd = kernel.shape[0]
+    dk2 = _kernel_grad(_fold(x, kd), g.reshape((-1,) + g.shape[2:]),
+                       _fold_kernel(kernel), how, precision)
+    return _unfold_kernel(dk2, kd).astype(kernel.dtype)
+  if weight_grad == 'gemm' and x.ndim == 4:
+    return weight_grad_gemm(x, g, kernel.shape).astype(kernel.dtype)
+  # 'xla'; 'native' for other dtypes (the kernel takes float32 only) and for images
+  # narrower than NATIVE_MIN_WIDTH['kernel_grad']; 'gemm' on unfolded 3D ones.
+  _, kernel_vjp = jax.vjp(lambda k: _plain(x, k, precision), kernel)
+  return kernel_vjp(g)[0]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv3d_folded(x, kernel, how, precision):
-  n, d, h, w, _ = x.shape
-  y = _forward(_fold(x, kernel.shape[0]), _fold_kernel(kernel), how, precision)
-  return y.reshape(n, d, h, w, -1)
+def _conv_own_grads(x, kernel, how, precision):
+  return _forward(x, kernel, how, precision)
 
 
-def _conv3d_folded_fwd(x, kernel, how, precision):
-  return _conv3d_folded(x, kernel, how, precision), (x, kernel)
+def _conv_own_grads_fwd(x, kernel, how, precision):
+  # Only the input and the kernel are kept for the backward pass: activation memory
+  # is that of the plain convolution, whatever the formulation.
+  return _forward(x, kernel, how, precision), (x, kernel)
 
 
-def _conv3d_folded_bwd(how, precision, res, g):
+def _conv_own_grads_bwd(how, precision, res, g):
   x, kernel = res
-  kd = kernel.shape[0]
-  n, d, h, w, _ = x.shape
-  xs, k2 = _fold(x, kd), _fold_kernel(kernel)
-  g2 = g.reshape(n * d, h, w, -1)
-  dxs = _input_grad(xs, g2, k2, how, precision)
-  dk2 = _kernel_grad(xs, g2, k2, how, precision)
-  return (_unfold_input_grad(dxs, x.shape, kd),
-          _unfold_kernel(dk2, kd).astype(kernel.dtype))
+  return (_input_grad(x, g, kernel, how, precision),
+          _kernel_grad(x, g, kernel, how, precision))
 
 
-_conv3d_folded.defvjp(_conv3d_folded_fwd, _conv3d_folded_bwd)
+_conv_own_grads.defvjp(_conv_own_grads_fwd, _conv_own_grads_bwd)
+
+
+def _check_weight_grad(weight_grad):
+  if weight_grad not in WEIGHT_GRADS:
+    raise ValueError(f'weight_grad={weight_grad!r} is not one of {WEIGHT_GRADS}.')
+
+
+def conv2d_same(x: jax.Array, kernel: jax.Array, *, weight_grad: str = 'xla',
+                native_forward: bool = False, precision: Any = None) -> jax.Array:
+  """Stride-1 'same' 2D convolution, `[N, H, W, C] x [kh, kw, C, O] -> [N, H, W, O]`.
+
+  Args:
+    x: channels-last input.
+    kernel: HWIO kernel.
+    weight_grad: 'xla' (autodiff of the XLA convolution), 'gemm' (the kernel
+      gradient as one matrix product, `weight_grad_gemm`) or 'native' (the C++
+      kernel of `unet_jax.native_kernels`, float32 only; other dtypes use 'xla').
+    native_forward: the forward pass and the input gradient by the native kernel
+      too. Both native options apply to float32 convolutions on images at least
+      `NATIVE_MIN_WIDTH` wide (and, for the forward pass and input gradient, with at
+      least `NATIVE_MIN_TILED_CHANNELS` output and input channels respectively); the
+      others use XLA's convolutions.
+    precision: passed to the XLA convolutions.
+  """
+  _check_weight_grad(weight_grad)
+  if weight_grad == 'xla' and not native_forward:
+    return _plain(x, kernel, precision)
+  return _conv_own_grads(x, kernel, (weight_grad, bool(native_forward), False),
+                         precision)
 
 
 def conv3d_same(x: jax.Array, kernel: jax.Array, *, fold_depth: bool = True,
@@ -324,23 +343,25 @@ def conv3d_same(x: jax.Array, kernel: jax.Array, *, fold_depth: bool = True,
   Args:
     x: channels-last input, `[N, D, H, W, C]`.
     kernel: DHWIO kernel.
-    fold_depth: compute it as one 2D convolution over `N*D` slices with the `kd`
-      depth neighbours stacked on channels (module docstring); else XLA's 3D
+    fold_depth: the parts XLA computes (all of them, unless a native option below
+      applies) as one 2D convolution over `N*D` slices with the `kd` depth
+      neighbours stacked on channels (module docstring); else as XLA's 3D
       convolution.
-    weight_grad: for the folded 2D convolution, 'xla', 'gemm' or 'native'
-      (`conv2d_same`).
-    native_forward: for the folded 2D convolution, the forward pass and the input
-      gradient by the native kernel too (`conv2d_same`).
+    weight_grad: 'xla', 'gemm' (on the folded 2D convolution; 'xla' without
+      `fold_depth`) or 'native' (the 3D C++ kernel, which reads the depth
+      neighbours in place).
+    native_forward: the forward pass and the input gradient by the 3D native kernel
+      too. The native options apply as in `conv2d_same`.
     precision: passed to the XLA convolutions.
 
   Returns:
     `[N, D, H, W, O]`.
   """
-  if weight_grad not in WEIGHT_GRADS:
-    raise ValueError(f'weight_grad={weight_grad!r} is not one of {WEIGHT_GRADS}.')
-  if not fold_depth:
+  _check_weight_grad(weight_grad)
+  if not fold_depth and weight_grad != 'native' and not native_forward:
     return _plain(x, kernel, precision)
-  return _conv3d_folded(x, kernel, (weight_grad, bool(native_forward)), precision)
+  return _conv_own_grads(x, kernel, (weight_grad, bool(native_forward), fold_depth),
+                         precision)
 
 
 def _is_same_stride1(x_shape, kernel_shape, window_strides, padding, lhs_dilation,
@@ -411,7 +432,7 @@ def conv_general_dilated_fn(*, fold_depth: bool = False, weight_grad: str = 'xla
             lhs, rhs.reshape(rhs.shape[-2:]), (((lhs.ndim - 1,), (0,)), ((), ())),
             precision=precision)
       if lhs.ndim == 5:
-        if fold_depth:
+        if fold_depth or weight_grad_3d == 'native' or native_forward_3d:
           return conv3d_same(lhs, rhs, fold_depth=True, weight_grad=weight_grad_3d,
                              native_forward=native_forward_3d, precision=precision)
       elif weight_grad != 'xla' or native_forward:

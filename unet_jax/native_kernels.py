@@ -1,11 +1,12 @@
 """C++ kernels for XLA:CPU, compiled on the machine at first use and called through FFI.
 
-Stride-1 'same' 2D convolutions (`native/conv2d.cc`): the forward pass
-(`conv2d_same`), which is also the input gradient (`conv2d_same_input_grad`), and the
-kernel gradient (`conv2d_weight_grad`), which XLA:CPU computes far below its
+Stride-1 'same' 2D and 3D convolutions (`native/conv.cc`): the forward pass
+(`conv_same`), which is also the input gradient (`conv_same_input_grad`), and the
+kernel gradient (`conv_weight_grad`), which XLA:CPU computes far below its
 matrix-product rate (benchmarks/RESULTS.md, "Train step against the same network in
-PyTorch"). `unet_jax.conv` uses them as `weight_grad='native'` and
-`native_forward=True`.
+PyTorch"). They read the input in place, skipping taps outside it, so neither a
+padded copy nor, in 3D, a copy with the depth neighbours on the channel axis is
+made. `unet_jax.conv` uses them as `weight_grad='native'` and `native_forward=True`.
 
 Building. The source ships with the package. On first use it is compiled with the
 machine's C++ compiler (`$CXX`, else `c++`) for the CPU it runs on (`-O3
@@ -40,10 +41,12 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
-SOURCE = pathlib.Path(__file__).resolve().parent / 'native' / 'conv2d.cc'
+SOURCE = pathlib.Path(__file__).resolve().parent / 'native' / 'conv.cc'
 # FFI target name: symbol in the library.
-TARGETS = {'unet_jax_conv_wgrad': 'UnetConvWgrad', 'unet_jax_conv2d': 'UnetConv2d'}
+_CONV, _WGRAD = 'unet_jax_conv', 'unet_jax_conv_wgrad'
+TARGETS = {_WGRAD: 'UnetConvWgrad', _CONV: 'UnetConv'}
 FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
 
 _lock = threading.Lock()
@@ -105,7 +108,7 @@ def build(*, verbose: bool = False) -> pathlib.Path:
   key = hashlib.sha256('\0'.join(
       [SOURCE.read_text(), cxx, *version, *FLAGS, jaxlib.__version__,
        _cpu_flags()]).encode()).hexdigest()[:16]
-  lib = _cache_dir() / f'conv2d_{key}.so'
+  lib = _cache_dir() / f'conv_{key}.so'
   if lib.exists():
     return lib
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=lib.parent)
@@ -168,72 +171,94 @@ def available() -> bool:
     return False
 
 
+def _pads(k: int) -> tuple[int, int]:
+  return (k - 1) // 2, k - 1 - (k - 1) // 2  # XLA's 'SAME' for stride 1
+
+
+def _check(x, kernel_rank, name, *arrays):
+  if any(a.dtype != jnp.float32 for a in arrays):
+    raise ValueError(f'{name}: the native kernels take float32; got'
+                     f' {", ".join(str(a.dtype) for a in arrays)}.')
+  if x.ndim not in (4, 5) or kernel_rank != x.ndim:
+    raise ValueError(
+        f'{name}: a 2D convolution takes [N, H, W, C] and an HWIO kernel, a 3D one'
+        f' [N, D, H, W, C] and a DHWIO kernel; got {x.shape} and a rank-{kernel_rank}'
+        ' kernel.')
+  ensure_available()
+
+
+def _to_3d(x):
+  """[N, H, W, C] -> [N, 1, H, W, C]: the kernels take rank 5; 3D is unchanged."""
+  return x[:, None] if x.ndim == 4 else x
+
+
+def _ffi(target, out_shape, a, b, pads):
+  pads = (0,) * (3 - len(pads)) + tuple(pads)
+  out = jax.ShapeDtypeStruct(out_shape, jnp.float32)
+  return jax.ffi.ffi_call(target, out, vmap_method='sequential')(
+      a, b, pad_d=np.int64(pads[0]), pad_h=np.int64(pads[1]), pad_w=np.int64(pads[2]))
+
+
 @functools.partial(jax.jit, static_argnums=(2,))
-def conv2d_weight_grad(x: jax.Array, g: jax.Array,
-                       kernel_spatial: tuple[int, int]) -> jax.Array:
-  """dL/dK of a stride-1 'same' 2D convolution, `[kh, kw, C, O]`, by the native kernel.
+def conv_weight_grad(x: jax.Array, g: jax.Array,
+                     kernel_spatial: tuple[int, ...]) -> jax.Array:
+  """dL/dK of a stride-1 'same' 2D or 3D convolution, by the native kernel.
 
   Args:
-    x: the convolution's input, `[N, H, W, C]`, float32.
-    g: the gradient of its output, `[N, H, W, O]`, float32.
-    kernel_spatial: `(kh, kw)`; XLA's 'SAME' padding, `(k - 1) // 2` before.
+    x: the convolution's input, `[N, H, W, C]` or `[N, D, H, W, C]`, float32.
+    g: the gradient of its output, `[N, H, W, O]` or `[N, D, H, W, O]`, float32.
+    kernel_spatial: `(kh, kw)` or `(kd, kh, kw)`; XLA's 'SAME' padding, `(k - 1) //
+      2` before.
+
+  Returns:
+    `[*kernel_spatial, C, O]` (HWIO or DHWIO).
 
   Raises:
     NativeKernelError: the kernel is not available here.
     ValueError: shapes or dtypes the kernel does not take.
   """
-  _check_f32(x, g)
-  if x.ndim != 4 or g.ndim != 4 or x.shape[:3] != g.shape[:3]:
-    raise ValueError(f'x {x.shape} and g {g.shape} must be [N, H, W, C] and'
-                     ' [N, H, W, O] with the same N, H, W.')
-  ensure_available()
-  kh, kw = kernel_spatial
-  out = jax.ShapeDtypeStruct((kh, kw, x.shape[-1], g.shape[-1]), jnp.float32)
-  return jax.ffi.ffi_call('unet_jax_conv_wgrad', out, vmap_method='sequential')(x, g)
-
-
-def _pads(k: int) -> tuple[int, int]:
-  return (k - 1) // 2, k - 1 - (k - 1) // 2  # XLA's 'SAME' for stride 1
-
-
-def _check_f32(*arrays):
-  if any(a.dtype != jnp.float32 for a in arrays):
-    raise ValueError('the native kernels take float32; got'
-                     f' {", ".join(str(a.dtype) for a in arrays)}.')
+  _check(x, len(kernel_spatial) + 2, 'conv_weight_grad', x, g)
+  if g.shape[:-1] != x.shape[:-1]:
+    raise ValueError(f'conv_weight_grad: x {x.shape} and g {g.shape} must agree on'
+                     ' all but the channel axis.')
+  shape = tuple(kernel_spatial) + (x.shape[-1], g.shape[-1])
+  dk = _ffi(_WGRAD, (1,) * (5 - len(shape)) + shape, _to_3d(x), _to_3d(g),
+            [_pads(k)[0] for k in kernel_spatial])
+  return dk.reshape(shape)
 
 
 @jax.jit
-def conv2d_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Stride-1 'same' 2D convolution by the native kernel, as XLA's 'SAME'.
+def conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Stride-1 'same' 2D or 3D convolution by the native kernel, as XLA's 'SAME'.
 
   Args:
-    x: `[N, H, W, C]`, float32.
-    kernel: `[kh, kw, C, O]` (HWIO), float32.
+    x: `[N, H, W, C]` or `[N, D, H, W, C]`, float32.
+    kernel: `[kh, kw, C, O]` (HWIO) or `[kd, kh, kw, C, O]` (DHWIO), float32.
 
   Returns:
-    `[N, H, W, O]`.
+    `[N, H, W, O]` or `[N, D, H, W, O]`. No padded copy of `x` is made: the kernel
+    skips the taps that fall outside it.
   """
-  _check_f32(x, kernel)
-  ensure_available()
-  kh, kw = kernel.shape[:2]
-  xp = jnp.pad(x, ((0, 0), _pads(kh), _pads(kw), (0, 0)))
-  out = jax.ShapeDtypeStruct(x.shape[:3] + kernel.shape[-1:], jnp.float32)
-  return jax.ffi.ffi_call('unet_jax_conv2d', out, vmap_method='sequential')(xp, kernel)
+  _check(x, kernel.ndim, 'conv_same', x, kernel)
+  out_shape = x.shape[:-1] + kernel.shape[-1:]
+  y = _ffi(_CONV, _to_3d(x).shape[:-1] + kernel.shape[-1:], _to_3d(x),
+           kernel.reshape((1,) * (5 - kernel.ndim) + kernel.shape),
+           [_pads(k)[0] for k in kernel.shape[:-2]])
+  return y.reshape(out_shape)
 
 
 @jax.jit
-def conv2d_same_input_grad(g: jax.Array, kernel: jax.Array) -> jax.Array:
-  """dL/dx of `conv2d_same(x, kernel)` given its output gradient `g`, `[N, H, W, C]`.
+def conv_same_input_grad(g: jax.Array, kernel: jax.Array) -> jax.Array:
+  """dL/dx of `conv_same(x, kernel)` given its output gradient `g`.
 
-  The same kernel as the forward pass: a convolution of `g`, padded the other way
-  round, with the kernel flipped in space and its channel axes swapped.
+  The same kernel as the forward pass: a convolution of `g` with the kernel flipped
+  in space and its channel axes swapped, padded the other way round (`k - 1 - p`
+  before, which differs from `p` for even kernel sizes).
   """
-  _check_f32(g, kernel)
-  ensure_available()
-  kh, kw = kernel.shape[:2]
-  (hl, hh), (wl, wh) = _pads(kh), _pads(kw)
-  gp = jnp.pad(g, ((0, 0), (hh, hl), (wh, wl), (0, 0)))
-  flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
-  out = jax.ShapeDtypeStruct(g.shape[:3] + kernel.shape[2:3], jnp.float32)
-  return jax.ffi.ffi_call('unet_jax_conv2d', out, vmap_method='sequential')(
-      gp, flipped)
+  _check(g, kernel.ndim, 'conv_same_input_grad', g, kernel)
+  spatial = kernel.shape[:-2]
+  flipped = jnp.swapaxes(kernel[(slice(None, None, -1),) * len(spatial)], -2, -1)
+  dx = _ffi(_CONV, _to_3d(g).shape[:-1] + kernel.shape[-2:-1], _to_3d(g),
+            flipped.reshape((1,) * (5 - kernel.ndim) + flipped.shape),
+            [_pads(k)[1] for k in spatial])
+  return dx.reshape(g.shape[:-1] + kernel.shape[-2:-1])

@@ -1,0 +1,504 @@
+// Stride-1 convolutions with zero padding for XLA:CPU, as FFI calls: the forward
+// pass (which also gives the input gradient) and the kernel gradient. Both take
+// rank-5 channels-last arrays, so a 2D convolution is a 3D one with depth 1:
+//
+//   x [B, D, H, W, C], k [KD, KH, KW, C, O] (DHWIO), y and g [B, D, H, W, O],
+//   pads (pd, ph, pw) before each spatial axis; the output has the input's size.
+//
+// Forward ("UnetConv"):
+//
+//   y[b, z, y, x, o] = sum_{a, i, j, c} x[b, z + a - pd, y + i - ph, x + j - pw, c]
+//                                       * k[a, i, j, c, o],
+//
+// where positions outside the input are zero. They are skipped, not read: no padded
+// copy of the input is made. For each output row the kernel lists the (a, i) taps
+// whose input row exists; pixels whose every tap j lies inside the row are computed
+// in register tiles of up to 8 pixels x 32 output channels (or 16 x 16), held in
+// vector registers over the whole contraction (taps and a block of input channels)
+// and stored once, and the few edge pixels one at a time with their taps clipped.
+// The input gradient of this convolution is this forward pass on the output
+// gradient with the kernel flipped in space, its channel axes swapped and the pads
+// k - 1 - p (unet_jax/native_kernels.py).
+//
+// Kernel gradient ("UnetConvWgrad"):
+//
+//   dK[a, i, j, c, o] = sum_{b, z, y, x} x[b, z + a - pd, y + i - ph, x + j - pw, c]
+//                                        * g[b, z, y, x, o].
+//
+// XLA:CPU computes this gradient as a convolution whose contraction per tap is the
+// batch (4 in the U-Net's 2D benchmark), far below its matrix-product rate. Here it is
+// a sum of small matrix products, one per output row and tap: for output row
+// (b, z, y) and tap (a, i, j), dK[a, i, j] += X^T G, where X is the input row
+// (b, z + a - pd, y + i - ph) shifted by j - pw along W ([W, C], contiguous) and G is
+// row (b, z, y) of g ([W, O]). A register tile of up to 8 input channels x 32 output
+// channels is held in vector registers across the W pixels. Each chunk of rows sums
+// into its own copy of dK; the copies are added in chunk order at the end, so the
+// result is the same whichever thread ran a chunk.
+//
+// Both share rows out over XLA's intra-op thread pool. Built by
+// unet_jax/native_kernels.py with the machine's C++ compiler (-O3 -march=native);
+// the vectors are GCC/Clang vector extensions, not intrinsics, so the same source
+// builds for AVX-512, AVX2 or NEON.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+// The same vector, at any float-aligned address (unaligned loads and stores).
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+
+inline v16 load16(const float* p) { return *reinterpret_cast<const v16u*>(p); }
+
+inline void add16(float* p, v16 v) { *reinterpret_cast<v16u*>(p) += v; }
+
+// Sizes of one call: batch, spatial sizes (of the input and of the output), channels
+// in and out, kernel sizes and the pads before each spatial axis.
+struct Geom {
+  int64_t b, d, h, w, c, o, kd, kh, kw, pd, ph, pw;
+  int64_t rows() const { return b * d * h; }
+  // Input row (b, z, y), [W, C].
+  int64_t row_offset(int64_t bi, int64_t z, int64_t y) const {
+    return ((bi * d + z) * h + y) * w;
+  }
+};
+
+// ---------------------------------------------------------------------------------
+// Kernel gradient.
+
+// acc[m][v] = sum_p xrow[p * c + m] * grow[p * o + 16 v], p in [0, n): an MC x
+// (16 NV) tile of X^T G, added into dk (row stride o).
+template <int MC, int NV>
+inline void tile(const float* xrow, const float* grow, int64_t n, int64_t c,
+                 int64_t o, float* dk) {
+  v16 acc[MC][NV];
+  for (int m = 0; m < MC; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = v16{};
+  for (int64_t p = 0; p < n; ++p) {
+    v16 gv[NV];
+    for (int v = 0; v < NV; ++v) gv[v] = load16(grow + p * o + 16 * v);
+    const float* xp = xrow + p * c;
+    for (int m = 0; m < MC; ++m) {
+      const float s = xp[m];
+      for (int v = 0; v < NV; ++v) acc[m][v] += s * gv[v];
+    }
+  }
+  for (int m = 0; m < MC; ++m)
+    for (int v = 0; v < NV; ++v) add16(dk + m * o + 16 * v, acc[m][v]);
+}
+
+// Channels [0, count) of rows with stride c: tiles of MC input channels, then the
+// remainder in smaller tiles.
+template <int MC, int NV>
+inline void tiles_over_c(const float* xrow, const float* grow, int64_t n,
+                         int64_t count, int64_t c, int64_t o, float* dk) {
+  int64_t c0 = 0;
+  for (; c0 + MC <= count; c0 += MC)
+    tile<MC, NV>(xrow + c0, grow, n, c, o, dk + c0 * o);
+  if constexpr (MC > 1) {
+    if (c0 < count)
+      tiles_over_c<MC / 2, NV>(xrow + c0, grow, n, count - c0, c, o, dk + c0 * o);
+  }
+}
+
+// Register tiles: 8 x 32 (16 accumulators) or 16 x 16 output values.
+constexpr int MC2 = 8, MC1 = 16;
+// dk[c, o] += sum_p xrow[p, c] grow[p, o] over n pixels.
+void row_product(const float* xrow, const float* grow, int64_t n, int64_t c,
+                 int64_t o, float* dk) {
+  int64_t o0 = 0;
+  for (; o0 + 32 <= o; o0 += 32) tiles_over_c<MC2, 2>(xrow, grow + o0, n, c, c, o, dk + o0);
+  for (; o0 + 16 <= o; o0 += 16) tiles_over_c<MC1, 1>(xrow, grow + o0, n, c, c, o, dk + o0);
+  if (o0 < o) {  // fewer than 16 output channels left: plain loops.
+    for (int64_t p = 0; p < n; ++p)
+      for (int64_t ci = 0; ci < c; ++ci) {
+        const float s = xrow[p * c + ci];
+        for (int64_t oi = o0; oi < o; ++oi) dk[ci * o + oi] += s * grow[p * o + oi];
+      }
+  }
+}
+
+// Adds the contribution of output rows [r0, r1) (row r = (b * D + z) * H + y) into dk.
+void wgrad_rows(const float* x, const float* g, const Geom& s, int64_t r0, int64_t r1,
+                float* dk) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t bi = r / (s.d * s.h), z = r / s.h % s.d, y = r % s.h;
+    const float* grow_all = g + r * s.w * s.o;
+    for (int64_t a = 0; a < s.kd; ++a) {
+      const int64_t zz = z + a - s.pd;
+      if (zz < 0 || zz >= s.d) continue;
+      for (int64_t i = 0; i < s.kh; ++i) {
+        const int64_t yy = y + i - s.ph;
+        if (yy < 0 || yy >= s.h) continue;
+        const float* xrow_all = x + s.row_offset(bi, zz, yy) * s.c;
+        for (int64_t j = 0; j < s.kw; ++j) {
+          // Output pixels p with input column p + j - pw inside [0, W).
+          const int64_t shift = j - s.pw;
+          const int64_t p0 = std::max<int64_t>(0, -shift);
+          const int64_t p1 = std::min<int64_t>(s.w, s.w - shift);
+          if (p1 <= p0) continue;
+          row_product(xrow_all + (p0 + shift) * s.c, grow_all + p0 * s.o, p1 - p0,
+                      s.c, s.o, dk + ((a * s.kh + i) * s.kw + j) * s.c * s.o);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Forward pass.
+
+// An input row that exists for the output row being computed, and the kernel slice
+// k[a, i] ([KW, C, O]) it meets.
+struct RowTap {
+  const float* x;
+  const float* k;
+};
+
+// Output pixels [p, p + MP) of one row, channels [o0, o0 + 16 NV) (y and each tap's
+// k already point there), summed over the row taps, the column taps [j0, j1) and
+// input channels [c0, c1); pixel p + m, tap j reads input column p + m + j - pw. The
+// first channel block writes y, the others add to it.
+template <int MP, int NV>
+inline void fwd_tile(const RowTap* taps, int64_t ntaps, int64_t p, int64_t j0,
+                     int64_t j1, const Geom& s, int64_t c0, int64_t c1, float* y) {
+  v16 acc[MP][NV];
+  for (int m = 0; m < MP; ++m)
+    for (int v = 0; v < NV; ++v)
+      acc[m][v] = c0 == 0 ? v16{} : load16(y + m * s.o + 16 * v);
+  for (int64_t t = 0; t < ntaps; ++t)
+    for (int64_t j = j0; j < j1; ++j) {
+      // Pixels in groups of 8, each from its own base pointer, so that the groups
+      // share the offsets m * c (m < 8) and these fit in general registers.
+      const float* xr[(MP + 7) / 8];
+      for (int q = 0; q < (MP + 7) / 8; ++q)
+        xr[q] = taps[t].x + (p + 8 * q + j - s.pw) * s.c;
+      const float* kr = taps[t].k + j * s.c * s.o;
+      for (int64_t ci = c0; ci < c1; ++ci) {
+        v16 kv[NV];
+        for (int v = 0; v < NV; ++v) kv[v] = load16(kr + ci * s.o + 16 * v);
+        for (int m = 0; m < MP; ++m) {
+          const float xv = xr[m / 8][(m % 8) * s.c + ci];
+          for (int v = 0; v < NV; ++v) acc[m][v] += xv * kv[v];
+        }
+      }
+    }
+  for (int m = 0; m < MP; ++m)
+    for (int v = 0; v < NV; ++v)
+      *reinterpret_cast<v16u*>(y + m * s.o + 16 * v) = acc[m][v];
+}
+
+// Pixels [p, p + count) of one row, every column tap of which lies inside the row
+// the taps point to: tiles of MP pixels, then smaller ones.
+template <int MP, int NV>
+inline void fwd_pixels(const RowTap* taps, int64_t ntaps, int64_t p, int64_t count,
+                       const Geom& s, int64_t c0, int64_t c1, float* yrow) {
+  int64_t done = 0;
+  for (; done + MP <= count; done += MP)
+    fwd_tile<MP, NV>(taps, ntaps, p + done, 0, s.kw, s, c0, c1,
+                     yrow + (p + done) * s.o);
+  if constexpr (MP > 1) {
+    if (done < count)
+      fwd_pixels<MP / 2, NV>(taps, ntaps, p + done, count - done, s, c0, c1, yrow);
+  }
+}
+
+// Output pixels at each end of a row computed from a zero-padded copy of the input
+// they see (`EdgeRows`): at least one full register tile (16 pixels), so that edge
+// pixels run in full tiles too.
+constexpr int64_t kEdge = 16;
+
+// The input a row's edge pixels see, zero-padded: for each row tap, the columns
+// [q0 - pw, q0 + n + kw - 1 - pw) of output pixels [q0, q0 + n), copied with zeros
+// where they fall outside [0, W). `taps` points into the copies, so that pixel
+// p' in [0, n) of the region reads them with the same indexing as the whole row.
+struct EdgeRows {
+  std::vector<float> data;
+  std::vector<RowTap> taps;
+
+  void fill(const RowTap* row_taps, int64_t ntaps, int64_t q0, int64_t n,
+            const Geom& s) {
+    const int64_t cols = n + s.kw - 1;
+    data.resize(ntaps * cols * s.c);
+    taps.resize(ntaps);
+    for (int64_t t = 0; t < ntaps; ++t) {
+      float* dst = data.data() + t * cols * s.c;
+      for (int64_t col = 0; col < cols; ++col) {
+        const int64_t src = q0 - s.pw + col;
+        if (src < 0 || src >= s.w)
+          std::memset(dst + col * s.c, 0, sizeof(float) * s.c);
+        else
+          std::memcpy(dst + col * s.c, row_taps[t].x + src * s.c, sizeof(float) * s.c);
+      }
+      taps[t] = {dst + s.pw * s.c, row_taps[t].k};
+    }
+  }
+};
+
+// One output row's pixel regions: the left edge [0, left), the interior [left,
+// right), whose every column tap lies inside the row, and the right edge [right, W).
+struct RowRegions {
+  int64_t left, right;
+  explicit RowRegions(const Geom& s)
+      : left(std::min(s.w, kEdge)), right(std::max(left, s.w - kEdge)) {}
+};
+
+// One row, output channels [o0, o0 + 16 NV), input channels [c0, c1).
+template <int NV>
+void fwd_row_block(const RowTap* taps, int64_t ntaps, const EdgeRows& left,
+                   const EdgeRows& right, const RowRegions& regions, const Geom& s,
+                   int64_t c0, int64_t c1, float* yrow, int64_t o0,
+                   std::vector<RowTap>& shifted) {
+  constexpr int MP = NV == 2 ? 8 : 16;
+  shifted.resize(ntaps);
+  auto shift = [&](const RowTap* from) {  // each tap's kernel at channel o0
+    for (int64_t t = 0; t < ntaps; ++t) shifted[t] = {from[t].x, from[t].k + o0};
+    return shifted.data();
+  };
+  fwd_pixels<MP, NV>(shift(left.taps.data()), ntaps, 0, regions.left, s, c0, c1,
+                     yrow + o0);
+  fwd_pixels<MP, NV>(shift(taps), ntaps, regions.left, regions.right - regions.left,
+                     s, c0, c1, yrow + o0);
+  fwd_pixels<MP, NV>(shift(right.taps.data()), ntaps, 0, s.w - regions.right, s, c0,
+                     c1, yrow + regions.right * s.o + o0);
+}
+
+// Input channels per block of the forward pass: the block's kernel slice for one
+// tile of output channels (taps x block x tile floats) stays within kBlockFloats
+// (36 KiB: 32 input channels of a 3 x 3 kernel and a 32-wide tile), so in L1 while a
+// whole row of pixels uses it.
+constexpr int64_t kBlockFloats = 9 * 32 * 32;
+
+// (block size, number of blocks) over c channels for taps x tile kernel slices; a
+// last block of fewer than half a block joins the one before it.
+std::pair<int64_t, int64_t> channel_blocks(int64_t c, int64_t taps, int64_t tile) {
+  const int64_t block = std::max<int64_t>(8, kBlockFloats / (taps * tile));
+  return {block, std::max<int64_t>(1, (c + block / 2) / block)};
+}
+
+void fwd_rows(const float* x, const float* k, float* y, const Geom& s, int64_t r0,
+              int64_t r1) {
+  std::vector<RowTap> taps(s.kd * s.kh), shifted;
+  const RowRegions regions(s);
+  EdgeRows left, right;
+  const int64_t taps_per_pixel = s.kd * s.kh * s.kw;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t bi = r / (s.d * s.h), z = r / s.h % s.d, yy = r % s.h;
+    int64_t ntaps = 0;
+    for (int64_t a = 0; a < s.kd; ++a) {
+      const int64_t zz = z + a - s.pd;
+      if (zz < 0 || zz >= s.d) continue;
+      for (int64_t i = 0; i < s.kh; ++i) {
+        const int64_t y2 = yy + i - s.ph;
+        if (y2 < 0 || y2 >= s.h) continue;
+        taps[ntaps++] = {x + s.row_offset(bi, zz, y2) * s.c,
+                         k + (a * s.kh + i) * s.kw * s.c * s.o};
+      }
+    }
+    float* yrow = y + r * s.w * s.o;
+    int64_t o0 = 0;
+    if (s.o >= 16) {
+      left.fill(taps.data(), ntaps, 0, regions.left, s);
+      right.fill(taps.data(), ntaps, regions.right, s.w - regions.right, s);
+    }
+    for (int64_t tile; o0 + 16 <= s.o; o0 += tile) {
+      tile = o0 + 32 <= s.o ? 32 : 16;
+      const auto [block, nblocks] = channel_blocks(s.c, taps_per_pixel, tile);
+      for (int64_t cb = 0; cb < nblocks; ++cb) {
+        const int64_t c0 = cb * block, c1 = cb + 1 == nblocks ? s.c : c0 + block;
+        if (tile == 32)
+          fwd_row_block<2>(taps.data(), ntaps, left, right, regions, s, c0, c1, yrow,
+                           o0, shifted);
+        else
+          fwd_row_block<1>(taps.data(), ntaps, left, right, regions, s, c0, c1, yrow,
+                           o0, shifted);
+      }
+    }
+    if (o0 < s.o) {  // fewer than 16 output channels left: plain loops.
+      for (int64_t p = 0; p < s.w; ++p) {
+        const int64_t j0 = std::max<int64_t>(0, s.pw - p);
+        const int64_t j1 = std::min<int64_t>(s.kw, s.w + s.pw - p);
+        for (int64_t oi = o0; oi < s.o; ++oi) {
+          float acc = 0.0f;
+          for (int64_t t = 0; t < ntaps; ++t)
+            for (int64_t j = j0; j < j1; ++j) {
+              const float* xv = taps[t].x + (p + j - s.pw) * s.c;
+              const float* kv = taps[t].k + j * s.c * s.o + oi;
+              for (int64_t ci = 0; ci < s.c; ++ci) acc += xv[ci] * kv[ci * s.o];
+            }
+          yrow[p * s.o + oi] = acc;
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Threads.
+
+// Runs body(k, r0, r1) for the chunks k in [0, nchunks) of rows [0, nrows), on the
+// calling thread and up to num_threads - 1 pool workers. Which thread runs a chunk
+// varies, but each chunk's work, and so the result, does not. State is held by
+// shared_ptr, so a worker that starts after the work is done finds nothing to do.
+template <typename Body>
+void parallel_rows(ffi::ThreadPool& pool, int64_t nrows, int64_t nchunks,
+                   Body body) {
+  struct State {
+    int64_t chunk, nchunks;
+    std::atomic<int64_t> next_chunk{0};
+    std::mutex mu;
+    std::condition_variable cv;
+    int active = 0;       // helpers inside work(), guarded by mu
+    bool closed = false;  // set once the caller has no chunk left; guarded by mu
+  };
+  auto st = std::make_shared<State>();
+  st->chunk = (nrows + nchunks - 1) / nchunks;
+  st->nchunks = (nrows + st->chunk - 1) / st->chunk;
+  auto work = [st, nrows, body]() {
+    for (int64_t k = st->next_chunk.fetch_add(1); k < st->nchunks;
+         k = st->next_chunk.fetch_add(1)) {
+      const int64_t r0 = k * st->chunk;
+      body(k, r0, std::min(r0 + st->chunk, nrows));
+    }
+  };
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t helpers = std::min<int64_t>(threads, st->nchunks) - 1;
+  for (int64_t t = 0; t < helpers; ++t) {
+    pool.Schedule([st, work] {
+      {
+        std::lock_guard<std::mutex> lock(st->mu);
+        if (st->closed) return;  // started too late: the caller did the work.
+        ++st->active;
+      }
+      work();
+      std::lock_guard<std::mutex> lock(st->mu);
+      if (--st->active == 0) st->cv.notify_all();
+    });
+  }
+  work();
+  // Every chunk is claimed. Wait only for helpers that have started (and so will
+  // finish); one still queued behind busy pool threads never runs work(), so this
+  // cannot deadlock when every pool thread is itself waiting here.
+  std::unique_lock<std::mutex> lock(st->mu);
+  st->closed = true;
+  st->cv.wait(lock, [&] { return st->active == 0; });
+}
+
+// Chunks per pool thread: enough that an uneven start still balances.
+constexpr int64_t kChunksPerThread = 4;
+
+int64_t num_threads(ffi::ThreadPool& pool) {
+  return std::max<int64_t>(1, pool.num_threads());
+}
+
+// Forward pass: chunks of rows write disjoint outputs, so they can be small.
+int64_t num_chunks(ffi::ThreadPool& pool, int64_t nrows) {
+  return std::max<int64_t>(1, std::min<int64_t>(nrows, kChunksPerThread * num_threads(pool)));
+}
+
+// Kernel gradient: each chunk zeroes, fills and hands back its own copy of dK, so a
+// chunk should hold enough pixels (kPixelsPerChunk) for that to cost little next to
+// its products; and there should be no fewer chunks than threads.
+constexpr int64_t kPixelsPerChunk = 2048;
+
+int64_t num_wgrad_chunks(ffi::ThreadPool& pool, int64_t nrows, int64_t width) {
+  const int64_t threads = num_threads(pool);
+  const int64_t by_size = (nrows * width + kPixelsPerChunk - 1) / kPixelsPerChunk;
+  const int64_t chunks = std::clamp<int64_t>(by_size, threads, kChunksPerThread * threads);
+  return std::max<int64_t>(1, std::min<int64_t>(nrows, chunks));
+}
+
+// ---------------------------------------------------------------------------------
+// FFI handlers.
+
+// The call's sizes from x [B, D, H, W, C], the kernel [KD, KH, KW, C, O] and the
+// output-like operand out [B, D, H, W, O]; an error names what disagrees.
+ffi::Error geometry(const char* name, ffi::Span<const int64_t> xd,
+                    ffi::Span<const int64_t> kd, ffi::Span<const int64_t> od,
+                    int64_t pd, int64_t ph, int64_t pw, Geom* s) {
+  if (xd.size() != 5 || kd.size() != 5 || od.size() != 5)
+    return ffi::Error::InvalidArgument(std::string(name) + ": operands must be rank 5");
+  *s = Geom{xd[0], xd[1], xd[2], xd[3], xd[4], od[4], kd[0], kd[1], kd[2], pd, ph, pw};
+  if (od[0] != s->b || od[1] != s->d || od[2] != s->h || od[3] != s->w ||
+      kd[3] != s->c || kd[4] != s->o)
+    return ffi::Error::InvalidArgument(std::string(name) + ": shapes do not agree");
+  if (pd < 0 || ph < 0 || pw < 0 || pd >= s->kd || ph >= s->kh || pw >= s->kw)
+    return ffi::Error::InvalidArgument(std::string(name) +
+                                       ": each pad must be in [0, kernel size)");
+  return ffi::Error::Success();
+}
+
+ffi::Error ConvWgradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                         ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dk,
+                         int64_t pad_d, int64_t pad_h, int64_t pad_w) {
+  Geom s;
+  ffi::Error error = geometry("conv_wgrad", x.dimensions(), dk->dimensions(),
+                              g.dimensions(), pad_d, pad_h, pad_w, &s);
+  if (error.failure()) return error;
+  const int64_t size = s.kd * s.kh * s.kw * s.c * s.o;
+  // One partial dK per chunk, summed in chunk order: the result does not depend on
+  // which thread ran which chunk, so repeated runs are bit-identical.
+  const int64_t nchunks = num_wgrad_chunks(pool, s.rows(), s.w);
+  std::vector<std::vector<float>> partial(nchunks);
+  const float* xv = x.typed_data();
+  const float* gv = g.typed_data();
+  parallel_rows(pool, s.rows(), nchunks, [&](int64_t k, int64_t r0, int64_t r1) {
+    partial[k].assign(size, 0.0f);
+    wgrad_rows(xv, gv, s, r0, r1, partial[k].data());
+  });
+  float* out = dk->typed_data();
+  std::memset(out, 0, sizeof(float) * size);
+  for (const std::vector<float>& p : partial)
+    for (int64_t k = 0; k < static_cast<int64_t>(p.size()); ++k) out[k] += p[k];
+  return ffi::Error::Success();
+}
+
+ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                    ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> y,
+                    int64_t pad_d, int64_t pad_h, int64_t pad_w) {
+  Geom s;
+  ffi::Error error = geometry("conv", x.dimensions(), k.dimensions(), y->dimensions(),
+                              pad_d, pad_h, pad_w, &s);
+  if (error.failure()) return error;
+  const float* xv = x.typed_data();
+  const float* kv = k.typed_data();
+  float* yv = y->typed_data();
+  parallel_rows(pool, s.rows(), num_chunks(pool, s.rows()),
+                [&](int64_t, int64_t r0, int64_t r1) { fwd_rows(xv, kv, yv, s, r0, r1); });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetConv, ConvImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("pad_d")
+                                  .Attr<int64_t>("pad_h")
+                                  .Attr<int64_t>("pad_w"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetConvWgrad, ConvWgradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("pad_d")
+                                  .Attr<int64_t>("pad_h")
+                                  .Attr<int64_t>("pad_w"));
