@@ -123,6 +123,9 @@ OWN_2D = [('gemm', False), ('native', False), ('native', True), ('xla', True)]
     ((1, 4, 4, 2), (2, 2, 2, 16), jnp.float32),    # an even kernel
     ((2, 9, 11, 5), (3, 3, 5, 20), jnp.float32),   # pixel tiles of 8, 2 and 1
     ((1, 5, 6, 70), (3, 3, 70, 33), jnp.float32),  # two input-channel blocks
+    # A kernel too large to stay in L2 (over 2^18 floats): the forward kernel
+    # computes rows in groups (3 rows of 40 pixels), here 14 rows.
+    ((2, 7, 40, 180), (3, 3, 180, 170), jnp.float32),
 ])
 def test_own_formulations_match_xla_2d(x_shape, k_shape, dtype, weight_grad,
                                        native_forward):

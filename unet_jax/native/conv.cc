@@ -289,60 +289,97 @@ std::pair<int64_t, int64_t> channel_blocks(int64_t c, int64_t taps, int64_t tile
   return {block, std::max<int64_t>(1, (c + block / 2) / block)};
 }
 
+// Rows computed together. A kernel larger than kKernelInL2 floats (1 MiB, about half
+// an L2 cache) does not stay in L2 from one row to the next; then rows are grouped
+// so that each block of the kernel, once in L1, serves at least kGroupPixels output
+// pixels (a 16-pixel row of a 256-channel layer would otherwise reload 2.4 MB of
+// kernel per row). A smaller kernel is served row by row.
+constexpr int64_t kKernelInL2 = 1 << 18;
+constexpr int64_t kGroupPixels = 128;
+
+int64_t row_group(const Geom& s) {
+  if (s.kd * s.kh * s.kw * s.c * s.o <= kKernelInL2) return 1;
+  return std::max<int64_t>(1, kGroupPixels / std::max<int64_t>(1, s.w));
+}
+
+// What one output row reads: its row taps and the padded copies of its edges.
+struct RowInput {
+  std::vector<RowTap> taps;
+  int64_t ntaps = 0;
+  EdgeRows left, right;
+};
+
+void fwd_row_input(const float* x, const float* k, const Geom& s,
+                   const RowRegions& regions, int64_t r, RowInput* in) {
+  const int64_t bi = r / (s.d * s.h), z = r / s.h % s.d, yy = r % s.h;
+  in->taps.resize(s.kd * s.kh);
+  in->ntaps = 0;
+  for (int64_t a = 0; a < s.kd; ++a) {
+    const int64_t zz = z + a - s.pd;
+    if (zz < 0 || zz >= s.d) continue;
+    for (int64_t i = 0; i < s.kh; ++i) {
+      const int64_t y2 = yy + i - s.ph;
+      if (y2 < 0 || y2 >= s.h) continue;
+      in->taps[in->ntaps++] = {x + s.row_offset(bi, zz, y2) * s.c,
+                               k + (a * s.kh + i) * s.kw * s.c * s.o};
+    }
+  }
+  if (s.o >= 16) {
+    in->left.fill(in->taps.data(), in->ntaps, 0, regions.left, s);
+    in->right.fill(in->taps.data(), in->ntaps, regions.right, s.w - regions.right, s);
+  }
+}
+
+// Output channels [o0, s.o) of one row, fewer than 16: plain loops.
+void fwd_row_rest(const RowInput& in, const Geom& s, int64_t o0, float* yrow) {
+  for (int64_t p = 0; p < s.w; ++p) {
+    const int64_t j0 = std::max<int64_t>(0, s.pw - p);
+    const int64_t j1 = std::min<int64_t>(s.kw, s.w + s.pw - p);
+    for (int64_t oi = o0; oi < s.o; ++oi) {
+      float acc = 0.0f;
+      for (int64_t t = 0; t < in.ntaps; ++t)
+        for (int64_t j = j0; j < j1; ++j) {
+          const float* xv = in.taps[t].x + (p + j - s.pw) * s.c;
+          const float* kv = in.taps[t].k + j * s.c * s.o + oi;
+          for (int64_t ci = 0; ci < s.c; ++ci) acc += xv[ci] * kv[ci * s.o];
+        }
+      yrow[p * s.o + oi] = acc;
+    }
+  }
+}
+
 void fwd_rows(const float* x, const float* k, float* y, const Geom& s, int64_t r0,
               int64_t r1) {
-  std::vector<RowTap> taps(s.kd * s.kh), shifted;
   const RowRegions regions(s);
-  EdgeRows left, right;
+  const int64_t group = row_group(s);
+  std::vector<RowInput> inputs(std::min(group, r1 - r0));
+  std::vector<RowTap> shifted;
   const int64_t taps_per_pixel = s.kd * s.kh * s.kw;
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t bi = r / (s.d * s.h), z = r / s.h % s.d, yy = r % s.h;
-    int64_t ntaps = 0;
-    for (int64_t a = 0; a < s.kd; ++a) {
-      const int64_t zz = z + a - s.pd;
-      if (zz < 0 || zz >= s.d) continue;
-      for (int64_t i = 0; i < s.kh; ++i) {
-        const int64_t y2 = yy + i - s.ph;
-        if (y2 < 0 || y2 >= s.h) continue;
-        taps[ntaps++] = {x + s.row_offset(bi, zz, y2) * s.c,
-                         k + (a * s.kh + i) * s.kw * s.c * s.o};
-      }
-    }
-    float* yrow = y + r * s.w * s.o;
+  for (int64_t g0 = r0; g0 < r1; g0 += group) {
+    const int64_t g1 = std::min(r1, g0 + group);
+    for (int64_t r = g0; r < g1; ++r) fwd_row_input(x, k, s, regions, r, &inputs[r - g0]);
+    // Each block of the kernel serves every row of the group before the next.
     int64_t o0 = 0;
-    if (s.o >= 16) {
-      left.fill(taps.data(), ntaps, 0, regions.left, s);
-      right.fill(taps.data(), ntaps, regions.right, s.w - regions.right, s);
-    }
     for (int64_t tile; o0 + 16 <= s.o; o0 += tile) {
       tile = o0 + 32 <= s.o ? 32 : 16;
       const auto [block, nblocks] = channel_blocks(s.c, taps_per_pixel, tile);
       for (int64_t cb = 0; cb < nblocks; ++cb) {
         const int64_t c0 = cb * block, c1 = cb + 1 == nblocks ? s.c : c0 + block;
-        if (tile == 32)
-          fwd_row_block<2>(taps.data(), ntaps, left, right, regions, s, c0, c1, yrow,
-                           o0, shifted);
-        else
-          fwd_row_block<1>(taps.data(), ntaps, left, right, regions, s, c0, c1, yrow,
-                           o0, shifted);
-      }
-    }
-    if (o0 < s.o) {  // fewer than 16 output channels left: plain loops.
-      for (int64_t p = 0; p < s.w; ++p) {
-        const int64_t j0 = std::max<int64_t>(0, s.pw - p);
-        const int64_t j1 = std::min<int64_t>(s.kw, s.w + s.pw - p);
-        for (int64_t oi = o0; oi < s.o; ++oi) {
-          float acc = 0.0f;
-          for (int64_t t = 0; t < ntaps; ++t)
-            for (int64_t j = j0; j < j1; ++j) {
-              const float* xv = taps[t].x + (p + j - s.pw) * s.c;
-              const float* kv = taps[t].k + j * s.c * s.o + oi;
-              for (int64_t ci = 0; ci < s.c; ++ci) acc += xv[ci] * kv[ci * s.o];
-            }
-          yrow[p * s.o + oi] = acc;
+        for (int64_t r = g0; r < g1; ++r) {
+          const RowInput& in = inputs[r - g0];
+          float* yrow = y + r * s.w * s.o;
+          if (tile == 32)
+            fwd_row_block<2>(in.taps.data(), in.ntaps, in.left, in.right, regions, s,
+                             c0, c1, yrow, o0, shifted);
+          else
+            fwd_row_block<1>(in.taps.data(), in.ntaps, in.left, in.right, regions, s,
+                             c0, c1, yrow, o0, shifted);
         }
       }
     }
+    if (o0 < s.o)
+      for (int64_t r = g0; r < g1; ++r)
+        fwd_row_rest(inputs[r - g0], s, o0, y + r * s.w * s.o);
   }
 }
 
