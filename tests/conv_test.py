@@ -123,8 +123,8 @@ OWN_2D = [('gemm', False), ('native', False), ('native', True), ('xla', True)]
     ((1, 4, 4, 2), (2, 2, 2, 16), jnp.float32),    # an even kernel
     ((2, 9, 11, 5), (3, 3, 5, 20), jnp.float32),   # pixel tiles of 8, 2 and 1
     ((1, 5, 6, 70), (3, 3, 70, 33), jnp.float32),  # two input-channel blocks
-    # A kernel too large to stay in L2 (over 2^18 floats): the forward kernel
-    # computes rows in groups (3 rows of 40 pixels), here 14 rows.
+    # A kernel too large to stay in L2 (over 2^18 floats): both kernels take the
+    # rows in groups (3 rows of 40 pixels), here 14 rows.
     ((2, 7, 40, 180), (3, 3, 180, 170), jnp.float32),
 ])
 def test_own_formulations_match_xla_2d(x_shape, k_shape, dtype, weight_grad,
@@ -174,6 +174,8 @@ OWN_3D = ([(True, w, False) for w in conv.WEIGHT_GRADS] +
     ((1, 3, 4, 17, 17), (3, 3, 3, 17, 48), jnp.float32),
     ((2, 4, 3, 6, 5), (2, 2, 2, 5, 16), jnp.float32),
     ((1, 2, 5, 9, 40), (3, 3, 3, 40, 20), jnp.float32),
+    # A kernel too large for L2 (over 2^18 floats): rows in groups of 12.
+    ((1, 3, 4, 10, 100), (3, 3, 3, 100, 100), jnp.float32),
 ])
 def test_3d_formulations_match_xla(x_shape, k_shape, fold_depth, weight_grad,
                                    native_forward, dtype):

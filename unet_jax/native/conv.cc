@@ -31,7 +31,8 @@
 // (b, z, y) and tap (a, i, j), dK[a, i, j] += X^T G, where X is the input row
 // (b, z + a - pd, y + i - ph) shifted by j - pw along W ([W, C], contiguous) and G is
 // row (b, z, y) of g ([W, O]). A register tile of up to 8 input channels x 32 output
-// channels is held in vector registers across the W pixels. Each chunk of rows sums
+// channels is held in vector registers across the W pixels (across several rows'
+// pixels when the kernel is too large for L2: `row_group`). Each chunk of rows sums
 // into its own copy of dK; the copies are added in chunk order at the end, so the
 // result is the same whichever thread ran a chunk.
 //
@@ -75,6 +76,20 @@ struct Geom {
     return ((bi * d + z) * h + y) * w;
   }
 };
+
+// Rows computed together. A kernel larger than kKernelInL2 floats (1 MiB, about half
+// an L2 cache) does not stay in L2 from one row to the next; then rows are grouped so
+// that each block of the kernel (forward pass) or of its gradient, once in L1 or in
+// registers, serves at least kGroupPixels output pixels: a 16-pixel row of a
+// 256-channel layer would otherwise sweep 2.4 MB of kernel per row. Smaller kernels go
+// row by row.
+constexpr int64_t kKernelInL2 = 1 << 18;
+constexpr int64_t kGroupPixels = 128;
+
+int64_t row_group(const Geom& s) {
+  if (s.kd * s.kh * s.kw * s.c * s.o <= kKernelInL2) return 1;
+  return std::max<int64_t>(1, kGroupPixels / std::max<int64_t>(1, s.w));
+}
 
 // ---------------------------------------------------------------------------------
 // Kernel gradient.
@@ -131,9 +146,104 @@ void row_product(const float* xrow, const float* grow, int64_t n, int64_t c,
   }
 }
 
+// A run of pixels that contributes to one tap of the kernel gradient: n input pixels
+// (stride c) against n output-gradient pixels (stride o).
+struct Segment {
+  const float* x;
+  const float* g;
+  int64_t n;
+};
+
+// acc[m][v] = sum over the segments' pixels p of x[p * c + m] * g[p * o + 16 v]: an
+// MC x (16 NV) tile of X^T G, held in registers over all the segments, then added
+// into dk (row stride o) once.
+template <int MC, int NV>
+inline void seg_tile(const Segment* segs, int64_t nseg, int64_t c0, int64_t o0,
+                 int64_t c, int64_t o, float* dk) {
+  v16 acc[MC][NV];
+  for (int m = 0; m < MC; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = v16{};
+  for (int64_t sg = 0; sg < nseg; ++sg) {
+    const float* xrow = segs[sg].x + c0;
+    const float* grow = segs[sg].g + o0;
+    for (int64_t p = 0; p < segs[sg].n; ++p) {
+      v16 gv[NV];
+      for (int v = 0; v < NV; ++v) gv[v] = load16(grow + p * o + 16 * v);
+      const float* xp = xrow + p * c;
+      for (int m = 0; m < MC; ++m) {
+        const float s = xp[m];
+        for (int v = 0; v < NV; ++v) acc[m][v] += s * gv[v];
+      }
+    }
+  }
+  for (int m = 0; m < MC; ++m)
+    for (int v = 0; v < NV; ++v) add16(dk + (c0 + m) * o + o0 + 16 * v, acc[m][v]);
+}
+
+// Input channels [c0, c1): tiles of MC channels, then the remainder in smaller tiles.
+template <int MC, int NV>
+inline void seg_tiles_over_c(const Segment* segs, int64_t nseg, int64_t c0, int64_t c1,
+                         int64_t o0, int64_t c, int64_t o, float* dk) {
+  for (; c0 + MC <= c1; c0 += MC) seg_tile<MC, NV>(segs, nseg, c0, o0, c, o, dk);
+  if constexpr (MC > 1) {
+    if (c0 < c1) seg_tiles_over_c<MC / 2, NV>(segs, nseg, c0, c1, o0, c, o, dk);
+  }
+}
+
+// dk[c, o] += sum over the segments' pixels p of x[p, c] g[p, o].
+void segments_product(const Segment* segs, int64_t nseg, int64_t c, int64_t o,
+                      float* dk) {
+  int64_t o0 = 0;
+  for (; o0 + 32 <= o; o0 += 32) seg_tiles_over_c<MC2, 2>(segs, nseg, 0, c, o0, c, o, dk);
+  for (; o0 + 16 <= o; o0 += 16) seg_tiles_over_c<MC1, 1>(segs, nseg, 0, c, o0, c, o, dk);
+  if (o0 < o) {  // fewer than 16 output channels left: plain loops.
+    for (int64_t sg = 0; sg < nseg; ++sg)
+      for (int64_t p = 0; p < segs[sg].n; ++p)
+        for (int64_t ci = 0; ci < c; ++ci) {
+          const float s = segs[sg].x[p * c + ci];
+          for (int64_t oi = o0; oi < o; ++oi)
+            dk[ci * o + oi] += s * segs[sg].g[p * o + oi];
+        }
+  }
+}
+
+// `wgrad_rows` for kernels too large for L2: rows in groups (`row_group`); for each
+// tap, the group's rows are one list of segments, so each register tile of dK is
+// loaded and stored once per group rather than once per row. (Row by row, the
+// simpler loop of `wgrad_rows` measured faster.)
+void wgrad_row_groups(const float* x, const float* g, const Geom& s, int64_t r0,
+                      int64_t r1, int64_t group, float* dk) {
+  std::vector<Segment> segs(std::min(group, r1 - r0));
+  for (int64_t g0 = r0; g0 < r1; g0 += group) {
+    const int64_t g1 = std::min(r1, g0 + group);
+    for (int64_t a = 0; a < s.kd; ++a)
+      for (int64_t i = 0; i < s.kh; ++i)
+        for (int64_t j = 0; j < s.kw; ++j) {
+          // Output pixels p with input column p + j - pw inside [0, W).
+          const int64_t shift = j - s.pw;
+          const int64_t p0 = std::max<int64_t>(0, -shift);
+          const int64_t p1 = std::min<int64_t>(s.w, s.w - shift);
+          if (p1 <= p0) continue;
+          int64_t nseg = 0;
+          for (int64_t r = g0; r < g1; ++r) {
+            const int64_t bi = r / (s.d * s.h), z = r / s.h % s.d, y = r % s.h;
+            const int64_t zz = z + a - s.pd, yy = y + i - s.ph;
+            if (zz < 0 || zz >= s.d || yy < 0 || yy >= s.h) continue;
+            segs[nseg++] = {x + (s.row_offset(bi, zz, yy) + p0 + shift) * s.c,
+                            g + (r * s.w + p0) * s.o, p1 - p0};
+          }
+          if (nseg > 0)
+            segments_product(segs.data(), nseg, s.c, s.o,
+                             dk + ((a * s.kh + i) * s.kw + j) * s.c * s.o);
+        }
+  }
+}
+
 // Adds the contribution of output rows [r0, r1) (row r = (b * D + z) * H + y) into dk.
 void wgrad_rows(const float* x, const float* g, const Geom& s, int64_t r0, int64_t r1,
                 float* dk) {
+  const int64_t group = row_group(s);
+  if (group > 1) return wgrad_row_groups(x, g, s, r0, r1, group, dk);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t bi = r / (s.d * s.h), z = r / s.h % s.d, y = r % s.h;
     const float* grow_all = g + r * s.w * s.o;
@@ -289,18 +399,6 @@ std::pair<int64_t, int64_t> channel_blocks(int64_t c, int64_t taps, int64_t tile
   return {block, std::max<int64_t>(1, (c + block / 2) / block)};
 }
 
-// Rows computed together. A kernel larger than kKernelInL2 floats (1 MiB, about half
-// an L2 cache) does not stay in L2 from one row to the next; then rows are grouped
-// so that each block of the kernel, once in L1, serves at least kGroupPixels output
-// pixels (a 16-pixel row of a 256-channel layer would otherwise reload 2.4 MB of
-// kernel per row). A smaller kernel is served row by row.
-constexpr int64_t kKernelInL2 = 1 << 18;
-constexpr int64_t kGroupPixels = 128;
-
-int64_t row_group(const Geom& s) {
-  if (s.kd * s.kh * s.kw * s.c * s.o <= kKernelInL2) return 1;
-  return std::max<int64_t>(1, kGroupPixels / std::max<int64_t>(1, s.w));
-}
 
 // What one output row reads: its row taps and the padded copies of its edges.
 struct RowInput {
