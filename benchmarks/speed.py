@@ -61,7 +61,8 @@ QUICK_CASES = {
 # Every UNet speed switch off: the plain XLA formulation.
 PLAIN = dict(transpose_as_matmul=False, conv3d_as_2d=False,
              pointwise_as_matmul=False, conv_weight_grad='xla',
-             native_conv_forward=False, pool_as_reshape=False)
+             native_conv_forward=False, pool_as_reshape=False,
+             native_pool=False)
 
 # name: (arm A, arm B). An arm is JAX with UNet keyword overrides ('kwargs'), extra
 # XLA_FLAGS ('xla_flags') and/or no buffer donation ('donate': False). B vs A.
@@ -78,6 +79,7 @@ LEVERS = {
     # The native forward pass and input gradient, on top of the native kernel grad.
     'native_forward': ({'kwargs': {'native_conv_forward': False}}, {}),
     'pool_as_reshape': ({}, {'kwargs': {'pool_as_reshape': True}}),
+    'native_pool': ({'kwargs': {'native_pool': False}}, {}),
     'all_switches': ({'kwargs': PLAIN}, {}),
     'xnnpack': ({}, {'xla_flags': '--xla_cpu_use_xnnpack=true'}),
     'onednn_custom_call': (

@@ -122,3 +122,44 @@ def test_profile_step_finds_the_native_kernels_in_the_default_step(tmp_path):
   # than conv.NATIVE_MIN_TILED_CHANNELS channels, keep XLA's convolutions.
   assert by_kind['native kernel grad'] > 0, by_kind
   assert by_kind['conv forward (XLA)'] > 0, by_kind
+
+
+def test_native_ab_sources_quick_run(tmp_path):
+  # The same source against itself: both builds load side by side under their own
+  # target names, agree, and every shape gets a rate for each part.
+  source = os.path.join(ROOT, 'unet_jax', 'native', 'conv.cc')
+  out = tmp_path / 'ab.json'
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'benchmarks', 'native_ab.py'),
+       '--sources', source, source, '--quick', '--repeats=1', f'--out={out}'],
+      cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
+      text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads(out.read_text())
+  assert [row['name'] for row in rows] == ['quick 2d', 'quick 3d']
+  for row in rows:
+    for part in ('forward', 'kernel_grad'):
+      assert row[part]['a'] > 0 and row[part]['b'] > 0
+
+
+def test_native_ab_trees_quick_run(tmp_path):
+  out = tmp_path / 'trees.json'
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'benchmarks', 'native_ab.py'),
+       '--trees', ROOT, ROOT, '--cases=2d_quick', '--rounds=1', '--steps=1',
+       '--warmup=0', f'--out={out}'],
+      cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
+      text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())['2d_quick']
+  assert result['a_ms'] > 0 and result['b_ms'] > 0
+
+
+def test_native_ab_names_a_missing_source(tmp_path):
+  missing = tmp_path / 'nope.cc'
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'benchmarks', 'native_ab.py'),
+       '--sources', str(missing), str(missing)],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert str(missing) in proc.stderr

@@ -406,13 +406,22 @@ def test_pointwise_as_matmul(x_shape, k_shape):
     _assert_close(g, w, jnp.float32)
 
 
+POOLS = {'reshape': conv.max_pool_as_reshape, 'native': conv.max_pool_native}
+
+
+@pytest.mark.parametrize('pool', sorted(POOLS))
 @pytest.mark.parametrize('shape, window, dtype', [
     ((2, 6, 10, 3), (2, 2), jnp.float32),
     ((1, 4, 6, 8, 2), (2, 2, 2), jnp.float32),
     ((1, 3, 4, 6, 2), (1, 2, 2), jnp.float32),   # in-plane pooling in 3D
     ((2, 6, 10, 3), (2, 2), jnp.bfloat16),
+    ((1, 6, 4, 37), (3, 2), jnp.float32),        # 6 positions, 37 channels
 ])
-def test_max_pool_as_reshape_equals_max_pool(shape, window, dtype):
+def test_max_pool_formulations_equal_max_pool(shape, window, dtype, pool):
+  if pool == 'native' and dtype != jnp.float32:
+    with pytest.raises(ValueError, match='float32'):
+      conv.max_pool_native(jnp.ones(shape, dtype), window)
+    return
   # Integers from a small range: many ties within windows, incl. all-zero windows
   # (as after a ReLU). The gradients must agree exactly, ties included.
   x = jax.random.randint(jax.random.key(0), shape, -1, 3).astype(dtype)
@@ -423,16 +432,32 @@ def test_max_pool_as_reshape_equals_max_pool(shape, window, dtype):
   def run(pool):
     loss = lambda x: jnp.sum(pool(x).astype(jnp.float32) * probe)
     return jax.jit(lambda x: (pool(x), jax.grad(loss)(x)))(x)
-  got = run(lambda x: conv.max_pool_as_reshape(x, window))
+  got = run(lambda x: POOLS[pool](x, window))
   want = run(lambda x: nn.max_pool(x, window, strides=window, padding='VALID'))
   for g, w in zip(got, want):
     assert g.dtype == w.dtype
     np.testing.assert_array_equal(g, w)
 
 
-def test_max_pool_as_reshape_rejects_a_partial_window():
+def test_native_max_pool_by_hand():
+  # One 2 x 2 window per channel: the max, where it is (first in row-major order on a
+  # tie), and a NaN anywhere in a window is its max, as with lax.max.
+  x = np.array([[1, 3], [3, 2]], np.float32)[None, :, :, None]
+  x = np.concatenate([x, np.zeros_like(x), x], axis=-1)
+  x[0, 1, 0, 2] = np.nan
+  y, index = native_kernels.max_pool(x, (2, 2))
+  np.testing.assert_array_equal(y[0, 0, 0], [3, 0, np.nan])
+  np.testing.assert_array_equal(index[0, 0, 0], [1, 0, 2])
+  dx = native_kernels.max_pool_grad(jnp.full((1, 1, 1, 3), 5.0), index, (2, 2))
+  want = np.zeros((1, 2, 2, 3), np.float32)
+  want[0, 0, 1, 0] = want[0, 0, 0, 1] = want[0, 1, 0, 2] = 5.0
+  np.testing.assert_array_equal(dx, want)
+
+
+@pytest.mark.parametrize('pool', sorted(POOLS))
+def test_max_pool_formulations_reject_a_partial_window(pool):
   with pytest.raises(ValueError, match='multiple of the window'):
-    conv.max_pool_as_reshape(jnp.ones((1, 5, 4, 1)), (2, 2))
+    POOLS[pool](jnp.ones((1, 5, 4, 1)), (2, 2))
 
 
 def test_other_convolutions_fall_back_to_xla():
@@ -468,13 +493,14 @@ def test_resolve_follows_the_backend():
 
 ALL_OFF = dict(transpose_as_matmul=False, conv3d_as_2d=False,
                pointwise_as_matmul=False, conv_weight_grad='xla',
-               native_conv_forward=False, pool_as_reshape=False)
+               native_conv_forward=False, pool_as_reshape=False, native_pool=False)
 ALL_ON = dict(transpose_as_matmul=True, conv3d_as_2d=True,
-              pointwise_as_matmul=True, pool_as_reshape=True)
+              pointwise_as_matmul=True)
 
 
-@pytest.mark.parametrize('weight_grad', ['gemm', 'native'])
-@pytest.mark.parametrize('native_forward', [False, True])
+@pytest.mark.parametrize('weight_grad, native_forward, pooling', [
+    ('gemm', False, 'reshape'), ('gemm', True, 'native'), ('native', False, 'reshape'),
+    ('native', True, 'native')])
 @pytest.mark.parametrize('shape, kwargs', [
     ((2, 12, 20, 1), dict(upsample='transpose')),
     ((1, 4, 8, 12, 2), dict(upsample='bilinear',
@@ -482,10 +508,13 @@ ALL_ON = dict(transpose_as_matmul=True, conv3d_as_2d=True,
                             pool_sizes=[(1, 2, 2)])),
     ((1, 4, 4, 8, 1), dict(upsample='transpose')),
 ])
-def test_unet_with_switches_on_equals_off(shape, kwargs, weight_grad, native_forward):
+def test_unet_with_switches_on_equals_off(shape, kwargs, weight_grad, native_forward,
+                                         pooling):
   off = models.UNet(num_classes=3, features=4, depth=1, **kwargs, **ALL_OFF)
   on = models.UNet(num_classes=3, features=4, depth=1, **kwargs, **ALL_ON,
-                   conv_weight_grad=weight_grad, native_conv_forward=native_forward)
+                   conv_weight_grad=weight_grad, native_conv_forward=native_forward,
+                   pool_as_reshape=pooling == 'reshape',
+                   native_pool=pooling == 'native')
   x = jax.random.normal(jax.random.key(0), shape)
   init = lambda m: jax.jit(m.init).lower(jax.random.key(1), x).compile(
       compiler_options={'xla_backend_optimization_level': 0})(jax.random.key(1), x)

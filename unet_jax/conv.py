@@ -89,6 +89,9 @@ CPU_WEIGHT_GRAD = {2: 'native', 3: 'native'}
 # whole train step, 2D once narrow images were left to XLA (`NATIVE_MIN_WIDTH`;
 # benchmarks/RESULTS.md).
 CPU_NATIVE_FORWARD = {2: True, 3: True}
+# Whether `models.UNet` max-pools by the native kernel (`max_pool_native`) by default
+# where the native kernel gradient is the default (benchmarks/RESULTS.md).
+CPU_NATIVE_POOL = True
 
 
 def resolve(switch: bool | None) -> bool:
@@ -563,3 +566,32 @@ def _max_pool_bwd(window, x, g):
 
 
 max_pool_as_reshape.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def max_pool_native(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
+  """`nn.max_pool(x, window, strides=window, padding='VALID')` by the native kernel.
+
+  The same values and gradient as `nn.max_pool` (ties: all of a window's gradient to
+  its first maximum in row-major order), float32 only: the forward kernel keeps each
+  window's first maximum as a uint8 index, and the gradient scatters to it.
+  XLA:CPU instead builds that gradient from one int32 index tensor per spatial axis
+  (`benchmarks/RESULTS.md`).
+
+  Args:
+    x: `[N, *spatial, C]`, float32, each spatial size a multiple of its window.
+    window: one size per spatial axis.
+  """
+  return native_kernels.max_pool(x, tuple(window))[0]
+
+
+def _max_pool_native_fwd(x, window):
+  y, index = native_kernels.max_pool(x, tuple(window))
+  return y, index
+
+
+def _max_pool_native_bwd(window, index, g):
+  return (native_kernels.max_pool_grad(g, index, tuple(window)),)
+
+
+max_pool_native.defvjp(_max_pool_native_fwd, _max_pool_native_bwd)

@@ -80,8 +80,8 @@ def export_predict_fn(
                              pool_sizes=model.pool_sizes))
   if hasattr(model, 'native_conv_forward'):
     # The exported program must run on any machine: no call into this machine's
-    # native CPU kernel, an FFI target the loading process would not have.
-    model = model.clone(native_conv_forward=False)
+    # native CPU kernels, FFI targets the loading process would not have.
+    model = model.clone(native_conv_forward=False, native_pool=False)
   variables = jax.tree.map(jnp.asarray, variables)
 
   def predict(images):

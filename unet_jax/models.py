@@ -254,7 +254,9 @@ class UNet(nn.Module):
       `conv.CPU_NATIVE_FORWARD` names).
       pool_as_reshape: max pooling as a reshape and a max, with `nn.max_pool`'s
       gradient (`conv.max_pool_as_reshape`); off by default everywhere, as it did
-      not win on the CPU (benchmarks/RESULTS.md). They change
+      not win on the CPU (benchmarks/RESULTS.md). native_pool: float32 max pooling
+      by the native kernel (`conv.max_pool_native`; None: where the native kernel
+      gradient is the default, if `conv.CPU_NATIVE_POOL`). They change
       neither the parameters (names, shapes, dtypes, initialisation) nor the function
       beyond float rounding. None picks the default for `jax.default_backend()`: on
       for the CPU where benchmarks/RESULTS.md shows a win, off (plain XLA) on GPU and
@@ -281,6 +283,7 @@ class UNet(nn.Module):
   conv_weight_grad: str | None = None
   native_conv_forward: bool | None = None
   pool_as_reshape: bool = False
+  native_pool: bool | None = None
 
   def _conv_fn(self):
     """The convolution function for nn.Conv (None: lax.conv_general_dilated)."""
@@ -304,6 +307,17 @@ class UNet(nn.Module):
         pointwise_as_matmul=pointwise, native_forward=forward_2d,
         native_forward_3d=forward_3d)
 
+  def _max_pool(self, x: jax.Array, window: tuple[int, ...]) -> jax.Array:
+    if self.pool_as_reshape:
+      return conv_lib.max_pool_as_reshape(x, window)
+    native = self.native_pool
+    if native is None:  # with the native convolution kernels, as conv.CPU_NATIVE_POOL says
+      native = (conv_lib.CPU_NATIVE_POOL
+                and conv_lib.default_weight_grad(x.ndim - 2) == 'native')
+    if native and x.dtype == jnp.float32:
+      return conv_lib.max_pool_native(x, window)
+    return nn.max_pool(x, window, strides=window, padding='VALID')
+
   def _check(self, x: jax.Array) -> int:
     if x.ndim not in (4, 5):
       raise ValueError(
@@ -322,7 +336,8 @@ class UNet(nn.Module):
       raise ValueError(
           f'conv_weight_grad={self.conv_weight_grad!r} is not None or one of'
           f' {conv_lib.WEIGHT_GRADS}.')
-    if self.conv_weight_grad == 'native' or self.native_conv_forward:
+    if (self.conv_weight_grad == 'native' or self.native_conv_forward
+        or self.native_pool):
       # Asked for by name: an error that says why it cannot be built, not a fallback.
       native_kernels.ensure_available()
     if not 0 <= self.deep_supervision < self.depth:
@@ -354,10 +369,7 @@ class UNet(nn.Module):
     for level in range(self.depth):
       x = block(self.features * 2**level, kernels[level], f'encoder{level}')(x)
       skips.append(x)
-      if self.pool_as_reshape:
-        x = conv_lib.max_pool_as_reshape(x, tuple(pools[level]))
-      else:
-        x = nn.max_pool(x, pools[level], strides=pools[level], padding='VALID')
+      x = self._max_pool(x, tuple(pools[level]))
 
     x = block(self.features * 2**self.depth, kernels[self.depth], 'bottleneck')(x)
     if self.dropout > 0:

@@ -7,6 +7,9 @@ matrix-product rate (benchmarks/RESULTS.md, "Train step against the same network
 PyTorch"). They read the input in place, skipping taps outside it, so neither a
 padded copy nor, in 3D, a copy with the depth neighbours on the channel axis is
 made. `unet_jax.conv` uses them as `weight_grad='native'` and `native_forward=True`.
+Also max pooling over windows that tile the input (`max_pool`), which keeps the
+index of each window's first maximum so that its gradient (`max_pool_grad`) is a
+scatter; XLA:CPU builds that gradient from an index tensor per spatial axis.
 
 Building. The source ships with the package. On first use it is compiled with the
 machine's C++ compiler (`$CXX`, else `c++`) for the CPU it runs on (`-O3
@@ -46,7 +49,9 @@ import numpy as np
 SOURCE = pathlib.Path(__file__).resolve().parent / 'native' / 'conv.cc'
 # FFI target name: symbol in the library.
 _CONV, _WGRAD = 'unet_jax_conv', 'unet_jax_conv_wgrad'
-TARGETS = {_WGRAD: 'UnetConvWgrad', _CONV: 'UnetConv'}
+_POOL, _POOL_GRAD = 'unet_jax_max_pool', 'unet_jax_max_pool_grad'
+TARGETS = {_WGRAD: 'UnetConvWgrad', _CONV: 'UnetConv', _POOL: 'UnetMaxPool',
+           _POOL_GRAD: 'UnetMaxPoolGrad'}
 FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
 
 _lock = threading.Lock()
@@ -262,3 +267,65 @@ def conv_same_input_grad(g: jax.Array, kernel: jax.Array) -> jax.Array:
             flipped.reshape((1,) * (5 - kernel.ndim) + flipped.shape),
             [_pads(k)[1] for k in spatial])
   return dx.reshape(g.shape[:-1] + kernel.shape[-2:-1])
+
+
+def _pool_window(x, window, name):
+  window = tuple(int(w) for w in window)
+  if len(window) != x.ndim - 2 or any(w < 1 for w in window):
+    raise ValueError(f'{name}: window {window} must have one positive size per spatial'
+                     f' axis of {x.shape}.')
+  if any(size % w for size, w in zip(x.shape[1:-1], window)):
+    raise ValueError(f'{name}: spatial shape {x.shape[1:-1]} is not a multiple of the'
+                     f' window {window}.')
+  return (1,) * (3 - len(window)) + window
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def max_pool(x: jax.Array, window: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """`nn.max_pool(x, window, strides=window, padding='VALID')`, and where each max is.
+
+  Args:
+    x: `[N, H, W, C]` or `[N, D, H, W, C]`, float32, each spatial size a multiple of
+      its window.
+    window: one size per spatial axis, at most 255 positions in all.
+
+  Returns:
+    `(y, index)`: the pooled `[N, H/wh, W/ww, C]` (or 3D), and, as uint8 of the same
+    shape, each window's first maximum in row-major order (NaN counts as the maximum).
+  """
+  _check(x, x.ndim, 'max_pool', x)
+  pads = _pool_window(x, window, 'max_pool')
+  x5 = _to_3d(x)
+  pooled = tuple(s // w for s, w in zip(x5.shape[1:4], pads))
+  shape = x5.shape[:1] + pooled + x5.shape[-1:]
+  y, index = jax.ffi.ffi_call(
+      _POOL, (jax.ShapeDtypeStruct(shape, jnp.float32),
+              jax.ShapeDtypeStruct(shape, jnp.uint8)), vmap_method='sequential')(
+                  x5, wd=np.int64(pads[0]), wh=np.int64(pads[1]), ww=np.int64(pads[2]))
+  out_shape = x.shape[:1] + tuple(s // w for s, w in zip(x.shape[1:-1], window)) + (
+      x.shape[-1],)
+  return y.reshape(out_shape), index.reshape(out_shape)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def max_pool_grad(g: jax.Array, index: jax.Array,
+                  window: tuple[int, ...]) -> jax.Array:
+  """dL/dx of `max_pool(x, window)[0]` given its output gradient `g` and `index`.
+
+  Each window's gradient goes to its first maximum (`index`), the rest is zero: the
+  gradient of `nn.max_pool`.
+  """
+  _check(g, g.ndim, 'max_pool_grad', g)
+  if index.shape != g.shape or index.dtype != jnp.uint8:
+    raise ValueError(f'max_pool_grad: index {index.shape} {index.dtype} must be uint8'
+                     f' of the shape of g {g.shape}.')
+  window = tuple(int(w) for w in window)
+  x_shape = g.shape[:1] + tuple(s * w for s, w in zip(g.shape[1:-1], window)) + (
+      g.shape[-1],)
+  pads = (1,) * (3 - len(window)) + window
+  x5_shape = ((x_shape[0], 1) + x_shape[1:]) if len(x_shape) == 4 else x_shape
+  dx = jax.ffi.ffi_call(_POOL_GRAD, jax.ShapeDtypeStruct(x5_shape, jnp.float32),
+                        vmap_method='sequential')(
+      _to_3d(g), _to_3d(index), wd=np.int64(pads[0]), wh=np.int64(pads[1]),
+      ww=np.int64(pads[2]))
+  return dx.reshape(x_shape)

@@ -557,6 +557,63 @@ int64_t num_wgrad_chunks(ffi::ThreadPool& pool, int64_t nrows, int64_t width) {
 }
 
 // ---------------------------------------------------------------------------------
+// Max pooling over windows (wd, wh, ww) that tile the input exactly, with the index
+// of each window's first maximum in row-major order (nn.max_pool's gradient rule),
+// so that the gradient is a scatter of g to those positions. A NaN is the maximum
+// of any window it is in (the first NaN, as lax.max propagates it).
+
+struct PoolGeom {
+  int64_t b, d, h, w, c, wd, wh, ww;
+  int64_t od() const { return d / wd; }
+  int64_t oh() const { return h / wh; }
+  int64_t ow() const { return w / ww; }
+  int64_t out_rows() const { return b * od() * oh(); }
+  // Input pixel (window position q of output pixel (r, xo)), as an offset in pixels.
+  int64_t in_pixel(int64_t r, int64_t xo, int64_t q) const {
+    const int64_t bi = r / (od() * oh()), zo = r / oh() % od(), yo = r % oh();
+    const int64_t a = q / (wh * ww), i = q / ww % wh, j = q % ww;
+    return ((bi * d + zo * wd + a) * h + yo * wh + i) * w + xo * ww + j;
+  }
+};
+
+void pool_rows(const float* x, float* y, uint8_t* idx, const PoolGeom& s, int64_t r0,
+               int64_t r1) {
+  const int64_t window = s.wd * s.wh * s.ww;
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t xo = 0; xo < s.ow(); ++xo) {
+      float* best = y + (r * s.ow() + xo) * s.c;
+      uint8_t* arg = idx + (r * s.ow() + xo) * s.c;
+      const float* first = x + s.in_pixel(r, xo, 0) * s.c;
+      for (int64_t ci = 0; ci < s.c; ++ci) {
+        best[ci] = first[ci];
+        arg[ci] = 0;
+      }
+      for (int64_t q = 1; q < window; ++q) {
+        const float* v = x + s.in_pixel(r, xo, q) * s.c;
+        for (int64_t ci = 0; ci < s.c; ++ci) {
+          const bool take = best[ci] == best[ci] && (v[ci] > best[ci] || v[ci] != v[ci]);
+          best[ci] = take ? v[ci] : best[ci];
+          arg[ci] = take ? static_cast<uint8_t>(q) : arg[ci];
+        }
+      }
+    }
+}
+
+void pool_grad_rows(const float* g, const uint8_t* idx, float* dx, const PoolGeom& s,
+                    int64_t r0, int64_t r1) {
+  const int64_t window = s.wd * s.wh * s.ww;
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t xo = 0; xo < s.ow(); ++xo) {
+      const float* gv = g + (r * s.ow() + xo) * s.c;
+      const uint8_t* arg = idx + (r * s.ow() + xo) * s.c;
+      for (int64_t q = 0; q < window; ++q) {
+        float* out = dx + s.in_pixel(r, xo, q) * s.c;
+        for (int64_t ci = 0; ci < s.c; ++ci) out[ci] = arg[ci] == q ? gv[ci] : 0.0f;
+      }
+    }
+}
+
+// ---------------------------------------------------------------------------------
 // FFI handlers.
 
 // The call's sizes from x [B, D, H, W, C], the kernel [KD, KH, KW, C, O] and the
@@ -616,6 +673,52 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// x [B, D, H, W, C] and the pooled shape [B, D/wd, H/wh, W/ww, C] of y, idx or g.
+ffi::Error pool_geometry(const char* name, ffi::Span<const int64_t> xd,
+                         ffi::Span<const int64_t> yd, int64_t wd, int64_t wh,
+                         int64_t ww, PoolGeom* s) {
+  if (xd.size() != 5 || yd.size() != 5)
+    return ffi::Error::InvalidArgument(std::string(name) + ": operands must be rank 5");
+  if (wd < 1 || wh < 1 || ww < 1 || wd * wh * ww > 255)
+    return ffi::Error::InvalidArgument(std::string(name) +
+                                       ": windows of 1 to 255 positions");
+  *s = PoolGeom{xd[0], xd[1], xd[2], xd[3], xd[4], wd, wh, ww};
+  if (s->d % wd || s->h % wh || s->w % ww || yd[0] != s->b || yd[1] != s->od() ||
+      yd[2] != s->oh() || yd[3] != s->ow() || yd[4] != s->c)
+    return ffi::Error::InvalidArgument(std::string(name) + ": shapes do not agree");
+  return ffi::Error::Success();
+}
+
+ffi::Error MaxPoolImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                       ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::U8> idx,
+                       int64_t wd, int64_t wh, int64_t ww) {
+  PoolGeom s;
+  ffi::Error error = pool_geometry("max_pool", x.dimensions(), y->dimensions(), wd, wh,
+                                   ww, &s);
+  if (error.failure()) return error;
+  const float* xv = x.typed_data();
+  float* yv = y->typed_data();
+  uint8_t* iv = idx->typed_data();
+  parallel_rows(pool, s.out_rows(), num_chunks(pool, s.out_rows()),
+                [&](int64_t, int64_t r0, int64_t r1) { pool_rows(xv, yv, iv, s, r0, r1); });
+  return ffi::Error::Success();
+}
+
+ffi::Error MaxPoolGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
+                           ffi::Buffer<ffi::U8> idx, ffi::ResultBuffer<ffi::F32> dx,
+                           int64_t wd, int64_t wh, int64_t ww) {
+  PoolGeom s;
+  ffi::Error error = pool_geometry("max_pool_grad", dx->dimensions(), g.dimensions(),
+                                   wd, wh, ww, &s);
+  if (error.failure()) return error;
+  const float* gv = g.typed_data();
+  const uint8_t* iv = idx.typed_data();
+  float* dv = dx->typed_data();
+  parallel_rows(pool, s.out_rows(), num_chunks(pool, s.out_rows()),
+                [&](int64_t, int64_t r0, int64_t r1) { pool_grad_rows(gv, iv, dv, s, r0, r1); });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetConv, ConvImpl,
@@ -637,3 +740,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetConvWgrad, ConvWgradImpl,
                                   .Attr<int64_t>("pad_d")
                                   .Attr<int64_t>("pad_h")
                                   .Attr<int64_t>("pad_w"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetMaxPool, MaxPoolImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::U8>>()
+                                  .Attr<int64_t>("wd")
+                                  .Attr<int64_t>("wh")
+                                  .Attr<int64_t>("ww"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetMaxPoolGrad, MaxPoolGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("wd")
+                                  .Attr<int64_t>("wh")
+                                  .Attr<int64_t>("ww"));
