@@ -52,6 +52,9 @@ each is a switch on `unet_jax.models.UNet`:
   XLA's (folded, in 3D).
 - **Max pooling as a reshape and a max** (`max_pool_as_reshape`), with `nn.max_pool`'s
   gradient. Off by default.
+- **Native max pooling** (`max_pool_native`): the C++ kernel keeps each window's
+  first maximum, so the gradient is a scatter; `nn.max_pool`'s values and gradient,
+  float32 only.
 
 The switches are meant for the CPU: `models.UNet` turns them on only when
 `jax.default_backend() == 'cpu'` (`resolve`, `default_weight_grad`), so GPU and TPU
