@@ -178,12 +178,13 @@ def weight_grad_gemm(x: jax.Array, g: jax.Array,
 # native kernels take float32 only; other dtypes use XLA's convolutions.
 
 
-# Below these image widths, by number of spatial axes, the native kernels lose to
-# XLA's convolutions, so those convolutions keep XLA's (`benchmarks/conv_kernels.py` in
-# RESULTS.md). In 2D, XLA's forward pass and input gradient were faster on 16-wide
-# images with 256 channels, and on 8-wide ones its kernel gradient too. In 3D, where
-# XLA's alternative is the folded convolution, the native kernels tied or won on
-# every layer measured, down to 8 wide.
+# Below these image widths, by number of spatial axes, the native kernels do not beat
+# XLA's convolutions, so those convolutions keep XLA's (`benchmarks/conv_kernels.py`
+# and the levers in RESULTS.md). In 2D, on 16-wide images with 256 channels, the
+# native forward pass and input gradient tie with XLA's (and the whole step was the
+# same with either), and on 8-wide ones XLA's kernel gradient is faster too. In 3D,
+# where XLA's alternative is the folded convolution, the native kernels tied or won
+# on every layer measured, down to 8 wide.
 NATIVE_MIN_WIDTH = {2: {'forward': 32, 'kernel_grad': 16},
                     3: {'forward': 8, 'kernel_grad': 8}}
 # The native forward kernel has register tiles for 16 or more output channels, and

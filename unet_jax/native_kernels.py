@@ -269,7 +269,8 @@ def conv_same_input_grad(g: jax.Array, kernel: jax.Array) -> jax.Array:
   return dx.reshape(g.shape[:-1] + kernel.shape[-2:-1])
 
 
-def _pool_window(x, window, name):
+def _window_3d(x, window, name):
+  """The window checked against `x`, as 3 sizes (depth 1 in 2D)."""
   window = tuple(int(w) for w in window)
   if len(window) != x.ndim - 2 or any(w < 1 for w in window):
     raise ValueError(f'{name}: window {window} must have one positive size per spatial'
@@ -294,14 +295,14 @@ def max_pool(x: jax.Array, window: tuple[int, ...]) -> tuple[jax.Array, jax.Arra
     shape, each window's first maximum in row-major order (NaN counts as the maximum).
   """
   _check(x, x.ndim, 'max_pool', x)
-  pads = _pool_window(x, window, 'max_pool')
+  win = _window_3d(x, window, 'max_pool')
   x5 = _to_3d(x)
-  pooled = tuple(s // w for s, w in zip(x5.shape[1:4], pads))
+  pooled = tuple(s // w for s, w in zip(x5.shape[1:4], win))
   shape = x5.shape[:1] + pooled + x5.shape[-1:]
   y, index = jax.ffi.ffi_call(
       _POOL, (jax.ShapeDtypeStruct(shape, jnp.float32),
               jax.ShapeDtypeStruct(shape, jnp.uint8)), vmap_method='sequential')(
-                  x5, wd=np.int64(pads[0]), wh=np.int64(pads[1]), ww=np.int64(pads[2]))
+                  x5, wd=np.int64(win[0]), wh=np.int64(win[1]), ww=np.int64(win[2]))
   out_shape = x.shape[:1] + tuple(s // w for s, w in zip(x.shape[1:-1], window)) + (
       x.shape[-1],)
   return y.reshape(out_shape), index.reshape(out_shape)
@@ -322,10 +323,10 @@ def max_pool_grad(g: jax.Array, index: jax.Array,
   window = tuple(int(w) for w in window)
   x_shape = g.shape[:1] + tuple(s * w for s, w in zip(g.shape[1:-1], window)) + (
       g.shape[-1],)
-  pads = (1,) * (3 - len(window)) + window
+  win = (1,) * (3 - len(window)) + window
   x5_shape = ((x_shape[0], 1) + x_shape[1:]) if len(x_shape) == 4 else x_shape
   dx = jax.ffi.ffi_call(_POOL_GRAD, jax.ShapeDtypeStruct(x5_shape, jnp.float32),
                         vmap_method='sequential')(
-      _to_3d(g), _to_3d(index), wd=np.int64(pads[0]), wh=np.int64(pads[1]),
-      ww=np.int64(pads[2]))
+      _to_3d(g), _to_3d(index), wd=np.int64(win[0]), wh=np.int64(win[1]),
+      ww=np.int64(win[2]))
   return dx.reshape(x_shape)
