@@ -279,18 +279,18 @@ struct RowTap {
 };
 
 // Output pixels [p, p + MP) of one row, channels [o0, o0 + 16 NV) (y and each tap's
-// k already point there), summed over the row taps, the column taps [j0, j1) and
+// k already point there), summed over the row taps, the column taps j < KW and
 // input channels [c0, c1); pixel p + m, tap j reads input column p + m + j - pw. The
 // first channel block writes y, the others add to it.
 template <int MP, int NV>
-inline void fwd_tile(const RowTap* taps, int64_t ntaps, int64_t p, int64_t j0,
-                     int64_t j1, const Geom& s, int64_t c0, int64_t c1, float* y) {
+inline void fwd_tile(const RowTap* taps, int64_t ntaps, int64_t p, const Geom& s,
+                     int64_t c0, int64_t c1, float* y) {
   v16 acc[MP][NV];
   for (int m = 0; m < MP; ++m)
     for (int v = 0; v < NV; ++v)
       acc[m][v] = c0 == 0 ? v16{} : load16(y + m * s.o + 16 * v);
   for (int64_t t = 0; t < ntaps; ++t)
-    for (int64_t j = j0; j < j1; ++j) {
+    for (int64_t j = 0; j < s.kw; ++j) {
       // Pixels in groups of 8, each from its own base pointer, so that the groups
       // share the offsets m * c (m < 8) and these fit in general registers.
       const float* xr[(MP + 7) / 8];
@@ -318,7 +318,7 @@ inline void fwd_pixels(const RowTap* taps, int64_t ntaps, int64_t p, int64_t cou
                        const Geom& s, int64_t c0, int64_t c1, float* yrow) {
   int64_t done = 0;
   for (; done + MP <= count; done += MP)
-    fwd_tile<MP, NV>(taps, ntaps, p + done, 0, s.kw, s, c0, c1,
+    fwd_tile<MP, NV>(taps, ntaps, p + done, s, c0, c1,
                      yrow + (p + done) * s.o);
   if constexpr (MP > 1) {
     if (done < count)
@@ -721,25 +721,21 @@ ffi::Error MaxPoolGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetConv, ConvImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("pad_d")
-                                  .Attr<int64_t>("pad_h")
-                                  .Attr<int64_t>("pad_w"));
+// Both convolution kernels: two float32 operands, one result, the pads.
+static auto ConvBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<int64_t>("pad_d")
+      .Attr<int64_t>("pad_h")
+      .Attr<int64_t>("pad_w");
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetConvWgrad, ConvWgradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("pad_d")
-                                  .Attr<int64_t>("pad_h")
-                                  .Attr<int64_t>("pad_w"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetConv, ConvImpl, ConvBinding());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetConvWgrad, ConvWgradImpl, ConvBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetMaxPool, MaxPoolImpl,
                               ffi::Ffi::Bind()
