@@ -8,13 +8,15 @@ three parts of a 'same' convolution's train step on their own:
 - kernel gradient: `dL/dk` given `dL/dy`;
 
 once as XLA's convolutions and once as the native C++ kernel
-(`unet_jax.native_kernels`), and prints GFLOP/s (2 * pixels * taps * C * O over the
-median time of `--repeats` calls, after one warm-up). XLA's side is what the library
-falls back to: autodiff of `lax.conv_general_dilated` in 2D, the folded 2D
-convolution in 3D (`conv.conv3d_same(fold_depth=True)`; XLA's own 3D convolution is
-slower still). Both
-run in this process, one after the other, shape by shape; every native result is
-checked against XLA's to float tolerance before it is timed.
+(`unet_jax.native_kernels`), the forward pass and input gradient also as the native
+Winograd F(2x2, 3x3) kernel (`conv_same(winograd=True)`), and prints GFLOP/s (2 *
+pixels * taps * C * O over the median time of `--repeats` calls, after one warm-up;
+for Winograd too, so it is the speed of the same work, not of its fewer products).
+XLA's side is what the library falls back to: autodiff of `lax.conv_general_dilated`
+in 2D, the folded 2D convolution in 3D (`conv.conv3d_same(fold_depth=True)`; XLA's
+own 3D convolution is slower still). All run in this process, one after the other,
+shape by shape; every native result is checked against XLA's to float tolerance
+before it is timed.
 
     .venv/bin/python benchmarks/conv_kernels.py            # about 2 minutes
     .venv/bin/python benchmarks/conv_kernels.py --quick    # smoke run (tests)
@@ -66,7 +68,7 @@ def _median_seconds(fn, args, repeats):
 
 
 def measure(shape, repeats):
-  """{part: {'xla': GFLOP/s, 'native': GFLOP/s}} for one layer shape."""
+  """{part: {'xla': GFLOP/s, 'native': GFLOP/s[, 'winograd': GFLOP/s]}} for one layer."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -84,35 +86,40 @@ def measure(shape, repeats):
     if ndim == 3:
       return conv_lib.conv3d_same(x, k, fold_depth=True)
     return conv_lib.conv2d_same(x, k)
-  parts = {
-      'forward': (jax.jit(conv), jax.jit(native_kernels.conv_same), (x, k)),
-      'input_grad': (
-          jax.jit(lambda x, k, g: jax.vjp(lambda x: conv(x, k), x)[1](g)[0]),
-          jax.jit(lambda x, k, g: native_kernels.conv_same_input_grad(g, k)),
-          (x, k, g)),
-      'kernel_grad': (
-          jax.jit(lambda x, k, g: jax.vjp(lambda k: conv(x, k), k)[1](g)[0]),
-          jax.jit(lambda x, k, g: native_kernels.conv_weight_grad(x, g, (3,) * ndim)),
-          (x, k, g)),
+  fwd = native_kernels.conv_same
+  igrad = native_kernels.conv_same_input_grad
+  parts = {  # part: (args, {side: function})
+      'forward': ((x, k), {
+          'xla': jax.jit(conv), 'native': jax.jit(fwd),
+          'winograd': jax.jit(lambda x, k: fwd(x, k, winograd=True))}),
+      'input_grad': ((x, k, g), {
+          'xla': jax.jit(lambda x, k, g: jax.vjp(lambda x: conv(x, k), x)[1](g)[0]),
+          'native': jax.jit(lambda x, k, g: igrad(g, k)),
+          'winograd': jax.jit(lambda x, k, g: igrad(g, k, winograd=True))}),
+      'kernel_grad': ((x, k, g), {
+          'xla': jax.jit(lambda x, k, g: jax.vjp(lambda k: conv(x, k), k)[1](g)[0]),
+          'native': jax.jit(
+              lambda x, k, g: native_kernels.conv_weight_grad(x, g, (3,) * ndim))}),
   }
   flops = 2 * n * size**ndim * 3**ndim * c * o
   out = {}
-  for part, (xla_fn, native_fn, args) in parts.items():
-    want, got = np.asarray(xla_fn(*args)), np.asarray(native_fn(*args))
+  for part, (args, sides) in parts.items():
+    want = np.asarray(sides['xla'](*args))
     scale = float(np.abs(want).max()) + 1e-6
-    np.testing.assert_allclose(got, want, atol=1e-4 * scale, rtol=1e-4,
-                               err_msg=f'{shape[0]} {part}')
+    for name, fn in sides.items():
+      np.testing.assert_allclose(np.asarray(fn(*args)), want, atol=1e-4 * scale,
+                                 rtol=1e-4, err_msg=f'{shape[0]} {part} {name}')
     out[part] = {name: flops / _median_seconds(fn, args, repeats) / 1e9
-                 for name, fn in (('xla', xla_fn), ('native', native_fn))}
+                 for name, fn in sides.items()}
   return out
 
 
 def markdown_table(rows):
-  lines = ['| layer | N | size | C | O | forward XLA / native | input grad XLA / native'
-           ' | kernel grad XLA / native |',
+  lines = ['| layer | N | size | C | O | forward XLA / native / Winograd'
+           ' | input grad XLA / native / Winograd | kernel grad XLA / native |',
            '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
   for row in rows:
-    cells = [f'{row[p]["xla"]:.0f} / {row[p]["native"]:.0f}'
+    cells = [' / '.join(f'{v:.0f}' for v in row[p].values())
              for p in ('forward', 'input_grad', 'kernel_grad')]
     size = '×'.join([str(row['size'])] * row['ndim'])
     lines.append(f'| {row["name"]} | {row["n"]} | {size} | {row["c"]} |'
@@ -138,7 +145,8 @@ def main(argv=None):
     rows.append(dict(name=shape[0], n=shape[1], size=shape[2], ndim=shape[3],
                      c=shape[4], o=shape[5], **result))
     print(f'[{i + 1}/{len(shapes)}] {shape[0]}: ' + ', '.join(
-        f'{p} {r["xla"]:.0f} -> {r["native"]:.0f}' for p, r in result.items())
+        f'{p} ' + ' / '.join(f'{v:.0f}' for v in r.values())
+        for p, r in result.items())
         + ' GFLOP/s', flush=True)
   print()
   print(markdown_table(rows))

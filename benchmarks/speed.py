@@ -62,7 +62,7 @@ QUICK_CASES = {
 PLAIN = dict(transpose_as_matmul=False, conv3d_as_2d=False,
              pointwise_as_matmul=False, conv_weight_grad='xla',
              native_conv_forward=False, pool_as_reshape=False,
-             native_pool=False)
+             native_winograd=False, native_pool=False)
 
 # name: (arm A, arm B). An arm is JAX with UNet keyword overrides ('kwargs'), extra
 # XLA_FLAGS ('xla_flags') and/or no buffer donation ('donate': False). B vs A.
@@ -80,6 +80,7 @@ LEVERS = {
     'native_forward': ({'kwargs': {'native_conv_forward': False}}, {}),
     'pool_as_reshape': ({}, {'kwargs': {'pool_as_reshape': True}}),
     'native_pool': ({'kwargs': {'native_pool': False}}, {}),
+    'native_winograd': ({'kwargs': {'native_winograd': False}}, {}),
     'all_switches': ({'kwargs': PLAIN}, {}),
     'xnnpack': ({}, {'xla_flags': '--xla_cpu_use_xnnpack=true'}),
     'onednn_custom_call': (

@@ -26,7 +26,8 @@ def native_at_every_size(monkeypatch):
   # formulation tests exercise them (the rules themselves:
   # test_native_kernels_follow_the_size_rules).
   monkeypatch.setattr(conv, 'NATIVE_MIN_WIDTH', {
-      2: {'forward': 1, 'kernel_grad': 1}, 3: {'forward': 1, 'kernel_grad': 1}})
+      2: {'forward': 1, 'kernel_grad': 1, 'winograd': 1},
+      3: {'forward': 1, 'kernel_grad': 1, 'winograd': 1}})
   monkeypatch.setattr(conv, 'NATIVE_MIN_TILED_CHANNELS', 1)
 
 
@@ -37,8 +38,14 @@ def _natively(fn, x, kernel):
   programs = {'forward': (fn, 'unet_jax_conv'),
               'input_grad': (jax.grad(loss, argnums=0), 'unet_jax_conv'),
               'kernel_grad': (jax.grad(loss, argnums=1), 'unet_jax_conv_wgrad')}
-  return {part for part, (f, target) in programs.items()
-          if re.search(rf'@{target}\b', jax.jit(f).lower(x, kernel).as_text())}
+  found = set()
+  for part, (f, target) in programs.items():
+    text = jax.jit(f).lower(x, kernel).as_text()
+    if re.search(rf'@{target}\b', text):
+      found.add(part)
+    if part != 'kernel_grad' and re.search(r'@unet_jax_conv_winograd\b', text):
+      found.add(f'{part} (winograd)')
+  return found
 
 
 def test_native_kernels_follow_the_size_rules(monkeypatch):
@@ -63,6 +70,36 @@ def test_native_kernels_follow_the_size_rules(monkeypatch):
   k3 = jnp.ones((3, 3, 3, 16, 16))
   assert _natively(native_3d, jnp.ones((1, 2, 4, 8, 16)), k3) == every
   assert _natively(native_3d, jnp.ones((1, 2, 4, 4, 16)), k3) == set()
+
+
+def test_winograd_follows_the_size_rules(monkeypatch):
+  monkeypatch.setattr(conv, 'NATIVE_MIN_WIDTH', {
+      2: {'forward': 32, 'kernel_grad': 16, 'winograd': 16},
+      3: {'forward': 8, 'kernel_grad': 8, 'winograd': 16}})
+  monkeypatch.setattr(conv, 'NATIVE_MIN_TILED_CHANNELS', 16)
+  wino = {'forward (winograd)', 'input_grad (winograd)'}
+  fast = functools.partial(conv.conv2d_same, weight_grad='native',
+                           native_forward=True, winograd=True)
+  k = jnp.ones((3, 3, 16, 16))
+  # From 16 wide, before the direct kernel's 32; both channel counts 16 or more.
+  assert _natively(fast, jnp.ones((1, 4, 32, 16)), k) == wino | {'kernel_grad'}
+  assert _natively(fast, jnp.ones((1, 4, 16, 16)), k) == wino | {'kernel_grad'}
+  assert _natively(fast, jnp.ones((1, 4, 8, 16)), k) == set()
+  assert _natively(fast, jnp.ones((1, 4, 32, 16)), jnp.ones((3, 3, 16, 8))) == {
+      'input_grad', 'kernel_grad'}
+  assert _natively(fast, jnp.ones((1, 4, 32, 1)), jnp.ones((3, 3, 1, 16))) == {
+      'forward', 'kernel_grad'}
+  # Not a 3 x 3 kernel: the direct kernel.
+  assert _natively(fast, jnp.ones((1, 4, 32, 16)), jnp.ones((1, 3, 16, 16))) == {
+      'forward', 'input_grad', 'kernel_grad'}
+  # 3D: 3 x 3 in H and W with any depth size, from 16 wide; the direct kernel below.
+  fast_3d = functools.partial(conv.conv3d_same, weight_grad='native',
+                              native_forward=True, winograd=True)
+  assert _natively(fast_3d, jnp.ones((1, 2, 4, 16, 16)),
+                   jnp.ones((1, 3, 3, 16, 16))) == wino | {'kernel_grad'}
+  assert _natively(fast_3d, jnp.ones((1, 2, 4, 8, 16)),
+                   jnp.ones((3, 3, 3, 16, 16))) == {
+                       'forward', 'input_grad', 'kernel_grad'}
 
 
 def _plain(x, kernel):
@@ -103,11 +140,12 @@ def _assert_close(got, want, dtype):
 DTYPES = [jnp.float32, jnp.bfloat16]
 
 
-# (kernel gradient, native forward pass and input gradient)
-OWN_2D = [('gemm', False), ('native', False), ('native', True), ('xla', True)]
+# (kernel gradient, native forward pass and input gradient, Winograd)
+OWN_2D = [('gemm', False, False), ('native', False, False), ('native', True, False),
+          ('xla', True, False), ('native', True, True), ('xla', False, True)]
 
 
-@pytest.mark.parametrize('weight_grad, native_forward', OWN_2D)
+@pytest.mark.parametrize('weight_grad, native_forward, winograd', OWN_2D)
 @pytest.mark.parametrize('x_shape, k_shape, dtype', [
     ((2, 7, 9, 3), (3, 3, 3, 4), jnp.float32),     # odd sizes
     ((2, 7, 9, 3), (3, 3, 3, 4), jnp.bfloat16),
@@ -128,10 +166,10 @@ OWN_2D = [('gemm', False), ('native', False), ('native', True), ('xla', True)]
     ((2, 7, 40, 180), (3, 3, 180, 170), jnp.float32),
 ])
 def test_own_formulations_match_xla_2d(x_shape, k_shape, dtype, weight_grad,
-                                       native_forward):
+                                       native_forward, winograd):
   x, k, probe = _inputs(x_shape, k_shape, dtype)
   fast = functools.partial(conv.conv2d_same, weight_grad=weight_grad,
-                           native_forward=native_forward)
+                           native_forward=native_forward, winograd=winograd)
   got = _value_and_grads(fast, x, k, probe)
   want = _value_and_grads(_plain, x, k, probe)
   assert got[2].dtype == k.dtype and got[1].dtype == x.dtype
@@ -155,12 +193,14 @@ def test_weight_grad_gemm_hand_computed():
 
 # (fold_depth, kernel gradient, native forward pass and input gradient): every
 # formulation of a 3D convolution other than the reference (no fold, all XLA).
-OWN_3D = ([(True, w, False) for w in conv.WEIGHT_GRADS] +
-          [(True, 'native', True), (False, 'native', False), (False, 'native', True),
-           (False, 'xla', True)])
+# Winograd last (on or off).
+OWN_3D = ([(True, w, False, False) for w in conv.WEIGHT_GRADS] +
+          [(True, 'native', True, False), (False, 'native', False, False),
+           (False, 'native', True, False), (False, 'xla', True, False),
+           (False, 'native', True, True), (True, 'xla', False, True)])
 
 
-@pytest.mark.parametrize('fold_depth, weight_grad, native_forward', OWN_3D)
+@pytest.mark.parametrize('fold_depth, weight_grad, native_forward, winograd', OWN_3D)
 @pytest.mark.parametrize('x_shape, k_shape, dtype', [
     ((2, 5, 7, 9, 3), (3, 3, 3, 3, 4), jnp.float32),   # odd sizes
     ((1, 4, 6, 5, 16), (3, 3, 3, 16, 16), jnp.float32),  # the 3D benchmark's width
@@ -178,10 +218,11 @@ OWN_3D = ([(True, w, False) for w in conv.WEIGHT_GRADS] +
     ((1, 3, 4, 10, 100), (3, 3, 3, 100, 100), jnp.float32),
 ])
 def test_3d_formulations_match_xla(x_shape, k_shape, fold_depth, weight_grad,
-                                   native_forward, dtype):
+                                   native_forward, winograd, dtype):
   x, k, probe = _inputs(x_shape, k_shape, dtype)
   fast = functools.partial(conv.conv3d_same, fold_depth=fold_depth,
-                           weight_grad=weight_grad, native_forward=native_forward)
+                           weight_grad=weight_grad, native_forward=native_forward,
+                           winograd=winograd)
   got = _value_and_grads(fast, x, k, probe)
   want = _value_and_grads(_plain, x, k, probe)
   for g, w in zip(got, want):
@@ -248,6 +289,15 @@ def test_native_forward_by_definition():
           if 0 <= yy < 5 and 0 <= xi < 9:
             want[:, y, xx] += x[:, yy, xi] @ k[i, j]
   np.testing.assert_array_equal(native_kernels.conv_same(x, k), want)
+  # Winograd's F(2x2, 3x3) too: its transforms scale by 1/2 and 1/4, which stay
+  # exact on small integers. 5 x 9 leaves half tiles on the last row and column.
+  np.testing.assert_array_equal(native_kernels.conv_same(x, k, winograd=True), want)
+
+
+def test_winograd_takes_3x3_kernels_only():
+  with pytest.raises(ValueError, match=r'3 x 3 in H and W; got spatial sizes \(1, 3\)'):
+    native_kernels.conv_same(jnp.ones((1, 4, 4, 2)), jnp.ones((1, 3, 2, 16)),
+                             winograd=True)
 
 
 def _conv3d_by_loops(x, k):
@@ -290,6 +340,10 @@ def test_native_3d_by_definition():
     np.testing.assert_array_equal(native_kernels.conv_same(x, k), y)
     np.testing.assert_array_equal(native_kernels.conv_same_input_grad(g, k), dx)
     np.testing.assert_array_equal(native_kernels.conv_weight_grad(x, g, k_spatial), dk)
+    if native_kernels.winograd_suits(k_spatial):
+      np.testing.assert_array_equal(native_kernels.conv_same(x, k, winograd=True), y)
+      np.testing.assert_array_equal(
+          native_kernels.conv_same_input_grad(g, k, winograd=True), dx)
 
 
 def test_native_kernel_rejects_bad_ranks():
@@ -493,7 +547,8 @@ def test_resolve_follows_the_backend():
 
 ALL_OFF = dict(transpose_as_matmul=False, conv3d_as_2d=False,
                pointwise_as_matmul=False, conv_weight_grad='xla',
-               native_conv_forward=False, pool_as_reshape=False, native_pool=False)
+               native_conv_forward=False, native_winograd=False, pool_as_reshape=False,
+               native_pool=False)
 ALL_ON = dict(transpose_as_matmul=True, conv3d_as_2d=True,
               pointwise_as_matmul=True)
 

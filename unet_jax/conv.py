@@ -49,7 +49,10 @@ each is a switch on `unet_jax.models.UNet`:
   They read the input in place: a 3D convolution needs no fold. Float32 only, and
   only on images at least `NATIVE_MIN_WIDTH` wide (and, for the forward pass and
   input gradient, `NATIVE_MIN_TILED_CHANNELS` channels); other convolutions keep
-  XLA's (folded, in 3D).
+  XLA's (folded, in 3D). With `winograd=True` the forward pass and input gradient of
+  kernels 3 x 3 in H and W go by Winograd's F(2x2, 3x3) instead (Lavin and Gray,
+  arXiv:1509.09308): 16 multiply-adds per input and output channel for a 2 x 2 block
+  of output pixels, against 36 directly, in the same register tiles.
 - **Max pooling as a reshape and a max** (`max_pool_as_reshape`), with `nn.max_pool`'s
   gradient. Off by default.
 - **Native max pooling** (`max_pool_native`): the C++ kernel keeps each window's
@@ -92,6 +95,11 @@ CPU_WEIGHT_GRAD = {2: 'native', 3: 'native'}
 # whole train step, 2D once narrow images were left to XLA (`NATIVE_MIN_WIDTH`;
 # benchmarks/RESULTS.md).
 CPU_NATIVE_FORWARD = {2: True, 3: True}
+# Whether the native forward pass and input gradient of 3 x 3 (3 x 3 x kd)
+# convolutions use Winograd's F(2x2, 3x3) by default where the native forward pass
+# is the default: 2.25 times fewer multiply-adds; it won per layer and on the whole
+# train step (benchmarks/RESULTS.md).
+CPU_NATIVE_WINOGRAD = {2: True, 3: True}
 # Whether `models.UNet` max-pools by the native kernel (`max_pool_native`) by default
 # where the native kernel gradient is the default (benchmarks/RESULTS.md).
 CPU_NATIVE_POOL = True
@@ -172,10 +180,12 @@ def weight_grad_gemm(x: jax.Array, g: jax.Array,
   return out.astype(jnp.promote_types(x.dtype, g.dtype))
 
 
-# In the functions below `how` is `(weight_grad, native_forward, fold)`: the
+# In the functions below `how` is `(weight_grad, native_forward, fold, winograd)`: the
 # kernel-gradient formulation, whether the forward pass and the input gradient use the
-# native kernel, and whether the XLA parts of a 3D convolution fold it to 2D. The
-# native kernels take float32 only; other dtypes use XLA's convolutions.
+# native kernel, whether the XLA parts of a 3D convolution fold it to 2D, and whether
+# the forward pass and the input gradient of 3x3 kernels go by the native Winograd
+# kernel where it applies (before the direct native kernel). The native kernels take
+# float32 only; other dtypes use XLA's convolutions.
 
 
 # Below these image widths, by number of spatial axes, the native kernels do not beat
@@ -185,8 +195,8 @@ def weight_grad_gemm(x: jax.Array, g: jax.Array,
 # same with either), and on 8-wide ones XLA's kernel gradient is faster too. In 3D,
 # where XLA's alternative is the folded convolution, the native kernels tied or won
 # on every layer measured, down to 8 wide.
-NATIVE_MIN_WIDTH = {2: {'forward': 32, 'kernel_grad': 16},
-                    3: {'forward': 8, 'kernel_grad': 8}}
+NATIVE_MIN_WIDTH = {2: {'forward': 32, 'kernel_grad': 16, 'winograd': 16},
+                    3: {'forward': 8, 'kernel_grad': 8, 'winograd': 16}}
 # The native forward kernel has register tiles for 16 or more output channels, and
 # plain loops for fewer; so the forward pass needs 16 output channels and the input
 # gradient (the forward kernel with the channel axes swapped) 16 input channels.
@@ -211,6 +221,18 @@ def _native_input_grad_suits(x, g, kernel):
   """Whether the native input gradient is used for this convolution."""
   return (_is_f32(x, g, kernel) and _wide_enough(x, 'forward')
           and kernel.shape[-2] >= NATIVE_MIN_TILED_CHANNELS)
+
+
+def _winograd_suits(x, kernel):
+  """Whether the forward pass and input gradient go by Winograd's F(2x2, 3x3).
+
+  Its matrix products take the register tiles of both channel counts (at least
+  `NATIVE_MIN_TILED_CHANNELS` input and output channels), and it lost to the direct
+  kernels on images narrower than `NATIVE_MIN_WIDTH[ndim]['winograd']`.
+  """
+  return (_is_f32(x, kernel) and _wide_enough(x, 'winograd')
+          and native_kernels.winograd_suits(kernel.shape[:-2])
+          and min(kernel.shape[-2:]) >= NATIVE_MIN_TILED_CHANNELS)
 
 
 def _fold(x, kd):
@@ -253,6 +275,8 @@ def _folds(x, how):
 
 
 def _forward(x, kernel, how, precision):
+  if how[3] and _winograd_suits(x, kernel):
+    return native_kernels.conv_same(x, kernel, winograd=True)
   if how[1] and _native_forward_suits(x, kernel):
     return native_kernels.conv_same(x, kernel)
   if _folds(x, how):
@@ -263,6 +287,8 @@ def _forward(x, kernel, how, precision):
 
 
 def _input_grad(x, g, kernel, how, precision):
+  if how[3] and _is_f32(g) and _winograd_suits(x, kernel):
+    return native_kernels.conv_same_input_grad(g, kernel, winograd=True)
   if how[1] and _native_input_grad_suits(x, g, kernel):
     return native_kernels.conv_same_input_grad(g, kernel)
   if _folds(x, how):
@@ -319,7 +345,8 @@ def _check_weight_grad(weight_grad):
 
 
 def conv2d_same(x: jax.Array, kernel: jax.Array, *, weight_grad: str = 'xla',
-                native_forward: bool = False, precision: Any = None) -> jax.Array:
+                native_forward: bool = False, winograd: bool = False,
+                precision: Any = None) -> jax.Array:
   """Stride-1 'same' 2D convolution, `[N, H, W, C] x [kh, kw, C, O] -> [N, H, W, O]`.
 
   Args:
@@ -333,18 +360,23 @@ def conv2d_same(x: jax.Array, kernel: jax.Array, *, weight_grad: str = 'xla',
       `NATIVE_MIN_WIDTH` wide (and, for the forward pass and input gradient, with at
       least `NATIVE_MIN_TILED_CHANNELS` output and input channels respectively); the
       others use XLA's convolutions.
+    winograd: the forward pass and the input gradient of 3x3 kernels by the native
+      Winograd F(2x2, 3x3) kernel (`native_kernels.conv_same(winograd=True)`), on
+      float32 images at least `NATIVE_MIN_WIDTH[2]['winograd']` wide with at least
+      `NATIVE_MIN_TILED_CHANNELS` input and output channels; it takes precedence over
+      `native_forward` there.
     precision: passed to the XLA convolutions.
   """
   _check_weight_grad(weight_grad)
-  if weight_grad == 'xla' and not native_forward:
+  if weight_grad == 'xla' and not native_forward and not winograd:
     return _plain(x, kernel, precision)
-  return _conv_own_grads(x, kernel, (weight_grad, bool(native_forward), False),
-                         precision)
+  return _conv_own_grads(
+      x, kernel, (weight_grad, bool(native_forward), False, bool(winograd)), precision)
 
 
 def conv3d_same(x: jax.Array, kernel: jax.Array, *, fold_depth: bool = True,
                 weight_grad: str = 'xla', native_forward: bool = False,
-                precision: Any = None) -> jax.Array:
+                winograd: bool = False, precision: Any = None) -> jax.Array:
   """Stride-1 'same' 3D convolution, `[N, D, H, W, C] x [kd, kh, kw, C, O]`.
 
   Args:
@@ -359,16 +391,21 @@ def conv3d_same(x: jax.Array, kernel: jax.Array, *, fold_depth: bool = True,
       neighbours in place).
     native_forward: the forward pass and the input gradient by the 3D native kernel
       too. The native options apply as in `conv2d_same`.
+    winograd: as in `conv2d_same`, for kernels 3 x 3 in H and W (any depth size:
+      the depth taps are summed), on images at least
+      `NATIVE_MIN_WIDTH[3]['winograd']` wide.
     precision: passed to the XLA convolutions.
 
   Returns:
     `[N, D, H, W, O]`.
   """
   _check_weight_grad(weight_grad)
-  if not fold_depth and weight_grad != 'native' and not native_forward:
+  if (not fold_depth and weight_grad != 'native' and not native_forward
+      and not winograd):
     return _plain(x, kernel, precision)
-  return _conv_own_grads(x, kernel, (weight_grad, bool(native_forward), fold_depth),
-                         precision)
+  return _conv_own_grads(
+      x, kernel, (weight_grad, bool(native_forward), fold_depth, bool(winograd)),
+      precision)
 
 
 def _is_same_stride1(x_shape, kernel_shape, window_strides, padding, lhs_dilation,
@@ -398,6 +435,8 @@ def conv_general_dilated_fn(*, fold_depth: bool = False, weight_grad: str = 'xla
                             pointwise_as_matmul: bool = False,
                             native_forward: bool = False,
                             native_forward_3d: bool | None = None,
+                            winograd: bool = False,
+                            winograd_3d: bool | None = None,
                             ) -> Callable[..., jax.Array]:
   """A drop-in for `lax.conv_general_dilated`, for `nn.Conv(conv_general_dilated=...)`.
 
@@ -417,11 +456,16 @@ def conv_general_dilated_fn(*, fold_depth: bool = False, weight_grad: str = 'xla
       native kernel (`conv2d_same`).
     native_forward_3d: the same for folded 3D convolutions (default:
       `native_forward`).
+    winograd, winograd_3d: the forward pass and input gradient of 3x3 (3x3xkd)
+      convolutions by the native Winograd kernel (`conv2d_same`, `conv3d_same`;
+      `winograd_3d` defaults to `winograd`).
   """
   if weight_grad_3d is None:
     weight_grad_3d = weight_grad
   if native_forward_3d is None:
     native_forward_3d = native_forward
+  if winograd_3d is None:
+    winograd_3d = winograd
   for value in (weight_grad, weight_grad_3d):
     if value not in WEIGHT_GRADS:
       raise ValueError(f'weight_grad={value!r} is not one of {WEIGHT_GRADS}.')
@@ -439,12 +483,15 @@ def conv_general_dilated_fn(*, fold_depth: bool = False, weight_grad: str = 'xla
             lhs, rhs.reshape(rhs.shape[-2:]), (((lhs.ndim - 1,), (0,)), ((), ())),
             precision=precision)
       if lhs.ndim == 5:
-        if fold_depth or weight_grad_3d == 'native' or native_forward_3d:
+        if (fold_depth or weight_grad_3d == 'native' or native_forward_3d
+            or winograd_3d):
           return conv3d_same(lhs, rhs, fold_depth=True, weight_grad=weight_grad_3d,
-                             native_forward=native_forward_3d, precision=precision)
-      elif weight_grad != 'xla' or native_forward:
+                             native_forward=native_forward_3d, winograd=winograd_3d,
+                             precision=precision)
+      elif weight_grad != 'xla' or native_forward or winograd:
         return conv2d_same(lhs, rhs, weight_grad=weight_grad,
-                           native_forward=native_forward, precision=precision)
+                           native_forward=native_forward, winograd=winograd,
+                           precision=precision)
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,

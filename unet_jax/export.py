@@ -81,7 +81,8 @@ def export_predict_fn(
   if hasattr(model, 'native_conv_forward'):
     # The exported program must run on any machine: no call into this machine's
     # native CPU kernels, FFI targets the loading process would not have.
-    model = model.clone(native_conv_forward=False, native_pool=False)
+    model = model.clone(native_conv_forward=False,
+                        native_winograd=False, native_pool=False)
   variables = jax.tree.map(jnp.asarray, variables)
 
   def predict(images):

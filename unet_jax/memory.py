@@ -504,7 +504,7 @@ def largest_patch(budget_bytes: int, *, ndim: int, **kwargs) -> int | None:
 PLAIN_FORMULATION = dict(transpose_as_matmul=False, conv3d_as_2d=False,
                          pointwise_as_matmul=False, conv_weight_grad='xla',
                          native_conv_forward=False, pool_as_reshape=False,
-                         native_pool=False)
+                         native_winograd=False, native_pool=False)
 
 
 def compiled_memory(

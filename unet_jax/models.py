@@ -251,7 +251,11 @@ class UNet(nn.Module):
       single-device CPU process where it builds, else 'xla'). native_conv_forward:
       the forward pass and input gradient of those convolutions by the native
       kernel too (None: with the native kernel gradient, in the dimensionalities
-      `conv.CPU_NATIVE_FORWARD` names).
+      `conv.CPU_NATIVE_FORWARD` names). native_winograd: the forward pass and input
+      gradient of the 3x3 (3x3x3) convolutions by the native Winograd F(2x2, 3x3)
+      kernel, where they are wide enough (`conv._winograd_suits`; None: with the
+      native kernel gradient, in the dimensionalities `conv.CPU_NATIVE_WINOGRAD`
+      names).
       pool_as_reshape: max pooling as a reshape and a max, with `nn.max_pool`'s
       gradient (`conv.max_pool_as_reshape`); off by default everywhere, as it did
       not win on the CPU (benchmarks/RESULTS.md). native_pool: float32 max pooling
@@ -282,6 +286,7 @@ class UNet(nn.Module):
   pointwise_as_matmul: bool | None = None
   conv_weight_grad: str | None = None
   native_conv_forward: bool | None = None
+  native_winograd: bool | None = None
   pool_as_reshape: bool = False
   native_pool: bool | None = None
 
@@ -300,12 +305,19 @@ class UNet(nn.Module):
       forward_3d = grad_3d == 'native' and conv_lib.CPU_NATIVE_FORWARD[3]
     else:
       forward_2d = forward_3d = self.native_conv_forward
-    if (not fold and not pointwise and grad_2d == 'xla' and not forward_2d):
+    if self.native_winograd is None:
+      # With the native kernel gradient, where conv.CPU_NATIVE_WINOGRAD says so.
+      winograd_2d = grad_2d == 'native' and conv_lib.CPU_NATIVE_WINOGRAD[2]
+      winograd_3d = grad_3d == 'native' and conv_lib.CPU_NATIVE_WINOGRAD[3]
+    else:
+      winograd_2d = winograd_3d = self.native_winograd
+    if (not fold and not pointwise and grad_2d == 'xla' and not forward_2d
+        and not winograd_2d):
       return None
     return conv_lib.conv_general_dilated_fn(
         fold_depth=fold, weight_grad=grad_2d, weight_grad_3d=grad_3d,
         pointwise_as_matmul=pointwise, native_forward=forward_2d,
-        native_forward_3d=forward_3d)
+        native_forward_3d=forward_3d, winograd=winograd_2d, winograd_3d=winograd_3d)
 
   def _max_pool(self, x: jax.Array, window: tuple[int, ...]) -> jax.Array:
     if self.pool_as_reshape:
@@ -337,7 +349,7 @@ class UNet(nn.Module):
           f'conv_weight_grad={self.conv_weight_grad!r} is not None or one of'
           f' {conv_lib.WEIGHT_GRADS}.')
     if (self.conv_weight_grad == 'native' or self.native_conv_forward
-        or self.native_pool):
+        or self.native_winograd or self.native_pool):
       # Asked for by name: an error that says why it cannot be built, not a fallback.
       native_kernels.ensure_available()
     if not 0 <= self.deep_supervision < self.depth:

@@ -557,6 +557,260 @@ int64_t num_wgrad_chunks(ffi::ThreadPool& pool, int64_t nrows, int64_t width) {
 }
 
 // ---------------------------------------------------------------------------------
+// Forward pass by Winograd's minimal filtering F(2x2, 3x3) (Lavin and Gray, "Fast
+// Algorithms for Convolutional Neural Networks", 2016), for 3 x 3 kernels in H and W
+// with pads (1, 1) there ('same'); any depth taps are summed. Each 2 x 2 block of
+// output pixels ("tile") reads the 4 x 4 input pixels around it. With
+//
+//   B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+//   G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]],
+//   A^T = [[1, 1, 1, 0], [0, 1, -1, -1]],
+//
+// the tile's output is y = A^T [sum_c (B^T x_c B) * (G k_c G^T)] A (elementwise
+// product inside), for each output channel. So the sum over input channels becomes
+// 16 matrix products, one per position xi of the 4 x 4 transformed tile: M[xi] =
+// V[xi] U[xi], with V[xi] [tiles, C] the transformed input and U[xi] [C, O] the
+// transformed kernel. They take 16 multiply-adds per input and output channel for
+// 4 output pixels, where the direct kernel takes 36: 2.25 times fewer. The products
+// run in the direct kernel's register tiles (8 tiles x 32 output channels, or 16 x
+// 16). Tiles that overhang the image read zeros and store only their pixels inside.
+
+constexpr int kXi = 16;       // positions of a transformed 4 x 4 tile
+constexpr int64_t kWinoTiles = 64;  // tiles per block of products (at least)
+
+// U[a][xi][c][o] = (G k[a, :, :, c, o] G^T)[xi] for the depth taps a, entries
+// [q0, q1) of each [C, O] slice.
+void winograd_kernel(const float* k, const Geom& s, int64_t q0, int64_t q1, float* u) {
+  const int64_t co = s.c * s.o;
+  for (int64_t a = 0; a < s.kd; ++a) {
+    const float* ka = k + a * 9 * co;
+    float* ua = u + a * kXi * co;
+    for (int64_t q = q0; q < q1; ++q) {
+      float g[3][3], t[4][3];
+      for (int i = 0; i < 3; ++i)
+        for (int j = 0; j < 3; ++j) g[i][j] = ka[(i * 3 + j) * co + q];
+      for (int j = 0; j < 3; ++j) {
+        t[0][j] = g[0][j];
+        t[1][j] = 0.5f * (g[0][j] + g[1][j] + g[2][j]);
+        t[2][j] = 0.5f * (g[0][j] - g[1][j] + g[2][j]);
+        t[3][j] = g[2][j];
+      }
+      for (int i = 0; i < 4; ++i) {
+        ua[(i * 4 + 0) * co + q] = t[i][0];
+        ua[(i * 4 + 1) * co + q] = 0.5f * (t[i][0] + t[i][1] + t[i][2]);
+        ua[(i * 4 + 2) * co + q] = 0.5f * (t[i][0] - t[i][1] + t[i][2]);
+        ua[(i * 4 + 3) * co + q] = t[i][2];
+      }
+    }
+  }
+}
+
+// Sizes of the Winograd pass: tiles per row and tile rows per plane, and how many
+// tile rows of one plane make a block.
+struct WinoGeom {
+  int64_t nt, nty, rows_per_block, blocks_per_plane;
+  explicit WinoGeom(const Geom& s)
+      : nt((s.w + 1) / 2), nty((s.h + 1) / 2),
+        rows_per_block(std::min(nty, (kWinoTiles + nt - 1) / nt)),
+        blocks_per_plane((nty + rows_per_block - 1) / rows_per_block) {}
+};
+
+// Per-thread scratch, kept from call to call: the zero-padded input rows of a block,
+// V and M.
+struct WinoScratch {
+  std::vector<float> rows, v, m, spare;
+};
+
+// B^T d B for channels [ci, ci + L) of one tile: d[i][j] points at input pixel (i, j)
+// of the tile, out at V[0][tile] (positions xi_stride apart). T is a v16 or a float.
+template <typename T>
+inline void input_transform(const float* const (&d)[4][4], int64_t ci,
+                            int64_t xi_stride, float* out) {
+  auto ld = [&](int i, int j) -> T {
+    if constexpr (sizeof(T) == 4) return d[i][j][ci]; else return load16(d[i][j] + ci);
+  };
+  auto st = [&](int xi, T v) {
+    if constexpr (sizeof(T) == 4) out[xi * xi_stride + ci] = v;
+    else *reinterpret_cast<v16u*>(out + xi * xi_stride + ci) = v;
+  };
+  T r[4][4];
+  for (int j = 0; j < 4; ++j) {
+    const T d0 = ld(0, j), d1 = ld(1, j), d2 = ld(2, j), d3 = ld(3, j);
+    r[0][j] = d0 - d2;
+    r[1][j] = d1 + d2;
+    r[2][j] = d2 - d1;
+    r[3][j] = d1 - d3;
+  }
+  for (int i = 0; i < 4; ++i) {
+    st(i * 4 + 0, r[i][0] - r[i][2]);
+    st(i * 4 + 1, r[i][1] + r[i][2]);
+    st(i * 4 + 2, r[i][2] - r[i][1]);
+    st(i * 4 + 3, r[i][1] - r[i][3]);
+  }
+}
+
+// V[xi][t][c] for the tiles of tile rows [ty0, ty1) of input plane (bi, zz): the
+// block's input rows, zero-padded by one pixel (and to whole tiles), then B^T d B.
+void winograd_input(const float* x, const Geom& s, const WinoGeom& wg, int64_t bi,
+                    int64_t zz, int64_t ty0, int64_t ty1, WinoScratch* sc) {
+  const int64_t wp = 2 * wg.nt + 2, nrows = 2 * (ty1 - ty0) + 2;
+  const int64_t tiles = (ty1 - ty0) * wg.nt, c = s.c;
+  sc->rows.resize(nrows * wp * c);
+  for (int64_t r = 0; r < nrows; ++r) {
+    const int64_t yy = 2 * ty0 - 1 + r;
+    float* row = sc->rows.data() + r * wp * c;
+    if (yy < 0 || yy >= s.h) {
+      std::memset(row, 0, sizeof(float) * wp * c);
+      continue;
+    }
+    std::memset(row, 0, sizeof(float) * c);
+    std::memcpy(row + c, x + s.row_offset(bi, zz, yy) * c, sizeof(float) * s.w * c);
+    std::memset(row + (s.w + 1) * c, 0, sizeof(float) * (wp - s.w - 1) * c);
+  }
+  sc->v.resize(kXi * tiles * c);
+  const int64_t xi_stride = tiles * c;
+  for (int64_t ty = ty0; ty < ty1; ++ty)
+    for (int64_t t = 0; t < wg.nt; ++t) {
+      const int64_t tile = (ty - ty0) * wg.nt + t;
+      const float* d[4][4];
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j)
+          d[i][j] = sc->rows.data() + ((2 * (ty - ty0) + i) * wp + 2 * t + j) * c;
+      float* out = sc->v.data() + tile * c;
+      int64_t ci = 0;
+      for (; ci + 16 <= c; ci += 16) input_transform<v16>(d, ci, xi_stride, out);
+      for (; ci < c; ++ci) input_transform<float>(d, ci, xi_stride, out);
+    }
+}
+
+// m[t][o0 + 16 v] (+)= sum_c v[t * c + ci] u[ci * o + o0 + 16 v] for MP tiles t: the
+// direct kernel's register tile with one tap.
+template <int MP, int NV>
+inline void wino_tile(const float* v, const float* u, int64_t c, int64_t o, bool add,
+                      float* m) {
+  v16 acc[MP][NV];
+  for (int p = 0; p < MP; ++p)
+    for (int q = 0; q < NV; ++q) acc[p][q] = add ? load16(m + p * o + 16 * q) : v16{};
+  const float* vr[(MP + 7) / 8];
+  for (int g = 0; g < (MP + 7) / 8; ++g) vr[g] = v + 8 * g * c;
+  for (int64_t ci = 0; ci < c; ++ci) {
+    v16 uv[NV];
+    for (int q = 0; q < NV; ++q) uv[q] = load16(u + ci * o + 16 * q);
+    for (int p = 0; p < MP; ++p) {
+      const float xv = vr[p / 8][(p % 8) * c + ci];
+      for (int q = 0; q < NV; ++q) acc[p][q] += xv * uv[q];
+    }
+  }
+  for (int p = 0; p < MP; ++p)
+    for (int q = 0; q < NV; ++q)
+      *reinterpret_cast<v16u*>(m + p * o + 16 * q) = acc[p][q];
+}
+
+template <int MP, int NV>
+void wino_tiles(const float* v, const float* u, int64_t tiles, int64_t c, int64_t o,
+                bool add, float* m) {
+  int64_t t = 0;
+  for (; t + MP <= tiles; t += MP) wino_tile<MP, NV>(v + t * c, u, c, o, add, m + t * o);
+  if constexpr (MP > 1) {
+    if (t < tiles) wino_tiles<MP / 2, NV>(v + t * c, u, tiles - t, c, o, add, m + t * o);
+  }
+}
+
+// M[xi] (+)= V[xi] U[xi] for the block's tiles.
+void winograd_products(const float* v, const float* u, int64_t tiles, const Geom& s,
+                       bool add, float* m) {
+  const int64_t c = s.c, o = s.o;
+  for (int xi = 0; xi < kXi; ++xi) {
+    const float* vx = v + xi * tiles * c;
+    const float* ux = u + xi * c * o;
+    float* mx = m + xi * tiles * o;
+    int64_t o0 = 0;
+    for (; o0 + 32 <= o; o0 += 32)
+      wino_tiles<8, 2>(vx, ux + o0, tiles, c, o, add, mx + o0);
+    for (; o0 + 16 <= o; o0 += 16)
+      wino_tiles<16, 1>(vx, ux + o0, tiles, c, o, add, mx + o0);
+    for (int64_t t = 0; t < tiles; ++t)  // fewer than 16 channels left
+      for (int64_t oi = o0; oi < o; ++oi) {
+        float acc = add ? mx[t * o + oi] : 0.0f;
+        for (int64_t ci = 0; ci < c; ++ci) acc += vx[t * c + ci] * ux[ci * o + oi];
+        mx[t * o + oi] = acc;
+      }
+  }
+}
+
+// A^T m A for channels [oi, oi + L) of one tile: m at M[0][tile] (positions
+// xi_stride apart), y[i][j] at output pixel (i, j) of the tile. T: v16 or float.
+template <typename T>
+inline void output_transform(const float* m, int64_t oi, int64_t xi_stride,
+                             float* const (&y)[2][2]) {
+  auto ld = [&](int xi) -> T {
+    if constexpr (sizeof(T) == 4) return m[xi * xi_stride + oi];
+    else return load16(m + xi * xi_stride + oi);
+  };
+  auto st = [&](int i, int j, T v) {
+    if constexpr (sizeof(T) == 4) y[i][j][oi] = v;
+    else *reinterpret_cast<v16u*>(y[i][j] + oi) = v;
+  };
+  T r[2][4];
+  for (int j = 0; j < 4; ++j) {
+    const T m0 = ld(j), m1 = ld(4 + j), m2 = ld(8 + j), m3 = ld(12 + j);
+    r[0][j] = m0 + m1 + m2;
+    r[1][j] = m1 - m2 - m3;
+  }
+  for (int i = 0; i < 2; ++i) {
+    st(i, 0, r[i][0] + r[i][1] + r[i][2]);
+    st(i, 1, r[i][1] - r[i][2] - r[i][3]);
+  }
+}
+
+// y = A^T M A for the block's tiles, the pixels inside the image (those outside go
+// to a scratch pixel).
+void winograd_output(const float* m, const Geom& s, const WinoGeom& wg, int64_t bi,
+                     int64_t z, int64_t ty0, int64_t ty1, float* y, float* spare) {
+  const int64_t o = s.o, tiles = (ty1 - ty0) * wg.nt, xi_stride = tiles * o;
+  for (int64_t ty = ty0; ty < ty1; ++ty)
+    for (int64_t t = 0; t < wg.nt; ++t) {
+      const float* mt = m + ((ty - ty0) * wg.nt + t) * o;
+      float* yp[2][2];
+      for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 2; ++j) {
+          const int64_t yy = 2 * ty + i, xx = 2 * t + j;
+          yp[i][j] = yy < s.h && xx < s.w ? y + (s.row_offset(bi, z, yy) + xx) * o
+                                          : spare;
+        }
+      int64_t oi = 0;
+      for (; oi + 16 <= o; oi += 16) output_transform<v16>(mt, oi, xi_stride, yp);
+      for (; oi < o; ++oi) output_transform<float>(mt, oi, xi_stride, yp);
+    }
+}
+
+// Blocks [k0, k1) (block k: plane k / blocks_per_plane, tile rows from k %
+// blocks_per_plane), summed over the depth taps whose plane exists.
+void winograd_blocks(const float* x, const float* u, float* y, const Geom& s,
+                     const WinoGeom& wg, int64_t k0, int64_t k1) {
+  thread_local WinoScratch sc;
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t plane = k / wg.blocks_per_plane, bi = plane / s.d, z = plane % s.d;
+    const int64_t ty0 = k % wg.blocks_per_plane * wg.rows_per_block;
+    const int64_t ty1 = std::min(wg.nty, ty0 + wg.rows_per_block);
+    const int64_t tiles = (ty1 - ty0) * wg.nt;
+    sc.m.resize(kXi * tiles * s.o);
+    bool add = false;
+    for (int64_t a = 0; a < s.kd; ++a) {
+      const int64_t zz = z + a - s.pd;
+      if (zz < 0 || zz >= s.d) continue;
+      winograd_input(x, s, wg, bi, zz, ty0, ty1, &sc);
+      winograd_products(sc.v.data(), u + a * kXi * s.c * s.o, tiles, s, add,
+                        sc.m.data());
+      add = true;
+    }
+    if (!add) std::fill(sc.m.begin(), sc.m.end(), 0.0f);
+    sc.spare.resize(s.o);
+    winograd_output(sc.m.data(), s, wg, bi, z, ty0, ty1, y, sc.spare.data());
+  }
+}
+
+// ---------------------------------------------------------------------------------
 // Max pooling over windows (wd, wh, ww) that tile the input exactly, with the index
 // of each window's first maximum in row-major order (nn.max_pool's gradient rule),
 // so that the gradient is a scatter of g to those positions. A NaN is the maximum
@@ -673,6 +927,33 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+ffi::Error ConvWinogradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> y,
+                            int64_t pad_d, int64_t pad_h, int64_t pad_w) {
+  Geom s;
+  ffi::Error error = geometry("conv_winograd", x.dimensions(), k.dimensions(),
+                              y->dimensions(), pad_d, pad_h, pad_w, &s);
+  if (error.failure()) return error;
+  if (s.kh != 3 || s.kw != 3 || s.ph != 1 || s.pw != 1)
+    return ffi::Error::InvalidArgument(
+        "conv_winograd: takes 3 x 3 kernels in H and W with pads (1, 1) there");
+  const float* xv = x.typed_data();
+  const float* kv = k.typed_data();
+  float* yv = y->typed_data();
+  const int64_t co = s.c * s.o;
+  std::vector<float> u(s.kd * kXi * co);
+  parallel_rows(pool, co, num_chunks(pool, co), [&](int64_t, int64_t q0, int64_t q1) {
+    winograd_kernel(kv, s, q0, q1, u.data());
+  });
+  const WinoGeom wg(s);
+  const int64_t blocks = s.b * s.d * wg.blocks_per_plane;
+  parallel_rows(pool, blocks, num_chunks(pool, blocks),
+                [&](int64_t, int64_t k0, int64_t k1) {
+                  winograd_blocks(xv, u.data(), yv, s, wg, k0, k1);
+                });
+  return ffi::Error::Success();
+}
+
 // x [B, D, H, W, C] and the pooled shape [B, D/wd, H/wh, W/ww, C] of y, idx or g.
 ffi::Error pool_geometry(const char* name, ffi::Span<const int64_t> xd,
                          ffi::Span<const int64_t> yd, int64_t wd, int64_t wh,
@@ -736,6 +1017,8 @@ static auto ConvBinding() {
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetConv, ConvImpl, ConvBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetConvWgrad, ConvWgradImpl, ConvBinding());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetConvWinograd, ConvWinogradImpl, ConvBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetMaxPool, MaxPoolImpl,
                               ffi::Ffi::Bind()
