@@ -51,8 +51,9 @@ each is a switch on `unet_jax.models.UNet`:
   input gradient, `NATIVE_MIN_TILED_CHANNELS` channels); other convolutions keep
   XLA's (folded, in 3D). With `winograd=True` the forward pass and input gradient of
   kernels 3 x 3 in H and W go by Winograd's F(2x2, 3x3) instead (Lavin and Gray,
-  arXiv:1509.09308): 16 multiply-adds per input and output channel for a 2 x 2 block
-  of output pixels, against 36 directly, in the same register tiles.
+  arXiv:1509.09308), and with `weight_grad='native'` too the kernel gradient by
+  F(3x3, 2x2): 16 multiply-adds per input and output channel for a 2 x 2 block of
+  output pixels, against 36 directly, in the same register tiles.
 - **Max pooling as a reshape and a max** (`max_pool_as_reshape`), with `nn.max_pool`'s
   gradient. Off by default.
 - **Native max pooling** (`max_pool_native`): the C++ kernel keeps each window's
@@ -95,10 +96,10 @@ CPU_WEIGHT_GRAD = {2: 'native', 3: 'native'}
 # whole train step, 2D once narrow images were left to XLA (`NATIVE_MIN_WIDTH`;
 # benchmarks/RESULTS.md).
 CPU_NATIVE_FORWARD = {2: True, 3: True}
-# Whether the native forward pass and input gradient of 3 x 3 (3 x 3 x kd)
-# convolutions use Winograd's F(2x2, 3x3) by default where the native forward pass
-# is the default: 2.25 times fewer multiply-adds; it won per layer and on the whole
-# train step (benchmarks/RESULTS.md).
+# Whether 3 x 3 (3 x 3 x kd) convolutions use the native Winograd kernels by default
+# where the native kernels are the default (forward pass and input gradient by
+# F(2x2, 3x3), kernel gradient by F(3x3, 2x2)): 2.25 times fewer multiply-adds; they
+# won per layer from 16 wide and on the whole train step (benchmarks/RESULTS.md).
 CPU_NATIVE_WINOGRAD = {2: True, 3: True}
 # Whether `models.UNet` max-pools by the native kernel (`max_pool_native`) by default
 # where the native kernel gradient is the default (benchmarks/RESULTS.md).
@@ -224,7 +225,7 @@ def _native_input_grad_suits(x, g, kernel):
 
 
 def _winograd_suits(x, kernel):
-  """Whether the forward pass and input gradient go by Winograd's F(2x2, 3x3).
+  """Whether the convolution's parts go by Winograd's algorithm, where it is asked.
 
   Its matrix products take the register tiles of both channel counts (at least
   `NATIVE_MIN_TILED_CHANNELS` input and output channels), and it lost to the direct
@@ -303,6 +304,10 @@ def _input_grad(x, g, kernel, how, precision):
 def _kernel_grad(x, g, kernel, how, precision):
   """dL/dK of the convolution of `x` by `kernel` given the output gradient `g`."""
   weight_grad = how[0]
+  if (weight_grad == 'native' and how[3] and _is_f32(g)
+      and _winograd_suits(x, kernel)):
+    return native_kernels.conv_weight_grad(
+        x, g, tuple(kernel.shape[:-2]), winograd=True).astype(kernel.dtype)
   if weight_grad == 'native' and _is_f32(x, g) and _wide_enough(x, 'kernel_grad'):
     return native_kernels.conv_weight_grad(
         x, g, tuple(kernel.shape[:-2])).astype(kernel.dtype)
@@ -361,10 +366,12 @@ def conv2d_same(x: jax.Array, kernel: jax.Array, *, weight_grad: str = 'xla',
       least `NATIVE_MIN_TILED_CHANNELS` output and input channels respectively); the
       others use XLA's convolutions.
     winograd: the forward pass and the input gradient of 3x3 kernels by the native
-      Winograd F(2x2, 3x3) kernel (`native_kernels.conv_same(winograd=True)`), on
-      float32 images at least `NATIVE_MIN_WIDTH[2]['winograd']` wide with at least
+      Winograd F(2x2, 3x3) kernel (`native_kernels.conv_same(winograd=True)`), and
+      with `weight_grad='native'` the kernel gradient by F(3x3, 2x2)
+      (`native_kernels.conv_weight_grad(winograd=True)`), on float32 images at least
+      `NATIVE_MIN_WIDTH[2]['winograd']` wide with at least
       `NATIVE_MIN_TILED_CHANNELS` input and output channels; it takes precedence over
-      `native_forward` there.
+      the direct native kernels there.
     precision: passed to the XLA convolutions.
   """
   _check_weight_grad(weight_grad)
@@ -456,9 +463,9 @@ def conv_general_dilated_fn(*, fold_depth: bool = False, weight_grad: str = 'xla
       native kernel (`conv2d_same`).
     native_forward_3d: the same for folded 3D convolutions (default:
       `native_forward`).
-    winograd, winograd_3d: the forward pass and input gradient of 3x3 (3x3xkd)
-      convolutions by the native Winograd kernel (`conv2d_same`, `conv3d_same`;
-      `winograd_3d` defaults to `winograd`).
+    winograd, winograd_3d: 3x3 (3x3xkd) convolutions by the native Winograd
+      kernels (`conv2d_same`, `conv3d_same`; `winograd_3d` defaults to
+      `winograd`).
   """
   if weight_grad_3d is None:
     weight_grad_3d = weight_grad

@@ -251,11 +251,11 @@ class UNet(nn.Module):
       single-device CPU process where it builds, else 'xla'). native_conv_forward:
       the forward pass and input gradient of those convolutions by the native
       kernel too (None: with the native kernel gradient, in the dimensionalities
-      `conv.CPU_NATIVE_FORWARD` names). native_winograd: the forward pass and input
-      gradient of the 3x3 (3x3x3) convolutions by the native Winograd F(2x2, 3x3)
-      kernel, where they are wide enough (`conv._winograd_suits`; None: with the
-      native kernel gradient, in the dimensionalities `conv.CPU_NATIVE_WINOGRAD`
-      names).
+      `conv.CPU_NATIVE_FORWARD` names). native_winograd: the 3x3 (3x3x3)
+      convolutions by the native Winograd kernels (F(2x2, 3x3) for the forward pass
+      and input gradient, F(3x3, 2x2) for the native kernel gradient), where they
+      are wide enough (`conv._winograd_suits`; None: with the native kernel
+      gradient, in the dimensionalities `conv.CPU_NATIVE_WINOGRAD` names).
       pool_as_reshape: max pooling as a reshape and a max, with `nn.max_pool`'s
       gradient (`conv.max_pool_as_reshape`); off by default everywhere, as it did
       not win on the CPU (benchmarks/RESULTS.md). native_pool: float32 max pooling

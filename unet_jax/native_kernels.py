@@ -6,7 +6,10 @@ kernel gradient (`conv_weight_grad`), which XLA:CPU computes far below its
 matrix-product rate (benchmarks/RESULTS.md, "Train step against the same network in
 PyTorch"). They read the input in place, skipping taps outside it, so neither a
 padded copy nor, in 3D, a copy with the depth neighbours on the channel axis is
-made. `unet_jax.conv` uses them as `weight_grad='native'` and `native_forward=True`.
+made. `winograd=True` computes all three for 3 x 3 kernels by Winograd's minimal
+filtering (F(2x2, 3x3) and, for the kernel gradient, F(3x3, 2x2)), with 2.25 times
+fewer multiply-adds. `unet_jax.conv` uses them as `weight_grad='native'`,
+`native_forward=True` and `winograd=True`.
 Also max pooling over windows that tile the input (`max_pool`), which keeps the
 index of each window's first maximum so that its gradient (`max_pool_grad`) is a
 scatter; XLA:CPU builds that gradient from an index tensor per spatial axis.
@@ -49,10 +52,11 @@ import numpy as np
 SOURCE = pathlib.Path(__file__).resolve().parent / 'native' / 'conv.cc'
 # FFI target name: symbol in the library.
 _CONV, _WGRAD = 'unet_jax_conv', 'unet_jax_conv_wgrad'
-_CONV_WINOGRAD = 'unet_jax_conv_winograd'
+_CONV_WINOGRAD, _WGRAD_WINOGRAD = 'unet_jax_conv_winograd', 'unet_jax_conv_winograd_wgrad'
 _POOL, _POOL_GRAD = 'unet_jax_max_pool', 'unet_jax_max_pool_grad'
 TARGETS = {_WGRAD: 'UnetConvWgrad', _CONV: 'UnetConv',
-           _CONV_WINOGRAD: 'UnetConvWinograd', _POOL: 'UnetMaxPool',
+           _CONV_WINOGRAD: 'UnetConvWinograd',
+           _WGRAD_WINOGRAD: 'UnetConvWinogradWgrad', _POOL: 'UnetMaxPool',
            _POOL_GRAD: 'UnetMaxPoolGrad'}
 FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
 
@@ -206,9 +210,9 @@ def _ffi(target, out_shape, a, b, pads):
       a, b, pad_d=np.int64(pads[0]), pad_h=np.int64(pads[1]), pad_w=np.int64(pads[2]))
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
-def conv_weight_grad(x: jax.Array, g: jax.Array,
-                     kernel_spatial: tuple[int, ...]) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(2,), static_argnames=('winograd',))
+def conv_weight_grad(x: jax.Array, g: jax.Array, kernel_spatial: tuple[int, ...], *,
+                     winograd: bool = False) -> jax.Array:
   """dL/dK of a stride-1 'same' 2D or 3D convolution, by the native kernel.
 
   Args:
@@ -216,6 +220,9 @@ def conv_weight_grad(x: jax.Array, g: jax.Array,
     g: the gradient of its output, `[N, H, W, O]` or `[N, D, H, W, O]`, float32.
     kernel_spatial: `(kh, kw)` or `(kd, kh, kw)`; XLA's 'SAME' padding, `(k - 1) //
       2` before.
+    winograd: by Winograd's F(3x3, 2x2) (`unet_jax/native/conv.cc`): 2.25 times
+      fewer multiply-adds, the same result to float rounding. Kernels 3 x 3 in H and
+      W only (`winograd_suits`).
 
   Returns:
     `[*kernel_spatial, C, O]` (HWIO or DHWIO).
@@ -228,14 +235,15 @@ def conv_weight_grad(x: jax.Array, g: jax.Array,
   if g.shape[:-1] != x.shape[:-1]:
     raise ValueError(f'conv_weight_grad: x {x.shape} and g {g.shape} must agree on'
                      ' all but the channel axis.')
+  target = _target(kernel_spatial, winograd, _WGRAD, _WGRAD_WINOGRAD)
   shape = tuple(kernel_spatial) + (x.shape[-1], g.shape[-1])
-  dk = _ffi(_WGRAD, (1,) * (5 - len(shape)) + shape, _to_3d(x), _to_3d(g),
+  dk = _ffi(target, (1,) * (5 - len(shape)) + shape, _to_3d(x), _to_3d(g),
             [_pads(k)[0] for k in kernel_spatial])
   return dk.reshape(shape)
 
 
 def winograd_suits(kernel_spatial: tuple[int, ...]) -> bool:
-  """Whether `conv_same(..., winograd=True)` takes a kernel of these spatial sizes.
+  """Whether the `winograd=True` kernels take a kernel of these spatial sizes.
 
   Winograd's F(2x2, 3x3) takes kernels 3 x 3 in H and W ('same' pads (1, 1) there),
   with any depth size in 3D.
@@ -243,13 +251,17 @@ def winograd_suits(kernel_spatial: tuple[int, ...]) -> bool:
   return tuple(kernel_spatial[-2:]) == (3, 3)
 
 
-def _conv_target(kernel_spatial, winograd):
+def _target(kernel_spatial, winograd, direct, by_winograd):
   if not winograd:
-    return _CONV
+    return direct
   if not winograd_suits(kernel_spatial):
     raise ValueError(f'winograd=True takes kernels 3 x 3 in H and W; got spatial'
                      f' sizes {tuple(kernel_spatial)}.')
-  return _CONV_WINOGRAD
+  return by_winograd
+
+
+def _conv_target(kernel_spatial, winograd):
+  return _target(kernel_spatial, winograd, _CONV, _CONV_WINOGRAD)
 
 
 @functools.partial(jax.jit, static_argnames=('winograd',))

@@ -616,9 +616,9 @@ struct WinoGeom {
 };
 
 // Per-thread scratch, kept from call to call: the zero-padded input rows of a block,
-// V and M.
+// V, M, the kernel gradient's W and a pixel for the forward pass's overhang.
 struct WinoScratch {
-  std::vector<float> rows, v, m, spare;
+  std::vector<float> rows, v, m, w, spare;
 };
 
 // B^T d B for channels [ci, ci + L) of one tile: d[i][j] points at input pixel (i, j)
@@ -810,6 +810,121 @@ void winograd_blocks(const float* x, const float* u, float* y, const Geom& s,
   }
 }
 
+// Kernel gradient by Winograd's F(3x3, 2x2), the same idea turned round: for each
+// 2 x 2 tile of the output gradient g and the 4 x 4 input pixels x around it, the
+// tile's share of the 3 x 3 kernel gradient is
+//
+//   dK_tile = G^T [(B^T x B) * (A g A^T)] G,
+//
+// with B^T as above, A = [[1, 0], [1, 1], [1, -1], [0, -1]] (the forward pass's A^T,
+// transposed) and G^T = [[1, 1/2, 1/2, 0], [0, 1/2, -1/2, 0], [0, 1/2, 1/2, 1]] (the
+// forward pass's G, transposed). Summed over tiles, that is 16 products M[xi] +=
+// V[xi]^T W[xi] (V [tiles, C] the transformed input, W [tiles, O] the transformed
+// output gradient), in the direct kernel gradient's register tiles (`row_product`),
+// then one transform of M into dK: 16 multiply-adds per input and output channel for
+// a tile of 4 output pixels, against 36.
+
+// A g A^T for channels [oi, oi + L) of one tile: g[i][j] at output-gradient pixel
+// (i, j) of the tile (a row of zeros outside the image), out at W[0][tile]
+// (positions xi_stride apart). T: v16 or float.
+template <typename T>
+inline void grad_transform(const float* const (&g)[2][2], int64_t oi,
+                           int64_t xi_stride, float* out) {
+  auto ld = [&](int i, int j) -> T {
+    if constexpr (sizeof(T) == 4) return g[i][j][oi]; else return load16(g[i][j] + oi);
+  };
+  auto st = [&](int xi, T v) {
+    if constexpr (sizeof(T) == 4) out[xi * xi_stride + oi] = v;
+    else *reinterpret_cast<v16u*>(out + xi * xi_stride + oi) = v;
+  };
+  T r[4][2];
+  for (int j = 0; j < 2; ++j) {  // rows: A g
+    const T g0 = ld(0, j), g1 = ld(1, j);
+    r[0][j] = g0;
+    r[1][j] = g0 + g1;
+    r[2][j] = g0 - g1;
+    r[3][j] = -g1;
+  }
+  for (int i = 0; i < 4; ++i) {  // columns: (A g) A^T
+    st(i * 4 + 0, r[i][0]);
+    st(i * 4 + 1, r[i][0] + r[i][1]);
+    st(i * 4 + 2, r[i][0] - r[i][1]);
+    st(i * 4 + 3, -r[i][1]);
+  }
+}
+
+// W[xi][t][o] = (A g_t A^T)[xi] for the tiles of tile rows [ty0, ty1) of output
+// plane (bi, z); g pixels outside the image read `zeros` (o floats).
+void winograd_grad_output(const float* g, const Geom& s, const WinoGeom& wg,
+                          int64_t bi, int64_t z, int64_t ty0, int64_t ty1,
+                          const float* zeros, std::vector<float>* w) {
+  const int64_t o = s.o, tiles = (ty1 - ty0) * wg.nt, xi_stride = tiles * o;
+  w->resize(kXi * tiles * o);
+  for (int64_t ty = ty0; ty < ty1; ++ty)
+    for (int64_t t = 0; t < wg.nt; ++t) {
+      const float* gp[2][2];
+      for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 2; ++j) {
+          const int64_t yy = 2 * ty + i, xx = 2 * t + j;
+          gp[i][j] = yy < s.h && xx < s.w ? g + (s.row_offset(bi, z, yy) + xx) * o
+                                          : zeros;
+        }
+      float* out = w->data() + ((ty - ty0) * wg.nt + t) * o;
+      int64_t oi = 0;
+      for (; oi + 16 <= o; oi += 16) grad_transform<v16>(gp, oi, xi_stride, out);
+      for (; oi < o; ++oi) grad_transform<float>(gp, oi, xi_stride, out);
+    }
+}
+
+// m[a][xi] ([C, O]) += V[xi]^T W[xi] over the tiles of blocks [k0, k1), for each depth
+// tap a whose input plane exists.
+void winograd_wgrad_blocks(const float* x, const float* g, const Geom& s,
+                           const WinoGeom& wg, int64_t k0, int64_t k1, float* m) {
+  thread_local WinoScratch sc;
+  const int64_t co = s.c * s.o;
+  sc.spare.assign(s.o, 0.0f);
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t plane = k / wg.blocks_per_plane, bi = plane / s.d, z = plane % s.d;
+    const int64_t ty0 = k % wg.blocks_per_plane * wg.rows_per_block;
+    const int64_t ty1 = std::min(wg.nty, ty0 + wg.rows_per_block);
+    const int64_t tiles = (ty1 - ty0) * wg.nt;
+    winograd_grad_output(g, s, wg, bi, z, ty0, ty1, sc.spare.data(), &sc.w);
+    for (int64_t a = 0; a < s.kd; ++a) {
+      const int64_t zz = z + a - s.pd;
+      if (zz < 0 || zz >= s.d) continue;
+      winograd_input(x, s, wg, bi, zz, ty0, ty1, &sc);
+      for (int xi = 0; xi < kXi; ++xi)
+        row_product(sc.v.data() + xi * tiles * s.c, sc.w.data() + xi * tiles * s.o,
+                    tiles, s.c, s.o, m + (a * kXi + xi) * co);
+    }
+  }
+}
+
+// dK[a, i, j] = (G^T M[a] G)[i, j], entries [q0, q1) of each [C, O] slice.
+void winograd_wgrad_output(const float* m, const Geom& s, int64_t q0, int64_t q1,
+                           float* dk) {
+  const int64_t co = s.c * s.o;
+  for (int64_t a = 0; a < s.kd; ++a) {
+    const float* ma = m + a * kXi * co;
+    float* da = dk + a * 9 * co;
+    for (int64_t q = q0; q < q1; ++q) {
+      float r[3][4];
+      for (int j = 0; j < 4; ++j) {  // rows: G^T M
+        const float m0 = ma[(0 * 4 + j) * co + q], m1 = ma[(1 * 4 + j) * co + q];
+        const float m2 = ma[(2 * 4 + j) * co + q], m3 = ma[(3 * 4 + j) * co + q];
+        r[0][j] = m0 + 0.5f * (m1 + m2);
+        r[1][j] = 0.5f * (m1 - m2);
+        r[2][j] = 0.5f * (m1 + m2) + m3;
+      }
+      for (int i = 0; i < 3; ++i) {  // columns: (G^T M) G
+        da[(i * 3 + 0) * co + q] = r[i][0] + 0.5f * (r[i][1] + r[i][2]);
+        da[(i * 3 + 1) * co + q] = 0.5f * (r[i][1] - r[i][2]);
+        da[(i * 3 + 2) * co + q] = 0.5f * (r[i][1] + r[i][2]) + r[i][3];
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------
 // Max pooling over windows (wd, wh, ww) that tile the input exactly, with the index
 // of each window's first maximum in row-major order (nn.max_pool's gradient rule),
@@ -954,6 +1069,41 @@ ffi::Error ConvWinogradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+ffi::Error ConvWinogradWgradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                 ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dk,
+                                 int64_t pad_d, int64_t pad_h, int64_t pad_w) {
+  Geom s;
+  ffi::Error error = geometry("conv_winograd_wgrad", x.dimensions(), dk->dimensions(),
+                              g.dimensions(), pad_d, pad_h, pad_w, &s);
+  if (error.failure()) return error;
+  if (s.kh != 3 || s.kw != 3 || s.ph != 1 || s.pw != 1)
+    return ffi::Error::InvalidArgument(
+        "conv_winograd_wgrad: takes 3 x 3 kernels in H and W with pads (1, 1) there");
+  const WinoGeom wg(s);
+  const int64_t co = s.c * s.o, size = s.kd * kXi * co;
+  const int64_t blocks = s.b * s.d * wg.blocks_per_plane;
+  // One partial M per chunk, summed in chunk order: bit-identical runs, as the
+  // direct kernel gradient.
+  const int64_t nchunks = num_wgrad_chunks(pool, blocks, kWinoTiles * 4);
+  std::vector<std::vector<float>> partial(nchunks);
+  const float* xv = x.typed_data();
+  const float* gv = g.typed_data();
+  parallel_rows(pool, blocks, nchunks, [&](int64_t k, int64_t k0, int64_t k1) {
+    partial[k].assign(size, 0.0f);
+    winograd_wgrad_blocks(xv, gv, s, wg, k0, k1, partial[k].data());
+  });
+  std::vector<float>& m = partial[0];
+  m.resize(size, 0.0f);  // no blocks at all: zeros
+  for (size_t k = 1; k < partial.size(); ++k)  // chunks that ran (not every one may)
+    for (int64_t q = 0; q < static_cast<int64_t>(partial[k].size()); ++q)
+      m[q] += partial[k][q];
+  float* out = dk->typed_data();
+  parallel_rows(pool, co, num_chunks(pool, co), [&](int64_t, int64_t q0, int64_t q1) {
+    winograd_wgrad_output(m.data(), s, q0, q1, out);
+  });
+  return ffi::Error::Success();
+}
+
 // x [B, D, H, W, C] and the pooled shape [B, D/wd, H/wh, W/ww, C] of y, idx or g.
 ffi::Error pool_geometry(const char* name, ffi::Span<const int64_t> xd,
                          ffi::Span<const int64_t> yd, int64_t wd, int64_t wh,
@@ -1019,6 +1169,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetConv, ConvImpl, ConvBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetConvWgrad, ConvWgradImpl, ConvBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetConvWinograd, ConvWinogradImpl, ConvBinding());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetConvWinogradWgrad, ConvWinogradWgradImpl,
+                              ConvBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetMaxPool, MaxPoolImpl,
                               ffi::Ffi::Bind()
