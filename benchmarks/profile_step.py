@@ -7,8 +7,8 @@ process), and sums the events' durations by kind, read off the compiled HLO:
 
 - conv forward / conv input grad / conv kernel grad: XLA convolutions (a kernel
   gradient is the one whose window is larger than 3 along some axis);
-- native conv / native Winograd conv / native kernel grad / native max pool: the
-  C++ kernels of `unet_jax.native_kernels`;
+- native conv / native kernel grad / native Winograd conv / native Winograd kernel
+  grad / native max pool: the C++ kernels of `unet_jax.native_kernels`;
 - reduce-window (max pooling), concatenate, transpose/copy, iota/broadcast, dot,
   other: the rest.
 
@@ -56,6 +56,8 @@ def kind(name, calls, bodies, lines):
     return 'native conv (forward or input grad)'
   if 'custom_call_target="unet_jax_conv_winograd"' in line:
     return 'native Winograd conv (forward or input grad)'
+  if 'custom_call_target="unet_jax_conv_winograd_wgrad"' in line:
+    return 'native Winograd kernel grad'
   if 'custom_call_target="unet_jax_conv_wgrad"' in line:
     return 'native kernel grad'
   if 'custom_call_target="unet_jax_max_pool' in line:
