@@ -7,11 +7,11 @@ three parts of a 'same' convolution's train step on their own:
 - input gradient: `dL/dx` given `dL/dy`;
 - kernel gradient: `dL/dk` given `dL/dy`;
 
-once as XLA's convolutions and once as the native C++ kernel
-(`unet_jax.native_kernels`), the forward pass and input gradient also as the native
-Winograd F(2x2, 3x3) kernel (`conv_same(winograd=True)`), and prints GFLOP/s (2 *
-pixels * taps * C * O over the median time of `--repeats` calls, after one warm-up;
-for Winograd too, so it is the speed of the same work, not of its fewer products).
+as XLA's convolutions, as the direct native C++ kernels (`unet_jax.native_kernels`)
+and as the native Winograd kernels (`winograd=True`: F(2x2, 3x3), and F(3x3, 2x2)
+for the kernel gradient), and prints GFLOP/s (2 * pixels * taps * C * O over the
+median time of `--repeats` calls, after one warm-up; for Winograd too, so it is the
+speed of the same work, not of its fewer products).
 XLA's side is what the library falls back to: autodiff of `lax.conv_general_dilated`
 in 2D, the folded 2D convolution in 3D (`conv.conv3d_same(fold_depth=True)`; XLA's
 own 3D convolution is slower still). All run in this process, one after the other,
@@ -88,6 +88,7 @@ def measure(shape, repeats):
     return conv_lib.conv2d_same(x, k)
   fwd = native_kernels.conv_same
   igrad = native_kernels.conv_same_input_grad
+  wgrad = native_kernels.conv_weight_grad
   parts = {  # part: (args, {side: function})
       'forward': ((x, k), {
           'xla': jax.jit(conv), 'native': jax.jit(fwd),
@@ -98,8 +99,8 @@ def measure(shape, repeats):
           'winograd': jax.jit(lambda x, k, g: igrad(g, k, winograd=True))}),
       'kernel_grad': ((x, k, g), {
           'xla': jax.jit(lambda x, k, g: jax.vjp(lambda k: conv(x, k), k)[1](g)[0]),
-          'native': jax.jit(
-              lambda x, k, g: native_kernels.conv_weight_grad(x, g, (3,) * ndim))}),
+          'native': jax.jit(lambda x, k, g: wgrad(x, g, (3,) * ndim)),
+          'winograd': jax.jit(lambda x, k, g: wgrad(x, g, (3,) * ndim, winograd=True))}),
   }
   flops = 2 * n * size**ndim * 3**ndim * c * o
   out = {}
@@ -116,7 +117,7 @@ def measure(shape, repeats):
 
 def markdown_table(rows):
   lines = ['| layer | N | size | C | O | forward XLA / native / Winograd'
-           ' | input grad XLA / native / Winograd | kernel grad XLA / native |',
+           ' | input grad XLA / native / Winograd | kernel grad XLA / native / Winograd |',
            '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
   for row in rows:
     cells = [' / '.join(f'{v:.0f}' for v in row[p].values())

@@ -302,6 +302,23 @@ def test_native_forward_by_definition():
   np.testing.assert_array_equal(native_kernels.conv_same(x, k, winograd=True), want)
 
 
+@pytest.mark.parametrize('x_shape, k_shape', [
+    ((2, 1, 1, 5), (3, 3, 5, 17)),        # one pixel: a tile that overhangs both ways
+    ((1, 1, 6, 3), (3, 3, 3, 20)),        # one row
+    ((2, 5, 1, 18), (3, 3, 18, 3)),       # one column; fewer than 16 outputs
+    ((1, 1, 3, 1, 4), (3, 3, 3, 4, 18)),  # 3D, depth 1 under a 3-deep kernel
+    ((1, 4, 3, 5, 16), (2, 3, 3, 16, 16)),  # 3D, an even depth
+])
+def test_winograd_on_degenerate_shapes(x_shape, k_shape):
+  x, k, probe = _inputs(x_shape, k_shape, jnp.float32)
+  fn = conv.conv2d_same if len(x_shape) == 4 else conv.conv3d_same
+  fast = functools.partial(fn, weight_grad='native', winograd=True)
+  got = _value_and_grads(fast, x, k, probe)
+  want = _value_and_grads(_plain, x, k, probe)
+  for g, w in zip(got, want):
+    _assert_close(g, w, jnp.float32)
+
+
 def test_winograd_takes_3x3_kernels_only():
   with pytest.raises(ValueError, match=r'3 x 3 in H and W; got spatial sizes \(1, 3\)'):
     native_kernels.conv_same(jnp.ones((1, 4, 4, 2)), jnp.ones((1, 3, 2, 16)),

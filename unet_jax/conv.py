@@ -67,7 +67,9 @@ programs are unchanged.
 References: K. Chellapilla, S. Puri, P. Simard, "High Performance Convolutional Neural
 Networks for Document Processing", 2006 (convolution as a matrix product);
 W. Shi et al., "Real-Time Single Image and Video Super-Resolution Using an Efficient
-Sub-Pixel Convolutional Neural Network", CVPR 2016, arXiv:1609.05158 (depth-to-space).
+Sub-Pixel Convolutional Neural Network", CVPR 2016, arXiv:1609.05158 (depth-to-space);
+A. Lavin, S. Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016,
+arXiv:1509.09308 (Winograd's minimal filtering).
 """
 
 from __future__ import annotations
