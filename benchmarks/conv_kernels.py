@@ -18,7 +18,7 @@ own 3D convolution is slower still). All run in this process, one after the othe
 shape by shape; every native result is checked against XLA's to float tolerance
 before it is timed.
 
-    .venv/bin/python benchmarks/conv_kernels.py            # about 2 minutes
+    .venv/bin/python benchmarks/conv_kernels.py            # about 3 minutes
     .venv/bin/python benchmarks/conv_kernels.py --quick    # smoke run (tests)
 
 Writes benchmarks/out/conv_kernels.json.

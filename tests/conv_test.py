@@ -319,6 +319,26 @@ def test_winograd_on_degenerate_shapes(x_shape, k_shape):
     _assert_close(g, w, jnp.float32)
 
 
+@pytest.mark.parametrize('x_shape', [(0, 4, 5, 16), (1, 4, 0, 16), (1, 0, 5, 16),
+                                     (1, 0, 3, 4, 16), (0, 2, 3, 4, 16)])
+@pytest.mark.parametrize('winograd', [False, True])
+def test_native_kernels_take_empty_operands(x_shape, winograd):
+  # No pixels: empty outputs and a zero kernel gradient, not a crash (the row
+  # scheduler once divided by a zero row count).
+  ndim = len(x_shape) - 2
+  x, g = jnp.ones(x_shape), jnp.ones(x_shape[:-1] + (17,))
+  k = jnp.ones((3,) * ndim + (16, 17))
+  assert native_kernels.conv_same(x, k, winograd=winograd).shape == g.shape
+  assert native_kernels.conv_same_input_grad(g, k, winograd=winograd).shape == x.shape
+  np.testing.assert_array_equal(
+      native_kernels.conv_weight_grad(x, g, (3,) * ndim, winograd=winograd),
+      np.zeros(k.shape))
+  if winograd:  # pooling has no Winograd variant: once per shape
+    y, index = native_kernels.max_pool(jnp.ones(x_shape[:-1] + (2,)),
+                                       (1,) * ndim)
+    assert y.shape == x_shape[:-1] + (2,) and index.shape == y.shape
+
+
 def test_winograd_takes_3x3_kernels_only():
   with pytest.raises(ValueError, match=r'3 x 3 in H and W; got spatial sizes \(1, 3\)'):
     native_kernels.conv_same(jnp.ones((1, 4, 4, 2)), jnp.ones((1, 3, 2, 16)),

@@ -186,9 +186,9 @@ def weight_grad_gemm(x: jax.Array, g: jax.Array,
 # In the functions below `how` is `(weight_grad, native_forward, fold, winograd)`: the
 # kernel-gradient formulation, whether the forward pass and the input gradient use the
 # native kernel, whether the XLA parts of a 3D convolution fold it to 2D, and whether
-# the forward pass and the input gradient of 3x3 kernels go by the native Winograd
-# kernel where it applies (before the direct native kernel). The native kernels take
-# float32 only; other dtypes use XLA's convolutions.
+# 3x3 kernels go by the native Winograd kernels where they apply (`_winograd_suits`;
+# before the direct native kernels; the kernel gradient only with 'native'). The
+# native kernels take float32 only; other dtypes use XLA's convolutions.
 
 
 # Below these image widths, by number of spatial axes, the native kernels do not beat

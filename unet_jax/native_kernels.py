@@ -245,8 +245,8 @@ def conv_weight_grad(x: jax.Array, g: jax.Array, kernel_spatial: tuple[int, ...]
 def winograd_suits(kernel_spatial: tuple[int, ...]) -> bool:
   """Whether the `winograd=True` kernels take a kernel of these spatial sizes.
 
-  Winograd's F(2x2, 3x3) takes kernels 3 x 3 in H and W ('same' pads (1, 1) there),
-  with any depth size in 3D.
+  Both Winograd kernels (F(2x2, 3x3); F(3x3, 2x2) for the kernel gradient) take
+  kernels 3 x 3 in H and W ('same' pads (1, 1) there), with any depth size in 3D.
   """
   return tuple(kernel_spatial[-2:]) == (3, 3)
 

@@ -499,6 +499,7 @@ void parallel_rows(ffi::ThreadPool& pool, int64_t nrows, int64_t nchunks,
     int active = 0;       // helpers inside work(), guarded by mu
     bool closed = false;  // set once the caller has no chunk left; guarded by mu
   };
+  if (nrows <= 0) return;  // an empty operand: nothing to do
   auto st = std::make_shared<State>();
   st->chunk = (nrows + nchunks - 1) / nchunks;
   st->nchunks = (nrows + st->chunk - 1) / st->chunk;
@@ -607,12 +608,14 @@ void winograd_kernel(const float* k, const Geom& s, int64_t q0, int64_t q1, floa
 
 // Sizes of the Winograd pass: tiles per row and tile rows per plane, and how many
 // tile rows of one plane make a block.
+// An image without pixels (H or W zero) has no blocks.
 struct WinoGeom {
   int64_t nt, nty, rows_per_block, blocks_per_plane;
   explicit WinoGeom(const Geom& s)
       : nt((s.w + 1) / 2), nty((s.h + 1) / 2),
-        rows_per_block(std::min(nty, (kWinoTiles + nt - 1) / nt)),
-        blocks_per_plane((nty + rows_per_block - 1) / rows_per_block) {}
+        rows_per_block(std::max<int64_t>(
+            1, std::min(nty, (kWinoTiles + nt - 1) / std::max<int64_t>(1, nt)))),
+        blocks_per_plane(nt == 0 ? 0 : (nty + rows_per_block - 1) / rows_per_block) {}
 };
 
 // Per-thread scratch, kept from call to call: the zero-padded input rows of a block,
