@@ -624,18 +624,24 @@ struct WinoScratch {
   std::vector<float> rows, v, m, w, spare;
 };
 
+// One float or one vector of 16 at p (T: float or v16), and its store: the transforms
+// below run on whole vectors of channels, then on the remainder one at a time.
+template <typename T>
+inline T lanes(const float* p) {
+  if constexpr (sizeof(T) == 4) return *p; else return load16(p);
+}
+template <typename T>
+inline void put_lanes(float* p, T v) {
+  if constexpr (sizeof(T) == 4) *p = v; else *reinterpret_cast<v16u*>(p) = v;
+}
+
 // B^T d B for channels [ci, ci + L) of one tile: d[i][j] points at input pixel (i, j)
 // of the tile, out at V[0][tile] (positions xi_stride apart). T is a v16 or a float.
 template <typename T>
 inline void input_transform(const float* const (&d)[4][4], int64_t ci,
                             int64_t xi_stride, float* out) {
-  auto ld = [&](int i, int j) -> T {
-    if constexpr (sizeof(T) == 4) return d[i][j][ci]; else return load16(d[i][j] + ci);
-  };
-  auto st = [&](int xi, T v) {
-    if constexpr (sizeof(T) == 4) out[xi * xi_stride + ci] = v;
-    else *reinterpret_cast<v16u*>(out + xi * xi_stride + ci) = v;
-  };
+  auto ld = [&](int i, int j) { return lanes<T>(d[i][j] + ci); };
+  auto st = [&](int xi, T v) { put_lanes<T>(out + xi * xi_stride + ci, v); };
   T r[4][4];
   for (int j = 0; j < 4; ++j) {
     const T d0 = ld(0, j), d1 = ld(1, j), d2 = ld(2, j), d3 = ld(3, j);
@@ -746,14 +752,8 @@ void winograd_products(const float* v, const float* u, int64_t tiles, const Geom
 template <typename T>
 inline void output_transform(const float* m, int64_t oi, int64_t xi_stride,
                              float* const (&y)[2][2]) {
-  auto ld = [&](int xi) -> T {
-    if constexpr (sizeof(T) == 4) return m[xi * xi_stride + oi];
-    else return load16(m + xi * xi_stride + oi);
-  };
-  auto st = [&](int i, int j, T v) {
-    if constexpr (sizeof(T) == 4) y[i][j][oi] = v;
-    else *reinterpret_cast<v16u*>(y[i][j] + oi) = v;
-  };
+  auto ld = [&](int xi) { return lanes<T>(m + xi * xi_stride + oi); };
+  auto st = [&](int i, int j, T v) { put_lanes<T>(y[i][j] + oi, v); };
   T r[2][4];
   for (int j = 0; j < 4; ++j) {
     const T m0 = ld(j), m1 = ld(4 + j), m2 = ld(8 + j), m3 = ld(12 + j);
@@ -833,13 +833,8 @@ void winograd_blocks(const float* x, const float* u, float* y, const Geom& s,
 template <typename T>
 inline void grad_transform(const float* const (&g)[2][2], int64_t oi,
                            int64_t xi_stride, float* out) {
-  auto ld = [&](int i, int j) -> T {
-    if constexpr (sizeof(T) == 4) return g[i][j][oi]; else return load16(g[i][j] + oi);
-  };
-  auto st = [&](int xi, T v) {
-    if constexpr (sizeof(T) == 4) out[xi * xi_stride + oi] = v;
-    else *reinterpret_cast<v16u*>(out + xi * xi_stride + oi) = v;
-  };
+  auto ld = [&](int i, int j) { return lanes<T>(g[i][j] + oi); };
+  auto st = [&](int xi, T v) { put_lanes<T>(out + xi * xi_stride + oi, v); };
   T r[4][2];
   for (int j = 0; j < 2; ++j) {  // rows: A g
     const T g0 = ld(0, j), g1 = ld(1, j);
