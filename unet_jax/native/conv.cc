@@ -557,6 +557,23 @@ int64_t num_wgrad_chunks(ffi::ThreadPool& pool, int64_t nrows, int64_t width) {
   return std::max<int64_t>(1, std::min<int64_t>(nrows, chunks));
 }
 
+// Runs body(r0, r1, partial) for the chunks of rows [0, nrows), each adding into its
+// own zeroed partial sum of `size` floats, then sets out to the sum of the partials
+// in chunk order: the result does not depend on which thread ran which chunk, so
+// repeated runs are bit-identical (the kernel gradients).
+template <typename Body>
+void sum_over_chunks(ffi::ThreadPool& pool, int64_t nrows, int64_t nchunks,
+                     int64_t size, float* out, Body body) {
+  std::vector<std::vector<float>> partial(nchunks);
+  parallel_rows(pool, nrows, nchunks, [&](int64_t k, int64_t r0, int64_t r1) {
+    partial[k].assign(size, 0.0f);
+    body(r0, r1, partial[k].data());
+  });
+  std::memset(out, 0, sizeof(float) * size);
+  for (const std::vector<float>& p : partial)  // chunks that ran (not every one may)
+    for (int64_t q = 0; q < static_cast<int64_t>(p.size()); ++q) out[q] += p[q];
+}
+
 // ---------------------------------------------------------------------------------
 // Forward pass by Winograd's minimal filtering F(2x2, 3x3) (Lavin and Gray, "Fast
 // Algorithms for Convolutional Neural Networks", 2016), for 3 x 3 kernels in H and W
@@ -1007,21 +1024,13 @@ ffi::Error ConvWgradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   ffi::Error error = geometry("conv_wgrad", x.dimensions(), dk->dimensions(),
                               g.dimensions(), pad_d, pad_h, pad_w, &s);
   if (error.failure()) return error;
-  const int64_t size = s.kd * s.kh * s.kw * s.c * s.o;
-  // One partial dK per chunk, summed in chunk order: the result does not depend on
-  // which thread ran which chunk, so repeated runs are bit-identical.
-  const int64_t nchunks = num_wgrad_chunks(pool, s.rows(), s.w);
-  std::vector<std::vector<float>> partial(nchunks);
   const float* xv = x.typed_data();
   const float* gv = g.typed_data();
-  parallel_rows(pool, s.rows(), nchunks, [&](int64_t k, int64_t r0, int64_t r1) {
-    partial[k].assign(size, 0.0f);
-    wgrad_rows(xv, gv, s, r0, r1, partial[k].data());
-  });
-  float* out = dk->typed_data();
-  std::memset(out, 0, sizeof(float) * size);
-  for (const std::vector<float>& p : partial)
-    for (int64_t k = 0; k < static_cast<int64_t>(p.size()); ++k) out[k] += p[k];
+  sum_over_chunks(pool, s.rows(), num_wgrad_chunks(pool, s.rows(), s.w),
+                  s.kd * s.kh * s.kw * s.c * s.o, dk->typed_data(),
+                  [&](int64_t r0, int64_t r1, float* partial) {
+                    wgrad_rows(xv, gv, s, r0, r1, partial);
+                  });
   return ffi::Error::Success();
 }
 
@@ -1080,21 +1089,13 @@ ffi::Error ConvWinogradWgradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const WinoGeom wg(s);
   const int64_t co = s.c * s.o, size = s.kd * kXi * co;
   const int64_t blocks = s.b * s.d * wg.blocks_per_plane;
-  // One partial M per chunk, summed in chunk order: bit-identical runs, as the
-  // direct kernel gradient.
-  const int64_t nchunks = num_wgrad_chunks(pool, blocks, kWinoTiles * 4);
-  std::vector<std::vector<float>> partial(nchunks);
+  std::vector<float> m(size);
   const float* xv = x.typed_data();
   const float* gv = g.typed_data();
-  parallel_rows(pool, blocks, nchunks, [&](int64_t k, int64_t k0, int64_t k1) {
-    partial[k].assign(size, 0.0f);
-    winograd_wgrad_blocks(xv, gv, s, wg, k0, k1, partial[k].data());
-  });
-  std::vector<float>& m = partial[0];
-  m.resize(size, 0.0f);  // no blocks at all: zeros
-  for (size_t k = 1; k < partial.size(); ++k)  // chunks that ran (not every one may)
-    for (int64_t q = 0; q < static_cast<int64_t>(partial[k].size()); ++q)
-      m[q] += partial[k][q];
+  sum_over_chunks(pool, blocks, num_wgrad_chunks(pool, blocks, kWinoTiles * 4), size,
+                  m.data(), [&](int64_t k0, int64_t k1, float* partial) {
+                    winograd_wgrad_blocks(xv, gv, s, wg, k0, k1, partial);
+                  });
   float* out = dk->typed_data();
   parallel_rows(pool, co, num_chunks(pool, co), [&](int64_t, int64_t q0, int64_t q1) {
     winograd_wgrad_output(m.data(), s, q0, q1, out);
