@@ -18,8 +18,10 @@ $(STAMP): setup.cfg pyproject.toml
 run: $(STAMP)
 	$(PY) launch.py --config=configs/dice_bce.py --workdir=runs/make_run
 
-# The linter (settings in pyproject.toml), then the whole suite on two workers.
+# The formatter's check and the linter (settings in pyproject.toml), then the whole suite
+# on two workers.
 test: $(STAMP)
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -n 2 tests
 

@@ -6,5 +6,6 @@ costs more than running them. The cache lives in .pytest_cache/ (not committed).
 import os
 
 os.environ.setdefault(
-    'JAX_COMPILATION_CACHE_DIR',
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), '.pytest_cache', 'jax'))
+  'JAX_COMPILATION_CACHE_DIR',
+  os.path.join(os.path.dirname(os.path.abspath(__file__)), '.pytest_cache', 'jax'),
+)

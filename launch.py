@@ -45,42 +45,56 @@ flags.DEFINE_float('overlap', 0.5, 'predict: overlap of the sliding windows.')
 flags.DEFINE_bool('tta', False, 'predict: average over all axis flips.')
 flags.DEFINE_list('spatial_shape', None, 'export: input size (default: as trained).')
 flags.DEFINE_bool(
-    'distributed', None,
-    'Call jax.distributed.initialize() (multi-process jobs). Default: when a flag '
-    'below is given, the environment names a coordinator (JAX_COORDINATOR_ADDRESS) '
-    'or the job is a multi-task SLURM / Open MPI job (their variables then give the '
-    'three values below).')
-flags.DEFINE_string('coordinator_address', None,
-                    'host:port of process 0 (default: JAX_COORDINATOR_ADDRESS, or '
-                    'detected from SLURM / Open MPI / Cloud TPU).')
+  'distributed',
+  None,
+  'Call jax.distributed.initialize() (multi-process jobs). Default: when a flag '
+  'below is given, the environment names a coordinator (JAX_COORDINATOR_ADDRESS) '
+  'or the job is a multi-task SLURM / Open MPI job (their variables then give the '
+  'three values below).',
+)
+flags.DEFINE_string(
+  'coordinator_address',
+  None,
+  'host:port of process 0 (default: JAX_COORDINATOR_ADDRESS, or '
+  'detected from SLURM / Open MPI / Cloud TPU).',
+)
 flags.DEFINE_integer('num_processes', None, 'Processes in the job (default: detected).')
-flags.DEFINE_integer('process_id', None, 'This process, 0 to num_processes - 1'
-                     ' (default: detected).')
-config_flags.DEFINE_config_file('config', None, 'train: a configs/*.py file.',
-                                lock_config=True)
+flags.DEFINE_integer(
+  'process_id', None, 'This process, 0 to num_processes - 1 (default: detected).'
+)
+config_flags.DEFINE_config_file(
+  'config', None, 'train: a configs/*.py file.', lock_config=True
+)
 flags.mark_flags_as_required(['workdir'])
 flags.register_multi_flags_validator(
-    ['mode', 'config', 'input', 'output'],
-    lambda f: (f['mode'] != 'train' or f['config'] is not None) and (
-        f['mode'] != 'predict' or (f['input'] and f['output'])) and (
-            f['mode'] != 'export' or f['output']),
-    message='--mode=train needs --config; predict needs --input and --output; export'
-    ' needs --output.')
+  ['mode', 'config', 'input', 'output'],
+  lambda f: (
+    (f['mode'] != 'train' or f['config'] is not None)
+    and (f['mode'] != 'predict' or (f['input'] and f['output']))
+    and (f['mode'] != 'export' or f['output'])
+  ),
+  message='--mode=train needs --config; predict needs --input and --output; export'
+  ' needs --output.',
+)
 
 
 class _LibraryInfoFilter:
   """Drops INFO records from orbax and TFDS internals (every save logs ~20 lines);
   their warnings and errors still show."""
+
   _NOISY = (os.sep + 'orbax' + os.sep, os.sep + 'tensorflow_datasets' + os.sep)
 
   def filter(self, record) -> bool:
     return record.levelno >= py_logging.WARNING or not any(
-        part in record.pathname for part in self._NOISY)
+      part in record.pathname for part in self._NOISY
+    )
 
 
 def _launched_as_several_processes() -> bool:
-  if any(f is not None for f in (FLAGS.coordinator_address, FLAGS.num_processes,
-                                 FLAGS.process_id)):
+  if any(
+    f is not None
+    for f in (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  ):
     return True
   if os.environ.get('JAX_COORDINATOR_ADDRESS'):
     return True
@@ -97,12 +111,19 @@ def _stop_on_signals() -> threading.Event:
   def handler(signum, frame):
     del frame
     if stop.is_set():
-      print(f'Second {signal.Signals(signum).name}: exiting now, without saving.',
-            file=sys.stderr, flush=True)
+      print(
+        f'Second {signal.Signals(signum).name}: exiting now, without saving.',
+        file=sys.stderr,
+        flush=True,
+      )
       os._exit(128 + signum)  # pylint: disable=protected-access
     stop.set()
-    print(f'{signal.Signals(signum).name}: stopping after this step with a checkpoint'
-          ' (send it again to exit at once).', file=sys.stderr, flush=True)
+    print(
+      f'{signal.Signals(signum).name}: stopping after this step with a checkpoint'
+      ' (send it again to exit at once).',
+      file=sys.stderr,
+      flush=True,
+    )
 
   for signum in (signal.SIGINT, signal.SIGTERM):
     signal.signal(signum, handler)
@@ -112,13 +133,22 @@ def _stop_on_signals() -> threading.Event:
 def _predict_or_export() -> None:
   if FLAGS.mode == 'predict':
     from unet_jax import predict  # pylint: disable=g-import-not-at-top
-    predict.run(FLAGS.workdir, FLAGS.input, FLAGS.output, step=FLAGS.step,
-                overlap=FLAGS.overlap, tta=FLAGS.tta)
+
+    predict.run(
+      FLAGS.workdir,
+      FLAGS.input,
+      FLAGS.output,
+      step=FLAGS.step,
+      overlap=FLAGS.overlap,
+      tta=FLAGS.tta,
+    )
   else:
     from unet_jax import inference  # pylint: disable=g-import-not-at-top
+
     shape = [int(s) for s in FLAGS.spatial_shape] if FLAGS.spatial_shape else None
-    path = inference.export_run(FLAGS.workdir, FLAGS.output, step=FLAGS.step,
-                                spatial_shape=shape)
+    path = inference.export_run(
+      FLAGS.workdir, FLAGS.output, step=FLAGS.step, spatial_shape=shape
+    )
     print(f'Wrote {path}.')
 
 
@@ -137,17 +167,24 @@ def main(argv):
   if distributed is None:
     distributed = _launched_as_several_processes()
   if distributed:  # On CPU, cross-process collectives use gloo (JAX's default).
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                               FLAGS.process_id)
-  logging.info('JAX process %d/%d, local devices %s', jax.process_index(),
-               jax.process_count(), jax.local_devices())
+    jax.distributed.initialize(
+      FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    )
+  logging.info(
+    'JAX process %d/%d, local devices %s',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_devices(),
+  )
   if 'plan_keep' in FLAGS.config:  # The plan (unet_jax/planning.py) keeps these.
-    FLAGS.config.plan_keep = tuple(sorted(
-        {*FLAGS.config.plan_keep, *config_flags.get_override_values(FLAGS['config'])}))
+    FLAGS.config.plan_keep = tuple(
+      sorted({*FLAGS.config.plan_keep, *config_flags.get_override_values(FLAGS['config'])})
+    )
   stop = _stop_on_signals()
   try:
-    results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
-                                       stop_requested=stop.is_set)
+    results = train.train_and_evaluate(
+      FLAGS.config, FLAGS.workdir, stop_requested=stop.is_set
+    )
   except train.Interrupted as e:
     print(e, file=sys.stderr, flush=True)
     sys.exit(130)
@@ -160,11 +197,14 @@ def _summary(name: str, metrics: dict) -> str:
   """One line per evaluator: 'Final validation: dice 0.9966  mIoU 0.9964 ...'."""
   head = 'Final validation' + ('' if name == 'eval' else f' ({name})')
   if 'mean_iou' in metrics:
-    return (f"{head}: dice {metrics['dice']:.4f}  mIoU {metrics['mean_iou']:.4f}  "
-            f"pixel accuracy {metrics['pixel_accuracy']:.4f}  (per-class dice "
-            f"{[round(d, 4) for d in metrics['dice_per_class']]})")
+    return (
+      f'{head}: dice {metrics["dice"]:.4f}  mIoU {metrics["mean_iou"]:.4f}  '
+      f'pixel accuracy {metrics["pixel_accuracy"]:.4f}  (per-class dice '
+      f'{[round(d, 4) for d in metrics["dice_per_class"]]})'
+    )
   return f'{head}: ' + '  '.join(
-      f'{k} {v:.4f}' for k, v in metrics.items() if isinstance(v, float))
+    f'{k} {v:.4f}' for k, v in metrics.items() if isinstance(v, float)
+  )
 
 
 if __name__ == '__main__':

@@ -39,25 +39,26 @@ sys.path.insert(0, str(HERE.parent))
 # convolutions of speed.py's 2d cases (features 32, depth 4, batch 4, 128^2) and 3d
 # cases (features 16, depth 3, batch 1, 64^3).
 SHAPES = [
-    ('2d enc0 conv0', 4, 128, 2, 1, 32),
-    ('2d enc0 conv1', 4, 128, 2, 32, 32),
-    ('2d enc1', 4, 64, 2, 64, 64),
-    ('2d enc2', 4, 32, 2, 128, 128),
-    ('2d enc3', 4, 16, 2, 256, 256),
-    ('2d bottleneck', 4, 8, 2, 512, 512),
-    ('2d dec0 conv0', 4, 128, 2, 64, 32),
-    ('3d enc0 conv0', 1, 64, 3, 1, 16),
-    ('3d enc0 conv1', 1, 64, 3, 16, 16),
-    ('3d enc1', 1, 32, 3, 32, 32),
-    ('3d enc2', 1, 16, 3, 64, 64),
-    ('3d bottleneck', 1, 8, 3, 128, 128),
-    ('3d dec0 conv0', 1, 64, 3, 32, 16),
+  ('2d enc0 conv0', 4, 128, 2, 1, 32),
+  ('2d enc0 conv1', 4, 128, 2, 32, 32),
+  ('2d enc1', 4, 64, 2, 64, 64),
+  ('2d enc2', 4, 32, 2, 128, 128),
+  ('2d enc3', 4, 16, 2, 256, 256),
+  ('2d bottleneck', 4, 8, 2, 512, 512),
+  ('2d dec0 conv0', 4, 128, 2, 64, 32),
+  ('3d enc0 conv0', 1, 64, 3, 1, 16),
+  ('3d enc0 conv1', 1, 64, 3, 16, 16),
+  ('3d enc1', 1, 32, 3, 32, 32),
+  ('3d enc2', 1, 16, 3, 64, 64),
+  ('3d bottleneck', 1, 8, 3, 128, 128),
+  ('3d dec0 conv0', 1, 64, 3, 32, 16),
 ]
 QUICK_SHAPES = [('quick 2d', 2, 8, 2, 5, 17), ('quick 3d', 1, 6, 3, 3, 16)]
 
 
 def _median_seconds(fn, args, repeats):
   import jax  # pylint: disable=g-import-not-at-top
+
   jax.block_until_ready(fn(*args))
   times = []
   for _ in range(repeats):
@@ -86,21 +87,35 @@ def measure(shape, repeats):
     if ndim == 3:
       return conv_lib.conv3d_same(x, k, fold_depth=True)
     return conv_lib.conv2d_same(x, k)
+
   fwd = native_kernels.conv_same
   igrad = native_kernels.conv_same_input_grad
   wgrad = native_kernels.conv_weight_grad
   parts = {  # part: (args, {side: function})
-      'forward': ((x, k), {
-          'xla': jax.jit(conv), 'native': jax.jit(fwd),
-          'winograd': jax.jit(lambda x, k: fwd(x, k, winograd=True))}),
-      'input_grad': ((x, k, g), {
-          'xla': jax.jit(lambda x, k, g: jax.vjp(lambda x: conv(x, k), x)[1](g)[0]),
-          'native': jax.jit(lambda x, k, g: igrad(g, k)),
-          'winograd': jax.jit(lambda x, k, g: igrad(g, k, winograd=True))}),
-      'kernel_grad': ((x, k, g), {
-          'xla': jax.jit(lambda x, k, g: jax.vjp(lambda k: conv(x, k), k)[1](g)[0]),
-          'native': jax.jit(lambda x, k, g: wgrad(x, g, (3,) * ndim)),
-          'winograd': jax.jit(lambda x, k, g: wgrad(x, g, (3,) * ndim, winograd=True))}),
+    'forward': (
+      (x, k),
+      {
+        'xla': jax.jit(conv),
+        'native': jax.jit(fwd),
+        'winograd': jax.jit(lambda x, k: fwd(x, k, winograd=True)),
+      },
+    ),
+    'input_grad': (
+      (x, k, g),
+      {
+        'xla': jax.jit(lambda x, k, g: jax.vjp(lambda x: conv(x, k), x)[1](g)[0]),
+        'native': jax.jit(lambda x, k, g: igrad(g, k)),
+        'winograd': jax.jit(lambda x, k, g: igrad(g, k, winograd=True)),
+      },
+    ),
+    'kernel_grad': (
+      (x, k, g),
+      {
+        'xla': jax.jit(lambda x, k, g: jax.vjp(lambda k: conv(x, k), k)[1](g)[0]),
+        'native': jax.jit(lambda x, k, g: wgrad(x, g, (3,) * ndim)),
+        'winograd': jax.jit(lambda x, k, g: wgrad(x, g, (3,) * ndim, winograd=True)),
+      },
+    ),
   }
   flops = 2 * n * size**ndim * 3**ndim * c * o
   out = {}
@@ -108,23 +123,35 @@ def measure(shape, repeats):
     want = np.asarray(sides['xla'](*args))
     scale = float(np.abs(want).max()) + 1e-6
     for name, fn in sides.items():
-      np.testing.assert_allclose(np.asarray(fn(*args)), want, atol=1e-4 * scale,
-                                 rtol=1e-4, err_msg=f'{shape[0]} {part} {name}')
-    out[part] = {name: flops / _median_seconds(fn, args, repeats) / 1e9
-                 for name, fn in sides.items()}
+      np.testing.assert_allclose(
+        np.asarray(fn(*args)),
+        want,
+        atol=1e-4 * scale,
+        rtol=1e-4,
+        err_msg=f'{shape[0]} {part} {name}',
+      )
+    out[part] = {
+      name: flops / _median_seconds(fn, args, repeats) / 1e9 for name, fn in sides.items()
+    }
   return out
 
 
 def markdown_table(rows):
-  lines = ['| layer | N | size | C | O | forward XLA / native / Winograd'
-           ' | input grad XLA / native / Winograd | kernel grad XLA / native / Winograd |',
-           '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
+  lines = [
+    '| layer | N | size | C | O | forward XLA / native / Winograd'
+    ' | input grad XLA / native / Winograd | kernel grad XLA / native / Winograd |',
+    '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+  ]
   for row in rows:
-    cells = [' / '.join(f'{v:.0f}' for v in row[p].values())
-             for p in ('forward', 'input_grad', 'kernel_grad')]
+    cells = [
+      ' / '.join(f'{v:.0f}' for v in row[p].values())
+      for p in ('forward', 'input_grad', 'kernel_grad')
+    ]
     size = '×'.join([str(row['size'])] * row['ndim'])
-    lines.append(f'| {row["name"]} | {row["n"]} | {size} | {row["c"]} |'
-                 f' {row["o"]} | ' + ' | '.join(cells) + ' |')
+    lines.append(
+      f'| {row["name"]} | {row["n"]} | {size} | {row["c"]} |'
+      f' {row["o"]} | ' + ' | '.join(cells) + ' |'
+    )
   return '\n'.join(lines)
 
 
@@ -135,27 +162,44 @@ def main(argv=None):
   parser.add_argument('--out', default=str(HERE / 'out'))
   args = parser.parse_args(argv)
   import jax  # pylint: disable=g-import-not-at-top
+
   if jax.default_backend() != 'cpu':
-    parser.error(f'the native kernels are for the CPU; the backend is'
-                 f' {jax.default_backend()!r} (set JAX_PLATFORMS=cpu).')
+    parser.error(
+      f'the native kernels are for the CPU; the backend is'
+      f' {jax.default_backend()!r} (set JAX_PLATFORMS=cpu).'
+    )
   shapes = QUICK_SHAPES if args.quick else SHAPES
   repeats = args.repeats or (2 if args.quick else 7)
   rows = []
   for i, shape in enumerate(shapes):
     result = measure(shape, repeats)
-    rows.append(dict(name=shape[0], n=shape[1], size=shape[2], ndim=shape[3],
-                     c=shape[4], o=shape[5], **result))
-    print(f'[{i + 1}/{len(shapes)}] {shape[0]}: ' + ', '.join(
-        f'{p} ' + ' / '.join(f'{v:.0f}' for v in r.values())
-        for p, r in result.items())
-        + ' GFLOP/s', flush=True)
+    rows.append(
+      dict(
+        name=shape[0],
+        n=shape[1],
+        size=shape[2],
+        ndim=shape[3],
+        c=shape[4],
+        o=shape[5],
+        **result,
+      )
+    )
+    print(
+      f'[{i + 1}/{len(shapes)}] {shape[0]}: '
+      + ', '.join(
+        f'{p} ' + ' / '.join(f'{v:.0f}' for v in r.values()) for p, r in result.items()
+      )
+      + ' GFLOP/s',
+      flush=True,
+    )
   print()
   print(markdown_table(rows))
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, 'conv_kernels.json')
   with open(path, 'w') as f:
-    json.dump({'date': time.strftime('%Y-%m-%d'), 'repeats': repeats,
-               'rows': rows}, f, indent=1)
+    json.dump(
+      {'date': time.strftime('%Y-%m-%d'), 'repeats': repeats, 'rows': rows}, f, indent=1
+    )
   print(f'wrote {path}')
 
 

@@ -192,7 +192,6 @@ def _measure_input(config, args, data_dir, results):
   )
 
 
-
 def _measure_train_step(config, args, results):
   """The train step alone and fed by the pipeline, with and without augmentation."""
   batch_size = config.batch_size
@@ -210,7 +209,6 @@ def _measure_train_step(config, args, results):
     alone, fed = train_step_rate(config, batches, steps=max(args.steps // 10, 10))
     results[f'train_step_examples_per_s_{name}'] = alone
     results[f'train_step_fed_by_pipeline_examples_per_s_{name}'] = fed
-
 
 
 def main():

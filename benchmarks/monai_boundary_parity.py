@@ -65,17 +65,28 @@ RTOL_FLOAT32_QUANTILE = 1e-5
 PERCENTILES = (50, 95, 100)
 TOLERANCES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.3)
 SPACINGS = {
-    2: {'unit (None)': None, 'isotropic 0.8': (0.8, 0.8),
-        'anisotropic (1.0, 0.6)': (1.0, 0.6)},
-    3: {'unit (None)': None, 'isotropic 0.8': (0.8, 0.8, 0.8),
-        'anisotropic (3.0, 0.8, 0.7)': (3.0, 0.8, 0.7)},
+  2: {
+    'unit (None)': None,
+    'isotropic 0.8': (0.8, 0.8),
+    'anisotropic (1.0, 0.6)': (1.0, 0.6),
+  },
+  3: {
+    'unit (None)': None,
+    'isotropic 0.8': (0.8, 0.8, 0.8),
+    'anisotropic (3.0, 0.8, 0.7)': (3.0, 0.8, 0.7),
+  },
 }
 SHAPES = {2: (48, 40), 3: (20, 18, 14)}
 # Perturbation strength: blurred noise averages more voxels in 3D.
 NOISE = {2: 4.0, 3: 8.0}
 NUM_CLASSES = 4
-VARIANTS = ('plain', 'absent from both', 'missing in prediction',
-            'missing in ground truth', 'ignore_index=-1')
+VARIANTS = (
+  'plain',
+  'absent from both',
+  'missing in prediction',
+  'missing in ground truth',
+  'ignore_index=-1',
+)
 
 
 def _smooth_argmax(fields, sigma):
@@ -88,9 +99,8 @@ def make_pair(ndim, seed, variant):
   rng = np.random.default_rng(seed)
   shape = SHAPES[ndim]
   label = _smooth_argmax(rng.random((NUM_CLASSES, *shape)), 2.5)
-  onehot = (label == np.arange(NUM_CLASSES).reshape(-1, *[1] * ndim))
-  noise = ndimage.gaussian_filter(
-      rng.random((NUM_CLASSES, *shape)), (0,) + (1.0,) * ndim)
+  onehot = label == np.arange(NUM_CLASSES).reshape(-1, *[1] * ndim)
+  noise = ndimage.gaussian_filter(rng.random((NUM_CLASSES, *shape)), (0,) + (1.0,) * ndim)
   pred = _smooth_argmax(onehot + NOISE[ndim] * (noise - 0.5), 1.0)
   last = NUM_CLASSES - 1
   if variant == 'absent from both':
@@ -138,35 +148,43 @@ def monai_values(pred, label, ndim, spacing, include_background, tolerances):
     values = []
     for c in range(first, NUM_CLASSES):
       _, distances, _ = get_edge_surface_distance(
-          y_pred[0, c], y[0, c], spacing=spacing_b, symmetric=True)
-      values.append(torch.max(torch.stack([
-          _compute_percentile_hausdorff_distance(d.double(), p)
-          for d in distances])))
+        y_pred[0, c], y[0, c], spacing=spacing_b, symmetric=True
+      )
+      values.append(
+        torch.max(
+          torch.stack(
+            [_compute_percentile_hausdorff_distance(d.double(), p) for d in distances]
+          )
+        )
+      )
     out[f'hd{p} f64'] = torch.stack(values)[None]
   num = NUM_CLASSES - first
   for name, tol in tolerances.items():
     thresholds = list(tol) if isinstance(tol, tuple) else [tol] * num
     out[f'nsd {name}'] = compute_surface_dice(
-        y_pred, y, thresholds, use_subvoxels=False, **opts)
+      y_pred, y, thresholds, use_subvoxels=False, **opts
+    )
     if not keep.all():  # MONAI's own ignore_index on the unmasked prediction
       out[f'nsd {name} (monai ignore_index)'] = compute_surface_dice(
-          _onehot(pred, ndim), y, thresholds, use_subvoxels=False,
-          ignore_index=-1, **opts)
+        _onehot(pred, ndim), y, thresholds, use_subvoxels=False, ignore_index=-1, **opts
+      )
   return {k: v[0].double().numpy() for k, v in out.items()}
 
 
 def our_values(pred, label, spacing, include_background, tolerances):
   ignore = -1 if (label == -1).any() else None
-  opts = dict(num_classes=NUM_CLASSES, spacing=spacing,
-              include_background=include_background, ignore_index=ignore)
+  opts = dict(
+    num_classes=NUM_CLASSES,
+    spacing=spacing,
+    include_background=include_background,
+    ignore_index=ignore,
+  )
   out = {}
   for p in PERCENTILES:
     out[f'hd{p}'] = sm.hausdorff_distance_95(pred, label, percentile=p, **opts)
   for name, tol in tolerances.items():
-    out[f'nsd {name}'] = sm.normalized_surface_dice(
-        pred, label, tolerance=tol, **opts)
-  both = sm.boundary_metrics(
-      pred, label, tolerance=tolerances['1.5'], **opts)
+    out[f'nsd {name}'] = sm.normalized_surface_dice(pred, label, tolerance=tol, **opts)
+  both = sm.boundary_metrics(pred, label, tolerance=tolerances['1.5'], **opts)
   assert np.array_equal(both['hd95'], out['hd95'], equal_nan=True)
   assert np.array_equal(both['nsd'], out['nsd 1.5'], equal_nan=True)
   return out
@@ -202,8 +220,10 @@ def reference_kind(key):
     return 'HD, p in {50, 95, 100}: MONAI distances, percentile in float64', RTOL
   if key == 'hd100':
     return 'HD, p = 100: compute_hausdorff_distance', RTOL
-  return ('HD, p in {50, 95}: compute_hausdorff_distance (float32 percentile)',
-          RTOL_FLOAT32_QUANTILE)
+  return (
+    'HD, p in {50, 95}: compute_hausdorff_distance (float32 percentile)',
+    RTOL_FLOAT32_QUANTILE,
+  )
 
 
 def main():
@@ -219,10 +239,8 @@ def main():
           num = NUM_CLASSES - (0 if include_background else 1)
           tolerances = {str(t): t for t in TOLERANCES}
           tolerances['per class'] = tuple(0.5 + 0.7 * i for i in range(num))
-          ours = our_values(pred, label, spacing, include_background,
-                            tolerances)
-          ref = monai_values(pred, label, ndim, spacing, include_background,
-                             tolerances)
+          ours = our_values(pred, label, spacing, include_background, tolerances)
+          ref = monai_values(pred, label, ndim, spacing, include_background, tolerances)
           cases += 1
           classes = range(0 if include_background else 1, NUM_CLASSES)
           keep = label != -1
@@ -237,8 +255,7 @@ def main():
             if key == 'hd_max':
               continue
             kind, rtol = reference_kind(key)
-            ours_key = key.replace(' (monai ignore_index)', '').replace(
-                ' f64', '')
+            ours_key = key.replace(' (monai ignore_index)', '').replace(' f64', '')
             result = compare(ours[ours_key], reference, one_side, rtol)
             row = rows[(kind, f'{ndim}D')]
             row[0] = max(row[0], result[0])
@@ -246,20 +263,24 @@ def main():
             row[2] += result[2]
             row[3] += result[3]
             row[4] = rtol
-            failures += [(ndim, spacing_name, variant, key, f)
-                         for f in result[4]]
-  print(f'MONAI {monai.__version__}, torch {torch.__version__}, '
-        f'numpy {np.__version__}, scipy {scipy.__version__}; '
-        f'{datetime.date.today()}; {cases} cases')
-  print('| reference | dims | values | max abs diff | max rel diff '
-        '| allowed rel | inf here, NaN in MONAI |')
+            failures += [(ndim, spacing_name, variant, key, f) for f in result[4]]
+  print(
+    f'MONAI {monai.__version__}, torch {torch.__version__}, '
+    f'numpy {np.__version__}, scipy {scipy.__version__}; '
+    f'{datetime.date.today()}; {cases} cases'
+  )
+  print(
+    '| reference | dims | values | max abs diff | max rel diff '
+    '| allowed rel | inf here, NaN in MONAI |'
+  )
   print('| --- | --- | ---: | ---: | ---: | ---: | ---: |')
   for (kind, dims), r in sorted(rows.items()):
-    print(f'| {kind} | {dims} | {r[2]} | {r[0]:.1e} | {r[1]:.1e} '
-          f'| {r[4]:g} | {r[3]} |')
+    print(f'| {kind} | {dims} | {r[2]} | {r[0]:.1e} | {r[1]:.1e} | {r[4]:g} | {r[3]} |')
   total = sum(r[2] for r in rows.values())
-  print(f'{total} values compared; {len(failures)} disagreements beyond '
-        'the allowed relative difference.')
+  print(
+    f'{total} values compared; {len(failures)} disagreements beyond '
+    'the allowed relative difference.'
+  )
   for f in failures[:20]:
     print('  DISAGREE', f)
   sys.exit(1 if failures else 0)

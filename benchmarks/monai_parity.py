@@ -29,67 +29,174 @@ def cases():
   """(name, kind, activation, options, spatial, C, label kind) combinations."""
   out = []
   for spatial, act, inc, sq, jac, batch in itertools.product(
-      [(7, 6), (4, 5, 3)],
-      ['softmax', 'sigmoid'],
-      [True, False],
-      [False, True],
-      [False, True],
-      [False, True],
+    [(7, 6), (4, 5, 3)],
+    ['softmax', 'sigmoid'],
+    [True, False],
+    [False, True],
+    [False, True],
+    [False, True],
   ):
-    out.append(dict(
-        kind='dice', activation=act, spatial=spatial, C=3,
-        opts=dict(include_background=inc, squared_pred=sq, jaccard=jac,
-                  batch=batch)))
+    out.append(
+      dict(
+        kind='dice',
+        activation=act,
+        spatial=spatial,
+        C=3,
+        opts=dict(include_background=inc, squared_pred=sq, jaccard=jac, batch=batch),
+      )
+    )
   # Binary sigmoid with one logit, integer labels {0,1}.
   for batch, jac in itertools.product([False, True], [False, True]):
-    out.append(dict(kind='dice', activation='sigmoid', spatial=(8, 8), C=1,
-                    opts=dict(batch=batch, jaccard=jac)))
+    out.append(
+      dict(
+        kind='dice',
+        activation='sigmoid',
+        spatial=(8, 8),
+        C=1,
+        opts=dict(batch=batch, jaccard=jac),
+      )
+    )
   # Class weights (MONAI's `weight`), soft targets, smoothing, ignore_index.
-  out.append(dict(kind='dice', activation='softmax', spatial=(6, 6), C=4,
-                  opts=dict(class_weights=[0.1, 1.0, 2.0, 0.5])))
-  out.append(dict(kind='dice', activation='softmax', spatial=(6, 6), C=4,
-                  opts=dict(include_background=False,
-                            class_weights=[1.0, 2.0, 0.5])))
-  out.append(dict(kind='dice', activation='softmax', spatial=(6, 6), C=3,
-                  opts=dict(smooth_nr=0.0, smooth_dr=1e-6)))
-  out.append(dict(kind='dice', activation='softmax', spatial=(6, 6), C=3,
-                  opts=dict(smooth_nr=1.0, smooth_dr=1.0, squared_pred=True)))
-  out.append(dict(kind='dice', activation='softmax', spatial=(6, 6), C=3,
-                  soft=True, opts=dict()))
-  out.append(dict(kind='dice', activation='sigmoid', spatial=(6, 6), C=3,
-                  soft=True, opts=dict(squared_pred=True)))
-  out.append(dict(kind='dice', activation='softmax', spatial=(6, 6), C=3,
-                  ignore=255, opts=dict(ignore_index=255)))
-  out.append(dict(kind='dice', activation='softmax', spatial=(6, 6), C=3,
-                  ignore=255, opts=dict(ignore_index=255,
-                                        include_background=False)))
+  out.append(
+    dict(
+      kind='dice',
+      activation='softmax',
+      spatial=(6, 6),
+      C=4,
+      opts=dict(class_weights=[0.1, 1.0, 2.0, 0.5]),
+    )
+  )
+  out.append(
+    dict(
+      kind='dice',
+      activation='softmax',
+      spatial=(6, 6),
+      C=4,
+      opts=dict(include_background=False, class_weights=[1.0, 2.0, 0.5]),
+    )
+  )
+  out.append(
+    dict(
+      kind='dice',
+      activation='softmax',
+      spatial=(6, 6),
+      C=3,
+      opts=dict(smooth_nr=0.0, smooth_dr=1e-6),
+    )
+  )
+  out.append(
+    dict(
+      kind='dice',
+      activation='softmax',
+      spatial=(6, 6),
+      C=3,
+      opts=dict(smooth_nr=1.0, smooth_dr=1.0, squared_pred=True),
+    )
+  )
+  out.append(
+    dict(kind='dice', activation='softmax', spatial=(6, 6), C=3, soft=True, opts=dict())
+  )
+  out.append(
+    dict(
+      kind='dice',
+      activation='sigmoid',
+      spatial=(6, 6),
+      C=3,
+      soft=True,
+      opts=dict(squared_pred=True),
+    )
+  )
+  out.append(
+    dict(
+      kind='dice',
+      activation='softmax',
+      spatial=(6, 6),
+      C=3,
+      ignore=255,
+      opts=dict(ignore_index=255),
+    )
+  )
+  out.append(
+    dict(
+      kind='dice',
+      activation='softmax',
+      spatial=(6, 6),
+      C=3,
+      ignore=255,
+      opts=dict(ignore_index=255, include_background=False),
+    )
+  )
   for spatial, inc, batch, sq, jac, ls in itertools.product(
-      [(7, 6), (4, 5, 3)], [True, False], [False, True], [False, True],
-      [False, True], [0.0, 0.1]):
-    out.append(dict(kind='dice_ce', activation='softmax', spatial=spatial,
-                    C=3, opts=dict(include_background=inc, batch=batch,
-                                   squared_pred=sq, jaccard=jac,
-                                   label_smoothing=ls)))
-  out.append(dict(kind='dice_ce', activation='softmax', spatial=(6, 6), C=3,
-                  opts=dict(class_weights=[0.2, 1.0, 3.0],
-                            include_background=False, lambda_dice=0.7,
-                            lambda_ce=1.3)))
-  out.append(dict(kind='dice_ce', activation='softmax', spatial=(6, 6), C=3,
-                  soft=True, opts=dict()))
+    [(7, 6), (4, 5, 3)],
+    [True, False],
+    [False, True],
+    [False, True],
+    [False, True],
+    [0.0, 0.1],
+  ):
+    out.append(
+      dict(
+        kind='dice_ce',
+        activation='softmax',
+        spatial=spatial,
+        C=3,
+        opts=dict(
+          include_background=inc,
+          batch=batch,
+          squared_pred=sq,
+          jaccard=jac,
+          label_smoothing=ls,
+        ),
+      )
+    )
+  out.append(
+    dict(
+      kind='dice_ce',
+      activation='softmax',
+      spatial=(6, 6),
+      C=3,
+      opts=dict(
+        class_weights=[0.2, 1.0, 3.0],
+        include_background=False,
+        lambda_dice=0.7,
+        lambda_ce=1.3,
+      ),
+    )
+  )
+  out.append(
+    dict(kind='dice_ce', activation='softmax', spatial=(6, 6), C=3, soft=True, opts=dict())
+  )
   for batch in (False, True):
-    out.append(dict(kind='dice_bce', activation='sigmoid', spatial=(8, 8),
-                    C=1, opts=dict(batch=batch)))
-  for a, b, inc, batch in itertools.product([0.3, 0.5], [0.7, 0.5],
-                                            [True, False], [False, True]):
-    out.append(dict(kind='tversky', activation='softmax', spatial=(6, 5), C=3,
-                    opts=dict(alpha=a, beta=b, include_background=inc,
-                              batch=batch)))
+    out.append(
+      dict(
+        kind='dice_bce', activation='sigmoid', spatial=(8, 8), C=1, opts=dict(batch=batch)
+      )
+    )
+  for a, b, inc, batch in itertools.product(
+    [0.3, 0.5], [0.7, 0.5], [True, False], [False, True]
+  ):
+    out.append(
+      dict(
+        kind='tversky',
+        activation='softmax',
+        spatial=(6, 5),
+        C=3,
+        opts=dict(alpha=a, beta=b, include_background=inc, batch=batch),
+      )
+    )
   for w, inc, batch, act in itertools.product(
-      ['square', 'simple', 'uniform'], [True, False], [False, True],
-      ['softmax', 'sigmoid']):
-    out.append(dict(kind='generalized_dice', activation=act, spatial=(6, 5),
-                    C=4, absent=True,
-                    opts=dict(w_type=w, include_background=inc, batch=batch)))
+    ['square', 'simple', 'uniform'], [True, False], [False, True], ['softmax', 'sigmoid']
+  ):
+    out.append(
+      dict(
+        kind='generalized_dice',
+        activation=act,
+        spatial=(6, 5),
+        C=4,
+        absent=True,
+        opts=dict(w_type=w, include_background=inc, batch=batch),
+      )
+    )
   return out
 
 
@@ -113,8 +220,10 @@ def make_data(case, seed):
 
 def run_jax(path_in, path_out):
   import jax
+
   jax.config.update('jax_platforms', 'cpu')
   from unet_jax import losses
+
   data = np.load(path_in, allow_pickle=True)
   all_cases = json.loads(str(data['cases']))
   results = []
@@ -132,6 +241,7 @@ def run_jax(path_in, path_out):
 def run_monai(case, logits, labels, target):
   from monai import losses as ml
   import torch
+
   x = torch.from_numpy(np.moveaxis(logits, -1, 1)).double()
   if target is not None:
     y = torch.from_numpy(np.moveaxis(target, -1, 1)).double()
@@ -140,8 +250,9 @@ def run_monai(case, logits, labels, target):
     y = torch.from_numpy(labels[:, None]).long()
     onehot = case['C'] > 1
   o = dict(case['opts'])
-  act = dict(sigmoid=case['activation'] == 'sigmoid',
-             softmax=case['activation'] == 'softmax')
+  act = dict(
+    sigmoid=case['activation'] == 'sigmoid', softmax=case['activation'] == 'softmax'
+  )
   kind = case['kind']
   if kind == 'dice':
     weight = o.pop('class_weights', None)
@@ -178,8 +289,7 @@ def main():
     path_in = os.path.join(tmp, 'in.npz')
     path_out = os.path.join(tmp, 'out.npy')
     np.savez(path_in, cases=json.dumps(all_cases), **arrays)
-    subprocess.run([JAX_PYTHON, __file__, '--jax', path_in, path_out],
-                   check=True, cwd=ROOT)
+    subprocess.run([JAX_PYTHON, __file__, '--jax', path_in, path_out], check=True, cwd=ROOT)
     ours = np.load(path_out)
   reference = np.asarray(reference)
   diff = np.abs(ours - reference)
@@ -189,9 +299,11 @@ def main():
   for kind, ds in by_kind.items():
     print(f'{kind:18s} cases={len(ds):3d} max|diff|={max(ds):.2e}')
   worst = int(np.argmax(diff))
-  print(f'overall: {len(all_cases)} cases, max|diff|={diff.max():.2e} '
-        f'(case {worst}: {all_cases[worst]}, ours={ours[worst]:.7f}, '
-        f'monai={reference[worst]:.7f})')
+  print(
+    f'overall: {len(all_cases)} cases, max|diff|={diff.max():.2e} '
+    f'(case {worst}: {all_cases[worst]}, ours={ours[worst]:.7f}, '
+    f'monai={reference[worst]:.7f})'
+  )
 
 
 if __name__ == '__main__':

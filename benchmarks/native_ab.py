@@ -43,26 +43,35 @@ def _build_and_register(tag, source, out_dir):
   import jax  # pylint: disable=g-import-not-at-top
 
   from unet_jax import native_kernels  # pylint: disable=g-import-not-at-top
+
   lib_path = os.path.join(out_dir, f'{tag}.so')
-  cmd = [native_kernels._compiler(), *native_kernels.FLAGS,  # pylint: disable=protected-access
-         f'-I{jax.ffi.include_dir()}', str(source), '-o', lib_path]
+  cmd = [
+    native_kernels._compiler(),
+    *native_kernels.FLAGS,  # pylint: disable=protected-access
+    f'-I{jax.ffi.include_dir()}',
+    str(source),
+    '-o',
+    lib_path,
+  ]
   result = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if result.returncode != 0:
     raise SystemExit(f'building {source} failed:\n{result.stderr[-2000:]}')
   library = ctypes.cdll.LoadLibrary(lib_path)
   for symbol, suffix in (('UnetConv', 'conv'), ('UnetConvWgrad', 'wgrad')):
-    jax.ffi.register_ffi_target(f'ab_{tag}_{suffix}',
-                                jax.ffi.pycapsule(getattr(library, symbol)),
-                                platform='cpu')
+    jax.ffi.register_ffi_target(
+      f'ab_{tag}_{suffix}', jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu'
+    )
   return library
 
 
 def _shapes(quick):
   """(name, x shape, kernel shape) as rank-5 operands, from conv_kernels.py."""
   import conv_kernels  # pylint: disable=g-import-not-at-top
+
   out = []
-  for name, n, size, ndim, c, o in (conv_kernels.QUICK_SHAPES if quick
-                                    else conv_kernels.SHAPES):
+  for name, n, size, ndim, c, o in (
+    conv_kernels.QUICK_SHAPES if quick else conv_kernels.SHAPES
+  ):
     depth = size if ndim == 3 else 1
     kd = 3 if ndim == 3 else 1
     out.append((name, (n, depth, size, size, c), (kd, 3, 3, c, o)))
@@ -73,9 +82,11 @@ def compare_sources(source_a, source_b, *, parts, repeats, quick):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   with tempfile.TemporaryDirectory() as tmp:
-    libraries = [_build_and_register(tag, src, tmp)
-                 for tag, src in (('a', source_a), ('b', source_b))]
+    libraries = [
+      _build_and_register(tag, src, tmp) for tag, src in (('a', source_a), ('b', source_b))
+    ]
     del libraries  # registered; the handles stay loaded
     rows = []
     for name, x_shape, k_shape in _shapes(quick):
@@ -83,24 +94,34 @@ def compare_sources(source_a, source_b, *, parts, repeats, quick):
       x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
       k = jnp.asarray(rng.normal(size=k_shape), jnp.float32)
       g = jnp.asarray(rng.normal(size=x_shape[:-1] + k_shape[-1:]), jnp.float32)
-      pads = {f'pad_{axis}': np.int64((size - 1) // 2)
-              for axis, size in zip('dhw', k_shape[:3])}
+      pads = {
+        f'pad_{axis}': np.int64((size - 1) // 2) for axis, size in zip('dhw', k_shape[:3])
+      }
       flops = 2 * np.prod(x_shape[:-1]) * np.prod(k_shape)
       row = {'name': name}
       for part in parts:
-        out = (jax.ShapeDtypeStruct(x_shape[:-1] + k_shape[-1:], jnp.float32)
-               if part == 'forward' else jax.ShapeDtypeStruct(k_shape, jnp.float32))
+        out = (
+          jax.ShapeDtypeStruct(x_shape[:-1] + k_shape[-1:], jnp.float32)
+          if part == 'forward'
+          else jax.ShapeDtypeStruct(k_shape, jnp.float32)
+        )
         fns = {}
         for tag in 'ab':
           target = f'ab_{tag}_{"conv" if part == "forward" else "wgrad"}'
           call = jax.ffi.ffi_call(target, out)
           fns[tag] = jax.jit(
-              (lambda x, k, g, call=call: call(x, k, **pads)) if part == 'forward'
-              else (lambda x, k, g, call=call: call(x, g, **pads)))
+            (lambda x, k, g, call=call: call(x, k, **pads))
+            if part == 'forward'
+            else (lambda x, k, g, call=call: call(x, g, **pads))
+          )
         want, got = np.asarray(fns['a'](x, k, g)), np.asarray(fns['b'](x, k, g))
-        np.testing.assert_allclose(got, want, rtol=1e-3,
-                                   atol=1e-3 * float(np.abs(want).max()),
-                                   err_msg=f'{name} {part}: B differs from A')
+        np.testing.assert_allclose(
+          got,
+          want,
+          rtol=1e-3,
+          atol=1e-3 * float(np.abs(want).max()),
+          err_msg=f'{name} {part}: B differs from A',
+        )
         times = {'a': [], 'b': []}
         for _ in range(repeats):
           for tag in 'ab':
@@ -110,39 +131,59 @@ def compare_sources(source_a, source_b, *, parts, repeats, quick):
         rate = {tag: flops / min(t) / 1e9 for tag, t in times.items()}
         row[part] = {'a': rate['a'], 'b': rate['b'], 'ratio': rate['b'] / rate['a']}
       rows.append(row)
-      print(f'{name}: ' + ', '.join(
+      print(
+        f'{name}: '
+        + ', '.join(
           f'{p} {row[p]["a"]:.0f} -> {row[p]["b"]:.0f} GFLOP/s ({row[p]["ratio"]:.2f}x)'
-          for p in parts), flush=True)
+          for p in parts
+        ),
+        flush=True,
+      )
   return rows
 
 
 def compare_trees(tree_a, tree_b, *, cases, rounds, steps, warmup):
   import speed  # pylint: disable=g-import-not-at-top
+
   trees = {'a': os.path.abspath(tree_a), 'b': os.path.abspath(tree_b)}
   all_cases = {**speed.CASES, **speed.QUICK_CASES}
   results = {}
   for name in cases:
     ms = {'a': [], 'b': []}
     for r in range(rounds):
-      for tag in ('ab' if r % 2 == 0 else 'ba'):
-        cmd = [sys.executable, os.path.join(trees[tag], 'benchmarks', 'speed.py'),
-               '--worker=jax', f'--case={json.dumps(all_cases[name])}',
-               '--dtype=float32', f'--steps={steps}', f'--warmup={warmup}',
-               '--kwargs={}', '--donate=1']
+      for tag in 'ab' if r % 2 == 0 else 'ba':
+        cmd = [
+          sys.executable,
+          os.path.join(trees[tag], 'benchmarks', 'speed.py'),
+          '--worker=jax',
+          f'--case={json.dumps(all_cases[name])}',
+          '--dtype=float32',
+          f'--steps={steps}',
+          f'--warmup={warmup}',
+          '--kwargs={}',
+          '--donate=1',
+        ]
         proc = subprocess.run(
-            cmd, capture_output=True, text=True, cwd=trees[tag], check=False,
-            env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=trees[tag]))
+          cmd,
+          capture_output=True,
+          text=True,
+          cwd=trees[tag],
+          check=False,
+          env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=trees[tag]),
+        )
         if proc.returncode != 0:
           raise SystemExit(f'{" ".join(cmd)} failed:\n{proc.stderr[-3000:]}')
         step_ms = statistics.median(
-            json.loads(proc.stdout.strip().splitlines()[-1])['ms_per_step'])
+          json.loads(proc.stdout.strip().splitlines()[-1])['ms_per_step']
+        )
         ms[tag].append(step_ms)
-        print(f'[{name}] round {r + 1}/{rounds} {tag.upper()}: {step_ms:.0f} ms/step',
-              flush=True)
+        print(
+          f'[{name}] round {r + 1}/{rounds} {tag.upper()}: {step_ms:.0f} ms/step',
+          flush=True,
+        )
     a, b = statistics.median(ms['a']), statistics.median(ms['b'])
     results[name] = {'a_ms': a, 'b_ms': b, 'ratio': a / b}
-    print(f'{name}: A {a:.0f} ms, B {b:.0f} ms, B speed / A speed {a / b:.2f}x',
-          flush=True)
+    print(f'{name}: A {a:.0f} ms, B {b:.0f} ms, B speed / A speed {a / b:.2f}x', flush=True)
   return results
 
 
@@ -168,18 +209,25 @@ def main(argv=None):
     for part in parts:
       if part not in ('forward', 'kernel_grad'):
         parser.error(f'--parts: {part!r} is not forward or kernel_grad')
-    result = compare_sources(*args.sources, parts=parts, repeats=args.repeats,
-                             quick=args.quick)
+    result = compare_sources(
+      *args.sources, parts=parts, repeats=args.repeats, quick=args.quick
+    )
   else:
     for path in args.trees:
       if not os.path.isfile(os.path.join(path, 'benchmarks', 'speed.py')):
         parser.error(f'--trees: {path} has no benchmarks/speed.py')
     import speed  # pylint: disable=g-import-not-at-top
+
     for name in args.cases.split(','):
       if name not in {**speed.CASES, **speed.QUICK_CASES}:
-        parser.error(f'--cases: {name!r} is not one of speed.py\'s cases')
-    result = compare_trees(*args.trees, cases=args.cases.split(','),
-                           rounds=args.rounds, steps=args.steps, warmup=args.warmup)
+        parser.error(f"--cases: {name!r} is not one of speed.py's cases")
+    result = compare_trees(
+      *args.trees,
+      cases=args.cases.split(','),
+      rounds=args.rounds,
+      steps=args.steps,
+      warmup=args.warmup,
+    )
   if args.out:
     with open(args.out, 'w') as f:
       json.dump(result, f, indent=1)

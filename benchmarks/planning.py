@@ -103,11 +103,20 @@ def thin2d(rng) -> tuple[np.ndarray, np.ndarray]:
 
 
 def aniso3d(rng) -> tuple[np.ndarray, np.ndarray]:
-  image, label = synthetic.render_example(rng, shape=(16, 64, 64), num_classes=2,
-                                          foreground_fraction=0.08,
-                                          spacing=(4.0, 0.8, 0.8))
-  bias = 1 + 0.2 * ndimage.zoom(rng.uniform(-1, 1, (2, 3, 3)), (8, 64 / 3, 64 / 3),
-                                order=1)[:16, :64, :64]
+  image, label = synthetic.render_example(
+    rng,
+    shape=(16, 64, 64),
+    num_classes=2,
+    foreground_fraction=0.08,
+    spacing=(4.0, 0.8, 0.8),
+  )
+  bias = (
+    1
+    + 0.2
+    * ndimage.zoom(rng.uniform(-1, 1, (2, 3, 3)), (8, 64 / 3, 64 / 3), order=1)[
+      :16, :64, :64
+    ]
+  )
   gain, offset = rng.uniform(2, 8), rng.uniform(100, 600)
   volume = (image[..., 0].astype(np.float32) * gain + offset) * bias
   return volume.astype(np.float32), label
@@ -127,8 +136,9 @@ def ct2d(rng) -> tuple[np.ndarray, np.ndarray]:
   image[spine] = 700 + 300 * rng.random(spine.sum())
   # The organ: always on the same side (the patient's right, image left).
   oy, ox = cy + rng.normal(-8, 3), cx - rx * rng.uniform(0.35, 0.45)
-  organ = (((yy - oy) / rng.uniform(16, 22)) ** 2 + ((xx - ox) / rng.uniform(14, 19))
-           ** 2 <= 1) & inner
+  organ = (
+    ((yy - oy) / rng.uniform(16, 22)) ** 2 + ((xx - ox) / rng.uniform(14, 19)) ** 2 <= 1
+  ) & inner
   kidney = ((yy - (cy + 12)) / 9) ** 2 + ((xx - (cx + rx * 0.45)) / 6) ** 2 <= 1
   image[kidney & inner] = 30  # Unlabelled, close to the lesion's 25 HU.
   image[organ] = 60
@@ -155,11 +165,16 @@ def write_set(name: str, root: pathlib.Path) -> None:
     for i in range(count):
       image, label = make(rng)
       if name == 'aniso3d':
-        sf.write_pair(root, split, f'{split}{i:03d}', image, label,
-                      spacing=(4.0, 0.8, 0.8))
+        sf.write_pair(root, split, f'{split}{i:03d}', image, label, spacing=(4.0, 0.8, 0.8))
       else:
-        sf.write_pair(root, split, f'{split}{i:03d}', image, label,
-                      image_format='tif' if name == 'ct2d' else 'png')
+        sf.write_pair(
+          root,
+          split,
+          f'{split}{i:03d}',
+          image,
+          label,
+          image_format='tif' if name == 'ct2d' else 'png',
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -188,8 +203,9 @@ def _otsu(values: np.ndarray) -> float:
 
 
 def _confusion(cm, pred, label, k):
-  cm += np.bincount(k * label.ravel().astype(np.int64) + pred.ravel(),
-                    minlength=k * k).reshape(k, k)
+  cm += np.bincount(
+    k * label.ravel().astype(np.int64) + pred.ravel(), minlength=k * k
+  ).reshape(k, k)
 
 
 def _foreground_dice(cm) -> tuple[float, list[float]]:
@@ -225,8 +241,9 @@ def classical(name: str, root: pathlib.Path) -> dict[str, float]:
   k = 3 if name == 'ct2d' else 2
   results = {}
   if name == 'ct2d':
-    windows = {c: _best_window([i for i, _ in train], [m for _, m in train], c)
-               for c in (1, 2)}
+    windows = {
+      c: _best_window([i for i, _ in train], [m for _, m in train], c) for c in (1, 2)
+    }
     cm = np.zeros((k, k), np.int64)
     for image, label in val:
       pred = np.zeros(label.shape, np.int64)
@@ -240,8 +257,10 @@ def classical(name: str, root: pathlib.Path) -> dict[str, float]:
     values = np.concatenate([i.ravel() for i, _ in train])
     truth = np.concatenate([(m > 0).ravel() for _, m in train])
     candidates = np.percentile(values, np.linspace(50, 99.9, 200))
-    scores = [2 * np.sum((values > t) & truth) / (np.sum(values > t) + truth.sum())
-              for t in candidates]
+    scores = [
+      2 * np.sum((values > t) & truth) / (np.sum(values > t) + truth.sum())
+      for t in candidates
+    ]
     threshold = candidates[int(np.argmax(scores))]
     cm = np.zeros((k, k), np.int64)
     for image, label in val:
@@ -260,9 +279,13 @@ def classical(name: str, root: pathlib.Path) -> dict[str, float]:
 
 
 def _flags(name: str, root: pathlib.Path, data_dir: pathlib.Path) -> list[str]:
-  flags = [f'--config.data.root={root}', f'--config.data.data_dir={data_dir}',
-           '--config.eval_every_steps=1000000', '--config.checkpoint_every_steps=1000000',
-           '--config.log_every_steps=100']
+  flags = [
+    f'--config.data.root={root}',
+    f'--config.data.data_dir={data_dir}',
+    '--config.eval_every_steps=1000000',
+    '--config.checkpoint_every_steps=1000000',
+    '--config.log_every_steps=100',
+  ]
   if name == 'aniso3d':
     flags.append('--config.data.config=3d')
   return flags
@@ -282,11 +305,15 @@ def _fixed_steps(name, root, data_dir, budget) -> tuple[int, float]:
   """The fixed settings' steps for the budget, from their measured step time."""
   config = _fixed_config(name, root, data_dir)
   from unet_jax import config_checks  # pylint: disable=g-import-not-at-top
+
   ndim = config_checks.config_ndim(config)
   data = input_pipeline.open(config.data, divisor=config_checks.divisor(config.model, ndim))
   # Slow 3D steps (a batch of 16 volumes) need no warm-up to drain the prefetch.
-  step_time = planning.measure_step_time(config, data, steps=2, warmup=0) if (
-      name == 'aniso3d') else planning.measure_step_time(config, data)
+  step_time = (
+    planning.measure_step_time(config, data, steps=2, warmup=0)
+    if (name == 'aniso3d')
+    else planning.measure_step_time(config, data)
+  )
   return max(1, math.floor(budget / step_time)), step_time
 
 
@@ -306,8 +333,9 @@ def _train_seconds(workdir: pathlib.Path) -> float:
 def _run(cmd: list[str], workdir: pathlib.Path) -> dict:
   shutil.rmtree(workdir, ignore_errors=True)  # A fresh run, never a resumed one.
   start = time.perf_counter()
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  proc = subprocess.run(
+    cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS='cpu')
+  )
   wall = time.perf_counter() - start
   if proc.returncode:
     raise RuntimeError(f'{" ".join(cmd)} failed:\n{proc.stderr[-4000:]}')
@@ -317,14 +345,25 @@ def _run(cmd: list[str], workdir: pathlib.Path) -> dict:
   last = [r for r in rows if 'eval_dice' in r][-1]
   steps = max(r['step'] for r in rows if 'train_loss' in r)
   done = re.search(r'Done in ([\d:]+)', proc.stderr)
-  return {'dice': last['eval_dice'], 'dice_per_class': last['eval_dice_per_class'][1:],
-          'steps': steps, 'wall_s': round(wall, 1), 'train_s': _train_seconds(workdir),
-          'loop': done.group(1) if done else None}
+  return {
+    'dice': last['eval_dice'],
+    'dice_per_class': last['eval_dice_per_class'][1:],
+    'steps': steps,
+    'wall_s': round(wall, 1),
+    'train_s': _train_seconds(workdir),
+    'loop': done.group(1) if done else None,
+  }
 
 
 def _launch(workdir, name, root, data_dir, *flags) -> list[str]:
-  return [sys.executable, str(ROOT / 'launch.py'), '--config=configs/folder.py',
-          f'--workdir={workdir}', *_flags(name, root, data_dir), *flags]
+  return [
+    sys.executable,
+    str(ROOT / 'launch.py'),
+    '--config=configs/folder.py',
+    f'--workdir={workdir}',
+    *_flags(name, root, data_dir),
+    *flags,
+  ]
 
 
 def train_runs(name, root, out, budget, arms, results) -> None:
@@ -332,8 +371,9 @@ def train_runs(name, root, out, budget, arms, results) -> None:
   data_dir = out / 'tfds'
   if 'plan' in arms:
     workdir = out / f'{name}_plan'
-    entry = _run(_launch(workdir, name, root, data_dir,
-                         f'--config.plan_time_budget={budget}'), workdir)
+    entry = _run(
+      _launch(workdir, name, root, data_dir, f'--config.plan_time_budget={budget}'), workdir
+    )
     with open(workdir / 'plan.json') as f:
       plan = json.load(f)
     entry['measured_step_time'] = plan['inputs']['step_time']  # Of the plan before
@@ -349,44 +389,60 @@ def train_runs(name, root, out, budget, arms, results) -> None:
   for arm, factor in (('fixed', 1), ('fixed3', 3)):
     if arm in arms:
       workdir = out / f'{name}_{arm}'
-      base = (results['fixed_steps'] if 'fixed_steps' in results
-              else results['fixed']['steps'])
+      base = (
+        results['fixed_steps'] if 'fixed_steps' in results else results['fixed']['steps']
+      )
       steps = factor * base
       step_time = results['fixed']['step_time']
-      results[arm] = _run(_launch(workdir, name, root, data_dir, *fixed,
-                                  f'--config.num_train_steps={steps}'), workdir)
+      results[arm] = _run(
+        _launch(workdir, name, root, data_dir, *fixed, f'--config.num_train_steps={steps}'),
+        workdir,
+      )
       results[arm]['step_time'] = step_time
 
 
 def _table(results: dict) -> str:
-  lines = ['| data set | method | steps | s/step (planned) | training s | run s |'
-           ' foreground Dice | per class |',
-           '| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |']
+  lines = [
+    '| data set | method | steps | s/step (planned) | training s | run s |'
+    ' foreground Dice | per class |',
+    '| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |',
+  ]
   for name, r in results.items():
     for method in ('plan', 'fixed', 'fixed3'):
       if method not in r:
         continue
       m = r[method]
-      lines.append(f'| {name} | {method} | {m["steps"]} | {m["step_time"]:.3f} |'
-                   f' {m["train_s"]:.0f} | {m["wall_s"]:.0f} | {m["dice"]:.4f} |'
-                   f' {", ".join(f"{d:.3f}" for d in m["dice_per_class"])} |')
+      lines.append(
+        f'| {name} | {method} | {m["steps"]} | {m["step_time"]:.3f} |'
+        f' {m["train_s"]:.0f} | {m["wall_s"]:.0f} | {m["dice"]:.4f} |'
+        f' {", ".join(f"{d:.3f}" for d in m["dice_per_class"])} |'
+      )
     for method, (dice, per_class) in r['classical'].items():
-      lines.append(f'| {name} | {method} | | | | | {dice:.4f} |'
-                   f' {", ".join(f"{d:.3f}" for d in per_class)} |')
+      lines.append(
+        f'| {name} | {method} | | | | | {dice:.4f} |'
+        f' {", ".join(f"{d:.3f}" for d in per_class)} |'
+      )
   return '\n'.join(lines)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--budget', type=float, default=150.0,
-                      help='seconds of training steps per run')
+  parser.add_argument(
+    '--budget', type=float, default=150.0, help='seconds of training steps per run'
+  )
   parser.add_argument('--only', default=','.join(SETS))
   parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'out' / 'planning'))
-  parser.add_argument('--arms', default='plan,fixed,fixed3',
-                      help="'plan', 'fixed' (the same budget) and 'fixed3' (3x its"
-                      ' steps, to see how much the budget alone explains)')
-  parser.add_argument('--table_only', action='store_true',
-                      help='print the table of the results in --out; run nothing')
+  parser.add_argument(
+    '--arms',
+    default='plan,fixed,fixed3',
+    help="'plan', 'fixed' (the same budget) and 'fixed3' (3x its"
+    ' steps, to see how much the budget alone explains)',
+  )
+  parser.add_argument(
+    '--table_only',
+    action='store_true',
+    help='print the table of the results in --out; run nothing',
+  )
   args = parser.parse_args()
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
@@ -413,8 +469,9 @@ def main():
     entry['date'] = datetime.date.today().isoformat()
     results[name] = entry
     path.write_text(json.dumps(results, indent=1))
-    print(name, {k: v.get('dice') for k, v in entry.items() if isinstance(v, dict)},
-          flush=True)
+    print(
+      name, {k: v.get('dice') for k, v in entry.items() if isinstance(v, dict)}, flush=True
+    )
   print(_table(results))
 
 

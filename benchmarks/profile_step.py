@@ -42,8 +42,10 @@ STEPS = 3
 def _computations(hlo):
   """{fusion or call instruction name: text of the computation it calls}."""
   calls = dict(re.findall(r'%([\w.\-]+) = [^\n]*?calls=%([\w.\-]+)', hlo))
-  bodies = {m.group(1): m.group(0)
-            for m in re.finditer(r'^%([\w.\-]+) \(.*?\n}\n', hlo, re.S | re.M)}
+  bodies = {
+    m.group(1): m.group(0)
+    for m in re.finditer(r'^%([\w.\-]+) \(.*?\n}\n', hlo, re.S | re.M)
+  }
   lines = dict(re.findall(r'^\s*(?:ROOT )?%([\w.\-]+) = ([^\n]*)', hlo, re.M))
   return calls, bodies, lines
 
@@ -68,8 +70,7 @@ def kind(name, calls, bodies, lines):
     sizes = [int(v) for v in window.group(1).split('x')] if window else [1]
     if max(sizes) > 3 and any(s > 5 for s in sizes):
       return 'conv kernel grad (XLA)'
-    return ('conv input grad (XLA)' if 'transpose(jvp' in text
-            else 'conv forward (XLA)')
+    return 'conv input grad (XLA)' if 'transpose(jvp' in text else 'conv forward (XLA)'
   if ' dot(' in body or ' dot(' in line:
     return 'dot'
   if 'reduce-window' in name or 'reduce-window(' in body:
@@ -86,6 +87,7 @@ def kind(name, calls, bodies, lines):
 def profile(case, kwargs):
   import jax  # pylint: disable=g-import-not-at-top
   import speed  # pylint: disable=g-import-not-at-top
+
   step, state, _ = speed.build_step(case, kwargs=kwargs)
   for _ in range(2):
     *state, loss = step(*state)
@@ -108,16 +110,18 @@ def profile(case, kwargs):
   by_kind = collections.Counter()
   for event in events:
     name = event.get('name', '')
-    if (event.get('ph') == 'X' and (name in lines or name in calls)):
+    if event.get('ph') == 'X' and (name in lines or name in calls):
       by_kind[kind(name, calls, bodies, lines)] += event['dur'] / 1e3 / STEPS
   return wall_ms, dict(by_kind)
 
 
 def main(argv=None):
   import speed  # pylint: disable=g-import-not-at-top
+
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--case', default='2d_transpose',
-                      choices=sorted({**speed.CASES, **speed.QUICK_CASES}))
+  parser.add_argument(
+    '--case', default='2d_transpose', choices=sorted({**speed.CASES, **speed.QUICK_CASES})
+  )
   parser.add_argument('--kwargs', default='{}', help='UNet keyword overrides, JSON.')
   parser.add_argument('--out', default=str(HERE / 'out'))
   args = parser.parse_args(argv)
@@ -129,15 +133,25 @@ def main(argv=None):
   case = {**speed.CASES, **speed.QUICK_CASES}[args.case]
   wall_ms, by_kind = profile(case, json.loads(args.kwargs))
   total = sum(by_kind.values())
-  print(f'{args.case} {args.kwargs}: {wall_ms:.0f} ms per step (wall), '
-        f'{total:.0f} ms of operations summed over threads')
+  print(
+    f'{args.case} {args.kwargs}: {wall_ms:.0f} ms per step (wall), '
+    f'{total:.0f} ms of operations summed over threads'
+  )
   for name, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
     print(f'  {ms:8.1f} ms  {100 * ms / total:5.1f}%  {name}')
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, f'profile_{args.case}.json')
   with open(path, 'w') as f:
-    json.dump({'case': args.case, 'kwargs': json.loads(args.kwargs),
-               'wall_ms': wall_ms, 'ms_by_kind': by_kind}, f, indent=1)
+    json.dump(
+      {
+        'case': args.case,
+        'kwargs': json.loads(args.kwargs),
+        'wall_ms': wall_ms,
+        'ms_by_kind': by_kind,
+      },
+      f,
+      indent=1,
+    )
   print(f'wrote {path}')
 
 

@@ -43,54 +43,65 @@ ROOT = HERE.parent
 
 # name: network and input. 2 classes, 1 input channel, BatchNorm.
 CASES = {
-    '2d_transpose': dict(ndim=2, features=32, depth=4, batch=4, size=128,
-                         upsample='transpose'),
-    '2d_bilinear': dict(ndim=2, features=32, depth=4, batch=4, size=128,
-                        upsample='bilinear'),
-    '3d_transpose': dict(ndim=3, features=16, depth=3, batch=1, size=64,
-                         upsample='transpose'),
-    '3d_trilinear': dict(ndim=3, features=16, depth=3, batch=1, size=64,
-                         upsample='bilinear'),
+  '2d_transpose': dict(
+    ndim=2, features=32, depth=4, batch=4, size=128, upsample='transpose'
+  ),
+  '2d_bilinear': dict(ndim=2, features=32, depth=4, batch=4, size=128, upsample='bilinear'),
+  '3d_transpose': dict(
+    ndim=3, features=16, depth=3, batch=1, size=64, upsample='transpose'
+  ),
+  '3d_trilinear': dict(ndim=3, features=16, depth=3, batch=1, size=64, upsample='bilinear'),
 }
 QUICK_CASES = {
-    '2d_quick': dict(ndim=2, features=4, depth=2, batch=2, size=32,
-                     upsample='transpose'),
-    '3d_quick': dict(ndim=3, features=2, depth=2, batch=1, size=16,
-                     upsample='bilinear'),
+  '2d_quick': dict(ndim=2, features=4, depth=2, batch=2, size=32, upsample='transpose'),
+  '3d_quick': dict(ndim=3, features=2, depth=2, batch=1, size=16, upsample='bilinear'),
 }
 # Every UNet speed switch off: the plain XLA formulation.
-PLAIN = dict(transpose_as_matmul=False, conv3d_as_2d=False,
-             pointwise_as_matmul=False, conv_weight_grad='xla',
-             native_conv_forward=False, pool_as_reshape=False,
-             native_winograd=False, native_pool=False)
+PLAIN = dict(
+  transpose_as_matmul=False,
+  conv3d_as_2d=False,
+  pointwise_as_matmul=False,
+  conv_weight_grad='xla',
+  native_conv_forward=False,
+  pool_as_reshape=False,
+  native_winograd=False,
+  native_pool=False,
+)
 
 # name: (arm A, arm B). An arm is JAX with UNet keyword overrides ('kwargs'), extra
 # XLA_FLAGS ('xla_flags') and/or no buffer donation ('donate': False). B vs A.
 LEVERS = {
-    'transpose_as_matmul': ({'kwargs': {'transpose_as_matmul': False}}, {}),
-    'conv3d_as_2d': ({'kwargs': {'conv3d_as_2d': False}}, {}),
-    'pointwise_as_matmul': ({'kwargs': {'pointwise_as_matmul': False}}, {}),
-    'gemm_weight_grad': ({'kwargs': {'conv_weight_grad': 'xla'}},
-                         {'kwargs': {'conv_weight_grad': 'gemm'}}),
-    # The native C++ kernel gradient alone, against XLA's.
-    'native_weight_grad': ({'kwargs': {'conv_weight_grad': 'xla',
-                                       'native_conv_forward': False}},
-                           {'kwargs': {'native_conv_forward': False}}),
-    # The native forward pass and input gradient, on top of the native kernel grad.
-    'native_forward': ({'kwargs': {'native_conv_forward': False}}, {}),
-    'pool_as_reshape': ({}, {'kwargs': {'pool_as_reshape': True}}),
-    'native_pool': ({'kwargs': {'native_pool': False}}, {}),
-    'native_winograd': ({'kwargs': {'native_winograd': False}}, {}),
-    'all_switches': ({'kwargs': PLAIN}, {}),
-    'xnnpack': ({}, {'xla_flags': '--xla_cpu_use_xnnpack=true'}),
-    'onednn_custom_call': (
-        {}, {'xla_flags': '--xla_cpu_experimental_onednn_custom_call=true'}),
-    'onednn': ({}, {'xla_flags': '--xla_cpu_use_onednn=true'}),
-    'ynn_off': ({}, {'xla_flags': '--xla_cpu_experimental_ynn_fusion_type='}),
-    'ynn_conv': ({}, {'xla_flags':
-                      '--xla_cpu_experimental_ynn_fusion_type=+individual_convolution'}),
-    'donation': ({'donate': False}, {}),
-    'bf16': ({}, {'dtype': 'bfloat16'}),
+  'transpose_as_matmul': ({'kwargs': {'transpose_as_matmul': False}}, {}),
+  'conv3d_as_2d': ({'kwargs': {'conv3d_as_2d': False}}, {}),
+  'pointwise_as_matmul': ({'kwargs': {'pointwise_as_matmul': False}}, {}),
+  'gemm_weight_grad': (
+    {'kwargs': {'conv_weight_grad': 'xla'}},
+    {'kwargs': {'conv_weight_grad': 'gemm'}},
+  ),
+  # The native C++ kernel gradient alone, against XLA's.
+  'native_weight_grad': (
+    {'kwargs': {'conv_weight_grad': 'xla', 'native_conv_forward': False}},
+    {'kwargs': {'native_conv_forward': False}},
+  ),
+  # The native forward pass and input gradient, on top of the native kernel grad.
+  'native_forward': ({'kwargs': {'native_conv_forward': False}}, {}),
+  'pool_as_reshape': ({}, {'kwargs': {'pool_as_reshape': True}}),
+  'native_pool': ({'kwargs': {'native_pool': False}}, {}),
+  'native_winograd': ({'kwargs': {'native_winograd': False}}, {}),
+  'all_switches': ({'kwargs': PLAIN}, {}),
+  'xnnpack': ({}, {'xla_flags': '--xla_cpu_use_xnnpack=true'}),
+  'onednn_custom_call': (
+    {},
+    {'xla_flags': '--xla_cpu_experimental_onednn_custom_call=true'},
+  ),
+  'onednn': ({}, {'xla_flags': '--xla_cpu_use_onednn=true'}),
+  'ynn_off': ({}, {'xla_flags': '--xla_cpu_experimental_ynn_fusion_type='}),
+  'ynn_conv': (
+    {},
+    {'xla_flags': '--xla_cpu_experimental_ynn_fusion_type=+individual_convolution'},
+  ),
+  'donation': ({'donate': False}, {}),
+  'bf16': ({}, {'dtype': 'bfloat16'}),
 }
 
 
@@ -106,36 +117,51 @@ def build_step(case, *, dtype='float32', kwargs=None, donate=True):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
+
   sys.path.insert(0, str(ROOT))
   from unet_jax import models  # pylint: disable=g-import-not-at-top
 
   shape = (case['batch'],) + (case['size'],) * case['ndim'] + (1,)
-  model = models.UNet(num_classes=2, features=case['features'],
-                      depth=case['depth'], upsample=case['upsample'], norm='batch',
-                      dtype=jnp.dtype(dtype), **(kwargs or {}))
+  model = models.UNet(
+    num_classes=2,
+    features=case['features'],
+    depth=case['depth'],
+    upsample=case['upsample'],
+    norm='batch',
+    dtype=jnp.dtype(dtype),
+    **(kwargs or {}),
+  )
   x = jax.random.normal(jax.random.key(0), shape)
   y = jax.random.randint(jax.random.key(1), shape[:-1], 0, 2)
   # XLA's optimiser spends ~20 s on the truncated-normal initialisers; the values
   # do not matter here, so initialise without it.
-  variables = jax.jit(model.init).lower(jax.random.key(2), x).compile(
-      compiler_options={'xla_backend_optimization_level': 0})(jax.random.key(2), x)
+  variables = (
+    jax.jit(model.init)
+    .lower(jax.random.key(2), x)
+    .compile(compiler_options={'xla_backend_optimization_level': 0})(jax.random.key(2), x)
+  )
   tx = optax.adam(1e-3)
 
   def loss_fn(params, batch_stats):
-    logits, new = model.apply({'params': params, 'batch_stats': batch_stats}, x,
-                              train=True, mutable=['batch_stats'])
+    logits, new = model.apply(
+      {'params': params, 'batch_stats': batch_stats}, x, train=True, mutable=['batch_stats']
+    )
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, new['batch_stats']
 
   def train_step(params, batch_stats, opt_state):
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, batch_stats)
+      params, batch_stats
+    )
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
   step = jax.jit(train_step, donate_argnums=(0, 1, 2) if donate else ())
-  state = (variables['params'], variables['batch_stats'],
-           jax.jit(tx.init)(variables['params']))
+  state = (
+    variables['params'],
+    variables['batch_stats'],
+    jax.jit(tx.init)(variables['params']),
+  )
   return step.lower(*state).compile(), state, variables
 
 
@@ -145,8 +171,7 @@ def _jax_worker(case, *, dtype, steps, warmup, kwargs, donate):
   from unet_jax import models  # pylint: disable=g-import-not-at-top
 
   start = time.perf_counter()
-  compiled, state, variables = build_step(case, dtype=dtype, kwargs=kwargs,
-                                          donate=donate)
+  compiled, state, variables = build_step(case, dtype=dtype, kwargs=kwargs, donate=donate)
   compile_s = time.perf_counter() - start
   for _ in range(warmup):
     *state, loss = compiled(*state)
@@ -158,22 +183,33 @@ def _jax_worker(case, *, dtype, steps, warmup, kwargs, donate):
     loss.block_until_ready()
     times.append((time.perf_counter() - start) * 1e3)
   # compile_s: the model's initialisation and the step's compilation.
-  return {'ms_per_step': times, 'compile_s': compile_s,
-          'params': models.count_params(variables['params']),
-          'loss': float(loss), 'jax': jax.__version__,
-          'backend': jax.default_backend()}
+  return {
+    'ms_per_step': times,
+    'compile_s': compile_s,
+    'params': models.count_params(variables['params']),
+    'loss': float(loss),
+    'jax': jax.__version__,
+    'backend': jax.default_backend(),
+  }
 
 
 def _flops_worker(case):
   """XLA's FLOP count of the plain-formulation fp32 train step."""
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
+
   sys.path.insert(0, str(ROOT))
   from unet_jax import models  # pylint: disable=g-import-not-at-top
+
   shape = (case['batch'],) + (case['size'],) * case['ndim'] + (1,)
-  model = models.UNet(num_classes=2, features=case['features'],
-                      depth=case['depth'], upsample=case['upsample'], norm='batch',
-                      **PLAIN)
+  model = models.UNet(
+    num_classes=2,
+    features=case['features'],
+    depth=case['depth'],
+    upsample=case['upsample'],
+    norm='batch',
+    **PLAIN,
+  )
   x = jax.numpy.zeros(shape)
   y = jax.numpy.zeros(shape[:-1], jax.numpy.int32)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
@@ -181,17 +217,23 @@ def _flops_worker(case):
 
   def train_step(params, batch_stats, opt_state):
     def loss_fn(params):
-      logits, new = model.apply({'params': params, 'batch_stats': batch_stats}, x,
-                                train=True, mutable=['batch_stats'])
+      logits, new = model.apply(
+        {'params': params, 'batch_stats': batch_stats},
+        x,
+        train=True,
+        mutable=['batch_stats'],
+      )
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
       return loss, new
+
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   opt_state = jax.eval_shape(tx.init, variables['params'])
-  lowered = jax.jit(train_step).lower(variables['params'],
-                                      variables['batch_stats'], opt_state)
+  lowered = jax.jit(train_step).lower(
+    variables['params'], variables['batch_stats'], opt_state
+  )
   cost = lowered.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
@@ -199,13 +241,16 @@ def _flops_worker(case):
   fwd_cost = fwd.cost_analysis()
   if isinstance(fwd_cost, (list, tuple)):
     fwd_cost = fwd_cost[0]
-  return {'train_step_flops': float(cost['flops']),
-          'forward_flops': float(fwd_cost['flops'])}
+  return {
+    'train_step_flops': float(cost['flops']),
+    'forward_flops': float(fwd_cost['flops']),
+  }
 
 
 def _gemm_worker(n=2048, repeats=10):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   out = {}
   for dtype in ('float32', 'bfloat16'):
     a = jax.random.normal(jax.random.key(0), (n, n)).astype(dtype)
@@ -226,8 +271,14 @@ def _gemm_worker(n=2048, repeats=10):
 
 
 def _run(cmd, env=None):
-  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                        env=dict(os.environ, **(env or {})), check=False)
+  proc = subprocess.run(
+    cmd,
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=dict(os.environ, **(env or {})),
+    check=False,
+  )
   if proc.returncode != 0:
     raise RuntimeError(f'{" ".join(cmd)} failed:\n{proc.stderr[-3000:]}')
   return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -241,35 +292,55 @@ def _jax_env(xla_flags=''):
   return env
 
 
-def run_jax(case, *, dtype='float32', steps, warmup, kwargs=None, donate=True,
-            xla_flags=''):
-  cmd = [sys.executable, __file__, '--worker=jax', f'--case={json.dumps(case)}',
-         f'--dtype={dtype}', f'--steps={steps}', f'--warmup={warmup}',
-         f'--kwargs={json.dumps(kwargs or {})}', f'--donate={int(donate)}']
+def run_jax(
+  case, *, dtype='float32', steps, warmup, kwargs=None, donate=True, xla_flags=''
+):
+  cmd = [
+    sys.executable,
+    __file__,
+    '--worker=jax',
+    f'--case={json.dumps(case)}',
+    f'--dtype={dtype}',
+    f'--steps={steps}',
+    f'--warmup={warmup}',
+    f'--kwargs={json.dumps(kwargs or {})}',
+    f'--donate={int(donate)}',
+  ]
   return _run(cmd, _jax_env(xla_flags))
 
 
 def run_torch(torch_python, case, *, dtype='float32', steps, warmup):
-  cmd = [torch_python, str(HERE / 'torch_reference.py'), f'--ndim={case["ndim"]}',
-         f'--features={case["features"]}', f'--depth={case["depth"]}',
-         f'--batch={case["batch"]}', f'--size={case["size"]}',
-         f'--upsample={case["upsample"]}', f'--dtype={dtype}', f'--steps={steps}',
-         f'--warmup={warmup}', '--threads=2']
+  cmd = [
+    torch_python,
+    str(HERE / 'torch_reference.py'),
+    f'--ndim={case["ndim"]}',
+    f'--features={case["features"]}',
+    f'--depth={case["depth"]}',
+    f'--batch={case["batch"]}',
+    f'--size={case["size"]}',
+    f'--upsample={case["upsample"]}',
+    f'--dtype={dtype}',
+    f'--steps={steps}',
+    f'--warmup={warmup}',
+    '--threads=2',
+  ]
   return _run(cmd)
 
 
 def torch_available(torch_python):
   if not torch_python or not os.path.exists(torch_python):
     return False
-  proc = subprocess.run([torch_python, '-c', 'import torch'], capture_output=True,
-                        check=False)
+  proc = subprocess.run(
+    [torch_python, '-c', 'import torch'], capture_output=True, check=False
+  )
   return proc.returncode == 0
 
 
 def _uptime():
   try:
-    return subprocess.run(['uptime'], capture_output=True, text=True,
-                          check=False).stdout.strip()
+    return subprocess.run(
+      ['uptime'], capture_output=True, text=True, check=False
+    ).stdout.strip()
   except OSError:
     return 'unknown'
 
@@ -278,12 +349,21 @@ def compare(cases, *, torch_python, dtypes, steps, warmup, repeats, gemm_n=2048)
   """The JAX-vs-PyTorch table: {case: {dtype: row}}."""
   have_torch = torch_available(torch_python)
   # One process measures the GEMM rate and counts every case's FLOPs.
-  info = _run([sys.executable, __file__, '--worker=info', f'--gemm-n={gemm_n}',
-               f'--case={json.dumps(list(cases.values()))}'], _jax_env())
+  info = _run(
+    [
+      sys.executable,
+      __file__,
+      '--worker=info',
+      f'--gemm-n={gemm_n}',
+      f'--case={json.dumps(list(cases.values()))}',
+    ],
+    _jax_env(),
+  )
   gemm = info['gemm']
   if have_torch:
     gemm['torch_gemm_gflops_float32'] = _run(
-        [torch_python, str(HERE / 'torch_reference.py'), '--gemm'])['gemm_gflops']
+      [torch_python, str(HERE / 'torch_reference.py'), '--gemm']
+    )['gemm_gflops']
   print(f'GEMM {gemm_n}^2 GFLOP/s: {json.dumps(gemm)}', flush=True)
   gemm['n'] = gemm_n
   results = {}
@@ -293,33 +373,41 @@ def compare(cases, *, torch_python, dtypes, steps, warmup, repeats, gemm_n=2048)
       runs = {'jax': [], 'torch': []}
       sides = ['jax', 'torch'] if have_torch else ['jax']
       for r in range(repeats):
-        for side in (sides if r % 2 == 0 else sides[::-1]):
+        for side in sides if r % 2 == 0 else sides[::-1]:
           if side == 'jax':
             out = run_jax(case, dtype=dtype, steps=steps, warmup=warmup)
           else:
-            out = run_torch(torch_python, case, dtype=dtype, steps=steps,
-                            warmup=warmup)
+            out = run_torch(torch_python, case, dtype=dtype, steps=steps, warmup=warmup)
           runs[side].append(out)
-          print(f'[{name} {dtype}] round {r + 1}/{repeats} {side}: '
-                f'{statistics.median(out["ms_per_step"]):.0f} ms/step', flush=True)
+          print(
+            f'[{name} {dtype}] round {r + 1}/{repeats} {side}: '
+            f'{statistics.median(out["ms_per_step"]):.0f} ms/step',
+            flush=True,
+          )
       row = {}
       for side in sides:
         per_process = [statistics.median(o['ms_per_step']) for o in runs[side]]
         ms = statistics.median(per_process)
-        row[side] = {'ms_per_step_median': ms, 'ms_per_process': per_process,
-                     'params': runs[side][0]['params'],
-                     'gflops': flops['train_step_flops'] / ms / 1e6}
-      row['jax']['share_of_gemm'] = (row['jax']['gflops']
-                                     / gemm['gemm_gflops_float32'])
+        row[side] = {
+          'ms_per_step_median': ms,
+          'ms_per_process': per_process,
+          'params': runs[side][0]['params'],
+          'gflops': flops['train_step_flops'] / ms / 1e6,
+        }
+      row['jax']['share_of_gemm'] = row['jax']['gflops'] / gemm['gemm_gflops_float32']
       if have_torch:
-        row['torch']['share_of_gemm'] = (row['torch']['gflops']
-                                         / gemm['torch_gemm_gflops_float32'])
-        row['ratio_jax_speed_over_torch'] = (row['torch']['ms_per_step_median']
-                                             / row['jax']['ms_per_step_median'])
+        row['torch']['share_of_gemm'] = (
+          row['torch']['gflops'] / gemm['torch_gemm_gflops_float32']
+        )
+        row['ratio_jax_speed_over_torch'] = (
+          row['torch']['ms_per_step_median'] / row['jax']['ms_per_step_median']
+        )
         if row['jax']['params'] != row['torch']['params']:
-          raise RuntimeError(f'{name}: parameter counts differ: JAX '
-                             f'{row["jax"]["params"]} vs PyTorch '
-                             f'{row["torch"]["params"]}')
+          raise RuntimeError(
+            f'{name}: parameter counts differ: JAX '
+            f'{row["jax"]["params"]} vs PyTorch '
+            f'{row["torch"]["params"]}'
+          )
       results[name][dtype] = row
   return {'gemm': gemm, 'torch_available': have_torch, 'results': results}
 
@@ -331,25 +419,42 @@ def lever(name, cases, *, steps, warmup, repeats):
   for cname, case in cases.items():
     runs = ([], [])
     for r in range(repeats):
-      for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+      for i in (0, 1) if r % 2 == 0 else (1, 0):
         arm = arms[i]
-        res = run_jax(case, dtype=arm.get('dtype', 'float32'), steps=steps,
-                      warmup=warmup, kwargs=arm.get('kwargs'),
-                      donate=arm.get('donate', True),
-                      xla_flags=arm.get('xla_flags', ''))
+        res = run_jax(
+          case,
+          dtype=arm.get('dtype', 'float32'),
+          steps=steps,
+          warmup=warmup,
+          kwargs=arm.get('kwargs'),
+          donate=arm.get('donate', True),
+          xla_flags=arm.get('xla_flags', ''),
+        )
         runs[i].append(statistics.median(res['ms_per_step']))
-        print(f'[{name} {cname}] round {r + 1}/{repeats} arm {"AB"[i]}: '
-              f'{runs[i][-1]:.0f} ms/step', flush=True)
+        print(
+          f'[{name} {cname}] round {r + 1}/{repeats} arm {"AB"[i]}: '
+          f'{runs[i][-1]:.0f} ms/step',
+          flush=True,
+        )
     a, b = statistics.median(runs[0]), statistics.median(runs[1])
-    out[cname] = {'A': arms[0], 'B': arms[1], 'A_ms': a, 'B_ms': b,
-                  'A_runs': runs[0], 'B_runs': runs[1], 'speedup_B_over_A': a / b}
+    out[cname] = {
+      'A': arms[0],
+      'B': arms[1],
+      'A_ms': a,
+      'B_ms': b,
+      'A_runs': runs[0],
+      'B_runs': runs[1],
+      'speedup_B_over_A': a / b,
+    }
   return out
 
 
 def _print_table(report):
   print()
-  print(f'{"case":14s} {"dtype":9s} {"JAX ms":>8s} {"torch ms":>9s} {"ratio":>6s} '
-        f'{"JAX GF/s":>9s} {"JAX %GEMM":>9s} {"torch GF/s":>10s} {"torch %GEMM":>11s}')
+  print(
+    f'{"case":14s} {"dtype":9s} {"JAX ms":>8s} {"torch ms":>9s} {"ratio":>6s} '
+    f'{"JAX GF/s":>9s} {"JAX %GEMM":>9s} {"torch GF/s":>10s} {"torch %GEMM":>11s}'
+  )
   for name, res in report['results'].items():
     for dtype in ('float32', 'bfloat16'):
       if dtype not in res:
@@ -357,20 +462,29 @@ def _print_table(report):
       row = res[dtype]
       j = row['jax']
       t = row.get('torch')
-      tcols = (f'{t["ms_per_step_median"]:9.0f} '
-               f'{row["ratio_jax_speed_over_torch"]:5.2f}x' if t else
-               f'{"unavail.":>9s} {"-":>6s}')
-      tflops = (f'{t["gflops"]:10.0f} {100 * t["share_of_gemm"]:10.0f}%' if t else
-                f'{"-":>10s} {"-":>11s}')
-      print(f'{name:14s} {dtype:9s} {j["ms_per_step_median"]:8.0f} {tcols} '
-            f'{j["gflops"]:9.0f} {100 * j["share_of_gemm"]:8.0f}% {tflops}')
+      tcols = (
+        f'{t["ms_per_step_median"]:9.0f} {row["ratio_jax_speed_over_torch"]:5.2f}x'
+        if t
+        else f'{"unavail.":>9s} {"-":>6s}'
+      )
+      tflops = (
+        f'{t["gflops"]:10.0f} {100 * t["share_of_gemm"]:10.0f}%'
+        if t
+        else f'{"-":>10s} {"-":>11s}'
+      )
+      print(
+        f'{name:14s} {dtype:9s} {j["ms_per_step_median"]:8.0f} {tcols} '
+        f'{j["gflops"]:9.0f} {100 * j["share_of_gemm"]:8.0f}% {tflops}'
+      )
 
 
 def markdown_table(report):
   """The table of RESULTS.md, as markdown."""
-  lines = ['| case | dtype | JAX ms/step | PyTorch ms/step | JAX speed / PyTorch |'
-           ' JAX GFLOP/s | JAX % of GEMM | PyTorch GFLOP/s | PyTorch % of GEMM |',
-           '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
+  lines = [
+    '| case | dtype | JAX ms/step | PyTorch ms/step | JAX speed / PyTorch |'
+    ' JAX GFLOP/s | JAX % of GEMM | PyTorch GFLOP/s | PyTorch % of GEMM |',
+    '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+  ]
   for name, res in report['results'].items():
     for dtype in ('float32', 'bfloat16'):
       if dtype not in res:
@@ -379,26 +493,38 @@ def markdown_table(report):
       j, t = row['jax'], row.get('torch')
       ratio = f'**{row["ratio_jax_speed_over_torch"]:.2f}×**' if t else '-'
       lines.append(
-          f'| {name} | {dtype} | {j["ms_per_step_median"]:.0f} | '
-          + (f'{t["ms_per_step_median"]:.0f}' if t else 'unavailable')
-          + f' | {ratio} | {j["gflops"]:.0f} | {100 * j["share_of_gemm"]:.0f}% | '
-          + (f'{t["gflops"]:.0f} | {100 * t["share_of_gemm"]:.0f}% |' if t else
-             '- | - |'))
+        f'| {name} | {dtype} | {j["ms_per_step_median"]:.0f} | '
+        + (f'{t["ms_per_step_median"]:.0f}' if t else 'unavailable')
+        + f' | {ratio} | {j["gflops"]:.0f} | {100 * j["share_of_gemm"]:.0f}% | '
+        + (f'{t["gflops"]:.0f} | {100 * t["share_of_gemm"]:.0f}% |' if t else '- | - |')
+      )
   return '\n'.join(lines)
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--quick', action='store_true',
-                      help='Tiny shapes, JAX only, a smoke run.')
-  parser.add_argument('--torch-python', default=None,
-                      help='Interpreter with torch installed (else unavailable).')
-  parser.add_argument('--cases', default=None,
-                      help='Comma-separated case names (default: all).')
-  parser.add_argument('--dtypes', default=None,
-                      help='Comma-separated; default float32,bfloat16 (quick: float32).')
-  parser.add_argument('--lever', default=None, choices=sorted(LEVERS),
-                      help='A/B one lever on the JAX side instead.')
+  parser.add_argument(
+    '--quick', action='store_true', help='Tiny shapes, JAX only, a smoke run.'
+  )
+  parser.add_argument(
+    '--torch-python',
+    default=None,
+    help='Interpreter with torch installed (else unavailable).',
+  )
+  parser.add_argument(
+    '--cases', default=None, help='Comma-separated case names (default: all).'
+  )
+  parser.add_argument(
+    '--dtypes',
+    default=None,
+    help='Comma-separated; default float32,bfloat16 (quick: float32).',
+  )
+  parser.add_argument(
+    '--lever',
+    default=None,
+    choices=sorted(LEVERS),
+    help='A/B one lever on the JAX side instead.',
+  )
   parser.add_argument('--steps', type=int, default=None)
   parser.add_argument('--warmup', type=int, default=None)
   parser.add_argument('--repeats', type=int, default=None)
@@ -413,14 +539,28 @@ def main(argv=None):
   args = parser.parse_args(argv)
 
   if args.worker == 'jax':
-    print(json.dumps(_jax_worker(
-        json.loads(args.case), dtype=args.dtype, steps=args.steps or 5,
-        warmup=args.warmup if args.warmup is not None else 2,
-        kwargs=json.loads(args.kwargs), donate=bool(args.donate))))
+    print(
+      json.dumps(
+        _jax_worker(
+          json.loads(args.case),
+          dtype=args.dtype,
+          steps=args.steps or 5,
+          warmup=args.warmup if args.warmup is not None else 2,
+          kwargs=json.loads(args.kwargs),
+          donate=bool(args.donate),
+        )
+      )
+    )
     return None
   if args.worker == 'info':
-    print(json.dumps({'gemm': _gemm_worker(args.gemm_n),
-                      'flops': [_flops_worker(c) for c in json.loads(args.case)]}))
+    print(
+      json.dumps(
+        {
+          'gemm': _gemm_worker(args.gemm_n),
+          'flops': [_flops_worker(c) for c in json.loads(args.case)],
+        }
+      )
+    )
     return None
 
   all_cases = QUICK_CASES if args.quick else CASES
@@ -432,23 +572,37 @@ def main(argv=None):
   steps = args.steps or (2 if args.quick else 5)
   warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
   repeats = args.repeats or (1 if args.quick else 3)
-  meta = {'date': datetime.date.today().isoformat(), 'uptime_before': _uptime(),
-          'cpu_count': os.cpu_count(), 'steps': steps, 'warmup': warmup,
-          'repeats': repeats, 'xla_flags': os.environ.get('XLA_FLAGS', '')}
+  meta = {
+    'date': datetime.date.today().isoformat(),
+    'uptime_before': _uptime(),
+    'cpu_count': os.cpu_count(),
+    'steps': steps,
+    'warmup': warmup,
+    'repeats': repeats,
+    'xla_flags': os.environ.get('XLA_FLAGS', ''),
+  }
   os.makedirs(args.out, exist_ok=True)
   if args.lever:
-    report = {'lever': args.lever, 'results': lever(
-        args.lever, cases, steps=steps, warmup=warmup, repeats=repeats)}
+    report = {
+      'lever': args.lever,
+      'results': lever(args.lever, cases, steps=steps, warmup=warmup, repeats=repeats),
+    }
     for cname, r in report['results'].items():
-      print(f'{args.lever} {cname}: A {r["A_ms"]:.0f} ms, B {r["B_ms"]:.0f} ms, '
-            f'B speed / A speed {r["speedup_B_over_A"]:.2f}x')
+      print(
+        f'{args.lever} {cname}: A {r["A_ms"]:.0f} ms, B {r["B_ms"]:.0f} ms, '
+        f'B speed / A speed {r["speedup_B_over_A"]:.2f}x'
+      )
     path = os.path.join(args.out, f'speed_{args.lever}.json')
   else:
-    report = compare(cases, torch_python=None if args.quick else args.torch_python,
-                     dtypes=(args.dtypes or ('float32' if args.quick else
-                                             'float32,bfloat16')).split(','),
-                     gemm_n=512 if args.quick else 2048, steps=steps, warmup=warmup,
-                     repeats=repeats)
+    report = compare(
+      cases,
+      torch_python=None if args.quick else args.torch_python,
+      dtypes=(args.dtypes or ('float32' if args.quick else 'float32,bfloat16')).split(','),
+      gemm_n=512 if args.quick else 2048,
+      steps=steps,
+      warmup=warmup,
+      repeats=repeats,
+    )
     _print_table(report)
     print()
     print(markdown_table(report))

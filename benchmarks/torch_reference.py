@@ -44,14 +44,16 @@ def _conv(ndim):
 def _block(ndim, cin, cout):
   conv, bn = _conv(ndim), (nn.BatchNorm2d if ndim == 2 else nn.BatchNorm3d)
   return nn.Sequential(
-      conv(cin, cout, 3, padding=1, bias=False), bn(cout, eps=1e-5, momentum=0.1),
-      nn.ReLU(inplace=True),
-      conv(cout, cout, 3, padding=1, bias=False), bn(cout, eps=1e-5, momentum=0.1),
-      nn.ReLU(inplace=True))
+    conv(cin, cout, 3, padding=1, bias=False),
+    bn(cout, eps=1e-5, momentum=0.1),
+    nn.ReLU(inplace=True),
+    conv(cout, cout, 3, padding=1, bias=False),
+    bn(cout, eps=1e-5, momentum=0.1),
+    nn.ReLU(inplace=True),
+  )
 
 
 class Upsample(nn.Module):
-
   def __init__(self, ndim, cin, cout, mode):
     super().__init__()
     self.mode = mode
@@ -66,12 +68,12 @@ class Upsample(nn.Module):
     if self.mode == 'transpose':
       return self.conv(x)
     # 1x1 convolution first: it commutes with linear interpolation (as in unet_jax).
-    return F.interpolate(self.conv(x), scale_factor=2, mode=self.interp,
-                         align_corners=False)
+    return F.interpolate(
+      self.conv(x), scale_factor=2, mode=self.interp, align_corners=False
+    )
 
 
 class UNet(nn.Module):
-
   def __init__(self, *, ndim, in_channels, num_classes, features, depth, upsample):
     super().__init__()
     self.depth = depth
@@ -106,14 +108,33 @@ def count_params(model):
   return sum(p.numel() for p in model.parameters())
 
 
-def run(*, ndim, features, depth, batch, size, upsample, num_classes=2,
-        in_channels=1, dtype='float32', steps=5, warmup=2, threads=2,
-        channels_last=False):
+def run(
+  *,
+  ndim,
+  features,
+  depth,
+  batch,
+  size,
+  upsample,
+  num_classes=2,
+  in_channels=1,
+  dtype='float32',
+  steps=5,
+  warmup=2,
+  threads=2,
+  channels_last=False,
+):
   """Times `steps` train steps after `warmup` ones; returns a dict of results."""
   torch.set_num_threads(threads)
   torch.manual_seed(0)
-  model = UNet(ndim=ndim, in_channels=in_channels, num_classes=num_classes,
-               features=features, depth=depth, upsample=upsample)
+  model = UNet(
+    ndim=ndim,
+    in_channels=in_channels,
+    num_classes=num_classes,
+    features=features,
+    depth=depth,
+    upsample=upsample,
+  )
   x = torch.randn((batch, in_channels) + (size,) * ndim)
   y = torch.randint(0, num_classes, (batch,) + (size,) * ndim)
   if channels_last:
@@ -142,11 +163,11 @@ def run(*, ndim, features, depth, batch, size, upsample, num_classes=2,
     loss.item()
     times.append((time.perf_counter() - start) * 1e3)
   return {
-      'ms_per_step': times,
-      'params': count_params(model),
-      'loss': float(loss.item()),
-      'torch': torch.__version__,
-      'threads': torch.get_num_threads(),
+    'ms_per_step': times,
+    'params': count_params(model),
+    'loss': float(loss.item()),
+    'torch': torch.__version__,
+    'threads': torch.get_num_threads(),
   }
 
 
@@ -173,27 +194,43 @@ def main(argv=None):
   parser.add_argument('--size', type=int)
   parser.add_argument('--upsample', choices=('transpose', 'bilinear'))
   parser.add_argument('--num-classes', type=int, default=2)
-  parser.add_argument('--dtype', choices=('float32', 'bfloat16'),
-                      default='float32')
+  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--threads', type=int, default=2)
   parser.add_argument('--channels-last', action='store_true')
-  parser.add_argument('--gemm', action='store_true',
-                      help='Print the 2048^2 fp32 matmul GFLOP/s instead.')
+  parser.add_argument(
+    '--gemm', action='store_true', help='Print the 2048^2 fp32 matmul GFLOP/s instead.'
+  )
   args = parser.parse_args(argv)
   if args.gemm:
     print(json.dumps({'gemm_gflops': gemm_gflops(threads=args.threads)}))
     return
-  missing = [f for f in ('ndim', 'features', 'depth', 'batch', 'size', 'upsample')
-             if getattr(args, f) is None]
+  missing = [
+    f
+    for f in ('ndim', 'features', 'depth', 'batch', 'size', 'upsample')
+    if getattr(args, f) is None
+  ]
   if missing:
     parser.error(f'missing: {", ".join("--" + m for m in missing)}')
-  print(json.dumps(run(
-      ndim=args.ndim, features=args.features, depth=args.depth, batch=args.batch,
-      size=args.size, upsample=args.upsample, num_classes=args.num_classes,
-      dtype=args.dtype, steps=args.steps, warmup=args.warmup, threads=args.threads,
-      channels_last=args.channels_last)))
+  print(
+    json.dumps(
+      run(
+        ndim=args.ndim,
+        features=args.features,
+        depth=args.depth,
+        batch=args.batch,
+        size=args.size,
+        upsample=args.upsample,
+        num_classes=args.num_classes,
+        dtype=args.dtype,
+        steps=args.steps,
+        warmup=args.warmup,
+        threads=args.threads,
+        channels_last=args.channels_last,
+      )
+    )
+  )
 
 
 if __name__ == '__main__':

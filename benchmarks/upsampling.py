@@ -52,60 +52,65 @@ MODES = ('transpose', 'bilinear')
 
 # name: (input shape [N, *spatial, C], features, depth, classes)
 PRESETS = {
-    'cpu': {
-        '2d_128x128_b8_f32': ((8, 128, 128, 1), 32, 4, 2),
-        '3d_32x64x64_b1_f8': ((1, 32, 64, 64, 1), 8, 3, 2),
-    },
-    'gpu': {
-        '2d_576x576_b4_f64': ((4, 576, 576, 1), 64, 4, 2),
-        '3d_128x128x128_b1_f32': ((1, 128, 128, 128, 1), 32, 4, 2),
-    },
+  'cpu': {
+    '2d_128x128_b8_f32': ((8, 128, 128, 1), 32, 4, 2),
+    '3d_32x64x64_b1_f8': ((1, 32, 64, 64, 1), 8, 3, 2),
+  },
+  'gpu': {
+    '2d_576x576_b4_f64': ((4, 576, 576, 1), 64, 4, 2),
+    '3d_128x128x128_b1_f32': ((1, 128, 128, 128, 1), 32, 4, 2),
+  },
 }
 CASES = PRESETS['cpu']
 QUICK_CASES = {
-    '2d_32x32_b2_f4': ((2, 32, 32, 1), 4, 2, 2),
+  '2d_32x32_b2_f4': ((2, 32, 32, 1), 4, 2, 2),
 }
 
 
 def _build(mode, shape, features, depth, classes):
-  model = models.UNet(num_classes=classes, features=features, depth=depth,
-                      upsample=mode, norm='batch')
+  model = models.UNet(
+    num_classes=classes, features=features, depth=depth, upsample=mode, norm='batch'
+  )
   x = jax.random.normal(jax.random.key(0), shape)
   y = (jax.random.uniform(jax.random.key(1), shape[:-1]) > 0.9).astype(jnp.int32)
   # XLA's optimiser spends ~20 s on the truncated-normal initialisers; the values
   # do not need it, so initialise without it.
-  variables = jax.jit(model.init).lower(jax.random.key(2), x).compile(
-      compiler_options={'xla_backend_optimization_level': 0})(jax.random.key(2), x)
+  variables = (
+    jax.jit(model.init)
+    .lower(jax.random.key(2), x)
+    .compile(compiler_options={'xla_backend_optimization_level': 0})(jax.random.key(2), x)
+  )
   tx = optax.adam(1e-3)
   opt_state = tx.init(variables['params'])
 
   def loss_fn(params, batch_stats):
-    logits, new = model.apply({'params': params, 'batch_stats': batch_stats}, x,
-                              train=True, mutable=['batch_stats'])
+    logits, new = model.apply(
+      {'params': params, 'batch_stats': batch_stats}, x, train=True, mutable=['batch_stats']
+    )
     return losses.dice_ce_loss(logits, y), new['batch_stats']
 
   @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
   def train_step(params, batch_stats, opt_state):
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, batch_stats)
+      params, batch_stats
+    )
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
   forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
   # The train step donates its inputs; the forward pass keeps its own copy.
-  args = jax.tree.map(jnp.copy, (variables['params'], variables['batch_stats'],
-                                 opt_state))
+  args = jax.tree.map(jnp.copy, (variables['params'], variables['batch_stats'], opt_state))
   compiled = train_step.lower(*args).compile()
   memory = compiled.memory_analysis()
   temp_bytes = int(getattr(memory, 'temp_size_in_bytes', 0)) if memory else 0
   return {
-      'train_step': train_step,
-      'forward': forward,
-      'state': args,
-      'variables': variables,
-      'x': x,
-      'params': models.count_params(variables['params']),
-      'train_temp_bytes': temp_bytes,
+    'train_step': train_step,
+    'forward': forward,
+    'state': args,
+    'variables': variables,
+    'x': x,
+    'params': models.count_params(variables['params']),
+    'train_temp_bytes': temp_bytes,
   }
 
 
@@ -142,27 +147,33 @@ def run(cases, *, steps, repeats):
       for m in order:
         train[m].append(shape[0] * steps / _time_train(built[m], steps))
         fwd[m].append(shape[0] * steps / _time_forward(built[m], steps))
-      print(f'[{name}] round {r + 1}/{repeats}: ' + ', '.join(
-          f'{m} train {train[m][-1]:.1f} ex/s' for m in MODES), flush=True)
+      print(
+        f'[{name}] round {r + 1}/{repeats}: '
+        + ', '.join(f'{m} train {train[m][-1]:.1f} ex/s' for m in MODES),
+        flush=True,
+      )
     row = {'input_shape': list(shape), 'features': features, 'depth': depth}
     for m in MODES:
       row[m] = {
-          'params': built[m]['params'],
-          'train_examples_per_s_median': statistics.median(train[m]),
-          'train_examples_per_s_all': train[m],
-          'forward_examples_per_s_median': statistics.median(fwd[m]),
-          'forward_examples_per_s_all': fwd[m],
-          'train_temp_bytes': built[m]['train_temp_bytes'],
+        'params': built[m]['params'],
+        'train_examples_per_s_median': statistics.median(train[m]),
+        'train_examples_per_s_all': train[m],
+        'forward_examples_per_s_median': statistics.median(fwd[m]),
+        'forward_examples_per_s_all': fwd[m],
+        'train_temp_bytes': built[m]['train_temp_bytes'],
       }
     t, b = row['transpose'], row['bilinear']
     row['ratio_bilinear_over_transpose'] = {
-        'train_throughput': b['train_examples_per_s_median']
-                            / t['train_examples_per_s_median'],
-        'forward_throughput': b['forward_examples_per_s_median']
-                              / t['forward_examples_per_s_median'],
-        'train_temp_bytes': (b['train_temp_bytes'] / t['train_temp_bytes']
-                             if t['train_temp_bytes'] else float('nan')),
-        'params': b['params'] / t['params'],
+      'train_throughput': b['train_examples_per_s_median']
+      / t['train_examples_per_s_median'],
+      'forward_throughput': b['forward_examples_per_s_median']
+      / t['forward_examples_per_s_median'],
+      'train_temp_bytes': (
+        b['train_temp_bytes'] / t['train_temp_bytes']
+        if t['train_temp_bytes']
+        else float('nan')
+      ),
+      'params': b['params'] / t['params'],
     }
     results[name] = row
   return results
@@ -170,30 +181,40 @@ def run(cases, *, steps, repeats):
 
 def _print_table(results):
   print()
-  print(f'{"case":24s} {"mode":10s} {"params":>10s} {"train ex/s":>11s} '
-        f'{"fwd ex/s":>10s} {"train temp MiB":>15s}')
+  print(
+    f'{"case":24s} {"mode":10s} {"params":>10s} {"train ex/s":>11s} '
+    f'{"fwd ex/s":>10s} {"train temp MiB":>15s}'
+  )
   for name, row in results.items():
     for m in MODES:
       r = row[m]
-      print(f'{name:24s} {m:10s} {r["params"]:10,d} '
-            f'{r["train_examples_per_s_median"]:11.2f} '
-            f'{r["forward_examples_per_s_median"]:10.2f} '
-            f'{r["train_temp_bytes"] / 2**20:15.1f}')
+      print(
+        f'{name:24s} {m:10s} {r["params"]:10,d} '
+        f'{r["train_examples_per_s_median"]:11.2f} '
+        f'{r["forward_examples_per_s_median"]:10.2f} '
+        f'{r["train_temp_bytes"] / 2**20:15.1f}'
+      )
     ratio = row['ratio_bilinear_over_transpose']
-    print(f'{name:24s} {"ratio b/t":10s} {ratio["params"]:10.3f} '
-          f'{ratio["train_throughput"]:11.3f} {ratio["forward_throughput"]:10.3f} '
-          f'{ratio["train_temp_bytes"]:15.3f}')
+    print(
+      f'{name:24s} {"ratio b/t":10s} {ratio["params"]:10.3f} '
+      f'{ratio["train_throughput"]:11.3f} {ratio["forward_throughput"]:10.3f} '
+      f'{ratio["train_temp_bytes"]:15.3f}'
+    )
 
 
 def _plot(results, path):
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   names = list(results)
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
   width = 0.38
-  for ax, key, label in ((axes[0], 'train', 'train step'),
-                         (axes[1], 'forward', 'forward (inference)')):
+  for ax, key, label in (
+    (axes[0], 'train', 'train step'),
+    (axes[1], 'forward', 'forward (inference)'),
+  ):
     for i, m in enumerate(MODES):
       med = [results[n][m][f'{key}_examples_per_s_median'] for n in names]
       runs = [results[n][m][f'{key}_examples_per_s_all'] for n in names]
@@ -206,8 +227,10 @@ def _plot(results, path):
     ax.set_ylabel('examples/s (median; dots: each round)')
     ax.set_title(label)
     ax.legend()
-  fig.suptitle(f'U-Net upsampling on {jax.devices()[0].platform.upper()} '
-               f'({os.cpu_count()} cores): transposed conv vs bilinear + 1x1 conv')
+  fig.suptitle(
+    f'U-Net upsampling on {jax.devices()[0].platform.upper()} '
+    f'({os.cpu_count()} cores): transposed conv vs bilinear + 1x1 conv'
+  )
   fig.tight_layout()
   fig.savefig(path, dpi=90)
   plt.close(fig)
@@ -216,8 +239,12 @@ def _plot(results, path):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--quick', action='store_true', help='Tiny smoke run.')
-  parser.add_argument('--preset', choices=sorted(PRESETS), default='cpu',
-                      help="'cpu': the RESULTS.md cases; 'gpu': 576^2 and 128^3.")
+  parser.add_argument(
+    '--preset',
+    choices=sorted(PRESETS),
+    default='cpu',
+    help="'cpu': the RESULTS.md cases; 'gpu': 576^2 and 128^3.",
+  )
   parser.add_argument('--steps', type=int, default=None, help='Steps per round.')
   parser.add_argument('--repeats', type=int, default=None, help='Rounds.')
   parser.add_argument('--out', default=str(pathlib.Path(__file__).parent / 'out'))
@@ -228,9 +255,14 @@ def main(argv=None):
   results = run(cases, steps=steps, repeats=repeats)
   _print_table(results)
   os.makedirs(args.out, exist_ok=True)
-  meta = {'jax': jax.__version__, 'backend': jax.default_backend(),
-          'preset': 'quick' if args.quick else args.preset,
-          'cpu_count': os.cpu_count(), 'steps_per_round': steps, 'repeats': repeats}
+  meta = {
+    'jax': jax.__version__,
+    'backend': jax.default_backend(),
+    'preset': 'quick' if args.quick else args.preset,
+    'cpu_count': os.cpu_count(),
+    'steps_per_round': steps,
+    'repeats': repeats,
+  }
   with open(os.path.join(args.out, 'upsampling.json'), 'w') as f:
     json.dump({'meta': meta, 'results': results}, f, indent=2)
   _plot(results, os.path.join(args.out, 'upsampling.png'))

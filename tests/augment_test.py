@@ -13,13 +13,13 @@ from unet_jax import augment as augment_lib
 
 def _config(**overrides) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(
-      {
-          'flip': False,
-          'rot90': False,
-          'scale': (1.0, 1.0),
-          'intensity': 0.0,
-          'elastic': 0.0,
-      }
+    {
+      'flip': False,
+      'rot90': False,
+      'scale': (1.0, 1.0),
+      'intensity': 0.0,
+      'elastic': 0.0,
+    }
   )
   config.update(overrides)
   return config
@@ -67,7 +67,7 @@ def test_shapes_and_dtypes(spatial, overrides):
 def _dihedral_2d(x):
   """All 8 flips and rotations of the last two axes."""
   return [
-      np.rot90(t, k, axes=(-2, -1)) for t in (x, np.swapaxes(x, -1, -2)) for k in range(4)
+    np.rot90(t, k, axes=(-2, -1)) for t in (x, np.swapaxes(x, -1, -2)) for k in range(4)
   ]
 
 
@@ -76,12 +76,12 @@ def test_flips_and_rotations_are_exact_dihedral_maps():
   image = _painted(label)
   out_image, out_label = _augment(_config(flip=True, rot90=True), image, label)
   np.testing.assert_array_equal(
-      out_image, _painted(out_label)
+    out_image, _painted(out_label)
   )  # Painted mask == moved image.
   used = set()
   for i in range(16):
     matches = [
-        j for j, t in enumerate(_dihedral_2d(label[i])) if np.array_equal(t, out_label[i])
+      j for j, t in enumerate(_dihedral_2d(label[i])) if np.array_equal(t, out_label[i])
     ]
     assert matches
     used.add(matches[0])
@@ -125,7 +125,7 @@ def test_3d_rotates_in_plane_only():
 
 @pytest.mark.parametrize('spatial', [(32, 32), (8, 24, 24)])
 @pytest.mark.parametrize(
-    'overrides', [dict(scale=(0.6, 1.6)), dict(elastic=4.0), dict(ALL, intensity=0.0)]
+  'overrides', [dict(scale=(0.6, 1.6)), dict(elastic=4.0), dict(ALL, intensity=0.0)]
 )
 def test_interpolating_transforms_keep_mask_and_image_aligned(spatial, overrides):
   label = _blobs(spatial, 4)
@@ -152,7 +152,7 @@ def test_intensity_jitter_is_affine_per_channel_and_spares_the_mask():
   for i, c in itertools.product(range(4), range(3)):
     slope, offset = np.polyfit(image[i, ..., c].ravel(), out_image[i, ..., c].ravel(), 1)
     np.testing.assert_allclose(
-        out_image[i, ..., c], slope * image[i, ..., c] + offset, atol=1e-4
+      out_image[i, ..., c], slope * image[i, ..., c] + offset, atol=1e-4
     )
     assert 0.7 - 1e-6 <= slope <= 1.3 + 1e-6 and abs(offset) <= 0.3 + 1e-6
   assert not np.allclose(out_image, image)
@@ -186,19 +186,19 @@ def test_off_is_identity():
 
 
 @pytest.mark.parametrize(
-    'image_shape, label_shape, overrides, message',
-    [
-        ((2, 8, 8, 1), (2, 8, 9), {}, 'augment expects'),
-        ((2, 8, 1), (2, 8), {}, 'augment expects'),
-        ((2, 8, 8, 1), (2, 8, 8), {'scale': (1.2, 0.8)}, 'scale'),
-        ((2, 8, 8, 1), (2, 8, 8), {'elastic': -1.0}, 'elastic'),
-    ],
+  'image_shape, label_shape, overrides, message',
+  [
+    ((2, 8, 8, 1), (2, 8, 9), {}, 'augment expects'),
+    ((2, 8, 1), (2, 8), {}, 'augment expects'),
+    ((2, 8, 8, 1), (2, 8, 8), {'scale': (1.2, 0.8)}, 'scale'),
+    ((2, 8, 8, 1), (2, 8, 8), {'elastic': -1.0}, 'elastic'),
+  ],
 )
 def test_bad_inputs_raise(image_shape, label_shape, overrides, message):
   with pytest.raises(ValueError, match=message):
     augment_lib.augment(
-        jax.random.key(0),
-        jnp.zeros(image_shape),
-        jnp.zeros(label_shape, jnp.int32),
-        config=_config(**overrides),
+      jax.random.key(0),
+      jnp.zeros(image_shape),
+      jnp.zeros(label_shape, jnp.int32),
+      config=_config(**overrides),
     )

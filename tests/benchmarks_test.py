@@ -13,10 +13,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_quick(script, tmp_path, *args, timeout=300):
   """Runs `benchmarks/<script> --quick --out=tmp_path ...` on the CPU; fails on error."""
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'benchmarks', script), '--quick',
-       f'--out={tmp_path}', *args],
-      cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
-      text=True, timeout=timeout)
+    [
+      sys.executable,
+      os.path.join(ROOT, 'benchmarks', script),
+      '--quick',
+      f'--out={tmp_path}',
+      *args,
+    ],
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
 
@@ -66,8 +75,15 @@ def test_speed_benchmark_quick_run(tmp_path):
   # encoder 9*1*4 + 9*4*4, 9*4*8 + 9*8*8, bottleneck 9*8*16 + 9*16*16, upsampling
   # 4*16*8 + 8 and 4*8*4 + 4, decoder 9*16*8 + 9*8*8 and 9*8*4 + 9*4*4, head 4*2 + 2,
   # and 2 BatchNorm parameters per channel of each of the 10 convolutions.
-  convs = (9 * (4 + 16 + 32 + 64 + 128 + 256 + 128 + 64 + 32 + 16)
-           + 4 * 16 * 8 + 8 + 4 * 8 * 4 + 4 + 4 * 2 + 2)
+  convs = (
+    9 * (4 + 16 + 32 + 64 + 128 + 256 + 128 + 64 + 32 + 16)
+    + 4 * 16 * 8
+    + 8
+    + 4 * 8 * 4
+    + 4
+    + 4 * 2
+    + 2
+  )
   norms = 2 * 2 * (4 + 8 + 16 + 8 + 4)
   assert report['results']['2d_quick']['float32']['jax']['params'] == convs + norms
 
@@ -111,10 +127,18 @@ def test_conv_kernels_benchmark_quick_run(tmp_path):
 
 def test_profile_step_finds_the_native_kernels_in_the_default_step(tmp_path):
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'benchmarks', 'profile_step.py'),
-       '--case=3d_quick', f'--out={tmp_path}'],
-      cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
-      text=True, timeout=300)
+    [
+      sys.executable,
+      os.path.join(ROOT, 'benchmarks', 'profile_step.py'),
+      '--case=3d_quick',
+      f'--out={tmp_path}',
+    ],
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(tmp_path / 'profile_3d_quick.json') as f:
     by_kind = json.load(f)['ms_by_kind']
@@ -131,10 +155,22 @@ def test_native_ab_sources_quick_run(tmp_path):
   source = os.path.join(ROOT, 'unet_jax', 'native', 'conv.cc')
   out = tmp_path / 'ab.json'
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'benchmarks', 'native_ab.py'),
-       '--sources', source, source, '--quick', '--repeats=1', f'--out={out}'],
-      cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
-      text=True, timeout=300)
+    [
+      sys.executable,
+      os.path.join(ROOT, 'benchmarks', 'native_ab.py'),
+      '--sources',
+      source,
+      source,
+      '--quick',
+      '--repeats=1',
+      f'--out={out}',
+    ],
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = json.loads(out.read_text())
   assert [row['name'] for row in rows] == ['quick 2d', 'quick 3d']
@@ -146,11 +182,24 @@ def test_native_ab_sources_quick_run(tmp_path):
 def test_native_ab_trees_quick_run(tmp_path):
   out = tmp_path / 'trees.json'
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'benchmarks', 'native_ab.py'),
-       '--trees', ROOT, ROOT, '--cases=2d_quick', '--rounds=1', '--steps=1',
-       '--warmup=0', f'--out={out}'],
-      cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
-      text=True, timeout=300)
+    [
+      sys.executable,
+      os.path.join(ROOT, 'benchmarks', 'native_ab.py'),
+      '--trees',
+      ROOT,
+      ROOT,
+      '--cases=2d_quick',
+      '--rounds=1',
+      '--steps=1',
+      '--warmup=0',
+      f'--out={out}',
+    ],
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())['2d_quick']
   assert result['a_ms'] > 0 and result['b_ms'] > 0
@@ -159,8 +208,17 @@ def test_native_ab_trees_quick_run(tmp_path):
 def test_native_ab_names_a_missing_source(tmp_path):
   missing = tmp_path / 'nope.cc'
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'benchmarks', 'native_ab.py'),
-       '--sources', str(missing), str(missing)],
-      cwd=ROOT, capture_output=True, text=True, timeout=120)
+    [
+      sys.executable,
+      os.path.join(ROOT, 'benchmarks', 'native_ab.py'),
+      '--sources',
+      str(missing),
+      str(missing),
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 2
   assert str(missing) in proc.stderr

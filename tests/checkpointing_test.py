@@ -65,11 +65,13 @@ def test_keep_must_be_positive(tmp_path):
 
 
 def test_min_mode_keeps_the_lowest_and_best_step_reads_it_back(tmp_path):
-  manager = checkpointing.create_manager(str(tmp_path), keep=1, best_metric='eval_hd95',
-                                         best_mode='min')
+  manager = checkpointing.create_manager(
+    str(tmp_path), keep=1, best_metric='eval_hd95', best_mode='min'
+  )
   for step, hd in ((1, 5.0), (2, 3.0), (3, 4.0), (4, None)):
-    checkpointing.save(manager, step, _state(step),
-                       metrics=None if hd is None else {'eval_hd95': hd})
+    checkpointing.save(
+      manager, step, _state(step), metrics=None if hd is None else {'eval_hd95': hd}
+    )
   assert sorted(manager.all_steps()) == [2, 4]  # The latest, and the lowest distance.
   assert checkpointing.best_step(manager, best_metric='eval_hd95', best_mode='min') == 2
   assert checkpointing.best_step(manager, best_metric='eval_dice') is None

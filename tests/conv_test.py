@@ -25,9 +25,14 @@ def native_at_every_size(monkeypatch):
   # and channel count where they win. Here they run at every size, so that the
   # formulation tests exercise them (the rules themselves:
   # test_native_kernels_follow_the_size_rules).
-  monkeypatch.setattr(conv, 'NATIVE_MIN_WIDTH', {
+  monkeypatch.setattr(
+    conv,
+    'NATIVE_MIN_WIDTH',
+    {
       2: {'forward': 1, 'kernel_grad': 1, 'winograd': 1},
-      3: {'forward': 1, 'kernel_grad': 1, 'winograd': 1}})
+      3: {'forward': 1, 'kernel_grad': 1, 'winograd': 1},
+    },
+  )
   monkeypatch.setattr(conv, 'NATIVE_MIN_TILED_CHANNELS', 1)
 
 
@@ -35,9 +40,11 @@ def _natively(fn, x, kernel):
   """Which parts of `fn(x, kernel)` call the native kernels: {'forward',
   'input_grad', 'kernel_grad'}, each read from its own lowered program."""
   loss = lambda x, k: jnp.sum(fn(x, k))
-  programs = {'forward': (fn, 'unet_jax_conv'),
-              'input_grad': (jax.grad(loss, argnums=0), 'unet_jax_conv'),
-              'kernel_grad': (jax.grad(loss, argnums=1), 'unet_jax_conv_wgrad')}
+  programs = {
+    'forward': (fn, 'unet_jax_conv'),
+    'input_grad': (jax.grad(loss, argnums=0), 'unet_jax_conv'),
+    'kernel_grad': (jax.grad(loss, argnums=1), 'unet_jax_conv_wgrad'),
+  }
   found = set()
   for part, (f, target) in programs.items():
     text = jax.jit(f).lower(x, kernel).as_text()
@@ -50,80 +57,102 @@ def _natively(fn, x, kernel):
 
 
 def test_native_kernels_follow_the_size_rules(monkeypatch):
-  monkeypatch.setattr(conv, 'NATIVE_MIN_WIDTH', {
-      2: {'forward': 32, 'kernel_grad': 16}, 3: {'forward': 8, 'kernel_grad': 8}})
+  monkeypatch.setattr(
+    conv,
+    'NATIVE_MIN_WIDTH',
+    {2: {'forward': 32, 'kernel_grad': 16}, 3: {'forward': 8, 'kernel_grad': 8}},
+  )
   monkeypatch.setattr(conv, 'NATIVE_MIN_TILED_CHANNELS', 16)
   every = {'forward', 'input_grad', 'kernel_grad'}
-  native = functools.partial(conv.conv2d_same, weight_grad='native',
-                             native_forward=True)
+  native = functools.partial(conv.conv2d_same, weight_grad='native', native_forward=True)
   k = jnp.ones((3, 3, 16, 16))
   assert _natively(native, jnp.ones((1, 4, 32, 16)), k) == every
   assert _natively(native, jnp.ones((1, 4, 16, 16)), k) == {'kernel_grad'}
   assert _natively(native, jnp.ones((1, 4, 8, 16)), k) == set()
   # The forward pass needs 16 output channels, the input gradient 16 input ones.
   assert _natively(native, jnp.ones((1, 4, 32, 16)), jnp.ones((3, 3, 16, 8))) == {
-      'input_grad', 'kernel_grad'}
+    'input_grad',
+    'kernel_grad',
+  }
   assert _natively(native, jnp.ones((1, 4, 32, 1)), jnp.ones((3, 3, 1, 16))) == {
-      'forward', 'kernel_grad'}
+    'forward',
+    'kernel_grad',
+  }
   # 3D: native down to 8 wide; narrower, the folded XLA convolution.
-  native_3d = functools.partial(conv.conv3d_same, weight_grad='native',
-                                native_forward=True)
+  native_3d = functools.partial(conv.conv3d_same, weight_grad='native', native_forward=True)
   k3 = jnp.ones((3, 3, 3, 16, 16))
   assert _natively(native_3d, jnp.ones((1, 2, 4, 8, 16)), k3) == every
   assert _natively(native_3d, jnp.ones((1, 2, 4, 4, 16)), k3) == set()
 
 
 def test_winograd_follows_the_size_rules(monkeypatch):
-  monkeypatch.setattr(conv, 'NATIVE_MIN_WIDTH', {
+  monkeypatch.setattr(
+    conv,
+    'NATIVE_MIN_WIDTH',
+    {
       2: {'forward': 32, 'kernel_grad': 16, 'winograd': 16},
-      3: {'forward': 8, 'kernel_grad': 8, 'winograd': 16}})
+      3: {'forward': 8, 'kernel_grad': 8, 'winograd': 16},
+    },
+  )
   monkeypatch.setattr(conv, 'NATIVE_MIN_TILED_CHANNELS', 16)
   wino = {'forward (winograd)', 'input_grad (winograd)', 'kernel_grad (winograd)'}
-  fast = functools.partial(conv.conv2d_same, weight_grad='native',
-                           native_forward=True, winograd=True)
+  fast = functools.partial(
+    conv.conv2d_same, weight_grad='native', native_forward=True, winograd=True
+  )
   k = jnp.ones((3, 3, 16, 16))
   # From 16 wide, before the direct kernel's 32; both channel counts 16 or more.
   assert _natively(fast, jnp.ones((1, 4, 32, 16)), k) == wino
   assert _natively(fast, jnp.ones((1, 4, 16, 16)), k) == wino
   assert _natively(fast, jnp.ones((1, 4, 8, 16)), k) == set()
   assert _natively(fast, jnp.ones((1, 4, 32, 16)), jnp.ones((3, 3, 16, 8))) == {
-      'input_grad', 'kernel_grad'}
+    'input_grad',
+    'kernel_grad',
+  }
   assert _natively(fast, jnp.ones((1, 4, 32, 1)), jnp.ones((3, 3, 1, 16))) == {
-      'forward', 'kernel_grad'}
+    'forward',
+    'kernel_grad',
+  }
   # Not a 3 x 3 kernel: the direct kernel.
   assert _natively(fast, jnp.ones((1, 4, 32, 16)), jnp.ones((1, 3, 16, 16))) == {
-      'forward', 'input_grad', 'kernel_grad'}
+    'forward',
+    'input_grad',
+    'kernel_grad',
+  }
   # 3D: 3 x 3 in H and W with any depth size, from 16 wide; the direct kernel below.
-  fast_3d = functools.partial(conv.conv3d_same, weight_grad='native',
-                              native_forward=True, winograd=True)
-  assert _natively(fast_3d, jnp.ones((1, 2, 4, 16, 16)),
-                   jnp.ones((1, 3, 3, 16, 16))) == wino
-  assert _natively(fast_3d, jnp.ones((1, 2, 4, 8, 16)),
-                   jnp.ones((3, 3, 3, 16, 16))) == {
-                       'forward', 'input_grad', 'kernel_grad'}
+  fast_3d = functools.partial(
+    conv.conv3d_same, weight_grad='native', native_forward=True, winograd=True
+  )
+  assert (
+    _natively(fast_3d, jnp.ones((1, 2, 4, 16, 16)), jnp.ones((1, 3, 3, 16, 16))) == wino
+  )
+  assert _natively(fast_3d, jnp.ones((1, 2, 4, 8, 16)), jnp.ones((3, 3, 3, 16, 16))) == {
+    'forward',
+    'input_grad',
+    'kernel_grad',
+  }
 
 
 def _plain(x, kernel):
   """The reference: XLA's 'same' convolution, channels-last."""
   ndim = x.ndim - 2
   spec = ('NHWC', 'HWIO', 'NHWC') if ndim == 2 else ('NDHWC', 'DHWIO', 'NDHWC')
-  return lax.conv_general_dilated(x, kernel, (1,) * ndim, 'SAME',
-                                  dimension_numbers=spec)
+  return lax.conv_general_dilated(x, kernel, (1,) * ndim, 'SAME', dimension_numbers=spec)
 
 
 def _value_and_grads(fn, x, kernel, probe):
   """fn(x, k), and the gradients of <fn(x, k), probe> w.r.t. x and k (jitted)."""
+
   def all_of_it(x, kernel, probe):
     loss = lambda x, k: jnp.sum(fn(x, k).astype(jnp.float32) * probe)
     return fn(x, kernel), *jax.grad(loss, argnums=(0, 1))(x, kernel)
+
   return jax.jit(all_of_it)(x, kernel, probe)
 
 
 def _inputs(x_shape, k_shape, dtype, seed=0):
   keys = jax.random.split(jax.random.key(seed), 3)
   x = jax.random.normal(keys[0], x_shape).astype(dtype)
-  k = (jax.random.normal(keys[1], k_shape) / np.sqrt(np.prod(k_shape[:-1]))
-       ).astype(dtype)
+  k = (jax.random.normal(keys[1], k_shape) / np.sqrt(np.prod(k_shape[:-1]))).astype(dtype)
   probe = jax.random.normal(keys[2], x_shape[:-1] + k_shape[-1:])
   return x, k, probe
 
@@ -142,35 +171,49 @@ DTYPES = [jnp.float32, jnp.bfloat16]
 
 
 # (kernel gradient, native forward pass and input gradient, Winograd)
-OWN_2D = [('gemm', False, False), ('native', False, False), ('native', True, False),
-          ('xla', True, False), ('native', True, True), ('xla', False, True)]
+OWN_2D = [
+  ('gemm', False, False),
+  ('native', False, False),
+  ('native', True, False),
+  ('xla', True, False),
+  ('native', True, True),
+  ('xla', False, True),
+]
 
 
 @pytest.mark.parametrize('weight_grad, native_forward, winograd', OWN_2D)
-@pytest.mark.parametrize('x_shape, k_shape, dtype', [
-    ((2, 7, 9, 3), (3, 3, 3, 4), jnp.float32),     # odd sizes
+@pytest.mark.parametrize(
+  'x_shape, k_shape, dtype',
+  [
+    ((2, 7, 9, 3), (3, 3, 3, 4), jnp.float32),  # odd sizes
     ((2, 7, 9, 3), (3, 3, 3, 4), jnp.bfloat16),
-    ((1, 5, 6, 1), (3, 3, 1, 8), jnp.float32),     # one input channel (first layer)
-    ((3, 4, 5, 8), (1, 3, 8, 2), jnp.float32),     # a 1 x 3 kernel
+    ((1, 5, 6, 1), (3, 3, 1, 8), jnp.float32),  # one input channel (first layer)
+    ((3, 4, 5, 8), (1, 3, 8, 2), jnp.float32),  # a 1 x 3 kernel
     ((3, 4, 5, 8), (1, 3, 8, 2), jnp.bfloat16),
-    ((1, 6, 3, 5), (5, 3, 5, 3), jnp.float32),     # a kernel larger than the width
+    ((1, 6, 3, 5), (5, 3, 5, 3), jnp.float32),  # a kernel larger than the width
     # The native kernel's register tiles: 8 x 32 and 16 x 16 channel blocks and
     # every kind of remainder on either side.
     ((2, 6, 5, 13), (3, 3, 13, 48), jnp.float32),
     ((1, 5, 7, 40), (3, 3, 40, 17), jnp.float32),
     ((3, 3, 4, 7), (3, 3, 7, 35), jnp.float32),
-    ((1, 4, 4, 2), (2, 2, 2, 16), jnp.float32),    # an even kernel
-    ((2, 9, 11, 5), (3, 3, 5, 20), jnp.float32),   # pixel tiles of 8, 2 and 1
+    ((1, 4, 4, 2), (2, 2, 2, 16), jnp.float32),  # an even kernel
+    ((2, 9, 11, 5), (3, 3, 5, 20), jnp.float32),  # pixel tiles of 8, 2 and 1
     ((1, 5, 6, 70), (3, 3, 70, 33), jnp.float32),  # two input-channel blocks
     # A kernel too large to stay in L2 (over 2^18 floats): both kernels take the
     # rows in groups (3 rows of 40 pixels), here 14 rows.
     ((2, 7, 40, 180), (3, 3, 180, 170), jnp.float32),
-])
-def test_own_formulations_match_xla_2d(x_shape, k_shape, dtype, weight_grad,
-                                       native_forward, winograd):
+  ],
+)
+def test_own_formulations_match_xla_2d(
+  x_shape, k_shape, dtype, weight_grad, native_forward, winograd
+):
   x, k, probe = _inputs(x_shape, k_shape, dtype)
-  fast = functools.partial(conv.conv2d_same, weight_grad=weight_grad,
-                           native_forward=native_forward, winograd=winograd)
+  fast = functools.partial(
+    conv.conv2d_same,
+    weight_grad=weight_grad,
+    native_forward=native_forward,
+    winograd=winograd,
+  )
   got = _value_and_grads(fast, x, k, probe)
   want = _value_and_grads(_plain, x, k, probe)
   assert got[2].dtype == k.dtype and got[1].dtype == x.dtype
@@ -182,11 +225,11 @@ def test_weight_grad_gemm_hand_computed():
   # 1x1 kernel: dL/dK[0, 0, c, o] = sum over pixels of x[..., c] * g[..., o].
   x = jnp.arange(6.0).reshape(1, 2, 3, 1)
   g = jnp.ones((1, 2, 3, 1))
-  np.testing.assert_array_equal(conv.weight_grad_gemm(x, g, (1, 1, 1, 1)),
-                                [[[[15.0]]]])
+  np.testing.assert_array_equal(conv.weight_grad_gemm(x, g, (1, 1, 1, 1)), [[[[15.0]]]])
   # 3x3 kernel, one pixel, g = 1: only the centre tap sees x (the rest is padding).
-  dk = conv.weight_grad_gemm(jnp.full((1, 1, 1, 1), 2.0), jnp.ones((1, 1, 1, 1)),
-                             (3, 3, 1, 1))
+  dk = conv.weight_grad_gemm(
+    jnp.full((1, 1, 1, 1), 2.0), jnp.ones((1, 1, 1, 1)), (3, 3, 1, 1)
+  )
   want = np.zeros((3, 3, 1, 1))
   want[1, 1] = 2.0
   np.testing.assert_array_equal(dk, want)
@@ -195,21 +238,27 @@ def test_weight_grad_gemm_hand_computed():
 # (fold_depth, kernel gradient, native forward pass and input gradient): every
 # formulation of a 3D convolution other than the reference (no fold, all XLA).
 # Winograd last (on or off).
-OWN_3D = ([(True, w, False, False) for w in conv.WEIGHT_GRADS] +
-          [(True, 'native', True, False), (False, 'native', False, False),
-           (False, 'native', True, False), (False, 'xla', True, False),
-           (False, 'native', True, True), (True, 'xla', False, True)])
+OWN_3D = [(True, w, False, False) for w in conv.WEIGHT_GRADS] + [
+  (True, 'native', True, False),
+  (False, 'native', False, False),
+  (False, 'native', True, False),
+  (False, 'xla', True, False),
+  (False, 'native', True, True),
+  (True, 'xla', False, True),
+]
 
 
 @pytest.mark.parametrize('fold_depth, weight_grad, native_forward, winograd', OWN_3D)
-@pytest.mark.parametrize('x_shape, k_shape, dtype', [
-    ((2, 5, 7, 9, 3), (3, 3, 3, 3, 4), jnp.float32),   # odd sizes
+@pytest.mark.parametrize(
+  'x_shape, k_shape, dtype',
+  [
+    ((2, 5, 7, 9, 3), (3, 3, 3, 3, 4), jnp.float32),  # odd sizes
     ((1, 4, 6, 5, 16), (3, 3, 3, 16, 16), jnp.float32),  # the 3D benchmark's width
     ((2, 5, 7, 9, 3), (3, 3, 3, 3, 4), jnp.bfloat16),
-    ((1, 4, 6, 5, 1), (3, 3, 3, 1, 6), jnp.float32),   # one input channel
-    ((1, 3, 5, 4, 2), (1, 3, 3, 2, 5), jnp.float32),   # an in-plane level in 3D
+    ((1, 4, 6, 5, 1), (3, 3, 3, 1, 6), jnp.float32),  # one input channel
+    ((1, 3, 5, 4, 2), (1, 3, 3, 2, 5), jnp.float32),  # an in-plane level in 3D
     ((1, 3, 5, 4, 2), (1, 3, 3, 2, 5), jnp.bfloat16),
-    ((2, 6, 5, 3, 3), (5, 3, 1, 3, 2), jnp.float32),   # a 5 x 3 x 1 kernel
+    ((2, 6, 5, 3, 3), (5, 3, 1, 3, 2), jnp.float32),  # a 5 x 3 x 1 kernel
     # The 3D native kernel's tiles and edges: channel remainders, an even kernel,
     # pixel tiles of 8, 4, 2 and 1 between the edge pixels.
     ((1, 3, 4, 17, 17), (3, 3, 3, 17, 48), jnp.float32),
@@ -217,13 +266,19 @@ OWN_3D = ([(True, w, False, False) for w in conv.WEIGHT_GRADS] +
     ((1, 2, 5, 9, 40), (3, 3, 3, 40, 20), jnp.float32),
     # A kernel too large for L2 (over 2^18 floats): rows in groups of 12.
     ((1, 3, 4, 10, 100), (3, 3, 3, 100, 100), jnp.float32),
-])
-def test_3d_formulations_match_xla(x_shape, k_shape, fold_depth, weight_grad,
-                                   native_forward, winograd, dtype):
+  ],
+)
+def test_3d_formulations_match_xla(
+  x_shape, k_shape, fold_depth, weight_grad, native_forward, winograd, dtype
+):
   x, k, probe = _inputs(x_shape, k_shape, dtype)
-  fast = functools.partial(conv.conv3d_same, fold_depth=fold_depth,
-                           weight_grad=weight_grad, native_forward=native_forward,
-                           winograd=winograd)
+  fast = functools.partial(
+    conv.conv3d_same,
+    fold_depth=fold_depth,
+    weight_grad=weight_grad,
+    native_forward=native_forward,
+    winograd=winograd,
+  )
   got = _value_and_grads(fast, x, k, probe)
   want = _value_and_grads(_plain, x, k, probe)
   for g, w in zip(got, want):
@@ -251,13 +306,14 @@ def test_native_weight_grad_by_definition():
   g = rng.integers(-3, 4, (2, 5, 6, 18)).astype(np.float32)
   for kh, kw in ((3, 3), (1, 3), (2, 2)):
     np.testing.assert_array_equal(
-        native_kernels.conv_weight_grad(x, g, (kh, kw)),
-        _weight_grad_by_loops(x, g, kh, kw))
+      native_kernels.conv_weight_grad(x, g, (kh, kw)), _weight_grad_by_loops(x, g, kh, kw)
+    )
   # Winograd's F(3x3, 2x2): its transforms scale by 1/2, exact on small integers.
   # 5 x 6 leaves a half tile on the last row.
   np.testing.assert_array_equal(
-      native_kernels.conv_weight_grad(x, g, (3, 3), winograd=True),
-      _weight_grad_by_loops(x, g, 3, 3))
+    native_kernels.conv_weight_grad(x, g, (3, 3), winograd=True),
+    _weight_grad_by_loops(x, g, 3, 3),
+  )
 
 
 def test_native_weight_grad_is_deterministic():
@@ -268,11 +324,11 @@ def test_native_weight_grad_is_deterministic():
   x = jax.random.normal(keys[0], (4, 32, 16, 8))
   g = jax.random.normal(keys[1], (4, 32, 16, 16))
   for winograd in (False, True):
-    first = np.asarray(native_kernels.conv_weight_grad(x, g, (3, 3),
-                                                       winograd=winograd))
+    first = np.asarray(native_kernels.conv_weight_grad(x, g, (3, 3), winograd=winograd))
     for _ in range(20):
       np.testing.assert_array_equal(
-          native_kernels.conv_weight_grad(x, g, (3, 3), winograd=winograd), first)
+        native_kernels.conv_weight_grad(x, g, (3, 3), winograd=winograd), first
+      )
 
 
 def test_native_kernel_builds_on_this_machine():
@@ -302,13 +358,16 @@ def test_native_forward_by_definition():
   np.testing.assert_array_equal(native_kernels.conv_same(x, k, winograd=True), want)
 
 
-@pytest.mark.parametrize('x_shape, k_shape', [
-    ((2, 1, 1, 5), (3, 3, 5, 17)),        # one pixel: a tile that overhangs both ways
-    ((1, 1, 6, 3), (3, 3, 3, 20)),        # one row
-    ((2, 5, 1, 18), (3, 3, 18, 3)),       # one column; fewer than 16 outputs
+@pytest.mark.parametrize(
+  'x_shape, k_shape',
+  [
+    ((2, 1, 1, 5), (3, 3, 5, 17)),  # one pixel: a tile that overhangs both ways
+    ((1, 1, 6, 3), (3, 3, 3, 20)),  # one row
+    ((2, 5, 1, 18), (3, 3, 18, 3)),  # one column; fewer than 16 outputs
     ((1, 1, 3, 1, 4), (3, 3, 3, 4, 18)),  # 3D, depth 1 under a 3-deep kernel
     ((1, 4, 3, 5, 16), (2, 3, 3, 16, 16)),  # 3D, an even depth
-])
+  ],
+)
 def test_winograd_on_degenerate_shapes(x_shape, k_shape):
   x, k, probe = _inputs(x_shape, k_shape, jnp.float32)
   fn = conv.conv2d_same if len(x_shape) == 4 else conv.conv3d_same
@@ -319,8 +378,10 @@ def test_winograd_on_degenerate_shapes(x_shape, k_shape):
     _assert_close(g, w, jnp.float32)
 
 
-@pytest.mark.parametrize('x_shape', [(0, 4, 5, 16), (1, 4, 0, 16), (1, 0, 5, 16),
-                                     (1, 0, 3, 4, 16), (0, 2, 3, 4, 16)])
+@pytest.mark.parametrize(
+  'x_shape',
+  [(0, 4, 5, 16), (1, 4, 0, 16), (1, 0, 5, 16), (1, 0, 3, 4, 16), (0, 2, 3, 4, 16)],
+)
 @pytest.mark.parametrize('winograd', [False, True])
 def test_native_kernels_take_empty_operands(x_shape, winograd):
   # No pixels: empty outputs and a zero kernel gradient, not a crash (the row
@@ -331,18 +392,16 @@ def test_native_kernels_take_empty_operands(x_shape, winograd):
   assert native_kernels.conv_same(x, k, winograd=winograd).shape == g.shape
   assert native_kernels.conv_same_input_grad(g, k, winograd=winograd).shape == x.shape
   np.testing.assert_array_equal(
-      native_kernels.conv_weight_grad(x, g, (3,) * ndim, winograd=winograd),
-      np.zeros(k.shape))
+    native_kernels.conv_weight_grad(x, g, (3,) * ndim, winograd=winograd), np.zeros(k.shape)
+  )
   if winograd:  # pooling has no Winograd variant: once per shape
-    y, index = native_kernels.max_pool(jnp.ones(x_shape[:-1] + (2,)),
-                                       (1,) * ndim)
+    y, index = native_kernels.max_pool(jnp.ones(x_shape[:-1] + (2,)), (1,) * ndim)
     assert y.shape == x_shape[:-1] + (2,) and index.shape == y.shape
 
 
 def test_winograd_takes_3x3_kernels_only():
   with pytest.raises(ValueError, match=r'3 x 3 in H and W; got spatial sizes \(1, 3\)'):
-    native_kernels.conv_same(jnp.ones((1, 4, 4, 2)), jnp.ones((1, 3, 2, 16)),
-                             winograd=True)
+    native_kernels.conv_same(jnp.ones((1, 4, 4, 2)), jnp.ones((1, 3, 2, 16)), winograd=True)
 
 
 def _conv3d_by_loops(x, k):
@@ -388,9 +447,11 @@ def test_native_3d_by_definition():
     if native_kernels.winograd_suits(k_spatial):
       np.testing.assert_array_equal(native_kernels.conv_same(x, k, winograd=True), y)
       np.testing.assert_array_equal(
-          native_kernels.conv_same_input_grad(g, k, winograd=True), dx)
+        native_kernels.conv_same_input_grad(g, k, winograd=True), dx
+      )
       np.testing.assert_array_equal(
-          native_kernels.conv_weight_grad(x, g, k_spatial, winograd=True), dk)
+        native_kernels.conv_weight_grad(x, g, k_spatial, winograd=True), dk
+      )
 
 
 def test_native_kernel_rejects_bad_ranks():
@@ -400,22 +461,23 @@ def test_native_kernel_rejects_bad_ranks():
 
 def test_native_kernel_rejects_other_dtypes():
   with pytest.raises(ValueError, match='float32'):
-    native_kernels.conv_weight_grad(jnp.ones((1, 3, 3, 1), jnp.bfloat16),
-                                      jnp.ones((1, 3, 3, 1), jnp.bfloat16), (3, 3))
+    native_kernels.conv_weight_grad(
+      jnp.ones((1, 3, 3, 1), jnp.bfloat16), jnp.ones((1, 3, 3, 1), jnp.bfloat16), (3, 3)
+    )
 
 
 def test_failed_build_names_the_compiler_and_its_message(tmp_path, monkeypatch):
   monkeypatch.setenv('UNET_JAX_CACHE_DIR', str(tmp_path))
   monkeypatch.setenv('CXX', 'no-such-compiler-xyz')
-  with pytest.raises(native_kernels.NativeKernelError,
-                     match='no-such-compiler-xyz'):
+  with pytest.raises(native_kernels.NativeKernelError, match='no-such-compiler-xyz'):
     native_kernels.build()
   monkeypatch.delenv('CXX')
   bad = tmp_path / 'broken.cc'
   bad.write_text('this is not C++;\n')
   monkeypatch.setattr(native_kernels, 'SOURCE', bad)
-  with pytest.raises(native_kernels.NativeKernelError,
-                     match=r'(?s)broken\.cc failed.*error'):
+  with pytest.raises(
+    native_kernels.NativeKernelError, match=r'(?s)broken\.cc failed.*error'
+  ):
     native_kernels.build()
   assert not list(tmp_path.glob('*.so'))  # nothing half-written is left
 
@@ -427,12 +489,23 @@ def test_default_falls_back_to_xla_when_the_kernel_is_unavailable(monkeypatch):
 
 def test_default_is_xla_with_several_devices():
   # A fresh process with 2 CPU devices: jit over a mesh cannot split an FFI call.
-  code = ('import jax; from unet_jax import conv; '
-          'print(jax.device_count(), conv.default_weight_grad(2))')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-             PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
-  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True,
-                       text=True, timeout=120, check=True).stdout.split()
+  code = (
+    'import jax; from unet_jax import conv; '
+    'print(jax.device_count(), conv.default_weight_grad(2))'
+  )
+  env = dict(
+    os.environ,
+    XLA_FLAGS='--xla_force_host_platform_device_count=2',
+    PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]),
+  )
+  out = subprocess.run(
+    [sys.executable, '-c', code],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=True,
+  ).stdout.split()
   assert out == ['2', 'xla']
 
 
@@ -440,22 +513,25 @@ def test_folded_3d_kernel_deeper_than_volume():
   # kd = 5 over 3 slices: taps beyond the volume see zero padding only.
   x, k, probe = _inputs((1, 3, 4, 4, 2), (5, 3, 3, 2, 3), jnp.float32)
   fast = functools.partial(conv.conv3d_same, fold_depth=True)
-  for g, w in zip(_value_and_grads(fast, x, k, probe),
-                  _value_and_grads(_plain, x, k, probe)):
+  for g, w in zip(
+    _value_and_grads(fast, x, k, probe), _value_and_grads(_plain, x, k, probe)
+  ):
     _assert_close(g, w, jnp.float32)
 
 
 @pytest.mark.parametrize('dtype', DTYPES)
-@pytest.mark.parametrize('x_shape, strides, features', [
+@pytest.mark.parametrize(
+  'x_shape, strides, features',
+  [
     ((2, 3, 5, 4), (2, 2), 6),
     ((1, 3, 2, 5, 4), (2, 2, 2), 1),
-    ((1, 3, 2, 5, 4), (1, 2, 2), 6),    # anisotropic, as with pool_sizes (1, 2, 2)
+    ((1, 3, 2, 5, 4), (1, 2, 2), 6),  # anisotropic, as with pool_sizes (1, 2, 2)
     ((2, 3, 5, 1), (3, 2), 2),
-])
+  ],
+)
 def test_conv_transpose_as_matmul_matches_flax(x_shape, strides, features, dtype):
   x = jax.random.normal(jax.random.key(0), x_shape).astype(dtype)
-  ref = nn.ConvTranspose(features, strides, strides=strides, padding='VALID',
-                         dtype=dtype)
+  ref = nn.ConvTranspose(features, strides, strides=strides, padding='VALID', dtype=dtype)
   fast = conv.ConvTranspose(features, strides, dtype=dtype)
   variables = ref.init(jax.random.key(1), x)
   # Same parameter tree and the same initial values from the same key.
@@ -464,8 +540,9 @@ def test_conv_transpose_as_matmul_matches_flax(x_shape, strides, features, dtype
   jax.tree.map(np.testing.assert_array_equal, fast_variables, variables)
   # A non-zero bias, so that its gradient and broadcast are checked too.
   variables = jax.tree.map(lambda a: a + 0.25, variables)
-  out_shape = (x_shape[0],) + tuple(
-      s * r for s, r in zip(x_shape[1:-1], strides)) + (features,)
+  out_shape = (
+    (x_shape[0],) + tuple(s * r for s, r in zip(x_shape[1:-1], strides)) + (features,)
+  )
   probe = jax.random.normal(jax.random.key(2), out_shape)
 
   @functools.partial(jax.jit, static_argnums=0)
@@ -492,18 +569,20 @@ def test_conv_transpose_rejects_wrong_rank():
     conv.ConvTranspose(2, (2, 2, 2)).init(jax.random.key(0), jnp.ones((1, 4, 4, 1)))
 
 
-@pytest.mark.parametrize('x_shape, k_shape', [
-    ((2, 5, 7, 3), (1, 1, 3, 4)), ((1, 3, 5, 4, 2), (1, 1, 1, 2, 3))])
+@pytest.mark.parametrize(
+  'x_shape, k_shape', [((2, 5, 7, 3), (1, 1, 3, 4)), ((1, 3, 5, 4, 2), (1, 1, 1, 2, 3))]
+)
 def test_pointwise_as_matmul(x_shape, k_shape):
   fn = conv.conv_general_dilated_fn(pointwise_as_matmul=True)
   ndim = len(x_shape) - 2
   spec = lax.conv_dimension_numbers(
-      x_shape, k_shape,
-      ('NHWC', 'HWIO', 'NHWC') if ndim == 2 else ('NDHWC', 'DHWIO', 'NDHWC'))
+    x_shape, k_shape, ('NHWC', 'HWIO', 'NHWC') if ndim == 2 else ('NDHWC', 'DHWIO', 'NDHWC')
+  )
   fast = lambda x, k: fn(x, k, (1,) * ndim, 'SAME', dimension_numbers=spec)
   x, k, probe = _inputs(x_shape, k_shape, jnp.float32)
-  for g, w in zip(_value_and_grads(fast, x, k, probe),
-                  _value_and_grads(_plain, x, k, probe)):
+  for g, w in zip(
+    _value_and_grads(fast, x, k, probe), _value_and_grads(_plain, x, k, probe)
+  ):
     _assert_close(g, w, jnp.float32)
 
 
@@ -511,13 +590,16 @@ POOLS = {'reshape': conv.max_pool_as_reshape, 'native': conv.max_pool_native}
 
 
 @pytest.mark.parametrize('pool', sorted(POOLS))
-@pytest.mark.parametrize('shape, window, dtype', [
+@pytest.mark.parametrize(
+  'shape, window, dtype',
+  [
     ((2, 6, 10, 3), (2, 2), jnp.float32),
     ((1, 4, 6, 8, 2), (2, 2, 2), jnp.float32),
-    ((1, 3, 4, 6, 2), (1, 2, 2), jnp.float32),   # in-plane pooling in 3D
+    ((1, 3, 4, 6, 2), (1, 2, 2), jnp.float32),  # in-plane pooling in 3D
     ((2, 6, 10, 3), (2, 2), jnp.bfloat16),
-    ((1, 6, 4, 37), (3, 2), jnp.float32),        # 6 positions, 37 channels
-])
+    ((1, 6, 4, 37), (3, 2), jnp.float32),  # 6 positions, 37 channels
+  ],
+)
 def test_max_pool_formulations_equal_max_pool(shape, window, dtype, pool):
   if pool == 'native' and dtype != jnp.float32:
     with pytest.raises(ValueError, match='float32'):
@@ -527,12 +609,15 @@ def test_max_pool_formulations_equal_max_pool(shape, window, dtype, pool):
   # (as after a ReLU). The gradients must agree exactly, ties included.
   x = jax.random.randint(jax.random.key(0), shape, -1, 3).astype(dtype)
   x = jnp.maximum(x, 0)
-  probe = jax.random.normal(jax.random.key(1),
-                            (shape[0],) + tuple(s // w for s, w in
-                                                zip(shape[1:-1], window)) + shape[-1:])
+  probe = jax.random.normal(
+    jax.random.key(1),
+    (shape[0],) + tuple(s // w for s, w in zip(shape[1:-1], window)) + shape[-1:],
+  )
+
   def run(pool):
     loss = lambda x: jnp.sum(pool(x).astype(jnp.float32) * probe)
     return jax.jit(lambda x: (pool(x), jax.grad(loss)(x)))(x)
+
   got = run(lambda x: POOLS[pool](x, window))
   want = run(lambda x: nn.max_pool(x, window, strides=window, padding='VALID'))
   for g, w in zip(got, want):
@@ -563,28 +648,32 @@ def test_max_pool_formulations_reject_a_partial_window(pool):
 
 def test_other_convolutions_fall_back_to_xla():
   # Stride 2, dilation and feature groups are not rewritten: identical results.
-  fn = conv.conv_general_dilated_fn(fold_depth=True, weight_grad='gemm',
-                                    pointwise_as_matmul=True)
+  fn = conv.conv_general_dilated_fn(
+    fold_depth=True, weight_grad='gemm', pointwise_as_matmul=True
+  )
   x = jax.random.normal(jax.random.key(0), (1, 4, 6, 6, 4))
   k = jax.random.normal(jax.random.key(1), (3, 3, 3, 2, 4))
   spec = lax.conv_dimension_numbers(x.shape, k.shape, ('NDHWC', 'DHWIO', 'NDHWC'))
-  for kwargs in (dict(window_strides=(2, 2, 2), padding='SAME'),
-                 dict(window_strides=(1, 1, 1), padding='SAME',
-                      rhs_dilation=(2, 2, 2)),
-                 dict(window_strides=(1, 1, 1), padding='VALID')):
+  for kwargs in (
+    dict(window_strides=(2, 2, 2), padding='SAME'),
+    dict(window_strides=(1, 1, 1), padding='SAME', rhs_dilation=(2, 2, 2)),
+    dict(window_strides=(1, 1, 1), padding='VALID'),
+  ):
     np.testing.assert_array_equal(
-        fn(x, k, dimension_numbers=spec, feature_group_count=2, **kwargs),
-        lax.conv_general_dilated(x, k, dimension_numbers=spec,
-                                 feature_group_count=2, **kwargs))
+      fn(x, k, dimension_numbers=spec, feature_group_count=2, **kwargs),
+      lax.conv_general_dilated(
+        x, k, dimension_numbers=spec, feature_group_count=2, **kwargs
+      ),
+    )
 
 
 def test_bad_weight_grad_is_a_value_error():
   with pytest.raises(ValueError, match='weight_grad'):
-    conv.conv2d_same(jnp.ones((1, 3, 3, 1)), jnp.ones((3, 3, 1, 1)),
-                     weight_grad='fft')
+    conv.conv2d_same(jnp.ones((1, 3, 3, 1)), jnp.ones((3, 3, 1, 1)), weight_grad='fft')
   with pytest.raises(ValueError, match='conv_weight_grad'):
     models.UNet(num_classes=2, features=2, depth=1, conv_weight_grad='fft').init(
-        jax.random.key(0), jnp.ones((1, 4, 4, 1)))
+      jax.random.key(0), jnp.ones((1, 4, 4, 1))
+    )
 
 
 def test_resolve_follows_the_backend():
@@ -592,34 +681,62 @@ def test_resolve_follows_the_backend():
   assert conv.resolve(None) is (jax.default_backend() == 'cpu')
 
 
-ALL_OFF = dict(transpose_as_matmul=False, conv3d_as_2d=False,
-               pointwise_as_matmul=False, conv_weight_grad='xla',
-               native_conv_forward=False, native_winograd=False, pool_as_reshape=False,
-               native_pool=False)
-ALL_ON = dict(transpose_as_matmul=True, conv3d_as_2d=True,
-              pointwise_as_matmul=True)
+ALL_OFF = dict(
+  transpose_as_matmul=False,
+  conv3d_as_2d=False,
+  pointwise_as_matmul=False,
+  conv_weight_grad='xla',
+  native_conv_forward=False,
+  native_winograd=False,
+  pool_as_reshape=False,
+  native_pool=False,
+)
+ALL_ON = dict(transpose_as_matmul=True, conv3d_as_2d=True, pointwise_as_matmul=True)
 
 
-@pytest.mark.parametrize('weight_grad, native_forward, pooling', [
-    ('gemm', False, 'reshape'), ('gemm', True, 'native'), ('native', False, 'reshape'),
-    ('native', True, 'native')])
-@pytest.mark.parametrize('shape, kwargs', [
+@pytest.mark.parametrize(
+  'weight_grad, native_forward, pooling',
+  [
+    ('gemm', False, 'reshape'),
+    ('gemm', True, 'native'),
+    ('native', False, 'reshape'),
+    ('native', True, 'native'),
+  ],
+)
+@pytest.mark.parametrize(
+  'shape, kwargs',
+  [
     ((2, 12, 20, 1), dict(upsample='transpose')),
-    ((1, 4, 8, 12, 2), dict(upsample='bilinear',
-                            kernel_sizes=[(1, 3, 3), (3, 3, 3)],
-                            pool_sizes=[(1, 2, 2)])),
+    (
+      (1, 4, 8, 12, 2),
+      dict(
+        upsample='bilinear', kernel_sizes=[(1, 3, 3), (3, 3, 3)], pool_sizes=[(1, 2, 2)]
+      ),
+    ),
     ((1, 4, 4, 8, 1), dict(upsample='transpose')),
-])
-def test_unet_with_switches_on_equals_off(shape, kwargs, weight_grad, native_forward,
-                                         pooling):
+  ],
+)
+def test_unet_with_switches_on_equals_off(
+  shape, kwargs, weight_grad, native_forward, pooling
+):
   off = models.UNet(num_classes=3, features=4, depth=1, **kwargs, **ALL_OFF)
-  on = models.UNet(num_classes=3, features=4, depth=1, **kwargs, **ALL_ON,
-                   conv_weight_grad=weight_grad, native_conv_forward=native_forward,
-                   pool_as_reshape=pooling == 'reshape',
-                   native_pool=pooling == 'native')
+  on = models.UNet(
+    num_classes=3,
+    features=4,
+    depth=1,
+    **kwargs,
+    **ALL_ON,
+    conv_weight_grad=weight_grad,
+    native_conv_forward=native_forward,
+    pool_as_reshape=pooling == 'reshape',
+    native_pool=pooling == 'native',
+  )
   x = jax.random.normal(jax.random.key(0), shape)
-  init = lambda m: jax.jit(m.init).lower(jax.random.key(1), x).compile(
-      compiler_options={'xla_backend_optimization_level': 0})(jax.random.key(1), x)
+  init = lambda m: (
+    jax.jit(m.init)
+    .lower(jax.random.key(1), x)
+    .compile(compiler_options={'xla_backend_optimization_level': 0})(jax.random.key(1), x)
+  )
   variables = init(off)
   on_variables = init(on)
   # Identical trees: names, shapes, dtypes and the initial values themselves.
@@ -629,12 +746,15 @@ def test_unet_with_switches_on_equals_off(shape, kwargs, weight_grad, native_for
 
   def loss_and_grads(model):
     def loss(params):
-      logits, _ = model.apply({**variables, 'params': params}, x, train=True,
-                              mutable=['batch_stats'])
+      logits, _ = model.apply(
+        {**variables, 'params': params}, x, train=True, mutable=['batch_stats']
+      )
       onehot = jax.nn.one_hot(labels, 3)
       return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits), -1)), logits
+
     (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
-        variables['params'])
+      variables['params']
+    )
     return value, logits, grads
 
   want, got = loss_and_grads(off), loss_and_grads(on)
@@ -644,5 +764,6 @@ def test_unet_with_switches_on_equals_off(shape, kwargs, weight_grad, native_for
   flat_got = jax.tree_util.tree_leaves(got[2])
   for (path, w), g in zip(flat_want, flat_got):
     scale = float(jnp.abs(w).max()) + 1e-6
-    np.testing.assert_allclose(g, w, atol=2e-4 * scale, rtol=2e-3,
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+      g, w, atol=2e-4 * scale, rtol=2e-3, err_msg=jax.tree_util.keystr(path)
+    )

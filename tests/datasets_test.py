@@ -44,7 +44,7 @@ def volumes_tiny(tmp_path_factory):
 def test_builders_are_registered():
   assert isinstance(tfds.builder('synthetic_shapes'), datasets.SyntheticShapes)
   assert isinstance(
-      tfds.builder('synthetic_volumes/anisotropic'), datasets.SyntheticVolumes
+    tfds.builder('synthetic_volumes/anisotropic'), datasets.SyntheticVolumes
   )
   assert isinstance(tfds.builder('segmentation_folder/3d'), datasets.SegmentationFolder)
   assert tfds.builder('synthetic_shapes').builder_config.name == 'binary'
@@ -63,9 +63,9 @@ def test_synthetic_shapes_examples(shapes_tiny):
   info = shapes_tiny.info
   assert dict(info.metadata)['num_classes'] == 2
   assert {s: info.splits[s].num_examples for s in info.splits} == {
-      'train': 16,
-      'validation': 8,
-      'test': 8,
+    'train': 16,
+    'validation': 8,
+    'test': 8,
   }
   examples = _all(shapes_tiny.as_data_source('train'))
   for ex in examples:
@@ -85,20 +85,20 @@ def test_synthetic_is_deterministic(shapes_tiny, tmp_path):
   again = _build('synthetic_shapes', 'tiny', tmp_path)
   for split in ('train', 'test'):
     for a, b in zip(
-        _all(shapes_tiny.as_data_source(split)), _all(again.as_data_source(split))
+      _all(shapes_tiny.as_data_source(split)), _all(again.as_data_source(split))
     ):
       np.testing.assert_array_equal(a['image'], b['image'])
       np.testing.assert_array_equal(a['label'], b['label'])
   # Another seed gives other data.
   other = np.random.default_rng([1, 0, 0])
   image, _ = synthetic.render_example(
-      other, shape=(32, 32), num_classes=2, foreground_fraction=0.05
+    other, shape=(32, 32), num_classes=2, foreground_fraction=0.05
   )
   first = synthetic.render_example(
-      np.random.default_rng([0, 0, 0]),
-      shape=(32, 32),
-      num_classes=2,
-      foreground_fraction=0.05,
+    np.random.default_rng([0, 0, 0]),
+    shape=(32, 32),
+    num_classes=2,
+    foreground_fraction=0.05,
   )[0]
   assert not np.array_equal(image, first)
 
@@ -106,28 +106,28 @@ def test_synthetic_is_deterministic(shapes_tiny, tmp_path):
 @pytest.mark.parametrize('target', [0.05, 0.25])
 def test_foreground_fraction_is_configurable(target):
   fractions = [
-      (
-          synthetic.render_example(
-              np.random.default_rng(i),
-              shape=(64, 64),
-              num_classes=2,
-              foreground_fraction=target,
-          )[1]
-          > 0
-      ).mean()
-      for i in range(40)
+    (
+      synthetic.render_example(
+        np.random.default_rng(i),
+        shape=(64, 64),
+        num_classes=2,
+        foreground_fraction=target,
+      )[1]
+      > 0
+    ).mean()
+    for i in range(40)
   ]
   assert abs(np.mean(fractions) - target) < 0.3 * target
 
 
 def test_custom_config_builds(tmp_path):
   config = datasets.SyntheticConfig(
-      name='fg25',
-      shape=(24, 24),
-      foreground_fraction=0.25,
-      num_train=6,
-      num_validation=2,
-      num_test=0,
+    name='fg25',
+    shape=(24, 24),
+    foreground_fraction=0.25,
+    num_train=6,
+    num_validation=2,
+    num_test=0,
   )
   builder = _build('synthetic_shapes', config, tmp_path)
   assert set(builder.info.splits) == {'train', 'validation'}
@@ -143,7 +143,7 @@ def test_multiclass_has_every_class_in_every_example(shape):
   assert tfds.builder('synthetic_shapes/multiclass').info.metadata['num_classes'] == 4
   for i in range(60):
     _, label = synthetic.render_example(
-        np.random.default_rng(i), shape=shape, num_classes=4, foreground_fraction=0.3
+      np.random.default_rng(i), shape=shape, num_classes=4, foreground_fraction=0.3
     )
     assert set(np.unique(label)) == {0, 1, 2, 3}, i
 
@@ -159,20 +159,20 @@ def test_synthetic_volumes(volumes_tiny):
 
 def test_anisotropic_volumes_squash_shapes_along_depth():
   assert tfds.builder('synthetic_volumes/anisotropic').info.metadata['spacing'] == [
-      3.0,
-      1.0,
-      1.0,
+    3.0,
+    1.0,
+    1.0,
   ]
   extents = {}
   for spacing in ((1.0, 1.0, 1.0), (4.0, 1.0, 1.0)):
     depth, width = [], []
     for i in range(6):
       _, label = synthetic.render_example(
-          np.random.default_rng(i),
-          shape=(32, 32, 32),
-          num_classes=2,
-          foreground_fraction=0.05,
-          spacing=spacing,
+        np.random.default_rng(i),
+        shape=(32, 32, 32),
+        num_classes=2,
+        foreground_fraction=0.05,
+        spacing=spacing,
       )
       components, count = ndimage.label(label > 0)
       for index in range(1, count + 1):
@@ -187,7 +187,7 @@ def test_anisotropic_volumes_squash_shapes_along_depth():
 
 
 def _make_folder_2d(
-    root, *, rgb=False, sizes=((20, 24), (20, 24), (28, 16)), splits=('train', 'val')
+  root, *, rgb=False, sizes=((20, 24), (20, 24), (28, 16)), splits=('train', 'val')
 ):
   rng = np.random.default_rng(0)
   written = {}
@@ -220,7 +220,7 @@ def _make_folder_3d(root, *, spacing=(3.0, 0.5, 0.75)):
 def test_folder_2d_builds_with_contents(tmp_path):
   written = _make_folder_2d(tmp_path / 'root')
   config = datasets.SegmentationFolderConfig(
-      name='mine', ndim=2, root=str(tmp_path / 'root')
+    name='mine', ndim=2, root=str(tmp_path / 'root')
   )
   builder = _build('segmentation_folder', config, tmp_path / 'data')
   meta = builder.info.metadata
@@ -248,8 +248,8 @@ def test_folder_2d_rgb_and_tiff_via_manual_dir(tmp_path):
   (root / 'train' / 'masks' / 'grey16.png').unlink()
   builder = tfds.builder('segmentation_folder/2d', data_dir=str(tmp_path / 'data'))
   builder.download_and_prepare(
-      file_format='array_record',
-      download_config=tfds.download.DownloadConfig(manual_dir=str(root)),
+    file_format='array_record',
+    download_config=tfds.download.DownloadConfig(manual_dir=str(root)),
   )
   ex = builder.as_data_source('train')[0]
   np.testing.assert_array_equal(ex['image'], written[('train', ex['id'].decode())][0])
@@ -270,7 +270,7 @@ def test_folder_reads_16_bit_tiff(tmp_path):
 def test_folder_3d_keeps_spacing_and_axis_order(tmp_path):
   written = _make_folder_3d(tmp_path / 'root')
   config = datasets.SegmentationFolderConfig(
-      name='vols', ndim=3, root=str(tmp_path / 'root')
+    name='vols', ndim=3, root=str(tmp_path / 'root')
   )
   builder = _build('segmentation_folder', config, tmp_path / 'data')
   meta = builder.info.metadata
@@ -349,16 +349,16 @@ def _mask_0_255(root):
 
 
 _BAD_2D = {
-    'value_at_num_classes': (_value_too_large, 3),
-    'shape_mismatch': (_shape_mismatch, None),
-    'image_without_mask': (_image_without_mask, None),
-    'mask_without_image': (_mask_without_image, None),
-    'unreadable': (_unreadable, None),
-    'truncated': (_truncated_png, None),
-    'empty_split': (_empty_split, None),
-    'volume_in_2d_config': (_volume_in_2d, None),
-    'multipage_tiff_in_2d_config': (_multipage_tiff_in_2d, None),
-    'mask_0_255_inferred': (_mask_0_255, None),
+  'value_at_num_classes': (_value_too_large, 3),
+  'shape_mismatch': (_shape_mismatch, None),
+  'image_without_mask': (_image_without_mask, None),
+  'mask_without_image': (_mask_without_image, None),
+  'unreadable': (_unreadable, None),
+  'truncated': (_truncated_png, None),
+  'empty_split': (_empty_split, None),
+  'volume_in_2d_config': (_volume_in_2d, None),
+  'multipage_tiff_in_2d_config': (_multipage_tiff_in_2d, None),
+  'mask_0_255_inferred': (_mask_0_255, None),
 }
 
 
@@ -371,7 +371,7 @@ def test_bad_2d_folder_names_the_file(tmp_path, case):
   with pytest.raises(datasets.BadDataError) as error:
     sf.validate(sf.list_pairs(root, ndim=2), ndim=2, num_classes=num_classes)
   assert str(culprit.name if isinstance(culprit, pathlib.Path) else culprit) in str(
-      error.value
+    error.value
   )
   assert isinstance(error.value, ValueError)
 
@@ -381,7 +381,7 @@ def test_bad_2d_folder_fails_the_builder_before_writing(tmp_path):
   _make_folder_2d(root)
   _value_too_large(root)
   config = datasets.SegmentationFolderConfig(
-      name='bad', ndim=2, root=str(root), num_classes=3
+    name='bad', ndim=2, root=str(root), num_classes=3
   )
   with pytest.raises(datasets.BadDataError, match='case1.png'):
     _build('segmentation_folder', config, tmp_path / 'data')
@@ -410,11 +410,11 @@ def _image_in_3d(root):
 
 def _volume_shape_mismatch(root):
   sf.write_pair(
-      root,
-      'train',
-      'vol1',
-      np.zeros((5, 12, 11), np.float32),
-      np.zeros((5, 12, 10), np.uint8),
+    root,
+    'train',
+    'vol1',
+    np.zeros((5, 12, 11), np.float32),
+    np.zeros((5, 12, 10), np.uint8),
   )
   return 'vol1'
 
@@ -432,19 +432,17 @@ def _float_mask(root):
   import nibabel  # pylint: disable=g-import-not-at-top
 
   path = root / 'train' / 'masks' / 'vol0.nii.gz'
-  nibabel.save(
-      nibabel.Nifti1Image(np.full((10, 12, 5), 0.5, np.float32), np.eye(4)), path
-  )
+  nibabel.save(nibabel.Nifti1Image(np.full((10, 12, 5), 0.5, np.float32), np.eye(4)), path)
   return path
 
 
 _BAD_3D = {
-    'truncated_volume': _truncated_nifti,
-    'corrupt_mask': _corrupt_gzip_mask,
-    'image_in_3d_config': _image_in_3d,
-    'shape_mismatch': _volume_shape_mismatch,
-    'spacing_mismatch': _spacing_mismatch,
-    'non_integer_mask': _float_mask,
+  'truncated_volume': _truncated_nifti,
+  'corrupt_mask': _corrupt_gzip_mask,
+  'image_in_3d_config': _image_in_3d,
+  'shape_mismatch': _volume_shape_mismatch,
+  'spacing_mismatch': _spacing_mismatch,
+  'non_integer_mask': _float_mask,
 }
 
 
@@ -456,7 +454,7 @@ def test_bad_3d_folder_names_the_file(tmp_path, case):
   with pytest.raises(datasets.BadDataError) as error:
     sf.validate(sf.list_pairs(root, ndim=3), ndim=3)
   assert str(culprit.name if isinstance(culprit, pathlib.Path) else culprit) in str(
-      error.value
+    error.value
   )
 
 
@@ -505,14 +503,14 @@ def test_folder_names_every_content_problem_in_one_error(tmp_path):
   message = str(error.value)
   assert message.startswith('7 problem(s)')
   expected = [
-      f'{train}/images/case0.png: unreadable or truncated image',
-      f'{train}/masks/case0.png: mask value(s) [5] at or above num_classes=3',
-      f'{train}/masks/case1.png: mask value(s) [3] at or above num_classes=3',
-      f'{train}/masks/case2.png: a colour mask (2 colours, e.g. (0, 0, 0), (200, 0, 0));'
-      ' set config.data.mask_colors',
-      f'{val}/images/case0.png: image shape (20, 24) differs from mask shape (21, 24)',
-      f'{val}/images/case1.png: 3 channel(s), while 3 of 5 images have 1',
-      f'{val}/images/case2.png: 3 channel(s), while 3 of 5 images have 1',
+    f'{train}/images/case0.png: unreadable or truncated image',
+    f'{train}/masks/case0.png: mask value(s) [5] at or above num_classes=3',
+    f'{train}/masks/case1.png: mask value(s) [3] at or above num_classes=3',
+    f'{train}/masks/case2.png: a colour mask (2 colours, e.g. (0, 0, 0), (200, 0, 0));'
+    ' set config.data.mask_colors',
+    f'{val}/images/case0.png: image shape (20, 24) differs from mask shape (21, 24)',
+    f'{val}/images/case1.png: 3 channel(s), while 3 of 5 images have 1',
+    f'{val}/images/case2.png: 3 channel(s), while 3 of 5 images have 1',
   ]
   for line in expected:
     assert line in message, line
@@ -523,8 +521,9 @@ def test_folder_lists_more_than_20_problems_in_a_file(tmp_path, monkeypatch):
   (tmp_path / 'tmp').mkdir()
   root = tmp_path / 'root'
   for i in range(25):
-    sf.write_pair(root, 'train', f'ex{i:02d}', np.zeros((4, 4), np.uint8),
-                  np.full((4, 4), 7, np.uint8))
+    sf.write_pair(
+      root, 'train', f'ex{i:02d}', np.zeros((4, 4), np.uint8), np.full((4, 4), 7, np.uint8)
+    )
   before = sorted(root.rglob('*'))
   with pytest.raises(datasets.BadDataError) as error:
     sf.validate(sf.list_pairs(root, ndim=2), ndim=2, num_classes=2)
@@ -556,11 +555,16 @@ def test_inferred_classes_error_names_every_file_involved(tmp_path):
     sf.validate(sf.list_pairs(root, ndim=2), ndim=2)
   message = str(error.value)
   assert message.startswith('5 problem(s)')
-  for split, name in [('train', 'case0'), ('train', 'case1'), ('train', 'case2'),
-                      ('val', 'case0'), ('val', 'case1')]:
+  for split, name in [
+    ('train', 'case0'),
+    ('train', 'case1'),
+    ('train', 'case2'),
+    ('val', 'case0'),
+    ('val', 'case1'),
+  ]:
     assert (
-        f'{root}/{split}/masks/{name}.png: mask value 255 implies at least 256'
-        ' classes, but classes 1..254 never occur' in message
+      f'{root}/{split}/masks/{name}.png: mask value 255 implies at least 256'
+      ' classes, but classes 1..254 never occur' in message
     )
   assert str(background) not in message
   assert 'config.data.ignore_index=255' in message
@@ -622,7 +626,7 @@ def test_palette_masks_read_as_class_indices_with_an_ignore_border(tmp_path):
   assert meta['num_classes'] == 3
   assert meta['class_pixels'] == {'0': 2 * (120 - 12 - 16 - 12), '1': 32, '2': 24}
   config = datasets.SegmentationFolderConfig(
-      name='voc', ndim=2, root=str(root), ignore_index=255
+    name='voc', ndim=2, root=str(root), ignore_index=255
   )
   builder = _build('segmentation_folder', config, tmp_path / 'data')
   for ex in _all(builder.as_data_source('train')):
@@ -634,9 +638,9 @@ def test_ignore_index_is_checked(tmp_path):
   _make_folder_2d(root, splits=('train',))
   pairs = sf.list_pairs(root, ndim=2)
   for ignore_index, num_classes, match in [
-      (-1, None, 'non-negative int'),
-      (True, None, 'non-negative int'),
-      (2, 3, 'below num_classes=3'),
+    (-1, None, 'non-negative int'),
+    (True, None, 'non-negative int'),
+    (2, 3, 'below num_classes=3'),
   ]:
     with pytest.raises(ValueError, match=match):
       sf.validate(pairs, ndim=2, num_classes=num_classes, ignore_index=ignore_index)
@@ -651,9 +655,9 @@ def test_grey_rgb_and_constant_alpha_masks_are_their_grey_value(tmp_path):
   grey = np.repeat(label[..., None], 3, axis=-1)
   alpha = np.full((6, 8, 1), 255, np.uint8)
   cases = {
-      'rgb.png': Image.fromarray(grey),
-      'rgba.png': Image.fromarray(np.concatenate([grey, alpha], -1)),
-      'la.png': Image.fromarray(np.concatenate([label[..., None], alpha], -1), 'LA'),
+    'rgb.png': Image.fromarray(grey),
+    'rgba.png': Image.fromarray(np.concatenate([grey, alpha], -1)),
+    'la.png': Image.fromarray(np.concatenate([label[..., None], alpha], -1), 'LA'),
   }
   for name, im in cases.items():
     im.save(tmp_path / name)
@@ -663,7 +667,7 @@ def test_grey_rgb_and_constant_alpha_masks_are_their_grey_value(tmp_path):
   alpha[0, 0] = 0
   Image.fromarray(np.concatenate([grey, alpha], -1)).save(tmp_path / 'holes.png')
   with pytest.raises(
-      datasets.BadDataError, match=r'holes.png: .*alpha channel that varies \(2 values'
+    datasets.BadDataError, match=r'holes.png: .*alpha channel that varies \(2 values'
   ):
     sf.read_mask(str(tmp_path / 'holes.png'), ndim=2)
 
@@ -698,7 +702,7 @@ def test_colour_masks_map_through_mask_colors(tmp_path):
   more = sf.validate(pairs, ndim=2, mask_colors=_COLOURS + [(9, 9, 9)])
   assert more['num_classes'] == 4 and '3' not in more['class_pixels']
   config = datasets.SegmentationFolderConfig(
-      name='colours', ndim=2, root=str(root), mask_colors=_COLOURS
+    name='colours', ndim=2, root=str(root), mask_colors=_COLOURS
   )
   builder = _build('segmentation_folder', config, tmp_path / 'data')
   np.testing.assert_array_equal(builder.as_data_source('val')[0]['label'], label)
@@ -709,31 +713,33 @@ def test_colour_masks_map_through_mask_colors(tmp_path):
   with pytest.raises(datasets.BadDataError) as error:
     sf.validate(pairs, ndim=2, mask_colors=_COLOURS)
   assert (
-      'train/masks/a.png: colour(s) not in mask_colors: (255, 0, 1) in 3 pixel(s),'
-      ' (7, 7, 7) in 1 pixel(s).' in str(error.value)
+    'train/masks/a.png: colour(s) not in mask_colors: (255, 0, 1) in 3 pixel(s),'
+    ' (7, 7, 7) in 1 pixel(s).' in str(error.value)
   )
   assert str(error.value).startswith('1 problem(s)')
 
 
 @pytest.mark.parametrize(
-    'mask_colors, num_classes, match',
-    [
-        ([(0, 0, 0), (0, 0)], None, r'mask_colors\[1\] = \(0, 0\)'),
-        ([(0, 0, 0), (0, 256, 0)], None, r'mask_colors\[1\].*\[0, 255\]'),
-        ([(0, 0, 0), (0.5, 0, 0)], None, r'mask_colors\[1\]'),
-        ([(1, 2, 3), (1, 2, 3)], None, r'mask_colors\[1\] = \(1, 2, 3\) repeats'),
-        ([], None, 'non-empty'),
-        ('red', None, 'non-empty'),
-        (_COLOURS, 4, 'num_classes=4 but mask_colors holds 3'),
-    ],
+  'mask_colors, num_classes, match',
+  [
+    ([(0, 0, 0), (0, 0)], None, r'mask_colors\[1\] = \(0, 0\)'),
+    ([(0, 0, 0), (0, 256, 0)], None, r'mask_colors\[1\].*\[0, 255\]'),
+    ([(0, 0, 0), (0.5, 0, 0)], None, r'mask_colors\[1\]'),
+    ([(1, 2, 3), (1, 2, 3)], None, r'mask_colors\[1\] = \(1, 2, 3\) repeats'),
+    ([], None, 'non-empty'),
+    ('red', None, 'non-empty'),
+    (_COLOURS, 4, 'num_classes=4 but mask_colors holds 3'),
+  ],
 )
 def test_bad_mask_colors(tmp_path, mask_colors, num_classes, match):
   root = tmp_path / 'root'
   _write_colour_folder(root)
   with pytest.raises(ValueError, match=match):
     sf.validate(
-        sf.list_pairs(root, ndim=2), ndim=2, num_classes=num_classes,
-        mask_colors=mask_colors,
+      sf.list_pairs(root, ndim=2),
+      ndim=2,
+      num_classes=num_classes,
+      mask_colors=mask_colors,
     )
 
 
@@ -746,8 +752,8 @@ def test_size_outliers_are_reported(tmp_path, caplog):
   assert meta['median_shape'] == [20.0, 24.0]
   images = root / 'train' / 'images'
   assert meta['small_examples'] == [
-      [str(images / 'case3.png'), [6, 30]],
-      [str(images / 'case4.png'), [21, 11]],
+    [str(images / 'case3.png'), [6, 30]],
+    [str(images / 'case4.png'), [21, 11]],
   ]
   warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
   assert len(warnings) == 2
@@ -761,7 +767,7 @@ def test_pet_trimap_becomes_classes():
   trimap = np.array([[1, 2], [3, 2]], np.uint8)[..., None]
   image = np.zeros((2, 2, 3), np.uint8)
   _, label = pets.to_image_label(
-      {'image': image, 'segmentation_mask': trimap, 'file_name': 'a.jpg'}
+    {'image': image, 'segmentation_mask': trimap, 'file_name': 'a.jpg'}
   )
   # Background (trimap 2) is class 0, the pet (1) class 1, the border (3) class 2.
   np.testing.assert_array_equal(label, [[1, 0], [2, 0]])
@@ -772,19 +778,19 @@ def test_pet_bad_trimap_names_the_file():
   image = np.zeros((2, 2, 3), np.uint8)
   with pytest.raises(ValueError, match='Bengal_7.jpg'):
     pets.to_image_label(
-        {
-            'image': image,
-            'segmentation_mask': np.zeros((2, 2, 1), np.uint8),
-            'file_name': b'Bengal_7.jpg',
-        }
+      {
+        'image': image,
+        'segmentation_mask': np.zeros((2, 2, 1), np.uint8),
+        'file_name': b'Bengal_7.jpg',
+      }
     )
   with pytest.raises(ValueError, match='pug_2.jpg.*shape'):
     pets.to_image_label(
-        {
-            'image': image,
-            'segmentation_mask': np.ones((3, 2, 1), np.uint8),
-            'file_name': 'pug_2.jpg',
-        }
+      {
+        'image': image,
+        'segmentation_mask': np.ones((3, 2, 1), np.uint8),
+        'file_name': 'pug_2.jpg',
+      }
     )
 
 

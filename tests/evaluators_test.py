@@ -32,15 +32,22 @@ def data(tmp_path_factory):
     for i, (h, w) in enumerate(SIZES):
       label = np.zeros((h, w), np.uint8)
       label[2:8, 3:9] = 1
-      label[h - 3:, w - 4:] = 2
+      label[h - 3 :, w - 4 :] = 2
       noisy = rng.integers(0, 255, (h, w)) * (rng.random((h, w)) < 0.2)
       image = 40 + 120 * (label == 1) - 40 * (label == 2) + noisy
       image = np.clip(image, 0, 255).astype(np.uint8)
       sf.write_pair(root, split, f'case{i}', image, label)
-  config = ml_collections.ConfigDict({
-      'name': 'segmentation_folder', 'config': '2d', 'root': str(root),
-      'data_dir': str(tmp_path_factory.mktemp('tfds')), 'train_split': 'train',
-      'eval_split': 'val', 'size_policy': 'pad'})
+  config = ml_collections.ConfigDict(
+    {
+      'name': 'segmentation_folder',
+      'config': '2d',
+      'root': str(root),
+      'data_dir': str(tmp_path_factory.mktemp('tfds')),
+      'train_split': 'train',
+      'eval_split': 'val',
+      'size_policy': 'pad',
+    }
+  )
   return input_pipeline.open(config, divisor=8)
 
 
@@ -56,8 +63,14 @@ def _by_hand(data):
 
 def _inputs(data, workdir, batch_size=2, name='eval'):
   return evaluators.common.Inputs(
-      name=name, data=data, predict=_predict, num_classes=3, workdir=workdir, split='val',
-      batch_size=batch_size)
+    name=name,
+    data=data,
+    predict=_predict,
+    num_classes=3,
+    workdir=workdir,
+    split='val',
+    batch_size=batch_size,
+  )
 
 
 STATE = types.SimpleNamespace(step=np.int32(7))
@@ -94,8 +107,9 @@ def test_samples_are_drawn(data, tmp_path):
 
 
 def test_per_case_mean_and_std_over_cases(data, tmp_path):
-  result = evaluators.per_case.Evaluator(_inputs(data, str(tmp_path), name='cases')
-                                         ).run(STATE)
+  result = evaluators.per_case.Evaluator(_inputs(data, str(tmp_path), name='cases')).run(
+    STATE
+  )
   dice, names = [], []
   for name, pred, label in _by_hand(data):
     names.append(name)
@@ -120,12 +134,14 @@ def test_per_case_mean_and_std_over_cases(data, tmp_path):
 
 
 def test_boundary_per_case_in_physical_units(data, tmp_path):
-  result = evaluators.boundary.Evaluator(_inputs(data, str(tmp_path), name='edge'),
-                                         tolerance=1.0).run(STATE)
+  result = evaluators.boundary.Evaluator(
+    _inputs(data, str(tmp_path), name='edge'), tolerance=1.0
+  ).run(STATE)
   hd95, nsd = [], []
   for _, pred, label in _by_hand(data):
-    values = surface_metrics.boundary_metrics(pred, label, num_classes=3,
-                                              spacing=(1.0, 1.0), tolerance=1.0)
+    values = surface_metrics.boundary_metrics(
+      pred, label, num_classes=3, spacing=(1.0, 1.0), tolerance=1.0
+    )
     hd95.append(values['hd95'])
     nsd.append(values['nsd'])
   hd95, nsd = np.asarray(hd95), np.asarray(nsd)
@@ -151,14 +167,27 @@ def test_an_infinite_distance_is_counted_not_averaged(data):
 
 
 def test_from_config_builds_and_checks():
-  evals = ml_collections.ConfigDict({
-      'eval': {'type': 'confusion', 'split': '', 'every_steps': 5, 'batch_size': 0,
-               'samples': 2},
+  evals = ml_collections.ConfigDict(
+    {
+      'eval': {
+        'type': 'confusion',
+        'split': '',
+        'every_steps': 5,
+        'batch_size': 0,
+        'samples': 2,
+      },
       'cases': {'type': 'per_case', 'split': 'test', 'every_steps': 10, 'batch_size': 4},
-  })
-  scheduled = evaluators.from_config(evals, data=None, predict=_predict, num_classes=2,
-                                     workdir=None, default_split='val',
-                                     default_batch_size=8)
+    }
+  )
+  scheduled = evaluators.from_config(
+    evals,
+    data=None,
+    predict=_predict,
+    num_classes=2,
+    workdir=None,
+    default_split='val',
+    default_batch_size=8,
+  )
   by_name = {s.name: s for s in scheduled}
   assert sorted(by_name) == ['cases', 'eval']
   assert by_name['eval'].evaluator.inputs.split == 'val'
@@ -171,21 +200,33 @@ def test_from_config_builds_and_checks():
   assert by_name['cases'].due(12, 12)  # The last step.
 
 
-@pytest.mark.parametrize('entry, match', [
+@pytest.mark.parametrize(
+  'entry, match',
+  [
     ({'type': 'hausdorff', 'every_steps': 1}, r"type='hausdorff' is not one of"),
-    ({'type': 'confusion', 'every_steps': 1, 'tolerance': 2.0},
-     r"unknown option\(s\) \['tolerance'\].*samples"),
+    (
+      {'type': 'confusion', 'every_steps': 1, 'tolerance': 2.0},
+      r"unknown option\(s\) \['tolerance'\].*samples",
+    ),
     ({'type': 'boundary', 'every_steps': 0}, 'every_steps must be positive'),
-])
+  ],
+)
 def test_bad_evaluator_configs(entry, match):
   with pytest.raises(ValueError, match=match):
     evaluators.check_config({'x': entry})
 
 
 def test_volumes_larger_than_the_patch_are_evaluated_in_sliding_windows(tmp_path):
-  config = ml_collections.ConfigDict({
-      'name': 'synthetic_volumes', 'config': 'tiny', 'data_dir': str(tmp_path),
-      'train_split': 'train', 'eval_split': 'validation', 'size_policy': 'pad'})
+  config = ml_collections.ConfigDict(
+    {
+      'name': 'synthetic_volumes',
+      'config': 'tiny',
+      'data_dir': str(tmp_path),
+      'train_split': 'train',
+      'eval_split': 'validation',
+      'size_policy': 'pad',
+    }
+  )
   volumes = input_pipeline.open(config, divisor=4)
   assert volumes.info.eval_spatial_shape == (16, 32, 32)
   calls = []
@@ -200,13 +241,21 @@ def test_volumes_larger_than_the_patch_are_evaluated_in_sliding_windows(tmp_path
     return np.argmax(logits(state, images), axis=-1)
 
   inputs = evaluators.common.Inputs(
-      name='eval', data=volumes, predict=predict, num_classes=2, workdir=None,
-      split='validation', batch_size=2, logits=logits)
+    name='eval',
+    data=volumes,
+    predict=predict,
+    num_classes=2,
+    workdir=None,
+    split='validation',
+    batch_size=2,
+    logits=logits,
+  )
   whole = evaluators.confusion.Evaluator(inputs).run(STATE)
   assert calls == [(2, 16, 32, 32, 1)] * 2  # 4 volumes, 2 a batch, whole.
   calls.clear()
   windows = evaluators.confusion.Evaluator(
-      dataclasses.replace(inputs, patch_size=(8, 16, 16), divisor=4)).run(STATE)
+    dataclasses.replace(inputs, patch_size=(8, 16, 16), divisor=4)
+  ).run(STATE)
   # 3 x 3 x 3 windows of each volume, 2 windows a call.
   assert calls == [(2, 8, 16, 16, 1)] * (4 * 14)
   assert windows == whole
@@ -216,6 +265,13 @@ def test_volumes_larger_than_the_patch_are_evaluated_in_sliding_windows(tmp_path
 def test_a_patch_the_model_cannot_take_is_refused():
   evals = {'eval': {'type': 'confusion', 'every_steps': 1, 'patch_size': (8, 12, 16)}}
   with pytest.raises(ValueError, match=r'patch_size=\(8, 12, 16\) must have one'):
-    evaluators.from_config(evals, data=None, predict=_predict, num_classes=2,
-                           workdir=None, default_split='val', default_batch_size=2,
-                           divisor=(1, 8, 8))
+    evaluators.from_config(
+      evals,
+      data=None,
+      predict=_predict,
+      num_classes=2,
+      workdir=None,
+      default_split='val',
+      default_batch_size=2,
+      divisor=(1, 8, 8),
+    )

@@ -47,14 +47,12 @@ def _exported(ndim):
   spatial = (16, 16) if ndim == 2 else (8, 16, 16)
   model = models.UNet(num_classes=3, features=4, depth=2, norm='batch')
   variables = random_variables(model, jnp.zeros((1, *spatial, 2)))
-  data = export.export_predict_fn(model, variables, spatial_shape=spatial,
-                                  num_channels=2)
+  data = export.export_predict_fn(model, variables, spatial_shape=spatial, num_channels=2)
   return model, variables, spatial, data
 
 
 def _images(batch, spatial, seed=1):
-  return np.random.default_rng(seed).normal(size=(batch, *spatial, 2)).astype(
-      np.float32)
+  return np.random.default_rng(seed).normal(size=(batch, *spatial, 2)).astype(np.float32)
 
 
 @pytest.mark.parametrize('ndim', [2, 3])
@@ -89,15 +87,20 @@ def test_load_from_bytes_equals_load_from_file(tmp_path):
   _, _, spatial, data = _exported(2)
   (tmp_path / 'm.jax').write_bytes(data)
   images = _images(2, spatial)
-  np.testing.assert_array_equal(export.load_exported(data)(images),
-                                export.load_exported(tmp_path / 'm.jax')(images))
+  np.testing.assert_array_equal(
+    export.load_exported(data)(images), export.load_exported(tmp_path / 'm.jax')(images)
+  )
 
 
 def _run(code, tmp_path):
-  proc = subprocess.run([sys.executable, '-c', code], cwd=tmp_path,
-                        env=dict(os.environ, JAX_PLATFORMS='cpu',
-                                 PYTHONPATH=''),
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, '-c', code],
+    cwd=tmp_path,
+    env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=''),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -121,7 +124,8 @@ def test_plain_jax_loads_it_without_this_package_or_flax(tmp_path):
   assert _run(code, tmp_path) == []
   logits = np.load(tmp_path / 'logits.npy')
   np.testing.assert_allclose(
-      logits, model.apply(variables, images, train=False), rtol=1e-5, atol=1e-5)
+    logits, model.apply(variables, images, train=False), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_load_exported_does_not_import_flax(tmp_path):
@@ -138,13 +142,16 @@ def test_load_exported_does_not_import_flax(tmp_path):
   assert _run(code, tmp_path) == [[1, *spatial, 3], False]
 
 
-@pytest.mark.parametrize('shape,match', [
+@pytest.mark.parametrize(
+  'shape,match',
+  [
     ((16, 16, 2), r'rank 3, not 4\)\. Add a batch axis'),
     ((1, 1, 16, 16, 2), r'rank 5, not 4'),
     ((1, 16, 16, 3), r'with 2 channel\(s\); got 3'),
     ((1, 32, 16, 2), r'spatial shape \(32, 16\)'),
     ((0, 16, 16, 2), r'empty'),
-])
+  ],
+)
 def test_bad_images_give_a_clear_error(shape, match):
   _, _, _, data = _exported(2)
   predict = export.load_exported(data)
@@ -161,12 +168,15 @@ def test_bad_files_give_a_clear_error(tmp_path):
     export.load_exported(tmp_path / 'junk.jax')
 
 
-@pytest.mark.parametrize('kwargs,match', [
+@pytest.mark.parametrize(
+  'kwargs,match',
+  [
     (dict(spatial_shape=(18, 16)), r'not divisible by 4'),
     (dict(spatial_shape=(16,)), r'must be 2 \(H, W\) or 3'),
     (dict(num_channels=0), r'num_channels=0'),
     (dict(variables={'weights': {}}), r"'params'"),
-])
+  ],
+)
 def test_bad_export_arguments(kwargs, match):
   model, variables, _, _ = _exported(2)
   args = dict(variables=variables, spatial_shape=(16, 16), num_channels=2)

@@ -27,10 +27,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _folder_config(root, data_dir, ndim, **extra):
   config = importlib.import_module('configs.folder').get_config()
   overrides = {
-      'data.root': str(root), 'data.data_dir': str(data_dir), 'data.config': f'{ndim}d',
-      'model.features': 4, 'model.depth': 2, 'batch_size': 2, 'eval_batch_size': 2,
-      'num_train_steps': 3, 'log_every_steps': 1, 'eval_every_steps': 3,
-      'checkpoint_every_steps': 3, 'plan': False, **extra}
+    'data.root': str(root),
+    'data.data_dir': str(data_dir),
+    'data.config': f'{ndim}d',
+    'model.features': 4,
+    'model.depth': 2,
+    'batch_size': 2,
+    'eval_batch_size': 2,
+    'num_train_steps': 3,
+    'log_every_steps': 1,
+    'eval_every_steps': 3,
+    'checkpoint_every_steps': 3,
+    'plan': False,
+    **extra,
+  }
   for key, value in overrides.items():
     node = config
     *path, leaf = key.split('.')
@@ -73,8 +83,9 @@ def run3d(tmp_path_factory):
       sf.write_pair(base / 'data', split, f'vol{i}', image, label, spacing=(3.0, 1, 1))
   workdir = str(base / 'run')
   train.train_and_evaluate(
-      _folder_config(base / 'data', base / 'tfds', 3, **{'model.pool_sizes': (1, 2, 2)}),
-      workdir)
+    _folder_config(base / 'data', base / 'tfds', 3, **{'model.pool_sizes': (1, 2, 2)}),
+    workdir,
+  )
   return workdir, base / 'data'
 
 
@@ -90,7 +101,8 @@ def test_load_restores_the_trained_variables(run2d):
   for name in ('params', 'batch_stats'):
     flat_saved = jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(saved[name])])
     flat_loaded = jnp.concatenate(
-        [jnp.ravel(x) for x in jax.tree.leaves(predictor.variables[name])])
+      [jnp.ravel(x) for x in jax.tree.leaves(predictor.variables[name])]
+    )
     np.testing.assert_array_equal(flat_loaded, flat_saved)
   assert inference.load(workdir).step == 3  # 'best': the only evaluated step.
   relative = os.path.relpath(workdir)  # Orbax wants absolute paths; load does not.
@@ -112,10 +124,21 @@ def test_predict_command_writes_masks_overlays_and_the_per_case_table(run2d, tmp
   workdir, data = run2d
   out = tmp_path / 'out'
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'launch.py'), '--mode=predict',
-       f'--workdir={workdir}', f'--input={data / "val" / "images"}', f'--output={out}',
-       '--tta'], cwd=ROOT, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, JAX_PLATFORMS='cpu'))
+    [
+      sys.executable,
+      os.path.join(ROOT, 'launch.py'),
+      '--mode=predict',
+      f'--workdir={workdir}',
+      f'--input={data / "val" / "images"}',
+      f'--output={out}',
+      '--tta',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'ETA' in proc.stderr and '3/3' in proc.stderr  # The progress bar.
   with open(out / 'per_case.csv') as f:
@@ -130,7 +153,8 @@ def test_predict_command_writes_masks_overlays_and_the_per_case_table(run2d, tmp
     assert float(row['dice_1']) == pytest.approx(dice, abs=1e-5)
     assert (out / 'overlays' / f'{row["case"]}.png').stat().st_size > 1000
   assert float(rows[-1]['dice_1']) == pytest.approx(
-      np.mean([float(r['dice_1']) for r in rows[:-1]]), abs=1e-5)
+    np.mean([float(r['dice_1']) for r in rows[:-1]]), abs=1e-5
+  )
   assert 'mean' in proc.stdout  # The table is printed.
   assert not [n for n in os.listdir(out) if 'partial' in n]
 
@@ -143,8 +167,9 @@ def test_predict_nifti_keeps_the_affine_and_header(run3d, tmp_path):
   written = nibabel.load(tmp_path / 'vol0.nii.gz')
   original = nibabel.load(source)
   np.testing.assert_array_equal(written.affine, original.affine)
-  np.testing.assert_allclose(written.header.get_zooms()[:3],
-                             original.header.get_zooms()[:3])
+  np.testing.assert_allclose(
+    written.header.get_zooms()[:3], original.header.get_zooms()[:3]
+  )
   assert written.shape == original.shape[:3]
   mask = np.asarray(written.dataobj)
   assert set(np.unique(mask)) <= {0, 1}
@@ -162,10 +187,12 @@ def test_export_round_trip_gives_the_same_logits(run2d, tmp_path):
   predictor = inference.load(workdir)
   images = np.random.default_rng(0).normal(size=(3, 24, 32, 1)).astype(np.float32)
   exported = export.load_exported(path)
-  np.testing.assert_allclose(exported(images), predictor.apply(images), rtol=1e-5,
-                             atol=1e-5)
-  np.testing.assert_allclose(exported(images[:1]), predictor.apply(images[:1]),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    exported(images), predictor.apply(images), rtol=1e-5, atol=1e-5
+  )
+  np.testing.assert_allclose(
+    exported(images[:1]), predictor.apply(images[:1]), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_load_errors_name_the_path(run2d, tmp_path):
@@ -193,8 +220,8 @@ def test_a_checkpoint_that_does_not_fit_its_config_is_named(run2d, tmp_path):
   bad = tmp_path / 'bad'
   manager = checkpointing.create_manager(str(bad / 'checkpoints'), keep=5)
   saved = checkpointing.restore(
-      checkpointing.create_manager(os.path.join(workdir, 'checkpoints'), keep=5),
-      None, step=3)
+    checkpointing.create_manager(os.path.join(workdir, 'checkpoints'), keep=5), None, step=3
+  )
   checkpointing.save(manager, 3, saved, record=record)
   manager.close()
   with pytest.raises(ValueError, match=r'bad/checkpoints/3 does not fit the model'):
@@ -225,10 +252,23 @@ def test_bad_inputs_are_named_before_anything_is_predicted(run2d, tmp_path):
 
 def test_the_predict_command_prints_one_line_errors(tmp_path):
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'launch.py'), '--mode=predict',
-       f'--workdir={tmp_path / "missing"}', f'--input={tmp_path}',
-       f'--output={tmp_path / "out"}'], cwd=ROOT, capture_output=True, text=True,
-      timeout=120, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+    [
+      sys.executable,
+      os.path.join(ROOT, 'launch.py'),
+      '--mode=predict',
+      f'--workdir={tmp_path / "missing"}',
+      f'--input={tmp_path}',
+      f'--output={tmp_path / "out"}',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+  )
   assert proc.returncode == 2
-  assert proc.stderr.strip().splitlines()[-1].startswith(
-      f"Error: --workdir '{tmp_path / 'missing'}' does not exist")
+  assert (
+    proc.stderr.strip()
+    .splitlines()[-1]
+    .startswith(f"Error: --workdir '{tmp_path / 'missing'}' does not exist")
+  )

@@ -548,9 +548,13 @@ def _voc_like(root):
 
 def test_the_data_sets_ignore_value_reaches_the_loss_and_metrics_as_ignored(tmp_path):
   _voc_like(tmp_path)
-  config = _data_config(name='segmentation_folder', config='2d',
-                        root=str(tmp_path / 'voc'), data_dir=str(tmp_path / 'tfds'),
-                        ignore_index=255)
+  config = _data_config(
+    name='segmentation_folder',
+    config='2d',
+    root=str(tmp_path / 'voc'),
+    data_dir=str(tmp_path / 'tfds'),
+    ignore_index=255,
+  )
   data = input_pipeline.open(config, divisor=8)
   assert data.info.num_classes == 2  # 255 is not a class.
   train = next(data.train_iterator(batch_size=2, seed=0))
@@ -567,16 +571,21 @@ def test_the_data_sets_ignore_value_reaches_the_loss_and_metrics_as_ignored(tmp_
 
 def test_colour_masks_with_mask_colors(tmp_path):
   _voc_like(tmp_path)
-  config = _data_config(name='segmentation_folder', config='2d',
-                        root=str(tmp_path / 'colour'), data_dir=str(tmp_path / 'tfds'),
-                        mask_colors=((0, 0, 0), (200, 30, 30)))
+  config = _data_config(
+    name='segmentation_folder',
+    config='2d',
+    root=str(tmp_path / 'colour'),
+    data_dir=str(tmp_path / 'tfds'),
+    mask_colors=((0, 0, 0), (200, 30, 30)),
+  )
   data = input_pipeline.open(config, divisor=8)
   assert data.info.num_classes == 2
   labels = next(data.eval_iterator(batch_size=2))['label']
   assert (labels == 1).sum() == 2 * 36
   with pytest.raises(ValueError, match=r'colour\(s\) not in mask_colors: \(200, 30, 30\)'):
     input_pipeline.open(
-        _data_config(**dict(config, mask_colors=((0, 0, 0), (0, 0, 255)))), divisor=8)
+      _data_config(**dict(config, mask_colors=((0, 0, 0), (0, 0, 255)))), divisor=8
+    )
 
 
 # ----------------------------------------------------------------- normalisation
@@ -584,15 +593,24 @@ def test_colour_masks_with_mask_colors(tmp_path):
 
 def test_normalisation_modes_by_hand():
   image = np.array([[[-1000.0], [0.0]], [[50.0], [3000.0]]], np.float32)  # [2, 2, 1]
-  ct = input_pipeline.normaliser(_data_config(
-    normalization='ct', intensity_low=(-100.0,), intensity_high=(200.0,),
-    intensity_mean=(50.0,), intensity_std=(25.0,)), 1)
+  ct = input_pipeline.normaliser(
+    _data_config(
+      normalization='ct',
+      intensity_low=(-100.0,),
+      intensity_high=(200.0,),
+      intensity_mean=(50.0,),
+      intensity_std=(25.0,),
+    ),
+    1,
+  )
   # Clipped to [-100, 200]: -100, 0, 50, 200; then (x - 50) / 25.
   np.testing.assert_allclose(ct(image)[..., 0], [[-6, -2], [0, 6]])
   rescale = input_pipeline.normaliser(
-    _data_config(normalization='rescale', intensity_low=0, intensity_high=255), 1)
-  np.testing.assert_allclose(rescale(np.array([[[0.0], [255.0], [51.0]]]))[..., 0],
-                             [[0, 1, 0.2]], rtol=1e-6)
+    _data_config(normalization='rescale', intensity_low=0, intensity_high=255), 1
+  )
+  np.testing.assert_allclose(
+    rescale(np.array([[[0.0], [255.0], [51.0]]]))[..., 0], [[0, 1, 0.2]], rtol=1e-6
+  )
   # The default is today's per-image z-score, unchanged.
   default = input_pipeline.normaliser(_data_config(), 1)
   np.testing.assert_array_equal(default(image), input_pipeline.normalise(image))
@@ -600,27 +618,49 @@ def test_normalisation_modes_by_hand():
 
 
 def test_normalisation_reaches_the_batches(shapes):
-  config = _data_config(data_dir=shapes.data_dir, normalization='rescale',
-                        intensity_low=(0.0,), intensity_high=(255.0,))
+  config = _data_config(
+    data_dir=shapes.data_dir,
+    normalization='rescale',
+    intensity_low=(0.0,),
+    intensity_high=(255.0,),
+  )
   batch = next(input_pipeline.open(config, divisor=8).train_iterator(batch_size=4, seed=0))
   raw = next(input_pipeline.open(shapes, divisor=8).train_iterator(batch_size=4, seed=0))
   assert 0 <= batch['image'].min() and batch['image'].max() <= 1
   # The same examples: rescaling and the per-image z-score agree up to an affine map.
   for scaled, zscored in zip(batch['image'], raw['image']):
-    np.testing.assert_allclose((scaled - scaled.mean()) / scaled.std(), zscored,
-                               atol=1e-3)
+    np.testing.assert_allclose((scaled - scaled.mean()) / scaled.std(), zscored, atol=1e-3)
 
 
-@pytest.mark.parametrize('overrides,message', [
-  ({'normalization': 'minmax'}, r"normalization='minmax' is not one of"),
-  ({'normalization': 'ct', 'intensity_low': (0.0,)}, 'needs config.data.intensity_high'),
-  ({'normalization': 'rescale', 'intensity_low': (5.0,), 'intensity_high': (1.0,)},
-   'must be above'),
-  ({'normalization': 'ct', 'intensity_low': (0.0,), 'intensity_high': (1.0,),
-    'intensity_mean': (0.0,), 'intensity_std': (0.0,)}, 'intensity_std .* positive'),
-  ({'normalization': 'rescale', 'intensity_low': (0.0, 0.0, 0.0),
-    'intensity_high': (1.0, 1.0, 1.0)}, 'has 3 values; the data has 1 channel'),
-])
+@pytest.mark.parametrize(
+  'overrides,message',
+  [
+    ({'normalization': 'minmax'}, r"normalization='minmax' is not one of"),
+    ({'normalization': 'ct', 'intensity_low': (0.0,)}, 'needs config.data.intensity_high'),
+    (
+      {'normalization': 'rescale', 'intensity_low': (5.0,), 'intensity_high': (1.0,)},
+      'must be above',
+    ),
+    (
+      {
+        'normalization': 'ct',
+        'intensity_low': (0.0,),
+        'intensity_high': (1.0,),
+        'intensity_mean': (0.0,),
+        'intensity_std': (0.0,),
+      },
+      'intensity_std .* positive',
+    ),
+    (
+      {
+        'normalization': 'rescale',
+        'intensity_low': (0.0, 0.0, 0.0),
+        'intensity_high': (1.0, 1.0, 1.0),
+      },
+      'has 3 values; the data has 1 channel',
+    ),
+  ],
+)
 def test_bad_normalisation_is_named(shapes, overrides, message):
   with pytest.raises(ValueError, match=message):
     input_pipeline.open(_data_config(data_dir=shapes.data_dir, **overrides), divisor=8)

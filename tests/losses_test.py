@@ -31,18 +31,16 @@ def _reductions(name, **options):
   """Jitted: {reduction: loss} for the loss `name` and the three reductions."""
   fn = functools.partial(losses.get_loss(name), **options)
   return jax.jit(
-      lambda logits, labels: {
-          r: fn(logits, labels, reduction=r) for r in ('none', 'mean', 'sum')
-      }
+    lambda logits, labels: {
+      r: fn(logits, labels, reduction=r) for r in ('none', 'mean', 'sum')
+    }
   )
 
 
 @functools.cache
 def _value_and_grad(name, **options):
   """Jitted value and gradient (w.r.t. logits) of the loss `name`."""
-  return jax.jit(
-      jax.value_and_grad(functools.partial(losses.get_loss(name), **options))
-  )
+  return jax.jit(jax.value_and_grad(functools.partial(losses.get_loss(name), **options)))
 
 
 def _logit(p):
@@ -63,9 +61,7 @@ def _confident_logits(labels, channels, scale=30.0):
   """Logits that predict `labels` with near-certainty."""
   if channels == 1:
     return jnp.where(labels == 1, scale, -scale)[..., None].astype(jnp.float32)
-  return (scale * (2.0 * jax.nn.one_hot(labels, channels) - 1.0)).astype(
-      jnp.float32
-  )
+  return (scale * (2.0 * jax.nn.one_hot(labels, channels) - 1.0)).astype(jnp.float32)
 
 
 # --------------------------------------------------------------------------
@@ -109,14 +105,15 @@ def test_binary_sigmoid_hand_values():
   labels = jnp.asarray([1, 1, 0, 1]).reshape(1, 2, 2)
   s = 1e-5
   cases = {
-      'dice': (losses.dice_loss, {}, 1 - (3 + s) / (4.8 + s)),
-      'jaccard': (losses.dice_loss, {'jaccard': True},
-                  1 - (3 + s) / (2 * (4.8 - 1.5) + s)),
-      'squared': (losses.dice_loss, {'squared_pred': True},
-                  1 - (3 + s) / (1.1 + 3 + s)),
-      # TP = 1.5, FP = 0.3, FN = 0.2 + 0.4 + 0.9 = 1.5.
-      'tversky': (losses.tversky_loss, {'alpha': 0.3, 'beta': 0.7},
-                  1 - (1.5 + s) / (1.5 + 0.3 * 0.3 + 0.7 * 1.5 + s)),
+    'dice': (losses.dice_loss, {}, 1 - (3 + s) / (4.8 + s)),
+    'jaccard': (losses.dice_loss, {'jaccard': True}, 1 - (3 + s) / (2 * (4.8 - 1.5) + s)),
+    'squared': (losses.dice_loss, {'squared_pred': True}, 1 - (3 + s) / (1.1 + 3 + s)),
+    # TP = 1.5, FP = 0.3, FN = 0.2 + 0.4 + 0.9 = 1.5.
+    'tversky': (
+      losses.tversky_loss,
+      {'alpha': 0.3, 'beta': 0.7},
+      1 - (1.5 + s) / (1.5 + 0.3 * 0.3 + 0.7 * 1.5 + s),
+    ),
   }
   for key, (fn, options, expected) in cases.items():
     loss = fn(logits, labels, activation='sigmoid', **options)
@@ -125,23 +122,24 @@ def test_binary_sigmoid_hand_values():
   p_t = np.array([0.8, 0.6, 0.7, 0.1])
   bce = -np.log(p_t).mean()
   np.testing.assert_allclose(
-      losses.binary_cross_entropy_loss(logits, labels), bce, rtol=1e-5
+    losses.binary_cross_entropy_loss(logits, labels), bce, rtol=1e-5
   )
   focal = np.mean(-((1 - p_t) ** 2) * np.log(p_t))
   np.testing.assert_allclose(
-      losses.focal_loss(logits, labels, activation='sigmoid'), focal,
-      rtol=1e-5,
+    losses.focal_loss(logits, labels, activation='sigmoid'),
+    focal,
+    rtol=1e-5,
   )
   alpha_t = np.array([0.25, 0.25, 0.75, 0.25])
   np.testing.assert_allclose(
-      losses.focal_loss(logits, labels, activation='sigmoid', alpha=0.25),
-      np.mean(alpha_t * -((1 - p_t) ** 2) * np.log(p_t)),
-      rtol=1e-5,
+    losses.focal_loss(logits, labels, activation='sigmoid', alpha=0.25),
+    np.mean(alpha_t * -((1 - p_t) ** 2) * np.log(p_t)),
+    rtol=1e-5,
   )
   np.testing.assert_allclose(
-      losses.dice_bce_loss(logits, labels),
-      1 - (3 + s) / (4.8 + s) + bce,
-      rtol=1e-5,
+    losses.dice_bce_loss(logits, labels),
+    1 - (3 + s) / (4.8 + s) + bce,
+    rtol=1e-5,
   )
 
 
@@ -151,27 +149,29 @@ def test_multiclass_dice_hand_values():
   # class 2: I=1, P=1, G=2 -> 1/3.
   labels = jnp.asarray([[0, 1], [2, 2]]).reshape(1, 2, 2)
   logits = _confident_logits(jnp.asarray([[0, 1], [1, 2]]).reshape(1, 2, 2), 3)
+  np.testing.assert_allclose(losses.dice_loss(logits, labels), 2 / 9, atol=1e-5)
   np.testing.assert_allclose(
-      losses.dice_loss(logits, labels), 2 / 9, atol=1e-5
+    losses.dice_loss(logits, labels, include_background=False),
+    1 / 3,
+    atol=1e-5,
   )
   np.testing.assert_allclose(
-      losses.dice_loss(logits, labels, include_background=False), 1 / 3,
-      atol=1e-5,
-  )
-  np.testing.assert_allclose(
-      losses.dice_loss(logits, labels, class_weights=[3.0, 1.5, 0.0]),
-      (0 + 1.5 / 3 + 0) / 3, atol=1e-5,
+    losses.dice_loss(logits, labels, class_weights=[3.0, 1.5, 0.0]),
+    (0 + 1.5 / 3 + 0) / 3,
+    atol=1e-5,
   )
   # Generalized Dice: I = [1, 1, 1], P + G = [2, 3, 3], G = [1, 1, 2].
   gdl = {
-      'uniform': 1 - 2 * 3 / 8,
-      'simple': 1 - 2 * (1 + 1 + 0.5) / (2 + 3 + 1.5),
-      'square': 1 - 2 * (1 + 1 + 0.25) / (2 + 3 + 0.75),
+    'uniform': 1 - 2 * 3 / 8,
+    'simple': 1 - 2 * (1 + 1 + 0.5) / (2 + 3 + 1.5),
+    'square': 1 - 2 * (1 + 1 + 0.25) / (2 + 3 + 0.75),
   }
   for w_type, expected in gdl.items():
     np.testing.assert_allclose(
-        losses.generalized_dice_loss(logits, labels, w_type=w_type),
-        expected, atol=1e-5, err_msg=w_type,
+      losses.generalized_dice_loss(logits, labels, w_type=w_type),
+      expected,
+      atol=1e-5,
+      err_msg=w_type,
     )
 
 
@@ -181,31 +181,28 @@ def test_softmax_cross_entropy_hand_values():
   labels = jnp.asarray([0, 1]).reshape(1, 1, 2)
   ce = losses.cross_entropy_loss
   np.testing.assert_allclose(
-      ce(logits, labels), -(math.log(0.75) + math.log(0.25)) / 2, rtol=1e-6
+    ce(logits, labels), -(math.log(0.75) + math.log(0.25)) / 2, rtol=1e-6
   )
   # Smoothing 0.1 over 2 classes: targets 0.95 / 0.05.
   smoothed = -(0.95 * math.log(0.75) + 0.05 * math.log(0.25)) - (
-      0.05 * math.log(0.75) + 0.95 * math.log(0.25)
+    0.05 * math.log(0.75) + 0.95 * math.log(0.25)
   )
   np.testing.assert_allclose(
-      ce(logits, labels, label_smoothing=0.1), smoothed / 2, rtol=1e-6
+    ce(logits, labels, label_smoothing=0.1), smoothed / 2, rtol=1e-6
   )
   # Weights 1 and 3: sum_i w_i l_i / sum_i w_i.
   weighted = (-math.log(0.75) - 3 * math.log(0.25)) / 4
   np.testing.assert_allclose(
-      ce(logits, labels, class_weights=[1.0, 3.0]), weighted, rtol=1e-6
+    ce(logits, labels, class_weights=[1.0, 3.0]), weighted, rtol=1e-6
   )
   # Focal, softmax, gamma 2: mean of -(1 - p_t)^2 log p_t.
   focal = (-(0.25**2) * math.log(0.75) - 0.75**2 * math.log(0.25)) / 2
-  np.testing.assert_allclose(
-      losses.focal_loss(logits, labels), focal, rtol=1e-6
-  )
+  np.testing.assert_allclose(losses.focal_loss(logits, labels), focal, rtol=1e-6)
   # A scalar alpha weighs class 0 by 1 - alpha and the others by alpha.
   np.testing.assert_allclose(
-      losses.focal_loss(logits, labels, alpha=0.25),
-      (-0.75 * 0.25**2 * math.log(0.75) - 0.25 * 0.75**2 * math.log(0.25))
-      / 2,
-      rtol=1e-6,
+    losses.focal_loss(logits, labels, alpha=0.25),
+    (-0.75 * 0.25**2 * math.log(0.75) - 0.25 * 0.75**2 * math.log(0.25)) / 2,
+    rtol=1e-6,
   )
 
 
@@ -214,9 +211,7 @@ def test_batch_option_pools_examples():
   # pooled (batch=True): one Dice over both.
   labels = jnp.asarray([[[1, 0]], [[1, 0]]])  # [2, 1, 2]
   logits = _confident_logits(jnp.asarray([[[1, 0]], [[0, 1]]]), 1)
-  per_example = losses.dice_loss(
-      logits, labels, activation='sigmoid', reduction='none'
-  )
+  per_example = losses.dice_loss(logits, labels, activation='sigmoid', reduction='none')
   np.testing.assert_allclose(per_example, [0.0, 1.0], atol=1e-5)
   # Pooled: I = 1, P = 2, G = 2.
   pooled = losses.dice_loss(logits, labels, activation='sigmoid', batch=True)
@@ -260,9 +255,7 @@ def test_focal_dice_with_gamma_zero_is_dice_plus_cross_entropy(activation):
     reference = losses.dice_bce_loss(logits, labels)
   else:
     reference = losses.dice_ce_loss(logits, labels)
-  loss = losses.focal_dice_loss(
-      logits, labels, gamma=0.0, activation=activation
-  )
+  loss = losses.focal_dice_loss(logits, labels, gamma=0.0, activation=activation)
   np.testing.assert_allclose(loss, reference, rtol=1e-6)
 
 
@@ -281,8 +274,9 @@ def test_focal_dice_down_weights_easy_background(activation):
 
   def easy_share(loss_fn, gamma):
     # gamma is traced: one compile serves both values.
-    value_and_grad = jax.jit(jax.value_and_grad(
-        lambda x, g: loss_fn(x, labels, gamma=g, activation=activation)))
+    value_and_grad = jax.jit(
+      jax.value_and_grad(lambda x, g: loss_fn(x, labels, gamma=g, activation=activation))
+    )
     loss, grads = value_and_grad(logits, gamma)
     grads = jnp.abs(grads).sum(-1)
     return loss, float(grads[easy].sum() / grads.sum())
@@ -321,15 +315,15 @@ def test_bounds_and_reductions(name, dims):
 
 
 @pytest.mark.parametrize(
-    'name, dims',
-    [(name, '2d') for name in sorted(losses.LOSSES)]
-    + [(name, '3d') for name in ('dice_bce', 'dice_ce', 'focal_dice')],
+  'name, dims',
+  [(name, '2d') for name in sorted(losses.LOSSES)]
+  + [(name, '3d') for name in ('dice_bce', 'dice_ce', 'focal_dice')],
 )
 def test_jit_equals_eager(name, dims):
   logits, labels = _inputs(name, SPATIAL[dims], seed=2)
   eager = losses.get_loss(name)(logits, labels, reduction='none')
   np.testing.assert_allclose(
-      _reductions(name)(logits, labels)['none'], eager, rtol=1e-5, atol=1e-7
+    _reductions(name)(logits, labels)['none'], eager, rtol=1e-5, atol=1e-7
   )
 
 
@@ -343,12 +337,13 @@ def test_gradients_finite_and_non_zero(name):
 
 
 @pytest.mark.parametrize(
-    'name, activation',
-    [(name, None) for name in ('bce', 'ce', 'dice_bce', 'dice_ce')]
-    + [(name, activation)
-       for name in ('dice', 'focal', 'focal_dice', 'generalized_dice',
-                    'tversky')
-       for activation in ('softmax', 'sigmoid')],
+  'name, activation',
+  [(name, None) for name in ('bce', 'ce', 'dice_bce', 'dice_ce')]
+  + [
+    (name, activation)
+    for name in ('dice', 'focal', 'focal_dice', 'generalized_dice', 'tversky')
+    for activation in ('softmax', 'sigmoid')
+  ],
 )
 def test_extreme_logits_give_finite_loss_and_gradients(name, activation):
   # The default activation (softmax, or none to choose) shares a compile
@@ -375,8 +370,9 @@ def test_focal_gradient_finite_where_saturated(gamma):
   labels = jnp.asarray([[[0, 1]]])
   logits = _confident_logits(labels, 2, scale=1e4)
   for activation in ('softmax', 'sigmoid'):
-    fn = functools.partial(losses.focal_loss, labels=labels, gamma=gamma,
-                           activation=activation)
+    fn = functools.partial(
+      losses.focal_loss, labels=labels, gamma=gamma, activation=activation
+    )
     grads = jax.jit(jax.grad(fn))(logits)
     assert np.all(np.isfinite(grads)), activation
 
@@ -389,9 +385,9 @@ def test_vmap_over_a_leading_axis(name):
   batched = jax.jit(jax.vmap(losses.get_loss(name)))(logits, labels)
   fn = _reductions(name)
   np.testing.assert_allclose(
-      batched,
-      [fn(logits[0], labels[0])['mean'], fn(logits[1], labels[1])['mean']],
-      rtol=1e-5,
+    batched,
+    [fn(logits[0], labels[0])['mean'], fn(logits[1], labels[1])['mean']],
+    rtol=1e-5,
   )
 
 
@@ -404,7 +400,7 @@ def test_one_hot_float_labels_equal_integer_labels(name):
     targets = jax.nn.one_hot(labels, 3)
   fn = _reductions(name)
   np.testing.assert_allclose(
-      fn(logits, targets)['none'], fn(logits, labels)['none'], rtol=1e-6
+    fn(logits, targets)['none'], fn(logits, labels)['none'], rtol=1e-6
   )
 
 
@@ -412,9 +408,7 @@ def test_sigmoid_with_several_channels_one_hot_encodes_integer_labels():
   logits, labels = _inputs('dice', SPATIAL['2d'], seed=7)
   targets = jax.nn.one_hot(labels, 3)
   for fn in (losses.binary_cross_entropy_loss, losses.dice_bce_loss):
-    np.testing.assert_allclose(
-        fn(logits, labels), fn(logits, targets), rtol=1e-6
-    )
+    np.testing.assert_allclose(fn(logits, labels), fn(logits, targets), rtol=1e-6)
 
 
 def test_bfloat16_logits_are_upcast():
@@ -423,7 +417,7 @@ def test_bfloat16_logits_are_upcast():
   loss = losses.dice_ce_loss(low, labels)
   assert loss.dtype == jnp.float32
   np.testing.assert_allclose(
-      loss, losses.dice_ce_loss(low.astype(jnp.float32), labels), rtol=1e-6
+    loss, losses.dice_ce_loss(low.astype(jnp.float32), labels), rtol=1e-6
   )
 
 
@@ -431,16 +425,15 @@ def test_class_weights_options_agree():
   logits, labels = _inputs('dice', SPATIAL['2d'], seed=9, num_classes=4)
   dice = losses.dice_loss
   np.testing.assert_allclose(
-      dice(logits, labels, class_weights=jnp.ones(4)),
-      dice(logits, labels), rtol=1e-6,
+    dice(logits, labels, class_weights=jnp.ones(4)),
+    dice(logits, labels),
+    rtol=1e-6,
   )
   # [C] and, as in MONAI, [C - 1] without background give the same result.
   np.testing.assert_allclose(
-      dice(logits, labels, include_background=False,
-           class_weights=[9.0, 1.0, 2.0, 0.5]),
-      dice(logits, labels, include_background=False,
-           class_weights=[1.0, 2.0, 0.5]),
-      rtol=1e-6,
+    dice(logits, labels, include_background=False, class_weights=[9.0, 1.0, 2.0, 0.5]),
+    dice(logits, labels, include_background=False, class_weights=[1.0, 2.0, 0.5]),
+    rtol=1e-6,
   )
 
 
@@ -448,9 +441,9 @@ def test_tversky_with_half_weights_is_dice():
   logits, labels = _inputs('dice', SPATIAL['3d'], seed=10)
   options = {'smooth_nr': 0.0, 'smooth_dr': 1e-9}
   np.testing.assert_allclose(
-      losses.tversky_loss(logits, labels, **options),
-      losses.dice_loss(logits, labels, **options),
-      rtol=1e-5,
+    losses.tversky_loss(logits, labels, **options),
+    losses.dice_loss(logits, labels, **options),
+    rtol=1e-5,
   )
 
 
@@ -464,8 +457,9 @@ def test_generalized_dice_absent_class_gets_largest_weight():
   numerator = 2 * (w * [1.0, 1 / 3, 0.0]).sum()
   denominator = (w * (np.array([4 / 3] * 3) + [3.0, 1.0, 0.0])).sum()
   np.testing.assert_allclose(
-      losses.generalized_dice_loss(logits, labels),
-      1 - numerator / denominator, rtol=1e-5,
+    losses.generalized_dice_loss(logits, labels),
+    1 - numerator / denominator,
+    rtol=1e-5,
   )
 
 
@@ -493,8 +487,7 @@ def _kept(logits, labels, value=255):
   """The non-ignored pixels of each example, as a [N, K, 1, C] image."""
   keep = np.asarray(labels) != value
   num_examples = labels.shape[0]
-  kept_logits = np.asarray(logits)[keep].reshape(num_examples, -1, 1,
-                                                 logits.shape[-1])
+  kept_logits = np.asarray(logits)[keep].reshape(num_examples, -1, 1, logits.shape[-1])
   kept_labels = np.asarray(labels)[keep].reshape(num_examples, -1, 1)
   return jnp.asarray(kept_logits), jnp.asarray(kept_labels)
 
@@ -506,7 +499,7 @@ def test_ignore_index_equals_loss_on_other_pixels(name, dims):
   labels = _with_ignored(labels, seed=12)  # 255 >= C: masked, not one-hot.
   fn = _jit(losses.get_loss(name), ignore_index=255, reduction='none')
   np.testing.assert_allclose(
-      fn(logits, labels), fn(*_kept(logits, labels)), rtol=1e-5, atol=1e-7
+    fn(logits, labels), fn(*_kept(logits, labels)), rtol=1e-5, atol=1e-7
   )
 
 
@@ -534,11 +527,8 @@ def test_ignore_index_mean_pools_the_batch(name):
   keep = np.asarray(labels) != 255
   kept_logits = jnp.asarray(np.asarray(logits)[keep])[None, :, None, :]
   kept_labels = jnp.asarray(np.asarray(labels)[keep])[None, :, None]
-  np.testing.assert_allclose(
-      fn(logits, labels), fn(kept_logits, kept_labels), rtol=1e-5
-  )
-  assert not np.isclose(fn(logits, labels), _jit(losses.get_loss(name))(
-      logits, labels))
+  np.testing.assert_allclose(fn(logits, labels), fn(kept_logits, kept_labels), rtol=1e-5)
+  assert not np.isclose(fn(logits, labels), _jit(losses.get_loss(name))(logits, labels))
 
 
 def test_ignore_index_inside_class_range():
@@ -559,8 +549,15 @@ def test_ignore_index_inside_class_range():
 
 def test_registry_names():
   assert set(losses.LOSSES) == {
-      'dice_bce', 'dice_ce', 'dice', 'bce', 'ce', 'focal', 'focal_dice',
-      'tversky', 'generalized_dice',
+    'dice_bce',
+    'dice_ce',
+    'dice',
+    'bce',
+    'ce',
+    'focal',
+    'focal_dice',
+    'tversky',
+    'generalized_dice',
   }
   assert losses.get_loss('dice_bce') is losses.dice_bce_loss
   assert losses.get_loss('generalized_dice') is losses.generalized_dice_loss
@@ -585,29 +582,25 @@ LABELS = jnp.zeros((2, 4, 4), jnp.int32)
 
 
 @pytest.mark.parametrize(
-    'call',
-    [
-        lambda: losses.dice_loss(LOGITS, LABELS, reduction='average'),
-        lambda: losses.dice_loss(LOGITS, LABELS, activation='relu'),
-        lambda: losses.dice_loss(LOGITS, LABELS[:, :3]),
-        lambda: losses.dice_loss(LOGITS, LABELS.astype(jnp.float32)),
-        lambda: losses.dice_loss(LOGITS, jnp.zeros((2, 4, 4, 2))),
-        lambda: losses.dice_loss(LOGITS[0, 0], LABELS[0, 0, :, None]),
-        lambda: losses.dice_loss(LOGITS, LABELS, batch=True,
-                                 reduction='none'),
-        lambda: losses.dice_loss(LOGITS, LABELS, class_weights=[1.0, 2.0]),
-        lambda: losses.dice_loss(LOGITS, jax.nn.one_hot(LABELS, 3),
-                                 ignore_index=255),
-        lambda: losses.dice_loss(LOGITS[..., :1], LABELS),  # Softmax, C = 1.
-        lambda: losses.cross_entropy_loss(LOGITS[..., :1], LABELS),
-        lambda: losses.dice_ce_loss(LOGITS[..., :1], LABELS),
-        lambda: losses.cross_entropy_loss(LOGITS, LABELS,
-                                          class_weights=[1.0]),
-        lambda: losses.focal_loss(LOGITS, LABELS, alpha=[0.5, 0.5]),
-        lambda: losses.generalized_dice_loss(LOGITS, LABELS, w_type='cube'),
-        lambda: losses.binary_cross_entropy_loss(LOGITS.astype(jnp.int32),
-                                                 LABELS),
-    ],
+  'call',
+  [
+    lambda: losses.dice_loss(LOGITS, LABELS, reduction='average'),
+    lambda: losses.dice_loss(LOGITS, LABELS, activation='relu'),
+    lambda: losses.dice_loss(LOGITS, LABELS[:, :3]),
+    lambda: losses.dice_loss(LOGITS, LABELS.astype(jnp.float32)),
+    lambda: losses.dice_loss(LOGITS, jnp.zeros((2, 4, 4, 2))),
+    lambda: losses.dice_loss(LOGITS[0, 0], LABELS[0, 0, :, None]),
+    lambda: losses.dice_loss(LOGITS, LABELS, batch=True, reduction='none'),
+    lambda: losses.dice_loss(LOGITS, LABELS, class_weights=[1.0, 2.0]),
+    lambda: losses.dice_loss(LOGITS, jax.nn.one_hot(LABELS, 3), ignore_index=255),
+    lambda: losses.dice_loss(LOGITS[..., :1], LABELS),  # Softmax, C = 1.
+    lambda: losses.cross_entropy_loss(LOGITS[..., :1], LABELS),
+    lambda: losses.dice_ce_loss(LOGITS[..., :1], LABELS),
+    lambda: losses.cross_entropy_loss(LOGITS, LABELS, class_weights=[1.0]),
+    lambda: losses.focal_loss(LOGITS, LABELS, alpha=[0.5, 0.5]),
+    lambda: losses.generalized_dice_loss(LOGITS, LABELS, w_type='cube'),
+    lambda: losses.binary_cross_entropy_loss(LOGITS.astype(jnp.int32), LABELS),
+  ],
 )
 def test_bad_inputs_raise_value_error(call):
   with pytest.raises(ValueError):

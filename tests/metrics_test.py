@@ -22,16 +22,16 @@ def _class_maps(spatial, *, num_classes=4, seed=0, batch_size=3):
   rng = np.random.default_rng(seed)
   labels = rng.integers(0, num_classes, size=(batch_size, *spatial))
   predictions = np.where(
-      rng.random(labels.shape) < 0.6,
-      labels,
-      rng.integers(0, num_classes, size=labels.shape),
+    rng.random(labels.shape) < 0.6,
+    labels,
+    rng.integers(0, num_classes, size=labels.shape),
   )
   return predictions.astype(np.int32), labels.astype(np.int32)
 
 
 def _sklearn_cm(predictions, labels, num_classes):
   return skm.confusion_matrix(
-      np.ravel(labels), np.ravel(predictions), labels=range(num_classes)
+    np.ravel(labels), np.ravel(predictions), labels=range(num_classes)
   )
 
 
@@ -54,8 +54,8 @@ def test_confusion_matrix_hand_values():
   labels = np.array([[0, 0, 1, 1, 2]])
   predictions = np.array([[0, 1, 1, 1, 0]])
   np.testing.assert_array_equal(
-      metrics.confusion_matrix(predictions, labels, 3),
-      [[1, 1, 0], [0, 2, 0], [1, 0, 0]],
+    metrics.confusion_matrix(predictions, labels, 3),
+    [[1, 1, 0], [0, 2, 0], [1, 0, 0]],
   )
 
 
@@ -64,12 +64,8 @@ def test_confusion_matrix_ignore_index(ignore_index):
   predictions, labels = _class_maps(SPATIAL['2d'], seed=1)
   labels[:, :2] = ignore_index
   keep = labels != ignore_index
-  cm = metrics.confusion_matrix(
-      predictions, labels, 4, ignore_index=ignore_index
-  )
-  np.testing.assert_array_equal(
-      cm, _sklearn_cm(predictions[keep], labels[keep], 4)
-  )
+  cm = metrics.confusion_matrix(predictions, labels, 4, ignore_index=ignore_index)
+  np.testing.assert_array_equal(cm, _sklearn_cm(predictions[keep], labels[keep], 4))
   assert int(cm.sum()) == keep.sum()
 
 
@@ -83,12 +79,11 @@ def test_confusion_matrix_drops_out_of_range_values():
 def test_confusion_matrix_jit_equals_eager():
   predictions, labels = _class_maps(SPATIAL['3d'], seed=2)
   cm_fn = jax.jit(
-      functools.partial(metrics.confusion_matrix, num_classes=4,
-                        ignore_index=3)
+    functools.partial(metrics.confusion_matrix, num_classes=4, ignore_index=3)
   )
   np.testing.assert_array_equal(
-      cm_fn(predictions, labels),
-      metrics.confusion_matrix(predictions, labels, 4, ignore_index=3),
+    cm_fn(predictions, labels),
+    metrics.confusion_matrix(predictions, labels, 4, ignore_index=3),
   )
 
 
@@ -100,8 +95,8 @@ def test_confusion_matrices_add_up_under_psum():
     return jax.lax.psum(metrics.confusion_matrix(p, y, 4), 'shards')
 
   summed = jax.vmap(shard_cm, axis_name='shards')(
-      predictions.reshape(2, 2, *SPATIAL['2d']),
-      labels.reshape(2, 2, *SPATIAL['2d']),
+    predictions.reshape(2, 2, *SPATIAL['2d']),
+    labels.reshape(2, 2, *SPATIAL['2d']),
   )
   whole = _sklearn_cm(predictions, labels, 4)
   np.testing.assert_array_equal(summed[0], whole)
@@ -132,11 +127,18 @@ def test_confusion_matrix_in_shard_map_on_four_devices():
       np.testing.assert_array_equal(global_cm(predictions, labels), expected)
       print('ok')
   """)
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-             JAX_PLATFORMS='cpu')
+  env = dict(
+    os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu'
+  )
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  result = subprocess.run([sys.executable, '-c', script], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=120)
+  result = subprocess.run(
+    [sys.executable, '-c', script],
+    env=env,
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 0, result.stderr
   assert result.stdout.strip() == 'ok'
 
@@ -168,23 +170,19 @@ def test_per_class_metrics_equal_sklearn(dims):
   iou = metrics.iou_per_class(cm)
   dice = metrics.dice_per_class(cm)
   np.testing.assert_allclose(
-      dice,
-      skm.f1_score(y_true, y_pred, labels=range(5), average=None,
-                   zero_division=np.nan),
+    dice,
+    skm.f1_score(y_true, y_pred, labels=range(5), average=None, zero_division=np.nan),
   )
   # jaccard_score takes zero_division in {0, 1} only: it gives the absent
   # class 0 where this module gives NaN; the other classes agree.
-  sk_iou = skm.jaccard_score(y_true, y_pred, labels=range(5), average=None,
-                             zero_division=0)
+  sk_iou = skm.jaccard_score(y_true, y_pred, labels=range(5), average=None, zero_division=0)
   np.testing.assert_allclose(np.nan_to_num(iou, nan=0.0), sk_iou)
   assert np.isnan(iou[3]) and np.isnan(dice[3])
   assert iou[4] == 0.0 and dice[4] == 0.0  # Missed entirely: 0, not NaN.
   # Means leave the absent class out and keep the missed one.
   assert metrics.mean_iou(cm) == pytest.approx(np.mean(iou[[0, 1, 2, 4]]))
   assert metrics.mean_dice(cm) == pytest.approx(np.mean(dice[[0, 1, 2, 4]]))
-  assert metrics.pixel_accuracy(cm) == pytest.approx(
-      skm.accuracy_score(y_true, y_pred)
-  )
+  assert metrics.pixel_accuracy(cm) == pytest.approx(skm.accuracy_score(y_true, y_pred))
 
 
 def test_metrics_hand_values():
@@ -225,9 +223,8 @@ def test_host_metrics_exact_for_int64_counts():
   expected = fractions.Fraction(big + 2**40, big + 2**40 + 3)
   assert metrics.pixel_accuracy(cm) == float(expected)
   np.testing.assert_array_equal(
-      metrics.iou_per_class(cm),
-      [float(fractions.Fraction(big, big + 3)),
-       float(fractions.Fraction(2**40, 2**40 + 3))],
+    metrics.iou_per_class(cm),
+    [float(fractions.Fraction(big, big + 3)), float(fractions.Fraction(2**40, 2**40 + 3))],
   )
   # Device int32 matrices accumulate exactly into int64 on the host.
   total = np.zeros((2, 2), np.int64)
@@ -248,13 +245,16 @@ def test_per_image_dice_equals_sklearn(dims):
   predictions[0][predictions[0] == 2] = 0
   labels[0][labels[0] == 2] = 1  # Class 2 absent from example 0.
   dice = jax.jit(functools.partial(metrics.per_image_dice, num_classes=4))(
-      predictions, labels
+    predictions, labels
   )
   assert dice.shape == (3, 4)
   for n in range(3):
     expected = skm.f1_score(
-        labels[n].ravel(), predictions[n].ravel(), labels=range(4),
-        average=None, zero_division=np.nan,
+      labels[n].ravel(),
+      predictions[n].ravel(),
+      labels=range(4),
+      average=None,
+      zero_division=np.nan,
     )
     np.testing.assert_allclose(dice[n], expected, rtol=1e-6)
   assert np.isnan(dice[0, 2])
@@ -277,19 +277,15 @@ def test_per_image_dice_ignore_index():
 
 
 @pytest.mark.parametrize(
-    'call',
-    [
-        lambda: metrics.confusion_matrix(np.zeros((2, 3), int),
-                                         np.zeros((2, 4), int), 2),
-        lambda: metrics.confusion_matrix(np.zeros((2, 3)),
-                                         np.zeros((2, 3), int), 2),
-        lambda: metrics.confusion_matrix(np.zeros((2, 3), int),
-                                         np.zeros((2, 3), int), 0),
-        lambda: metrics.iou_per_class(np.zeros((2, 3), int)),
-        lambda: metrics.mean_dice(np.zeros((4,), int)),
-        lambda: metrics.per_image_dice(np.zeros((2, 3), int),
-                                       np.zeros((2, 3, 1), int), 2),
-    ],
+  'call',
+  [
+    lambda: metrics.confusion_matrix(np.zeros((2, 3), int), np.zeros((2, 4), int), 2),
+    lambda: metrics.confusion_matrix(np.zeros((2, 3)), np.zeros((2, 3), int), 2),
+    lambda: metrics.confusion_matrix(np.zeros((2, 3), int), np.zeros((2, 3), int), 0),
+    lambda: metrics.iou_per_class(np.zeros((2, 3), int)),
+    lambda: metrics.mean_dice(np.zeros((4,), int)),
+    lambda: metrics.per_image_dice(np.zeros((2, 3), int), np.zeros((2, 3, 1), int), 2),
+  ],
 )
 def test_bad_inputs_raise_value_error(call):
   with pytest.raises(ValueError):

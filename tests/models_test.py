@@ -12,24 +12,24 @@ from unet_jax import models
 
 
 def _init(model, x, **kwargs):
-  return model.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)}, x,
-                    **kwargs)
+  return model.init(
+    {'params': jax.random.key(0), 'dropout': jax.random.key(1)}, x, **kwargs
+  )
 
 
 def _apply_train(model, variables, x):
   mutable = ['batch_stats'] if 'batch_stats' in variables else False
-  out = model.apply(variables, x, train=True, mutable=mutable,
-                    rngs={'dropout': jax.random.key(2)})
+  out = model.apply(
+    variables, x, train=True, mutable=mutable, rngs={'dropout': jax.random.key(2)}
+  )
   return out[0] if mutable else out
 
 
 @pytest.mark.parametrize('upsample', models.UPSAMPLE_MODES)
 @pytest.mark.parametrize('norm', models.NORMS)
-@pytest.mark.parametrize('shape', [(2, 16, 16, 1), (2, 8, 16, 8, 2)],
-                         ids=['2d', '3d'])
+@pytest.mark.parametrize('shape', [(2, 16, 16, 1), (2, 8, 16, 8, 2)], ids=['2d', '3d'])
 def test_output_shape(upsample, norm, shape):
-  model = models.UNet(num_classes=3, features=8, depth=2, upsample=upsample,
-                      norm=norm)
+  model = models.UNet(num_classes=3, features=8, depth=2, upsample=upsample, norm=norm)
   x = jax.random.normal(jax.random.key(0), shape)
   variables = _init(model, x)
   for logits in (model.apply(variables, x), _apply_train(model, variables, x)):
@@ -39,7 +39,7 @@ def test_output_shape(upsample, norm, shape):
   # Values: in inference mode every example is predicted on its own (no norm mixes
   # examples), and the prediction depends on the input.
   together = model.apply(variables, x)
-  alone = jnp.concatenate([model.apply(variables, x[i:i + 1]) for i in range(2)])
+  alone = jnp.concatenate([model.apply(variables, x[i : i + 1]) for i in range(2)])
   np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-5)
   assert float(jnp.abs(together[0] - together[1]).max()) > 1e-6
 
@@ -60,28 +60,30 @@ def _num_params(model, shape):
 
 def test_canonical_parameter_count():
   # The paper's network with 'same' padding: 1 input channel, 2 classes.
-  model = models.UNet(num_classes=2, features=64, depth=4, norm='none',
-                      upsample='transpose')
+  model = models.UNet(
+    num_classes=2, features=64, depth=4, norm='none', upsample='transpose'
+  )
   assert _num_params(model, (1, 64, 64, 1)) == 31_030_658
 
 
 def test_bilinear_parameter_count_by_hand():
   # Each 2x2 transposed conv (4*cin*cout weights) becomes a 1x1 conv (cin*cout):
   # 3 * (1024*512 + 512*256 + 256*128 + 128*64) = 2,088,960 fewer weights.
-  model = models.UNet(num_classes=2, features=64, depth=4, norm='none',
-                      upsample='bilinear')
+  model = models.UNet(num_classes=2, features=64, depth=4, norm='none', upsample='bilinear')
   assert _num_params(model, (1, 64, 64, 1)) == 31_030_658 - 2_088_960
 
 
 @pytest.mark.parametrize('upsample', models.UPSAMPLE_MODES)
 def test_decoder_widths_identical_across_upsampling(upsample):
-  model = models.UNet(num_classes=2, features=8, depth=3, upsample=upsample,
-                      norm='none')
+  model = models.UNet(num_classes=2, features=8, depth=3, upsample=upsample, norm='none')
   x = jnp.zeros((1, 16, 16, 1))
-  _, state = model.apply(_init(model, x), x, capture_intermediates=True,
-                         mutable=['intermediates'])
-  widths = {name: state['intermediates'][name]['__call__'][0].shape[-1]
-            for name in ('upsample2', 'upsample1', 'upsample0')}
+  _, state = model.apply(
+    _init(model, x), x, capture_intermediates=True, mutable=['intermediates']
+  )
+  widths = {
+    name: state['intermediates'][name]['__call__'][0].shape[-1]
+    for name in ('upsample2', 'upsample1', 'upsample0')
+  }
   assert widths == {'upsample2': 32, 'upsample1': 16, 'upsample0': 8}
 
 
@@ -109,12 +111,12 @@ def test_jit_equals_eager(norm):
 def test_bfloat16_forward_is_finite_and_close_to_float32():
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 1))
   fp32 = models.UNet(num_classes=2, features=16, depth=3, norm='batch')
-  bf16 = models.UNet(num_classes=2, features=16, depth=3, norm='batch',
-                     dtype=jnp.bfloat16)
+  bf16 = models.UNet(num_classes=2, features=16, depth=3, norm='batch', dtype=jnp.bfloat16)
   variables = _init(fp32, x)
   # Parameters stay float32 in the mixed-precision model.
-  assert all(p.dtype == jnp.float32
-             for p in jax.tree_util.tree_leaves(_init(bf16, x)['params']))
+  assert all(
+    p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(_init(bf16, x)['params'])
+  )
   ref = fp32.apply(variables, x)
   out = bf16.apply(variables, x)
   assert out.dtype == jnp.float32
@@ -125,11 +127,14 @@ def test_bfloat16_forward_is_finite_and_close_to_float32():
 
 def test_anisotropic_3d():
   model = models.UNet(
-      num_classes=2, features=4, depth=3, norm='instance',
-      kernel_sizes=[(1, 3, 3), (1, 3, 3), (3, 3, 3), (3, 3, 3)],
-      pool_sizes=[(1, 2, 2), (1, 2, 2), (2, 2, 2)])
-  assert models.input_divisor(ndim=3, depth=3,
-                              pool_sizes=model.pool_sizes) == (2, 8, 8)
+    num_classes=2,
+    features=4,
+    depth=3,
+    norm='instance',
+    kernel_sizes=[(1, 3, 3), (1, 3, 3), (3, 3, 3), (3, 3, 3)],
+    pool_sizes=[(1, 2, 2), (1, 2, 2), (2, 2, 2)],
+  )
+  assert models.input_divisor(ndim=3, depth=3, pool_sizes=model.pool_sizes) == (2, 8, 8)
   x = jax.random.normal(jax.random.key(0), (1, 6, 16, 24, 1))  # D=6: not a multiple of 8.
   variables = _init(model, x)
   params = variables['params']
@@ -142,8 +147,9 @@ def test_anisotropic_3d():
 
 
 def test_single_anisotropic_kernel_applies_to_every_level():
-  kernels, pools = models.level_shapes(ndim=3, depth=2, kernel_sizes=(1, 3, 3),
-                                       pool_sizes=(1, 2, 2))
+  kernels, pools = models.level_shapes(
+    ndim=3, depth=2, kernel_sizes=(1, 3, 3), pool_sizes=(1, 2, 2)
+  )
   assert kernels == ((1, 3, 3),) * 3
   assert pools == ((1, 2, 2),) * 2
 
@@ -162,7 +168,9 @@ def test_indivisible_size_raises_under_jit_at_trace_time():
     jax.jit(model.apply)(variables, jnp.zeros((1, 16, 18, 1)))
 
 
-@pytest.mark.parametrize('kwargs,match', [
+@pytest.mark.parametrize(
+  'kwargs,match',
+  [
     ({'upsample': 'nearest'}, 'upsample'),
     ({'norm': 'layer'}, 'norm'),
     ({'deep_supervision': 3}, 'deep_supervision'),
@@ -170,7 +178,8 @@ def test_indivisible_size_raises_under_jit_at_trace_time():
     ({'kernel_sizes': (3, 3, 3)}, 'kernel_sizes'),
     ({'pool_sizes': (2, 2, 2)}, 'pool_sizes'),
     ({'num_classes': 0}, 'num_classes'),
-])
+  ],
+)
 def test_bad_options_raise(kwargs, match):
   model = models.UNet(**{'num_classes': 2, 'features': 4, 'depth': 3, **kwargs})
   with pytest.raises(ValueError, match=match):
@@ -183,8 +192,7 @@ def test_bad_rank_raises():
 
 
 def test_group_norm_width_must_divide():
-  model = models.UNet(num_classes=2, features=4, depth=1, norm='group',
-                      norm_groups=8)
+  model = models.UNet(num_classes=2, features=4, depth=1, norm='group', norm_groups=8)
   with pytest.raises(ValueError, match='norm_groups=8'):
     _init(model, jnp.zeros((1, 8, 8, 1)))
 
@@ -201,13 +209,14 @@ def test_dropout_only_in_training():
 
 def test_remat_gives_same_values_and_gradients():
   x = jax.random.normal(jax.random.key(0), (1, 4, 8, 8, 1))
-  plain = models.UNet(num_classes=2, features=4, depth=2, norm='group',
-                      norm_groups=2)
-  remat = models.UNet(num_classes=2, features=4, depth=2, norm='group',
-                      norm_groups=2, remat=True)
+  plain = models.UNet(num_classes=2, features=4, depth=2, norm='group', norm_groups=2)
+  remat = models.UNet(
+    num_classes=2, features=4, depth=2, norm='group', norm_groups=2, remat=True
+  )
   params = _init(plain, x)['params']
   assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
-      _init(remat, x)['params'])
+    _init(remat, x)['params']
+  )
 
   def loss(model, p):
     return jnp.mean(model.apply({'params': p}, x, train=True) ** 2)
@@ -221,8 +230,7 @@ def test_remat_gives_same_values_and_gradients():
 
 
 def test_deep_supervision_heads():
-  model = models.UNet(num_classes=3, features=4, depth=3, norm='none',
-                      deep_supervision=2)
+  model = models.UNet(num_classes=3, features=4, depth=3, norm='none', deep_supervision=2)
   x = jnp.zeros((2, 32, 32, 1))
   logits, aux = model.apply(_init(model, x), x)
   assert logits.shape == (2, 32, 32, 3)
@@ -242,11 +250,14 @@ def test_batch_norm_averages_statistics_across_an_axis():
 
   ref = stats(whole, x)
   per_shard = jax.vmap(functools.partial(stats, sharded), axis_name='data')(
-      x.reshape(2, 2, 8, 8, 1))
+    x.reshape(2, 2, 8, 8, 1)
+  )
   local = jax.vmap(functools.partial(stats, whole))(x.reshape(2, 2, 8, 8, 1))
-  for r, s, leaf in zip(jax.tree_util.tree_leaves(ref),
-                     jax.tree_util.tree_leaves(per_shard),
-                     jax.tree_util.tree_leaves(local)):
+  for r, s, leaf in zip(
+    jax.tree_util.tree_leaves(ref),
+    jax.tree_util.tree_leaves(per_shard),
+    jax.tree_util.tree_leaves(local),
+  ):
     np.testing.assert_allclose(s[0], r, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(s[1], r, rtol=1e-4, atol=1e-5)
   # Without the axis name, the shards disagree: the test can fail.

@@ -102,25 +102,40 @@ def _env(cache_dir, devices):
   # initialisers alone take most of a minute to compile at XLA's default level on
   # a loaded machine, in every process. Every run here is compiled alike, and
   # process 0 reuses its compiled programs across the runs.
-  return dict(os.environ, JAX_PLATFORMS='cpu',
-              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}'
-              ' --xla_backend_optimization_level=0',
-              JAX_COMPILATION_CACHE_DIR=cache_dir,
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  return dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}'
+    ' --xla_backend_optimization_level=0',
+    JAX_COMPILATION_CACHE_DIR=cache_dir,
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+  )
 
 
 class _Process:
   """One launch.py process, its stdout and stderr in files."""
 
   def __init__(self, name, args, *, process, workdir, markers, patch, env, logs):
-    script = _DRIVER.format(root=ROOT, process=process, workdir=workdir,
-                            markers=markers, patch=patch, args=args,
-                            launch=os.path.join(ROOT, 'launch.py'))
+    script = _DRIVER.format(
+      root=ROOT,
+      process=process,
+      workdir=workdir,
+      markers=markers,
+      patch=patch,
+      args=args,
+      launch=os.path.join(ROOT, 'launch.py'),
+    )
     self.out_path = os.path.join(logs, f'{name}.out')
     self.err_path = os.path.join(logs, f'{name}.err')
     with open(self.out_path, 'w') as out, open(self.err_path, 'w') as err:
-      self.popen = subprocess.Popen([sys.executable, '-c', script], cwd=ROOT, env=env,
-                                    stdout=out, stderr=err, start_new_session=True)
+      self.popen = subprocess.Popen(
+        [sys.executable, '-c', script],
+        cwd=ROOT,
+        env=env,
+        stdout=out,
+        stderr=err,
+        start_new_session=True,
+      )
     self.pid = self.popen.pid
 
   def kill(self):
@@ -141,28 +156,45 @@ class _Process:
 
   def wrote(self):
     """Files this process opened for writing in the workdir, checkpoints aside."""
-    return {line[len('WROTE '):] for line in self.stderr.splitlines()
-            if line.startswith('WROTE ') and not line.startswith('WROTE checkpoints')}
+    return {
+      line[len('WROTE ') :]
+      for line in self.stderr.splitlines()
+      if line.startswith('WROTE ') and not line.startswith('WROTE checkpoints')
+    }
 
 
 @contextlib.contextmanager
-def _launched(name, workdir, data_dir, logs, cache_dir, *, processes=2, patch='',
-              markers='', extra=None):
+def _launched(
+  name, workdir, data_dir, logs, cache_dir, *, processes=2, patch='', markers='', extra=None
+):
   """Starts `processes` launch.py processes of the tiny config (2 devices each, or
   4 devices in one process); yields them; kills what is left on the way out."""
   port = _free_port()
   started = []
   try:
     for p in range(processes):
-      args = ['--config=' + os.path.join(ROOT, 'configs/dice_bce.py'),
-              f'--workdir={workdir}'] + train_test.flag_args(
-                  data_dir, **((extra or [{}] * processes)[p]))
+      args = [
+        '--config=' + os.path.join(ROOT, 'configs/dice_bce.py'),
+        f'--workdir={workdir}',
+      ] + train_test.flag_args(data_dir, **((extra or [{}] * processes)[p]))
       if processes > 1:
-        args += [f'--coordinator_address=127.0.0.1:{port}',
-                 f'--num_processes={processes}', f'--process_id={p}']
-      started.append(_Process(
-          f'{name}{p}', args, process=p, workdir=workdir, markers=markers, patch=patch,
-          env=_env(cache_dir, 4 // processes), logs=logs))
+        args += [
+          f'--coordinator_address=127.0.0.1:{port}',
+          f'--num_processes={processes}',
+          f'--process_id={p}',
+        ]
+      started.append(
+        _Process(
+          f'{name}{p}',
+          args,
+          process=p,
+          workdir=workdir,
+          markers=markers,
+          patch=patch,
+          env=_env(cache_dir, 4 // processes),
+          logs=logs,
+        )
+      )
     yield started
   finally:
     for proc in started:
@@ -175,8 +207,7 @@ def _wait(procs, timeout=TIMEOUT):
     try:
       proc.popen.wait(timeout=max(deadline - time.monotonic(), 1))
     except subprocess.TimeoutExpired:
-      pytest.fail(f'{proc.err_path} did not finish in {timeout} s:\n'
-                  + proc.stderr[-3000:])
+      pytest.fail(f'{proc.err_path} did not finish in {timeout} s:\n' + proc.stderr[-3000:])
   return [proc.popen.returncode for proc in procs]
 
 
@@ -185,16 +216,19 @@ def _wait_for_files(paths, procs, timeout=TIMEOUT):
   while not all(os.path.exists(p) for p in paths):
     for proc in procs:
       if proc.popen.poll() is not None:
-        pytest.fail(f'{proc.err_path} ended ({proc.popen.returncode}) before'
-                    f' {paths}:\n' + proc.stderr[-3000:])
+        pytest.fail(
+          f'{proc.err_path} ended ({proc.popen.returncode}) before'
+          f' {paths}:\n' + proc.stderr[-3000:]
+        )
     if time.monotonic() > deadline:
       pytest.fail(f'{paths} did not appear in {timeout} s.')
     time.sleep(0.5)
 
 
 def _checkpoints(workdir):
-  return sorted(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints'))
-                if n.isdigit())
+  return sorted(
+    int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit()
+  )
 
 
 @pytest.fixture(scope='module')
@@ -202,7 +236,8 @@ def chain(tmp_path_factory):
   """Runs A, B, C and R (see the module docstring); returns what each left."""
   tmp = tmp_path_factory.mktemp('multiprocess')
   data_dir, workdir, markers, logs, cache = (
-      str(tmp / n) for n in ('tfds', 'run', 'markers', 'logs', 'jax_cache'))
+    str(tmp / n) for n in ('tfds', 'run', 'markers', 'logs', 'jax_cache')
+  )
   for d in (markers, logs):
     os.makedirs(d)
   out = {'workdir': workdir, 'data_dir': data_dir}
@@ -329,41 +364,54 @@ def _two_runs(tmp_path, extra):
   data_dir, workdir = str(tmp_path / 'tfds'), str(tmp_path / 'run')
   logs = str(tmp_path / 'logs')
   os.makedirs(logs)
-  with _launched('m', workdir, data_dir, logs, str(tmp_path / 'cache'),
-                 extra=extra) as procs:
+  with _launched(
+    'm', workdir, data_dir, logs, str(tmp_path / 'cache'), extra=extra
+  ) as procs:
     return procs, _wait(procs), workdir
 
 
 def test_multiprocess_different_configs_fail_before_training(tmp_path):
   procs, codes, workdir = _two_runs(
-      tmp_path, [{'optimizer.learning_rate': 0.001}, {'optimizer.learning_rate': 0.002}])
+    tmp_path, [{'optimizer.learning_rate': 0.001}, {'optimizer.learning_rate': 0.002}]
+  )
   for proc, code in zip(procs, codes):
     assert code == 1, proc.stderr[-3000:]
     assert 'The 2 processes were started with different configs' in proc.stderr
-    assert ('config.optimizer.learning_rate: 0.001 on process 0, 0.002 on process 1'
-            in proc.stderr), proc.stderr[-3000:]
+    assert (
+      'config.optimizer.learning_rate: 0.001 on process 0, 0.002 on process 1'
+      in proc.stderr
+    ), proc.stderr[-3000:]
     assert 'Building' not in proc.stderr
   assert not os.path.exists(workdir)
 
 
 def test_multiprocess_data_error_on_process_0_stops_process_1_too(tmp_path):
   from unet_jax.datasets import segmentation_folder  # pylint: disable=g-import-not-at-top
+
   root = tmp_path / 'folder'
   for split in ('train', 'val'):
     for i in range(2):
-      segmentation_folder.write_pair(root, split, f'case{i}', np.zeros((8, 8), np.uint8),
-                                     np.zeros((8, 8), np.uint8))
-  segmentation_folder.write_pair(root, 'train', 'broken', np.zeros((8, 8), np.uint8),
-                                 np.full((8, 8), 7, np.uint8))
-  folder = {'data.name': 'segmentation_folder', 'data.root': str(root),
-            'data.config': '2d', 'data.num_classes': 2, 'loss.name': 'dice_ce',
-            'model.num_classes': 2}
+      segmentation_folder.write_pair(
+        root, split, f'case{i}', np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8)
+      )
+  segmentation_folder.write_pair(
+    root, 'train', 'broken', np.zeros((8, 8), np.uint8), np.full((8, 8), 7, np.uint8)
+  )
+  folder = {
+    'data.name': 'segmentation_folder',
+    'data.root': str(root),
+    'data.config': '2d',
+    'data.num_classes': 2,
+    'loss.name': 'dice_ce',
+    'model.num_classes': 2,
+  }
   (p0, p1), codes, _ = _two_runs(tmp_path, [folder, folder])
   assert codes == [1, 1], p0.stderr[-3000:] + p1.stderr[-3000:]
   assert 'BadDataError: 1 problem(s)' in p0.stderr and 'broken.png' in p0.stderr
-  assert ('RuntimeError: Process 0 failed to open the data set'
-          " 'segmentation_folder' (its log says why); process 1 stops too."
-          in p1.stderr), p1.stderr[-3000:]
+  assert (
+    'RuntimeError: Process 0 failed to open the data set'
+    " 'segmentation_folder' (its log says why); process 1 stops too." in p1.stderr
+  ), p1.stderr[-3000:]
   assert 'broken.png' not in p1.stderr  # It did not validate the folder itself.
 
 
@@ -371,13 +419,17 @@ def test_multiprocess_data_error_on_process_0_stops_process_1_too(tmp_path):
 def test_multiprocess_global_batch_not_divisible_by_all_devices(field):
   # 2 processes x 2 devices: 6 divides by the processes but not by the 4 devices.
   config = train_test.tiny_config('', **{field: 6})
-  with pytest.raises(ValueError, match=rf'config.{field}=6 .* not divisible by the 4'
-                     ' devices'):
+  with pytest.raises(
+    ValueError,
+    match=rf'config.{field}=6 .* not divisible by the 4'
+    ' devices',
+  ):
     config_checks.validate_config(config, num_devices=4, process_count=2)
 
 
 def test_multiprocess_agreed_stop_is_the_local_flag_in_one_process():
   from unet_jax import runner  # pylint: disable=g-import-not-at-top
+
   flags = iter([False, True])
   stop = runner.agreed_stop(lambda: next(flags))
   assert [stop(), stop()] == [False, True]
@@ -385,6 +437,7 @@ def test_multiprocess_agreed_stop_is_the_local_flag_in_one_process():
 
 def test_multiprocess_main_process_first_runs_once_in_one_process():
   from unet_jax import runner  # pylint: disable=g-import-not-at-top
+
   calls = []
   assert runner.main_process_first(lambda: calls.append(1) or 7, what='x') == 7
   assert calls == [1]

@@ -25,8 +25,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _example(image, label, spacing=(1.0, 1.0)):
   image = np.asarray(image, np.float32)
-  return sources.Example(image=image[..., None] if image.ndim == len(spacing) else image,
-                         label=np.asarray(label, np.int32), spacing=spacing, case_id='')
+  return sources.Example(
+    image=image[..., None] if image.ndim == len(spacing) else image,
+    label=np.asarray(label, np.int32),
+    spacing=spacing,
+    case_id='',
+  )
 
 
 # ----------------------------------------------------------------- the fingerprint
@@ -43,9 +47,13 @@ def test_fingerprint_by_hand_2d():
   b_image = np.full((6, 8), 200.0)
   b_image[2:4, 3:5] = ((30, 40), (50, 60))
   b_image[5, 7] = 0
-  fp = planning.fingerprint_examples([_example(a_image, a_label),
-                                      _example(b_image, b_label)],
-                                     ndim=2, num_channels=1, num_classes=3, key='hand')
+  fp = planning.fingerprint_examples(
+    [_example(a_image, a_label), _example(b_image, b_label)],
+    ndim=2,
+    num_channels=1,
+    num_classes=3,
+    key='hand',
+  )
   assert fp.num_cases == 2 and fp.key == 'hand'
   assert fp.shape_median == (5.0, 7.0)
   assert fp.shape_min == (4, 6) and fp.shape_max == (6, 8)
@@ -68,7 +76,8 @@ def test_fingerprint_by_hand_2d():
   # Class 1 centroids, (mean index + 0.5) / size: (0.5 / 4, 1 / 6) and (3 / 6, 4 / 8).
   assert fp.centroid_mean[1] == pytest.approx(((0.125 + 0.5) / 2, (1 / 6 + 0.5) / 2))
   assert fp.centroid_sem[1] == pytest.approx(
-      (np.std([0.125, 0.5], ddof=1) / math.sqrt(2), np.std([1 / 6, 0.5], ddof=1) / 2**0.5))
+    (np.std([0.125, 0.5], ddof=1) / math.sqrt(2), np.std([1 / 6, 0.5], ddof=1) / 2**0.5)
+  )
   # Class 2 occurs once: its standard error is 0.
   assert fp.centroid_mean[2] == pytest.approx((5.5 / 6, 7.5 / 8))
   assert fp.centroid_sem[2] == (0.0, 0.0)
@@ -76,20 +85,25 @@ def test_fingerprint_by_hand_2d():
 
 def test_fingerprint_spacing_value_types_and_ignored_pixels():
   volumes = []
-  for spacing, value in (((3.0, 1.0, 1.0), -1000.0), ((5.0, 1.0, 1.0), 0.0),
-                         ((4.0, 0.5, 0.5), 40.0)):
+  for spacing, value in (
+    ((3.0, 1.0, 1.0), -1000.0),
+    ((5.0, 1.0, 1.0), 0.0),
+    ((4.0, 0.5, 0.5), 40.0),
+  ):
     label = np.zeros((4, 8, 8), np.int32)
     label[1:3, 2:6, 2:6] = 1
     label[0] = 9  # A "don't care" value: left out of everything but the shapes.
     volumes.append(_example(np.full((4, 8, 8), value), label, spacing))
-  fp = planning.fingerprint_examples(volumes, ndim=3, num_channels=1, num_classes=2,
-                                     ignore_index=9)
+  fp = planning.fingerprint_examples(
+    volumes, ndim=3, num_channels=1, num_classes=2, ignore_index=9
+  )
   assert fp.spacing_median == (4.0, 1.0, 1.0) and fp.anisotropy == 4.0
   assert fp.value_type == 'int16' and fp.value_min == (-1000.0,)
   assert fp.class_voxels == (3 * (3 * 64 - 32), 3 * 32)
   assert fp.foreground_mean == pytest.approx(((-1000 + 0 + 40) / 3,))
   float_fp = planning.fingerprint_examples(
-      [_example(np.full((4, 4), 0.5), np.eye(4))], ndim=2, num_channels=1, num_classes=2)
+    [_example(np.full((4, 4), 0.5), np.eye(4))], ndim=2, num_channels=1, num_classes=2
+  )
   assert float_fp.value_type == 'float'
 
 
@@ -100,23 +114,46 @@ def _fp(**overrides) -> planning.Fingerprint:
   """A 2D, 8-bit, binary data set of 40 cases of 64x64 with a centred class."""
   ndim = len(overrides.get('shape_median', (64, 64)))
   base = dict(
-      key='test', ndim=ndim, num_channels=1, num_classes=2, num_cases=40,
-      shape_median=(64.0,) * ndim, shape_min=(64,) * ndim, shape_max=(64,) * ndim,
-      spacing_median=(1.0,) * ndim, anisotropy=1.0, value_min=(0.0,),
-      value_max=(255.0,), value_type='uint8', foreground_p00_5=(20.0,),
-      foreground_p99_5=(230.0,), foreground_mean=(120.0,), foreground_std=(30.0,),
-      class_voxels=(9000, 1000), class_frequency=(0.9, 0.1), class_image_share=(1.0, 1.0),
-      class_thickness=(0.0, 12.0), centroid_mean=((0.5,) * ndim, (0.5,) * ndim),
-      centroid_sem=((0.0,) * ndim, (0.05,) * ndim), elongation_mean=(0.0, 0.0),
-      elongation_sem=(0.0, 0.1))
+    key='test',
+    ndim=ndim,
+    num_channels=1,
+    num_classes=2,
+    num_cases=40,
+    shape_median=(64.0,) * ndim,
+    shape_min=(64,) * ndim,
+    shape_max=(64,) * ndim,
+    spacing_median=(1.0,) * ndim,
+    anisotropy=1.0,
+    value_min=(0.0,),
+    value_max=(255.0,),
+    value_type='uint8',
+    foreground_p00_5=(20.0,),
+    foreground_p99_5=(230.0,),
+    foreground_mean=(120.0,),
+    foreground_std=(30.0,),
+    class_voxels=(9000, 1000),
+    class_frequency=(0.9, 0.1),
+    class_image_share=(1.0, 1.0),
+    class_thickness=(0.0, 12.0),
+    centroid_mean=((0.5,) * ndim, (0.5,) * ndim),
+    centroid_sem=((0.0,) * ndim, (0.05,) * ndim),
+    elongation_mean=(0.0, 0.0),
+    elongation_sem=(0.0, 0.1),
+  )
   base.update(overrides)
   return planning.Fingerprint(**base)
 
 
 def test_anisotropic_spacing_pools_in_plane_first():
-  fp = _fp(shape_median=(20.0, 128.0, 128.0), shape_min=(20, 128, 128),
-           shape_max=(20, 128, 128), spacing_median=(5.0, 1.0, 1.0), anisotropy=5.0,
-           value_type='float', value_max=(3.7,))
+  fp = _fp(
+    shape_median=(20.0, 128.0, 128.0),
+    shape_min=(20, 128, 128),
+    shape_max=(20, 128, 128),
+    spacing_median=(5.0, 1.0, 1.0),
+    anisotropy=5.0,
+    value_type='float',
+    value_max=(3.7,),
+  )
   p = planning.plan(fp, memory_budget='64GiB')
   pools, kernels = p['model.pool_sizes'], p['model.kernel_sizes']
   # Spacing 5 vs 1, then 5 vs 2: pooled in-plane only, with (1, 3, 3) kernels; then
@@ -124,38 +161,55 @@ def test_anisotropic_spacing_pools_in_plane_first():
   assert pools[:3] == ((1, 2, 2), (1, 2, 2), (2, 2, 2))
   assert kernels[:3] == ((1, 3, 3), (1, 3, 3), (3, 3, 3))
   assert p['model.depth'] == len(pools) == len(kernels) - 1
-  bottleneck = [s / math.prod(p[a] for p in pools)
-                for a, s in enumerate(p['data.patch_size'])]
+  bottleneck = [
+    s / math.prod(p[a] for p in pools) for a, s in enumerate(p['data.patch_size'])
+  ]
   assert all(b < 8 for b in bottleneck[1:])  # In-plane: pooled down to under 8.
 
 
 def test_isotropic_topology_and_depth_by_image_size():
   # 64 -> 32 -> 16 -> 8 -> 4: an axis at least 8 long is pooled.
   assert planning.topology((64, 64), (1, 1)) == (((2, 2),) * 4, ((3, 3),) * 5)
-  small = planning.plan(_fp(shape_median=(12.0, 12.0), shape_min=(12, 12),
-                            shape_max=(12, 12)))
-  large = planning.plan(_fp(shape_median=(256.0, 256.0), shape_min=(256, 256),
-                            shape_max=(256, 256)), memory_budget='64GiB')
+  small = planning.plan(
+    _fp(shape_median=(12.0, 12.0), shape_min=(12, 12), shape_max=(12, 12))
+  )
+  large = planning.plan(
+    _fp(shape_median=(256.0, 256.0), shape_min=(256, 256), shape_max=(256, 256)),
+    memory_budget='64GiB',
+  )
   assert small['model.depth'] == 1  # 12 -> 6: one pooling level.
   assert large['model.depth'] == planning.MAX_DEPTH
   assert planning.plan(_fp())['model.depth'] == 4
 
 
 def test_the_memory_budget_bounds_the_patch():
-  fp = _fp(shape_median=(128.0,) * 3, shape_min=(128,) * 3, shape_max=(128,) * 3,
-           spacing_median=(1.0,) * 3)
+  fp = _fp(
+    shape_median=(128.0,) * 3,
+    shape_min=(128,) * 3,
+    shape_max=(128,) * 3,
+    spacing_median=(1.0,) * 3,
+  )
   roomy = planning.plan(fp, memory_budget='64GiB')
   tight = planning.plan(fp, memory_budget='256MiB')
   assert roomy['data.patch_size'] == (128, 128, 128)
   patch = tight['data.patch_size']
   assert math.prod(patch) < 128**3 / 2
   estimate = memory.estimate(
-      spatial_shape=patch, in_channels=1, num_classes=2, features=16,
-      depth=tight['model.depth'], kernel_sizes=tight['model.kernel_sizes'],
-      pool_sizes=tight['model.pool_sizes'], batch=tight['batch_size'], training=True)
+    spatial_shape=patch,
+    in_channels=1,
+    num_classes=2,
+    features=16,
+    depth=tight['model.depth'],
+    kernel_sizes=tight['model.kernel_sizes'],
+    pool_sizes=tight['model.pool_sizes'],
+    batch=tight['batch_size'],
+    training=True,
+  )
   assert estimate.total_bytes <= 256 * 2**20
-  assert 'shrunk from 128x128x128' in dict(
-      (c.field, c.reason) for c in tight.choices)['data.patch_size']
+  assert (
+    'shrunk from 128x128x128'
+    in dict((c.field, c.reason) for c in tight.choices)['data.patch_size']
+  )
   # Volumes larger than the patch are evaluated by sliding windows of it.
   assert tight['evals.eval.patch_size'] == patch
   assert 'evals.eval.patch_size' not in roomy.values()
@@ -168,8 +222,10 @@ def test_normalisation_by_value_range():
   assert (ct['data.intensity_mean'], ct['data.intensity_std']) == ((120.0,), (30.0,))
   natural = planning.plan(_fp())
   assert natural['data.normalization'] == 'rescale'
-  assert (natural['data.intensity_low'], natural['data.intensity_high']) == ((0.0,),
-                                                                            (255.0,))
+  assert (natural['data.intensity_low'], natural['data.intensity_high']) == (
+    (0.0,),
+    (255.0,),
+  )
   mri = planning.plan(_fp(value_max=(1800.0,), value_type='uint16'))
   assert mri['data.normalization'] == 'zscore'
   assert 'data.intensity_low' not in mri.values()
@@ -179,12 +235,19 @@ def test_a_rare_class_gets_class_weights():
   common = planning.plan(_fp())
   assert common['loss.name'] == 'dice_ce'
   assert 'loss.kwargs.class_weights' not in common.values()
-  rare = planning.plan(_fp(num_classes=3, class_voxels=(9974, 25, 1),
-                           class_frequency=(0.9974, 0.0025, 0.0001),
-                           class_image_share=(1.0, 0.5, 0.1),
-                           class_thickness=(0.0, 5.0, 4.0),
-                           centroid_mean=((0.5, 0.5),) * 3, centroid_sem=((0.0, 0.0),) * 3,
-                           elongation_mean=(0.0,) * 3, elongation_sem=(0.0,) * 3))
+  rare = planning.plan(
+    _fp(
+      num_classes=3,
+      class_voxels=(9974, 25, 1),
+      class_frequency=(0.9974, 0.0025, 0.0001),
+      class_image_share=(1.0, 0.5, 0.1),
+      class_thickness=(0.0, 5.0, 4.0),
+      centroid_mean=((0.5, 0.5),) * 3,
+      centroid_sem=((0.0, 0.0),) * 3,
+      elongation_mean=(0.0,) * 3,
+      elongation_sem=(0.0,) * 3,
+    )
+  )
   # sqrt(1% / 0.25%) = 2; sqrt(1% / 0.01%) = 10.
   assert rare['loss.kwargs.class_weights'] == (1.0, 2.0, 10.0)
 
@@ -195,12 +258,14 @@ def test_augmentation_follows_position_orientation_and_thickness():
   assert free['augment.rot90'] and free['augment.scale'] == (0.85, 1.25)
   # A class always on the left (W), far beyond its standard error: no flips along W,
   # no rotations.
-  left = planning.plan(_fp(centroid_mean=((0.5, 0.5), (0.5, 0.2)),
-                           centroid_sem=((0.0, 0.0), (0.02, 0.02))))
+  left = planning.plan(
+    _fp(centroid_mean=((0.5, 0.5), (0.5, 0.2)), centroid_sem=((0.0, 0.0), (0.02, 0.02)))
+  )
   assert left['augment.flip_axes'] == (0,) and not left['augment.rot90']
   # Scattered positions (a large standard error) are no evidence of a side.
-  noisy = planning.plan(_fp(centroid_mean=((0.5, 0.5), (0.5, 0.3)),
-                            centroid_sem=((0.0, 0.0), (0.1, 0.1))))
+  noisy = planning.plan(
+    _fp(centroid_mean=((0.5, 0.5), (0.5, 0.3)), centroid_sem=((0.0, 0.0), (0.1, 0.1)))
+  )
   assert noisy['augment.flip_axes'] == (0, 1) and noisy['augment.rot90']
   upright = planning.plan(_fp(elongation_mean=(0.0, 1.2), elongation_sem=(0.0, 0.1)))
   assert upright['augment.flip'] and not upright['augment.rot90']
@@ -238,8 +303,13 @@ def test_steps_from_the_time_budget():
 
 
 def test_a_slow_step_shrinks_the_patch_then_the_width():
-  fp = _fp(shape_median=(16.0, 64.0, 64.0), shape_min=(16, 64, 64),
-           shape_max=(16, 64, 64), spacing_median=(4.0, 0.8, 0.8), anisotropy=5.0)
+  fp = _fp(
+    shape_median=(16.0, 64.0, 64.0),
+    shape_min=(16, 64, 64),
+    shape_max=(16, 64, 64),
+    spacing_median=(4.0, 0.8, 0.8),
+    anisotropy=5.0,
+  )
   base = planning.plan(fp)
   assert base['data.patch_size'] == (16, 64, 64) and base['batch_size'] == 2
   ref = 16 * 64 * 64
@@ -260,12 +330,22 @@ def test_a_slow_step_shrinks_the_patch_then_the_width():
 
 
 def test_plan_json_round_trips(tmp_path):
-  p = planning.plan(_fp(num_classes=3, class_voxels=(9974, 25, 1),
-                        class_frequency=(0.9974, 0.0025, 0.0001),
-                        class_image_share=(1.0, 0.5, 0.1), class_thickness=(0, 5.0, 4.0),
-                        centroid_mean=((0.5, 0.5),) * 3, centroid_sem=((0.0, 0.0),) * 3,
-                        elongation_mean=(0.0,) * 3, elongation_sem=(0.0,) * 3),
-                    time_budget=60, step_time=0.123, fixed={'model.depth': 2})
+  p = planning.plan(
+    _fp(
+      num_classes=3,
+      class_voxels=(9974, 25, 1),
+      class_frequency=(0.9974, 0.0025, 0.0001),
+      class_image_share=(1.0, 0.5, 0.1),
+      class_thickness=(0, 5.0, 4.0),
+      centroid_mean=((0.5, 0.5),) * 3,
+      centroid_sem=((0.0, 0.0),) * 3,
+      elongation_mean=(0.0,) * 3,
+      elongation_sem=(0.0,) * 3,
+    ),
+    time_budget=60,
+    step_time=0.123,
+    fixed={'model.depth': 2},
+  )
   path = str(tmp_path / 'plan.json')
   planning.write_plan(path, p, _fp())
   assert planning.read_plan(path) == p
@@ -281,8 +361,14 @@ def test_plan_false_keeps_the_config_and_writes_nothing(tmp_path):
   assert not os.listdir(tmp_path)
   # The fixed settings are those of configs/default.py.
   default = importlib.import_module('configs.default').get_config()
-  for field in ('model.features', 'model.depth', 'batch_size', 'augment.rot90',
-                'data.normalization', 'num_train_steps'):
+  for field in (
+    'model.features',
+    'model.depth',
+    'batch_size',
+    'augment.rot90',
+    'data.normalization',
+    'num_train_steps',
+  ):
     node, leaf = planning._node_and_leaf(config, field)  # pylint: disable=protected-access
     base, _ = planning._node_and_leaf(default, field)  # pylint: disable=protected-access
     assert node[leaf] == base[leaf]
@@ -303,14 +389,28 @@ def test_a_planned_run_through_launch(tmp_path):
       image = (rng.normal(60, 10, label.shape) + 100 * label).clip(0, 255)
       sf.write_pair(root, split, f'case{i}', image.astype(np.uint8), label)
   workdir = tmp_path / 'run'
-  cmd = [sys.executable, os.path.join(ROOT, 'launch.py'),
-         '--config=' + os.path.join(ROOT, 'configs/folder.py'), f'--workdir={workdir}',
-         f'--config.data.root={root}', f'--config.data.data_dir={tmp_path / "tfds"}',
-         '--config.model.features=4', '--config.batch_size=2',
-         '--config.eval_batch_size=2', '--config.num_train_steps=2',
-         '--config.eval_every_steps=2', '--config.checkpoint_every_steps=2']
-  proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'),
-                        capture_output=True, text=True, timeout=600)
+  cmd = [
+    sys.executable,
+    os.path.join(ROOT, 'launch.py'),
+    '--config=' + os.path.join(ROOT, 'configs/folder.py'),
+    f'--workdir={workdir}',
+    f'--config.data.root={root}',
+    f'--config.data.data_dir={tmp_path / "tfds"}',
+    '--config.model.features=4',
+    '--config.batch_size=2',
+    '--config.eval_batch_size=2',
+    '--config.num_train_steps=2',
+    '--config.eval_every_steps=2',
+    '--config.checkpoint_every_steps=2',
+  ]
+  proc = subprocess.run(
+    cmd,
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'Final validation: dice' in proc.stdout
   p = planning.read_plan(str(workdir / 'plan.json'))
@@ -318,8 +418,11 @@ def test_a_planned_run_through_launch(tmp_path):
   assert by_field['batch_size'].overridden and by_field['batch_size'].value == 2
   assert not by_field['data.normalization'].overridden
   assert p['data.normalization'] == 'rescale'  # 8-bit PNGs.
-  table_lines = [line for line in proc.stderr.splitlines()
-                 if line.startswith(('batch_size ', 'data.normalization '))]
+  table_lines = [
+    line
+    for line in proc.stderr.splitlines()
+    if line.startswith(('batch_size ', 'data.normalization '))
+  ]
   assert len(table_lines) == 2 and 'command line' in table_lines[0]
   with open(workdir / 'config.json') as f:
     recorded = json.load(f)
@@ -327,14 +430,19 @@ def test_a_planned_run_through_launch(tmp_path):
   assert recorded['model']['depth'] == p['model.depth'] == 2  # 16 -> 8 -> 4.
   assert 'batch_size' in recorded['plan_keep']
   # The fingerprint is cached beside the built data set.
-  cached = [n for _, _, names in os.walk(tmp_path / 'tfds') for n in names
-            if n.startswith('unet_jax_fingerprint')]
+  cached = [
+    n
+    for _, _, names in os.walk(tmp_path / 'tfds')
+    for n in names
+    if n.startswith('unet_jax_fingerprint')
+  ]
   assert cached == ['unet_jax_fingerprint_train.json']
   # Prediction normalises as the run was trained: 0-1 from the 8-bit range.
   predictor = inference.load(str(workdir))
   image, _ = sf.read_image(str(root / 'val' / 'images' / 'case0.png'), ndim=2)
-  np.testing.assert_allclose(predictor.predict(image),
-                             predictor.apply((image / 255.0)[None])[0], atol=1e-5)
+  np.testing.assert_allclose(
+    predictor.predict(image), predictor.apply((image / 255.0)[None])[0], atol=1e-5
+  )
 
 
 def test_the_planning_command_prints_fingerprint_and_plan(tmp_path):
@@ -345,15 +453,27 @@ def test_the_planning_command_prints_fingerprint_and_plan(tmp_path):
     image = np.where(label == 1, 40, -1000).astype(np.int16)
     sf.write_pair(root, 'train', f'vol{i}', image, label, spacing=(4.0, 1.0, 1.0))
   proc = subprocess.run(
-      [sys.executable, '-m', 'unet_jax.planning', f'--root={root}', '--config=3d',
-       f'--data_dir={tmp_path / "tfds"}'], cwd=ROOT, capture_output=True, text=True,
-      timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+    [
+      sys.executable,
+      '-m',
+      'unet_jax.planning',
+      f'--root={root}',
+      '--config=3d',
+      f'--data_dir={tmp_path / "tfds"}',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = proc.stdout
   assert re.search(r'spacing_median +\(4, 1, 1\)', out)
   assert re.search(r"value_type +'int16'", out)
-  normalization = next(line for line in out.splitlines()
-                       if line.startswith('data.normalization'))
+  normalization = next(
+    line for line in out.splitlines() if line.startswith('data.normalization')
+  )
   assert "'ct'" in normalization and 'Hounsfield' in normalization
   assert not list(tmp_path.glob('**/plan.json'))  # Nothing trained, nothing written.
 
@@ -379,8 +499,9 @@ def test_fingerprint_of_a_data_set_is_cached_per_build(tmp_path):
   assert planning.fingerprint(data).num_cases == 99
   assert planning.fingerprint(data, cache=False) == first
   # A changed folder is a new built copy, with a fingerprint of its own.
-  sf.write_pair(root, 'train', 'c9', np.full((8, 8), 200, np.uint8),
-                np.ones((8, 8), np.uint8))
+  sf.write_pair(
+    root, 'train', 'c9', np.full((8, 8), 200, np.uint8), np.ones((8, 8), np.uint8)
+  )
   changed = planning.fingerprint(input_pipeline.open(config.data, divisor=1))
   assert changed.num_cases == 3 and changed.key != first.key
   assert dataclasses.replace(changed, key=first.key) != first

@@ -8,7 +8,6 @@ from unet_jax import reporting
 
 
 class FakeClock:
-
   def __init__(self):
     self.now = 100.0
 
@@ -17,7 +16,6 @@ class FakeClock:
 
 
 class Recorder:
-
   def __init__(self):
     self.rows = []
 
@@ -27,17 +25,18 @@ class Recorder:
 
 def test_rates_leave_out_pauses_and_count_the_input_wait():
   clock, writer = FakeClock(), Recorder()
-  progress = reporting.Progress(total_steps=10, start_step=0, every_steps=2,
-                                batch_size=8, writer=writer, clock=clock)
+  progress = reporting.Progress(
+    total_steps=10, start_step=0, every_steps=2, batch_size=8, writer=writer, clock=clock
+  )
   for step in (1, 2):
     with progress.timed('data'):
-      clock.now += 0.5          # Waiting for input.
-    clock.now += 1.5            # The step itself.
+      clock.now += 0.5  # Waiting for input.
+    clock.now += 1.5  # The step itself.
     row = progress.step_done(step, loss=float(step))
     assert (row is None) == (step == 1)
     if step == 1:
       with progress.paused():
-        clock.now += 100.0      # An evaluation: not training time.
+        clock.now += 100.0  # An evaluation: not training time.
   assert row['steps_per_sec'] == pytest.approx(2 / 4.0)
   assert row['examples_per_sec'] == pytest.approx(8 * 2 / 4.0)
   assert row['input_wait_fraction'] == pytest.approx(1.0 / 4.0)
@@ -69,20 +68,25 @@ def test_rates_count_the_device_time_the_loop_ran_ahead_of():
   # Asynchronous dispatch: the loop queues 4 steps in 0.1 s each; the device needs
   # 3 s each, so reading the losses at the reporting step waits 4 * 3 - 0.4 s.
   clock = FakeClock()
-  progress = reporting.Progress(total_steps=4, start_step=0, every_steps=4,
-                                batch_size=2, clock=clock)
+  progress = reporting.Progress(
+    total_steps=4, start_step=0, every_steps=4, batch_size=2, clock=clock
+  )
   for step in range(1, 5):
     clock.now += 0.1
     wait = 4 * 3.0 - 0.4 if step == 1 else 0.0
-    row = progress.step_done(step, loss=DeviceScalar(clock, 1.0, wait),
-                             extra={'grad_norm': DeviceScalar(clock, 2.0, 0.0)})
+    row = progress.step_done(
+      step,
+      loss=DeviceScalar(clock, 1.0, wait),
+      extra={'grad_norm': DeviceScalar(clock, 2.0, 0.0)},
+    )
   assert row['steps_per_sec'] == pytest.approx(4 / 12.0)
   assert row['grad_norm'] == 2.0
 
 
 def test_the_last_step_always_reports():
-  progress = reporting.Progress(total_steps=5, start_step=3, every_steps=50,
-                                batch_size=1, clock=FakeClock())
+  progress = reporting.Progress(
+    total_steps=5, start_step=3, every_steps=50, batch_size=1, clock=FakeClock()
+  )
   assert progress.step_done(4, loss=1.0) is None
   assert progress.step_done(5, loss=1.0) is not None
 
@@ -94,8 +98,9 @@ def test_format_time(seconds, text):
 
 def test_resuming_drops_the_rows_past_the_restored_step(tmp_path):
   path = tmp_path / 'metrics.jsonl'
-  path.write_text(''.join(json.dumps({'step': s, 'train_loss': s}) + '\n'
-                          for s in (1, 2, 3, 4, 5)))
+  path.write_text(
+    ''.join(json.dumps({'step': s, 'train_loss': s}) + '\n' for s in (1, 2, 3, 4, 5))
+  )
   writer = reporting.MetricWriter(str(tmp_path), start_step=3)
   writer.write(4, {'train_loss': 40.0, 'dice_per_class': [0.5, float('nan')]})
   writer.close()

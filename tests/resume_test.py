@@ -34,23 +34,31 @@ def three_steps(data_dir, tmp_path_factory):
 
 
 def _files(workdir):
-  return {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
-          for d, _, files in os.walk(workdir) for f in files}
+  return {
+    os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
+    for d, _, files in os.walk(workdir)
+    for f in files
+  }
 
 
-@pytest.mark.parametrize('overrides, fields', [
+@pytest.mark.parametrize(
+  'overrides, fields',
+  [
     ({'model.features': 8}, ['model.features: 4 in the checkpoint, 8 now']),
     ({'model.depth': 3}, ['model.depth: 2 in the checkpoint, 3 now']),
     ({'optimizer.name': 'sgd'}, ["optimizer.name: 'adam' in the checkpoint, 'sgd' now"]),
-])
+  ],
+)
 def test_resume_refuses_a_changed_model_and_writes_nothing(
-    three_steps, data_dir, overrides, fields):
+  three_steps, data_dir, overrides, fields
+):
   before = _files(three_steps)
   with open(os.path.join(three_steps, 'config.json')) as f:
     config_json = f.read()
   with pytest.raises(ValueError) as e:
-    train.train_and_evaluate(tiny_config(data_dir, num_train_steps=3, **overrides),
-                             three_steps)
+    train.train_and_evaluate(
+      tiny_config(data_dir, num_train_steps=3, **overrides), three_steps
+    )
   message = str(e.value)
   assert os.path.join(three_steps, 'checkpoints', '3') in message
   for field in fields:
@@ -60,14 +68,15 @@ def test_resume_refuses_a_changed_model_and_writes_nothing(
     assert f.read() == config_json
 
 
-def test_fields_that_may_change_on_resume_are_logged(three_steps, data_dir, tmp_path,
-                                                     caplog):
+def test_fields_that_may_change_on_resume_are_logged(
+  three_steps, data_dir, tmp_path, caplog
+):
   workdir = str(tmp_path / 'longer')
   os.system(f'cp -r {three_steps} {workdir}')
   with caplog.at_level(logging.INFO):
     result = train.train_and_evaluate(
-        tiny_config(data_dir, num_train_steps=5, **{'optimizer.learning_rate': 3e-4}),
-        workdir)
+      tiny_config(data_dir, num_train_steps=5, **{'optimizer.learning_rate': 3e-4}), workdir
+    )
   logged = [r.getMessage() for r in caplog.records]
   assert 'Changed on resume: num_train_steps: 3 -> 5' in logged
   assert 'Changed on resume: optimizer.learning_rate: 0.001 -> 0.0003' in logged
@@ -76,7 +85,9 @@ def test_fields_that_may_change_on_resume_are_logged(three_steps, data_dir, tmp_
   assert manager.latest_step() == 5
   record = checkpointing.read_record(manager, 5)
   assert record['num_train_steps'] == 5 and record['data_shape'] == {
-      'num_channels': 1, 'ndim': 2}
+    'num_channels': 1,
+    'ndim': 2,
+  }
 
 
 def test_a_non_finite_update_is_never_saved(data_dir, tmp_path, monkeypatch):
@@ -103,10 +114,13 @@ def test_a_non_finite_update_is_never_saved(data_dir, tmp_path, monkeypatch):
   assert len(losses) == 2 and np.isfinite(losses).all()
 
 
-@pytest.mark.parametrize('kind, match', [
+@pytest.mark.parametrize(
+  'kind, match',
+  [
     ('file', 'is a file, not a folder'),
     ('under a file', 'cannot be created'),
-])
+  ],
+)
 def test_a_bad_workdir_fails_before_the_data_is_built(tmp_path, kind, match):
   (tmp_path / 'a_file').write_text('not a folder')
   workdir = tmp_path / 'a_file' if kind == 'file' else tmp_path / 'a_file' / 'run'
@@ -117,13 +131,26 @@ def test_a_bad_workdir_fails_before_the_data_is_built(tmp_path, kind, match):
 
 
 def test_every_model_option_is_reachable_from_the_config(data_dir):
-  config = tiny_config(data_dir, **{
-      'model.norm': 'group', 'model.norm_groups': 2, 'model.upsample': 'bilinear',
-      'model.upsample_conv_kernel': 3, 'model.deep_supervision': 1,
-      'model.param_dtype': 'bfloat16', 'model.pool_sizes': ((2, 2), (1, 2))})
+  config = tiny_config(
+    data_dir,
+    **{
+      'model.norm': 'group',
+      'model.norm_groups': 2,
+      'model.upsample': 'bilinear',
+      'model.upsample_conv_kernel': 3,
+      'model.deep_supervision': 1,
+      'model.param_dtype': 'bfloat16',
+      'model.pool_sizes': ((2, 2), (1, 2)),
+    },
+  )
   model = train.create_model(config.model)
-  assert (model.norm, model.norm_groups, model.upsample, model.upsample_conv_kernel,
-          model.deep_supervision) == ('group', 2, 'bilinear', 3, 1)
+  assert (
+    model.norm,
+    model.norm_groups,
+    model.upsample,
+    model.upsample_conv_kernel,
+    model.deep_supervision,
+  ) == ('group', 2, 'bilinear', 3, 1)
   assert model.param_dtype == jnp.bfloat16
   assert model.pool_sizes == ((2, 2), (1, 2))
   config.model.unlock()
@@ -137,8 +164,7 @@ def test_deep_supervision_loss_by_hand():
   mean_label = lambda logits, labels: jnp.mean(labels.astype(jnp.float32))
   logits = jnp.zeros((1, 4, 4, 3))
   aux = (jnp.zeros((1, 2, 2, 3)),)
-  loss = train.deep_supervision_loss(mean_label, (logits, aux), labels,
-                                     strides=((2, 2),))
+  loss = train.deep_supervision_loss(mean_label, (logits, aux), labels, strides=((2, 2),))
   # Full resolution: the mean of all labels; half resolution: labels[1::2, 1::2].
   full = float(jnp.mean(labels))
   half = float(jnp.mean(labels[:, 1::2, 1::2]))
@@ -157,13 +183,17 @@ def test_deep_supervision_trains_end_to_end(data_dir, tmp_path):
 
 
 def test_best_checkpoint_follows_the_configured_metric(data_dir, tmp_path):
-  config = tiny_config(data_dir, best_metric='eval_pixel_accuracy', **{
-      'evals.eval.every_steps': 2, 'checkpoint_every_steps': 2})
+  config = tiny_config(
+    data_dir,
+    best_metric='eval_pixel_accuracy',
+    **{'evals.eval.every_steps': 2, 'checkpoint_every_steps': 2},
+  )
   workdir = str(tmp_path / 'best')
   train.train_and_evaluate(config, workdir)
   rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
-  accuracy = {r['step']: r['eval_pixel_accuracy'] for r in rows
-              if 'eval_pixel_accuracy' in r}
+  accuracy = {
+    r['step']: r['eval_pixel_accuracy'] for r in rows if 'eval_pixel_accuracy' in r
+  }
   manager = checkpointing.create_manager(os.path.join(workdir, 'checkpoints'), keep=2)
   best = checkpointing.best_step(manager, best_metric='eval_pixel_accuracy')
   assert accuracy[best] == max(accuracy.values())

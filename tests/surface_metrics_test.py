@@ -51,18 +51,19 @@ SHIFT_PRED = _box((20, 20), (7, 15), (4, 14))
 
 
 @pytest.mark.parametrize(
-    'percentile, expected',
-    [
-        (95, 2.0),  # position 0.95 * 31 = 29.45 lies among the twos
-        (100, 2.0),
-        # Position 0.5 * 31 = 15.5, between sorted[15] = 1 and sorted[16] = 2.
-        (50, 1.5),
-        (0, 0.0),
-    ],
+  'percentile, expected',
+  [
+    (95, 2.0),  # position 0.95 * 31 = 29.45 lies among the twos
+    (100, 2.0),
+    # Position 0.5 * 31 = 15.5, between sorted[15] = 1 and sorted[16] = 2.
+    (50, 1.5),
+    (0, 0.0),
+  ],
 )
 def test_hd_of_a_shifted_rectangle(percentile, expected):
   hd = sm.hausdorff_distance_95(
-      SHIFT_PRED, SHIFT_LABEL, num_classes=2, percentile=percentile)
+    SHIFT_PRED, SHIFT_LABEL, num_classes=2, percentile=percentile
+  )
   np.testing.assert_array_equal(hd, [expected])
 
 
@@ -105,7 +106,8 @@ def test_anisotropic_spacing_scales_the_shifted_axis_only_2d(axis, expected):
   spacing = (2.5, 0.5)
   for percentile in (95, 100):
     hd = sm.hausdorff_distance_95(
-        pred, label, num_classes=2, spacing=spacing, percentile=percentile)
+      pred, label, num_classes=2, spacing=spacing, percentile=percentile
+    )
     np.testing.assert_allclose(hd, [expected], rtol=1e-15)
 
 
@@ -122,7 +124,8 @@ def test_anisotropic_spacing_scales_the_shifted_axis_only_3d(axis):
   pred = _box((14, 14, 14), *moved)
   for percentile in (95, 100):
     hd = sm.hausdorff_distance_95(
-        pred, label, num_classes=2, spacing=spacing, percentile=percentile)
+      pred, label, num_classes=2, spacing=spacing, percentile=percentile
+    )
     np.testing.assert_allclose(hd, [2 * spacing[axis]], rtol=1e-15)
 
 
@@ -145,20 +148,21 @@ def test_pixels_on_the_array_edge_are_boundary():
 
 
 @pytest.mark.parametrize(
-    'tolerance, within',
-    [
-        (0.0, 12),  # the 12 zeros of each direction
-        (0.5, 12),
-        (1.0, 16),  # distances equal to the tolerance count (d <= tau)
-        (1.9, 16),  # just below d = 2
-        (2.0, 32),  # d itself: every boundary pixel
-        (2.1, 32),  # just above d
-    ],
+  'tolerance, within',
+  [
+    (0.0, 12),  # the 12 zeros of each direction
+    (0.5, 12),
+    (1.0, 16),  # distances equal to the tolerance count (d <= tau)
+    (1.9, 16),  # just below d = 2
+    (2.0, 32),  # d itself: every boundary pixel
+    (2.1, 32),  # just above d
+  ],
 )
 def test_nsd_of_a_shifted_rectangle(tolerance, within):
   # Both directions have the same 32 distances, so NSD = 2 within / 64.
   nsd = sm.normalized_surface_dice(
-      SHIFT_PRED, SHIFT_LABEL, num_classes=2, tolerance=tolerance)
+    SHIFT_PRED, SHIFT_LABEL, num_classes=2, tolerance=tolerance
+  )
   np.testing.assert_array_equal(nsd, [within / 32])
 
 
@@ -167,8 +171,8 @@ def test_nsd_tolerance_in_physical_units():
   # physical units is 1.9 pixels, 1.0 is 2 pixels.
   for tolerance, expected in ((0.95, 16 / 32), (1.0, 1.0)):
     nsd = sm.normalized_surface_dice(
-        SHIFT_PRED, SHIFT_LABEL, num_classes=2, tolerance=tolerance,
-        spacing=(0.5, 0.5))
+      SHIFT_PRED, SHIFT_LABEL, num_classes=2, tolerance=tolerance, spacing=(0.5, 0.5)
+    )
     np.testing.assert_array_equal(nsd, [expected])
 
 
@@ -176,8 +180,13 @@ def test_nsd_tolerance_in_physical_units():
 def test_identical_maps_give_hd_zero_and_nsd_one(spatial):
   label = _blobs(spatial, 4, seed=0)
   out = sm.boundary_metrics(
-      label, label, num_classes=4, spacing=(0.7,) * len(spatial),
-      tolerance=0.0, include_background=True)
+    label,
+    label,
+    num_classes=4,
+    spacing=(0.7,) * len(spatial),
+    tolerance=0.0,
+    include_background=True,
+  )
   np.testing.assert_array_equal(out['hd95'], np.zeros(4))
   np.testing.assert_array_equal(out['nsd'], np.ones(4))
 
@@ -192,23 +201,25 @@ def test_empty_masks(ndim):
   empty = np.zeros((6,) * ndim, np.int32)
   full = _box((6,) * ndim, *[(1, 4)] * ndim)
   cases = {  # (prediction, label) -> (HD95, NSD)
-      'both empty': (empty, empty, np.nan, np.nan),
-      'prediction empty': (empty, full, np.inf, 0.0),
-      'ground truth empty': (full, empty, np.inf, 0.0),
+    'both empty': (empty, empty, np.nan, np.nan),
+    'prediction empty': (empty, full, np.inf, 0.0),
+    'ground truth empty': (full, empty, np.inf, 0.0),
   }
   for name, (pred, label, hd, nsd) in cases.items():
-    out = sm.boundary_metrics(
-        pred, label, num_classes=2, spacing=None, tolerance=1.0)
+    out = sm.boundary_metrics(pred, label, num_classes=2, spacing=None, tolerance=1.0)
     np.testing.assert_array_equal(out['hd95'], [hd], err_msg=name)
     np.testing.assert_array_equal(out['nsd'], [nsd], err_msg=name)
     for percentile in (0, 95, 100):
       np.testing.assert_array_equal(
-          sm.hausdorff_distance_95(
-              pred, label, num_classes=2, percentile=percentile),
-          [hd], err_msg=name)
+        sm.hausdorff_distance_95(pred, label, num_classes=2, percentile=percentile),
+        [hd],
+        err_msg=name,
+      )
     np.testing.assert_array_equal(
-        sm.normalized_surface_dice(pred, label, num_classes=2, tolerance=5.0),
-        [nsd], err_msg=name)
+      sm.normalized_surface_dice(pred, label, num_classes=2, tolerance=5.0),
+      [nsd],
+      err_msg=name,
+    )
 
 
 def test_ignored_pixels_leave_both_maps():
@@ -218,8 +229,8 @@ def test_ignored_pixels_leave_both_maps():
   label[:, 6:] = -1
   pred = _box((12, 12), (2, 10), (2, 12))
   out = sm.boundary_metrics(
-      pred, label, num_classes=2, spacing=None, tolerance=0.0,
-      ignore_index=-1)
+    pred, label, num_classes=2, spacing=None, tolerance=0.0, ignore_index=-1
+  )
   np.testing.assert_array_equal(out['hd95'], [0.0])
   np.testing.assert_array_equal(out['nsd'], [1.0])
   # Removed from the label only, the prediction would stay wider.
@@ -235,24 +246,27 @@ def test_ignore_index_equals_background_in_both_maps():
   ignored = _blobs((20, 18), 2, seed=3) == 1
   padded = np.where(ignored, 255, label)
   ours = sm.boundary_metrics(
-      pred, padded, num_classes=3, spacing=(1.0, 2.0), tolerance=1.5,
-      ignore_index=255)
+    pred, padded, num_classes=3, spacing=(1.0, 2.0), tolerance=1.5, ignore_index=255
+  )
   expected = sm.boundary_metrics(
-      np.where(ignored, 0, pred), np.where(ignored, 0, label),
-      num_classes=3, spacing=(1.0, 2.0), tolerance=1.5)
+    np.where(ignored, 0, pred),
+    np.where(ignored, 0, label),
+    num_classes=3,
+    spacing=(1.0, 2.0),
+    tolerance=1.5,
+  )
   for key in ('hd95', 'nsd'):
     np.testing.assert_array_equal(ours[key], expected[key])
   assert not np.array_equal(
-      ours['hd95'], sm.hausdorff_distance_95(
-          pred, label, num_classes=3, spacing=(1.0, 2.0)))
+    ours['hd95'], sm.hausdorff_distance_95(pred, label, num_classes=3, spacing=(1.0, 2.0))
+  )
 
 
 def test_ignore_index_outside_int32():
   # The ignored voxels are found before the maps are cast to int32.
   label = SHIFT_LABEL.astype(np.int64)
   label[0, :] = 2**40 + 1  # would wrap to class 1 in int32
-  hd = sm.hausdorff_distance_95(
-      SHIFT_PRED, label, num_classes=2, ignore_index=2**40 + 1)
+  hd = sm.hausdorff_distance_95(SHIFT_PRED, label, num_classes=2, ignore_index=2**40 + 1)
   np.testing.assert_array_equal(hd, [2.0])
 
 
@@ -260,13 +274,15 @@ def test_ignore_index_inside_the_class_range_empties_that_class():
   pred = SHIFT_PRED + _box((20, 20), (0, 3), (0, 3), value=2)
   label = SHIFT_LABEL + _box((20, 20), (0, 3), (0, 3), value=2)
   out = sm.boundary_metrics(
-      pred, label, num_classes=3, spacing=None, tolerance=2.0, ignore_index=2)
+    pred, label, num_classes=3, spacing=None, tolerance=2.0, ignore_index=2
+  )
   # Class 2's ground truth is all ignored, and so is the prediction there.
   np.testing.assert_array_equal(out['hd95'], [2.0, np.nan])
   np.testing.assert_array_equal(out['nsd'], [1.0, np.nan])
   pred[19, 19] = 2  # a predicted class-2 pixel outside the ignored region
   out = sm.boundary_metrics(
-      pred, label, num_classes=3, spacing=None, tolerance=2.0, ignore_index=2)
+    pred, label, num_classes=3, spacing=None, tolerance=2.0, ignore_index=2
+  )
   np.testing.assert_array_equal(out['hd95'], [2.0, np.inf])
   np.testing.assert_array_equal(out['nsd'], [1.0, 0.0])
 
@@ -278,15 +294,13 @@ def test_symmetric_in_its_arguments(spatial):
   spacing = (1.0, 0.6, 2.0)[: len(spatial)]
   for percentile in (50, 95, 100):
     np.testing.assert_array_equal(
-        sm.hausdorff_distance_95(
-            a, b, num_classes=3, spacing=spacing, percentile=percentile),
-        sm.hausdorff_distance_95(
-            b, a, num_classes=3, spacing=spacing, percentile=percentile))
+      sm.hausdorff_distance_95(a, b, num_classes=3, spacing=spacing, percentile=percentile),
+      sm.hausdorff_distance_95(b, a, num_classes=3, spacing=spacing, percentile=percentile),
+    )
   np.testing.assert_array_equal(
-      sm.normalized_surface_dice(
-          a, b, num_classes=3, tolerance=1.2, spacing=spacing),
-      sm.normalized_surface_dice(
-          b, a, num_classes=3, tolerance=1.2, spacing=spacing))
+    sm.normalized_surface_dice(a, b, num_classes=3, tolerance=1.2, spacing=spacing),
+    sm.normalized_surface_dice(b, a, num_classes=3, tolerance=1.2, spacing=spacing),
+  )
 
 
 def test_one_value_per_class_in_class_order():
@@ -298,17 +312,20 @@ def test_one_value_per_class_in_class_order():
   pred = SHIFT_PRED + _box((20, 20), (15, 19), (15, 19), value=2)
   label = SHIFT_LABEL + _box((20, 20), (15, 19), (16, 20), value=2)
   out = sm.boundary_metrics(
-      pred, label, num_classes=4, spacing=None, tolerance=(2.0, 0.5, 1.0))
+    pred, label, num_classes=4, spacing=None, tolerance=(2.0, 0.5, 1.0)
+  )
   np.testing.assert_array_equal(out['hd95'], [2.0, 1.0, np.nan])
   np.testing.assert_array_equal(out['nsd'], [1.0, 0.5, np.nan])
   with_background = sm.hausdorff_distance_95(
-      pred, label, num_classes=4, include_background=True)
+    pred, label, num_classes=4, include_background=True
+  )
   assert with_background.shape == (4,)
   np.testing.assert_array_equal(with_background[1:], out['hd95'])
 
 
 @pytest.mark.parametrize(
-    'spatial, spacing', [((24, 20), (1.0, 0.6)), ((10, 12, 9), (2.0, 1.0, 0.7))])
+  'spatial, spacing', [((24, 20), (1.0, 0.6)), ((10, 12, 9), (2.0, 1.0, 0.7))]
+)
 def test_matches_brute_force(spatial, spacing):
   # Boundary by explicit neighbour checks, distances by all pairs.
   def boundary(mask):
@@ -328,20 +345,20 @@ def test_matches_brute_force(spatial, spacing):
   pred = _blobs(spatial, 4, seed=6)
   label = _blobs(spatial, 4, seed=7)
   hd95 = sm.hausdorff_distance_95(
-      pred, label, num_classes=4, spacing=spacing, include_background=True)
+    pred, label, num_classes=4, spacing=spacing, include_background=True
+  )
   nsd = sm.normalized_surface_dice(
-      pred, label, num_classes=4, spacing=spacing, include_background=True,
-      tolerance=1.3)
+    pred, label, num_classes=4, spacing=spacing, include_background=True, tolerance=1.3
+  )
   for c in range(4):
     bp, bl = boundary(pred == c), boundary(label == c)
     d_pl, d_lp = distances(bp, bl), distances(bl, bp)
     assert d_pl.size and d_lp.size
     np.testing.assert_allclose(
-        hd95[c], max(np.percentile(d_pl, 95), np.percentile(d_lp, 95)),
-        rtol=1e-12)
+      hd95[c], max(np.percentile(d_pl, 95), np.percentile(d_lp, 95)), rtol=1e-12
+    )
     within = np.sum(d_pl <= 1.3) + np.sum(d_lp <= 1.3)
-    np.testing.assert_allclose(nsd[c], within / (d_pl.size + d_lp.size),
-                               rtol=1e-12)
+    np.testing.assert_allclose(nsd[c], within / (d_pl.size + d_lp.size), rtol=1e-12)
 
 
 def test_boundary_metrics_equals_the_two_functions():
@@ -350,11 +367,10 @@ def test_boundary_metrics_equals_the_two_functions():
   opts = dict(num_classes=3, spacing=(1.5, 1.0, 1.0), include_background=True)
   out = sm.boundary_metrics(pred, label, tolerance=2.0, **opts)
   assert set(out) == {'hd95', 'nsd'}
+  np.testing.assert_array_equal(out['hd95'], sm.hausdorff_distance_95(pred, label, **opts))
   np.testing.assert_array_equal(
-      out['hd95'], sm.hausdorff_distance_95(pred, label, **opts))
-  np.testing.assert_array_equal(
-      out['nsd'],
-      sm.normalized_surface_dice(pred, label, tolerance=2.0, **opts))
+    out['nsd'], sm.normalized_surface_dice(pred, label, tolerance=2.0, **opts)
+  )
   assert out['hd95'].dtype == out['nsd'].dtype == np.float64
 
 
@@ -366,21 +382,21 @@ GOOD = dict(num_classes=2, spacing=(1.0, 1.0), tolerance=1.0)
 
 
 @pytest.mark.parametrize(
-    'pred_shape, overrides, match',
-    [
-        ((5, 6), {}, r'same shape.*\(5, 6\) and \(6, 6\)'),
-        ((6, 6), dict(spacing=(1.0, 1.0, 1.0)), r'2 values.*\(1\.0, 1\.0, 1\.0\)'),
-        ((6, 6), dict(spacing=2.0), r'one voxel size per spatial axis'),
-        ((6, 6), dict(spacing=(1.0, 0.0)), r'positive.*\(1\.0, 0\.0\)'),
-        ((6, 6), dict(spacing=(-1.0, 1.0)), r'positive.*\(-1\.0, 1\.0\)'),
-        ((6, 6), dict(spacing=(np.nan, 1.0)), r'positive'),
-        ((6, 6), dict(tolerance=-0.5), r'tolerance.*>= 0.*-0\.5'),
-        ((6, 6), dict(tolerance=np.inf), r'tolerance.*finite'),
-        ((6, 6), dict(tolerance=(1.0, 2.0)), r'1 values.*\(1\.0, 2\.0\)'),
-        ((6, 6), dict(num_classes=1), r'num_classes=1 leaves no class'),
-        ((6, 6), dict(num_classes=2.0), r'num_classes must be an int'),
-        ((6, 6), dict(ignore_index=1.5), r'ignore_index must be an int, got 1\.5'),
-    ],
+  'pred_shape, overrides, match',
+  [
+    ((5, 6), {}, r'same shape.*\(5, 6\) and \(6, 6\)'),
+    ((6, 6), dict(spacing=(1.0, 1.0, 1.0)), r'2 values.*\(1\.0, 1\.0, 1\.0\)'),
+    ((6, 6), dict(spacing=2.0), r'one voxel size per spatial axis'),
+    ((6, 6), dict(spacing=(1.0, 0.0)), r'positive.*\(1\.0, 0\.0\)'),
+    ((6, 6), dict(spacing=(-1.0, 1.0)), r'positive.*\(-1\.0, 1\.0\)'),
+    ((6, 6), dict(spacing=(np.nan, 1.0)), r'positive'),
+    ((6, 6), dict(tolerance=-0.5), r'tolerance.*>= 0.*-0\.5'),
+    ((6, 6), dict(tolerance=np.inf), r'tolerance.*finite'),
+    ((6, 6), dict(tolerance=(1.0, 2.0)), r'1 values.*\(1\.0, 2\.0\)'),
+    ((6, 6), dict(num_classes=1), r'num_classes=1 leaves no class'),
+    ((6, 6), dict(num_classes=2.0), r'num_classes must be an int'),
+    ((6, 6), dict(ignore_index=1.5), r'ignore_index must be an int, got 1\.5'),
+  ],
 )
 def test_bad_input_raises(pred_shape, overrides, match):
   pred = np.zeros(pred_shape, np.int32)
@@ -406,12 +422,12 @@ def test_bad_values_raise():
 
 def test_imports_only_numpy_and_scipy():
   code = (
-      'import sys; import unet_jax.surface_metrics; '
-      'bad = sorted({m.split(".")[0] for m in sys.modules} & '
-      '{"jax", "jaxlib", "flax", "torch", "tensorflow", "chex"}); '
-      'assert not bad, bad'
+    'import sys; import unet_jax.surface_metrics; '
+    'bad = sorted({m.split(".")[0] for m in sys.modules} & '
+    '{"jax", "jaxlib", "flax", "torch", "tensorflow", "chex"}); '
+    'assert not bad, bad'
   )
   proc = subprocess.run(
-      [sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
-      timeout=120)
+    [sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
   assert proc.returncode == 0, proc.stderr

@@ -9,8 +9,7 @@ from unet_jax import config_checks
 from unet_jax import input_pipeline
 from unet_jax import train
 
-CONFIGS = ('default', 'dice_bce', 'dice_ce', 'focal_dice', 'unet3d', 'pets',
-           'folder')
+CONFIGS = ('default', 'dice_bce', 'dice_ce', 'focal_dice', 'unet3d', 'pets', 'folder')
 
 
 @pytest.mark.parametrize('name', CONFIGS)
@@ -39,8 +38,10 @@ def _config(**overrides):
   return config
 
 
-@pytest.mark.parametrize('overrides,match', [
-    ({'loss.name': 'dicey'}, r"dicey.*dice_bce"),
+@pytest.mark.parametrize(
+  'overrides,match',
+  [
+    ({'loss.name': 'dicey'}, r'dicey.*dice_bce'),
     ({'optimizer.name': 'lamb'}, r"optimizer.name='lamb'.*adam"),
     ({'optimizer.schedule': 'step'}, r'optimizer.schedule'),
     ({'parallelism': 'pjit'}, r'parallelism'),
@@ -49,7 +50,8 @@ def _config(**overrides):
     ({'batch_size': 0}, r'batch_size must be positive'),
     ({'optimizer.learning_rate': -1.0}, r'learning_rate'),
     ({'model.num_classes': -2}, r'num_classes must be positive'),
-])
+  ],
+)
 def test_bad_config_raises(overrides, match):
   with pytest.raises(ValueError, match=match):
     config_checks.validate_config(_config(**overrides), num_devices=1, process_count=1)
@@ -61,9 +63,14 @@ def test_batch_not_divisible_by_devices():
 
 
 def _info(num_classes, spatial_shape):
-  return input_pipeline.DatasetInfo(num_classes=num_classes, num_channels=1,
-                                    spatial_shape=spatial_shape, num_train=8,
-                                    num_eval=4, spacing=None)
+  return input_pipeline.DatasetInfo(
+    num_classes=num_classes,
+    num_channels=1,
+    spatial_shape=spatial_shape,
+    num_train=8,
+    num_eval=4,
+    spacing=None,
+  )
 
 
 def test_num_classes_must_match_the_data():
@@ -74,7 +81,8 @@ def test_num_classes_must_match_the_data():
   config_checks.validate_against_data(_config(), _info(2, (64, 64)))
   with pytest.raises(ValueError, match='sigmoid loss'):
     config_checks.validate_against_data(
-        _config(**{'loss.name': 'dice_ce'}), _info(2, (64, 64)))
+      _config(**{'loss.name': 'dice_ce'}), _info(2, (64, 64))
+    )
 
 
 def test_patch_size_the_model_cannot_take():
@@ -85,8 +93,14 @@ def test_patch_size_the_model_cannot_take():
 
 @pytest.mark.parametrize('schedule', config_checks.SCHEDULES)
 def test_learning_rate_schedule_warms_up_then_decays(schedule):
-  config = _config(**{'optimizer.schedule': schedule, 'optimizer.warmup_steps': 10,
-                      'num_train_steps': 100, 'optimizer.learning_rate': 0.5})
+  config = _config(
+    **{
+      'optimizer.schedule': schedule,
+      'optimizer.warmup_steps': 10,
+      'num_train_steps': 100,
+      'optimizer.learning_rate': 0.5,
+    }
+  )
   lr = train.create_learning_rate_fn(config)
   assert float(lr(0)) == 0.0
   np.testing.assert_allclose(float(lr(5)), 0.25, rtol=1e-6)

@@ -21,18 +21,18 @@ STEPS = 6
 
 # The tiny run, as command-line overrides (for launch.py) and as a config (in-process).
 OVERRIDES = {
-    'data.config': 'tiny',
-    'model.features': 4,
-    'model.depth': 2,
-    'batch_size': 4,
-    'eval_batch_size': 4,
-    'num_train_steps': STEPS,
-    'log_every_steps': 1,
-    'eval_every_steps': 3,
-    'checkpoint_every_steps': 3,
-    'optimizer.warmup_steps': 2,
-    'augment.elastic': 2.0,
-    'augment.intensity': 0.1,
+  'data.config': 'tiny',
+  'model.features': 4,
+  'model.depth': 2,
+  'batch_size': 4,
+  'eval_batch_size': 4,
+  'num_train_steps': STEPS,
+  'log_every_steps': 1,
+  'eval_every_steps': 3,
+  'checkpoint_every_steps': 3,
+  'optimizer.warmup_steps': 2,
+  'augment.elastic': 2.0,
+  'augment.intensity': 0.1,
 }
 
 
@@ -102,16 +102,22 @@ def test_end_to_end_writes_checkpoints_metrics_and_samples(reference):
   assert train_steps == list(range(1, STEPS + 1))
   evals = [r for r in records if 'eval_dice' in r]
   assert [r['step'] for r in evals] == [3, 6]
-  for key in ('eval_mean_iou', 'eval_pixel_accuracy', 'eval_dice_per_class',
-              'eval_iou_per_class'):
+  for key in (
+    'eval_mean_iou',
+    'eval_pixel_accuracy',
+    'eval_dice_per_class',
+    'eval_iou_per_class',
+  ):
     assert key in evals[-1]
   assert all(np.isfinite(r['train_loss']) for r in records if 'train_loss' in r)
   assert {'learning_rate', 'steps_per_sec'} <= set(records[0])
   for step in (3, 6):
     with Image.open(os.path.join(workdir, 'samples', f'eval_step_{step}.png')) as png:
       assert png.format == 'PNG' and min(png.size) > 100
-  assert any(f.startswith('events.out.tfevents')
-             for f in os.listdir(os.path.join(workdir, 'tensorboard')))
+  assert any(
+    f.startswith('events.out.tfevents')
+    for f in os.listdir(os.path.join(workdir, 'tensorboard'))
+  )
   assert 0.0 <= result['eval']['mean_iou'] <= 1.0
   assert 0.0 <= result['eval']['pixel_accuracy'] <= 1.0
   assert len(result['eval']['dice_per_class']) == 2
@@ -123,7 +129,8 @@ class _Preempted(Exception):
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(
-    reference, data_dir, tmp_path, monkeypatch):
+  reference, data_dir, tmp_path, monkeypatch
+):
   _, _, (_, expected) = reference
   real = input_pipeline.Dataset.train_iterator
 
@@ -145,7 +152,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(
   assert step == STEPS
   _assert_states_equal(state, expected)
   assert [r['step'] for r in _read_jsonl(workdir) if 'train_loss' in r] == list(
-      range(1, STEPS + 1))
+    range(1, STEPS + 1)
+  )
 
 
 # Runs launch.py in this process after patching something, for the subprocess tests.
@@ -185,17 +193,26 @@ input_pipeline.Dataset.train_iterator = train_iterator
 
 def _launch(workdir, data_dir, *, patch='', timeout=300, **extra):
   """Runs launch.py on the tiny config in a subprocess; returns the finished process."""
-  args = ['--config=' + os.path.join(ROOT, 'configs/dice_bce.py'),
-          f'--workdir={workdir}'] + flag_args(data_dir, **extra)
-  script = _DRIVER.format(root=ROOT, patch=patch, args=args,
-                          launch=os.path.join(ROOT, 'launch.py'))
-  return subprocess.run([sys.executable, '-c', script], cwd=ROOT, timeout=timeout,
-                        env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
-                        text=True)
+  args = [
+    '--config=' + os.path.join(ROOT, 'configs/dice_bce.py'),
+    f'--workdir={workdir}',
+  ] + flag_args(data_dir, **extra)
+  script = _DRIVER.format(
+    root=ROOT, patch=patch, args=args, launch=os.path.join(ROOT, 'launch.py')
+  )
+  return subprocess.run(
+    [sys.executable, '-c', script],
+    cwd=ROOT,
+    timeout=timeout,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    capture_output=True,
+    text=True,
+  )
 
 
 def test_sigkill_during_a_save_leaves_a_checkpoint_that_restores(
-    reference, data_dir, tmp_path):
+  reference, data_dir, tmp_path
+):
   _, _, (_, expected) = reference
   workdir = str(tmp_path / 'killed')
   ckpt_dir = os.path.join(workdir, 'checkpoints')
@@ -218,7 +235,8 @@ def test_sigkill_during_a_save_leaves_a_checkpoint_that_restores(
 
 
 def test_sigterm_saves_at_the_step_and_the_same_command_resumes(
-    reference, data_dir, tmp_path):
+  reference, data_dir, tmp_path
+):
   _, _, (_, expected) = reference
   workdir = str(tmp_path / 'preempted')
   proc = _launch(workdir, data_dir, patch=_SIGTERM_AT_STEP_4.format(count=1))
@@ -233,7 +251,8 @@ def test_sigterm_saves_at_the_step_and_the_same_command_resumes(
   assert step == STEPS
   _assert_states_equal(state, expected)
   assert [r['step'] for r in _read_jsonl(workdir) if 'train_loss' in r] == list(
-      range(1, STEPS + 1))
+    range(1, STEPS + 1)
+  )
 
 
 def test_a_second_signal_exits_at_once(data_dir, tmp_path):
@@ -244,7 +263,7 @@ def test_a_second_signal_exits_at_once(data_dir, tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3']
 
 
-_DEVICES_SCRIPT = r'''
+_DEVICES_SCRIPT = r"""
 import json, sys
 sys.path.insert(0, {root!r})
 import jax
@@ -262,22 +281,31 @@ for mode in ('jit', 'pmap'):
                    params=[np.asarray(x).tolist() for x in
                            jax.tree.leaves(state['params'])])
 print('RESULT=' + json.dumps(out))
-'''
+"""
 
 
-def test_one_device_jit_and_four_device_jit_and_pmap_agree(
-    reference, data_dir, tmp_path):
+def test_one_device_jit_and_four_device_jit_and_pmap_agree(reference, data_dir, tmp_path):
   workdir, result, (_, state) = reference
-  one_device = dict(losses=_train_losses(workdir), eval=result['eval'],
-                    params=jax.tree.leaves(state['params']))
+  one_device = dict(
+    losses=_train_losses(workdir),
+    eval=result['eval'],
+    params=jax.tree.leaves(state['params']),
+  )
   script = _DEVICES_SCRIPT.format(root=ROOT, tmp=str(tmp_path), data_dir=data_dir)
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=4')
-  proc = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
+  env = dict(
+    os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=4'
+  )
+  proc = subprocess.run(
+    [sys.executable, '-c', script],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = [s for s in proc.stdout.splitlines() if s.startswith('RESULT=')][-1]
-  runs = json.loads(line[len('RESULT='):])
+  runs = json.loads(line[len('RESULT=') :])
   # The learning rate is 0 only at step 0 (warmup 2); five real updates follow.
   assert float(train.create_learning_rate_fn(tiny_config(data_dir))(1)) > 0
   for mode in ('jit', 'pmap'):
@@ -290,15 +318,21 @@ def test_one_device_jit_and_four_device_jit_and_pmap_agree(
   # The trajectory moves: the comparison is not between constants.
   assert abs(one_device['losses'][-1] - one_device['losses'][0]) > 1e-3
   initial = train.create_train_state(
-      jax.random.key(0), train.create_model(tiny_config(data_dir).model),
-      train.create_optimizer(tiny_config(data_dir)), (1, 32, 32, 1)).params
-  moved = [np.abs(np.asarray(a) - b).max() for a, b in
-           zip(jax.tree.leaves(initial), one_device['params'])]
+    jax.random.key(0),
+    train.create_model(tiny_config(data_dir).model),
+    train.create_optimizer(tiny_config(data_dir)),
+    (1, 32, 32, 1),
+  ).params
+  moved = [
+    np.abs(np.asarray(a) - b).max()
+    for a, b in zip(jax.tree.leaves(initial), one_device['params'])
+  ]
   assert min(moved) > 1e-4
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
-    data_dir, tmp_path, monkeypatch):
+  data_dir, tmp_path, monkeypatch
+):
   real = input_pipeline.Dataset.train_iterator
 
   def poisoned(self, start_step=0, **kwargs):
@@ -320,13 +354,15 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
 def test_unknown_data_set_fails_before_compiling(data_dir, tmp_path):
   with pytest.raises(ValueError, match='no_such_data'):
     train.train_and_evaluate(
-        tiny_config(data_dir, **{'data.name': 'no_such_data'}), str(tmp_path))
+      tiny_config(data_dir, **{'data.name': 'no_such_data'}), str(tmp_path)
+    )
   assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))
 
 
 def test_trains_on_a_folder_of_images_and_masks(tmp_path):
   """A user's own folder trains with one command, RGB images with 3 classes."""
   from unet_jax.datasets import segmentation_folder  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(0)
   root = tmp_path / 'my_data'
   for split, count in (('train', 6), ('val', 3)):
@@ -335,19 +371,31 @@ def test_trains_on_a_folder_of_images_and_masks(tmp_path):
       label[4:12, 4:12] = 1
       label[14:20, 10:22] = 2
       image = (rng.normal(80, 10, (24, 24, 3)) + 60 * label[..., None]).clip(0, 255)
-      segmentation_folder.write_pair(root, split, f'case{i}', image.astype(np.uint8),
-                                     label)
+      segmentation_folder.write_pair(root, split, f'case{i}', image.astype(np.uint8), label)
   workdir = str(tmp_path / 'run')
-  cmd = [sys.executable, os.path.join(ROOT, 'launch.py'),
-         '--config=' + os.path.join(ROOT, 'configs/folder.py'),
-         f'--workdir={workdir}', f'--config.data.root={root}',
-         f'--config.data.data_dir={tmp_path / "tfds"}', '--config.model.features=4',
-         '--config.model.depth=2',
-         '--config.batch_size=2', '--config.eval_batch_size=2',
-         '--config.num_train_steps=4', '--config.eval_every_steps=4',
-         '--config.log_every_steps=2']
-  proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'),
-                        capture_output=True, text=True, timeout=300)
+  cmd = [
+    sys.executable,
+    os.path.join(ROOT, 'launch.py'),
+    '--config=' + os.path.join(ROOT, 'configs/folder.py'),
+    f'--workdir={workdir}',
+    f'--config.data.root={root}',
+    f'--config.data.data_dir={tmp_path / "tfds"}',
+    '--config.model.features=4',
+    '--config.model.depth=2',
+    '--config.batch_size=2',
+    '--config.eval_batch_size=2',
+    '--config.num_train_steps=4',
+    '--config.eval_every_steps=4',
+    '--config.log_every_steps=2',
+  ]
+  proc = subprocess.run(
+    cmd,
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'Final validation: dice' in proc.stdout
   # Three classes, read from the masks.
@@ -359,17 +407,26 @@ def test_trains_on_a_folder_of_images_and_masks(tmp_path):
 
 def test_folder_with_a_bad_mask_fails_naming_the_file(tmp_path):
   from unet_jax.datasets import segmentation_folder  # pylint: disable=g-import-not-at-top
+
   root = tmp_path / 'bad'
   for split in ('train', 'val'):
     for i in range(2):
-      segmentation_folder.write_pair(root, split, f'case{i}',
-                                     np.zeros((8, 8), np.uint8),
-                                     np.zeros((8, 8), np.uint8))
-  segmentation_folder.write_pair(root, 'train', 'broken', np.zeros((8, 8), np.uint8),
-                                 np.full((8, 8), 7, np.uint8))
-  config = tiny_config(str(tmp_path / 'tfds'), **{
-      'data.name': 'segmentation_folder', 'data.root': str(root),
-      'data.config': '2d', 'data.num_classes': 2, 'loss.name': 'dice_ce',
-      'model.num_classes': 2})
+      segmentation_folder.write_pair(
+        root, split, f'case{i}', np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8)
+      )
+  segmentation_folder.write_pair(
+    root, 'train', 'broken', np.zeros((8, 8), np.uint8), np.full((8, 8), 7, np.uint8)
+  )
+  config = tiny_config(
+    str(tmp_path / 'tfds'),
+    **{
+      'data.name': 'segmentation_folder',
+      'data.root': str(root),
+      'data.config': '2d',
+      'data.num_classes': 2,
+      'loss.name': 'dice_ce',
+      'model.num_classes': 2,
+    },
+  )
   with pytest.raises(ValueError, match=r'broken\.png'):
     train.train_and_evaluate(config, str(tmp_path / 'run'))

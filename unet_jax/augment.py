@@ -39,30 +39,30 @@ def _options(config) -> dict:
   scale = tuple(float(s) for s in config.get('scale', (1.0, 1.0)))
   if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
     raise ValueError(
-        f'config.augment.scale must be (min, max) with 0 < min <= max, got {scale}.'
+      f'config.augment.scale must be (min, max) with 0 < min <= max, got {scale}.'
     )
   intensity = float(config.get('intensity', 0.0))
   elastic = float(config.get('elastic', 0.0))
   grid = int(config.get('elastic_grid', 3))
   if intensity < 0 or elastic < 0:
     raise ValueError(
-        f'config.augment.intensity and .elastic must be >= 0, got {intensity}, {elastic}.'
+      f'config.augment.intensity and .elastic must be >= 0, got {intensity}, {elastic}.'
     )
   if grid < 2:
     raise ValueError(f'config.augment.elastic_grid must be >= 2, got {grid}.')
   flip_axes = tuple(int(a) for a in config.get('flip_axes', ()) or ())
   if any(a < 0 or a > 2 for a in flip_axes):
     raise ValueError(
-        f'config.augment.flip_axes must hold spatial axes (0, 1 or 2), got {flip_axes}.'
+      f'config.augment.flip_axes must hold spatial axes (0, 1 or 2), got {flip_axes}.'
     )
   return {
-      'flip': bool(config.get('flip', False)),
-      'flip_axes': flip_axes,
-      'rot90': bool(config.get('rot90', False)),
-      'scale': scale,
-      'intensity': intensity,
-      'elastic': elastic,
-      'elastic_grid': grid,
+    'flip': bool(config.get('flip', False)),
+    'flip_axes': flip_axes,
+    'rot90': bool(config.get('rot90', False)),
+    'scale': scale,
+    'intensity': intensity,
+    'elastic': elastic,
+    'elastic_grid': grid,
   }
 
 
@@ -82,7 +82,7 @@ def _sample_linear(x: jax.Array, coords: list[jax.Array]) -> jax.Array:
   for corner in itertools.product((0, 1), repeat=len(spatial)):
     index = tuple(_reflect(lo + o, s) for lo, o, s in zip(lower, corner, spatial))
     weight = functools.reduce(
-        jnp.multiply, [f if o else 1 - f for f, o in zip(frac, corner)]
+      jnp.multiply, [f if o else 1 - f for f, o in zip(frac, corner)]
     )
     out = out + weight[..., None].astype(x.dtype) * x[index]
   return out
@@ -91,7 +91,7 @@ def _sample_linear(x: jax.Array, coords: list[jax.Array]) -> jax.Array:
 def _sample_nearest(x: jax.Array, coords: list[jax.Array]) -> jax.Array:
   """Samples x [*spatial, ...] at the pixel nearest to each coordinate."""
   index = tuple(
-      _reflect(jnp.round(c).astype(jnp.int32), s) for c, s in zip(coords, x.shape)
+    _reflect(jnp.round(c).astype(jnp.int32), s) for c, s in zip(coords, x.shape)
   )
   return x[index]
 
@@ -101,7 +101,7 @@ def _coordinates(key: jax.Array, spatial: tuple[int, ...], opts: dict) -> list[j
   ndim = len(spatial)
   k_flip, k_rot, k_scale, k_offset, k_elastic = jax.random.split(key, 5)
   coords = list(
-      jnp.meshgrid(*[jnp.arange(s, dtype=jnp.float32) for s in spatial], indexing='ij')
+    jnp.meshgrid(*[jnp.arange(s, dtype=jnp.float32) for s in spatial], indexing='ij')
   )
   if opts['elastic'] > 0:
     grid = opts['elastic_grid']
@@ -113,9 +113,7 @@ def _coordinates(key: jax.Array, spatial: tuple[int, ...], opts: dict) -> list[j
     scale = jax.random.uniform(k_scale, (), minval=lo, maxval=hi)
     size = jnp.asarray(spatial, jnp.float32)
     slack = size - size / scale  # > 0 zooming in, < 0 zooming out.
-    offset = jnp.minimum(slack, 0) + jax.random.uniform(k_offset, (ndim,)) * jnp.abs(
-        slack
-    )
+    offset = jnp.minimum(slack, 0) + jax.random.uniform(k_offset, (ndim,)) * jnp.abs(slack)
     coords = [offset[d] + (c + 0.5) / scale - 0.5 for d, c in enumerate(coords)]
   if opts['rot90'] and ndim >= 2 and spatial[-1] == spatial[-2]:
     last = spatial[-1] - 1.0
@@ -127,15 +125,17 @@ def _coordinates(key: jax.Array, spatial: tuple[int, ...], opts: dict) -> list[j
   if opts['flip']:
     flips = jax.random.bernoulli(k_flip, 0.5, (ndim,))
     axes = opts['flip_axes'] or range(ndim)
-    coords = [jnp.where(flips[d], spatial[d] - 1.0 - c, c) if d in axes else c
-              for d, c in enumerate(coords)]
+    coords = [
+      jnp.where(flips[d], spatial[d] - 1.0 - c, c) if d in axes else c
+      for d, c in enumerate(coords)
+    ]
   return coords
 
 
 def _augment_one(key, image, label, *, opts):
   k_geometry, k_intensity = jax.random.split(key)
   geometric = (
-      opts['flip'] or opts['rot90'] or opts['elastic'] > 0 or opts['scale'] != (1.0, 1.0)
+    opts['flip'] or opts['rot90'] or opts['elastic'] > 0 or opts['scale'] != (1.0, 1.0)
   )
   if geometric:
     coords = _coordinates(k_geometry, label.shape, opts)
@@ -143,15 +143,13 @@ def _augment_one(key, image, label, *, opts):
     label = _sample_nearest(label, coords)
   if opts['intensity'] > 0:
     a = opts['intensity']
-    gain, shift = jax.random.uniform(
-        k_intensity, (2, image.shape[-1]), minval=-a, maxval=a
-    )
+    gain, shift = jax.random.uniform(k_intensity, (2, image.shape[-1]), minval=-a, maxval=a)
     image = image * (1 + gain).astype(image.dtype) + shift.astype(image.dtype)
   return image, label
 
 
 def augment(
-    key: jax.Array, image: jax.Array, label: jax.Array, *, config
+  key: jax.Array, image: jax.Array, label: jax.Array, *, config
 ) -> tuple[jax.Array, jax.Array]:
   """Randomly augments a batch, one independent transform per example.
 
@@ -174,8 +172,8 @@ def augment(
   """
   if image.ndim not in (4, 5) or label.shape != image.shape[:-1]:
     raise ValueError(
-        'augment expects image [N, *spatial, C] and label [N, *spatial] with 2 or 3'
-        f' spatial axes, got {image.shape} and {label.shape}.'
+      'augment expects image [N, *spatial, C] and label [N, *spatial] with 2 or 3'
+      f' spatial axes, got {image.shape} and {label.shape}.'
     )
   opts = _options(config)
   keys = jax.random.split(key, image.shape[0])

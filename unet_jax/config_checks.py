@@ -48,46 +48,61 @@ def _choice(field: str, value: Any, valid) -> None:
 def _check_model(model_config) -> None:
   unknown = sorted(set(model_config.keys()) - set(model_options()))
   if unknown:
-    raise ValueError(f'config.model has unknown field(s) {unknown}; the UNet takes'
-                     f' {list(model_options())}.')
+    raise ValueError(
+      f'config.model has unknown field(s) {unknown}; the UNet takes'
+      f' {list(model_options())}.'
+    )
   _choice('model.upsample', model_config.upsample, models.UPSAMPLE_MODES)
   _choice('model.norm', model_config.norm, models.NORMS)
   _choice('model.dtype', model_config.dtype, DTYPES)
   _choice('model.param_dtype', model_config.get('param_dtype', 'float32'), DTYPES)
   if model_config.num_classes < 0:
-    raise ValueError('config.model.num_classes must be positive (or 0: from the'
-                     f' data), got {model_config.num_classes}.')
+    raise ValueError(
+      'config.model.num_classes must be positive (or 0: from the'
+      f' data), got {model_config.num_classes}.'
+    )
   if not 0 <= model_config.get('deep_supervision', 0) < model_config.depth:
     raise ValueError(
-        f'config.model.deep_supervision={model_config.deep_supervision} must be in'
-        f' [0, depth - 1 = {model_config.depth - 1}].')
+      f'config.model.deep_supervision={model_config.deep_supervision} must be in'
+      f' [0, depth - 1 = {model_config.depth - 1}].'
+    )
 
 
-def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
-                    process_count: int) -> None:
+def validate_config(
+  config: ml_collections.ConfigDict, *, num_devices: int, process_count: int
+) -> None:
   """Raises ValueError for a config that cannot run, before anything compiles."""
   losses.get_loss(config.loss.name)  # Raises, listing the valid names.
   if 'ignore_index' in config.loss.kwargs:
     raise ValueError(
-        'config.loss.kwargs.ignore_index is set by the trainer (padding and ignored'
-        ' pixels); set config.data.ignore_index to the label value to leave out.')
+      'config.loss.kwargs.ignore_index is set by the trainer (padding and ignored'
+      ' pixels); set config.data.ignore_index to the label value to leave out.'
+    )
   _choice('optimizer.name', config.optimizer.name, OPTIMIZERS)
   _choice('optimizer.schedule', config.optimizer.schedule, SCHEDULES)
   _choice('parallelism', config.parallelism, runner_lib.MODES)
   _choice('best_mode', config.get('best_mode', 'max'), BEST_MODES)
   _check_model(config.model)
-  for field in ('batch_size', 'eval_batch_size', 'num_train_steps', 'log_every_steps',
-                'checkpoint_every_steps'):
+  for field in (
+    'batch_size',
+    'eval_batch_size',
+    'num_train_steps',
+    'log_every_steps',
+    'checkpoint_every_steps',
+  ):
     if config[field] < 1:
       raise ValueError(f'config.{field} must be positive, got {config[field]}.')
   for field in ('batch_size', 'eval_batch_size'):
     if config[field] % num_devices:
       raise ValueError(
-          f'config.{field}={config[field]} (a global batch) is not divisible by the'
-          f' {num_devices} devices; use a multiple of {num_devices}.')
+        f'config.{field}={config[field]} (a global batch) is not divisible by the'
+        f' {num_devices} devices; use a multiple of {num_devices}.'
+      )
   if config.batch_size % process_count:
-    raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the'
-                     f' {process_count} processes.')
+    raise ValueError(
+      f'config.batch_size={config.batch_size} is not divisible by the'
+      f' {process_count} processes.'
+    )
   if config.optimizer.learning_rate <= 0:
     raise ValueError('config.optimizer.learning_rate must be positive.')
   evaluators.check_config(config.evals)
@@ -108,27 +123,37 @@ def check_same_on_all_processes(config: ml_collections.ConfigDict, workdir: str)
   """
   if jax.process_count() == 1:
     return
-  text = json.dumps({'config': json.loads(config.to_json_best_effort()),
-                     'workdir': os.path.abspath(workdir)}, sort_keys=True).encode()
+  text = json.dumps(
+    {
+      'config': json.loads(config.to_json_best_effort()),
+      'workdir': os.path.abspath(workdir),
+    },
+    sort_keys=True,
+  ).encode()
   digest = np.frombuffer(hashlib.sha256(text).digest(), np.uint8)
   digests = runner_lib.gather_over_processes(digest[None])
   if (digests == digests[0]).all():
     return
   size = int(runner_lib.gather_over_processes(np.asarray([len(text)])).max())
   padded = np.zeros((1, size), np.uint8)
-  padded[0, :len(text)] = np.frombuffer(text, np.uint8)
-  texts = [bytes(row).rstrip(b'\0').decode()
-           for row in runner_lib.gather_over_processes(padded)]
+  padded[0, : len(text)] = np.frombuffer(text, np.uint8)
+  texts = [
+    bytes(row).rstrip(b'\0').decode() for row in runner_lib.gather_over_processes(padded)
+  ]
   first = _flatten(json.loads(texts[0]))
   lines = []
   for p, other in enumerate(texts[1:], start=1):
     other = _flatten(json.loads(other))
-    lines += [f'{k}: {first.get(k)!r} on process 0, {other.get(k)!r} on process {p}'
-              for k in sorted(first.keys() | other.keys()) if first.get(k) != other.get(k)]
+    lines += [
+      f'{k}: {first.get(k)!r} on process 0, {other.get(k)!r} on process {p}'
+      for k in sorted(first.keys() | other.keys())
+      if first.get(k) != other.get(k)
+    ]
   raise ValueError(
-      f'The {jax.process_count()} processes were started with different configs; every'
-      ' process must run the same command (--config, --config.* overrides, --workdir):'
-      '\n  ' + '\n  '.join(lines) + '\nNothing was trained or written.')
+    f'The {jax.process_count()} processes were started with different configs; every'
+    ' process must run the same command (--config, --config.* overrides, --workdir):'
+    '\n  ' + '\n  '.join(lines) + '\nNothing was trained or written.'
+  )
 
 
 def best_evaluator(config) -> str:
@@ -136,25 +161,35 @@ def best_evaluator(config) -> str:
   names = [n for n in config.evals.keys() if config.best_metric.startswith(n + '_')]
   if not names:
     raise ValueError(
-        f'config.best_metric={config.best_metric!r} must name an evaluator\'s metric'
-        f' as <evaluator>_<metric>; the evaluators are {sorted(config.evals.keys())}.')
+      f"config.best_metric={config.best_metric!r} must name an evaluator's metric"
+      f' as <evaluator>_<metric>; the evaluators are {sorted(config.evals.keys())}.'
+    )
   return max(names, key=len)
 
 
 def validate_against_data(config: ml_collections.ConfigDict, info) -> None:
   """`num_classes` and the input size must fit the data (`input_pipeline.DatasetInfo`)."""
   c = config.model.num_classes
-  sigmoid = (config.loss.name in SIGMOID_LOSSES
-             or config.loss.kwargs.get('activation') == 'sigmoid')
+  sigmoid = (
+    config.loss.name in SIGMOID_LOSSES or config.loss.kwargs.get('activation') == 'sigmoid'
+  )
   binary_sigmoid = c == 1 and info.num_classes == 2 and sigmoid
   if c != info.num_classes and not binary_sigmoid:
-    hint = (" (one logit works only with a sigmoid loss, 'dice_bce', 'bce' or"
-            " loss.kwargs.activation='sigmoid', on a 2-class data set)" if c == 1 else '')
+    hint = (
+      " (one logit works only with a sigmoid loss, 'dice_bce', 'bce' or"
+      " loss.kwargs.activation='sigmoid', on a 2-class data set)"
+      if c == 1
+      else ''
+    )
     raise ValueError(
-        f'config.model.num_classes={c} does not match the data set'
-        f' {config.data.name!r}, which has {info.num_classes} classes{hint}.')
-  divisor = models.input_divisor(ndim=len(info.spatial_shape), depth=config.model.depth,
-                                 pool_sizes=model_pools(config.model))
+      f'config.model.num_classes={c} does not match the data set'
+      f' {config.data.name!r}, which has {info.num_classes} classes{hint}.'
+    )
+  divisor = models.input_divisor(
+    ndim=len(info.spatial_shape),
+    depth=config.model.depth,
+    pool_sizes=model_pools(config.model),
+  )
   try:
     models.check_spatial_shape(info.spatial_shape, divisor)
   except ValueError as e:
@@ -177,21 +212,25 @@ def model_pools(model_config):
 
 def divisor(model_config, ndim: int) -> tuple[int, ...]:
   """What input sizes must be a multiple of, per spatial axis."""
-  return models.input_divisor(ndim=ndim, depth=model_config.depth,
-                              pool_sizes=model_pools(model_config))
+  return models.input_divisor(
+    ndim=ndim, depth=model_config.depth, pool_sizes=model_pools(model_config)
+  )
 
 
 def config_ndim(config) -> int:
   """The spatial rank a config's data set has, known before it is built."""
   from unet_jax.datasets import sources  # pylint: disable=g-import-not-at-top
+
   return sources.get(config.data.name).ndim(config.data)
 
 
 def state_record(config, info) -> dict[str, Any]:
   """What a checkpoint records of the config it was written with."""
   record = json.loads(config.to_json_best_effort())
-  record['data_shape'] = {'num_channels': info.num_channels,
-                          'ndim': len(info.spatial_shape)}
+  record['data_shape'] = {
+    'num_channels': info.num_channels,
+    'ndim': len(info.spatial_shape),
+  }
   record['input'] = {'spatial_shape': list(info.spatial_shape)}  # What training fed.
   return record
 
@@ -205,8 +244,9 @@ def _flatten(tree, prefix='') -> dict[str, Any]:
   return out
 
 
-def check_resume(saved: dict[str, Any], current: dict[str, Any], *, where: str
-                 ) -> list[str]:
+def check_resume(
+  saved: dict[str, Any], current: dict[str, Any], *, where: str
+) -> list[str]:
   """Compares a checkpoint's recorded config with the one that resumes from it.
 
   Args:
@@ -225,10 +265,12 @@ def check_resume(saved: dict[str, Any], current: dict[str, Any], *, where: str
   changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
   fixed = [k for k in changed if any(k == f or k.startswith(f + '.') for f in STATE_FIELDS)]
   if fixed:
-    lines = '\n  '.join(f'{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now'
-                        for k in fixed)
+    lines = '\n  '.join(
+      f'{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now' for k in fixed
+    )
     raise ValueError(
-        f'Cannot resume from {where}: the checkpoint was written with another model'
-        f' or optimizer, and its state does not fit this config:\n  {lines}\nUse a new'
-        ' --workdir, or the checkpoint\'s values. Nothing was written.')
+      f'Cannot resume from {where}: the checkpoint was written with another model'
+      f' or optimizer, and its state does not fit this config:\n  {lines}\nUse a new'
+      " --workdir, or the checkpoint's values. Nothing was written."
+    )
   return [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in changed]

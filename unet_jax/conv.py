@@ -131,8 +131,7 @@ def default_weight_grad(ndim: int) -> str:
   if not resolve(None):
     return 'xla'
   choice = CPU_WEIGHT_GRAD[ndim]
-  if choice == 'native' and (jax.device_count() > 1 or
-                             not native_kernels.available()):
+  if choice == 'native' and (jax.device_count() > 1 or not native_kernels.available()):
     return 'xla'
   return choice
 
@@ -145,15 +144,21 @@ def _same_pads(kernel_spatial: Sequence[int]) -> list[tuple[int, int]]:
 def _plain(x, kernel, precision=None):
   ndim = x.ndim - 2
   dn = lax.conv_dimension_numbers(
-      x.shape, kernel.shape,
-      ('NHWC', 'HWIO', 'NHWC') if ndim == 2 else ('NDHWC', 'DHWIO', 'NDHWC'))
+    x.shape,
+    kernel.shape,
+    ('NHWC', 'HWIO', 'NHWC') if ndim == 2 else ('NDHWC', 'DHWIO', 'NDHWC'),
+  )
   return lax.conv_general_dilated(
-      x, kernel, (1,) * ndim, _same_pads(kernel.shape[:-2]),
-      dimension_numbers=dn, precision=precision)
+    x,
+    kernel,
+    (1,) * ndim,
+    _same_pads(kernel.shape[:-2]),
+    dimension_numbers=dn,
+    precision=precision,
+  )
 
 
-def weight_grad_gemm(x: jax.Array, g: jax.Array,
-                     kernel_shape: Sequence[int]) -> jax.Array:
+def weight_grad_gemm(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int]) -> jax.Array:
   """Kernel gradient of a stride-1 'same' 2D convolution, as one matrix product.
 
   Args:
@@ -171,14 +176,16 @@ def weight_grad_gemm(x: jax.Array, g: jax.Array,
   xp = jnp.pad(x, ((0, 0), (ph_lo, ph_hi), (pw_lo, pw_hi), (0, 0)))
   rows = h + kh - 1
   # X[n, r, x, (j, c)] = xp[n, r, x + j, c]
-  xw = jnp.concatenate([xp[:, :, j:j + w] for j in range(kw)], axis=-1)
+  xw = jnp.concatenate([xp[:, :, j : j + w] for j in range(kw)], axis=-1)
   # G[n, r, x, (i, o)] = g[n, r - i, x, o], zero where r - i is outside [0, H).
   gp = jnp.pad(g, ((0, 0), (kh - 1, kh - 1), (0, 0), (0, 0)))
-  gh = jnp.concatenate(
-      [gp[:, kh - 1 - i:kh - 1 - i + rows] for i in range(kh)], axis=-1)
+  gh = jnp.concatenate([gp[:, kh - 1 - i : kh - 1 - i + rows] for i in range(kh)], axis=-1)
   out = lax.dot_general(
-      xw.reshape(n * rows * w, kw * c), gh.reshape(n * rows * w, kh * o),
-      (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    xw.reshape(n * rows * w, kw * c),
+    gh.reshape(n * rows * w, kh * o),
+    (((0,), (0,)), ((), ())),
+    preferred_element_type=jnp.float32,
+  )
   out = out.reshape(kw, c, kh, o).transpose(2, 0, 1, 3)
   return out.astype(jnp.promote_types(x.dtype, g.dtype))
 
@@ -198,8 +205,10 @@ def weight_grad_gemm(x: jax.Array, g: jax.Array,
 # same with either), and on 8-wide ones XLA's kernel gradient is faster too. In 3D,
 # where XLA's alternative is the folded convolution, the native kernels tied or won
 # on every layer measured, down to 8 wide.
-NATIVE_MIN_WIDTH = {2: {'forward': 32, 'kernel_grad': 16, 'winograd': 16},
-                    3: {'forward': 8, 'kernel_grad': 8, 'winograd': 16}}
+NATIVE_MIN_WIDTH = {
+  2: {'forward': 32, 'kernel_grad': 16, 'winograd': 16},
+  3: {'forward': 8, 'kernel_grad': 8, 'winograd': 16},
+}
 # The native forward kernel has register tiles for 16 or more output channels, and
 # plain loops for fewer; so the forward pass needs 16 output channels and the input
 # gradient (the forward kernel with the channel axes swapped) 16 input channels.
@@ -216,14 +225,20 @@ def _wide_enough(x, part):
 
 def _native_forward_suits(x, kernel):
   """Whether the native forward pass is used for this convolution."""
-  return (_is_f32(x, kernel) and _wide_enough(x, 'forward')
-          and kernel.shape[-1] >= NATIVE_MIN_TILED_CHANNELS)
+  return (
+    _is_f32(x, kernel)
+    and _wide_enough(x, 'forward')
+    and kernel.shape[-1] >= NATIVE_MIN_TILED_CHANNELS
+  )
 
 
 def _native_input_grad_suits(x, g, kernel):
   """Whether the native input gradient is used for this convolution."""
-  return (_is_f32(x, g, kernel) and _wide_enough(x, 'forward')
-          and kernel.shape[-2] >= NATIVE_MIN_TILED_CHANNELS)
+  return (
+    _is_f32(x, g, kernel)
+    and _wide_enough(x, 'forward')
+    and kernel.shape[-2] >= NATIVE_MIN_TILED_CHANNELS
+  )
 
 
 def _winograd_suits(x, kernel):
@@ -233,9 +248,12 @@ def _winograd_suits(x, kernel):
   `NATIVE_MIN_TILED_CHANNELS` input and output channels), and it lost to the direct
   kernels on images narrower than `NATIVE_MIN_WIDTH[ndim]['winograd']`.
   """
-  return (_is_f32(x, kernel) and _wide_enough(x, 'winograd')
-          and native_kernels.winograd_suits(kernel.shape[:-2])
-          and min(kernel.shape[-2:]) >= NATIVE_MIN_TILED_CHANNELS)
+  return (
+    _is_f32(x, kernel)
+    and _wide_enough(x, 'winograd')
+    and native_kernels.winograd_suits(kernel.shape[:-2])
+    and min(kernel.shape[-2:]) >= NATIVE_MIN_TILED_CHANNELS
+  )
 
 
 def _fold(x, kd):
@@ -245,7 +263,7 @@ def _fold(x, kd):
     return x.reshape(n * d, h, w, c)
   ((lo, hi),) = _same_pads((kd,))
   xp = jnp.pad(x, ((0, 0), (lo, hi), (0, 0), (0, 0), (0, 0)))
-  xs = jnp.concatenate([xp[:, i:i + d] for i in range(kd)], axis=-1)
+  xs = jnp.concatenate([xp[:, i : i + d] for i in range(kd)], axis=-1)
   return xs.reshape(n * d, h, w, kd * c)
 
 
@@ -268,9 +286,10 @@ def _unfold_input_grad(dxs, shape, kd):
   ((lo, hi),) = _same_pads((kd,))
   # Slice i of the fold at depth d holds x[d + i - lo]: shift it back and sum.
   padded = sum(
-      jnp.pad(dxs[..., i, :], ((0, 0), (i, kd - 1 - i), (0, 0), (0, 0), (0, 0)))
-      for i in range(kd))
-  return padded[:, lo:lo + d]
+    jnp.pad(dxs[..., i, :], ((0, 0), (i, kd - 1 - i), (0, 0), (0, 0), (0, 0)))
+    for i in range(kd)
+  )
+  return padded[:, lo : lo + d]
 
 
 def _folds(x, how):
@@ -306,17 +325,19 @@ def _input_grad(x, g, kernel, how, precision):
 def _kernel_grad(x, g, kernel, how, precision):
   """dL/dK of the convolution of `x` by `kernel` given the output gradient `g`."""
   weight_grad = how[0]
-  if (weight_grad == 'native' and how[3] and _is_f32(g)
-      and _winograd_suits(x, kernel)):
+  if weight_grad == 'native' and how[3] and _is_f32(g) and _winograd_suits(x, kernel):
     return native_kernels.conv_weight_grad(
-        x, g, tuple(kernel.shape[:-2]), winograd=True).astype(kernel.dtype)
+      x, g, tuple(kernel.shape[:-2]), winograd=True
+    ).astype(kernel.dtype)
   if weight_grad == 'native' and _is_f32(x, g) and _wide_enough(x, 'kernel_grad'):
-    return native_kernels.conv_weight_grad(
-        x, g, tuple(kernel.shape[:-2])).astype(kernel.dtype)
+    return native_kernels.conv_weight_grad(x, g, tuple(kernel.shape[:-2])).astype(
+      kernel.dtype
+    )
   if _folds(x, how):
     kd = kernel.shape[0]
-    dk2 = _kernel_grad(_fold(x, kd), g.reshape((-1,) + g.shape[2:]),
-                       _fold_kernel(kernel), how, precision)
+    dk2 = _kernel_grad(
+      _fold(x, kd), g.reshape((-1,) + g.shape[2:]), _fold_kernel(kernel), how, precision
+    )
     return _unfold_kernel(dk2, kd).astype(kernel.dtype)
   if weight_grad == 'gemm' and x.ndim == 4:
     return weight_grad_gemm(x, g, kernel.shape).astype(kernel.dtype)
@@ -339,8 +360,10 @@ def _conv_own_grads_fwd(x, kernel, how, precision):
 
 def _conv_own_grads_bwd(how, precision, res, g):
   x, kernel = res
-  return (_input_grad(x, g, kernel, how, precision),
-          _kernel_grad(x, g, kernel, how, precision))
+  return (
+    _input_grad(x, g, kernel, how, precision),
+    _kernel_grad(x, g, kernel, how, precision),
+  )
 
 
 _conv_own_grads.defvjp(_conv_own_grads_fwd, _conv_own_grads_bwd)
@@ -351,9 +374,15 @@ def _check_weight_grad(weight_grad):
     raise ValueError(f'weight_grad={weight_grad!r} is not one of {WEIGHT_GRADS}.')
 
 
-def conv2d_same(x: jax.Array, kernel: jax.Array, *, weight_grad: str = 'xla',
-                native_forward: bool = False, winograd: bool = False,
-                precision: Any = None) -> jax.Array:
+def conv2d_same(
+  x: jax.Array,
+  kernel: jax.Array,
+  *,
+  weight_grad: str = 'xla',
+  native_forward: bool = False,
+  winograd: bool = False,
+  precision: Any = None,
+) -> jax.Array:
   """Stride-1 'same' 2D convolution, `[N, H, W, C] x [kh, kw, C, O] -> [N, H, W, O]`.
 
   Args:
@@ -380,12 +409,20 @@ def conv2d_same(x: jax.Array, kernel: jax.Array, *, weight_grad: str = 'xla',
   if weight_grad == 'xla' and not native_forward and not winograd:
     return _plain(x, kernel, precision)
   return _conv_own_grads(
-      x, kernel, (weight_grad, bool(native_forward), False, bool(winograd)), precision)
+    x, kernel, (weight_grad, bool(native_forward), False, bool(winograd)), precision
+  )
 
 
-def conv3d_same(x: jax.Array, kernel: jax.Array, *, fold_depth: bool = True,
-                weight_grad: str = 'xla', native_forward: bool = False,
-                winograd: bool = False, precision: Any = None) -> jax.Array:
+def conv3d_same(
+  x: jax.Array,
+  kernel: jax.Array,
+  *,
+  fold_depth: bool = True,
+  weight_grad: str = 'xla',
+  native_forward: bool = False,
+  winograd: bool = False,
+  precision: Any = None,
+) -> jax.Array:
   """Stride-1 'same' 3D convolution, `[N, D, H, W, C] x [kd, kh, kw, C, O]`.
 
   Args:
@@ -409,29 +446,36 @@ def conv3d_same(x: jax.Array, kernel: jax.Array, *, fold_depth: bool = True,
     `[N, D, H, W, O]`.
   """
   _check_weight_grad(weight_grad)
-  if (not fold_depth and weight_grad != 'native' and not native_forward
-      and not winograd):
+  if not fold_depth and weight_grad != 'native' and not native_forward and not winograd:
     return _plain(x, kernel, precision)
   return _conv_own_grads(
-      x, kernel, (weight_grad, bool(native_forward), fold_depth, bool(winograd)),
-      precision)
+    x, kernel, (weight_grad, bool(native_forward), fold_depth, bool(winograd)), precision
+  )
 
 
-def _is_same_stride1(x_shape, kernel_shape, window_strides, padding, lhs_dilation,
-                     rhs_dilation, dimension_numbers, feature_group_count):
+def _is_same_stride1(
+  x_shape,
+  kernel_shape,
+  window_strides,
+  padding,
+  lhs_dilation,
+  rhs_dilation,
+  dimension_numbers,
+  feature_group_count,
+):
   ndim = len(x_shape) - 2
   if ndim not in (2, 3) or feature_group_count != 1:
     return False
   if any(s != 1 for s in window_strides):
     return False
-  if any(d != 1 for d in (lhs_dilation or ())) or any(
-      d != 1 for d in (rhs_dilation or ())):
+  if any(d != 1 for d in (lhs_dilation or ())) or any(d != 1 for d in (rhs_dilation or ())):
     return False
   channels_last = lax.conv_dimension_numbers(
-      x_shape, kernel_shape,
-      ('NHWC', 'HWIO', 'NHWC') if ndim == 2 else ('NDHWC', 'DHWIO', 'NDHWC'))
-  if lax.conv_dimension_numbers(x_shape, kernel_shape,
-                                dimension_numbers) != channels_last:
+    x_shape,
+    kernel_shape,
+    ('NHWC', 'HWIO', 'NHWC') if ndim == 2 else ('NDHWC', 'DHWIO', 'NDHWC'),
+  )
+  if lax.conv_dimension_numbers(x_shape, kernel_shape, dimension_numbers) != channels_last:
     return False
   pads = _same_pads(kernel_shape[:-2])
   if isinstance(padding, str):
@@ -439,14 +483,17 @@ def _is_same_stride1(x_shape, kernel_shape, window_strides, padding, lhs_dilatio
   return [tuple(p) for p in padding] == pads
 
 
-def conv_general_dilated_fn(*, fold_depth: bool = False, weight_grad: str = 'xla',
-                            weight_grad_3d: str | None = None,
-                            pointwise_as_matmul: bool = False,
-                            native_forward: bool = False,
-                            native_forward_3d: bool | None = None,
-                            winograd: bool = False,
-                            winograd_3d: bool | None = None,
-                            ) -> Callable[..., jax.Array]:
+def conv_general_dilated_fn(
+  *,
+  fold_depth: bool = False,
+  weight_grad: str = 'xla',
+  weight_grad_3d: str | None = None,
+  pointwise_as_matmul: bool = False,
+  native_forward: bool = False,
+  native_forward_3d: bool | None = None,
+  winograd: bool = False,
+  winograd_3d: bool | None = None,
+) -> Callable[..., jax.Array]:
   """A drop-in for `lax.conv_general_dilated`, for `nn.Conv(conv_general_dilated=...)`.
 
   Channels-last stride-1 'same' convolutions without dilation or groups (those of
@@ -479,40 +526,81 @@ def conv_general_dilated_fn(*, fold_depth: bool = False, weight_grad: str = 'xla
     if value not in WEIGHT_GRADS:
       raise ValueError(f'weight_grad={value!r} is not one of {WEIGHT_GRADS}.')
 
-  def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-           dimension_numbers=None, feature_group_count=1, batch_group_count=1,
-           precision=None, preferred_element_type=None):
-    if (batch_group_count == 1 and preferred_element_type is None
-        and dimension_numbers is not None
-        and _is_same_stride1(lhs.shape, rhs.shape, window_strides, padding,
-                             lhs_dilation, rhs_dilation, dimension_numbers,
-                             feature_group_count)):
+  def conv(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    batch_group_count=1,
+    precision=None,
+    preferred_element_type=None,
+  ):
+    if (
+      batch_group_count == 1
+      and preferred_element_type is None
+      and dimension_numbers is not None
+      and _is_same_stride1(
+        lhs.shape,
+        rhs.shape,
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers,
+        feature_group_count,
+      )
+    ):
       if pointwise_as_matmul and all(k == 1 for k in rhs.shape[:-2]):
         return lax.dot_general(
-            lhs, rhs.reshape(rhs.shape[-2:]), (((lhs.ndim - 1,), (0,)), ((), ())),
-            precision=precision)
+          lhs,
+          rhs.reshape(rhs.shape[-2:]),
+          (((lhs.ndim - 1,), (0,)), ((), ())),
+          precision=precision,
+        )
       if lhs.ndim == 5:
-        if (fold_depth or weight_grad_3d == 'native' or native_forward_3d
-            or winograd_3d):
-          return conv3d_same(lhs, rhs, fold_depth=True, weight_grad=weight_grad_3d,
-                             native_forward=native_forward_3d, winograd=winograd_3d,
-                             precision=precision)
+        if fold_depth or weight_grad_3d == 'native' or native_forward_3d or winograd_3d:
+          return conv3d_same(
+            lhs,
+            rhs,
+            fold_depth=True,
+            weight_grad=weight_grad_3d,
+            native_forward=native_forward_3d,
+            winograd=winograd_3d,
+            precision=precision,
+          )
       elif weight_grad != 'xla' or native_forward or winograd:
-        return conv2d_same(lhs, rhs, weight_grad=weight_grad,
-                           native_forward=native_forward, winograd=winograd,
-                           precision=precision)
+        return conv2d_same(
+          lhs,
+          rhs,
+          weight_grad=weight_grad,
+          native_forward=native_forward,
+          winograd=winograd,
+          precision=precision,
+        )
     return lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-        feature_group_count=feature_group_count,
-        batch_group_count=batch_group_count, precision=precision,
-        preferred_element_type=preferred_element_type)
+      lhs,
+      rhs,
+      window_strides,
+      padding,
+      lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count,
+      batch_group_count=batch_group_count,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+    )
 
   return conv
 
 
-def conv_transpose_as_matmul(x: jax.Array, kernel: jax.Array,
-                             bias: jax.Array | None = None) -> jax.Array:
+def conv_transpose_as_matmul(
+  x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None
+) -> jax.Array:
   """`nn.ConvTranspose(O, s, strides=s, padding='VALID')` as a product + depth-to-space.
 
   Args:
@@ -535,8 +623,7 @@ def conv_transpose_as_matmul(x: jax.Array, kernel: jax.Array,
   y = y.reshape((n,) + spatial + tuple(s) + (o,))
   # [n, i1.., a1.., o] -> [n, i1, a1, i2, a2, .., o]
   perm = [0] + [p for a in range(ndim) for p in (1 + a, 1 + ndim + a)] + [1 + 2 * ndim]
-  y = jnp.transpose(y, perm).reshape(
-      (n,) + tuple(d * r for d, r in zip(spatial, s)) + (o,))
+  y = jnp.transpose(y, perm).reshape((n,) + tuple(d * r for d, r in zip(spatial, s)) + (o,))
   if bias is not None:
     y = y + bias
   return y
@@ -550,6 +637,7 @@ class ConvTranspose(nn.Module):
   `[features]` (zeros), in `param_dtype`; checkpoints of either restore into the
   other. The function is the same (`conv_transpose_as_matmul`).
   """
+
   features: int
   strides: tuple[int, ...]
   use_bias: bool = True
@@ -562,13 +650,20 @@ class ConvTranspose(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     if len(self.strides) != x.ndim - 2:
       raise ValueError(
-          f'strides={self.strides} has {len(self.strides)} entries, but the input'
-          f' {x.shape} has {x.ndim - 2} spatial axes.')
-    kernel = self.param('kernel', self.kernel_init,
-                        tuple(self.strides) + (x.shape[-1], self.features),
-                        self.param_dtype)
-    bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias else None)
+        f'strides={self.strides} has {len(self.strides)} entries, but the input'
+        f' {x.shape} has {x.ndim - 2} spatial axes.'
+      )
+    kernel = self.param(
+      'kernel',
+      self.kernel_init,
+      tuple(self.strides) + (x.shape[-1], self.features),
+      self.param_dtype,
+    )
+    bias = (
+      self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+      if self.use_bias
+      else None
+    )
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     return conv_transpose_as_matmul(x, kernel, bias)
 
@@ -601,8 +696,10 @@ def max_pool_as_reshape(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
 def _max_pool_fwd(x, window):
   for size, w in zip(x.shape[1:-1], window):
     if size % w:
-      raise ValueError(f'max_pool_as_reshape: spatial shape {x.shape[1:-1]} is not'
-                       f' a multiple of the window {window}.')
+      raise ValueError(
+        f'max_pool_as_reshape: spatial shape {x.shape[1:-1]} is not'
+        f' a multiple of the window {window}.'
+      )
   window_axes = tuple(2 + 2 * i for i in range(len(window)))
   return jnp.max(_pool_split(x, window), axis=window_axes), x
 
@@ -618,7 +715,7 @@ def _max_pool_bwd(window, x, g):
   for i, w in enumerate(window):
     shape = [1] * xs.ndim
     shape[window_axes[i]] = w
-    stride = math.prod(window[i + 1:])
+    stride = math.prod(window[i + 1 :])
     position = position + jnp.arange(w, dtype=jnp.int32).reshape(shape) * stride
   first = jnp.min(jnp.where(is_max, position, math.prod(window)), axis=window_axes)
   dx = jnp.where(is_max & (position == expand(first)), expand(g), 0)

@@ -34,12 +34,12 @@ DEFAULT_PLATFORMS = ('cpu', 'cuda', 'tpu')
 
 
 def export_predict_fn(
-    model,
-    variables: Any,
-    *,
-    spatial_shape: Sequence[int],
-    num_channels: int,
-    platforms: Sequence[str] | None = DEFAULT_PLATFORMS,
+  model,
+  variables: Any,
+  *,
+  spatial_shape: Sequence[int],
+  num_channels: int,
+  platforms: Sequence[str] | None = DEFAULT_PLATFORMS,
 ) -> bytes:
   """Serialises `images -> model.apply(variables, images, train=False)`.
 
@@ -61,28 +61,32 @@ def export_predict_fn(
   """
   spatial_shape = tuple(spatial_shape)
   if len(spatial_shape) not in (2, 3) or not all(
-      isinstance(s, (int, np.integer)) and s > 0 for s in spatial_shape):
+    isinstance(s, (int, np.integer)) and s > 0 for s in spatial_shape
+  ):
     raise ValueError(
-        f'spatial_shape={spatial_shape} must be 2 (H, W) or 3 (D, H, W) positive'
-        ' ints.')
+      f'spatial_shape={spatial_shape} must be 2 (H, W) or 3 (D, H, W) positive ints.'
+    )
   if not isinstance(num_channels, (int, np.integer)) or num_channels < 1:
     raise ValueError(f'num_channels={num_channels!r} must be a positive integer.')
   if not isinstance(variables, dict) or 'params' not in variables:
     raise ValueError(
-        "variables must be a dict with 'params' (and 'batch_stats' for BatchNorm),"
-        f' as model.init returns; got {type(variables).__name__} with keys'
-        f' {sorted(variables) if isinstance(variables, dict) else None}.')
+      "variables must be a dict with 'params' (and 'batch_stats' for BatchNorm),"
+      f' as model.init returns; got {type(variables).__name__} with keys'
+      f' {sorted(variables) if isinstance(variables, dict) else None}.'
+    )
   if hasattr(model, 'depth') and hasattr(model, 'pool_sizes'):
     from unet_jax import models  # pylint: disable=g-import-not-at-top
+
     models.check_spatial_shape(
-        spatial_shape,
-        models.input_divisor(ndim=len(spatial_shape), depth=model.depth,
-                             pool_sizes=model.pool_sizes))
+      spatial_shape,
+      models.input_divisor(
+        ndim=len(spatial_shape), depth=model.depth, pool_sizes=model.pool_sizes
+      ),
+    )
   if hasattr(model, 'native_conv_forward'):
     # The exported program must run on any machine: no call into this machine's
     # native CPU kernels, FFI targets the loading process would not have.
-    model = model.clone(native_conv_forward=False,
-                        native_winograd=False, native_pool=False)
+    model = model.clone(native_conv_forward=False, native_winograd=False, native_pool=False)
   variables = jax.tree.map(jnp.asarray, variables)
 
   def predict(images):
@@ -90,17 +94,17 @@ def export_predict_fn(
     logits = out[0] if isinstance(out, tuple) else out
     return logits.astype(jnp.float32)
 
-  batch, = jax.export.symbolic_shape('b')
-  spec = jax.ShapeDtypeStruct((batch, *spatial_shape, int(num_channels)),
-                              jnp.float32)
+  (batch,) = jax.export.symbolic_shape('b')
+  spec = jax.ShapeDtypeStruct((batch, *spatial_shape, int(num_channels)), jnp.float32)
   exported = jax.export.export(
-      jax.jit(predict), platforms=None if platforms is None else tuple(platforms))(
-          spec)
+    jax.jit(predict), platforms=None if platforms is None else tuple(platforms)
+  )(spec)
   return bytes(exported.serialize())
 
 
-def load_exported(path_or_bytes: str | os.PathLike | bytes | bytearray
-                 ) -> Callable[[Any], jax.Array]:
+def load_exported(
+  path_or_bytes: str | os.PathLike | bytes | bytearray,
+) -> Callable[[Any], jax.Array]:
   """A function `images -> logits` from a file or the bytes of `export_predict_fn`.
 
   The function checks the images' rank, spatial shape and channels against the
@@ -119,7 +123,7 @@ def load_exported(path_or_bytes: str | os.PathLike | bytes | bytearray
     exported = jax.export.deserialize(data)
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(
-        f'{source} is not a jax.export serialisation ({type(e).__name__}: {e}).'
+      f'{source} is not a jax.export serialisation ({type(e).__name__}: {e}).'
     ) from e
   (spec,) = exported.in_avals
   expected = tuple(spec.shape)
@@ -128,20 +132,22 @@ def load_exported(path_or_bytes: str | os.PathLike | bytes | bytearray
   def predict(images) -> jax.Array:
     shape = tuple(np.shape(images))
     if len(shape) != len(expected):
-      hint = (' Add a batch axis: images[None].' if len(shape) == len(expected) - 1
-              else '')
+      hint = ' Add a batch axis: images[None].' if len(shape) == len(expected) - 1 else ''
       raise ValueError(
-          f'The exported model takes images {readable} (any batch b >= 1); got'
-          f' shape {shape} (rank {len(shape)}, not {len(expected)}).{hint}')
+        f'The exported model takes images {readable} (any batch b >= 1); got'
+        f' shape {shape} (rank {len(shape)}, not {len(expected)}).{hint}'
+      )
     if shape[1:-1] != expected[1:-1]:
       raise ValueError(
-          f'The exported model takes images {readable}; got spatial shape'
-          f' {shape[1:-1]} (shape {shape}). Resize, pad or predict by sliding'
-          ' window (unet_jax.sliding_window).')
+        f'The exported model takes images {readable}; got spatial shape'
+        f' {shape[1:-1]} (shape {shape}). Resize, pad or predict by sliding'
+        ' window (unet_jax.sliding_window).'
+      )
     if shape[-1] != expected[-1]:
       raise ValueError(
-          f'The exported model takes images {readable} with {expected[-1]}'
-          f' channel(s); got {shape[-1]} (shape {shape}).')
+        f'The exported model takes images {readable} with {expected[-1]}'
+        f' channel(s); got {shape[-1]} (shape {shape}).'
+      )
     if shape[0] < 1:
       raise ValueError(f'The batch is empty: shape {shape}.')
     return exported.call(jnp.asarray(images, jnp.float32))

@@ -74,6 +74,7 @@ class Predictor:
     def apply(images):
       out = model.apply(variables, images, train=False)
       return out[0] if isinstance(out, tuple) else out
+
     return apply
 
   def check(self, image: np.ndarray, *, name: str = 'image') -> None:
@@ -81,15 +82,25 @@ class Predictor:
     image = np.asarray(image)
     if image.ndim != self.ndim + 1:
       kind = 'volume [D, H, W, C]' if self.ndim == 3 else 'image [H, W, C]'
-      raise ValueError(f'{name}: shape {image.shape} is not a {kind}: the model of this'
-                       f' run is {self.ndim}D.')
+      raise ValueError(
+        f'{name}: shape {image.shape} is not a {kind}: the model of this'
+        f' run is {self.ndim}D.'
+      )
     if image.shape[-1] != self.num_channels:
-      raise ValueError(f'{name}: {image.shape[-1]} channel(s), but the model takes'
-                       f' {self.num_channels}.')
+      raise ValueError(
+        f'{name}: {image.shape[-1]} channel(s), but the model takes {self.num_channels}.'
+      )
 
-  def predict(self, image: np.ndarray, *, patch_size: Sequence[int] | None = None,
-              overlap: float = 0.5, flip_tta: bool = False, output: str = 'logits',
-              batch_size: int = 4) -> np.ndarray:
+  def predict(
+    self,
+    image: np.ndarray,
+    *,
+    patch_size: Sequence[int] | None = None,
+    overlap: float = 0.5,
+    flip_tta: bool = False,
+    output: str = 'logits',
+    batch_size: int = 4,
+  ) -> np.ndarray:
     """Logits (or probabilities) of one raw image [*spatial, C], at its own size.
 
     The image is normalised as in training, padded by mirroring where the model
@@ -104,8 +115,16 @@ class Predictor:
     image = normalise(np.asarray(image, np.float32))
     patch = patch_size or self.patch_size
     return sliding_window.sliding_window_predict(
-        self.apply, image, patch_size=patch, overlap=overlap, mode='gaussian',
-        batch_size=batch_size, flip_tta=flip_tta, divisor=self.divisor, output=output)
+      self.apply,
+      image,
+      patch_size=patch,
+      overlap=overlap,
+      mode='gaussian',
+      batch_size=batch_size,
+      flip_tta=flip_tta,
+      divisor=self.divisor,
+      output=output,
+    )
 
   @staticmethod
   def classes(logits: np.ndarray) -> np.ndarray:
@@ -123,9 +142,11 @@ def _pick_step(manager, step, config, where: str) -> int:
   if step == 'latest':
     return manager.latest_step()
   if step == 'best':
-    best = checkpointing.best_step(manager, best_metric=config.get('best_metric',
-                                                                   'eval_dice'),
-                                   best_mode=config.get('best_mode', 'max'))
+    best = checkpointing.best_step(
+      manager,
+      best_metric=config.get('best_metric', 'eval_dice'),
+      best_mode=config.get('best_mode', 'max'),
+    )
     return manager.latest_step() if best is None else best
   if isinstance(step, str) and not step.isdigit():
     raise ValueError(f'step={step!r} must be one of {STEPS} or a step number.')
@@ -140,8 +161,10 @@ def _run_config(manager, step: int, workdir: str) -> tuple[dict, dict]:
   if record is None:  # Written before checkpoints recorded their config.
     path = os.path.join(workdir, 'config.json')
     if not os.path.exists(path):
-      raise FileNotFoundError(f'{workdir}: checkpoint {step} records no config and there'
-                              ' is no config.json to rebuild the model from.')
+      raise FileNotFoundError(
+        f'{workdir}: checkpoint {step} records no config and there'
+        ' is no config.json to rebuild the model from.'
+      )
     with open(path) as f:
       record = json.load(f)
   record = dict(record)
@@ -185,10 +208,17 @@ def load(workdir: str, *, step: str | int = 'best') -> Predictor:
     manager.close()
   model = train.create_model(config.model)
   patch = tuple(config.data.get('patch_size') or ()) or None
-  return Predictor(model=model, variables=variables, config=config, step=chosen,
-                   num_channels=channels, ndim=ndim,
-                   divisor=config_checks.divisor(config.model, ndim), patch_size=patch,
-                   train_shape=tuple(data_shape.get('spatial_shape') or ()) or None)
+  return Predictor(
+    model=model,
+    variables=variables,
+    config=config,
+    step=chosen,
+    num_channels=channels,
+    ndim=ndim,
+    divisor=config_checks.divisor(config.model, ndim),
+    patch_size=patch,
+    train_shape=tuple(data_shape.get('spatial_shape') or ()) or None,
+  )
 
 
 def _restore_variables(ckpt_dir, step, config, ndim, channels, where) -> dict[str, Any]:
@@ -196,39 +226,55 @@ def _restore_variables(ckpt_dir, step, config, ndim, channels, where) -> dict[st
   model = train.create_model(config.model)
   size = config_checks.divisor(config.model, ndim)
   abstract = jax.eval_shape(
-      functools.partial(model.init, train=False), jax.random.key(0),
-      jnp.zeros((1, *size, channels), jnp.float32))
+    functools.partial(model.init, train=False),
+    jax.random.key(0),
+    jnp.zeros((1, *size, channels), jnp.float32),
+  )
   item = {'params': abstract['params']}
   if jax.tree.leaves(abstract.get('batch_stats', {})):
     item['batch_stats'] = abstract['batch_stats']
   # A partial restore (no optimizer state) needs the PyTree handler, not the
   # Standard one the training manager registers.
-  reader = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-      create=False, enable_async_checkpointing=False))
+  reader = ocp.CheckpointManager(
+    ckpt_dir,
+    options=ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False),
+  )
   try:
-    restored = reader.restore(step, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True))
+    restored = reader.restore(
+      step,
+      args=ocp.args.PyTreeRestore(
+        item=item,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True,
+      ),
+    )
   except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f'{where} does not fit the model its config describes'
-                     f' ({type(e).__name__}: {str(e)[:300]}).') from None
+    raise ValueError(
+      f'{where} does not fit the model its config describes'
+      f' ({type(e).__name__}: {str(e)[:300]}).'
+    ) from None
   finally:
     reader.close()
   wanted = jax.tree_util.tree_flatten_with_path(item)[0]
-  got = dict(jax.tree_util.tree_flatten_with_path(
-      {k: restored[k] for k in item})[0])
+  got = dict(jax.tree_util.tree_flatten_with_path({k: restored[k] for k in item})[0])
   for path, leaf in wanted:
     shape = np.shape(got.get(path))
     if shape != leaf.shape:
       raise ValueError(
-          f'{where} does not fit the model its config describes:'
-          f' {jax.tree_util.keystr(path)} has shape {shape} in the checkpoint, the'
-          f' model needs {leaf.shape}.')
+        f'{where} does not fit the model its config describes:'
+        f' {jax.tree_util.keystr(path)} has shape {shape} in the checkpoint, the'
+        f' model needs {leaf.shape}.'
+      )
   return {k: restored[k] for k in item}
 
 
-def export_run(workdir: str, output: str, *, step: str | int = 'best',
-               spatial_shape: Sequence[int] | None = None) -> str:
+def export_run(
+  workdir: str,
+  output: str,
+  *,
+  step: str | int = 'best',
+  spatial_shape: Sequence[int] | None = None,
+) -> str:
   """Writes a run's inference function as a `jax.export` file (see `unet_jax.export`).
 
   Args:
@@ -244,13 +290,17 @@ def export_run(workdir: str, output: str, *, step: str | int = 'best',
     only JAX to run.
   """
   from unet_jax import export  # pylint: disable=g-import-not-at-top
+
   predictor = load(workdir, step=step)
   shape = tuple(spatial_shape or ()) or predictor.train_shape or predictor.patch_size
   if not shape:
     raise ValueError(f'{workdir}: the run records no input size; pass --spatial_shape.')
-  serialised = export.export_predict_fn(predictor.model, predictor.variables,
-                                        spatial_shape=shape,
-                                        num_channels=predictor.num_channels)
+  serialised = export.export_predict_fn(
+    predictor.model,
+    predictor.variables,
+    spatial_shape=shape,
+    num_channels=predictor.num_channels,
+  )
   folder = os.path.dirname(os.path.abspath(output))
   os.makedirs(folder, exist_ok=True)
   partial = os.path.join(folder, f'.{os.path.basename(output)}.partial-{os.getpid()}')

@@ -121,7 +121,8 @@ def _optional_shape(value, ndim: int, what: str) -> tuple[int, ...] | None:
     return None
   if len(values) != ndim:
     raise ValueError(
-        f'{what} {values} has {len(values)} axes, but the data set is {ndim}D.')
+      f'{what} {values} has {len(values)} axes, but the data set is {ndim}D.'
+    )
   if min(values) < 1:
     raise ValueError(f'{what} {values} must be positive.')
   return values
@@ -147,23 +148,27 @@ def _shapes(data_config, source: sources.Source, divisor) -> _Shapes:
   """The training and evaluation shapes of the size policy, and the patch size."""
   ndim = source.ndim
   policy = sources.config_value(data_config, 'size_policy', 'pad')
-  image_size = _optional_shape(sources.config_value(data_config, 'image_size'), ndim,
-                               'config.data.image_size')
-  patch = _optional_shape(sources.config_value(data_config, 'patch_size'), ndim,
-                          'config.data.patch_size')
+  image_size = _optional_shape(
+    sources.config_value(data_config, 'image_size'), ndim, 'config.data.image_size'
+  )
+  patch = _optional_shape(
+    sources.config_value(data_config, 'patch_size'), ndim, 'config.data.patch_size'
+  )
   recorded = source.max_shape is not None
   if image_size is None and not recorded:
     raise ValueError(
-        f'{source.name} holds images of varying size; set config.data.image_size'
-        " (e.g. 128) and config.data.size_policy='resize'.")
+      f'{source.name} holds images of varying size; set config.data.image_size'
+      " (e.g. 128) and config.data.size_policy='resize'."
+    )
   if policy == 'resize':
     shape = _round(image_size or source.max_shape, divisor, 'nearest')
     return _Shapes(train=shape, eval=shape, patch=patch)
   if not recorded:
     raise ValueError(
-        f"config.data.size_policy={policy!r} evaluates whole images padded to the"
-        f' largest size, which {source.name} does not record; use'
-        " size_policy='resize'.")
+      f'config.data.size_policy={policy!r} evaluates whole images padded to the'
+      f' largest size, which {source.name} does not record; use'
+      " size_policy='resize'."
+    )
   eval_shape = _round(np.maximum(source.max_shape, image_size or 0), divisor, 'up')
   if policy == 'pad':
     train = _round(image_size or source.max_shape, divisor, 'up')
@@ -172,8 +177,9 @@ def _shapes(data_config, source: sources.Source, divisor) -> _Shapes:
   return _Shapes(train=train, eval=eval_shape, patch=patch)
 
 
-def normalise(image: np.ndarray, *, mode: str = 'zscore', low=None, high=None,
-              mean=None, std=None) -> np.ndarray:
+def normalise(
+  image: np.ndarray, *, mode: str = 'zscore', low=None, high=None, mean=None, std=None
+) -> np.ndarray:
   """Normalises an image [*spatial, C], per channel; float32 [*spatial, C].
 
   ::
@@ -215,11 +221,15 @@ def _channel_values(data_config, field: str, num_channels: int | None) -> np.nda
   values = (value,) if isinstance(value, (int, float)) else tuple(value)
   if not values:
     mode = sources.config_value(data_config, 'normalization', 'zscore')
-    raise ValueError(f"config.data.normalization={mode!r} needs config.data.{field}"
-                     ' (one value, or one per channel).')
+    raise ValueError(
+      f'config.data.normalization={mode!r} needs config.data.{field}'
+      ' (one value, or one per channel).'
+    )
   if num_channels is not None and len(values) not in (1, num_channels):
-    raise ValueError(f'config.data.{field}={values} has {len(values)} values; the data'
-                     f' has {num_channels} channel(s): give 1 or {num_channels}.')
+    raise ValueError(
+      f'config.data.{field}={values} has {len(values)} values; the data'
+      f' has {num_channels} channel(s): give 1 or {num_channels}.'
+    )
   return np.asarray([float(v) for v in values], np.float32)
 
 
@@ -234,19 +244,24 @@ def normaliser(data_config, num_channels: int | None = None):
   """
   mode = sources.config_value(data_config, 'normalization', 'zscore')
   if mode not in NORMALIZATIONS:
-    raise ValueError(f'config.data.normalization={mode!r} is not one of'
-                     f' {list(NORMALIZATIONS)}.')
+    raise ValueError(
+      f'config.data.normalization={mode!r} is not one of {list(NORMALIZATIONS)}.'
+    )
   if mode == 'zscore':
     return normalise
-  values = {name: _channel_values(data_config, f'intensity_{name}', num_channels)
-            for name in (('low', 'high', 'mean', 'std') if mode == 'ct' else
-                         ('low', 'high'))}
+  values = {
+    name: _channel_values(data_config, f'intensity_{name}', num_channels)
+    for name in (('low', 'high', 'mean', 'std') if mode == 'ct' else ('low', 'high'))
+  }
   if np.any(values['high'] <= values['low']):
-    raise ValueError(f"config.data.intensity_high {values['high'].tolist()} must be above"
-                     f" intensity_low {values['low'].tolist()}.")
+    raise ValueError(
+      f'config.data.intensity_high {values["high"].tolist()} must be above'
+      f' intensity_low {values["low"].tolist()}.'
+    )
   if mode == 'ct' and np.any(values['std'] <= 0):
     raise ValueError(
-        f"config.data.intensity_std {values['std'].tolist()} must be positive.")
+      f'config.data.intensity_std {values["std"].tolist()} must be positive.'
+    )
   return functools.partial(normalise, mode=mode, **values)
 
 
@@ -298,8 +313,9 @@ def _random_patch(image, label, patch, rng: np.random.Generator, *, on_foregroun
     classes = np.flatnonzero(counts[1:]) + 1
     if classes.size:
       cls = rng.choice(classes)
-      voxel = np.unravel_index(rng.choice(np.flatnonzero(label.ravel() == cls)),
-                               label.shape)
+      voxel = np.unravel_index(
+        rng.choice(np.flatnonzero(label.ravel() == cls)), label.shape
+      )
       start = np.clip(np.asarray(voxel) - np.asarray(patch) // 2, 0, high)
   if start is None:
     start = np.asarray([rng.integers(0, h + 1) for h in high])
@@ -328,14 +344,16 @@ def _processes(process_index, process_count, batch_size) -> tuple[int, int]:
     raise ValueError(f'process_index {process_index} is not in [0, {process_count}).')
   if batch_size < process_count or batch_size % process_count:
     raise ValueError(
-        f'batch_size {batch_size} must be a positive multiple of process_count'
-        f' {process_count}.')
+      f'batch_size {batch_size} must be a positive multiple of process_count'
+      f' {process_count}.'
+    )
   return process_index, batch_size // process_count
 
 
 def _iterate(batches: grain.MapDataset) -> Iterator[dict]:
-  options = grain.ReadOptions(num_threads=_READ_THREADS,
-                              prefetch_buffer_size=_PREFETCH_BATCHES)
+  options = grain.ReadOptions(
+    num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES
+  )
   return iter(batches.to_iter_dataset(options))
 
 
@@ -346,7 +364,8 @@ def _check_config(data_config, divisor) -> tuple[sources.Entry, tuple[int, ...]]
   policy = sources.config_value(data_config, 'size_policy', 'pad')
   if policy not in SIZE_POLICIES:
     raise ValueError(
-        f'config.data.size_policy must be one of {list(SIZE_POLICIES)}, got {policy!r}.')
+      f'config.data.size_policy must be one of {list(SIZE_POLICIES)}, got {policy!r}.'
+    )
   fraction = float(sources.config_value(data_config, 'foreground_fraction', 0.0))
   if not 0 <= fraction <= 1:
     raise ValueError(f'config.data.foreground_fraction must be in [0, 1], got {fraction}.')
@@ -355,14 +374,16 @@ def _check_config(data_config, divisor) -> tuple[sources.Entry, tuple[int, ...]]
   divisor = _optional_shape(divisor, ndim, 'divisor')
   if divisor is None:
     raise ValueError(f'divisor must be a positive int or {ndim} of them, got {divisor!r}.')
-  patch = _optional_shape(sources.config_value(data_config, 'patch_size'), ndim,
-                          'config.data.patch_size')
-  _optional_shape(sources.config_value(data_config, 'image_size'), ndim,
-                  'config.data.image_size')
+  patch = _optional_shape(
+    sources.config_value(data_config, 'patch_size'), ndim, 'config.data.patch_size'
+  )
+  _optional_shape(
+    sources.config_value(data_config, 'image_size'), ndim, 'config.data.image_size'
+  )
   if patch is not None and any(p % d for p, d in zip(patch, divisor)):
     raise ValueError(
-        f'config.data.patch_size {patch} must be a multiple of the model divisor'
-        f' {divisor}.')
+      f'config.data.patch_size {patch} must be a multiple of the model divisor {divisor}.'
+    )
   return entry, divisor
 
 
@@ -387,13 +408,13 @@ class Dataset:
     self._ignore = None if ignore is None or ignore < 0 else int(ignore)
     self._normalise = normaliser(data_config, source.num_channels)
     self.info = DatasetInfo(
-        num_classes=source.num_classes,
-        num_channels=source.num_channels,
-        spatial_shape=shapes.patch or shapes.train,
-        num_train=len(self.split(data_config.train_split)),
-        num_eval=len(self.split(data_config.eval_split)),
-        spacing=source.spacing,
-        eval_spatial_shape=shapes.eval,
+      num_classes=source.num_classes,
+      num_channels=source.num_channels,
+      spatial_shape=shapes.patch or shapes.train,
+      num_train=len(self.split(data_config.train_split)),
+      num_eval=len(self.split(data_config.eval_split)),
+      spacing=source.spacing,
+      eval_spatial_shape=shapes.eval,
     )
 
   def split(self, split: str) -> Sequence[dict]:
@@ -408,9 +429,15 @@ class Dataset:
       label = np.where(label == self._ignore, IGNORE_LABEL, label).astype(np.int32)
     return dataclasses.replace(example, image=self._normalise(example.image), label=label)
 
-  def train_iterator(self, start_step: int = 0, *, batch_size: int, seed: int,
-                     process_index: int | None = None,
-                     process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  def train_iterator(
+    self,
+    start_step: int = 0,
+    *,
+    batch_size: int,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+  ) -> Iterator[dict[str, np.ndarray]]:
     """An endless iterator over training batches from `start_step` on.
 
     Args:
@@ -433,7 +460,8 @@ class Dataset:
     n = len(records)
     if n == 0:
       raise ValueError(
-          f'{self.source.name}: the train split {self._config.train_split!r} is empty.')
+        f'{self.source.name}: the train split {self._config.train_split!r} is empty.'
+      )
     # order[g] = the example at global position g; reshuffled every epoch.
     order = grain.MapDataset.range(n).shuffle(seed=_seed_words(seed)).repeat()
     shapes = self._shapes
@@ -442,8 +470,13 @@ class Dataset:
       ex = self.read(records, order[g])
       rng = np.random.default_rng([seed % 2**63, 1, g])
       if shapes.patch is not None:
-        return _random_patch(ex.image, ex.label, shapes.patch, rng,
-                             on_foreground=_on_foreground(g, self._fraction))
+        return _random_patch(
+          ex.image,
+          ex.label,
+          shapes.patch,
+          rng,
+          on_foreground=_on_foreground(g, self._fraction),
+        )
       if self._policy == 'resize':
         return _resize(ex.image, ex.label, shapes.train)
       return _fit_train(ex.image, ex.label, shapes.train, rng)
@@ -455,9 +488,14 @@ class Dataset:
 
     return _iterate(grain.MapDataset.range(start_step, sys.maxsize).map(batch))
 
-  def eval_iterator(self, split: str | None = None, *, batch_size: int,
-                    process_index: int | None = None,
-                    process_count: int | None = None) -> Iterator[dict[str, Any]]:
+  def eval_iterator(
+    self,
+    split: str | None = None,
+    *,
+    batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+  ) -> Iterator[dict[str, Any]]:
     """One deterministic pass over a whole split (default: `config.data.eval_split`).
 
     Every process yields ceil(n / batch_size) batches of exactly b = batch_size
@@ -483,12 +521,12 @@ class Dataset:
 
     def batch(step: int) -> dict[str, np.ndarray]:
       out = {
-          'image': np.zeros((b,) + shape + (self.source.num_channels,), np.float32),
-          'label': np.full((b,) + shape, IGNORE_LABEL, np.int32),
-          'mask': np.zeros((b,), np.float32),
-          'index': np.full((b,), -1, np.int32),
-          'spacing': np.ones((b, ndim), np.float32),
-          'id': np.full((b,), '', object),
+        'image': np.zeros((b,) + shape + (self.source.num_channels,), np.float32),
+        'label': np.full((b,) + shape, IGNORE_LABEL, np.int32),
+        'mask': np.zeros((b,), np.float32),
+        'index': np.full((b,), -1, np.int32),
+        'spacing': np.ones((b, ndim), np.float32),
+        'id': np.full((b,), '', object),
       }
       for k in range(b):
         g = step * batch_size + p * b + k
@@ -523,6 +561,11 @@ def open(data_config, *, divisor) -> Dataset:  # pylint: disable=redefined-built
   entry, divisor = _check_config(data_config, divisor)
   source = sources.open_on_every_process(entry, data_config)  # Process 0 builds first.
   for case, shape in source.small_examples:
-    logging.warning('%s: %s is far smaller than the median size %s of %s.', case, shape,
-                    source.median_shape, source.name)
+    logging.warning(
+      '%s: %s is far smaller than the median size %s of %s.',
+      case,
+      shape,
+      source.median_shape,
+      source.name,
+    )
   return Dataset(data_config, source, _shapes(data_config, source, divisor))

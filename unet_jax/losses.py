@@ -84,23 +84,19 @@ _GDL_WEIGHTS = ('square', 'simple', 'uniform')
 
 
 def _check_options(
-    *,
-    reduction: str,
-    activation: str | None = None,
-    batch: bool = False,
+  *,
+  reduction: str,
+  activation: str | None = None,
+  batch: bool = False,
 ) -> None:
   if reduction not in _REDUCTIONS:
-    raise ValueError(
-        f'reduction must be one of {_REDUCTIONS}, got {reduction!r}.'
-    )
+    raise ValueError(f'reduction must be one of {_REDUCTIONS}, got {reduction!r}.')
   if activation is not None and activation not in _ACTIVATIONS:
-    raise ValueError(
-        f'activation must be one of {_ACTIVATIONS}, got {activation!r}.'
-    )
+    raise ValueError(f'activation must be one of {_ACTIVATIONS}, got {activation!r}.')
   if batch and reduction == 'none':
     raise ValueError(
-        "reduction='none' gives one value per example, which batch=True does "
-        "not have; use reduction='mean' or batch=False."
+      "reduction='none' gives one value per example, which batch=True does "
+      "not have; use reduction='mean' or batch=False."
     )
 
 
@@ -109,11 +105,11 @@ def _is_class_map(logits: jax.Array, labels: jax.Array) -> bool:
 
 
 def _check_inputs(
-    logits: jax.Array,
-    labels: jax.Array,
-    *,
-    activation: str,
-    ignore_index: int | None,
+  logits: jax.Array,
+  labels: jax.Array,
+  *,
+  activation: str,
+  ignore_index: int | None,
 ) -> None:
   """Trace-time checks of shapes and dtypes; raises ValueError."""
   logits = jnp.asarray(logits)
@@ -121,41 +117,36 @@ def _check_inputs(
   try:
     chex.assert_type(logits, float)
   except AssertionError as e:
-    raise ValueError(
-        f'logits must be floating point, got {logits.dtype}.'
-    ) from e
+    raise ValueError(f'logits must be floating point, got {logits.dtype}.') from e
   if logits.ndim < 3:
     raise ValueError(
-        'logits must be [N, *spatial, C] with at least one spatial axis, got '
-        f'shape {logits.shape}.'
+      'logits must be [N, *spatial, C] with at least one spatial axis, got '
+      f'shape {logits.shape}.'
     )
   try:
     if _is_class_map(logits, labels):
       chex.assert_shape(labels, logits.shape[:-1])
-      if not (
-          jnp.issubdtype(labels.dtype, jnp.integer)
-          or labels.dtype == jnp.bool_
-      ):
+      if not (jnp.issubdtype(labels.dtype, jnp.integer) or labels.dtype == jnp.bool_):
         raise AssertionError('a class map must have an integer dtype')
     else:
       chex.assert_equal_shape([logits, labels])
       chex.assert_type(labels, float)
   except AssertionError as e:
     raise ValueError(
-        f'labels must be an integer class map of shape {logits.shape[:-1]} or '
-        f'a float target of shape {logits.shape}; got {labels.dtype} '
-        f'{labels.shape}.'
+      f'labels must be an integer class map of shape {logits.shape[:-1]} or '
+      f'a float target of shape {logits.shape}; got {labels.dtype} '
+      f'{labels.shape}.'
     ) from e
   if ignore_index is not None and not _is_class_map(logits, labels):
     raise ValueError(
-        'ignore_index needs an integer class map of shape '
-        f'{logits.shape[:-1]}; got float labels of shape {labels.shape}.'
+      'ignore_index needs an integer class map of shape '
+      f'{logits.shape[:-1]}; got float labels of shape {labels.shape}.'
     )
   if activation == 'softmax' and logits.shape[-1] < 2:
     raise ValueError(
-        'A softmax over a single channel is constant. For binary segmentation '
-        "with one logit use activation='sigmoid' (or a sigmoid-based loss); "
-        'otherwise give the model C >= 2 output channels.'
+      'A softmax over a single channel is constant. For binary segmentation '
+      "with one logit use activation='sigmoid' (or a sigmoid-based loss); "
+      'otherwise give the model C >= 2 output channels.'
     )
 
 
@@ -165,11 +156,11 @@ def _upcast(logits: jax.Array) -> jax.Array:
 
 
 def _targets_and_mask(
-    logits: jax.Array,
-    labels: jax.Array,
-    *,
-    activation: str,
-    ignore_index: int | None,
+  logits: jax.Array,
+  labels: jax.Array,
+  *,
+  activation: str,
+  ignore_index: int | None,
 ) -> tuple[jax.Array, jax.Array]:
   """Float targets [N, *spatial, C] and a validity mask [N, *spatial, 1].
 
@@ -210,7 +201,7 @@ def _safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
 
 
 def _reduce_pixels(
-    weighted_losses: jax.Array, weights: jax.Array, reduction: str
+  weighted_losses: jax.Array, weights: jax.Array, reduction: str
 ) -> jax.Array:
   """Reduces weighted per-pixel (or per-element) losses, [N, ...]."""
   axes = tuple(range(1, weighted_losses.ndim))
@@ -234,17 +225,17 @@ def _reduce_examples(per_example: jax.Array, reduction: str) -> jax.Array:
 
 
 def _region_inputs(
-    logits: jax.Array,
-    labels: jax.Array,
-    *,
-    activation: str,
-    include_background: bool,
-    ignore_index: int | None,
+  logits: jax.Array,
+  labels: jax.Array,
+  *,
+  activation: str,
+  include_background: bool,
+  ignore_index: int | None,
 ) -> tuple[jax.Array, jax.Array]:
   """Masked probabilities and targets [N, *spatial, C'] for region losses."""
   logits = _upcast(logits)
   targets, mask = _targets_and_mask(
-      logits, labels, activation=activation, ignore_index=ignore_index
+    logits, labels, activation=activation, ignore_index=ignore_index
   )
   probs = _probabilities(logits, activation) * mask
   if not include_background and logits.shape[-1] > 1:
@@ -258,18 +249,16 @@ def _region_sum(x: jax.Array, *, batch: bool) -> jax.Array:
   return jnp.sum(x, axis=axes)
 
 
-def _dice_class_weights(
-    class_weights: Any, num_classes: int, num_kept: int
-) -> jax.Array:
+def _dice_class_weights(class_weights: Any, num_classes: int, num_kept: int) -> jax.Array:
   """Weights for the channels a region loss keeps, shape [C']."""
   weights = jnp.asarray(class_weights, jnp.float32)
   if weights.ndim == 1 and weights.shape[0] == num_classes:
-    return weights[num_classes - num_kept:]
+    return weights[num_classes - num_kept :]
   if weights.ndim == 1 and weights.shape[0] == num_kept:
     return weights
   raise ValueError(
-      f'class_weights must have shape [{num_classes}] (one per channel) or, '
-      f'with include_background=False, [{num_kept}]; got {weights.shape}.'
+    f'class_weights must have shape [{num_classes}] (one per channel) or, '
+    f'with include_background=False, [{num_kept}]; got {weights.shape}.'
   )
 
 
@@ -287,11 +276,11 @@ def _modulating_factor(base: jax.Array, gamma: Any) -> jax.Array:
 
 
 def binary_cross_entropy_loss(
-    logits: jax.Array,
-    labels: jax.Array,
-    *,
-    ignore_index: int | None = None,
-    reduction: str = 'mean',
+  logits: jax.Array,
+  labels: jax.Array,
+  *,
+  ignore_index: int | None = None,
+  reduction: str = 'mean',
 ) -> jax.Array:
   """Sigmoid binary cross-entropy, averaged over elements.
 
@@ -323,7 +312,7 @@ def binary_cross_entropy_loss(
   _check_inputs(logits, labels, activation='sigmoid', ignore_index=ignore_index)
   logits = _upcast(logits)
   targets, mask = _targets_and_mask(
-      logits, labels, activation='sigmoid', ignore_index=ignore_index
+    logits, labels, activation='sigmoid', ignore_index=ignore_index
   )
   losses = optax.sigmoid_binary_cross_entropy(logits, targets)
   weights = jnp.broadcast_to(mask, losses.shape)
@@ -331,13 +320,13 @@ def binary_cross_entropy_loss(
 
 
 def cross_entropy_loss(
-    logits: jax.Array,
-    labels: jax.Array,
-    *,
-    label_smoothing: float = 0.0,
-    class_weights: Any = None,
-    ignore_index: int | None = None,
-    reduction: str = 'mean',
+  logits: jax.Array,
+  labels: jax.Array,
+  *,
+  label_smoothing: float = 0.0,
+  class_weights: Any = None,
+  ignore_index: int | None = None,
+  reduction: str = 'mean',
 ) -> jax.Array:
   """Softmax cross-entropy, averaged over pixels (PyTorch/MONAI semantics).
 
@@ -375,7 +364,7 @@ def cross_entropy_loss(
   logits = _upcast(logits)
   num_classes = logits.shape[-1]
   targets, mask = _targets_and_mask(
-      logits, labels, activation='softmax', ignore_index=ignore_index
+    logits, labels, activation='softmax', ignore_index=ignore_index
   )
   smoothed = (1.0 - label_smoothing) * targets + label_smoothing / num_classes
   log_probs = jax.nn.log_softmax(logits, axis=-1)
@@ -387,8 +376,7 @@ def cross_entropy_loss(
     class_weights = jnp.asarray(class_weights, logits.dtype)
     if class_weights.shape != (num_classes,):
       raise ValueError(
-          f'class_weights must have shape [{num_classes}], got '
-          f'{class_weights.shape}.'
+        f'class_weights must have shape [{num_classes}], got {class_weights.shape}.'
       )
     losses = -jnp.sum(class_weights * smoothed * log_probs, axis=-1)
     weights = jnp.sum(class_weights * targets, axis=-1) * mask
@@ -396,14 +384,14 @@ def cross_entropy_loss(
 
 
 def focal_loss(
-    logits: jax.Array,
-    labels: jax.Array,
-    *,
-    gamma: float = 2.0,
-    alpha: Any = None,
-    activation: str = 'softmax',
-    ignore_index: int | None = None,
-    reduction: str = 'mean',
+  logits: jax.Array,
+  labels: jax.Array,
+  *,
+  gamma: float = 2.0,
+  alpha: Any = None,
+  activation: str = 'softmax',
+  ignore_index: int | None = None,
+  reduction: str = 'mean',
 ) -> jax.Array:
   """Focal loss (Lin et al.): cross-entropy that down-weights easy pixels.
 
@@ -444,13 +432,11 @@ def focal_loss(
     https://arxiv.org/abs/1708.02002.
   """
   _check_options(reduction=reduction, activation=activation)
-  _check_inputs(
-      logits, labels, activation=activation, ignore_index=ignore_index
-  )
+  _check_inputs(logits, labels, activation=activation, ignore_index=ignore_index)
   logits = _upcast(logits)
   num_classes = logits.shape[-1]
   targets, mask = _targets_and_mask(
-      logits, labels, activation=activation, ignore_index=ignore_index
+    logits, labels, activation=activation, ignore_index=ignore_index
   )
   if activation == 'softmax':
     log_probs = jax.nn.log_softmax(logits, axis=-1)
@@ -459,30 +445,26 @@ def focal_loss(
     if alpha is not None:
       alpha = jnp.asarray(alpha, logits.dtype)
       if alpha.ndim == 0:
-        alpha = jnp.concatenate(
-            [(1.0 - alpha)[None], jnp.full((num_classes - 1,), alpha)]
-        )
+        alpha = jnp.concatenate([(1.0 - alpha)[None], jnp.full((num_classes - 1,), alpha)])
       if alpha.shape != (num_classes,):
         raise ValueError(
-            f'alpha must be a scalar or have shape [{num_classes}], got '
-            f'{alpha.shape}.'
+          f'alpha must be a scalar or have shape [{num_classes}], got {alpha.shape}.'
         )
       losses = alpha * losses
     losses = jnp.sum(losses, axis=-1)
     weights = mask[..., 0]
   else:
-    one_minus_p_t = targets * jax.nn.sigmoid(-logits) + (
-        1.0 - targets
-    ) * jax.nn.sigmoid(logits)
-    losses = _modulating_factor(
-        one_minus_p_t, gamma
-    ) * optax.sigmoid_binary_cross_entropy(logits, targets)
+    one_minus_p_t = targets * jax.nn.sigmoid(-logits) + (1.0 - targets) * jax.nn.sigmoid(
+      logits
+    )
+    losses = _modulating_factor(one_minus_p_t, gamma) * optax.sigmoid_binary_cross_entropy(
+      logits, targets
+    )
     if alpha is not None:
       alpha = jnp.asarray(alpha, logits.dtype)
       if alpha.ndim not in (0, 1) or alpha.size not in (1, num_classes):
         raise ValueError(
-            f'alpha must be a scalar or have shape [{num_classes}], got '
-            f'{alpha.shape}.'
+          f'alpha must be a scalar or have shape [{num_classes}], got {alpha.shape}.'
         )
       losses = (alpha * targets + (1.0 - alpha) * (1.0 - targets)) * losses
     weights = jnp.broadcast_to(mask, losses.shape)
@@ -495,19 +477,19 @@ def focal_loss(
 
 
 def dice_loss(
-    logits: jax.Array,
-    labels: jax.Array,
-    *,
-    activation: str = 'softmax',
-    include_background: bool = True,
-    squared_pred: bool = False,
-    jaccard: bool = False,
-    batch: bool = False,
-    smooth_nr: float = 1e-5,
-    smooth_dr: float = 1e-5,
-    class_weights: Any = None,
-    ignore_index: int | None = None,
-    reduction: str = 'mean',
+  logits: jax.Array,
+  labels: jax.Array,
+  *,
+  activation: str = 'softmax',
+  include_background: bool = True,
+  squared_pred: bool = False,
+  jaccard: bool = False,
+  batch: bool = False,
+  smooth_nr: float = 1e-5,
+  smooth_dr: float = 1e-5,
+  class_weights: Any = None,
+  ignore_index: int | None = None,
+  reduction: str = 'mean',
 ) -> jax.Array:
   """Soft Dice (or Jaccard) loss, with MONAI ``DiceLoss`` semantics.
 
@@ -558,15 +540,13 @@ def dice_loss(
     MONAI ``monai.losses.DiceLoss``.
   """
   _check_options(reduction=reduction, activation=activation, batch=batch)
-  _check_inputs(
-      logits, labels, activation=activation, ignore_index=ignore_index
-  )
+  _check_inputs(logits, labels, activation=activation, ignore_index=ignore_index)
   probs, targets = _region_inputs(
-      logits,
-      labels,
-      activation=activation,
-      include_background=include_background,
-      ignore_index=ignore_index,
+    logits,
+    labels,
+    activation=activation,
+    include_background=include_background,
+    ignore_index=ignore_index,
   )
   intersection = _region_sum(probs * targets, batch=batch)
   if squared_pred:
@@ -581,24 +561,24 @@ def dice_loss(
   per_class = 1.0 - (2.0 * intersection + smooth_nr) / (denominator + smooth_dr)
   if class_weights is not None:
     per_class = per_class * _dice_class_weights(
-        class_weights, logits.shape[-1], probs.shape[-1]
+      class_weights, logits.shape[-1], probs.shape[-1]
     )
   return _reduce_examples(jnp.mean(per_class, axis=-1), reduction)
 
 
 def tversky_loss(
-    logits: jax.Array,
-    labels: jax.Array,
-    *,
-    alpha: float = 0.5,
-    beta: float = 0.5,
-    activation: str = 'softmax',
-    include_background: bool = True,
-    batch: bool = False,
-    smooth_nr: float = 1e-5,
-    smooth_dr: float = 1e-5,
-    ignore_index: int | None = None,
-    reduction: str = 'mean',
+  logits: jax.Array,
+  labels: jax.Array,
+  *,
+  alpha: float = 0.5,
+  beta: float = 0.5,
+  activation: str = 'softmax',
+  include_background: bool = True,
+  batch: bool = False,
+  smooth_nr: float = 1e-5,
+  smooth_dr: float = 1e-5,
+  ignore_index: int | None = None,
+  reduction: str = 'mean',
 ) -> jax.Array:
   """Tversky loss, with MONAI ``TverskyLoss`` semantics.
 
@@ -635,37 +615,33 @@ def tversky_loss(
     https://arxiv.org/abs/1706.05721; MONAI ``monai.losses.TverskyLoss``.
   """
   _check_options(reduction=reduction, activation=activation, batch=batch)
-  _check_inputs(
-      logits, labels, activation=activation, ignore_index=ignore_index
-  )
+  _check_inputs(logits, labels, activation=activation, ignore_index=ignore_index)
   probs, targets = _region_inputs(
-      logits,
-      labels,
-      activation=activation,
-      include_background=include_background,
-      ignore_index=ignore_index,
+    logits,
+    labels,
+    activation=activation,
+    include_background=include_background,
+    ignore_index=ignore_index,
   )
   tp = _region_sum(probs * targets, batch=batch)
   fp = _region_sum(probs * (1.0 - targets), batch=batch)
   fn = _region_sum((1.0 - probs) * targets, batch=batch)
-  per_class = 1.0 - (tp + smooth_nr) / (
-      tp + alpha * fp + beta * fn + smooth_dr
-  )
+  per_class = 1.0 - (tp + smooth_nr) / (tp + alpha * fp + beta * fn + smooth_dr)
   return _reduce_examples(jnp.mean(per_class, axis=-1), reduction)
 
 
 def generalized_dice_loss(
-    logits: jax.Array,
-    labels: jax.Array,
-    *,
-    w_type: str = 'square',
-    activation: str = 'softmax',
-    include_background: bool = True,
-    batch: bool = False,
-    smooth_nr: float = 1e-5,
-    smooth_dr: float = 1e-5,
-    ignore_index: int | None = None,
-    reduction: str = 'mean',
+  logits: jax.Array,
+  labels: jax.Array,
+  *,
+  w_type: str = 'square',
+  activation: str = 'softmax',
+  include_background: bool = True,
+  batch: bool = False,
+  smooth_nr: float = 1e-5,
+  smooth_dr: float = 1e-5,
+  ignore_index: int | None = None,
+  reduction: str = 'mean',
 ) -> jax.Array:
   """Generalized Dice loss (Sudre et al.), with MONAI semantics.
 
@@ -704,15 +680,13 @@ def generalized_dice_loss(
   _check_options(reduction=reduction, activation=activation, batch=batch)
   if w_type not in _GDL_WEIGHTS:
     raise ValueError(f'w_type must be one of {_GDL_WEIGHTS}, got {w_type!r}.')
-  _check_inputs(
-      logits, labels, activation=activation, ignore_index=ignore_index
-  )
+  _check_inputs(logits, labels, activation=activation, ignore_index=ignore_index)
   probs, targets = _region_inputs(
-      logits,
-      labels,
-      activation=activation,
-      include_background=include_background,
-      ignore_index=ignore_index,
+    logits,
+    labels,
+    activation=activation,
+    include_background=include_background,
+    ignore_index=ignore_index,
   )
   intersection = _region_sum(probs * targets, batch=batch)
   pred_o = _region_sum(probs, batch=batch)
@@ -722,9 +696,7 @@ def generalized_dice_loss(
   else:
     volume = ground_o**2 if w_type == 'square' else ground_o
     present = volume > 0
-    weights = jnp.where(
-        present, 1.0 / jnp.where(present, volume, 1.0), 0.0
-    )
+    weights = jnp.where(present, 1.0 / jnp.where(present, volume, 1.0), 0.0)
     largest = jnp.max(weights, axis=-1, keepdims=True)
     weights = jnp.where(present, weights, largest)
   numerator = 2.0 * jnp.sum(weights * intersection, axis=-1) + smooth_nr
@@ -738,19 +710,19 @@ def generalized_dice_loss(
 
 
 def dice_bce_loss(
-    logits: jax.Array,
-    labels: jax.Array,
-    *,
-    lambda_dice: float = 1.0,
-    lambda_bce: float = 1.0,
-    include_background: bool = True,
-    squared_pred: bool = False,
-    jaccard: bool = False,
-    batch: bool = False,
-    smooth_nr: float = 1e-5,
-    smooth_dr: float = 1e-5,
-    ignore_index: int | None = None,
-    reduction: str = 'mean',
+  logits: jax.Array,
+  labels: jax.Array,
+  *,
+  lambda_dice: float = 1.0,
+  lambda_bce: float = 1.0,
+  include_background: bool = True,
+  squared_pred: bool = False,
+  jaccard: bool = False,
+  batch: bool = False,
+  smooth_nr: float = 1e-5,
+  smooth_dr: float = 1e-5,
+  ignore_index: int | None = None,
+  reduction: str = 'mean',
 ) -> jax.Array:
   """Sigmoid Dice + binary cross-entropy, the standard combined loss.
 
@@ -786,40 +758,40 @@ def dice_bce_loss(
     ``DiceCELoss(sigmoid=True)`` for one channel.
   """
   dice = dice_loss(
-      logits,
-      labels,
-      activation='sigmoid',
-      include_background=include_background,
-      squared_pred=squared_pred,
-      jaccard=jaccard,
-      batch=batch,
-      smooth_nr=smooth_nr,
-      smooth_dr=smooth_dr,
-      ignore_index=ignore_index,
-      reduction=reduction,
+    logits,
+    labels,
+    activation='sigmoid',
+    include_background=include_background,
+    squared_pred=squared_pred,
+    jaccard=jaccard,
+    batch=batch,
+    smooth_nr=smooth_nr,
+    smooth_dr=smooth_dr,
+    ignore_index=ignore_index,
+    reduction=reduction,
   )
   bce = binary_cross_entropy_loss(
-      logits, labels, ignore_index=ignore_index, reduction=reduction
+    logits, labels, ignore_index=ignore_index, reduction=reduction
   )
   return lambda_dice * dice + lambda_bce * bce
 
 
 def dice_ce_loss(
-    logits: jax.Array,
-    labels: jax.Array,
-    *,
-    lambda_dice: float = 1.0,
-    lambda_ce: float = 1.0,
-    include_background: bool = True,
-    squared_pred: bool = False,
-    jaccard: bool = False,
-    batch: bool = False,
-    smooth_nr: float = 1e-5,
-    smooth_dr: float = 1e-5,
-    class_weights: Any = None,
-    label_smoothing: float = 0.0,
-    ignore_index: int | None = None,
-    reduction: str = 'mean',
+  logits: jax.Array,
+  labels: jax.Array,
+  *,
+  lambda_dice: float = 1.0,
+  lambda_ce: float = 1.0,
+  include_background: bool = True,
+  squared_pred: bool = False,
+  jaccard: bool = False,
+  batch: bool = False,
+  smooth_nr: float = 1e-5,
+  smooth_dr: float = 1e-5,
+  class_weights: Any = None,
+  label_smoothing: float = 0.0,
+  ignore_index: int | None = None,
+  reduction: str = 'mean',
 ) -> jax.Array:
   """Softmax Dice + cross-entropy, with MONAI ``DiceCELoss`` semantics.
 
@@ -857,47 +829,47 @@ def dice_ce_loss(
     https://arxiv.org/abs/1809.10486; MONAI ``monai.losses.DiceCELoss``.
   """
   dice = dice_loss(
-      logits,
-      labels,
-      activation='softmax',
-      include_background=include_background,
-      squared_pred=squared_pred,
-      jaccard=jaccard,
-      batch=batch,
-      smooth_nr=smooth_nr,
-      smooth_dr=smooth_dr,
-      class_weights=class_weights,
-      ignore_index=ignore_index,
-      reduction=reduction,
+    logits,
+    labels,
+    activation='softmax',
+    include_background=include_background,
+    squared_pred=squared_pred,
+    jaccard=jaccard,
+    batch=batch,
+    smooth_nr=smooth_nr,
+    smooth_dr=smooth_dr,
+    class_weights=class_weights,
+    ignore_index=ignore_index,
+    reduction=reduction,
   )
   ce = cross_entropy_loss(
-      logits,
-      labels,
-      label_smoothing=label_smoothing,
-      class_weights=class_weights,
-      ignore_index=ignore_index,
-      reduction=reduction,
+    logits,
+    labels,
+    label_smoothing=label_smoothing,
+    class_weights=class_weights,
+    ignore_index=ignore_index,
+    reduction=reduction,
   )
   return lambda_dice * dice + lambda_ce * ce
 
 
 def focal_dice_loss(
-    logits: jax.Array,
-    labels: jax.Array,
-    *,
-    gamma: float = 2.0,
-    alpha: Any = None,
-    activation: str = 'softmax',
-    lambda_dice: float = 1.0,
-    lambda_focal: float = 1.0,
-    include_background: bool = True,
-    squared_pred: bool = False,
-    jaccard: bool = False,
-    batch: bool = False,
-    smooth_nr: float = 1e-5,
-    smooth_dr: float = 1e-5,
-    ignore_index: int | None = None,
-    reduction: str = 'mean',
+  logits: jax.Array,
+  labels: jax.Array,
+  *,
+  gamma: float = 2.0,
+  alpha: Any = None,
+  activation: str = 'softmax',
+  lambda_dice: float = 1.0,
+  lambda_focal: float = 1.0,
+  include_background: bool = True,
+  squared_pred: bool = False,
+  jaccard: bool = False,
+  batch: bool = False,
+  smooth_nr: float = 1e-5,
+  smooth_dr: float = 1e-5,
+  ignore_index: int | None = None,
+  reduction: str = 'mean',
 ) -> jax.Array:
   """Focal Dice: Dice plus a focal term (AnatomyNet's Dice + focal loss).
 
@@ -943,26 +915,26 @@ def focal_dice_loss(
     46(2), 2019, https://arxiv.org/abs/1808.05238; Lin et al., ICCV 2017.
   """
   dice = dice_loss(
-      logits,
-      labels,
-      activation=activation,
-      include_background=include_background,
-      squared_pred=squared_pred,
-      jaccard=jaccard,
-      batch=batch,
-      smooth_nr=smooth_nr,
-      smooth_dr=smooth_dr,
-      ignore_index=ignore_index,
-      reduction=reduction,
+    logits,
+    labels,
+    activation=activation,
+    include_background=include_background,
+    squared_pred=squared_pred,
+    jaccard=jaccard,
+    batch=batch,
+    smooth_nr=smooth_nr,
+    smooth_dr=smooth_dr,
+    ignore_index=ignore_index,
+    reduction=reduction,
   )
   focal = focal_loss(
-      logits,
-      labels,
-      gamma=gamma,
-      alpha=alpha,
-      activation=activation,
-      ignore_index=ignore_index,
-      reduction=reduction,
+    logits,
+    labels,
+    gamma=gamma,
+    alpha=alpha,
+    activation=activation,
+    ignore_index=ignore_index,
+    reduction=reduction,
   )
   return lambda_dice * dice + lambda_focal * focal
 
@@ -974,15 +946,15 @@ def focal_dice_loss(
 LossFn = Callable[..., jax.Array]
 
 LOSSES: dict[str, LossFn] = {
-    'dice_bce': dice_bce_loss,
-    'dice_ce': dice_ce_loss,
-    'dice': dice_loss,
-    'bce': binary_cross_entropy_loss,
-    'ce': cross_entropy_loss,
-    'focal': focal_loss,
-    'focal_dice': focal_dice_loss,
-    'tversky': tversky_loss,
-    'generalized_dice': generalized_dice_loss,
+  'dice_bce': dice_bce_loss,
+  'dice_ce': dice_ce_loss,
+  'dice': dice_loss,
+  'bce': binary_cross_entropy_loss,
+  'ce': cross_entropy_loss,
+  'focal': focal_loss,
+  'focal_dice': focal_dice_loss,
+  'tversky': tversky_loss,
+  'generalized_dice': generalized_dice_loss,
 }
 
 
@@ -1002,5 +974,5 @@ def get_loss(name: str) -> LossFn:
     return LOSSES[name]
   except KeyError:
     raise ValueError(
-        f'Unknown loss {name!r}; valid names: {", ".join(sorted(LOSSES))}.'
+      f'Unknown loss {name!r}; valid names: {", ".join(sorted(LOSSES))}.'
     ) from None

@@ -86,9 +86,22 @@ from typing import Sequence
 from unet_jax import models
 
 DTYPE_BYTES = {'float32': 4, 'bfloat16': 2}
-_UNITS = {'': 1, 'b': 1, 'k': 10**3, 'kb': 10**3, 'm': 10**6, 'mb': 10**6,
-          'g': 10**9, 'gb': 10**9, 't': 10**12, 'tb': 10**12, 'kib': 2**10,
-          'mib': 2**20, 'gib': 2**30, 'tib': 2**40}
+_UNITS = {
+  '': 1,
+  'b': 1,
+  'k': 10**3,
+  'kb': 10**3,
+  'm': 10**6,
+  'mb': 10**6,
+  'g': 10**9,
+  'gb': 10**9,
+  't': 10**12,
+  'tb': 10**12,
+  'kib': 2**10,
+  'mib': 2**20,
+  'gib': 2**30,
+  'tib': 2**40,
+}
 
 
 def parse_bytes(text: str | int) -> int:
@@ -97,20 +110,26 @@ def parse_bytes(text: str | int) -> int:
     if text < 0:
       raise ValueError(f'A byte count must not be negative; got {text}.')
     return text
-  match = re.fullmatch(r'\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*',
-                       str(text))
+  match = re.fullmatch(
+    r'\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*', str(text)
+  )
   if not match or match.group(2).lower() not in _UNITS:
     raise ValueError(
-        f'Cannot read {text!r} as a size: write a number with an optional unit, one'
-        ' of B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of'
-        ' 1024), e.g. 16GiB.')
+      f'Cannot read {text!r} as a size: write a number with an optional unit, one'
+      ' of B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of'
+      ' 1024), e.g. 16GiB.'
+    )
   return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 def format_bytes(n: int | float) -> str:
   """Both units, so neither reader is misled: '34.36 GB (32.00 GiB)'."""
-  for unit, div, bunit, bdiv in (('TB', 1e12, 'TiB', 2**40), ('GB', 1e9, 'GiB', 2**30),
-                                 ('MB', 1e6, 'MiB', 2**20), ('KB', 1e3, 'KiB', 2**10)):
+  for unit, div, bunit, bdiv in (
+    ('TB', 1e12, 'TiB', 2**40),
+    ('GB', 1e9, 'GiB', 2**30),
+    ('MB', 1e6, 'MiB', 2**20),
+    ('KB', 1e3, 'KiB', 2**10),
+  ):
     if n >= div:
       return f'{n / div:.2f} {unit} ({n / bdiv:.2f} {bunit})'
   return f'{int(n)} B'
@@ -119,14 +138,14 @@ def format_bytes(n: int | float) -> str:
 @dataclasses.dataclass(frozen=True)
 class FeatureMap:
   """One activation buffer: the op that makes it, its shape and its size."""
+
   name: str
   shape: tuple[int, ...]
   dtype: str
   bytes: int
 
   def __str__(self) -> str:
-    return (f'{self.name} {list(self.shape)} {self.dtype} = '
-            f'{format_bytes(self.bytes)}')
+    return f'{self.name} {list(self.shape)} {self.dtype} = {format_bytes(self.bytes)}'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +168,7 @@ class MemoryEstimate:
     peak_op: the op at which the activations peak ('backward:decoder0/conv0' etc.).
     feature_maps: every buffer the forward pass makes, in order.
   """
+
   config: dict
   param_count: int
   param_bytes: int
@@ -163,33 +183,48 @@ class MemoryEstimate:
 
   @property
   def total_bytes(self) -> int:
-    return (self.param_bytes + self.gradient_bytes + self.optimizer_bytes +
-            self.input_bytes + self.output_bytes + self.activation_bytes)
+    return (
+      self.param_bytes
+      + self.gradient_bytes
+      + self.optimizer_bytes
+      + self.input_bytes
+      + self.output_bytes
+      + self.activation_bytes
+    )
 
   def format(self) -> str:
     """A human-readable table, every size in GB and GiB."""
     c = self.config
-    mode = ('training' + (' with remat' if c['remat'] else '')) if c['training'] \
-        else 'inference'
+    mode = (
+      ('training' + (' with remat' if c['remat'] else '')) if c['training'] else 'inference'
+    )
     header = (
-        f"U-Net {'x'.join(map(str, c['spatial_shape']))}, batch {c['batch']},"
-        f" {c['in_channels']} -> {c['num_classes']} channels, features"
-        f" {c['features']}, depth {c['depth']}, norm {c['norm']}, upsample"
-        f" {c['upsample']}, {c['dtype']}, {mode}")
-    rows = [('parameters', (f'{format_bytes(self.param_bytes)}'
-                            f' ({self.param_count:,} parameters)'))]
+      f'U-Net {"x".join(map(str, c["spatial_shape"]))}, batch {c["batch"]},'
+      f' {c["in_channels"]} -> {c["num_classes"]} channels, features'
+      f' {c["features"]}, depth {c["depth"]}, norm {c["norm"]}, upsample'
+      f' {c["upsample"]}, {c["dtype"]}, {mode}'
+    )
+    rows = [
+      (
+        'parameters',
+        (f'{format_bytes(self.param_bytes)} ({self.param_count:,} parameters)'),
+      )
+    ]
     if c['training']:
-      rows += [('gradients', format_bytes(self.gradient_bytes)),
-               ('Adam moments', format_bytes(self.optimizer_bytes)),
-               ('input + labels', format_bytes(self.input_bytes))]
+      rows += [
+        ('gradients', format_bytes(self.gradient_bytes)),
+        ('Adam moments', format_bytes(self.optimizer_bytes)),
+        ('input + labels', format_bytes(self.input_bytes)),
+      ]
     else:
-      rows += [('input', format_bytes(self.input_bytes)),
-               ('output logits', format_bytes(self.output_bytes))]
+      rows += [
+        ('input', format_bytes(self.input_bytes)),
+        ('output logits', format_bytes(self.output_bytes)),
+      ]
     rows += [
-        ('activations', (f'{format_bytes(self.activation_bytes)}'
-                         f' (peak at {self.peak_op})')),
-        ('total', format_bytes(self.total_bytes)),
-        ('largest feature map', str(self.largest_feature_map)),
+      ('activations', (f'{format_bytes(self.activation_bytes)} (peak at {self.peak_op})')),
+      ('total', format_bytes(self.total_bytes)),
+      ('largest feature map', str(self.largest_feature_map)),
     ]
     top = [m for m in self.feature_maps if m.name == 'encoder0/conv0']
     if top:
@@ -206,9 +241,9 @@ class _Op:
   shape: tuple[int, ...]
   itemsize: int
   ins: tuple[str, ...]
-  saves: tuple[str, ...] = ()   # buffers this op's backward pass reads
-  elementwise: bool = False      # may write into an input that dies here
-  block: str | None = None       # the conv block it belongs to (remat unit)
+  saves: tuple[str, ...] = ()  # buffers this op's backward pass reads
+  elementwise: bool = False  # may write into an input that dies here
+  block: str | None = None  # the conv block it belongs to (remat unit)
 
   @property
   def bytes(self) -> int:
@@ -235,25 +270,43 @@ class _Graph:
     self.stats = 0
 
   def add(self, name, out, size, width, inputs, **kwargs) -> str:
-    self.ops.append(_Op(name, out, (self.batch, *size, width), self.itemsize, inputs,
-                        **kwargs))
+    self.ops.append(
+      _Op(name, out, (self.batch, *size, width), self.itemsize, inputs, **kwargs)
+    )
     return out
 
   def block(self, prefix, x, cin, width, k, size) -> str:
     """Two (conv -> norm -> ReLU) layers; returns the name of the output."""
     for i in range(2):
-      pre = self.add(f'{prefix}/conv{i}', f'{prefix}/c{i}', size, width, (x,),
-                     saves=(x,), block=prefix)
+      pre = self.add(
+        f'{prefix}/conv{i}', f'{prefix}/c{i}', size, width, (x,), saves=(x,), block=prefix
+      )
       self.params += _conv_params(k, cin, width, self.norm == 'none')
       if self.norm != 'none':
         # The norm's gradient reads its input (and per-channel statistics).
-        pre = self.add(f'{prefix}/norm{i}', f'{prefix}/n{i}', size, width, (pre,),
-                       saves=(pre,), elementwise=True, block=prefix)
+        pre = self.add(
+          f'{prefix}/norm{i}',
+          f'{prefix}/n{i}',
+          size,
+          width,
+          (pre,),
+          saves=(pre,),
+          elementwise=True,
+          block=prefix,
+        )
         self.params += 2 * width
         self.stats += 2 * width if self.norm == 'batch' else 0
       # ReLU's gradient reads its input (where it is positive).
-      x = self.add(f'{prefix}/relu{i}', f'{prefix}/r{i}', size, width, (pre,),
-                   saves=(pre,), elementwise=True, block=prefix)
+      x = self.add(
+        f'{prefix}/relu{i}',
+        f'{prefix}/r{i}',
+        size,
+        width,
+        (pre,),
+        saves=(pre,),
+        elementwise=True,
+        block=prefix,
+      )
       cin = width
     return x
 
@@ -263,23 +316,35 @@ class _Graph:
       self.params += _conv_params(pool, cin, width, True)
       return self.add(f'{prefix}/upsample', f'{prefix}/u', size, width, (x,), saves=(x,))
     self.params += _conv_params((conv_kernel,) * len(size), cin, width, True)
-    if conv_kernel == 1:   # the 1x1 conv runs before the resize
+    if conv_kernel == 1:  # the 1x1 conv runs before the resize
       low = tuple(s // p for s, p in zip(size, pool))
-      uc = self.add(f'{prefix}/upsample_conv', f'{prefix}/uc', low, width, (x,),
-                    saves=(x,))
+      uc = self.add(f'{prefix}/upsample_conv', f'{prefix}/uc', low, width, (x,), saves=(x,))
       return self.add(f'{prefix}/upsample', f'{prefix}/u', size, width, (uc,))
     ur = self.add(f'{prefix}/upsample_resize', f'{prefix}/ur', size, cin, (x,))
     return self.add(f'{prefix}/upsample', f'{prefix}/u', size, width, (ur,), saves=(ur,))
 
 
-def _graph(*, spatial_shape, in_channels, num_classes, features, depth, kernel_sizes,
-           pool_sizes, norm, upsample, upsample_conv_kernel, batch, itemsize,
-           training):
+def _graph(
+  *,
+  spatial_shape,
+  in_channels,
+  num_classes,
+  features,
+  depth,
+  kernel_sizes,
+  pool_sizes,
+  norm,
+  upsample,
+  upsample_conv_kernel,
+  batch,
+  itemsize,
+  training,
+):
   """The forward ops of `models.UNet` and its exact parameter count."""
   ndim = len(spatial_shape)
-  kernels, pools = models.level_shapes(ndim=ndim, depth=depth,
-                                       kernel_sizes=kernel_sizes,
-                                       pool_sizes=pool_sizes)
+  kernels, pools = models.level_shapes(
+    ndim=ndim, depth=depth, kernel_sizes=kernel_sizes, pool_sizes=pool_sizes
+  )
   divisor = models.input_divisor(ndim=ndim, depth=depth, pool_sizes=pool_sizes)
   models.check_spatial_shape(spatial_shape, divisor)
   g = _Graph(batch=batch, itemsize=itemsize, norm=norm)
@@ -299,17 +364,34 @@ def _graph(*, spatial_shape, in_channels, num_classes, features, depth, kernel_s
   cin = width
   for level in reversed(range(depth)):
     width, size, prefix = features * 2**level, sizes[level], f'decoder{level}'
-    up = g.upsample(prefix, x, cin, width, size, pools[level], mode=upsample,
-                    conv_kernel=upsample_conv_kernel)
+    up = g.upsample(
+      prefix,
+      x,
+      cin,
+      width,
+      size,
+      pools[level],
+      mode=upsample,
+      conv_kernel=upsample_conv_kernel,
+    )
     cat = g.add(f'{prefix}/concat', f'{prefix}/cat', size, 2 * width, (skips[level], up))
     x = g.block(prefix, cat, 2 * width, width, kernels[level], size)
     cin = width
-  g.ops.append(_Op('head', 'logits', (batch, *spatial_shape, num_classes), 4, (x,),
-                   saves=(x,)))
+  g.ops.append(
+    _Op('head', 'logits', (batch, *spatial_shape, num_classes), 4, (x,), saves=(x,))
+  )
   g.params += _conv_params((1,) * ndim, cin, num_classes, True)
   if training:
-    g.ops.append(_Op('loss', 'probabilities', (batch, *spatial_shape, num_classes), 4,
-                     ('logits',), saves=('probabilities',)))
+    g.ops.append(
+      _Op(
+        'loss',
+        'probabilities',
+        (batch, *spatial_shape, num_classes),
+        4,
+        ('logits',),
+        saves=('probabilities',),
+      )
+    )
   return g.ops, g.params, g.stats
 
 
@@ -320,12 +402,13 @@ def _inference_peak(ops: Sequence[_Op]) -> tuple[int, str]:
   for i, op in enumerate(ops):
     for b in op.ins:
       last[b] = i
-  final = ops[-1].out                     # the logits: an output, not a temporary
+  final = ops[-1].out  # the logits: an output, not a temporary
   live: dict[str, int] = {}
   peak, at = 0, ops[0].name
   for i, op in enumerate(ops):
     shared = op.elementwise and any(
-        last.get(b) == i and size.get(b) == op.bytes and b in live for b in op.ins)
+      last.get(b) == i and size.get(b) == op.bytes and b in live for b in op.ins
+    )
     if op.out != final:
       now = sum(live.values()) + (0 if shared else op.bytes)
       if now > peak:
@@ -340,10 +423,10 @@ def _inference_peak(ops: Sequence[_Op]) -> tuple[int, str]:
 def _training_peak(ops: Sequence[_Op], remat: bool) -> tuple[int, str]:
   """Peak bytes of kept + gradient buffers over a forward and a backward pass."""
   size = {op.out: op.bytes for op in ops}
-  size['input'] = 0                       # an argument; its gradient is never made
+  size['input'] = 0  # an argument; its gradient is never made
   block_of = {op.out: op.block for op in ops}
-  readers: dict[str, list[int]] = {}      # forward ops reading each buffer
-  savers: dict[str, list[int]] = {}       # ops whose backward pass reads it
+  readers: dict[str, list[int]] = {}  # forward ops reading each buffer
+  savers: dict[str, list[int]] = {}  # ops whose backward pass reads it
   for i, op in enumerate(ops):
     for b in op.ins:
       readers.setdefault(b, []).append(i)
@@ -353,13 +436,16 @@ def _training_peak(ops: Sequence[_Op], remat: bool) -> tuple[int, str]:
   # Under remat a block keeps nothing of its own insides: its input is kept (it is
   # the rematerialised function's argument) and its output by the ops outside that
   # read it. The insides are recomputed when the backward pass enters the block.
-  internal = lambda b: remat and block_of.get(b) is not None and all(
-      ops[j].block == block_of[b] for j in savers[b])
+  internal = lambda b: (
+    remat
+    and block_of.get(b) is not None
+    and all(ops[j].block == block_of[b] for j in savers[b])
+  )
   kept = {b for b in savers if not internal(b)}
 
   peak, at = 0, ''
   live: dict[str, int] = {}
-  for i, op in enumerate(ops):              # forward
+  for i, op in enumerate(ops):  # forward
     now = sum(live.values()) + op.bytes
     if now > peak:
       peak, at = now, f'forward:{op.name}'
@@ -369,15 +455,15 @@ def _training_peak(ops: Sequence[_Op], remat: bool) -> tuple[int, str]:
         live.pop(b, None)
   live = {b: size[b] for b in kept}
   grads = {ops[-1].out: size[ops[-1].out]}
-  for i in reversed(range(len(ops))):       # backward
+  for i in reversed(range(len(ops))):  # backward
     op = ops[i]
-    if remat and op.block is not None and (i + 1 == len(ops) or
-                                           ops[i + 1].block != op.block):
-      live.update({b: size[b] for b in savers
-                   if internal(b) and block_of[b] == op.block})
+    if (
+      remat and op.block is not None and (i + 1 == len(ops) or ops[i + 1].block != op.block)
+    ):
+      live.update({b: size[b] for b in savers if internal(b) and block_of[b] == op.block})
     new = sum(size[b] for b in op.ins if b not in grads)
     if op.elementwise and grads.get(op.out) == new:
-      new = 0                               # the input's gradient overwrites the output's
+      new = 0  # the input's gradient overwrites the output's
     now = sum(live.values()) + sum(grads.values()) + new
     if now > peak:
       peak, at = now, f'backward:{op.name}'
@@ -390,21 +476,21 @@ def _training_peak(ops: Sequence[_Op], remat: bool) -> tuple[int, str]:
 
 
 def estimate(
-    *,
-    spatial_shape: Sequence[int],
-    in_channels: int = 1,
-    num_classes: int = 2,
-    features: int = 64,
-    depth: int = 4,
-    kernel_sizes: models.IntOrTuple | Sequence[models.IntOrTuple] = 3,
-    pool_sizes: models.IntOrTuple | Sequence[models.IntOrTuple] = 2,
-    norm: str = 'batch',
-    upsample: str = 'transpose',
-    upsample_conv_kernel: int = 1,
-    batch: int = 1,
-    dtype: str = 'float32',
-    training: bool = False,
-    remat: bool = False,
+  *,
+  spatial_shape: Sequence[int],
+  in_channels: int = 1,
+  num_classes: int = 2,
+  features: int = 64,
+  depth: int = 4,
+  kernel_sizes: models.IntOrTuple | Sequence[models.IntOrTuple] = 3,
+  pool_sizes: models.IntOrTuple | Sequence[models.IntOrTuple] = 2,
+  norm: str = 'batch',
+  upsample: str = 'transpose',
+  upsample_conv_kernel: int = 1,
+  batch: int = 1,
+  dtype: str = 'float32',
+  training: bool = False,
+  remat: bool = False,
 ) -> MemoryEstimate:
   """Memory of `models.UNet` on a `[batch, *spatial_shape, in_channels]` input.
 
@@ -419,11 +505,17 @@ def estimate(
   spatial_shape = tuple(spatial_shape)
   if len(spatial_shape) not in (2, 3):
     raise ValueError(
-        f'spatial_shape={spatial_shape} must have 2 (H, W) or 3 (D, H, W) entries.')
-  _check_positive(in_channels=in_channels, num_classes=num_classes,
-                  features=features, depth=depth, batch=batch,
-                  upsample_conv_kernel=upsample_conv_kernel,
-                  **{f'spatial_shape[{i}]': s for i, s in enumerate(spatial_shape)})
+      f'spatial_shape={spatial_shape} must have 2 (H, W) or 3 (D, H, W) entries.'
+    )
+  _check_positive(
+    in_channels=in_channels,
+    num_classes=num_classes,
+    features=features,
+    depth=depth,
+    batch=batch,
+    upsample_conv_kernel=upsample_conv_kernel,
+    **{f'spatial_shape[{i}]': s for i, s in enumerate(spatial_shape)},
+  )
   if dtype not in DTYPE_BYTES:
     raise ValueError(f'dtype={dtype!r} is not one of {tuple(DTYPE_BYTES)}.')
   if norm not in models.NORMS:
@@ -434,16 +526,25 @@ def estimate(
     raise ValueError('remat=True only changes training memory; set training=True.')
   itemsize = DTYPE_BYTES[dtype]
   ops, params, stats = _graph(
-      spatial_shape=spatial_shape, in_channels=in_channels, num_classes=num_classes,
-      features=features, depth=depth, kernel_sizes=kernel_sizes,
-      pool_sizes=pool_sizes, norm=norm, upsample=upsample,
-      upsample_conv_kernel=upsample_conv_kernel, batch=batch, itemsize=itemsize,
-      training=training)
+    spatial_shape=spatial_shape,
+    in_channels=in_channels,
+    num_classes=num_classes,
+    features=features,
+    depth=depth,
+    kernel_sizes=kernel_sizes,
+    pool_sizes=pool_sizes,
+    norm=norm,
+    upsample=upsample,
+    upsample_conv_kernel=upsample_conv_kernel,
+    batch=batch,
+    itemsize=itemsize,
+    training=training,
+  )
   voxels = batch * math.prod(spatial_shape)
   if training:
     activations, at = _training_peak(ops, remat)
     if itemsize != 4:
-      activations += params * itemsize    # compute-dtype copies of the kernels
+      activations += params * itemsize  # compute-dtype copies of the kernels
     gradients, optimizer = 4 * params, 8 * params + 4
     inputs, outputs = voxels * (4 * in_channels + 4), 0
   else:
@@ -451,19 +552,38 @@ def estimate(
     gradients = optimizer = 0
     inputs, outputs = voxels * 4 * in_channels, voxels * 4 * num_classes
   maps = tuple(
-      FeatureMap(op.name, op.shape, 'float32' if op.itemsize == 4 else dtype,
-                 op.bytes) for op in ops)
+    FeatureMap(op.name, op.shape, 'float32' if op.itemsize == 4 else dtype, op.bytes)
+    for op in ops
+  )
   largest = max(maps, key=lambda m: m.bytes)
-  config = dict(spatial_shape=spatial_shape, in_channels=in_channels,
-                num_classes=num_classes, features=features, depth=depth,
-                kernel_sizes=kernel_sizes, pool_sizes=pool_sizes, norm=norm,
-                upsample=upsample, batch=batch, dtype=dtype, training=training,
-                remat=remat)
+  config = dict(
+    spatial_shape=spatial_shape,
+    in_channels=in_channels,
+    num_classes=num_classes,
+    features=features,
+    depth=depth,
+    kernel_sizes=kernel_sizes,
+    pool_sizes=pool_sizes,
+    norm=norm,
+    upsample=upsample,
+    batch=batch,
+    dtype=dtype,
+    training=training,
+    remat=remat,
+  )
   return MemoryEstimate(
-      config=config, param_count=params, param_bytes=4 * (params + stats),
-      gradient_bytes=gradients, optimizer_bytes=optimizer, input_bytes=inputs,
-      output_bytes=outputs, activation_bytes=activations, largest_feature_map=largest,
-      peak_op=at, feature_maps=maps)
+    config=config,
+    param_count=params,
+    param_bytes=4 * (params + stats),
+    gradient_bytes=gradients,
+    optimizer_bytes=optimizer,
+    input_bytes=inputs,
+    output_bytes=outputs,
+    activation_bytes=activations,
+    largest_feature_map=largest,
+    peak_op=at,
+    feature_maps=maps,
+  )
 
 
 def largest_patch(budget_bytes: int, *, ndim: int, **kwargs) -> int | None:
@@ -484,15 +604,17 @@ def largest_patch(budget_bytes: int, *, ndim: int, **kwargs) -> int | None:
   if ndim not in (2, 3):
     raise ValueError(f'ndim must be 2 or 3, got {ndim}.')
   budget_bytes = parse_bytes(budget_bytes)
-  divisor = models.input_divisor(ndim=ndim, depth=kwargs.get('depth', 4),
-                                 pool_sizes=kwargs.get('pool_sizes', 2))
+  divisor = models.input_divisor(
+    ndim=ndim, depth=kwargs.get('depth', 4), pool_sizes=kwargs.get('pool_sizes', 2)
+  )
   step = math.lcm(*divisor)
-  fits = lambda n: estimate(spatial_shape=(n * step,) * ndim,
-                            **kwargs).total_bytes <= budget_bytes
+  fits = lambda n: (
+    estimate(spatial_shape=(n * step,) * ndim, **kwargs).total_bytes <= budget_bytes
+  )
   if not fits(1):
     return None
   lo, hi = 1, 2
-  while fits(hi):                       # memory grows with the side: double, then bisect
+  while fits(hi):  # memory grows with the side: double, then bisect
     lo, hi = hi, hi * 2
   while hi - lo > 1:
     mid = (lo + hi) // 2
@@ -501,29 +623,35 @@ def largest_patch(budget_bytes: int, *, ndim: int, **kwargs) -> int | None:
 
 
 # `UNet` options that select plain XLA convolutions on every backend (conv.py).
-PLAIN_FORMULATION = dict(transpose_as_matmul=False, conv3d_as_2d=False,
-                         pointwise_as_matmul=False, conv_weight_grad='xla',
-                         native_conv_forward=False, pool_as_reshape=False,
-                         native_winograd=False, native_pool=False)
+PLAIN_FORMULATION = dict(
+  transpose_as_matmul=False,
+  conv3d_as_2d=False,
+  pointwise_as_matmul=False,
+  conv_weight_grad='xla',
+  native_conv_forward=False,
+  pool_as_reshape=False,
+  native_winograd=False,
+  native_pool=False,
+)
 
 
 def compiled_memory(
-    *,
-    spatial_shape: Sequence[int],
-    in_channels: int = 1,
-    num_classes: int = 2,
-    features: int = 64,
-    depth: int = 4,
-    kernel_sizes: models.IntOrTuple | Sequence[models.IntOrTuple] = 3,
-    pool_sizes: models.IntOrTuple | Sequence[models.IntOrTuple] = 2,
-    norm: str = 'batch',
-    upsample: str = 'transpose',
-    upsample_conv_kernel: int = 1,
-    batch: int = 1,
-    dtype: str = 'float32',
-    training: bool = False,
-    remat: bool = False,
-    plain: bool = True,
+  *,
+  spatial_shape: Sequence[int],
+  in_channels: int = 1,
+  num_classes: int = 2,
+  features: int = 64,
+  depth: int = 4,
+  kernel_sizes: models.IntOrTuple | Sequence[models.IntOrTuple] = 3,
+  pool_sizes: models.IntOrTuple | Sequence[models.IntOrTuple] = 2,
+  norm: str = 'batch',
+  upsample: str = 'transpose',
+  upsample_conv_kernel: int = 1,
+  batch: int = 1,
+  dtype: str = 'float32',
+  training: bool = False,
+  remat: bool = False,
+  plain: bool = True,
 ) -> dict[str, int]:
   """XLA's own memory figures for what `estimate` models, on the default backend.
 
@@ -550,19 +678,40 @@ def compiled_memory(
   import jax
   import jax.numpy as jnp
   import optax
-  estimate(spatial_shape=spatial_shape, in_channels=in_channels,
-           num_classes=num_classes, features=features, depth=depth,
-           kernel_sizes=kernel_sizes, pool_sizes=pool_sizes, norm=norm,
-           upsample=upsample, upsample_conv_kernel=upsample_conv_kernel, batch=batch,
-           dtype=dtype, training=training, remat=remat)   # the same checks
-  model = models.UNet(num_classes=num_classes, features=features, depth=depth,
-                      kernel_sizes=kernel_sizes, pool_sizes=pool_sizes, norm=norm,
-                      upsample=upsample, upsample_conv_kernel=upsample_conv_kernel,
-                      dtype=jnp.dtype(dtype), remat=remat,
-                      **(PLAIN_FORMULATION if plain else {}))
+
+  estimate(
+    spatial_shape=spatial_shape,
+    in_channels=in_channels,
+    num_classes=num_classes,
+    features=features,
+    depth=depth,
+    kernel_sizes=kernel_sizes,
+    pool_sizes=pool_sizes,
+    norm=norm,
+    upsample=upsample,
+    upsample_conv_kernel=upsample_conv_kernel,
+    batch=batch,
+    dtype=dtype,
+    training=training,
+    remat=remat,
+  )  # the same checks
+  model = models.UNet(
+    num_classes=num_classes,
+    features=features,
+    depth=depth,
+    kernel_sizes=kernel_sizes,
+    pool_sizes=pool_sizes,
+    norm=norm,
+    upsample=upsample,
+    upsample_conv_kernel=upsample_conv_kernel,
+    dtype=jnp.dtype(dtype),
+    remat=remat,
+    **(PLAIN_FORMULATION if plain else {}),
+  )
   x = jax.ShapeDtypeStruct((batch, *spatial_shape, in_channels), jnp.float32)
   variables = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype)))
+    lambda: model.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype))
+  )
   if not training:
     forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
     compiled = forward.lower(variables, x).compile()
@@ -573,23 +722,28 @@ def compiled_memory(
     stats = variables.get('batch_stats', {})
 
     def loss_fn(params, stats, x, labels):
-      logits, new = model.apply({'params': params, 'batch_stats': stats}, x,
-                                train=True, mutable=['batch_stats'])
+      logits, new = model.apply(
+        {'params': params, 'batch_stats': stats}, x, train=True, mutable=['batch_stats']
+      )
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
       return loss, new.get('batch_stats', {})
 
     @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
     def train_step(params, stats, opt_state, x, labels):
       (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          params, stats, x, labels)
+        params, stats, x, labels
+      )
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), stats, opt_state, loss
 
-    compiled = train_step.lower(variables['params'], stats, opt_state, x,
-                                labels).compile()
+    compiled = train_step.lower(variables['params'], stats, opt_state, x, labels).compile()
   m = compiled.memory_analysis()
-  out = dict(temp=m.temp_size_in_bytes, argument=m.argument_size_in_bytes,
-             output=m.output_size_in_bytes, alias=m.alias_size_in_bytes)
+  out = dict(
+    temp=m.temp_size_in_bytes,
+    argument=m.argument_size_in_bytes,
+    output=m.output_size_in_bytes,
+    alias=m.alias_size_in_bytes,
+  )
   out['total'] = out['argument'] + out['output'] - out['alias'] + out['temp']
   return out
 
@@ -608,35 +762,60 @@ def _shape_arg(text: str):
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(
-      prog='python -m unet_jax.memory',
-      description='Memory of a unet_jax U-Net: parameters, Adam state, activations.')
+    prog='python -m unet_jax.memory',
+    description='Memory of a unet_jax U-Net: parameters, Adam state, activations.',
+  )
   parser.add_argument('--spatial', help='spatial size, e.g. 512,512,512 or 256x256')
-  parser.add_argument('--ndim', type=int, default=None,
-                      help='2 or 3, with --budget when --spatial is not given')
+  parser.add_argument(
+    '--ndim',
+    type=int,
+    default=None,
+    help='2 or 3, with --budget when --spatial is not given',
+  )
   parser.add_argument('--in_channels', type=int, default=1)
   parser.add_argument('--num_classes', type=int, default=2)
   parser.add_argument('--features', type=int, default=64)
   parser.add_argument('--depth', type=int, default=4)
-  parser.add_argument('--kernel_sizes', default='3',
-                      help="3, or 1,3,3 (every level), or '1,3,3;3,3,3;...' per level")
-  parser.add_argument('--pool_sizes', default='2',
-                      help="2, or 1,2,2 (every level), or '1,2,2;2,2,2;...' per level")
+  parser.add_argument(
+    '--kernel_sizes',
+    default='3',
+    help="3, or 1,3,3 (every level), or '1,3,3;3,3,3;...' per level",
+  )
+  parser.add_argument(
+    '--pool_sizes',
+    default='2',
+    help="2, or 1,2,2 (every level), or '1,2,2;2,2,2;...' per level",
+  )
   parser.add_argument('--norm', default='batch', choices=models.NORMS)
   parser.add_argument('--upsample', default='transpose', choices=models.UPSAMPLE_MODES)
   parser.add_argument('--batch', type=int, default=1)
   parser.add_argument('--dtype', default='float32', choices=tuple(DTYPE_BYTES))
-  parser.add_argument('--training', action='store_true',
-                      help='a train step (forward, backward, Adam); else inference')
+  parser.add_argument(
+    '--training',
+    action='store_true',
+    help='a train step (forward, backward, Adam); else inference',
+  )
   parser.add_argument('--remat', action='store_true', help='with --training')
-  parser.add_argument('--budget', default=None,
-                      help='e.g. 16GiB: print the largest square/cubic patch that fits')
+  parser.add_argument(
+    '--budget',
+    default=None,
+    help='e.g. 16GiB: print the largest square/cubic patch that fits',
+  )
   args = parser.parse_args(argv)
-  kwargs = dict(in_channels=args.in_channels, num_classes=args.num_classes,
-                features=args.features, depth=args.depth,
-                kernel_sizes=_shape_arg(args.kernel_sizes),
-                pool_sizes=_shape_arg(args.pool_sizes), norm=args.norm,
-                upsample=args.upsample, batch=args.batch, dtype=args.dtype,
-                training=args.training, remat=args.remat)
+  kwargs = dict(
+    in_channels=args.in_channels,
+    num_classes=args.num_classes,
+    features=args.features,
+    depth=args.depth,
+    kernel_sizes=_shape_arg(args.kernel_sizes),
+    pool_sizes=_shape_arg(args.pool_sizes),
+    norm=args.norm,
+    upsample=args.upsample,
+    batch=args.batch,
+    dtype=args.dtype,
+    training=args.training,
+    remat=args.remat,
+  )
   if args.spatial is None and args.budget is None:
     parser.error('give --spatial, --budget (with --ndim), or both.')
   ndim = args.ndim
@@ -650,13 +829,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     budget = parse_bytes(args.budget)
     side = largest_patch(budget, ndim=ndim, **kwargs)
     if side is None:
-      print(f'Nothing fits in {format_bytes(budget)}: even the smallest patch the'
-            ' network takes is too large.')
+      print(
+        f'Nothing fits in {format_bytes(budget)}: even the smallest patch the'
+        ' network takes is too large.'
+      )
     else:
       est = estimate(spatial_shape=(side,) * ndim, **kwargs)
-      print(f"Largest {'cubic' if ndim == 3 else 'square'} patch in"
-            f" {format_bytes(budget)}: {'x'.join([str(side)] * ndim)}"
-            f' (total {format_bytes(est.total_bytes)})')
+      print(
+        f'Largest {"cubic" if ndim == 3 else "square"} patch in'
+        f' {format_bytes(budget)}: {"x".join([str(side)] * ndim)}'
+        f' (total {format_bytes(est.total_bytes)})'
+      )
 
 
 if __name__ == '__main__':

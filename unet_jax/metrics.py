@@ -49,25 +49,25 @@ def _check_class_maps(predictions: jax.Array, labels: jax.Array) -> None:
     chex.assert_equal_shape([predictions, labels])
   except AssertionError as e:
     raise ValueError(
-        'predictions and labels must have the same shape, got '
-        f'{jnp.shape(predictions)} and {jnp.shape(labels)}.'
+      'predictions and labels must have the same shape, got '
+      f'{jnp.shape(predictions)} and {jnp.shape(labels)}.'
     ) from e
   for name, x in (('predictions', predictions), ('labels', labels)):
     dtype = jnp.asarray(x).dtype
     if not (jnp.issubdtype(dtype, jnp.integer) or dtype == jnp.bool_):
       raise ValueError(
-          f'{name} must be an integer class map, got {dtype}. For logits use '
-          'jnp.argmax(logits, -1) (softmax) or logits[..., 0] > 0 (one '
-          'sigmoid logit).'
+        f'{name} must be an integer class map, got {dtype}. For logits use '
+        'jnp.argmax(logits, -1) (softmax) or logits[..., 0] > 0 (one '
+        'sigmoid logit).'
       )
 
 
 def confusion_matrix(
-    predictions: jax.Array,
-    labels: jax.Array,
-    num_classes: int,
-    *,
-    ignore_index: int | None = None,
+  predictions: jax.Array,
+  labels: jax.Array,
+  num_classes: int,
+  *,
+  ignore_index: int | None = None,
 ) -> jax.Array:
   """Pixel counts of (true class, predicted class) pairs.
 
@@ -104,10 +104,10 @@ def confusion_matrix(
   predictions = jnp.asarray(predictions).astype(jnp.int32)
   labels = jnp.asarray(labels).astype(jnp.int32)
   valid = (
-      (labels >= 0)
-      & (labels < num_classes)
-      & (predictions >= 0)
-      & (predictions < num_classes)
+    (labels >= 0)
+    & (labels < num_classes)
+    & (predictions >= 0)
+    & (predictions < num_classes)
   )
   if ignore_index is not None:
     valid = valid & (labels != ignore_index)
@@ -240,11 +240,11 @@ def mean_dice(cm) -> float:
 
 
 def per_image_dice(
-    predictions: jax.Array,
-    labels: jax.Array,
-    num_classes: int,
-    *,
-    ignore_index: int | None = None,
+  predictions: jax.Array,
+  labels: jax.Array,
+  num_classes: int,
+  *,
+  ignore_index: int | None = None,
 ) -> jax.Array:
   """Dice per example and class, for imbalance analysis (jit-able).
 
@@ -269,9 +269,7 @@ def per_image_dice(
   if jnp.ndim(labels) < 1:
     raise ValueError('predictions and labels need a leading batch axis.')
   matrices = jax.vmap(
-      functools.partial(
-          confusion_matrix, num_classes=num_classes, ignore_index=ignore_index
-      )
+    functools.partial(confusion_matrix, num_classes=num_classes, ignore_index=ignore_index)
   )(predictions, labels)
   tp = jnp.diagonal(matrices, axis1=-2, axis2=-1)
   denominator = jnp.sum(matrices, axis=-2) + jnp.sum(matrices, axis=-1)
@@ -281,9 +279,9 @@ def per_image_dice(
 
 
 def confusion_matrices_host(
-    predictions: np.ndarray,
-    labels: np.ndarray,
-    num_classes: int,
+  predictions: np.ndarray,
+  labels: np.ndarray,
+  num_classes: int,
 ) -> np.ndarray:
   """Per-example confusion matrices on the host (NumPy), exact in int64.
 
@@ -307,8 +305,8 @@ def confusion_matrices_host(
   labels = np.asarray(labels)
   if predictions.shape != labels.shape or predictions.ndim < 1:
     raise ValueError(
-        'predictions and labels must have the same shape with a leading batch'
-        f' axis, got {predictions.shape} and {labels.shape}.'
+      'predictions and labels must have the same shape with a leading batch'
+      f' axis, got {predictions.shape} and {labels.shape}.'
     )
   n, c = labels.shape[0], int(num_classes)
   predictions = predictions.reshape(n, -1).astype(np.int64)
@@ -333,10 +331,10 @@ def summarize(cm) -> dict:
   iou = iou_per_class(cm)
   foreground = np.asarray(dice[1:], np.float64)
   return {
-      'pixel_accuracy': pixel_accuracy(cm),
-      'mean_iou': mean_iou(cm),
-      'mean_dice': mean_dice(cm),
-      'dice_per_class': [float(v) for v in dice],
-      'iou_per_class': [float(v) for v in iou],
-      'dice': _nanmean(foreground),
+    'pixel_accuracy': pixel_accuracy(cm),
+    'mean_iou': mean_iou(cm),
+    'mean_dice': mean_dice(cm),
+    'dice_per_class': [float(v) for v in dice],
+    'iou_per_class': [float(v) for v in iou],
+    'dice': _nanmean(foreground),
   }

@@ -43,8 +43,8 @@ def _per_axis(value: IntOrTuple, ndim: int, name: str) -> tuple[int, ...]:
   value = tuple(int(v) for v in value)
   if len(value) != ndim:
     raise ValueError(
-        f'{name}={value} has {len(value)} entries, but the input has {ndim} spatial'
-        f' axes.')
+      f'{name}={value} has {len(value)} entries, but the input has {ndim} spatial axes.'
+    )
   return value
 
 
@@ -53,11 +53,11 @@ def _is_shape(value: Any) -> bool:
 
 
 def level_shapes(
-    *,
-    ndim: int,
-    depth: int,
-    kernel_sizes: IntOrTuple | Sequence[IntOrTuple] = 3,
-    pool_sizes: IntOrTuple | Sequence[IntOrTuple] = 2,
+  *,
+  ndim: int,
+  depth: int,
+  kernel_sizes: IntOrTuple | Sequence[IntOrTuple] = 3,
+  pool_sizes: IntOrTuple | Sequence[IntOrTuple] = 2,
 ) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]:
   """Per-level kernel and pooling shapes for a network of `ndim` spatial axes.
 
@@ -82,11 +82,13 @@ def level_shapes(
     pool_sizes = [pool_sizes] * depth
   if len(kernel_sizes) != depth + 1:
     raise ValueError(
-        f'kernel_sizes has {len(kernel_sizes)} levels; depth={depth} needs'
-        f' {depth + 1} (the encoder levels, then the bottleneck).')
+      f'kernel_sizes has {len(kernel_sizes)} levels; depth={depth} needs'
+      f' {depth + 1} (the encoder levels, then the bottleneck).'
+    )
   if len(pool_sizes) != depth:
     raise ValueError(
-        f'pool_sizes has {len(pool_sizes)} levels; depth={depth} needs {depth}.')
+      f'pool_sizes has {len(pool_sizes)} levels; depth={depth} needs {depth}.'
+    )
   kernels = tuple(_per_axis(k, ndim, 'kernel_sizes') for k in kernel_sizes)
   pools = tuple(_per_axis(p, ndim, 'pool_sizes') for p in pool_sizes)
   for p in pools:
@@ -96,38 +98,45 @@ def level_shapes(
 
 
 def input_divisor(
-    *,
-    ndim: int,
-    depth: int,
-    pool_sizes: IntOrTuple | Sequence[IntOrTuple] = 2,
+  *,
+  ndim: int,
+  depth: int,
+  pool_sizes: IntOrTuple | Sequence[IntOrTuple] = 2,
 ) -> tuple[int, ...]:
   """What every spatial size of the input must be a multiple of, axis by axis."""
   _, pools = level_shapes(ndim=ndim, depth=depth, pool_sizes=pool_sizes)
   return tuple(math.prod(p[axis] for p in pools) for axis in range(ndim))
 
 
-def check_spatial_shape(
-    spatial_shape: Sequence[int], divisor: Sequence[int]) -> None:
+def check_spatial_shape(spatial_shape: Sequence[int], divisor: Sequence[int]) -> None:
   """Raises a ValueError naming the size and the nearest valid sizes."""
-  axis_names = ('D', 'H', 'W')[-len(spatial_shape):]
+  axis_names = ('D', 'H', 'W')[-len(spatial_shape) :]
   for name, size, div in zip(axis_names, spatial_shape, divisor):
     if size % div:
       below = (size // div) * div
       above = below + div
       nearest = f'{below} or {above}' if below > 0 else f'{above}'
       raise ValueError(
-          f'Spatial size {size} along axis {name} of input shape'
-          f' {tuple(spatial_shape)} is not divisible by {div}, the product of the'
-          f' pooling strides along that axis. Nearest valid sizes: {nearest}. Pad,'
-          ' crop or resize the input (config.data.size_policy).')
+        f'Spatial size {size} along axis {name} of input shape'
+        f' {tuple(spatial_shape)} is not divisible by {div}, the product of the'
+        f' pooling strides along that axis. Nearest valid sizes: {nearest}. Pad,'
+        ' crop or resize the input (config.data.size_policy).'
+      )
 
 
-def _norm(kind: str, *, train: bool, dtype: Any, axis_name: str | None,
-          groups: int, name: str) -> nn.Module | None:
+def _norm(
+  kind: str, *, train: bool, dtype: Any, axis_name: str | None, groups: int, name: str
+) -> nn.Module | None:
   if kind == 'batch':
     # momentum 0.9 is PyTorch's default of 0.1 in Flax's convention.
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                        dtype=dtype, axis_name=axis_name, name=name)
+    return nn.BatchNorm(
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      dtype=dtype,
+      axis_name=axis_name,
+      name=name,
+    )
   if kind == 'group':
     return nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=dtype, name=name)
   if kind == 'instance':
@@ -137,6 +146,7 @@ def _norm(kind: str, *, train: bool, dtype: Any, axis_name: str | None,
 
 class ConvBlock(nn.Module):
   """Two (conv -> norm -> ReLU) layers, 'same' padding. The unit of rematerialisation."""
+
   features: int
   kernel_size: tuple[int, ...]
   norm: str = 'batch'
@@ -151,16 +161,28 @@ class ConvBlock(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.norm == 'group' and self.features % self.norm_groups:
       raise ValueError(
-          f"norm='group' with norm_groups={self.norm_groups} needs widths divisible"
-          f' by it; this level has {self.features} channels.')
+        f"norm='group' with norm_groups={self.norm_groups} needs widths divisible"
+        f' by it; this level has {self.features} channels.'
+      )
     for i in range(2):
-      x = nn.Conv(self.features, self.kernel_size, padding='SAME',
-                  use_bias=self.norm == 'none', dtype=self.dtype,
-                  param_dtype=self.param_dtype, conv_general_dilated=self.conv_fn,
-                  name=f'conv{i}')(x)
-      norm = _norm(self.norm, train=self.train, dtype=self.dtype,
-                   axis_name=self.bn_axis_name, groups=self.norm_groups,
-                   name=f'norm{i}')
+      x = nn.Conv(
+        self.features,
+        self.kernel_size,
+        padding='SAME',
+        use_bias=self.norm == 'none',
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        conv_general_dilated=self.conv_fn,
+        name=f'conv{i}',
+      )(x)
+      norm = _norm(
+        self.norm,
+        train=self.train,
+        dtype=self.dtype,
+        axis_name=self.bn_axis_name,
+        groups=self.norm_groups,
+        name=f'norm{i}',
+      )
       if norm is not None:
         x = norm(x)
       x = nn.relu(x)
@@ -177,6 +199,7 @@ class Upsample(nn.Module):
     the resize: a 1x1 convolution commutes with linear interpolation (whose weights sum
     to one), so the output is identical and the work is 2^ndim times smaller.
   """
+
   features: int
   strides: tuple[int, ...]
   mode: str = 'transpose'
@@ -191,17 +214,33 @@ class Upsample(nn.Module):
     ndim = x.ndim - 2
     if self.mode == 'transpose' and self.transpose_as_matmul:
       # Same function and parameters as the nn.ConvTranspose below (conv.py).
-      return conv_lib.ConvTranspose(self.features, self.strides, dtype=self.dtype,
-                                    param_dtype=self.param_dtype, name='conv')(x)
+      return conv_lib.ConvTranspose(
+        self.features,
+        self.strides,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name='conv',
+      )(x)
     if self.mode == 'transpose':
-      return nn.ConvTranspose(self.features, self.strides, strides=self.strides,
-                              padding='VALID', dtype=self.dtype,
-                              param_dtype=self.param_dtype, name='conv')(x)
-    shape = (x.shape[0],) + tuple(
-        s * r for s, r in zip(x.shape[1:-1], self.strides))
-    conv = nn.Conv(self.features, (self.conv_kernel,) * ndim, padding='SAME',
-                   dtype=self.dtype, param_dtype=self.param_dtype,
-                   conv_general_dilated=self.conv_fn, name='conv')
+      return nn.ConvTranspose(
+        self.features,
+        self.strides,
+        strides=self.strides,
+        padding='VALID',
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name='conv',
+      )(x)
+    shape = (x.shape[0],) + tuple(s * r for s, r in zip(x.shape[1:-1], self.strides))
+    conv = nn.Conv(
+      self.features,
+      (self.conv_kernel,) * ndim,
+      padding='SAME',
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      conv_general_dilated=self.conv_fn,
+      name='conv',
+    )
     if self.conv_kernel == 1:
       x = conv(x)
       return jax.image.resize(x, shape + (x.shape[-1],), method='linear')
@@ -266,6 +305,7 @@ class UNet(nn.Module):
       for the CPU where benchmarks/RESULTS.md shows a win, off (plain XLA) on GPU and
       TPU, so accelerator programs are unchanged.
   """
+
   num_classes: int
   features: int = 64
   depth: int = 4
@@ -295,8 +335,7 @@ class UNet(nn.Module):
     if self.conv_weight_grad is not None:
       grad_2d = grad_3d = self.conv_weight_grad
     else:
-      grad_2d, grad_3d = (conv_lib.default_weight_grad(2),
-                          conv_lib.default_weight_grad(3))
+      grad_2d, grad_3d = (conv_lib.default_weight_grad(2), conv_lib.default_weight_grad(3))
     fold = conv_lib.resolve(self.conv3d_as_2d)
     pointwise = conv_lib.resolve(self.pointwise_as_matmul)
     if self.native_conv_forward is None:
@@ -311,21 +350,29 @@ class UNet(nn.Module):
       winograd_3d = grad_3d == 'native' and conv_lib.CPU_NATIVE_WINOGRAD[3]
     else:
       winograd_2d = winograd_3d = self.native_winograd
-    if (not fold and not pointwise and grad_2d == 'xla' and not forward_2d
-        and not winograd_2d):
+    if (
+      not fold and not pointwise and grad_2d == 'xla' and not forward_2d and not winograd_2d
+    ):
       return None
     return conv_lib.conv_general_dilated_fn(
-        fold_depth=fold, weight_grad=grad_2d, weight_grad_3d=grad_3d,
-        pointwise_as_matmul=pointwise, native_forward=forward_2d,
-        native_forward_3d=forward_3d, winograd=winograd_2d, winograd_3d=winograd_3d)
+      fold_depth=fold,
+      weight_grad=grad_2d,
+      weight_grad_3d=grad_3d,
+      pointwise_as_matmul=pointwise,
+      native_forward=forward_2d,
+      native_forward_3d=forward_3d,
+      winograd=winograd_2d,
+      winograd_3d=winograd_3d,
+    )
 
   def _max_pool(self, x: jax.Array, window: tuple[int, ...]) -> jax.Array:
     if self.pool_as_reshape:
       return conv_lib.max_pool_as_reshape(x, window)
     native = self.native_pool
     if native is None:  # with the native convolution kernels, as conv.CPU_NATIVE_POOL says
-      native = (conv_lib.CPU_NATIVE_POOL
-                and conv_lib.default_weight_grad(x.ndim - 2) == 'native')
+      native = (
+        conv_lib.CPU_NATIVE_POOL and conv_lib.default_weight_grad(x.ndim - 2) == 'native'
+      )
     if native and x.dtype == jnp.float32:
       return conv_lib.max_pool_native(x, window)
     return nn.max_pool(x, window, strides=window, padding='VALID')
@@ -333,48 +380,65 @@ class UNet(nn.Module):
   def _check(self, x: jax.Array) -> int:
     if x.ndim not in (4, 5):
       raise ValueError(
-          f'UNet takes (N, H, W, C) or (N, D, H, W, C) channels-last inputs; got'
-          f' shape {x.shape} (rank {x.ndim}).')
+        f'UNet takes (N, H, W, C) or (N, D, H, W, C) channels-last inputs; got'
+        f' shape {x.shape} (rank {x.ndim}).'
+      )
     if self.num_classes < 1 or self.features < 1:
       raise ValueError(
-          f'num_classes ({self.num_classes}) and features ({self.features}) must be'
-          ' positive.')
+        f'num_classes ({self.num_classes}) and features ({self.features}) must be positive.'
+      )
     if self.upsample not in UPSAMPLE_MODES:
-      raise ValueError(
-          f'upsample={self.upsample!r} is not one of {UPSAMPLE_MODES}.')
+      raise ValueError(f'upsample={self.upsample!r} is not one of {UPSAMPLE_MODES}.')
     if self.norm not in NORMS:
       raise ValueError(f'norm={self.norm!r} is not one of {NORMS}.')
     if self.conv_weight_grad not in (None,) + conv_lib.WEIGHT_GRADS:
       raise ValueError(
-          f'conv_weight_grad={self.conv_weight_grad!r} is not None or one of'
-          f' {conv_lib.WEIGHT_GRADS}.')
-    if (self.conv_weight_grad == 'native' or self.native_conv_forward
-        or self.native_winograd or self.native_pool):
+        f'conv_weight_grad={self.conv_weight_grad!r} is not None or one of'
+        f' {conv_lib.WEIGHT_GRADS}.'
+      )
+    if (
+      self.conv_weight_grad == 'native'
+      or self.native_conv_forward
+      or self.native_winograd
+      or self.native_pool
+    ):
       # Asked for by name: an error that says why it cannot be built, not a fallback.
       native_kernels.ensure_available()
     if not 0 <= self.deep_supervision < self.depth:
       raise ValueError(
-          f'deep_supervision={self.deep_supervision} must be in [0, depth-1='
-          f'{self.depth - 1}].')
+        f'deep_supervision={self.deep_supervision} must be in [0, depth-1='
+        f'{self.depth - 1}].'
+      )
     ndim = x.ndim - 2
     check_spatial_shape(
-        x.shape[1:-1],
-        input_divisor(ndim=ndim, depth=self.depth, pool_sizes=self.pool_sizes))
+      x.shape[1:-1], input_divisor(ndim=ndim, depth=self.depth, pool_sizes=self.pool_sizes)
+    )
     return ndim
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False):
     """Logits `[N, *spatial, num_classes]` (float32) for `x` of `[N, *spatial, C]`."""
     ndim = self._check(x)
-    kernels, pools = level_shapes(ndim=ndim, depth=self.depth,
-                                  kernel_sizes=self.kernel_sizes,
-                                  pool_sizes=self.pool_sizes)
+    kernels, pools = level_shapes(
+      ndim=ndim,
+      depth=self.depth,
+      kernel_sizes=self.kernel_sizes,
+      pool_sizes=self.pool_sizes,
+    )
     conv_fn = self._conv_fn()
     block_cls = nn.remat(ConvBlock) if self.remat else ConvBlock
     block = lambda width, kernel, name: block_cls(
-        width, kernel, norm=self.norm, norm_groups=self.norm_groups, train=train,
-        dtype=self.dtype, param_dtype=self.param_dtype,
-        bn_axis_name=self.bn_axis_name, conv_fn=conv_fn, name=name)
+      width,
+      kernel,
+      norm=self.norm,
+      norm_groups=self.norm_groups,
+      train=train,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      bn_axis_name=self.bn_axis_name,
+      conv_fn=conv_fn,
+      name=name,
+    )
 
     x = x.astype(self.dtype)
     skips = []
@@ -390,11 +454,17 @@ class UNet(nn.Module):
     aux = []
     for level in reversed(range(self.depth)):
       width = self.features * 2**level
-      x = Upsample(width, pools[level], mode=self.upsample,
-                   conv_kernel=self.upsample_conv_kernel, dtype=self.dtype,
-                   param_dtype=self.param_dtype,
-                   transpose_as_matmul=conv_lib.resolve(self.transpose_as_matmul),
-                   conv_fn=conv_fn, name=f'upsample{level}')(x)
+      x = Upsample(
+        width,
+        pools[level],
+        mode=self.upsample,
+        conv_kernel=self.upsample_conv_kernel,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        transpose_as_matmul=conv_lib.resolve(self.transpose_as_matmul),
+        conv_fn=conv_fn,
+        name=f'upsample{level}',
+      )(x)
       x = jnp.concatenate([skips[level], x], axis=-1)
       x = block(width, kernels[level], f'decoder{level}')(x)
       if 0 < level <= self.deep_supervision:
@@ -407,9 +477,14 @@ class UNet(nn.Module):
 
   def _head(self, x: jax.Array, name: str, conv_fn: Any = None) -> jax.Array:
     ndim = x.ndim - 2
-    y = nn.Conv(self.num_classes, (1,) * ndim, dtype=self.dtype,
-                param_dtype=self.param_dtype, conv_general_dilated=conv_fn,
-                name=name)(x)
+    y = nn.Conv(
+      self.num_classes,
+      (1,) * ndim,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      conv_general_dilated=conv_fn,
+      name=name,
+    )(x)
     return y.astype(jnp.float32)
 
 

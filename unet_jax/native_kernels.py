@@ -54,10 +54,14 @@ SOURCE = pathlib.Path(__file__).resolve().parent / 'native' / 'conv.cc'
 _CONV, _WGRAD = 'unet_jax_conv', 'unet_jax_conv_wgrad'
 _CONV_WINOGRAD, _WGRAD_WINOGRAD = 'unet_jax_conv_winograd', 'unet_jax_conv_winograd_wgrad'
 _POOL, _POOL_GRAD = 'unet_jax_max_pool', 'unet_jax_max_pool_grad'
-TARGETS = {_WGRAD: 'UnetConvWgrad', _CONV: 'UnetConv',
-           _CONV_WINOGRAD: 'UnetConvWinograd',
-           _WGRAD_WINOGRAD: 'UnetConvWinogradWgrad', _POOL: 'UnetMaxPool',
-           _POOL_GRAD: 'UnetMaxPoolGrad'}
+TARGETS = {
+  _WGRAD: 'UnetConvWgrad',
+  _CONV: 'UnetConv',
+  _CONV_WINOGRAD: 'UnetConvWinograd',
+  _WGRAD_WINOGRAD: 'UnetConvWinogradWgrad',
+  _POOL: 'UnetMaxPool',
+  _POOL_GRAD: 'UnetMaxPoolGrad',
+}
 FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
 
 _lock = threading.Lock()
@@ -73,7 +77,8 @@ def _compiler() -> str:
   path = shutil.which(cxx)
   if path is None:
     raise NativeKernelError(
-        f'no C++ compiler: {cxx!r} is not on PATH (set $CXX, or install g++).')
+      f'no C++ compiler: {cxx!r} is not on PATH (set $CXX, or install g++).'
+    )
   return path
 
 
@@ -90,9 +95,14 @@ def _cpu_flags() -> str:
 
 def _cache_dir() -> pathlib.Path:
   explicit = os.environ.get('UNET_JAX_CACHE_DIR')
-  candidates = ([pathlib.Path(explicit)] if explicit else
-                [pathlib.Path.home() / '.cache' / 'unet_jax',
-                 pathlib.Path(tempfile.gettempdir()) / 'unet_jax'])
+  candidates = (
+    [pathlib.Path(explicit)]
+    if explicit
+    else [
+      pathlib.Path.home() / '.cache' / 'unet_jax',
+      pathlib.Path(tempfile.gettempdir()) / 'unet_jax',
+    ]
+  )
   for path in candidates:
     try:
       path.mkdir(parents=True, exist_ok=True)
@@ -101,8 +111,9 @@ def _cache_dir() -> pathlib.Path:
     except OSError:
       continue
   raise NativeKernelError(
-      f'no writable folder for the native kernel build among {candidates}'
-      ' (set $UNET_JAX_CACHE_DIR).')
+    f'no writable folder for the native kernel build among {candidates}'
+    ' (set $UNET_JAX_CACHE_DIR).'
+  )
 
 
 def build(*, verbose: bool = False) -> pathlib.Path:
@@ -113,12 +124,15 @@ def build(*, verbose: bool = False) -> pathlib.Path:
       (the message ends with the compiler's output).
   """
   cxx = _compiler()
-  version = subprocess.run([cxx, '--version'], capture_output=True, text=True,
-                           check=False).stdout.splitlines()[:1]
+  version = subprocess.run(
+    [cxx, '--version'], capture_output=True, text=True, check=False
+  ).stdout.splitlines()[:1]
   include = jax.ffi.include_dir()
-  key = hashlib.sha256('\0'.join(
-      [SOURCE.read_text(), cxx, *version, *FLAGS, jaxlib.__version__,
-       _cpu_flags()]).encode()).hexdigest()[:16]
+  key = hashlib.sha256(
+    '\0'.join(
+      [SOURCE.read_text(), cxx, *version, *FLAGS, jaxlib.__version__, _cpu_flags()]
+    ).encode()
+  ).hexdigest()[:16]
   lib = _cache_dir() / f'conv_{key}.so'
   if lib.exists():
     return lib
@@ -131,8 +145,9 @@ def build(*, verbose: bool = False) -> pathlib.Path:
   if result.returncode != 0:
     os.unlink(tmp)
     raise NativeKernelError(
-        f'building {SOURCE.name} failed (exit {result.returncode}): {" ".join(cmd)}\n'
-        f'{result.stderr[-2000:]}')
+      f'building {SOURCE.name} failed (exit {result.returncode}): {" ".join(cmd)}\n'
+      f'{result.stderr[-2000:]}'
+    )
   os.replace(tmp, lib)
   return lib
 
@@ -143,8 +158,8 @@ def _load() -> None:
     raise NativeKernelError('UNET_JAX_NATIVE=0 turns the native kernels off.')
   if jax.default_backend() != 'cpu':
     raise NativeKernelError(
-        f'the native kernels run on the CPU only; the backend is'
-        f' {jax.default_backend()!r}.')
+      f'the native kernels run on the CPU only; the backend is {jax.default_backend()!r}.'
+    )
   path = build(verbose=True)
   try:
     library = ctypes.cdll.LoadLibrary(str(path))
@@ -177,8 +192,9 @@ def available() -> bool:
   except NativeKernelError as e:
     if not _state.get('warned'):
       _state['warned'] = True
-      logging.warning('Native CPU kernels not available, using XLA\'s'
-                      ' convolutions instead: %s', e)
+      logging.warning(
+        "Native CPU kernels not available, using XLA's convolutions instead: %s", e
+      )
     return False
 
 
@@ -188,13 +204,16 @@ def _pads(k: int) -> tuple[int, int]:
 
 def _check(x, kernel_rank, name, *arrays):
   if any(a.dtype != jnp.float32 for a in arrays):
-    raise ValueError(f'{name}: the native kernels take float32; got'
-                     f' {", ".join(str(a.dtype) for a in arrays)}.')
+    raise ValueError(
+      f'{name}: the native kernels take float32; got'
+      f' {", ".join(str(a.dtype) for a in arrays)}.'
+    )
   if x.ndim not in (4, 5) or kernel_rank != x.ndim:
     raise ValueError(
-        f'{name}: a 2D convolution takes [N, H, W, C] and an HWIO kernel, a 3D one'
-        f' [N, D, H, W, C] and a DHWIO kernel; got {x.shape} and a rank-{kernel_rank}'
-        ' kernel.')
+      f'{name}: a 2D convolution takes [N, H, W, C] and an HWIO kernel, a 3D one'
+      f' [N, D, H, W, C] and a DHWIO kernel; got {x.shape} and a rank-{kernel_rank}'
+      ' kernel.'
+    )
   ensure_available()
 
 
@@ -207,12 +226,14 @@ def _ffi(target, out_shape, a, b, pads):
   pads = (0,) * (3 - len(pads)) + tuple(pads)
   out = jax.ShapeDtypeStruct(out_shape, jnp.float32)
   return jax.ffi.ffi_call(target, out, vmap_method='sequential')(
-      a, b, pad_d=np.int64(pads[0]), pad_h=np.int64(pads[1]), pad_w=np.int64(pads[2]))
+    a, b, pad_d=np.int64(pads[0]), pad_h=np.int64(pads[1]), pad_w=np.int64(pads[2])
+  )
 
 
 @functools.partial(jax.jit, static_argnums=(2,), static_argnames=('winograd',))
-def conv_weight_grad(x: jax.Array, g: jax.Array, kernel_spatial: tuple[int, ...], *,
-                     winograd: bool = False) -> jax.Array:
+def conv_weight_grad(
+  x: jax.Array, g: jax.Array, kernel_spatial: tuple[int, ...], *, winograd: bool = False
+) -> jax.Array:
   """dL/dK of a stride-1 'same' 2D or 3D convolution, by the native kernel.
 
   Args:
@@ -233,12 +254,19 @@ def conv_weight_grad(x: jax.Array, g: jax.Array, kernel_spatial: tuple[int, ...]
   """
   _check(x, len(kernel_spatial) + 2, 'conv_weight_grad', x, g)
   if g.shape[:-1] != x.shape[:-1]:
-    raise ValueError(f'conv_weight_grad: x {x.shape} and g {g.shape} must agree on'
-                     ' all but the channel axis.')
+    raise ValueError(
+      f'conv_weight_grad: x {x.shape} and g {g.shape} must agree on'
+      ' all but the channel axis.'
+    )
   target = _target(kernel_spatial, winograd, _WGRAD, _WGRAD_WINOGRAD)
   shape = tuple(kernel_spatial) + (x.shape[-1], g.shape[-1])
-  dk = _ffi(target, (1,) * (5 - len(shape)) + shape, _to_3d(x), _to_3d(g),
-            [_pads(k)[0] for k in kernel_spatial])
+  dk = _ffi(
+    target,
+    (1,) * (5 - len(shape)) + shape,
+    _to_3d(x),
+    _to_3d(g),
+    [_pads(k)[0] for k in kernel_spatial],
+  )
   return dk.reshape(shape)
 
 
@@ -255,8 +283,10 @@ def _target(kernel_spatial, winograd, direct, by_winograd):
   if not winograd:
     return direct
   if not winograd_suits(kernel_spatial):
-    raise ValueError(f'winograd=True takes kernels 3 x 3 in H and W; got spatial'
-                     f' sizes {tuple(kernel_spatial)}.')
+    raise ValueError(
+      f'winograd=True takes kernels 3 x 3 in H and W; got spatial'
+      f' sizes {tuple(kernel_spatial)}.'
+    )
   return by_winograd
 
 
@@ -282,15 +312,20 @@ def conv_same(x: jax.Array, kernel: jax.Array, *, winograd: bool = False) -> jax
   _check(x, kernel.ndim, 'conv_same', x, kernel)
   target = _conv_target(kernel.shape[:-2], winograd)
   out_shape = x.shape[:-1] + kernel.shape[-1:]
-  y = _ffi(target, _to_3d(x).shape[:-1] + kernel.shape[-1:], _to_3d(x),
-           kernel.reshape((1,) * (5 - kernel.ndim) + kernel.shape),
-           [_pads(k)[0] for k in kernel.shape[:-2]])
+  y = _ffi(
+    target,
+    _to_3d(x).shape[:-1] + kernel.shape[-1:],
+    _to_3d(x),
+    kernel.reshape((1,) * (5 - kernel.ndim) + kernel.shape),
+    [_pads(k)[0] for k in kernel.shape[:-2]],
+  )
   return y.reshape(out_shape)
 
 
 @functools.partial(jax.jit, static_argnames=('winograd',))
-def conv_same_input_grad(g: jax.Array, kernel: jax.Array, *,
-                         winograd: bool = False) -> jax.Array:
+def conv_same_input_grad(
+  g: jax.Array, kernel: jax.Array, *, winograd: bool = False
+) -> jax.Array:
   """dL/dx of `conv_same(x, kernel)` given its output gradient `g`.
 
   The same kernel as the forward pass: a convolution of `g` with the kernel flipped
@@ -302,9 +337,13 @@ def conv_same_input_grad(g: jax.Array, kernel: jax.Array, *,
   spatial = kernel.shape[:-2]
   target = _conv_target(spatial, winograd)
   flipped = jnp.swapaxes(kernel[(slice(None, None, -1),) * len(spatial)], -2, -1)
-  dx = _ffi(target, _to_3d(g).shape[:-1] + kernel.shape[-2:-1], _to_3d(g),
-            flipped.reshape((1,) * (5 - kernel.ndim) + flipped.shape),
-            [_pads(k)[1] for k in spatial])
+  dx = _ffi(
+    target,
+    _to_3d(g).shape[:-1] + kernel.shape[-2:-1],
+    _to_3d(g),
+    flipped.reshape((1,) * (5 - kernel.ndim) + flipped.shape),
+    [_pads(k)[1] for k in spatial],
+  )
   return dx.reshape(g.shape[:-1] + kernel.shape[-2:-1])
 
 
@@ -312,11 +351,13 @@ def _window_3d(x, window, name):
   """The window checked against `x`, as 3 sizes (depth 1 in 2D)."""
   window = tuple(int(w) for w in window)
   if len(window) != x.ndim - 2 or any(w < 1 for w in window):
-    raise ValueError(f'{name}: window {window} must have one positive size per spatial'
-                     f' axis of {x.shape}.')
+    raise ValueError(
+      f'{name}: window {window} must have one positive size per spatial axis of {x.shape}.'
+    )
   if any(size % w for size, w in zip(x.shape[1:-1], window)):
-    raise ValueError(f'{name}: spatial shape {x.shape[1:-1]} is not a multiple of the'
-                     f' window {window}.')
+    raise ValueError(
+      f'{name}: spatial shape {x.shape[1:-1]} is not a multiple of the window {window}.'
+    )
   return (1,) * (3 - len(window)) + window
 
 
@@ -339,17 +380,18 @@ def max_pool(x: jax.Array, window: tuple[int, ...]) -> tuple[jax.Array, jax.Arra
   pooled = tuple(s // w for s, w in zip(x5.shape[1:4], win))
   shape = x5.shape[:1] + pooled + x5.shape[-1:]
   y, index = jax.ffi.ffi_call(
-      _POOL, (jax.ShapeDtypeStruct(shape, jnp.float32),
-              jax.ShapeDtypeStruct(shape, jnp.uint8)), vmap_method='sequential')(
-                  x5, wd=np.int64(win[0]), wh=np.int64(win[1]), ww=np.int64(win[2]))
-  out_shape = x.shape[:1] + tuple(s // w for s, w in zip(x.shape[1:-1], window)) + (
-      x.shape[-1],)
+    _POOL,
+    (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.uint8)),
+    vmap_method='sequential',
+  )(x5, wd=np.int64(win[0]), wh=np.int64(win[1]), ww=np.int64(win[2]))
+  out_shape = (
+    x.shape[:1] + tuple(s // w for s, w in zip(x.shape[1:-1], window)) + (x.shape[-1],)
+  )
   return y.reshape(out_shape), index.reshape(out_shape)
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
-def max_pool_grad(g: jax.Array, index: jax.Array,
-                  window: tuple[int, ...]) -> jax.Array:
+def max_pool_grad(g: jax.Array, index: jax.Array, window: tuple[int, ...]) -> jax.Array:
   """dL/dx of `max_pool(x, window)[0]` given its output gradient `g` and `index`.
 
   Each window's gradient goes to its first maximum (`index`), the rest is zero: the
@@ -357,15 +399,17 @@ def max_pool_grad(g: jax.Array, index: jax.Array,
   """
   _check(g, g.ndim, 'max_pool_grad', g)
   if index.shape != g.shape or index.dtype != jnp.uint8:
-    raise ValueError(f'max_pool_grad: index {index.shape} {index.dtype} must be uint8'
-                     f' of the shape of g {g.shape}.')
+    raise ValueError(
+      f'max_pool_grad: index {index.shape} {index.dtype} must be uint8'
+      f' of the shape of g {g.shape}.'
+    )
   window = tuple(int(w) for w in window)
-  x_shape = g.shape[:1] + tuple(s * w for s, w in zip(g.shape[1:-1], window)) + (
-      g.shape[-1],)
+  x_shape = (
+    g.shape[:1] + tuple(s * w for s, w in zip(g.shape[1:-1], window)) + (g.shape[-1],)
+  )
   win = (1,) * (3 - len(window)) + window
   x5_shape = ((x_shape[0], 1) + x_shape[1:]) if len(x_shape) == 4 else x_shape
-  dx = jax.ffi.ffi_call(_POOL_GRAD, jax.ShapeDtypeStruct(x5_shape, jnp.float32),
-                        vmap_method='sequential')(
-      _to_3d(g), _to_3d(index), wd=np.int64(win[0]), wh=np.int64(win[1]),
-      ww=np.int64(win[2]))
+  dx = jax.ffi.ffi_call(
+    _POOL_GRAD, jax.ShapeDtypeStruct(x5_shape, jnp.float32), vmap_method='sequential'
+  )(_to_3d(g), _to_3d(index), wd=np.int64(win[0]), wh=np.int64(win[1]), ww=np.int64(win[2]))
   return dx.reshape(x_shape)

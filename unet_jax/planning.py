@@ -262,8 +262,8 @@ class _Survey:
     self.samples.append(_sample(flat[(valid & (label > 0)).ravel()], rng))
     self.all_samples.append(_sample(flat, rng))
     counts = np.bincount(label[valid].ravel(), minlength=self.num_classes)
-    self.class_voxels += counts[:self.num_classes]
-    self.present += counts[:self.num_classes] > 0
+    self.class_voxels += counts[: self.num_classes]
+    self.present += counts[: self.num_classes] > 0
     for c in range(1, self.num_classes):
       if counts[c]:
         self._add_class(c, label == c, spacing)
@@ -292,28 +292,34 @@ class _Survey:
     centroids = [_mean_sem(self.centroids[c], self.ndim, 0.5) for c in fg]
     elongations = [_mean_sem([[e] for e in self.elongations[c]], 1, 0.0) for c in fg]
     return Fingerprint(
-        key=key, ndim=self.ndim, num_channels=self.num_channels,
-        num_classes=self.num_classes, num_cases=len(self.shapes),
-        shape_median=_tuples(np.median(shapes, axis=0).astype(float)),
-        shape_min=_tuples(shapes.min(axis=0)), shape_max=_tuples(shapes.max(axis=0)),
-        spacing_median=_tuples(spacing), anisotropy=float(spacing.max() / spacing.min()),
-        value_min=_tuples(self.low.astype(float)),
-        value_max=_tuples(self.high.astype(float)),
-        value_type=_value_type(self.low.min(), self.high.max(), self.integer),
-        foreground_p00_5=_tuples(p_low.astype(float)),
-        foreground_p99_5=_tuples(p_high.astype(float)),
-        foreground_mean=_tuples(samples.mean(axis=0).astype(float)),
-        foreground_std=_tuples(samples.std(axis=0).astype(float)),
-        class_voxels=_tuples(self.class_voxels),
-        class_frequency=tuple(float(v) / labelled for v in self.class_voxels),
-        class_image_share=tuple(float(p) / len(self.shapes) for p in self.present),
-        class_thickness=(0.0,) + tuple(
-            2 * float(self.area[c]) / self.boundary[c] if self.boundary[c] else 0.0
-            for c in fg),
-        centroid_mean=((0.5,) * self.ndim,) + tuple(m for m, _ in centroids),
-        centroid_sem=((0.0,) * self.ndim,) + tuple(e for _, e in centroids),
-        elongation_mean=(0.0,) + tuple(m[0] for m, _ in elongations),
-        elongation_sem=(0.0,) + tuple(e[0] for _, e in elongations),
+      key=key,
+      ndim=self.ndim,
+      num_channels=self.num_channels,
+      num_classes=self.num_classes,
+      num_cases=len(self.shapes),
+      shape_median=_tuples(np.median(shapes, axis=0).astype(float)),
+      shape_min=_tuples(shapes.min(axis=0)),
+      shape_max=_tuples(shapes.max(axis=0)),
+      spacing_median=_tuples(spacing),
+      anisotropy=float(spacing.max() / spacing.min()),
+      value_min=_tuples(self.low.astype(float)),
+      value_max=_tuples(self.high.astype(float)),
+      value_type=_value_type(self.low.min(), self.high.max(), self.integer),
+      foreground_p00_5=_tuples(p_low.astype(float)),
+      foreground_p99_5=_tuples(p_high.astype(float)),
+      foreground_mean=_tuples(samples.mean(axis=0).astype(float)),
+      foreground_std=_tuples(samples.std(axis=0).astype(float)),
+      class_voxels=_tuples(self.class_voxels),
+      class_frequency=tuple(float(v) / labelled for v in self.class_voxels),
+      class_image_share=tuple(float(p) / len(self.shapes) for p in self.present),
+      class_thickness=(0.0,)
+      + tuple(
+        2 * float(self.area[c]) / self.boundary[c] if self.boundary[c] else 0.0 for c in fg
+      ),
+      centroid_mean=((0.5,) * self.ndim,) + tuple(m for m, _ in centroids),
+      centroid_sem=((0.0,) * self.ndim,) + tuple(e for _, e in centroids),
+      elongation_mean=(0.0,) + tuple(m[0] for m, _ in elongations),
+      elongation_sem=(0.0,) + tuple(e[0] for _, e in elongations),
     )
 
 
@@ -321,25 +327,36 @@ def _sample(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   """At most SAMPLES_PER_CASE rows of values [n, C], drawn without replacement."""
   if len(values) <= SAMPLES_PER_CASE:
     return values.astype(np.float64)
-  return values[np.sort(rng.choice(len(values), SAMPLES_PER_CASE, replace=False))
-                ].astype(np.float64)
+  return values[np.sort(rng.choice(len(values), SAMPLES_PER_CASE, replace=False))].astype(
+    np.float64
+  )
 
 
-def _mean_sem(rows: list, width: int, empty: float
-              ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _mean_sem(
+  rows: list, width: int, empty: float
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """Per-column mean and standard error of rows [n, width]: (empty, 0) for no rows,
   a standard error of 0 for one row."""
   if not rows:
     return (empty,) * width, (0.0,) * width
   array = np.asarray(rows, np.float64)
-  sem = array.std(axis=0, ddof=1) / math.sqrt(len(array)) if len(array) > 1 else (
-      np.zeros(width))
+  sem = (
+    array.std(axis=0, ddof=1) / math.sqrt(len(array))
+    if len(array) > 1
+    else (np.zeros(width))
+  )
   return _tuples(array.mean(axis=0)), _tuples(sem)
 
 
-def fingerprint_examples(examples: Iterable[Any], *, ndim: int, num_channels: int,
-                         num_classes: int, ignore_index: int | None = None,
-                         key: str = '') -> Fingerprint:
+def fingerprint_examples(
+  examples: Iterable[Any],
+  *,
+  ndim: int,
+  num_channels: int,
+  num_classes: int,
+  ignore_index: int | None = None,
+  key: str = '',
+) -> Fingerprint:
   """The fingerprint of raw examples (`datasets.sources.Example`: image float32
   [*spatial, C], label int [*spatial], spacing), read one at a time.
 
@@ -348,8 +365,13 @@ def fingerprint_examples(examples: Iterable[Any], *, ndim: int, num_channels: in
   """
   survey = _Survey(ndim, num_channels, num_classes)
   for i, example in enumerate(examples):
-    survey.add(i, np.asarray(example.image, np.float32), np.asarray(example.label),
-               example.spacing, ignore_index)
+    survey.add(
+      i,
+      np.asarray(example.image, np.float32),
+      np.asarray(example.label),
+      example.spacing,
+      ignore_index,
+    )
   return survey.summary(key)
 
 
@@ -361,8 +383,9 @@ def _cache_path(data, split: str, ignore_index: int | None) -> str | None:
   return os.path.join(os.fspath(folder), f'unet_jax_fingerprint_{split}{suffix}.json')
 
 
-def fingerprint(data, *, split: str = 'train', ignore_index: int | None = None,
-                cache: bool = True) -> Fingerprint:
+def fingerprint(
+  data, *, split: str = 'train', ignore_index: int | None = None, cache: bool = True
+) -> Fingerprint:
   """The fingerprint of an opened data set (`input_pipeline.Dataset`), from the raw
   examples of `split`, cached as JSON in the built data set's folder.
 
@@ -386,12 +409,17 @@ def fingerprint(data, *, split: str = 'train', ignore_index: int | None = None,
     if stored.get('version') == FORMAT_VERSION and stored.get('key') == key:
       return Fingerprint.from_dict(stored)
   records = data.split(split)
-  logging.info('Fingerprinting %d examples of %s (once per built data set).',
-               len(records), key)
+  logging.info(
+    'Fingerprinting %d examples of %s (once per built data set).', len(records), key
+  )
   result = fingerprint_examples(
-      (data.source.read(records, i) for i in range(len(records))),
-      ndim=data.source.ndim, num_channels=data.source.num_channels,
-      num_classes=data.source.num_classes, ignore_index=ignore_index, key=key)
+    (data.source.read(records, i) for i in range(len(records))),
+    ndim=data.source.ndim,
+    num_channels=data.source.num_channels,
+    num_classes=data.source.num_classes,
+    ignore_index=ignore_index,
+    key=key,
+  )
   if path:
     _write_json(path, {'version': FORMAT_VERSION, **result.to_dict()})
   return result
@@ -460,13 +488,16 @@ class Plan:
     return self.values()[field]
 
   def to_dict(self) -> dict[str, Any]:
-    return {'inputs': dict(self.inputs),
-            'choices': [dataclasses.asdict(c) for c in self.choices]}
+    return {
+      'inputs': dict(self.inputs),
+      'choices': [dataclasses.asdict(c) for c in self.choices],
+    }
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> Plan:
-    return cls(choices=tuple(Choice(**c) for c in values['choices']),
-               inputs=values.get('inputs', {}))
+    return cls(
+      choices=tuple(Choice(**c) for c in values['choices']), inputs=values.get('inputs', {})
+    )
 
 
 def _tuples_in(mapping: Mapping[str, Any]) -> dict[str, Any]:
@@ -501,34 +532,54 @@ def _data_kind(fp: Fingerprint) -> tuple[str, str]:
 def _normalisation(fp: Fingerprint, fixed: Mapping[str, Any]) -> list[Choice]:
   kind, why = _data_kind(fp)
   mode = {'ct': 'ct', 'natural8': 'rescale', 'mri': 'zscore'}[kind]
-  choices = [Choice('data.normalization', mode, {
-      'ct': f'{why}; clip to the foreground 0.5-99.5 percentiles, then one z-score',
-      'rescale': f'{why}; a fixed 0-1 scaling keeps their intensities comparable',
-      'zscore': f'{why}; a z-score per image, per channel'}[mode])]
+  choices = [
+    Choice(
+      'data.normalization',
+      mode,
+      {
+        'ct': f'{why}; clip to the foreground 0.5-99.5 percentiles, then one z-score',
+        'rescale': f'{why}; a fixed 0-1 scaling keeps their intensities comparable',
+        'zscore': f'{why}; a z-score per image, per channel',
+      }[mode],
+    )
+  ]
   mode = fixed.get('data.normalization', mode)
   if mode == 'ct':
     choices += [
-        Choice('data.intensity_low', fp.foreground_p00_5,
-               'the 0.5 percentile of the foreground intensities'),
-        Choice('data.intensity_high', fp.foreground_p99_5,
-               'the 99.5 percentile of the foreground intensities'),
-        Choice('data.intensity_mean', fp.foreground_mean,
-               'the mean of the foreground intensities'),
-        Choice('data.intensity_std', tuple(max(s, 1e-6) for s in fp.foreground_std),
-               'the standard deviation of the foreground intensities')]
+      Choice(
+        'data.intensity_low',
+        fp.foreground_p00_5,
+        'the 0.5 percentile of the foreground intensities',
+      ),
+      Choice(
+        'data.intensity_high',
+        fp.foreground_p99_5,
+        'the 99.5 percentile of the foreground intensities',
+      ),
+      Choice(
+        'data.intensity_mean', fp.foreground_mean, 'the mean of the foreground intensities'
+      ),
+      Choice(
+        'data.intensity_std',
+        tuple(max(s, 1e-6) for s in fp.foreground_std),
+        'the standard deviation of the foreground intensities',
+      ),
+    ]
   elif mode == 'rescale':
     eight_bit = kind == 'natural8'
     low = (0.0,) * fp.num_channels if eight_bit else fp.value_min
     high = (255.0,) * fp.num_channels if eight_bit else fp.value_max
     why = 'the 8-bit range' if eight_bit else 'the raw value range'
-    choices += [Choice('data.intensity_low', low, why),
-                Choice('data.intensity_high', high, why)]
+    choices += [
+      Choice('data.intensity_low', low, why),
+      Choice('data.intensity_high', high, why),
+    ]
   return choices
 
 
-def topology(shape: Sequence[float], spacing: Sequence[float], *,
-             depth: int | None = None) -> tuple[tuple[tuple[int, ...], ...],
-                                                tuple[tuple[int, ...], ...]]:
+def topology(
+  shape: Sequence[float], spacing: Sequence[float], *, depth: int | None = None
+) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]:
   """Pooling windows and kernels per level for an input `shape` of `spacing`.
 
   Level by level, an axis is pooled by 2 if its current spacing (the spacing
@@ -569,9 +620,16 @@ def _divisor(pools) -> tuple[int, ...]:
 
 def _fits(shape, pools, kernels, *, batch, fp, features, budget) -> bool:
   estimate = memory.estimate(
-      spatial_shape=tuple(shape), in_channels=fp.num_channels,
-      num_classes=max(fp.num_classes, 2), features=features, depth=len(pools),
-      kernel_sizes=kernels, pool_sizes=pools, batch=batch, training=True)
+    spatial_shape=tuple(shape),
+    in_channels=fp.num_channels,
+    num_classes=max(fp.num_classes, 2),
+    features=features,
+    depth=len(pools),
+    kernel_sizes=kernels,
+    pool_sizes=pools,
+    batch=batch,
+    training=True,
+  )
   return estimate.total_bytes <= budget
 
 
@@ -599,26 +657,42 @@ def _layout(fp: Fingerprint, shape, fixed: Mapping[str, Any]):
   if fixed_pools is not None:
     pools = models.level_shapes(ndim=fp.ndim, depth=len(pools), pool_sizes=fixed_pools)[1]
   if fixed.get('model.kernel_sizes') is not None:
-    kernels = models.level_shapes(ndim=fp.ndim, depth=len(pools),
-                                  kernel_sizes=fixed['model.kernel_sizes'])[0]
+    kernels = models.level_shapes(
+      ndim=fp.ndim, depth=len(pools), kernel_sizes=fixed['model.kernel_sizes']
+    )[0]
   return pools, kernels, depth is not None
 
 
 def _largest_batch(shape, pools, kernels, *, fp, features, budget, cap: int) -> int:
   """The largest batch (per device, at most `cap`) whose training step fits; 0 if
   not even 1 fits. Memory grows linearly with the batch; checked at the answer."""
-  fits = lambda b: _fits(shape, pools, kernels, batch=b, fp=fp, features=features,
-                         budget=budget)
+  fits = lambda b: _fits(
+    shape, pools, kernels, batch=b, fp=fp, features=features, budget=budget
+  )
   if not fits(1):
     return 0
-  one = memory.estimate(spatial_shape=tuple(shape), in_channels=fp.num_channels,
-                        num_classes=max(fp.num_classes, 2), features=features,
-                        depth=len(pools), kernel_sizes=kernels, pool_sizes=pools,
-                        batch=1, training=True).total_bytes
-  two = memory.estimate(spatial_shape=tuple(shape), in_channels=fp.num_channels,
-                        num_classes=max(fp.num_classes, 2), features=features,
-                        depth=len(pools), kernel_sizes=kernels, pool_sizes=pools,
-                        batch=2, training=True).total_bytes
+  one = memory.estimate(
+    spatial_shape=tuple(shape),
+    in_channels=fp.num_channels,
+    num_classes=max(fp.num_classes, 2),
+    features=features,
+    depth=len(pools),
+    kernel_sizes=kernels,
+    pool_sizes=pools,
+    batch=1,
+    training=True,
+  ).total_bytes
+  two = memory.estimate(
+    spatial_shape=tuple(shape),
+    in_channels=fp.num_channels,
+    num_classes=max(fp.num_classes, 2),
+    features=features,
+    depth=len(pools),
+    kernel_sizes=kernels,
+    pool_sizes=pools,
+    batch=2,
+    training=True,
+  ).total_bytes
   per_example = max(two - one, 1)
   b = int(min(cap, max(1, (budget - (one - per_example)) // per_example)))
   while b > 1 and not fits(b):
@@ -626,8 +700,9 @@ def _largest_batch(shape, pools, kernels, *, fp, features, budget, cap: int) -> 
   return b
 
 
-def _patch(fp: Fingerprint, fixed, *, budget, features, batch, max_voxels=None,
-           time_batch=1):
+def _patch(
+  fp: Fingerprint, fixed, *, budget, features, batch, max_voxels=None, time_batch=1
+):
   """(patch, pools, kernels, note): the median shape, rounded down to the pooling
   factor, shrunk while a training step of `batch` does not fit `budget`, then
   while `time_batch` patches hold more than `max_voxels` voxels (the time rule;
@@ -643,8 +718,9 @@ def _patch(fp: Fingerprint, fixed, *, budget, features, batch, max_voxels=None,
     divisor = _divisor(pools)
     rounded = [max(d, p // d * d) for p, d in zip(patch, divisor)]
     start = start or rounded
-    if not _fits(rounded, pools, kernels, batch=batch, fp=fp, features=features,
-                 budget=budget):
+    if not _fits(
+      rounded, pools, kernels, batch=batch, fp=fp, features=features, budget=budget
+    ):
       why = 'memory'
       shrinkable = [a for a in range(fp.ndim) if rounded[a] > divisor[a]]
     elif max_voxels is not None and math.prod(rounded) * time_batch > max_voxels:
@@ -656,22 +732,34 @@ def _patch(fp: Fingerprint, fixed, *, budget, features, batch, max_voxels=None,
       break
     shrunk.add(why)
     ratio = max(rounded[a] / median[a] for a in shrinkable)
-    patch = [r - d if a in shrinkable and r / m >= ratio - 1e-9 else r
-             for a, (r, d, m) in enumerate(zip(rounded, divisor, median))]
-  note = (f'the median shape {_shape_text(fp.shape_median)}, rounded down to a multiple'
-          f' of the pooling factor {_shape_text(divisor)}')
+    patch = [
+      r - d if a in shrinkable and r / m >= ratio - 1e-9 else r
+      for a, (r, d, m) in enumerate(zip(rounded, divisor, median))
+    ]
+  note = (
+    f'the median shape {_shape_text(fp.shape_median)}, rounded down to a multiple'
+    f' of the pooling factor {_shape_text(divisor)}'
+  )
   if 'memory' in shrunk:
-    note += (f', shrunk from {_shape_text(start)} until a training step of batch'
-             f' {batch} fits {memory.format_bytes(budget)}')
+    note += (
+      f', shrunk from {_shape_text(start)} until a training step of batch'
+      f' {batch} fits {memory.format_bytes(budget)}'
+    )
   if 'time' in shrunk:
     note += ', shrunk for the time budget (see num_train_steps)'
   return tuple(rounded), pools, kernels, note
 
 
-def _input_choices(fp: Fingerprint, fixed, *, budget: int, features: int,
-                   num_devices: int, max_voxels: float | None = None,
-                   max_batch: int | None = None
-                   ) -> tuple[list[Choice], tuple[int, ...], int]:
+def _input_choices(
+  fp: Fingerprint,
+  fixed,
+  *,
+  budget: int,
+  features: int,
+  num_devices: int,
+  max_voxels: float | None = None,
+  max_batch: int | None = None,
+) -> tuple[list[Choice], tuple[int, ...], int]:
   """The input size (policy, image or patch size), the network's layout and the
   batch; with `max_voxels`, at most that many voxels a step (the time rule), and
   a batch of at most `max_batch`. Returns the choices, the training input shape
@@ -685,68 +773,113 @@ def _input_choices(fp: Fingerprint, fixed, *, budget: int, features: int,
     patch, note = given, 'set on the command line'
     pools, kernels, _ = _layout(fp, patch, fixed)
   else:
-    patch, pools, kernels, note = _patch(fp, fixed, budget=budget, features=features,
-                                         batch=first_batch, max_voxels=max_voxels,
-                                         time_batch=time_batch)
+    patch, pools, kernels, note = _patch(
+      fp,
+      fixed,
+      budget=budget,
+      features=features,
+      batch=first_batch,
+      max_voxels=max_voxels,
+      time_batch=time_batch,
+    )
   choices, train_shape = [], patch
   if fp.ndim == 2:
     divisor = _divisor(pools)
     whole = tuple(-(-m // d) * d for m, d in zip(fp.shape_max, divisor))
-    whole_ok = not given and all(
-        mx <= 1.5 * md for mx, md in zip(fp.shape_max, fp.shape_median)) and _fits(
-            whole, pools, kernels, batch=first_batch, fp=fp, features=features,
-            budget=budget) and (
-                max_voxels is None or math.prod(whole) * time_batch <= max_voxels)
+    whole_ok = (
+      not given
+      and all(mx <= 1.5 * md for mx, md in zip(fp.shape_max, fp.shape_median))
+      and _fits(
+        whole, pools, kernels, batch=first_batch, fp=fp, features=features, budget=budget
+      )
+      and (max_voxels is None or math.prod(whole) * time_batch <= max_voxels)
+    )
     if fixed.get('data.size_policy', 'pad' if whole_ok else 'crop') == 'pad' and (
-        not given):
+      not given
+    ):
       train_shape = whole
       choices += [
-          Choice('data.size_policy', 'pad', f'whole images: the largest,'
-                 f' {_shape_text(fp.shape_max)}, padded to {_shape_text(whole)}, fits'
-                 f' {memory.format_bytes(budget)} and is at most 1.5x the median'),
-          Choice('data.image_size', (), 'the largest image (size policy pad)')]
+        Choice(
+          'data.size_policy',
+          'pad',
+          f'whole images: the largest,'
+          f' {_shape_text(fp.shape_max)}, padded to {_shape_text(whole)}, fits'
+          f' {memory.format_bytes(budget)} and is at most 1.5x the median',
+        ),
+        Choice('data.image_size', (), 'the largest image (size policy pad)'),
+      ]
     else:
       choices += [
-          Choice('data.size_policy', 'crop', 'random crops of the image size: the'
-                 ' largest image is far larger than the median, does not fit'
-                 f' {memory.format_bytes(budget)} or is too slow for the time budget'
-                 if not given else 'random crops of the image size'),
-          Choice('data.image_size', patch, note)]
+        Choice(
+          'data.size_policy',
+          'crop',
+          'random crops of the image size: the'
+          ' largest image is far larger than the median, does not fit'
+          f' {memory.format_bytes(budget)} or is too slow for the time budget'
+          if not given
+          else 'random crops of the image size',
+        ),
+        Choice('data.image_size', patch, note),
+      ]
   else:
     choices.append(Choice('data.patch_size', patch, f'random patches: {note}'))
     if any(m > p for m, p in zip(fp.shape_max, patch)):
-      choices.append(Choice('evals.eval.patch_size', patch, 'volumes larger than the'
-                            ' patch are evaluated by sliding windows of the patch'))
+      choices.append(
+        Choice(
+          'evals.eval.patch_size',
+          patch,
+          'volumes larger than the patch are evaluated by sliding windows of the patch',
+        )
+      )
   choices += _layout_choices(fp, train_shape, pools, kernels, fixed)
-  batch = _batch_choices(fp, train_shape, pools, kernels, budget=budget,
-                         features=features, num_devices=num_devices, fixed=fixed,
-                         max_batch=max_batch)
+  batch = _batch_choices(
+    fp,
+    train_shape,
+    pools,
+    kernels,
+    budget=budget,
+    features=features,
+    num_devices=num_devices,
+    fixed=fixed,
+    max_batch=max_batch,
+  )
   return choices + batch, tuple(train_shape), batch[0].value
 
 
 def _layout_choices(fp, shape, pools, kernels, fixed) -> list[Choice]:
   bottleneck = [s / d for s, d in zip(shape, _divisor(pools))]
   fixed_depth = 'model.depth' in fixed or 'model.pool_sizes' in fixed
-  depth_why = (f'pool until the bottleneck is 4-8 pixels per axis (at most {MAX_DEPTH}'
-               f' levels): {_shape_text(shape)} -> {_shape_text(bottleneck)}')
+  depth_why = (
+    f'pool until the bottleneck is 4-8 pixels per axis (at most {MAX_DEPTH}'
+    f' levels): {_shape_text(shape)} -> {_shape_text(bottleneck)}'
+  )
   anisotropic = fp.anisotropy > 2
   spacing = _shape_text(fp.spacing_median)
-  pool_why = (f'spacing {spacing}: an axis is pooled only while its spacing is within 2x'
-              ' of the finest, and while it is at least'
-              f' {MIN_POOL_SIZE} long' if anisotropic else
-              f'an axis is pooled while at least {MIN_POOL_SIZE} long (spacing {spacing})')
+  pool_why = (
+    f'spacing {spacing}: an axis is pooled only while its spacing is within 2x'
+    ' of the finest, and while it is at least'
+    f' {MIN_POOL_SIZE} long'
+    if anisotropic
+    else f'an axis is pooled while at least {MIN_POOL_SIZE} long (spacing {spacing})'
+  )
   if fixed_depth:
     pool_why += ', for the depth set on the command line'
-  kernel_why = ('kernel 1 along an axis whose spacing is over 2x the finest at that'
-                ' level ((1, 3, 3)-style)' if any(1 in k for k in kernels) else
-                '3 along every axis: no axis is over 2x coarser than the finest')
-  return [Choice('model.depth', len(pools), depth_why),
-          Choice('model.pool_sizes', pools, pool_why),
-          Choice('model.kernel_sizes', kernels, kernel_why)]
+  kernel_why = (
+    'kernel 1 along an axis whose spacing is over 2x the finest at that'
+    ' level ((1, 3, 3)-style)'
+    if any(1 in k for k in kernels)
+    else '3 along every axis: no axis is over 2x coarser than the finest'
+  )
+  return [
+    Choice('model.depth', len(pools), depth_why),
+    Choice('model.pool_sizes', pools, pool_why),
+    Choice('model.kernel_sizes', kernels, kernel_why),
+  ]
 
 
-def _batch_choices(fp, shape, pools, kernels, *, budget, features, num_devices,
-                   fixed, max_batch=None) -> list[Choice]:
+def _batch_choices(
+  fp, shape, pools, kernels, *, budget, features, num_devices, fixed, max_batch=None
+) -> list[Choice]:
   voxels = fp.num_cases * math.prod(fp.shape_median)
   cap = max(2, int(round(0.05 * voxels / math.prod(shape))))
   if max_batch:
@@ -755,20 +888,41 @@ def _batch_choices(fp, shape, pools, kernels, *, budget, features, num_devices,
     batch = int(fixed['batch_size'])
     why = 'set on the command line'
   else:
-    by_memory = _largest_batch(shape, pools, kernels, fp=fp, features=features,
-                               budget=budget, cap=-(-cap // num_devices)) * num_devices
+    by_memory = (
+      _largest_batch(
+        shape,
+        pools,
+        kernels,
+        fp=fp,
+        features=features,
+        budget=budget,
+        cap=-(-cap // num_devices),
+      )
+      * num_devices
+    )
     batch = max(2, min(cap, by_memory))
     batch = -(-batch // num_devices) * num_devices
     limit = ', and the time rule' if max_batch else ''
-    why = (f'the most that fits {memory.format_bytes(budget)} ({by_memory}), at most 5%'
-           f' of the data set\'s voxels ({cap}{limit}), at least 2')
+    why = (
+      f'the most that fits {memory.format_bytes(budget)} ({by_memory}), at most 5%'
+      f" of the data set's voxels ({cap}{limit}), at least 2"
+    )
     if num_devices > 1:
       why += f', a multiple of the {num_devices} devices'
   norm = 'instance' if batch < 8 else 'batch'
-  return [Choice('batch_size', batch, why),
-          Choice('model.norm', norm, f'batch {batch}: ' + (
-              'BatchNorm statistics of so few examples are noisy; instance norm, as'
-              ' nnU-Net' if norm == 'instance' else 'large enough for BatchNorm'))]
+  return [
+    Choice('batch_size', batch, why),
+    Choice(
+      'model.norm',
+      norm,
+      f'batch {batch}: '
+      + (
+        'BatchNorm statistics of so few examples are noisy; instance norm, as nnU-Net'
+        if norm == 'instance'
+        else 'large enough for BatchNorm'
+      ),
+    ),
+  ]
 
 
 def _off_centre(fp: Fingerprint) -> dict[int, str]:
@@ -781,8 +935,10 @@ def _off_centre(fp: Fingerprint) -> dict[int, str]:
       offset = fp.centroid_mean[c][a] - 0.5
       sem = fp.centroid_sem[c][a]
       if abs(offset) > 0.1 and abs(offset) > 3 * sem and a not in out:
-        out[a] = (f'class {c} lies at {fp.centroid_mean[c][a]:.2f} along {names[a]}'
-                  f' (+- {sem:.2f}; the centre is 0.5)')
+        out[a] = (
+          f'class {c} lies at {fp.centroid_mean[c][a]:.2f} along {names[a]}'
+          f' (+- {sem:.2f}; the centre is 0.5)'
+        )
   return out
 
 
@@ -800,10 +956,14 @@ def _rotation(fp: Fingerprint, shape, off_centre: Mapping[int, str]) -> tuple[bo
     mean, sem = fp.elongation_mean[c], fp.elongation_sem[c]
     if fp.class_voxels[c] and abs(mean) > math.log(1.5) and abs(mean) > 3 * sem:
       axis = 'H' if mean > 0 else 'W'
-      return False, (f'class {c} is elongated along {axis} (s_H / s_W ='
-                     f' {math.exp(mean):.2f} on average): a preferred orientation')
-  return True, ('no class lies to one side or has a preferred orientation; isotropic'
-                ' in-plane spacing; a square input')
+      return False, (
+        f'class {c} is elongated along {axis} (s_H / s_W ='
+        f' {math.exp(mean):.2f} on average): a preferred orientation'
+      )
+  return True, (
+    'no class lies to one side or has a preferred orientation; isotropic'
+    ' in-plane spacing; a square input'
+  )
 
 
 def _augment_choices(fp: Fingerprint, shape) -> list[Choice]:
@@ -811,34 +971,66 @@ def _augment_choices(fp: Fingerprint, shape) -> list[Choice]:
   off = _off_centre(fp)
   axes = tuple(a for a in range(fp.ndim) if a not in off)
   if axes:
-    flip_why = (f'no class lies to one side along {", ".join(names[a] for a in axes)}')
+    flip_why = f'no class lies to one side along {", ".join(names[a] for a in axes)}'
     if off:
-      flip_why += '; not along ' + '; '.join(f'{names[a]}: {why}' for a, why in
-                                              sorted(off.items()))
-    choices = [Choice('augment.flip', True, flip_why),
-               Choice('augment.flip_axes', axes, flip_why)]
+      flip_why += '; not along ' + '; '.join(
+        f'{names[a]}: {why}' for a, why in sorted(off.items())
+      )
+    choices = [
+      Choice('augment.flip', True, flip_why),
+      Choice('augment.flip_axes', axes, flip_why),
+    ]
   else:
     choices = [Choice('augment.flip', False, '; '.join(off.values()))]
   rot90, rot_why = _rotation(fp, shape, off)
   choices.append(Choice('augment.rot90', rot90, rot_why))
   thin = [c for c in range(1, fp.num_classes) if 0 < fp.class_thickness[c] < _THIN]
   if thin:
-    choices.append(Choice('augment.scale', (1.0, 1.25), 'zoom in only: class'
-                          f' {thin[0]} is {fp.class_thickness[thin[0]]:.1f} pixels thick,'
-                          ' and zooming out would erase it'))
+    choices.append(
+      Choice(
+        'augment.scale',
+        (1.0, 1.25),
+        'zoom in only: class'
+        f' {thin[0]} is {fp.class_thickness[thin[0]]:.1f} pixels thick,'
+        ' and zooming out would erase it',
+      )
+    )
   else:
-    choices.append(Choice('augment.scale', (0.85, 1.25), 'a safe range: no class is'
-                          f' thinner than {_THIN:g} pixels'))
+    choices.append(
+      Choice(
+        'augment.scale',
+        (0.85, 1.25),
+        f'a safe range: no class is thinner than {_THIN:g} pixels',
+      )
+    )
   if fp.ndim == 2 and fp.num_cases <= 100:
     elastic = round(min(4.0, 0.02 * min(shape)), 1)
-    choices.append(Choice('augment.elastic', elastic, f'{fp.num_cases} cases: elastic'
-                          ' deformation of 2% of the smaller side (at most 4), as in'
-                          ' the U-Net paper for small data sets'))
+    choices.append(
+      Choice(
+        'augment.elastic',
+        elastic,
+        f'{fp.num_cases} cases: elastic'
+        ' deformation of 2% of the smaller side (at most 4), as in'
+        ' the U-Net paper for small data sets',
+      )
+    )
   else:
-    choices.append(Choice('augment.elastic', 0.0, '3D or over 100 cases: off, as in'
-                          ' nnU-Net' if fp.ndim == 3 or fp.num_cases > 100 else 'off'))
-  choices.append(Choice('augment.intensity', 0.1, 'mild brightness and contrast'
-                        ' jitter (nnU-Net applies stronger ones)'))
+    choices.append(
+      Choice(
+        'augment.elastic',
+        0.0,
+        '3D or over 100 cases: off, as in nnU-Net'
+        if fp.ndim == 3 or fp.num_cases > 100
+        else 'off',
+      )
+    )
+  choices.append(
+    Choice(
+      'augment.intensity',
+      0.1,
+      'mild brightness and contrast jitter (nnU-Net applies stronger ones)',
+    )
+  )
   return choices
 
 
@@ -852,19 +1044,25 @@ def _loss_choices(fp: Fingerprint, fixed) -> list[Choice]:
   for c, f in enumerate(fp.class_frequency):
     if 0 < f < RARE_CLASS:
       weights.append(round(min(10.0, math.sqrt(RARE_CLASS / f)), 3))
-      why.append(f'class {c} is {100 * f:.3g}% of the labelled voxels (in'
-                 f' {100 * fp.class_image_share[c]:.0f}% of the images): weight'
-                 f' {weights[-1]:g} = min(10, sqrt(1% / {100 * f:.3g}%))')
+      why.append(
+        f'class {c} is {100 * f:.3g}% of the labelled voxels (in'
+        f' {100 * fp.class_image_share[c]:.0f}% of the images): weight'
+        f' {weights[-1]:g} = min(10, sqrt(1% / {100 * f:.3g}%))'
+      )
     else:
       weights.append(1.0)
   if why:
-    choices.append(Choice('loss.kwargs.class_weights', tuple(weights),
-                          '; '.join(why) + '; other classes 1'))
+    choices.append(
+      Choice(
+        'loss.kwargs.class_weights', tuple(weights), '; '.join(why) + '; other classes 1'
+      )
+    )
   return choices
 
 
-def _timed_choices(fp, fixed, choices, shape, batch, *, time_budget, step_time,
-                   features, **options):
+def _timed_choices(
+  fp, fixed, choices, shape, batch, *, time_budget, step_time, features, **options
+):
   """The time rule: (choices, steps choices, input shape). A plan whose measured step would
   allow fewer than MIN_STEPS steps in the budget is made cheaper (step time taken
   as proportional to voxels x batch x features^2): the patch shrinks (not below
@@ -877,8 +1075,8 @@ def _timed_choices(fp, fixed, choices, shape, batch, *, time_budget, step_time,
   if ref_cost > allowed:
     while True:
       choices, shape, batch = _input_choices(
-          fp, fixed, features=width, max_voxels=allowed / width**2, max_batch=batch,
-          **options)
+        fp, fixed, features=width, max_voxels=allowed / width**2, max_batch=batch, **options
+      )
       cost = math.prod(shape) * batch * width**2
       if cost <= allowed or width // 2 < MIN_FEATURES or 'model.features' in fixed:
         break
@@ -888,24 +1086,41 @@ def _timed_choices(fp, fixed, choices, shape, batch, *, time_budget, step_time,
   steps = max(1, math.floor(time_budget / seconds + 1e-9))
   why = f'a time budget of {time_budget:g} s / {seconds:.3g} s per step'
   if cost != ref_cost:
-    why += (f' (measured {step_time:.3g} s for {ref}; scaled by voxels x batch x'
-            f' features^2: fewer than {MIN_STEPS} steps would fit unscaled)')
+    why += (
+      f' (measured {step_time:.3g} s for {ref}; scaled by voxels x batch x'
+      f' features^2: fewer than {MIN_STEPS} steps would fit unscaled)'
+    )
   else:
     why += ' (measured on the planned model)'
-  timed = [Choice('num_train_steps', steps, why),
-           Choice('optimizer.warmup_steps', min(50, steps // 10),
-                  'at most 10% of the steps, at most 50')]
+  timed = [
+    Choice('num_train_steps', steps, why),
+    Choice(
+      'optimizer.warmup_steps', min(50, steps // 10), 'at most 10% of the steps, at most 50'
+    ),
+  ]
   if width != features:
-    choices = choices + [Choice('model.features', width, f'halved from {features}:'
-                                f' even the smallest patch the time rule allows'
-                                f' would leave under {MIN_STEPS} steps')]
+    choices = choices + [
+      Choice(
+        'model.features',
+        width,
+        f'halved from {features}:'
+        f' even the smallest patch the time rule allows'
+        f' would leave under {MIN_STEPS} steps',
+      )
+    ]
   return choices, timed, shape
 
 
-def plan(fp: Fingerprint, *, memory_budget: str | int = '2GiB',
-         time_budget: float | None = None, step_time: float | None = None,
-         fixed: Mapping[str, Any] | None = None, features: int = 16,
-         num_devices: int = 1) -> Plan:
+def plan(
+  fp: Fingerprint,
+  *,
+  memory_budget: str | int = '2GiB',
+  time_budget: float | None = None,
+  step_time: float | None = None,
+  fixed: Mapping[str, Any] | None = None,
+  features: int = 16,
+  num_devices: int = 1,
+) -> Plan:
   """The plan for a data set: config fields, each with its reason (the module
   docstring gives the rules). A pure function of its arguments.
 
@@ -931,26 +1146,44 @@ def plan(fp: Fingerprint, *, memory_budget: str | int = '2GiB',
   timed = []
   if time_budget and step_time and 'num_train_steps' not in fixed:
     choices, timed, shape = _timed_choices(
-        fp, fixed, choices, shape, batch, time_budget=time_budget, step_time=step_time,
-        features=features, **options)
+      fp,
+      fixed,
+      choices,
+      shape,
+      batch,
+      time_budget=time_budget,
+      step_time=step_time,
+      features=features,
+      **options,
+    )
   choices += _normalisation(fp, fixed)
   choices += _augment_choices(fp, shape)
   choices += _loss_choices(fp, fixed)
   choices += timed
-  inputs = {'key': fp.key, 'memory_budget': memory.format_bytes(budget),
-            'time_budget': time_budget, 'step_time': step_time, 'features': features,
-            'num_devices': num_devices}
+  inputs = {
+    'key': fp.key,
+    'memory_budget': memory.format_bytes(budget),
+    'time_budget': time_budget,
+    'step_time': step_time,
+    'features': features,
+    'num_devices': num_devices,
+  }
   if not any(c.field in fixed for c in choices):
     return Plan(tuple(choices), inputs)
-  free = plan(fp, memory_budget=budget, time_budget=time_budget, step_time=step_time,
-              features=features, num_devices=num_devices)
+  free = plan(
+    fp,
+    memory_budget=budget,
+    time_budget=time_budget,
+    step_time=step_time,
+    features=features,
+    num_devices=num_devices,
+  )
   free_choices = {c.field: c for c in free.choices}
   marked = []
   for c in choices:
     if c.field in fixed:
       own = free_choices.get(c.field, c)
-      c = Choice(c.field, fixed[c.field], own.reason, overridden=True,
-                 planned=own.value)
+      c = Choice(c.field, fixed[c.field], own.reason, overridden=True, planned=own.value)
     marked.append(c)
   return Plan(tuple(marked), inputs)
 
@@ -998,13 +1231,18 @@ def format_table(p: Plan) -> str:
   rows = [('field', 'value', 'set by', 'reason')]
   for c in p.choices:
     if c.overridden:
-      rows.append((c.field, _text(c.value), 'command line',
-                   f'overrides the plan\'s {_text(c.planned)}: {c.reason}'))
+      rows.append(
+        (
+          c.field,
+          _text(c.value),
+          'command line',
+          f"overrides the plan's {_text(c.planned)}: {c.reason}",
+        )
+      )
     else:
       rows.append((c.field, _text(c.value), 'plan', c.reason))
   widths = [max(len(r[i]) for r in rows) for i in range(3)]
-  lines = ['  '.join(r[i].ljust(widths[i]) for i in range(3)) + '  ' + r[3]
-           for r in rows]
+  lines = ['  '.join(r[i].ljust(widths[i]) for i in range(3)) + '  ' + r[3] for r in rows]
   lines.insert(1, '  '.join('-' * w for w in widths) + '  ' + '-' * 6)
   return '\n'.join(lines)
 
@@ -1016,8 +1254,9 @@ def format_fingerprint(fp: Fingerprint) -> str:
   return '\n'.join(f'{k.ljust(width)}  {_text(_tuples(v))}' for k, v in values.items())
 
 
-def measure_step_time(config: ml_collections.ConfigDict, data, *,
-                      steps: int = 6, warmup: int = 4) -> float:
+def measure_step_time(
+  config: ml_collections.ConfigDict, data, *, steps: int = 6, warmup: int = 4
+) -> float:
   """Seconds per training step of `config` on `data` (an `input_pipeline.Dataset`
   opened for it), on one device with its share of the batch.
 
@@ -1027,23 +1266,36 @@ def measure_step_time(config: ml_collections.ConfigDict, data, *,
   time counts; returns the mean.
   """
   from unet_jax import train  # pylint: disable=g-import-not-at-top  (train imports us)
+
   info = data.info
   model_config = ml_collections.ConfigDict(config.model.to_dict())
   model_config.num_classes = model_config.num_classes or info.num_classes
   model = train.create_model(model_config)
   tx = train.create_optimizer(config)
-  state = train.create_train_state(jax.random.key(config.seed), model, tx,
-                                   (1, *info.spatial_shape, info.num_channels))
-  loss_fn = functools.partial(losses.get_loss(config.loss.name),
-                              ignore_index=input_pipeline.IGNORE_LABEL,
-                              **config.loss.kwargs.to_dict())
-  step = jax.jit(functools.partial(
-      train.train_step, model=model, tx=tx, loss_fn=loss_fn,
-      learning_rate_fn=train.create_learning_rate_fn(config), aug_config=config.augment,
-      seed=config.seed), donate_argnums=0)
+  state = train.create_train_state(
+    jax.random.key(config.seed), model, tx, (1, *info.spatial_shape, info.num_channels)
+  )
+  loss_fn = functools.partial(
+    losses.get_loss(config.loss.name),
+    ignore_index=input_pipeline.IGNORE_LABEL,
+    **config.loss.kwargs.to_dict(),
+  )
+  step = jax.jit(
+    functools.partial(
+      train.train_step,
+      model=model,
+      tx=tx,
+      loss_fn=loss_fn,
+      learning_rate_fn=train.create_learning_rate_fn(config),
+      aug_config=config.augment,
+      seed=config.seed,
+    ),
+    donate_argnums=0,
+  )
   batch_size = max(1, config.batch_size // jax.device_count())
-  batches = data.train_iterator(0, batch_size=batch_size, seed=config.seed,
-                                process_index=0, process_count=1)
+  batches = data.train_iterator(
+    0, batch_size=batch_size, seed=config.seed, process_index=0, process_count=1
+  )
   state, metrics = step(state, next(batches))  # Compiles.
   jax.block_until_ready(metrics['loss'])
   start = time.perf_counter()
@@ -1069,8 +1321,9 @@ def _fixed(config, keep: Iterable[str]) -> dict[str, Any]:
     if has_field(config, field):
       node, leaf = _node_and_leaf(config, field)
       value = node[leaf]
-      out[field] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else (
-          value)
+      out[field] = (
+        value.to_dict() if isinstance(value, ml_collections.ConfigDict) else (value)
+      )
   return out
 
 
@@ -1110,31 +1363,42 @@ def plan_run(config: ml_collections.ConfigDict, data, workdir: str):
   """
   if not config.get('plan', False):
     return config, data
-  fp = fingerprint(data, split=config.data.train_split,
-                   ignore_index=config.data.get('ignore_index'))
+  fp = fingerprint(
+    data, split=config.data.train_split, ignore_index=config.data.get('ignore_index')
+  )
   keep = tuple(config.get('plan_keep') or ())
   time_budget = float(config.get('plan_time_budget') or 0) or None
   path = os.path.join(workdir, PLAN_FILE)
   step_time = _stored_step_time(path, fp, time_budget)
-  options = dict(memory_budget=config.get('plan_memory_budget') or '2GiB',
-                 fixed=_fixed(config, keep), features=config.model.features,
-                 num_devices=jax.device_count(), time_budget=time_budget)
+  options = dict(
+    memory_budget=config.get('plan_memory_budget') or '2GiB',
+    fixed=_fixed(config, keep),
+    features=config.model.features,
+    num_devices=jax.device_count(),
+    time_budget=time_budget,
+  )
   p = plan(fp, step_time=step_time, **options)
   planned = apply(config, p)
-  config_checks.validate_config(planned, num_devices=jax.device_count(),
-                                process_count=jax.process_count())
+  config_checks.validate_config(
+    planned, num_devices=jax.device_count(), process_count=jax.process_count()
+  )
   data = _reopen(planned, data)
   if time_budget and step_time is None and 'num_train_steps' not in keep:
     step_time = measure_step_time(planned, data)
     if jax.process_count() > 1:  # Every process must plan the same number of steps.
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
       step_time = float(multihost_utils.broadcast_one_to_all(np.float32(step_time)))
     p = plan(fp, step_time=step_time, **options)
     planned = apply(config, p)
   if jax.process_index() == 0:
     write_plan(path, p, fp)
-  logging.info('The plan (unet_jax/planning.py; --config.plan=False for the fixed'
-               ' settings), written to %s:\n%s', path, format_table(p))
+  logging.info(
+    'The plan (unet_jax/planning.py; --config.plan=False for the fixed'
+    ' settings), written to %s:\n%s',
+    path,
+    format_table(p),
+  )
   return planned, data
 
 
@@ -1144,9 +1408,10 @@ def plan_run(config: ml_collections.ConfigDict, data, workdir: str):
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(
-      prog='python -m unet_jax.planning',
-      description='Prints the fingerprint of a folder of images and masks and the plan'
-      ' training would use (see configs/folder.py), without training.')
+    prog='python -m unet_jax.planning',
+    description='Prints the fingerprint of a folder of images and masks and the plan'
+    ' training would use (see configs/folder.py), without training.',
+  )
   parser.add_argument('--root', required=True, help='the folder (train/, val/, ...)')
   parser.add_argument('--config', default='2d', choices=('2d', '3d'))
   parser.add_argument('--data_dir', default='', help="TFDS data_dir ('': TFDS's)")
@@ -1155,19 +1420,36 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--memory_budget', default='2GiB')
   parser.add_argument('--features', type=int, default=16)
   parser.add_argument('--time_budget', type=float, default=0.0, help='seconds')
-  parser.add_argument('--step_time', type=float, default=0.0,
-                      help='seconds per step (training measures it)')
+  parser.add_argument(
+    '--step_time', type=float, default=0.0, help='seconds per step (training measures it)'
+  )
   args = parser.parse_args(argv)
-  data_config = ml_collections.ConfigDict(dict(
-      name='segmentation_folder', config=args.config, root=args.root,
-      data_dir=args.data_dir, train_split='train', eval_split='train',
-      size_policy='pad', image_size=(), patch_size=(), num_classes=args.num_classes,
-      ignore_index=args.ignore_index, mask_colors=()))
+  data_config = ml_collections.ConfigDict(
+    dict(
+      name='segmentation_folder',
+      config=args.config,
+      root=args.root,
+      data_dir=args.data_dir,
+      train_split='train',
+      eval_split='train',
+      size_policy='pad',
+      image_size=(),
+      patch_size=(),
+      num_classes=args.num_classes,
+      ignore_index=args.ignore_index,
+      mask_colors=(),
+    )
+  )
   try:
     data = input_pipeline.open(data_config, divisor=1)
     fp = fingerprint(data, ignore_index=args.ignore_index)
-    p = plan(fp, memory_budget=args.memory_budget, features=args.features,
-             time_budget=args.time_budget or None, step_time=args.step_time or None)
+    p = plan(
+      fp,
+      memory_budget=args.memory_budget,
+      features=args.features,
+      time_budget=args.time_budget or None,
+      step_time=args.step_time or None,
+    )
   except ValueError as e:
     raise SystemExit(f'Error: {e}') from None
   print(f'Fingerprint of {args.root} (train split):\n')

@@ -42,9 +42,23 @@ from unet_jax import visualize
 from unet_jax.datasets import segmentation_folder as folder_lib
 
 EXTENSIONS = {2: ('.png', '.tif', '.tiff', '.jpg', '.jpeg'), 3: ('.nii', '.nii.gz')}
-_MODE_CHANNELS = {'1': 1, 'L': 1, 'LA': 1, 'I': 1, 'F': 1, 'I;16': 1, 'I;16B': 1,
-                  'I;16L': 1, 'RGB': 3, 'P': 3, 'RGBA': 3, 'CMYK': 3, 'YCbCr': 3,
-                  'LAB': 3, 'HSV': 3}  # What segmentation_folder.read_image gives.
+_MODE_CHANNELS = {
+  '1': 1,
+  'L': 1,
+  'LA': 1,
+  'I': 1,
+  'F': 1,
+  'I;16': 1,
+  'I;16B': 1,
+  'I;16L': 1,
+  'RGB': 3,
+  'P': 3,
+  'RGBA': 3,
+  'CMYK': 3,
+  'YCbCr': 3,
+  'LAB': 3,
+  'HSV': 3,
+}  # What segmentation_folder.read_image gives.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +81,11 @@ def list_inputs(path: str, *, ndim: int) -> list[Case]:
   """The files to predict: `path` itself, or every image of the folder `path`."""
   if not os.path.exists(path):
     raise FileNotFoundError(f'--input {path!r} does not exist.')
-  names = [os.path.basename(path)] if os.path.isfile(path) else sorted(
-      n for n in os.listdir(path) if not n.startswith('.'))
+  names = (
+    [os.path.basename(path)]
+    if os.path.isfile(path)
+    else sorted(n for n in os.listdir(path) if not n.startswith('.'))
+  )
   folder = os.path.dirname(path) if os.path.isfile(path) else path
   cases, wrong, other = [], [], []
   for name in names:
@@ -77,8 +94,10 @@ def list_inputs(path: str, *, ndim: int) -> list[Case]:
     if ext in EXTENSIONS[ndim] and os.path.isfile(full):
       cases.append(Case(full, stem, ext))
     elif ext in EXTENSIONS[5 - ndim] or os.path.isfile(path):
-      wrong.append(f'{full}: a {5 - ndim}D input ({ext or "no extension"}), but this run'
-                   f' is {ndim}D and takes {list(EXTENSIONS[ndim])}.')
+      wrong.append(
+        f'{full}: a {5 - ndim}D input ({ext or "no extension"}), but this run'
+        f' is {ndim}D and takes {list(EXTENSIONS[ndim])}.'
+      )
     else:
       other.append(full)
   if wrong:
@@ -94,6 +113,7 @@ def _probe(case: Case, ndim: int) -> tuple[tuple[int, ...], int]:
   """(spatial shape, channels) from the file's header, without reading its pixels."""
   if ndim == 2:
     from PIL import Image  # pylint: disable=g-import-not-at-top
+
     with Image.open(case.path) as im:
       if getattr(im, 'n_frames', 1) > 1:
         raise ValueError('a multi-page image (a volume), but this run is 2D')
@@ -101,6 +121,7 @@ def _probe(case: Case, ndim: int) -> tuple[tuple[int, ...], int]:
         raise ValueError(f'image mode {im.mode} is not supported')
       return (im.size[1], im.size[0]), _MODE_CHANNELS[im.mode]
   import nibabel  # pylint: disable=g-import-not-at-top
+
   shape = nibabel.load(case.path).shape
   if len(shape) not in (3, 4):
     raise ValueError(f'a {len(shape)}D array {shape}, but this run takes 3D volumes')
@@ -117,11 +138,13 @@ def check_inputs(cases: list[Case], predictor: inference.Predictor) -> None:
       errors.append(f'{case.path}: unreadable or not a {predictor.ndim}D input ({e}).')
       continue
     if channels != predictor.num_channels:
-      errors.append(f'{case.path}: {channels} channel(s), but the model takes'
-                    f' {predictor.num_channels}.')
+      errors.append(
+        f'{case.path}: {channels} channel(s), but the model takes {predictor.num_channels}.'
+      )
   if errors:
-    raise ValueError(f'{len(errors)} input(s) cannot be predicted:\n  '
-                     + '\n  '.join(errors))
+    raise ValueError(
+      f'{len(errors)} input(s) cannot be predicted:\n  ' + '\n  '.join(errors)
+    )
 
 
 def _atomic(path: str, write) -> str:
@@ -143,18 +166,23 @@ def write_mask(case: Case, mask: np.ndarray, output: str) -> str:
   mask = mask.astype(dtype)
   if case.ext in ('.nii', '.nii.gz'):
     import nibabel  # pylint: disable=g-import-not-at-top
+
     source = nibabel.load(case.path)
     header = source.header.copy()
     header.set_data_dtype(dtype)
     volume = nibabel.Nifti1Image(mask.transpose(2, 1, 0), source.affine, header)
     volume.header.set_slope_inter(1, 0)
-    return _atomic(os.path.join(output, case.stem + case.ext),
-                   lambda tmp: nibabel.save(volume, tmp))
+    return _atomic(
+      os.path.join(output, case.stem + case.ext), lambda tmp: nibabel.save(volume, tmp)
+    )
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   ext = '.png' if case.ext in ('.jpg', '.jpeg') else case.ext
   fmt = 'PNG' if ext == '.png' else 'TIFF'
-  return _atomic(os.path.join(output, case.stem + ext),
-                 lambda tmp: Image.fromarray(mask).save(tmp, format=fmt))
+  return _atomic(
+    os.path.join(output, case.stem + ext),
+    lambda tmp: Image.fromarray(mask).save(tmp, format=fmt),
+  )
 
 
 def _masks_beside(input_path: str) -> str | None:
@@ -180,12 +208,23 @@ def _progress(done: int, total: int, started: float, name: str) -> None:
   elapsed = time.perf_counter() - started
   eta = elapsed / done * (total - done)
   bar = '#' * (20 * done // total)
-  print(f'\r[{bar:<20}] {done}/{total}  ETA {reporting.format_time(eta)}  {name[:40]:<40}',
-        end='' if done < total else '\n', file=sys.stderr, flush=True)
+  print(
+    f'\r[{bar:<20}] {done}/{total}  ETA {reporting.format_time(eta)}  {name[:40]:<40}',
+    end='' if done < total else '\n',
+    file=sys.stderr,
+    flush=True,
+  )
 
 
-def run(workdir: str, input_path: str, output: str, *, step: str | int = 'best',
-        overlap: float = 0.5, tta: bool = False) -> list[list[Any]]:
+def run(
+  workdir: str,
+  input_path: str,
+  output: str,
+  *,
+  step: str | int = 'best',
+  overlap: float = 0.5,
+  tta: bool = False,
+) -> list[list[Any]]:
   """Predicts every input; returns the per-case rows (empty without reference masks)."""
   predictor = inference.load(workdir, step=step)
   cases = list_inputs(input_path, ndim=predictor.ndim)
@@ -193,22 +232,30 @@ def run(workdir: str, input_path: str, output: str, *, step: str | int = 'best',
   os.makedirs(os.path.join(output, 'overlays'), exist_ok=True)
   masks = _masks_beside(input_path)
   num_classes = max(predictor.model.num_classes, 2)
-  logging.info('Predicting %d input(s) with %s at step %d.', len(cases), workdir,
-               predictor.step)
+  logging.info(
+    'Predicting %d input(s) with %s at step %d.', len(cases), workdir, predictor.step
+  )
   rows, started = [], time.perf_counter()
   for i, case in enumerate(cases, start=1):
     image, _ = folder_lib.read_image(case.path, ndim=predictor.ndim)
     pred = predictor.classes(predictor.predict(image, overlap=overlap, flip_tta=tta))
     write_mask(case, pred, output)
-    _atomic(os.path.join(output, 'overlays', case.stem + '.png'),
-            lambda tmp, image=image, pred=pred: visualize.save_overlay(
-                image, pred, tmp, num_classes=num_classes, title=case.stem))
+    _atomic(
+      os.path.join(output, 'overlays', case.stem + '.png'),
+      lambda tmp, image=image, pred=pred: visualize.save_overlay(
+        image, pred, tmp, num_classes=num_classes, title=case.stem
+      ),
+    )
     label = _reference(case, masks, predictor.ndim) if masks else None
     if label is not None and label.shape == pred.shape:
       rows.append([case.stem] + _scores(pred, label, num_classes))
     elif label is not None:
-      logging.warning('%s: reference mask shape %s differs from the image %s; skipped'
-                      ' in the table.', case.path, label.shape, pred.shape)
+      logging.warning(
+        '%s: reference mask shape %s differs from the image %s; skipped in the table.',
+        case.path,
+        label.shape,
+        pred.shape,
+      )
     _progress(i, len(cases), started, case.stem)
   if rows:
     _write_table(rows, num_classes, output)
@@ -217,12 +264,16 @@ def run(workdir: str, input_path: str, output: str, *, step: str | int = 'best',
 
 def _write_table(rows: list[list[Any]], num_classes: int, output: str) -> None:
   from unet_jax.evaluators import common  # pylint: disable=g-import-not-at-top
-  header = (['case'] + [f'dice_{c}' for c in range(num_classes)]
-            + [f'iou_{c}' for c in range(num_classes)])
+
+  header = (
+    ['case']
+    + [f'dice_{c}' for c in range(num_classes)]
+    + [f'iou_{c}' for c in range(num_classes)]
+  )
   values = np.asarray([r[1:] for r in rows], np.float64)
   mean = ['mean'] + common.nan_stats(values)[0].tolist()
   common.write_csv(os.path.join(output, 'per_case.csv'), header, rows + [mean])
   width = max(len(str(r[0])) for r in rows + [mean])
-  print(f"{'case':<{width}}  " + '  '.join(f'{h:>7}' for h in header[1:]))
+  print(f'{"case":<{width}}  ' + '  '.join(f'{h:>7}' for h in header[1:]))
   for row in rows + [mean]:
     print(f'{row[0]:<{width}}  ' + '  '.join(f'{v:7.4f}' for v in row[1:]))

@@ -58,8 +58,12 @@ class MetricWriter:
     path = os.path.join(workdir, 'metrics.jsonl')
     dropped = _drop_rows_after(path, start_step)
     if dropped:
-      logging.info('Dropped %d rows past step %d from %s (they are recomputed).',
-                   dropped, start_step, path)
+      logging.info(
+        'Dropped %d rows past step %d from %s (they are recomputed).',
+        dropped,
+        start_step,
+        path,
+      )
     self._tf = cpu_tensorflow.import_tensorflow()
     self._tb = self._tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
     self._jsonl = open(path, 'a')
@@ -113,9 +117,16 @@ class Progress:
     writer: a MetricWriter, or None to log only.
   """
 
-  def __init__(self, *, total_steps: int, start_step: int, every_steps: int,
-               batch_size: int, writer: MetricWriter | None = None,
-               clock=time.perf_counter):
+  def __init__(
+    self,
+    *,
+    total_steps: int,
+    start_step: int,
+    every_steps: int,
+    batch_size: int,
+    writer: MetricWriter | None = None,
+    clock=time.perf_counter,
+  ):
     self.total_steps = total_steps
     self.every_steps = every_steps
     self.batch_size = batch_size
@@ -146,8 +157,9 @@ class Progress:
     finally:
       self._window_start += self._clock() - start
 
-  def step_done(self, step: int, *, loss: Any, extra: dict[str, Any] | None = None
-                ) -> dict[str, float] | None:
+  def step_done(
+    self, step: int, *, loss: Any, extra: dict[str, Any] | None = None
+  ) -> dict[str, float] | None:
     """Records a step's loss; on reporting steps logs and writes, and returns the row.
 
     `loss` may be a device scalar: it is only read on reporting steps, so the
@@ -164,17 +176,23 @@ class Progress:
     elapsed = max(now - self._window_start, 1e-9)
     steps_per_sec = (step - self._window_step) / elapsed
     row = {
-        'train_loss': loss_mean,
-        'steps_per_sec': steps_per_sec,
-        'examples_per_sec': steps_per_sec * self.batch_size,
-        # Near 0: the input pipeline keeps up with the train step.
-        'input_wait_fraction': self._timers.get('data', 0.0) / elapsed,
-        **extra,
+      'train_loss': loss_mean,
+      'steps_per_sec': steps_per_sec,
+      'examples_per_sec': steps_per_sec * self.batch_size,
+      # Near 0: the input pipeline keeps up with the train step.
+      'input_wait_fraction': self._timers.get('data', 0.0) / elapsed,
+      **extra,
     }
     eta = (self.total_steps - step) / max(steps_per_sec, 1e-9)
-    logging.info('step %d/%d  loss %.4f  %.2f steps/s  input wait %.0f%%  ETA %s', step,
-                 self.total_steps, row['train_loss'], steps_per_sec,
-                 100 * row['input_wait_fraction'], format_time(eta))
+    logging.info(
+      'step %d/%d  loss %.4f  %.2f steps/s  input wait %.0f%%  ETA %s',
+      step,
+      self.total_steps,
+      row['train_loss'],
+      steps_per_sec,
+      100 * row['input_wait_fraction'],
+      format_time(eta),
+    )
     if self.writer is not None:
       self.writer.write(step, row)
     self._window_start, self._window_step = now, step

@@ -62,8 +62,15 @@ class Runner:
     mesh: the device mesh ('jit').
   """
 
-  def __init__(self, mode: str, *, train_step: Callable, predict_step: Callable,
-               logits_step: Callable, mesh: Mesh | None = None):
+  def __init__(
+    self,
+    mode: str,
+    *,
+    train_step: Callable,
+    predict_step: Callable,
+    logits_step: Callable,
+    mesh: Mesh | None = None,
+  ):
     if mode not in MODES:
       raise ValueError(f'parallelism must be one of {MODES}, got {mode!r}.')
     self.mode = mode
@@ -77,11 +84,15 @@ class Runner:
     mesh = mesh or create_mesh()
     self.replicated = NamedSharding(mesh, P())
     self.sharded = NamedSharding(mesh, P(AXIS))
-    self._train = jax.jit(train_step, in_shardings=(self.replicated, self.sharded),
-                          out_shardings=(self.replicated, self.replicated),
-                          donate_argnums=(0,))
-    per_example = dict(in_shardings=(self.replicated, self.sharded),
-                       out_shardings=self.sharded)
+    self._train = jax.jit(
+      train_step,
+      in_shardings=(self.replicated, self.sharded),
+      out_shardings=(self.replicated, self.replicated),
+      donate_argnums=(0,),
+    )
+    per_example = dict(
+      in_shardings=(self.replicated, self.sharded), out_shardings=self.sharded
+    )
     self._predict = jax.jit(predict_step, **per_example)
     self._logits = jax.jit(logits_step, **per_example)
     self._finite = jax.jit(_all_finite, out_shardings=self.replicated)
@@ -89,8 +100,9 @@ class Runner:
   def put_state(self, state: Any) -> Any:
     """A host state on the devices: replicated, or stacked per device (pmap)."""
     if self.mode == 'pmap':
-      return jax.tree.map(lambda x: np.stack([np.asarray(x)] * self.n_local),
-                          jax.device_get(state))
+      return jax.tree.map(
+        lambda x: np.stack([np.asarray(x)] * self.n_local), jax.device_get(state)
+      )
     return jax.device_put(state, self.replicated)
 
   def get_state(self, state: Any) -> Any:
@@ -104,7 +116,8 @@ class Runner:
     if self.mode == 'pmap':
       return jax.tree.map(lambda x: x.reshape((self.n_local, -1) + x.shape[1:]), batch)
     return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(self.sharded, x), batch)
+      lambda x: jax.make_array_from_process_local_data(self.sharded, x), batch
+    )
 
   def train(self, state: Any, batch: dict[str, np.ndarray]) -> tuple[Any, dict]:
     """One step on this process's rows {'image', 'label'} of the global batch."""
@@ -239,6 +252,8 @@ def main_process_first(fn: Callable[[], Any], *, what: str) -> Any:
       multihost_utils.broadcast_one_to_all(np.int32(ok))
       raise
   if not int(multihost_utils.broadcast_one_to_all(np.int32(ok))):
-    raise RuntimeError(f'Process 0 failed to {what} (its log says why); process'
-                       f' {jax.process_index()} stops too.')
+    raise RuntimeError(
+      f'Process 0 failed to {what} (its log says why); process'
+      f' {jax.process_index()} stops too.'
+    )
   return result if is_main_process() else fn()

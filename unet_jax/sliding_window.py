@@ -52,8 +52,8 @@ def _per_axis(value, ndim: int, name: str) -> tuple[int, ...]:
       raise ValueError(f'{name}={value!r} must be an int or {ndim} ints.') from None
     if len(value) != ndim:
       raise ValueError(
-          f'{name}={value} has {len(value)} entries, but the image has {ndim} spatial'
-          ' axes.')
+        f'{name}={value} has {len(value)} entries, but the image has {ndim} spatial axes.'
+      )
   for v in value:
     if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
       raise ValueError(f'{name}={value} must hold positive integers.')
@@ -63,8 +63,9 @@ def _per_axis(value, ndim: int, name: str) -> tuple[int, ...]:
 def _check_overlap(overlap: float) -> float:
   if not 0 <= overlap < 1:
     raise ValueError(
-        f'overlap={overlap} must be in [0, 1): the fraction of a patch shared with its'
-        ' neighbour.')
+      f'overlap={overlap} must be in [0, 1): the fraction of a patch shared with its'
+      ' neighbour.'
+    )
   return float(overlap)
 
 
@@ -83,7 +84,8 @@ def axis_starts(size: int, patch: int, overlap: float) -> tuple[int, ...]:
   overlap = _check_overlap(overlap)
   if patch > size:
     raise ValueError(
-        f'A patch of {patch} does not fit an axis of {size}: pad the image first.')
+      f'A patch of {patch} does not fit an axis of {size}: pad the image first.'
+    )
   step = max(1, math.floor(patch * (1 - overlap) + 1e-9))
   starts = list(range(0, size - patch + 1, step))
   if starts[-1] != size - patch:
@@ -91,8 +93,9 @@ def axis_starts(size: int, patch: int, overlap: float) -> tuple[int, ...]:
   return tuple(starts)
 
 
-def patch_positions(shape: Sequence[int], patch_size: int | Sequence[int],
-                    overlap: float) -> list[tuple[int, ...]]:
+def patch_positions(
+  shape: Sequence[int], patch_size: int | Sequence[int], overlap: float
+) -> list[tuple[int, ...]]:
   """Start offsets of every patch over `shape`, in row-major order.
 
   The Cartesian product of `axis_starts` over the axes: the patches cover every
@@ -109,12 +112,14 @@ def patch_positions(shape: Sequence[int], patch_size: int | Sequence[int],
   """
   shape = tuple(int(s) for s in shape)
   patch = _per_axis(patch_size, len(shape), 'patch_size')
-  return list(itertools.product(
-      *(axis_starts(s, p, overlap) for s, p in zip(shape, patch))))
+  return list(
+    itertools.product(*(axis_starts(s, p, overlap) for s, p in zip(shape, patch)))
+  )
 
 
-def gaussian_importance_map(patch_size: Sequence[int], *,
-                            sigma_scale: float = 1 / 8) -> np.ndarray:
+def gaussian_importance_map(
+  patch_size: Sequence[int], *, sigma_scale: float = 1 / 8
+) -> np.ndarray:
   r"""A separable Gaussian weight over a patch, peak 1 at the centre, never 0.
 
   .. math::
@@ -137,11 +142,12 @@ def gaussian_importance_map(patch_size: Sequence[int], *,
   patch = tuple(int(p) for p in patch_size)
   if not patch or min(patch) < 1 or not sigma_scale > 0:
     raise ValueError(
-        f'patch_size={patch_size} must be positive and sigma_scale={sigma_scale} > 0.')
+      f'patch_size={patch_size} must be positive and sigma_scale={sigma_scale} > 0.'
+    )
   weight = np.ones((), np.float64)
   for axis, p in enumerate(patch):
     v = np.arange(p, dtype=np.float64) - (p - 1) / 2
-    g = np.exp(-v**2 / (2 * (p * sigma_scale)**2))
+    g = np.exp(-(v**2) / (2 * (p * sigma_scale) ** 2))
     weight = np.multiply.outer(weight, g) if axis else g
   weight = (weight / weight.max()).astype(np.float32)
   positive = weight[weight > 0]
@@ -166,8 +172,9 @@ def _weighted_logits(patches, weight, *, apply_fn, flip_tta):
     y = apply_fn(x)
     if y.ndim != x.ndim or y.shape[:-1] != x.shape[:-1]:
       raise ValueError(
-          f'apply_fn must map patches {x.shape} to logits [{x.shape[0]},'
-          f" {', '.join(map(str, x.shape[1:-1]))}, K]; it returned shape {y.shape}.")
+        f'apply_fn must map patches {x.shape} to logits [{x.shape[0]},'
+        f' {", ".join(map(str, x.shape[1:-1]))}, K]; it returned shape {y.shape}.'
+      )
     return y.astype(jnp.float32)
 
   if not flip_tta:
@@ -180,38 +187,44 @@ def _weighted_logits(patches, weight, *, apply_fn, flip_tta):
       x = jax.lax.switch(i, flips, patches)
       return total + jax.lax.switch(i, flips, run(x))
 
-    logits = jax.lax.fori_loop(0, len(flips), body,
-                               jnp.zeros(out.shape, out.dtype)) / len(flips)
+    logits = jax.lax.fori_loop(0, len(flips), body, jnp.zeros(out.shape, out.dtype)) / len(
+      flips
+    )
   return logits * weight[None, ..., None]
 
 
 def _host_weighted_logits(patches, weight, *, apply_fn, flip_tta):
   """As `_weighted_logits`, for an `apply_fn` that is compiled already (no tracing)."""
   ndim = patches.ndim - 2
-  flips = [tuple(1 + a for a in range(ndim) if mask[a])
-           for mask in itertools.product((False, True), repeat=ndim)]
+  flips = [
+    tuple(1 + a for a in range(ndim) if mask[a])
+    for mask in itertools.product((False, True), repeat=ndim)
+  ]
   total = None
   for axes in flips if flip_tta else [()]:
     x = np.flip(patches, axis=axes) if axes else patches
     y = np.asarray(apply_fn(x), np.float32)
     if y.ndim != x.ndim or y.shape[:-1] != x.shape[:-1]:
       raise ValueError(
-          f'apply_fn must map patches {x.shape} to logits [{x.shape[0]},'
-          f" {', '.join(map(str, x.shape[1:-1]))}, K]; it returned shape {y.shape}.")
+        f'apply_fn must map patches {x.shape} to logits [{x.shape[0]},'
+        f' {", ".join(map(str, x.shape[1:-1]))}, K]; it returned shape {y.shape}.'
+      )
     y = np.flip(y, axis=axes) if axes else y
     total = y if total is None else total + y
   return total / (len(flips) if flip_tta else 1) * weight[None, ..., None]
 
 
-def _check_arguments(apply_fn, image, *, patch_size, overlap, mode, batch_size,
-                     padding_mode, divisor, output) -> tuple[np.ndarray, tuple[int, ...]]:
+def _check_arguments(
+  apply_fn, image, *, patch_size, overlap, mode, batch_size, padding_mode, divisor, output
+) -> tuple[np.ndarray, tuple[int, ...]]:
   """The image as an array and the patch size; a ValueError for any bad argument."""
   image = np.asarray(image)
   if image.ndim not in (3, 4):
     raise ValueError(
-        f'image must be one [H, W, C] image or [D, H, W, C] volume, channels last;'
-        f' got shape {image.shape} (rank {image.ndim}). Predict a batch one image at'
-        ' a time.')
+      f'image must be one [H, W, C] image or [D, H, W, C] volume, channels last;'
+      f' got shape {image.shape} (rank {image.ndim}). Predict a batch one image at'
+      ' a time.'
+    )
   ndim = image.ndim - 1
   spatial = image.shape[:-1]
   if min(image.shape) < 1:
@@ -224,8 +237,9 @@ def _check_arguments(apply_fn, image, *, patch_size, overlap, mode, batch_size,
   for p, d in zip(patch, div):
     if p % d:
       raise ValueError(
-          f'patch_size={patch} is not a multiple of divisor={div}: the network only'
-          ' takes sizes that are multiples of the product of its pooling strides.')
+        f'patch_size={patch} is not a multiple of divisor={div}: the network only'
+        ' takes sizes that are multiples of the product of its pooling strides.'
+      )
   _check_overlap(overlap)
   if mode not in MODES:
     raise ValueError(f'mode={mode!r} is not one of {MODES}.')
@@ -233,8 +247,7 @@ def _check_arguments(apply_fn, image, *, patch_size, overlap, mode, batch_size,
     raise ValueError(f'padding_mode={padding_mode!r} is not one of {PADDING_MODES}.')
   if output not in OUTPUTS:
     raise ValueError(f'output={output!r} is not one of {OUTPUTS}.')
-  if not isinstance(batch_size, int) or isinstance(batch_size, bool) or \
-      batch_size < 1:
+  if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
     raise ValueError(f'batch_size={batch_size!r} must be a positive integer.')
   if not callable(apply_fn):
     raise ValueError(f'apply_fn={apply_fn!r} is not callable.')
@@ -261,14 +274,14 @@ def _accumulate(predict, image, positions, patch, weight, batch_size, *, jit_app
 
   pending = None
   for first in range(0, len(positions), batch_size):
-    starts = positions[first:first + batch_size]
+    starts = positions[first : first + batch_size]
     # A fresh buffer each batch: on CPU the device array may alias it.
     batch = np.zeros((batch_size, *patch, image.shape[-1]), np.float32)
     for j, start in enumerate(starts):
       batch[j] = image[tuple(slice(s, s + p) for s, p in zip(start, patch))]
     result = predict(jnp.asarray(batch) if jit_apply else batch)  # asynchronous
     if pending is not None:
-      add(pending)                              # overlaps with the device's work
+      add(pending)  # overlaps with the device's work
     pending = (result, starts)
   add(pending)
 
@@ -276,18 +289,18 @@ def _accumulate(predict, image, positions, patch, weight, batch_size, *, jit_app
 
 
 def sliding_window_predict(
-    apply_fn: Callable[[jax.Array], jax.Array],
-    image,
-    *,
-    patch_size: int | Sequence[int] | None,
-    overlap: float = 0.5,
-    mode: str = 'gaussian',
-    batch_size: int = 4,
-    flip_tta: bool = False,
-    padding_mode: str = 'reflect',
-    divisor: int | Sequence[int] = 1,
-    output: str = 'logits',
-    jit_apply: bool = True,
+  apply_fn: Callable[[jax.Array], jax.Array],
+  image,
+  *,
+  patch_size: int | Sequence[int] | None,
+  overlap: float = 0.5,
+  mode: str = 'gaussian',
+  batch_size: int = 4,
+  flip_tta: bool = False,
+  padding_mode: str = 'reflect',
+  divisor: int | Sequence[int] = 1,
+  output: str = 'logits',
+  jit_apply: bool = True,
 ) -> np.ndarray:
   r"""Predicts one whole image or volume patch by patch, blending the overlaps.
 
@@ -342,35 +355,49 @@ def sliding_window_predict(
     float32 numpy array `[*image.shape[:-1], K]`.
   """
   image, patch = _check_arguments(
-      apply_fn, image, patch_size=patch_size, overlap=overlap, mode=mode,
-      batch_size=batch_size, padding_mode=padding_mode, divisor=divisor, output=output)
+    apply_fn,
+    image,
+    patch_size=patch_size,
+    overlap=overlap,
+    mode=mode,
+    batch_size=batch_size,
+    padding_mode=padding_mode,
+    divisor=divisor,
+    output=output,
+  )
   spatial = image.shape[:-1]
 
   # Pad up to a patch where the image is smaller; split the padding evenly.
-  pads = [((max(p - s, 0)) // 2, max(p - s, 0) - max(p - s, 0) // 2)
-          for s, p in zip(spatial, patch)]
+  pads = [
+    ((max(p - s, 0)) // 2, max(p - s, 0) - max(p - s, 0) // 2)
+    for s, p in zip(spatial, patch)
+  ]
   image = image.astype(np.float32, copy=False)
   if any(before or after for before, after in pads):
     image = np.pad(image, pads + [(0, 0)], mode=padding_mode)
   padded = image.shape[:-1]
   positions = patch_positions(padded, patch, overlap)
-  weight = (gaussian_importance_map(patch) if mode == 'gaussian'
-            else np.ones(patch, np.float32))
+  weight = (
+    gaussian_importance_map(patch) if mode == 'gaussian' else np.ones(patch, np.float32)
+  )
   weight_device = jnp.asarray(weight)
   if jit_apply:
-    predict = functools.partial(_weighted_logits, weight=weight_device,
-                                apply_fn=apply_fn, flip_tta=bool(flip_tta))
+    predict = functools.partial(
+      _weighted_logits, weight=weight_device, apply_fn=apply_fn, flip_tta=bool(flip_tta)
+    )
   else:
-    predict = functools.partial(_host_weighted_logits, weight=weight,
-                                apply_fn=apply_fn, flip_tta=bool(flip_tta))
+    predict = functools.partial(
+      _host_weighted_logits, weight=weight, apply_fn=apply_fn, flip_tta=bool(flip_tta)
+    )
 
-  out, weight_sum = _accumulate(predict, image, positions, patch, weight, batch_size,
-                                jit_apply=jit_apply)
+  out, weight_sum = _accumulate(
+    predict, image, positions, patch, weight, batch_size, jit_apply=jit_apply
+  )
   out /= weight_sum[..., None]
-  weight_sum = None                             # room for the softmax's temporaries
+  weight_sum = None  # room for the softmax's temporaries
   crop = tuple(slice(before, before + s) for (before, _), s in zip(pads, spatial))
   out = out[crop]
-  if output == 'probabilities':                # in place: no more image-sized copies
+  if output == 'probabilities':  # in place: no more image-sized copies
     if out.shape[-1] == 1:
       scipy.special.expit(out, out=out)
     else:

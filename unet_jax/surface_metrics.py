@@ -76,27 +76,25 @@ def _as_spacing(spacing, ndim: int) -> tuple[float, ...]:
     return (1.0,) * ndim
   if np.ndim(spacing) != 1 or len(spacing) != ndim:
     raise ValueError(
-        f'spacing must give one voxel size per spatial axis ({ndim} values '
-        f'for a {ndim}D class map), got {spacing!r}.'
+      f'spacing must give one voxel size per spatial axis ({ndim} values '
+      f'for a {ndim}D class map), got {spacing!r}.'
     )
   values = tuple(float(s) for s in spacing)
   if not all(np.isfinite(s) and s > 0 for s in values):
-    raise ValueError(
-        f'spacing must be finite and positive on every axis, got {spacing!r}.'
-    )
+    raise ValueError(f'spacing must be finite and positive on every axis, got {spacing!r}.')
   return values
 
 
 def _check_class_map(name: str, x: np.ndarray) -> None:
   if not (np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_):
     raise ValueError(
-        f'{name} must be an integer class map, got dtype {x.dtype}. Use '
-        'np.argmax(logits, -1) for logits.'
+      f'{name} must be an integer class map, got dtype {x.dtype}. Use '
+      'np.argmax(logits, -1) for logits.'
     )
 
 
 def _check_values(
-    name: str, x: np.ndarray, num_classes: int, ignore_index: int | None
+  name: str, x: np.ndarray, num_classes: int, ignore_index: int | None
 ) -> None:
   bad = (x < 0) | (x >= num_classes)
   if ignore_index is not None:
@@ -106,38 +104,34 @@ def _check_values(
     if ignore_index is not None:
       allowed += f' or ignore_index={ignore_index}'
     raise ValueError(
-        f'{name} holds values outside {allowed}: '
-        f'{np.unique(x[bad])[:10].tolist()}.'
+      f'{name} holds values outside {allowed}: {np.unique(x[bad])[:10].tolist()}.'
     )
 
 
 def _prepare(
-    prediction, label, num_classes, spacing, include_background, ignore_index
+  prediction, label, num_classes, spacing, include_background, ignore_index
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], range]:
   """Validates the inputs; returns int32 maps with ignored voxels set to -1."""
   prediction, label = np.asarray(prediction), np.asarray(label)
   if prediction.shape != label.shape:
     raise ValueError(
-        'prediction and label must have the same shape, got '
-        f'{prediction.shape} and {label.shape}.'
+      'prediction and label must have the same shape, got '
+      f'{prediction.shape} and {label.shape}.'
     )
   if prediction.ndim < 1:
     raise ValueError('prediction and label need at least one spatial axis.')
   _check_class_map('prediction', prediction)
   _check_class_map('label', label)
-  if isinstance(num_classes, bool) or not isinstance(
-      num_classes, (int, np.integer)
-  ):
+  if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
     raise ValueError(f'num_classes must be an int, got {num_classes!r}.')
   first = 0 if include_background else 1
   if num_classes < first + 1:
     raise ValueError(
-        f'num_classes={num_classes} leaves no class to score with '
-        f'include_background={include_background}.'
+      f'num_classes={num_classes} leaves no class to score with '
+      f'include_background={include_background}.'
     )
   if ignore_index is not None and (
-      isinstance(ignore_index, bool)
-      or not isinstance(ignore_index, (int, np.integer))
+    isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer))
   ):
     raise ValueError(f'ignore_index must be an int, got {ignore_index!r}.')
   spacing = _as_spacing(spacing, prediction.ndim)
@@ -155,13 +149,11 @@ def _prepare(
 def _boundary(mask: np.ndarray) -> np.ndarray:
   """Voxels of ``mask`` with a face-connected neighbour outside it."""
   structure = ndimage.generate_binary_structure(mask.ndim, 1)
-  return mask & ~ndimage.binary_erosion(
-      mask, structure=structure, border_value=0
-  )
+  return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
 
 
 def _directed_distances(
-    prediction: np.ndarray, label: np.ndarray, spacing: tuple[float, ...]
+  prediction: np.ndarray, label: np.ndarray, spacing: tuple[float, ...]
 ) -> Distances:
   """Distances of each boundary voxel of one mask to the other's boundary.
 
@@ -178,8 +170,8 @@ def _directed_distances(
   edges_pred, edges_label = _boundary(prediction), _boundary(label)
   if not edges_pred.any() or not edges_label.any():
     return (
-        np.full(np.count_nonzero(edges_pred), np.inf),
-        np.full(np.count_nonzero(edges_label), np.inf),
+      np.full(np.count_nonzero(edges_pred), np.inf),
+      np.full(np.count_nonzero(edges_label), np.inf),
     )
   to_label = ndimage.distance_transform_edt(~edges_label, sampling=spacing)
   to_pred = ndimage.distance_transform_edt(~edges_pred, sampling=spacing)
@@ -192,17 +184,19 @@ def _crop(box_a, box_b, shape: tuple[int, ...], margin: int = 1):
   if not boxes:
     return None
   return tuple(
-      slice(max(min(b[i].start for b in boxes) - margin, 0),
-            min(max(b[i].stop for b in boxes) + margin, n))
-      for i, n in enumerate(shape)
+    slice(
+      max(min(b[i].start for b in boxes) - margin, 0),
+      min(max(b[i].stop for b in boxes) + margin, n),
+    )
+    for i, n in enumerate(shape)
   )
 
 
 def _class_distances(
-    prediction: np.ndarray,
-    label: np.ndarray,
-    classes: range,
-    spacing: tuple[float, ...],
+  prediction: np.ndarray,
+  label: np.ndarray,
+  classes: range,
+  spacing: tuple[float, ...],
 ) -> list[Distances]:
   """`_directed_distances` for each class, each on its own bounding box.
 
@@ -221,8 +215,7 @@ def _class_distances(
     if box is None:
       out.append((np.zeros(0), np.zeros(0)))
     else:
-      out.append(
-          _directed_distances(prediction[box] == c, label[box] == c, spacing))
+      out.append(_directed_distances(prediction[box] == c, label[box] == c, spacing))
   return out
 
 
@@ -239,13 +232,11 @@ def _tolerances(tolerance, num_reported: int) -> np.ndarray:
     values = np.full(num_reported, float(values))
   elif values.shape != (num_reported,):
     raise ValueError(
-        f'tolerance must be one number or one per reported class '
-        f'({num_reported} values), got {tolerance!r}.'
+      f'tolerance must be one number or one per reported class '
+      f'({num_reported} values), got {tolerance!r}.'
     )
   if not np.all(np.isfinite(values) & (values >= 0)):
-    raise ValueError(
-        f'tolerance must be finite and >= 0, got {tolerance!r}.'
-    )
+    raise ValueError(f'tolerance must be finite and >= 0, got {tolerance!r}.')
   return values
 
 
@@ -256,8 +247,8 @@ def _hd(distances: Distances, percentile: float) -> float:
   if d_pred.size == 0 or d_label.size == 0:
     return np.inf
   return max(
-      float(np.percentile(d_pred, percentile)),
-      float(np.percentile(d_label, percentile)),
+    float(np.percentile(d_pred, percentile)),
+    float(np.percentile(d_label, percentile)),
   )
 
 
@@ -266,20 +257,19 @@ def _nsd(distances: Distances, tolerance: float) -> float:
   total = d_pred.size + d_label.size
   if total == 0:
     return np.nan
-  within = np.count_nonzero(d_pred <= tolerance) + np.count_nonzero(
-      d_label <= tolerance)
+  within = np.count_nonzero(d_pred <= tolerance) + np.count_nonzero(d_label <= tolerance)
   return within / total
 
 
 def hausdorff_distance_95(
-    prediction: np.ndarray,
-    label: np.ndarray,
-    *,
-    num_classes: int,
-    spacing: Sequence[float] | None = None,
-    include_background: bool = False,
-    percentile: float = 95,
-    ignore_index: int | None = None,
+  prediction: np.ndarray,
+  label: np.ndarray,
+  *,
+  num_classes: int,
+  spacing: Sequence[float] | None = None,
+  include_background: bool = False,
+  percentile: float = 95,
+  ignore_index: int | None = None,
 ) -> np.ndarray:
   """Percentile Hausdorff distance between boundaries, per class (host).
 
@@ -331,21 +321,21 @@ def hausdorff_distance_95(
   """
   percentile = _check_percentile(percentile)
   prediction, label, spacing, classes = _prepare(
-      prediction, label, num_classes, spacing, include_background,
-      ignore_index)
+    prediction, label, num_classes, spacing, include_background, ignore_index
+  )
   distances = _class_distances(prediction, label, classes, spacing)
   return np.array([_hd(d, percentile) for d in distances], np.float64)
 
 
 def normalized_surface_dice(
-    prediction: np.ndarray,
-    label: np.ndarray,
-    *,
-    num_classes: int,
-    tolerance: float | Sequence[float],
-    spacing: Sequence[float] | None = None,
-    include_background: bool = False,
-    ignore_index: int | None = None,
+  prediction: np.ndarray,
+  label: np.ndarray,
+  *,
+  num_classes: int,
+  tolerance: float | Sequence[float],
+  spacing: Sequence[float] | None = None,
+  include_background: bool = False,
+  ignore_index: int | None = None,
 ) -> np.ndarray:
   """Normalised surface Dice at a tolerance, per class (host).
 
@@ -390,23 +380,22 @@ def normalized_surface_dice(
     ``monai.metrics.compute_surface_dice``.
   """
   prediction, label, spacing, classes = _prepare(
-      prediction, label, num_classes, spacing, include_background,
-      ignore_index)
+    prediction, label, num_classes, spacing, include_background, ignore_index
+  )
   tolerances = _tolerances(tolerance, len(classes))
   distances = _class_distances(prediction, label, classes, spacing)
-  return np.array(
-      [_nsd(d, t) for d, t in zip(distances, tolerances)], np.float64)
+  return np.array([_nsd(d, t) for d, t in zip(distances, tolerances)], np.float64)
 
 
 def boundary_metrics(
-    prediction: np.ndarray,
-    label: np.ndarray,
-    *,
-    num_classes: int,
-    spacing: Sequence[float] | None,
-    tolerance: float | Sequence[float],
-    include_background: bool = False,
-    ignore_index: int | None = None,
+  prediction: np.ndarray,
+  label: np.ndarray,
+  *,
+  num_classes: int,
+  spacing: Sequence[float] | None,
+  tolerance: float | Sequence[float],
+  include_background: bool = False,
+  ignore_index: int | None = None,
 ) -> dict[str, np.ndarray]:
   """`hausdorff_distance_95` and `normalized_surface_dice` in one pass.
 
@@ -417,12 +406,11 @@ def boundary_metrics(
     ``{'hd95': [C or C - 1] float64, 'nsd': [C or C - 1] float64}``.
   """
   prediction, label, spacing, classes = _prepare(
-      prediction, label, num_classes, spacing, include_background,
-      ignore_index)
+    prediction, label, num_classes, spacing, include_background, ignore_index
+  )
   tolerances = _tolerances(tolerance, len(classes))
   distances = _class_distances(prediction, label, classes, spacing)
   return {
-      'hd95': np.array([_hd(d, 95.0) for d in distances], np.float64),
-      'nsd': np.array(
-          [_nsd(d, t) for d, t in zip(distances, tolerances)], np.float64),
+    'hd95': np.array([_hd(d, 95.0) for d in distances], np.float64),
+    'nsd': np.array([_nsd(d, t) for d, t in zip(distances, tolerances)], np.float64),
   }

@@ -60,8 +60,9 @@ class Interrupted(Exception):
 # ------------------------------------------------------------------ construction
 
 
-def create_model(model_config: ml_collections.ConfigDict, *,
-                 bn_axis_name: str | None = None) -> models.UNet:
+def create_model(
+  model_config: ml_collections.ConfigDict, *, bn_axis_name: str | None = None
+) -> models.UNet:
   """The UNet that `config.model` describes: every field is passed through.
 
   Unset (None) fields keep the UNet's defaults; an unknown field is a ValueError
@@ -70,8 +71,10 @@ def create_model(model_config: ml_collections.ConfigDict, *,
   options = {k: v for k, v in dict(model_config).items() if v is not None}
   unknown = sorted(set(options) - set(config_checks.model_options()))
   if unknown:
-    raise ValueError(f'config.model has unknown field(s) {unknown}; the UNet takes'
-                     f' {list(config_checks.model_options())}.')
+    raise ValueError(
+      f'config.model has unknown field(s) {unknown}; the UNet takes'
+      f' {list(config_checks.model_options())}.'
+    )
   for key in ('dtype', 'param_dtype'):
     if key in options:
       options[key] = DTYPES[options[key]]
@@ -87,8 +90,9 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule
   if opt.schedule == 'cosine':
     decay = optax.cosine_decay_schedule(opt.learning_rate, decay_steps)
   elif opt.schedule == 'poly':
-    decay = optax.polynomial_schedule(opt.learning_rate, 0.0, power=0.9,
-                                      transition_steps=decay_steps)
+    decay = optax.polynomial_schedule(
+      opt.learning_rate, 0.0, power=0.9, transition_steps=decay_steps
+    )
   else:
     decay = optax.constant_schedule(opt.learning_rate)
   if warmup == 0:
@@ -111,22 +115,28 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
   return tx
 
 
-def create_train_state(key: jax.Array, model: nn.Module,
-                       tx: optax.GradientTransformation,
-                       input_shape: tuple[int, ...]) -> TrainState:
-  variables = model.init({'params': key}, jnp.zeros(input_shape, jnp.float32),
-                         train=False)
+def create_train_state(
+  key: jax.Array,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  input_shape: tuple[int, ...],
+) -> TrainState:
+  variables = model.init({'params': key}, jnp.zeros(input_shape, jnp.float32), train=False)
   params = variables['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get('batch_stats', {}),
-                    opt_state=tx.init(params))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=variables.get('batch_stats', {}),
+    opt_state=tx.init(params),
+  )
 
 
 # ------------------------------------------------------------------ steps
 
 
-def _augment(key: jax.Array, batch: dict[str, jax.Array], aug_config,
-             first_index: jax.Array | int = 0) -> dict[str, jax.Array]:
+def _augment(
+  key: jax.Array, batch: dict[str, jax.Array], aug_config, first_index: jax.Array | int = 0
+) -> dict[str, jax.Array]:
   """Per-example keys from the example's global index, so the transform of an example
   does not depend on how the batch is split across devices."""
   n = batch['image'].shape[0]
@@ -140,8 +150,13 @@ def _augment(key: jax.Array, batch: dict[str, jax.Array], aug_config,
   return dict(batch, image=image, label=label)
 
 
-def deep_supervision_loss(loss_fn: Callable[..., jax.Array], outputs, labels: jax.Array,
-                          *, strides: tuple[tuple[int, ...], ...]) -> jax.Array:
+def deep_supervision_loss(
+  loss_fn: Callable[..., jax.Array],
+  outputs,
+  labels: jax.Array,
+  *,
+  strides: tuple[tuple[int, ...], ...],
+) -> jax.Array:
   """The loss of a model's main and auxiliary outputs, weighted as nnU-Net does.
 
   ::
@@ -183,11 +198,18 @@ def supervision_strides(model: models.UNet, ndim: int) -> tuple[tuple[int, ...],
   return tuple(strides)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *,
-               model: nn.Module, tx: optax.GradientTransformation,
-               loss_fn: Callable[..., jax.Array], learning_rate_fn: optax.Schedule,
-               aug_config: ml_collections.ConfigDict, seed: int,
-               axis_name: str | None = None) -> tuple[TrainState, dict[str, Any]]:
+def train_step(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  *,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  loss_fn: Callable[..., jax.Array],
+  learning_rate_fn: optax.Schedule,
+  aug_config: ml_collections.ConfigDict,
+  seed: int,
+  axis_name: str | None = None,
+) -> tuple[TrainState, dict[str, Any]]:
   """One optimisation step. Pure: (state, batch) -> (state, metrics).
 
   With `axis_name` (pmap) the batch is this device's shard, gradients are averaged
@@ -209,23 +231,29 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
     if state.batch_stats:
       variables['batch_stats'] = state.batch_stats
       mutable = ['batch_stats']
-    outputs, new_vars = model.apply(variables, batch['image'], train=True,
-                                    mutable=mutable, rngs={'dropout': dropout_key})
+    outputs, new_vars = model.apply(
+      variables, batch['image'], train=True, mutable=mutable, rngs={'dropout': dropout_key}
+    )
     loss = deep_supervision_loss(loss_fn, outputs, batch['label'], strides=strides)
     return loss, new_vars
 
-  (loss, new_vars), grads = jax.value_and_grad(compute_loss, has_aux=True)(
-      state.params)
+  (loss, new_vars), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
     loss = jax.lax.pmean(loss, axis_name)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  new_state = state.replace(step=state.step + 1, params=params,
-                            batch_stats=new_vars.get('batch_stats', state.batch_stats),
-                            opt_state=opt_state)
-  return new_state, {'loss': loss, 'learning_rate': learning_rate_fn(state.step),
-                     'grad_norm': optax.tree.norm(grads)}
+  new_state = state.replace(
+    step=state.step + 1,
+    params=params,
+    batch_stats=new_vars.get('batch_stats', state.batch_stats),
+    opt_state=opt_state,
+  )
+  return new_state, {
+    'loss': loss,
+    'learning_rate': learning_rate_fn(state.step),
+    'grad_norm': optax.tree.norm(grads),
+  }
 
 
 def logits_step(state: TrainState, images: jax.Array, *, model: nn.Module) -> jax.Array:
@@ -296,8 +324,10 @@ def _restore(manager, state, record: dict[str, Any], workdir: str):
   where = os.path.join(workdir, 'checkpoints', str(step))
   saved = checkpointing.read_record(manager, step)
   if saved is None:
-    logging.warning('%s records no config (written by an older unet_jax); resuming'
-                    ' without checking it.', where)
+    logging.warning(
+      '%s records no config (written by an older unet_jax); resuming without checking it.',
+      where,
+    )
   else:
     for change in config_checks.check_resume(saved, record, where=where):
       logging.info('Changed on resume: %s', change)
@@ -305,9 +335,10 @@ def _restore(manager, state, record: dict[str, Any], workdir: str):
   try:
     state = checkpointing.restore(manager, abstract, step=step)
   except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f'Cannot restore {where}: its state does not fit this config'
-                     f' ({type(e).__name__}: {str(e)[:300]}). Use a new --workdir.'
-                     ) from None
+    raise ValueError(
+      f'Cannot restore {where}: its state does not fit this config'
+      f' ({type(e).__name__}: {str(e)[:300]}). Use a new --workdir.'
+    ) from None
   logging.info('Resumed from %s at step %d.', where, int(state.step))
   return state, int(state.step)
 
@@ -315,24 +346,36 @@ def _restore(manager, state, record: dict[str, Any], workdir: str):
 def _create_runner(config, tx) -> runner_lib.Runner:
   axis = runner_lib.AXIS if config.parallelism == 'pmap' else None
   model = create_model(config.model, bn_axis_name=axis)
-  loss_fn = functools.partial(losses.get_loss(config.loss.name),
-                              ignore_index=input_pipeline.IGNORE_LABEL,
-                              **config.loss.kwargs.to_dict())
+  loss_fn = functools.partial(
+    losses.get_loss(config.loss.name),
+    ignore_index=input_pipeline.IGNORE_LABEL,
+    **config.loss.kwargs.to_dict(),
+  )
   step = functools.partial(
-      train_step, model=model, tx=tx, loss_fn=loss_fn,
-      learning_rate_fn=create_learning_rate_fn(config), aug_config=config.augment,
-      seed=config.seed, axis_name=axis)
-  return runner_lib.Runner(config.parallelism, train_step=step,
-                           predict_step=functools.partial(predict_step, model=model),
-                           logits_step=functools.partial(logits_step, model=model))
+    train_step,
+    model=model,
+    tx=tx,
+    loss_fn=loss_fn,
+    learning_rate_fn=create_learning_rate_fn(config),
+    aug_config=config.augment,
+    seed=config.seed,
+    axis_name=axis,
+  )
+  return runner_lib.Runner(
+    config.parallelism,
+    train_step=step,
+    predict_step=functools.partial(predict_step, model=model),
+    logits_step=functools.partial(logits_step, model=model),
+  )
 
 
 def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   """Checks, opens the data, builds and restores the state; writes nothing on error."""
   config_checks.check_same_on_all_processes(config, workdir)  # First: it is collective.
   check_workdir(workdir)
-  config_checks.validate_config(config, num_devices=jax.device_count(),
-                                process_count=jax.process_count())
+  config_checks.validate_config(
+    config, num_devices=jax.device_count(), process_count=jax.process_count()
+  )
   ndim = config_checks.config_ndim(config)
   data = input_pipeline.open(config.data, divisor=config_checks.divisor(config.model, ndim))
   config, data = planning.plan_run(config, data, workdir)  # No-op unless config.plan.
@@ -341,11 +384,15 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   config_checks.validate_against_data(config, data.info)
   tx = create_optimizer(config)
   input_shape = (1, *data.info.spatial_shape, data.info.num_channels)
-  state = create_train_state(jax.random.key(config.seed), create_model(config.model), tx,
-                             input_shape)
+  state = create_train_state(
+    jax.random.key(config.seed), create_model(config.model), tx, input_shape
+  )
   manager = checkpointing.create_manager(
-      os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints,
-      best_metric=config.best_metric, best_mode=config.best_mode)
+    os.path.join(workdir, 'checkpoints'),
+    keep=config.keep_checkpoints,
+    best_metric=config.best_metric,
+    best_mode=config.best_mode,
+  )
   record = config_checks.state_record(config, data.info)
   state, start_step = _restore(manager, state, record, workdir)
   if runner_lib.is_main_process():
@@ -354,13 +401,27 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   num_metric_classes = max(data.info.num_classes, 2)
   runner = _create_runner(config, tx)
   scheduled = evaluators.from_config(
-      config.evals, data=data, predict=runner.predict, num_classes=num_metric_classes,
-      workdir=workdir, default_split=config.data.eval_split,
-      default_batch_size=config.eval_batch_size, logits=runner.logits, divisor=divisor)
-  return _Run(config=config, data=data, runner=runner, state=runner.put_state(state),
-              start_step=start_step, manager=manager, record=record,
-              evaluators=scheduled,
-              writer=reporting.MetricWriter(workdir, start_step=start_step))
+    config.evals,
+    data=data,
+    predict=runner.predict,
+    num_classes=num_metric_classes,
+    workdir=workdir,
+    default_split=config.data.eval_split,
+    default_batch_size=config.eval_batch_size,
+    logits=runner.logits,
+    divisor=divisor,
+  )
+  return _Run(
+    config=config,
+    data=data,
+    runner=runner,
+    state=runner.put_state(state),
+    start_step=start_step,
+    manager=manager,
+    record=record,
+    evaluators=scheduled,
+    writer=reporting.MetricWriter(workdir, start_step=start_step),
+  )
 
 
 # ------------------------------------------------------------------ the loop
@@ -370,19 +431,26 @@ def _check_finite(run: _Run, state, pending: list, *, step: int, state_too: bool
   """Raises FloatingPointError at the first non-finite loss of `pending` (step, loss)
   pairs, or, with `state_too`, if the state after `step` is not finite."""
   last = run.manager.latest_step()
-  kept = (f'the last good checkpoint is step {last}' if last is not None
-          else 'no checkpoint was written')
-  advice = ('Lower the learning rate, enable gradient clipping'
-            ' (config.optimizer.grad_clip_norm) or check the data.')
+  kept = (
+    f'the last good checkpoint is step {last}'
+    if last is not None
+    else 'no checkpoint was written'
+  )
+  advice = (
+    'Lower the learning rate, enable gradient clipping'
+    ' (config.optimizer.grad_clip_norm) or check the data.'
+  )
   for step, loss in pending:
     if not math.isfinite(float(loss)):
-      raise FloatingPointError(f'Loss is {float(loss)} at step {step}. Training'
-                               f' stopped; {kept}. {advice}')
+      raise FloatingPointError(
+        f'Loss is {float(loss)} at step {step}. Training stopped; {kept}. {advice}'
+      )
   if state_too and not run.runner.is_finite(state):
     raise FloatingPointError(
-        f'The parameters or optimizer state are not finite after step {step}'
-        f' (the loss was still finite). Training stopped and nothing was saved; {kept}.'
-        f' {advice}')
+      f'The parameters or optimizer state are not finite after step {step}'
+      f' (the loss was still finite). Training stopped and nothing was saved; {kept}.'
+      f' {advice}'
+    )
   pending.clear()
 
 
@@ -397,15 +465,19 @@ def _evaluate(run: _Run, state, scheduled, step: int) -> dict[str, Any]:
 
 def _save(run: _Run, state, step: int, results: dict[str, dict]) -> None:
   name = config_checks.best_evaluator(run.config)
-  value = results.get(name, {}).get(run.config.best_metric[len(name) + 1:])
+  value = results.get(name, {}).get(run.config.best_metric[len(name) + 1 :])
   metrics = {run.config.best_metric: value} if value is not None else None
-  checkpointing.save(run.manager, step, run.runner.get_state(state), record=run.record,
-                     metrics=metrics)
+  checkpointing.save(
+    run.manager, step, run.runner.get_state(state), record=run.record, metrics=metrics
+  )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       stop_requested: Callable[[], bool] | None = None
-                       ) -> dict[str, dict[str, Any]]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  stop_requested: Callable[[], bool] | None = None,
+) -> dict[str, dict[str, Any]]:
   """Trains, evaluates and checkpoints in `workdir`; resumes from its latest step.
 
   Args:
@@ -423,15 +495,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if stop_requested is not None:
     stop_requested = runner_lib.agreed_stop(stop_requested)
   config, state, total = run.config, run.state, run.config.num_train_steps
-  logging.info('Training %s for %d steps from step %d on %d device(s) (%s), global'
-               ' batch %d, input %s.', config.data.name, total, run.start_step,
-               jax.device_count(), config.parallelism, config.batch_size,
-               run.data.info.spatial_shape)
-  progress = reporting.Progress(total_steps=total, start_step=run.start_step,
-                                every_steps=config.log_every_steps,
-                                batch_size=config.batch_size, writer=run.writer)
-  batches = run.data.train_iterator(run.start_step, batch_size=config.batch_size,
-                                    seed=config.seed)
+  logging.info(
+    'Training %s for %d steps from step %d on %d device(s) (%s), global'
+    ' batch %d, input %s.',
+    config.data.name,
+    total,
+    run.start_step,
+    jax.device_count(),
+    config.parallelism,
+    config.batch_size,
+    run.data.info.spatial_shape,
+  )
+  progress = reporting.Progress(
+    total_steps=total,
+    start_step=run.start_step,
+    every_steps=config.log_every_steps,
+    batch_size=config.batch_size,
+    writer=run.writer,
+  )
+  batches = run.data.train_iterator(
+    run.start_step, batch_size=config.batch_size, seed=config.seed
+  )
   results, pending = {}, []
   for step in range(run.start_step + 1, total + 1):
     with progress.timed('data'):
@@ -452,9 +536,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         _save(run, state, step, {s.name: results[s.name] for s in due})
     if stop:
       raise Interrupted(
-          f'Stopped at step {step} on request; checkpoint saved in'
-          f' {os.path.join(workdir, "checkpoints", str(step))}. Run the same command'
-          ' to resume.')
+        f'Stopped at step {step} on request; checkpoint saved in'
+        f' {os.path.join(workdir, "checkpoints", str(step))}. Run the same command'
+        ' to resume.'
+      )
   if run.start_step >= total:  # A finished run: evaluate what it left.
     results = {s.name: _evaluate(run, state, s, total) for s in run.evaluators}
   run.writer.close()

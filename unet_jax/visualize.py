@@ -30,9 +30,13 @@ def _display_image(image: np.ndarray) -> np.ndarray:
   return np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)
 
 
-def save_sample_grid(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
-                     path: str, *, title: str = '', num_classes: int | None = None
-                     ) -> str:
+def save_sample_grid(
+  samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+  path: str,
+  *,
+  title: str = '',
+  num_classes: int | None = None,
+) -> str:
   """Writes a PNG grid: one row per example, columns image / ground truth / prediction.
 
   Args:
@@ -50,11 +54,18 @@ def save_sample_grid(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]
   spatial_ndim = np.asarray(samples[0][1]).ndim
   rows = []
   for image, label, pred in samples:
-    rows.append((_display_image(middle_slice(np.asarray(image), spatial_ndim)),
-                 middle_slice(np.asarray(label), spatial_ndim),
-                 middle_slice(np.asarray(pred), spatial_ndim)))
-  vmax = (num_classes - 1) if num_classes else max(
-      1, max(int(max(r[1].max(), r[2].max())) for r in rows))
+    rows.append(
+      (
+        _display_image(middle_slice(np.asarray(image), spatial_ndim)),
+        middle_slice(np.asarray(label), spatial_ndim),
+        middle_slice(np.asarray(pred), spatial_ndim),
+      )
+    )
+  vmax = (
+    (num_classes - 1)
+    if num_classes
+    else max(1, max(int(max(r[1].max(), r[2].max())) for r in rows))
+  )
   fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.5 * len(rows)), squeeze=False)
   for r, (image, label, pred) in enumerate(rows):
     axes[r, 0].imshow(image, cmap='gray')
@@ -86,8 +97,9 @@ def _blend(image: np.ndarray, mask: np.ndarray, num_classes: int) -> np.ndarray:
   return (1 - alpha) * rgb + alpha * tint
 
 
-def save_overlay(image: np.ndarray, mask: np.ndarray, path: str, *, num_classes: int,
-                 title: str = '') -> str:
+def save_overlay(
+  image: np.ndarray, mask: np.ndarray, path: str, *, num_classes: int, title: str = ''
+) -> str:
   """Writes a PNG of an image with its class map drawn over it.
 
   Args:
@@ -107,11 +119,15 @@ def save_overlay(image: np.ndarray, mask: np.ndarray, path: str, *, num_classes:
     panels = []
     for axis, name in enumerate('DHW'):
       middle = mask.shape[axis] // 2
-      panels.append((_blend(np.take(image, middle, axis=axis),
-                            np.take(mask, middle, axis=axis), num_classes),
-                     f'middle slice along {name}'))
-  fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4),
-                           squeeze=False)
+      panels.append(
+        (
+          _blend(
+            np.take(image, middle, axis=axis), np.take(mask, middle, axis=axis), num_classes
+          ),
+          f'middle slice along {name}',
+        )
+      )
+  fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
   for ax, (rgb, name) in zip(axes[0], panels):
     ax.imshow(rgb, interpolation='nearest')
     ax.set_title(name, fontsize=9)

@@ -31,15 +31,15 @@ from unet_jax.datasets.synthetic import SyntheticShapes
 from unet_jax.datasets.synthetic import SyntheticVolumes
 
 __all__ = [
-    'BadDataError',
-    'SegmentationFolder',
-    'SegmentationFolderConfig',
-    'SyntheticConfig',
-    'SyntheticShapes',
-    'SyntheticVolumes',
-    'cpu_tensorflow',
-    'pets',
-    'segmentation_folder',
-    'sources',
-    'synthetic',
+  'BadDataError',
+  'SegmentationFolder',
+  'SegmentationFolderConfig',
+  'SyntheticConfig',
+  'SyntheticShapes',
+  'SyntheticVolumes',
+  'cpu_tensorflow',
+  'pets',
+  'segmentation_folder',
+  'sources',
+  'synthetic',
 ]

@@ -58,12 +58,10 @@ def to_image_label(example: dict) -> tuple[np.ndarray, np.ndarray]:
     image = image[..., None]
   if image.shape[:2] != trimap.shape:
     raise ValueError(
-        f'{_file_name(example)}: image shape {image.shape[:2]} differs from trimap'
-        f' shape {trimap.shape}.'
+      f'{_file_name(example)}: image shape {image.shape[:2]} differs from trimap'
+      f' shape {trimap.shape}.'
     )
   values = np.unique(trimap)
   if values.size and (values[0] < 1 or values[-1] > 3):
-    raise ValueError(
-        f'{_file_name(example)}: trimap values {values.tolist()} outside 1-3.'
-    )
+    raise ValueError(f'{_file_name(example)}: trimap values {values.tolist()} outside 1-3.')
   return image.astype(np.float32), _TRIMAP_TO_CLASS[trimap]

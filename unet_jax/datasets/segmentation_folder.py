@@ -172,13 +172,13 @@ def list_pairs(root: str | os.PathLike, *, ndim: int) -> dict[str, list[Pair]]:
   root = pathlib.Path(root).expanduser()
   if not root.is_dir():
     raise BadDataError(
-        f'{root}: segmentation folder root does not exist or is not a folder.'
+      f'{root}: segmentation folder root does not exist or is not a folder.'
     )
   present = [s for s in SPLITS if (root / s).is_dir()]
   if not present:
     raise BadDataError(
-        f'{root}: no split folder found; expected at least one of {list(SPLITS)},'
-        ' each with images/ and masks/.'
+      f'{root}: no split folder found; expected at least one of {list(SPLITS)},'
+      ' each with images/ and masks/.'
     )
   other = ('2d', 2) if ndim == 3 else ('3d', 3)
   errors = []
@@ -186,8 +186,8 @@ def list_pairs(root: str | os.PathLike, *, ndim: int) -> dict[str, list[Pair]]:
   for split in present:
     found = {}
     for kind, allowed in (
-        ('images', IMAGE_EXTENSIONS[ndim]),
-        ('masks', MASK_EXTENSIONS[ndim]),
+      ('images', IMAGE_EXTENSIONS[ndim]),
+      ('masks', MASK_EXTENSIONS[ndim]),
     ):
       folder = root / split / kind
       if not folder.is_dir():
@@ -226,7 +226,7 @@ def list_pairs(root: str | os.PathLike, *, ndim: int) -> dict[str, list[Pair]]:
 
 
 def fingerprint(
-    root: str | os.PathLike, pairs: dict[str, list[Pair]], *, extra: str = ''
+  root: str | os.PathLike, pairs: dict[str, list[Pair]], *, extra: str = ''
 ) -> str:
   """A short hash of the folder's file names, sizes and modification times.
 
@@ -250,32 +250,32 @@ def fingerprint(
 
 
 def _check_mask_colors(
-    mask_colors: Sequence[Sequence[int]] | None,
+  mask_colors: Sequence[Sequence[int]] | None,
 ) -> tuple[tuple[int, int, int], ...] | None:
   """`mask_colors` as a tuple of (R, G, B) int triples; ValueError if malformed."""
   if mask_colors is None:
     return None
   if isinstance(mask_colors, (str, bytes)) or not len(mask_colors):
     raise ValueError(
-        f'mask_colors must be a non-empty list of RGB triples, one per class, got'
-        f' {mask_colors!r}.'
+      f'mask_colors must be a non-empty list of RGB triples, one per class, got'
+      f' {mask_colors!r}.'
     )
   colors, seen = [], {}
   for c, color in enumerate(mask_colors):
     triple = tuple(color) if not isinstance(color, (str, bytes)) else ()
     if len(triple) != 3 or not all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= 255
-        for v in triple
+      isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= 255
+      for v in triple
     ):
       raise ValueError(
-          f'mask_colors[{c}] = {color!r}: each entry must be an RGB triple of ints'
-          ' in [0, 255].'
+        f'mask_colors[{c}] = {color!r}: each entry must be an RGB triple of ints'
+        ' in [0, 255].'
       )
     triple = tuple(int(v) for v in triple)
     if triple in seen:
       raise ValueError(
-          f'mask_colors[{c}] = {triple} repeats mask_colors[{seen[triple]}]; each'
-          ' class needs its own colour.'
+        f'mask_colors[{c}] = {triple} repeats mask_colors[{seen[triple]}]; each'
+        ' class needs its own colour.'
       )
     seen[triple] = c
     colors.append(triple)
@@ -286,23 +286,23 @@ def _check_ignore_index(ignore_index: int | None, num_classes: int | None) -> No
   if ignore_index is None:
     return
   if (
-      not isinstance(ignore_index, (int, np.integer))
-      or isinstance(ignore_index, bool)
-      or ignore_index < 0
+    not isinstance(ignore_index, (int, np.integer))
+    or isinstance(ignore_index, bool)
+    or ignore_index < 0
   ):
     raise ValueError(
-        f'ignore_index must be None or a non-negative int (a mask value, e.g. 255),'
-        f' got {ignore_index!r}.'
+      f'ignore_index must be None or a non-negative int (a mask value, e.g. 255),'
+      f' got {ignore_index!r}.'
     )
   if num_classes is not None and ignore_index < num_classes:
     raise ValueError(
-        f'ignore_index={ignore_index} is a class index below'
-        f' num_classes={num_classes}; it must lie outside [0, num_classes).'
+      f'ignore_index={ignore_index} is a class index below'
+      f' num_classes={num_classes}; it must lie outside [0, num_classes).'
     )
 
 
 def _colors_to_classes(
-    path: str, rgb: np.ndarray, mask_colors: tuple[tuple[int, int, int], ...]
+  path: str, rgb: np.ndarray, mask_colors: tuple[tuple[int, int, int], ...]
 ) -> np.ndarray:
   """Maps an [H, W, 3] uint8 colour mask to class indices through `mask_colors`."""
   rgb = rgb.astype(np.int64)
@@ -314,12 +314,10 @@ def _colors_to_classes(
   if unknown.size:
     unknown = unknown[np.argsort(-counts[unknown], kind='stable')]
     listed = ', '.join(
-        f'{_key_to_rgb(uniques[u])} in {counts[u]} pixel(s)' for u in unknown[:5]
+      f'{_key_to_rgb(uniques[u])} in {counts[u]} pixel(s)' for u in unknown[:5]
     )
     more = f' and {unknown.size - 5} more colour(s)' if unknown.size > 5 else ''
-    raise BadDataError(
-        f'{path}: colour(s) not in mask_colors: {listed}{more}.'
-    )
+    raise BadDataError(f'{path}: colour(s) not in mask_colors: {listed}{more}.')
   return classes[inverse.reshape(keys.shape)]
 
 
@@ -334,8 +332,8 @@ def _constant_alpha(path: str, array: np.ndarray) -> np.ndarray:
   if alpha.size and np.any(alpha != alpha.flat[0]):
     values = np.unique(alpha)
     raise BadDataError(
-        f'{path}: mask has an alpha channel that varies ({values.size} values,'
-        f' e.g. {values[:5].tolist()}); masks must not use transparency.'
+      f'{path}: mask has an alpha channel that varies ({values.size} values,'
+      f' e.g. {values[:5].tolist()}); masks must not use transparency.'
     )
   return array[..., :-1]
 
@@ -349,9 +347,9 @@ def _mask_2d(path: str, im, mask_colors) -> np.ndarray:
     return np.asarray(im).astype(np.int64)
   if mode not in ('LA', 'RGB', 'RGBA'):
     raise BadDataError(
-        f'{path}: mask has mode {mode}; masks must be single-channel PNGs whose'
-        ' pixel values are class indices, palette PNGs, or RGB colour masks'
-        ' with config.data.mask_colors.'
+      f'{path}: mask has mode {mode}; masks must be single-channel PNGs whose'
+      ' pixel values are class indices, palette PNGs, or RGB colour masks'
+      ' with config.data.mask_colors.'
     )
   array = np.asarray(im)
   if mode in ('LA', 'RGBA'):
@@ -361,15 +359,15 @@ def _mask_2d(path: str, im, mask_colors) -> np.ndarray:
   if mask_colors is not None:
     return _colors_to_classes(path, array, mask_colors)
   if np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(
-      array[..., 1], array[..., 2]
+    array[..., 1], array[..., 2]
   ):
     return array[..., 0].astype(np.int64)  # Grey saved as RGB.
   colors = np.unique(array.reshape(-1, 3), axis=0)
   examples = ', '.join(str(tuple(int(v) for v in c)) for c in colors[:4])
   raise BadDataError(
-      f'{path}: a colour mask ({len(colors)} colours, e.g. {examples}); set'
-      ' config.data.mask_colors to the RGB colour of each class (index = class),'
-      ' or save the masks as single-channel class indices.'
+    f'{path}: a colour mask ({len(colors)} colours, e.g. {examples}); set'
+    ' config.data.mask_colors to the RGB colour of each class (index = class),'
+    ' or save the masks as single-channel class indices.'
   )
 
 
@@ -379,8 +377,8 @@ def _read_2d(path: str, *, is_mask: bool, mask_colors=None) -> np.ndarray:
   with Image.open(path) as im:
     if getattr(im, 'n_frames', 1) > 1:
       raise BadDataError(
-          f'{path}: a multi-page image (a 3D volume) in a 2D data set; set'
-          " config.data.config='3d'."
+        f'{path}: a multi-page image (a 3D volume) in a 2D data set; set'
+        " config.data.config='3d'."
       )
     im.load()
     if is_mask:
@@ -404,13 +402,13 @@ def _read_3d(path: str, *, is_mask: bool) -> tuple[np.ndarray, tuple[float, ...]
   zooms = tuple(round(float(z), 6) for z in volume.header.get_zooms())
   if array.ndim < 3:
     raise BadDataError(
-        f'{path}: a {array.ndim}D array {array.shape} in a 3D data set; set'
-        " config.data.config='2d' for 2D images."
+      f'{path}: a {array.ndim}D array {array.shape} in a 3D data set; set'
+      " config.data.config='2d' for 2D images."
     )
   if array.ndim > 4 or (is_mask and array.ndim == 4 and array.shape[3] != 1):
     raise BadDataError(
-        f'{path}: unexpected array shape {array.shape} for a 3D'
-        f' {"mask" if is_mask else "image"}.'
+      f'{path}: unexpected array shape {array.shape} for a 3D'
+      f' {"mask" if is_mask else "image"}.'
     )
   if array.ndim == 3:
     array = array[..., None]
@@ -436,12 +434,12 @@ def read_image(path: str, *, ndim: int) -> tuple[np.ndarray, tuple[float, ...] |
     raise
   except Exception as e:  # pylint: disable=broad-except
     raise BadDataError(
-        f'{path}: unreadable or truncated image ({type(e).__name__}: {e}).'
+      f'{path}: unreadable or truncated image ({type(e).__name__}: {e}).'
     ) from e
 
 
 def read_mask(
-    path: str, *, ndim: int, mask_colors: Sequence[Sequence[int]] | None = None
+  path: str, *, ndim: int, mask_colors: Sequence[Sequence[int]] | None = None
 ) -> tuple[np.ndarray, tuple[float, ...] | None]:
   """Reads a mask: int64 [*spatial] class indices, and the spacing or None.
 
@@ -480,17 +478,17 @@ def read_mask(
     raise
   except Exception as e:  # pylint: disable=broad-except
     raise BadDataError(
-        f'{path}: unreadable or truncated mask ({type(e).__name__}: {e}).'
+      f'{path}: unreadable or truncated mask ({type(e).__name__}: {e}).'
     ) from e
   if not np.issubdtype(mask.dtype, np.integer):
     if not np.all(np.isfinite(mask)) or np.any(mask != np.round(mask)):
       raise BadDataError(
-          f'{path}: mask holds non-integer values; masks must hold class indices.'
+        f'{path}: mask holds non-integer values; masks must hold class indices.'
       )
   mask = mask.astype(np.int64)
   if mask.size and mask.min() < 0:
     raise BadDataError(
-        f'{path}: mask holds negative value {mask.min()}; masks must hold class indices.'
+      f'{path}: mask holds negative value {mask.min()}; masks must hold class indices.'
     )
   return mask, spacing
 
@@ -502,12 +500,12 @@ def _values_text(values: list[int]) -> str:
 
 
 def validate(
-    pairs: dict[str, list[Pair]],
-    *,
-    ndim: int,
-    num_classes: int | None = None,
-    mask_colors: Sequence[Sequence[int]] | None = None,
-    ignore_index: int | None = None,
+  pairs: dict[str, list[Pair]],
+  *,
+  ndim: int,
+  num_classes: int | None = None,
+  mask_colors: Sequence[Sequence[int]] | None = None,
+  ignore_index: int | None = None,
 ) -> dict[str, object]:
   """Reads every file once and checks the whole folder.
 
@@ -549,16 +547,21 @@ def validate(
       raise ValueError('mask_colors applies to 2D (PNG) masks only.')
     if num_classes is not None and num_classes != len(mask_colors):
       raise ValueError(
-          f'num_classes={num_classes} but mask_colors holds {len(mask_colors)}'
-          ' colours; give one colour per class.'
+        f'num_classes={num_classes} but mask_colors holds {len(mask_colors)}'
+        ' colours; give one colour per class.'
       )
     num_classes = len(mask_colors)
   _check_ignore_index(ignore_index, num_classes)
   survey = _Survey()
   for split_pairs in pairs.values():
     for pair in split_pairs:
-      survey.add(pair, ndim=ndim, num_classes=num_classes, mask_colors=mask_colors,
-                 ignore_index=ignore_index)
+      survey.add(
+        pair,
+        ndim=ndim,
+        num_classes=num_classes,
+        mask_colors=mask_colors,
+        ignore_index=ignore_index,
+      )
   survey.check_channels()
   hint = ''
   if num_classes is None and not survey.masks_unread and survey.values_by_mask:
@@ -571,24 +574,24 @@ def validate(
   small = [[p, list(s)] for p, s in survey.shapes if np.any(np.array(s) < median / 2)]
   for path, shape in small:
     logging.warning(
-        'Segmentation folder: %s has shape %s, smaller than half the median'
-        ' shape %s along some axis.',
-        path,
-        shape,
-        median.tolist(),
+      'Segmentation folder: %s has shape %s, smaller than half the median'
+      ' shape %s along some axis.',
+      path,
+      shape,
+      median.tolist(),
     )
   spacings = survey.spacings
   metadata = {
-      'num_classes': int(num_classes),
-      'num_channels': int(next(iter(survey.paths_by_channels))),
-      'ndim': ndim,
-      'min_shape': [int(s) for s in array.min(axis=0)],
-      'max_shape': [int(s) for s in array.max(axis=0)],
-      'median_shape': [float(s) for s in median],
-      'small_examples': small,
-      'spacing': [float(s) for s in np.median(spacings, axis=0)] if spacings else None,
-      'num_examples': {split: len(p) for split, p in pairs.items()},
-      'class_pixels': {str(k): int(v) for k, v in sorted(survey.class_pixels.items())},
+    'num_classes': int(num_classes),
+    'num_channels': int(next(iter(survey.paths_by_channels))),
+    'ndim': ndim,
+    'min_shape': [int(s) for s in array.min(axis=0)],
+    'max_shape': [int(s) for s in array.max(axis=0)],
+    'median_shape': [float(s) for s in median],
+    'small_examples': small,
+    'spacing': [float(s) for s in np.median(spacings, axis=0)] if spacings else None,
+    'num_examples': {split: len(p) for split, p in pairs.items()},
+    'class_pixels': {str(k): int(v) for k, v in sorted(survey.class_pixels.items())},
   }
   logging.info('Validated segmentation folder: %s', metadata)
   return metadata
@@ -616,8 +619,9 @@ class _Survey:
   def add(self, pair: Pair, *, ndim, num_classes, mask_colors, ignore_index) -> None:
     """Reads one pair; records its problems, classes, channels, shape and spacing."""
     image, image_spacing = self._read(read_image, pair.image, ndim=ndim)
-    mask, mask_spacing = self._read(read_mask, pair.mask, ndim=ndim,
-                                    mask_colors=mask_colors)
+    mask, mask_spacing = self._read(
+      read_mask, pair.mask, ndim=ndim, mask_colors=mask_colors
+    )
     if mask is None:
       self.masks_unread = True
     else:
@@ -630,8 +634,7 @@ class _Survey:
       if num_classes is not None and values.size and values[-1] >= num_classes:
         bad = values[values >= num_classes].tolist()
         self.errors.append(
-            f'{pair.mask}: mask value(s) {bad[:5]} at or above'
-            f' num_classes={num_classes}.'
+          f'{pair.mask}: mask value(s) {bad[:5]} at or above num_classes={num_classes}.'
         )
     if image is None:
       return
@@ -640,15 +643,15 @@ class _Survey:
       return
     if image.shape[:-1] != mask.shape:
       self.errors.append(
-          f'{pair.image}: image shape {image.shape[:-1]} differs from mask shape'
-          f' {mask.shape} ({pair.mask}).'
+        f'{pair.image}: image shape {image.shape[:-1]} differs from mask shape'
+        f' {mask.shape} ({pair.mask}).'
       )
     elif image_spacing is not None and not np.allclose(
-        image_spacing, mask_spacing, rtol=1e-3
+      image_spacing, mask_spacing, rtol=1e-3
     ):
       self.errors.append(
-          f'{pair.image}: spacing {image_spacing} differs from mask spacing'
-          f' {mask_spacing} ({pair.mask}).'
+        f'{pair.image}: spacing {image_spacing} differs from mask spacing'
+        f' {mask_spacing} ({pair.mask}).'
       )
     else:
       self.shapes.append((pair.image, tuple(int(s) for s in mask.shape)))
@@ -665,9 +668,9 @@ class _Survey:
     for c in sorted(by_channels):
       if c != common:
         self.errors.extend(
-            f'{path}: {c} channel(s), while {len(by_channels[common])} of'
-            f' {total} images have {common}; channel counts must agree.'
-            for path in by_channels[c]
+          f'{path}: {c} channel(s), while {len(by_channels[common])} of'
+          f' {total} images have {common}; channel counts must agree.'
+          for path in by_channels[c]
         )
 
   def infer_classes(self, ignore_index) -> tuple[int, str]:
@@ -676,9 +679,9 @@ class _Survey:
     missing = [c for c in range(num_classes) if c not in self.class_pixels]
     if num_classes <= 1:
       self.errors.append(
-          f'{next(iter(self.values_by_mask))}: every mask is all background (0)'
-          f'{" or ignore_index" if ignore_index is not None else ""}; cannot infer'
-          ' the classes. Set config.data.num_classes if this is intended.'
+        f'{next(iter(self.values_by_mask))}: every mask is all background (0)'
+        f'{" or ignore_index" if ignore_index is not None else ""}; cannot infer'
+        ' the classes. Set config.data.num_classes if this is intended.'
       )
       return num_classes, ''
     if not missing:
@@ -688,27 +691,27 @@ class _Survey:
       if beyond:
         verb = 'implies' if len(beyond) == 1 else 'imply'
         self.errors.append(
-            f'{path}: {_values_text(beyond)} {verb} at least {beyond[-1] + 1}'
-            f' classes, but classes {_ranges(missing)} never occur in any mask.'
+          f'{path}: {_values_text(beyond)} {verb} at least {beyond[-1] + 1}'
+          f' classes, but classes {_ranges(missing)} never occur in any mask.'
         )
     return num_classes, (
-        f'Inferred {num_classes} classes from the largest mask value, but classes'
-        f' {_ranges(missing)} never occur: masks must hold class indices 0..C-1'
-        ' (map a 0/255 mask to 0/1, set config.data.ignore_index=255 if 255'
-        ' marks pixels to ignore, or set config.data.num_classes if this is'
-        ' intended).'
+      f'Inferred {num_classes} classes from the largest mask value, but classes'
+      f' {_ranges(missing)} never occur: masks must hold class indices 0..C-1'
+      ' (map a 0/255 mask to 0/1, set config.data.ignore_index=255 if 255'
+      ' marks pixels to ignore, or set config.data.num_classes if this is'
+      ' intended).'
     )
 
 
 def write_pair(
-    root: str | os.PathLike,
-    split: str,
-    example_id: str,
-    image: np.ndarray,
-    mask: np.ndarray,
-    *,
-    spacing: tuple[float, ...] | None = None,
-    image_format: str = 'png',
+  root: str | os.PathLike,
+  split: str,
+  example_id: str,
+  image: np.ndarray,
+  mask: np.ndarray,
+  *,
+  spacing: tuple[float, ...] | None = None,
+  image_format: str = 'png',
 ) -> tuple[str, str]:
   """Writes one example in the folder layout; the inverse of the readers.
 
@@ -749,7 +752,7 @@ def write_pair(
   zooms = tuple(reversed(spacing or (1.0, 1.0, 1.0)))
   image = np.asarray(image)
   image = image.transpose(
-      (2, 1, 0) + tuple(range(3, image.ndim))
+    (2, 1, 0) + tuple(range(3, image.ndim))
   )  # (D, H, W, C) -> (x, y, z, C).
   paths = []
   if image.dtype == np.int64:
@@ -786,7 +789,7 @@ class SegmentationFolderConfig(tfds.core.BuilderConfig):
   root: str | None = None
   num_classes: int | None = None
   mask_colors: Sequence[Sequence[int]] | None = dataclasses.field(
-      default=None, kw_only=True
+    default=None, kw_only=True
   )
   ignore_index: int | None = dataclasses.field(default=None, kw_only=True)
 
@@ -797,34 +800,34 @@ class SegmentationFolder(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      'Pass the folder as manual_dir: <root>/{train,val,test}/{images,masks}/<id>.<ext>.'
+    'Pass the folder as manual_dir: <root>/{train,val,test}/{images,masks}/<id>.<ext>.'
   )
   BUILDER_CONFIGS = [
-      SegmentationFolderConfig(
-          name='2d', ndim=2, description='PNG/TIFF/JPEG images, PNG masks.'
-      ),
-      SegmentationFolderConfig(name='3d', ndim=3, description='NIfTI volumes and masks.'),
+    SegmentationFolderConfig(
+      name='2d', ndim=2, description='PNG/TIFF/JPEG images, PNG masks.'
+    ),
+    SegmentationFolderConfig(name='3d', ndim=3, description='NIfTI volumes and masks.'),
   ]
   DEFAULT_CONFIG_NAME = '2d'
 
   def _info(self) -> tfds.core.DatasetInfo:
     ndim = self.builder_config.ndim
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict(
-            {
-                'id': tfds.features.Text(),
-                'image': tfds.features.Tensor(
-                    shape=(None,) * (ndim + 1), dtype=np.float32, encoding='zlib'
-                ),
-                'label': tfds.features.Tensor(
-                    shape=(None,) * ndim, dtype=np.int32, encoding='zlib'
-                ),
-                'spacing': tfds.features.Tensor(shape=(ndim,), dtype=np.float32),
-            }
-        ),
-        metadata=tfds.core.MetadataDict(),
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          'id': tfds.features.Text(),
+          'image': tfds.features.Tensor(
+            shape=(None,) * (ndim + 1), dtype=np.float32, encoding='zlib'
+          ),
+          'label': tfds.features.Tensor(
+            shape=(None,) * ndim, dtype=np.int32, encoding='zlib'
+          ),
+          'spacing': tfds.features.Tensor(shape=(ndim,), dtype=np.float32),
+        }
+      ),
+      metadata=tfds.core.MetadataDict(),
     )
 
   def _split_generators(self, dl_manager):
@@ -833,17 +836,16 @@ class SegmentationFolder(tfds.core.GeneratorBasedBuilder):
     root = config.root or dl_manager.manual_dir
     pairs = list_pairs(root, ndim=config.ndim)
     self.info.metadata.update(
-        validate(
-            pairs,
-            ndim=config.ndim,
-            num_classes=config.num_classes,
-            mask_colors=config.mask_colors,
-            ignore_index=config.ignore_index,
-        )
+      validate(
+        pairs,
+        ndim=config.ndim,
+        num_classes=config.num_classes,
+        mask_colors=config.mask_colors,
+        ignore_index=config.ignore_index,
+      )
     )
     return {
-        split: self._generate_examples(split_pairs)
-        for split, split_pairs in pairs.items()
+      split: self._generate_examples(split_pairs) for split, split_pairs in pairs.items()
     }
 
   def _generate_examples(self, pairs):
@@ -852,9 +854,12 @@ class SegmentationFolder(tfds.core.GeneratorBasedBuilder):
     for pair in pairs:
       image, spacing = read_image(pair.image, ndim=ndim)
       label, _ = read_mask(pair.mask, ndim=ndim, mask_colors=mask_colors)
-      yield pair.id, {
+      yield (
+        pair.id,
+        {
           'id': pair.id,
           'image': image,
           'label': label.astype(np.int32),
           'spacing': np.asarray(spacing or (1.0,) * ndim, np.float32),
-      }
+        },
+      )

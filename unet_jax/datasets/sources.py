@@ -87,7 +87,8 @@ class Source:
     split = self.split_aliases.get(split, split)
     if split not in self.splits:
       raise ValueError(
-          f'{self.name} has no split {split!r}; its splits are {list(self.splits)}.')
+        f'{self.name} has no split {split!r}; its splits are {list(self.splits)}.'
+      )
     return self.builder.as_data_source(split)
 
   def read(self, records: Sequence[dict], index: int) -> Example:
@@ -96,14 +97,17 @@ class Source:
     image, label = self.to_image_label(record)
     if image.shape[:-1] != label.shape or image.ndim != self.ndim + 1:
       raise ValueError(
-          f'{self.name}: example {index} has image {image.shape} and label'
-          f' {label.shape}.')
+        f'{self.name}: example {index} has image {image.shape} and label {label.shape}.'
+      )
     spacing = record.get('spacing') if isinstance(record, Mapping) else None
     if spacing is None:
       spacing = self.spacing or (1.0,) * self.ndim
-    return Example(image=image, label=label,
-                   spacing=tuple(float(s) for s in np.asarray(spacing).reshape(-1)),
-                   case_id=_case_id(record, index))
+    return Example(
+      image=image,
+      label=label,
+      spacing=tuple(float(s) for s in np.asarray(spacing).reshape(-1)),
+      case_id=_case_id(record, index),
+    )
 
 
 def _case_id(record, index: int) -> str:
@@ -142,8 +146,8 @@ def get(name: str) -> Entry:
   """The entry of a registered data set; a ValueError lists the valid names."""
   if name not in DATASETS:
     raise ValueError(
-        f'Unknown data set {name!r}; config.data.name must be one of'
-        f' {sorted(DATASETS)}.')
+      f'Unknown data set {name!r}; config.data.name must be one of {sorted(DATASETS)}.'
+    )
   return DATASETS[name]
 
 
@@ -173,7 +177,8 @@ def _add_array_record(builder) -> None:
     template = split_info.filename_template
     sources = template.sharded_filepaths(split_info.num_shards)
     targets = template.replace(filetype_suffix='array_record').sharded_filepaths(
-        split_info.num_shards)
+      split_info.num_shards
+    )
     for source, target in zip(sources, targets):
       partial = f'{target}.incomplete'
       writer = array_record_module.ArrayRecordWriter(partial, 'group_size:1')
@@ -189,8 +194,10 @@ def build(builder) -> None:
   """Builds a data set in array_record format if it is not built yet."""
   if not builder.is_prepared():
     logging.info(
-        'Building %s into %s (first use; this reads or generates every example once).',
-        builder.info.full_name, builder.data_dir)
+      'Building %s into %s (first use; this reads or generates every example once).',
+      builder.info.full_name,
+      builder.data_dir,
+    )
     cpu_tensorflow.import_tensorflow()
     builder.download_and_prepare(file_format='array_record')
     logging.info('Built %s.', builder.info.full_name)
@@ -209,8 +216,9 @@ def open_on_every_process(entry: Entry, data_config) -> Source:
   `data_dir` should be on storage that every process reads; a process that
   finds nothing built after the barrier builds its own copy.
   """
-  return runner.main_process_first(lambda: entry.open(data_config),
-                                   what=f'open the data set {data_config.name!r}')
+  return runner.main_process_first(
+    lambda: entry.open(data_config), what=f'open the data set {data_config.name!r}'
+  )
 
 
 def _data_dir(data_config) -> str | None:
@@ -234,19 +242,19 @@ def _from_metadata(name: str, builder, ndim: int) -> Source:
   if median is None and meta.get('min_shape') == meta.get('max_shape'):
     median = shape('max_shape')
   return Source(
-      name=name,
-      builder=builder,
-      num_classes=int(meta['num_classes']),
-      num_channels=int(meta['num_channels']),
-      ndim=ndim,
-      min_shape=shape('min_shape'),
-      max_shape=shape('max_shape'),
-      median_shape=median,
-      spacing=None if spacing is None else tuple(float(s) for s in spacing),
-      small_examples=tuple((str(p), tuple(s)) for p, s in meta.get('small_examples', [])),
-      splits=tuple(builder.info.splits.keys()),
-      split_aliases={},
-      to_image_label=_image_to_float,
+    name=name,
+    builder=builder,
+    num_classes=int(meta['num_classes']),
+    num_channels=int(meta['num_channels']),
+    ndim=ndim,
+    min_shape=shape('min_shape'),
+    max_shape=shape('max_shape'),
+    median_shape=median,
+    spacing=None if spacing is None else tuple(float(s) for s in spacing),
+    small_examples=tuple((str(p), tuple(s)) for p, s in meta.get('small_examples', [])),
+    splits=tuple(builder.info.splits.keys()),
+    split_aliases={},
+    to_image_label=_image_to_float,
   )
 
 
@@ -260,11 +268,14 @@ def _no_check(data_config) -> None:
 
 def _open_synthetic(ndim: int) -> Callable[[Any], Source]:
   def open_source(data_config) -> Source:
-    builder = tfds.builder(data_config.name,
-                           config=config_value(data_config, 'config', '') or None,
-                           data_dir=_data_dir(data_config))
+    builder = tfds.builder(
+      data_config.name,
+      config=config_value(data_config, 'config', '') or None,
+      data_dir=_data_dir(data_config),
+    )
     build(builder)
     return _from_metadata(data_config.name, builder, ndim)
+
   return open_source
 
 
@@ -272,7 +283,8 @@ def _folder_ndim(data_config) -> int:
   config = config_value(data_config, 'config', '') or '2d'
   if config not in ('2d', '3d'):
     raise ValueError(
-        f"segmentation_folder takes config.data.config '2d' or '3d', got {config!r}.")
+      f"segmentation_folder takes config.data.config '2d' or '3d', got {config!r}."
+    )
   return int(config[0])
 
 
@@ -281,7 +293,8 @@ def _folder_check(data_config) -> None:
   root = config_value(data_config, 'root', '')
   if not root:
     raise ValueError(
-        'segmentation_folder needs config.data.root, the folder of images and masks.')
+      'segmentation_folder needs config.data.root, the folder of images and masks.'
+    )
   if not os.path.isdir(os.path.expanduser(root)):
     raise ValueError(f'config.data.root {root!r} is not a folder.')
 
@@ -291,9 +304,9 @@ def _folder_options(data_config) -> dict[str, Any]:
   colors = config_value(data_config, 'mask_colors', ()) or ()
   ignore = config_value(data_config, 'ignore_index', None)
   return {
-      'num_classes': config_value(data_config, 'num_classes', None) or None,  # 0: infer.
-      'mask_colors': tuple(tuple(int(v) for v in c) for c in colors) or None,
-      'ignore_index': None if ignore is None or ignore < 0 else int(ignore),
+    'num_classes': config_value(data_config, 'num_classes', None) or None,  # 0: infer.
+    'mask_colors': tuple(tuple(int(v) for v in c) for c in colors) or None,
+    'ignore_index': None if ignore is None or ignore < 0 else int(ignore),
   }
 
 
@@ -306,10 +319,14 @@ def _open_folder(data_config) -> Source:
   digest = folder_lib.fingerprint(root, pairs, extra=extra)
   fields = {f.name for f in dataclasses.fields(folder_lib.SegmentationFolderConfig)}
   builder_config = folder_lib.SegmentationFolderConfig(
-      name=f'{ndim}d_{digest}', ndim=ndim, root=root,
-      **{k: v for k, v in options.items() if k in fields})
-  builder = tfds.builder('segmentation_folder', config=builder_config,
-                         data_dir=_data_dir(data_config))
+    name=f'{ndim}d_{digest}',
+    ndim=ndim,
+    root=root,
+    **{k: v for k, v in options.items() if k in fields},
+  )
+  builder = tfds.builder(
+    'segmentation_folder', config=builder_config, data_dir=_data_dir(data_config)
+  )
   build(builder)
   source = _from_metadata('segmentation_folder', builder, ndim)
   return dataclasses.replace(source, split_aliases={'validation': 'val'})
@@ -318,24 +335,38 @@ def _open_folder(data_config) -> Source:
 def _pets_check(data_config) -> None:
   if not config_value(data_config, 'image_size', None):
     raise ValueError(
-        f'{pets.NAME} holds images of varying size; set config.data.image_size'
-        " (e.g. 128) and config.data.size_policy='resize'.")
+      f'{pets.NAME} holds images of varying size; set config.data.image_size'
+      " (e.g. 128) and config.data.size_policy='resize'."
+    )
 
 
 def _open_pets(data_config) -> Source:
   builder = tfds.builder(pets.NAME, data_dir=_data_dir(data_config))
   build(builder)
   return Source(
-      name=pets.NAME, builder=builder, num_classes=pets.NUM_CLASSES, num_channels=3,
-      ndim=2, min_shape=None, max_shape=None, median_shape=None, spacing=None,
-      small_examples=(), splits=pets.SPLITS, split_aliases={'validation': 'test'},
-      to_image_label=pets.to_image_label)
+    name=pets.NAME,
+    builder=builder,
+    num_classes=pets.NUM_CLASSES,
+    num_channels=3,
+    ndim=2,
+    min_shape=None,
+    max_shape=None,
+    median_shape=None,
+    spacing=None,
+    small_examples=(),
+    splits=pets.SPLITS,
+    split_aliases={'validation': 'test'},
+    to_image_label=pets.to_image_label,
+  )
 
 
-register('synthetic_shapes', Entry(ndim=lambda c: 2, check=_no_check,
-                                   open=_open_synthetic(2)))
-register('synthetic_volumes', Entry(ndim=lambda c: 3, check=_no_check,
-                                    open=_open_synthetic(3)))
-register('segmentation_folder', Entry(ndim=_folder_ndim, check=_folder_check,
-                                      open=_open_folder))
+register(
+  'synthetic_shapes', Entry(ndim=lambda c: 2, check=_no_check, open=_open_synthetic(2))
+)
+register(
+  'synthetic_volumes', Entry(ndim=lambda c: 3, check=_no_check, open=_open_synthetic(3))
+)
+register(
+  'segmentation_folder', Entry(ndim=_folder_ndim, check=_folder_check, open=_open_folder)
+)
 register(pets.NAME, Entry(ndim=lambda c: 2, check=_pets_check, open=_open_pets))

@@ -50,9 +50,9 @@ _MAX_REDRAWS = 50
 # Per foreground class: (shape kind, intensity offset, texture). Class c uses
 # entry c - 1. The binary variant draws its kind at random for each shape.
 _CLASS_STYLES = (
-    ('ellipse', 70.0, 'speckle'),
-    ('polygon', 50.0, 'stripes'),
-    ('any', -55.0, 'speckle'),
+  ('ellipse', 70.0, 'speckle'),
+  ('polygon', 50.0, 'stripes'),
+  ('any', -55.0, 'speckle'),
 )
 
 
@@ -145,12 +145,12 @@ def _stripes(rng, coords, *, wavelength):
 
 
 def render_example(
-    rng: np.random.Generator,
-    *,
-    shape: tuple[int, ...],
-    num_classes: int,
-    foreground_fraction: float,
-    spacing: tuple[float, ...] | None = None,
+  rng: np.random.Generator,
+  *,
+  shape: tuple[int, ...],
+  num_classes: int,
+  foreground_fraction: float,
+  spacing: tuple[float, ...] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Renders one synthetic image and its mask.
 
@@ -168,7 +168,7 @@ def render_example(
   ndim = len(shape)
   if not 2 <= num_classes <= len(_CLASS_STYLES) + 1:
     raise ValueError(
-        f'num_classes must be in [2, {len(_CLASS_STYLES) + 1}], got {num_classes}.'
+      f'num_classes must be in [2, {len(_CLASS_STYLES) + 1}], got {num_classes}.'
     )
   if not 0 < foreground_fraction < 1:
     raise ValueError(f'foreground_fraction must be in (0, 1), got {foreground_fraction}.')
@@ -176,7 +176,7 @@ def render_example(
   if spacing.shape != (ndim,):
     raise ValueError(f'spacing {tuple(spacing)} does not match shape {shape}.')
   coords = np.stack(
-      np.meshgrid(*[np.arange(s) * sp for s, sp in zip(shape, spacing)], indexing='ij')
+    np.meshgrid(*[np.arange(s) * sp for s, sp in zip(shape, spacing)], indexing='ij')
   )
   extent = np.asarray(shape) * spacing
 
@@ -232,8 +232,8 @@ class _SyntheticBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 
   VERSION = tfds.core.Version('1.1.0')
   RELEASE_NOTES = {
-      '1.0.0': 'Initial release.',
-      '1.1.0': 'Every class occurs in every multi-class example.',
+    '1.0.0': 'Initial release.',
+    '1.1.0': 'Every class occurs in every multi-class example.',
   }
   NDIM = 2
 
@@ -242,24 +242,24 @@ class _SyntheticBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     if len(config.shape) != self.NDIM:
       raise ValueError(f'{self.name} needs a {self.NDIM}D shape, got {config.shape}.')
     features = {
-        'image': tfds.features.Tensor(shape=tuple(config.shape) + (1,), dtype=np.uint8),
-        'label': tfds.features.Tensor(shape=tuple(config.shape), dtype=np.uint8),
+      'image': tfds.features.Tensor(shape=tuple(config.shape) + (1,), dtype=np.uint8),
+      'label': tfds.features.Tensor(shape=tuple(config.shape), dtype=np.uint8),
     }
     if self.NDIM == 3:
       features['spacing'] = tfds.features.Tensor(shape=(3,), dtype=np.float32)
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict(features),
-        metadata=tfds.core.MetadataDict(
-            num_classes=config.num_classes,
-            num_channels=1,
-            ndim=self.NDIM,
-            min_shape=list(config.shape),
-            max_shape=list(config.shape),
-            spacing=None if config.spacing is None else list(config.spacing),
-            foreground_fraction=config.foreground_fraction,
-        ),
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(features),
+      metadata=tfds.core.MetadataDict(
+        num_classes=config.num_classes,
+        num_channels=1,
+        ndim=self.NDIM,
+        min_shape=list(config.shape),
+        max_shape=list(config.shape),
+        spacing=None if config.spacing is None else list(config.spacing),
+        foreground_fraction=config.foreground_fraction,
+      ),
     )
 
   def _split_generators(self, dl_manager):
@@ -267,24 +267,22 @@ class _SyntheticBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     cpu_tensorflow.import_tensorflow()  # TFDS writes with TensorFlow.
     config = self.builder_config
     sizes = {
-        'train': config.num_train,
-        'validation': config.num_validation,
-        'test': config.num_test,
+      'train': config.num_train,
+      'validation': config.num_validation,
+      'test': config.num_test,
     }
-    return {
-        split: self._generate_examples(split, n) for split, n in sizes.items() if n > 0
-    }
+    return {split: self._generate_examples(split, n) for split, n in sizes.items() if n > 0}
 
   def _generate_examples(self, split, num_examples):
     config = self.builder_config
     for index in range(num_examples):
       rng = np.random.default_rng([config.seed, _SPLIT_IDS[split], index])
       image, label = render_example(
-          rng,
-          shape=tuple(config.shape),
-          num_classes=config.num_classes,
-          foreground_fraction=config.foreground_fraction,
-          spacing=config.spacing,
+        rng,
+        shape=tuple(config.shape),
+        num_classes=config.num_classes,
+        foreground_fraction=config.foreground_fraction,
+        spacing=config.spacing,
       )
       example = {'image': image, 'label': label}
       if self.NDIM == 3:
@@ -310,26 +308,26 @@ class SyntheticShapes(_SyntheticBuilder):
 
   NDIM = 2
   BUILDER_CONFIGS = [
-      SyntheticConfig(name='binary', description='2 classes, ~5% foreground.'),
-      SyntheticConfig(
-          name='binary_balanced',
-          foreground_fraction=0.25,
-          description='2 classes, ~25% foreground.',
-      ),
-      SyntheticConfig(
-          name='multiclass',
-          num_classes=4,
-          foreground_fraction=0.12,
-          description='4 classes.',
-      ),
-      SyntheticConfig(
-          name='tiny',
-          shape=(32, 32),
-          num_train=16,
-          num_validation=8,
-          num_test=8,
-          description='For tests.',
-      ),
+    SyntheticConfig(name='binary', description='2 classes, ~5% foreground.'),
+    SyntheticConfig(
+      name='binary_balanced',
+      foreground_fraction=0.25,
+      description='2 classes, ~25% foreground.',
+    ),
+    SyntheticConfig(
+      name='multiclass',
+      num_classes=4,
+      foreground_fraction=0.12,
+      description='4 classes.',
+    ),
+    SyntheticConfig(
+      name='tiny',
+      shape=(32, 32),
+      num_train=16,
+      num_validation=8,
+      num_test=8,
+      description='For tests.',
+    ),
   ]
   DEFAULT_CONFIG_NAME = 'binary'
 
@@ -347,40 +345,40 @@ class SyntheticVolumes(_SyntheticBuilder):
 
   NDIM = 3
   BUILDER_CONFIGS = [
-      SyntheticConfig(
-          name='binary',
-          shape=(32, 64, 64),
-          num_train=64,
-          num_validation=8,
-          num_test=8,
-          description='Isotropic.',
-      ),
-      SyntheticConfig(
-          name='anisotropic',
-          shape=(16, 64, 64),
-          spacing=(3.0, 1.0, 1.0),
-          num_train=64,
-          num_validation=8,
-          num_test=8,
-          description='Spacing (3, 1, 1).',
-      ),
-      SyntheticConfig(
-          name='multiclass',
-          shape=(32, 64, 64),
-          num_classes=4,
-          foreground_fraction=0.12,
-          num_train=64,
-          num_validation=8,
-          num_test=8,
-          description='4 classes.',
-      ),
-      SyntheticConfig(
-          name='tiny',
-          shape=(16, 32, 32),
-          num_train=8,
-          num_validation=4,
-          num_test=4,
-          description='For tests.',
-      ),
+    SyntheticConfig(
+      name='binary',
+      shape=(32, 64, 64),
+      num_train=64,
+      num_validation=8,
+      num_test=8,
+      description='Isotropic.',
+    ),
+    SyntheticConfig(
+      name='anisotropic',
+      shape=(16, 64, 64),
+      spacing=(3.0, 1.0, 1.0),
+      num_train=64,
+      num_validation=8,
+      num_test=8,
+      description='Spacing (3, 1, 1).',
+    ),
+    SyntheticConfig(
+      name='multiclass',
+      shape=(32, 64, 64),
+      num_classes=4,
+      foreground_fraction=0.12,
+      num_train=64,
+      num_validation=8,
+      num_test=8,
+      description='4 classes.',
+    ),
+    SyntheticConfig(
+      name='tiny',
+      shape=(16, 32, 32),
+      num_train=8,
+      num_validation=4,
+      num_test=4,
+      description='For tests.',
+    ),
   ]
   DEFAULT_CONFIG_NAME = 'binary'

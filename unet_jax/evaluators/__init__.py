@@ -33,9 +33,9 @@ from unet_jax.evaluators import confusion
 from unet_jax.evaluators import per_case
 
 EVALUATORS: dict[str, Callable[..., Any]] = {
-    'confusion': confusion.Evaluator,
-    'per_case': per_case.Evaluator,
-    'boundary': boundary.Evaluator,
+  'confusion': confusion.Evaluator,
+  'per_case': per_case.Evaluator,
+  'boundary': boundary.Evaluator,
 }
 COMMON_FIELDS = ('type', 'split', 'every_steps', 'batch_size', 'patch_size', 'overlap')
 
@@ -55,18 +55,22 @@ class Scheduled:
 def _options(name: str, cfg: dict) -> tuple[Callable, dict]:
   kind = cfg.get('type')
   if kind not in EVALUATORS:
-    raise ValueError(f'config.evals.{name}.type={kind!r} is not one of'
-                     f' {sorted(EVALUATORS)}.')
+    raise ValueError(
+      f'config.evals.{name}.type={kind!r} is not one of {sorted(EVALUATORS)}.'
+    )
   cls = EVALUATORS[kind]
   options = {k: v for k, v in cfg.items() if k not in COMMON_FIELDS}
   accepted = [p for p in inspect.signature(cls).parameters if p != 'inputs']
   unknown = sorted(set(options) - set(accepted))
   if unknown:
-    raise ValueError(f'config.evals.{name} has unknown option(s) {unknown}; a {kind!r}'
-                     f' evaluator takes {sorted(COMMON_FIELDS) + accepted}.')
+    raise ValueError(
+      f'config.evals.{name} has unknown option(s) {unknown}; a {kind!r}'
+      f' evaluator takes {sorted(COMMON_FIELDS) + accepted}.'
+    )
   if int(cfg.get('every_steps', 0)) < 1:
-    raise ValueError(f'config.evals.{name}.every_steps must be positive, got'
-                     f' {cfg.get("every_steps")}.')
+    raise ValueError(
+      f'config.evals.{name}.every_steps must be positive, got {cfg.get("every_steps")}.'
+    )
   return cls, options
 
 
@@ -82,24 +86,42 @@ def _patch(name: str, cfg: dict, divisor) -> tuple[int, ...] | None:
     return None
   divisor = (divisor,) * len(patch) if isinstance(divisor, int) else tuple(divisor)
   if len(patch) != len(divisor) or any(p < 1 or p % d for p, d in zip(patch, divisor)):
-    raise ValueError(f'config.evals.{name}.patch_size={patch} must have one positive'
-                     f' multiple of the model divisor {divisor} per axis.')
+    raise ValueError(
+      f'config.evals.{name}.patch_size={patch} must have one positive'
+      f' multiple of the model divisor {divisor} per axis.'
+    )
   return patch
 
 
-def from_config(evals_config, *, data, predict, num_classes: int, workdir: str | None,
-                default_split: str, default_batch_size: int, logits=None,
-                divisor=1) -> list[Scheduled]:
+def from_config(
+  evals_config,
+  *,
+  data,
+  predict,
+  num_classes: int,
+  workdir: str | None,
+  default_split: str,
+  default_batch_size: int,
+  logits=None,
+  divisor=1,
+) -> list[Scheduled]:
   """Builds the evaluators `config.evals` names, in the order of their names."""
   scheduled = []
   for name, cfg in dict(evals_config).items():
     cfg = dict(cfg)
     cls, options = _options(name, cfg)
     inputs = common.Inputs(
-        name=name, data=data, predict=predict, num_classes=num_classes, workdir=workdir,
-        split=cfg.get('split') or default_split,
-        batch_size=int(cfg.get('batch_size') or default_batch_size), logits=logits,
-        patch_size=_patch(name, cfg, divisor), overlap=float(cfg.get('overlap', 0.5)),
-        divisor=divisor)
+      name=name,
+      data=data,
+      predict=predict,
+      num_classes=num_classes,
+      workdir=workdir,
+      split=cfg.get('split') or default_split,
+      batch_size=int(cfg.get('batch_size') or default_batch_size),
+      logits=logits,
+      patch_size=_patch(name, cfg, divisor),
+      overlap=float(cfg.get('overlap', 0.5)),
+      divisor=divisor,
+    )
     scheduled.append(Scheduled(name, cls(inputs, **options), int(cfg['every_steps'])))
   return scheduled

@@ -42,8 +42,9 @@ class Evaluator:
 
   def __init__(self, inputs: common.Inputs, *, tolerance: float = 1.0):
     if tolerance < 0:
-      raise ValueError(f'boundary evaluator {inputs.name!r}: tolerance must be >= 0,'
-                       f' got {tolerance}.')
+      raise ValueError(
+        f'boundary evaluator {inputs.name!r}: tolerance must be >= 0, got {tolerance}.'
+      )
     self.inputs = inputs
     self.tolerance = float(tolerance)
 
@@ -53,9 +54,14 @@ class Evaluator:
     for batch, preds in common.predictions(self.inputs, state):
       for i in common.real_rows(batch):
         result = surface_metrics.boundary_metrics(
-            preds[i], batch['label'][i], num_classes=c,
-            spacing=tuple(float(s) for s in batch['spacing'][i]),
-            tolerance=self.tolerance, include_background=False, ignore_index=-1)
+          preds[i],
+          batch['label'][i],
+          num_classes=c,
+          spacing=tuple(float(s) for s in batch['spacing'][i]),
+          tolerance=self.tolerance,
+          include_background=False,
+          ignore_index=-1,
+        )
         scores.append(np.stack([result['hd95'], result['nsd']]))
         index.append(batch['index'][i])
         ids.append(batch['id'][i])
@@ -64,17 +70,21 @@ class Evaluator:
     hd95, nsd = values[:, 0], values[:, 1]
     if self.inputs.workdir and runner_lib.is_main_process():
       step = common.step_of(state)
-      header = (['case'] + [f'hd95_{k}' for k in range(1, c)]
-                + [f'nsd_{k}' for k in range(1, c)])
+      header = (
+        ['case'] + [f'hd95_{k}' for k in range(1, c)] + [f'nsd_{k}' for k in range(1, c)]
+      )
       rows = [[n, *h, *s] for n, h, s in zip(names, hd95.tolist(), nsd.tolist())]
-      common.write_csv(os.path.join(self.inputs.workdir, 'eval',
-                                    f'{self.inputs.name}_step_{step}.csv'), header, rows)
+      common.write_csv(
+        os.path.join(self.inputs.workdir, 'eval', f'{self.inputs.name}_step_{step}.csv'),
+        header,
+        rows,
+      )
     finite = lambda v: np.where(np.isinf(v), np.nan, v)
     return {
-        'hd95': common.mean_over(finite(hd95)),
-        'hd95_infinite': int(np.isinf(hd95).sum()),
-        'nsd': common.mean_over(nsd),
-        'hd95_per_class_mean': [common.mean_over(h) for h in finite(hd95).T],
-        'nsd_per_class_mean': [common.mean_over(s) for s in nsd.T],
-        'num_cases': len(names),
+      'hd95': common.mean_over(finite(hd95)),
+      'hd95_infinite': int(np.isinf(hd95).sum()),
+      'nsd': common.mean_over(nsd),
+      'hd95_per_class_mean': [common.mean_over(h) for h in finite(hd95).T],
+      'nsd_per_class_mean': [common.mean_over(s) for s in nsd.T],
+      'num_cases': len(names),
     }

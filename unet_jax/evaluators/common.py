@@ -79,9 +79,18 @@ def predictions(inputs: Inputs, state: Any) -> Iterator[tuple[dict, np.ndarray]]
       yield batch, inputs.predict(state, images)
       continue
     apply = functools.partial(inputs.logits, state)
-    logits = [sliding_window.sliding_window_predict(
-        apply, image, patch_size=patch, overlap=inputs.overlap, divisor=inputs.divisor,
-        batch_size=len(images), jit_apply=False) for image in images]
+    logits = [
+      sliding_window.sliding_window_predict(
+        apply,
+        image,
+        patch_size=patch,
+        overlap=inputs.overlap,
+        divisor=inputs.divisor,
+        batch_size=len(images),
+        jit_apply=False,
+      )
+      for image in images
+    ]
     yield batch, _classes(np.stack(logits))
 
 
@@ -90,8 +99,9 @@ def real_rows(batch: dict) -> np.ndarray:
   return np.flatnonzero(batch['mask'] > 0)
 
 
-def gather_cases(index: np.ndarray, ids: Sequence[str], values: np.ndarray
-                 ) -> tuple[list[str], np.ndarray]:
+def gather_cases(
+  index: np.ndarray, ids: Sequence[str], values: np.ndarray
+) -> tuple[list[str], np.ndarray]:
   """Per-case rows of all processes, ordered by their index in the split.
 
   Args:
@@ -105,7 +115,7 @@ def gather_cases(index: np.ndarray, ids: Sequence[str], values: np.ndarray
   encoded = np.zeros((len(ids), _ID_BYTES), np.uint8)
   for i, name in enumerate(ids):
     raw = name.encode('utf-8')[:_ID_BYTES]
-    encoded[i, :len(raw)] = np.frombuffer(raw, np.uint8)
+    encoded[i, : len(raw)] = np.frombuffer(raw, np.uint8)
   index = runner_lib.gather_over_processes(np.asarray(index, np.int64))
   encoded = runner_lib.gather_over_processes(encoded)
   values = runner_lib.gather_over_processes(np.asarray(values, np.float64))

@@ -39,14 +39,15 @@ class Evaluator:
     for batch, preds in common.predictions(self.inputs, state):
       rows = common.real_rows(batch)
       total += metrics.confusion_matrices_host(preds[rows], batch['label'][rows], c).sum(0)
-      for i in rows[:max(self.samples - len(drawn), 0)]:
+      for i in rows[: max(self.samples - len(drawn), 0)]:
         drawn.append((batch['image'][i], batch['label'][i], preds[i]))
     result = metrics.summarize(runner_lib.sum_over_processes(total))
     if drawn and self.inputs.workdir and runner_lib.is_main_process():
       step = common.step_of(state)
       visualize.save_sample_grid(
-          drawn, os.path.join(self.inputs.workdir, 'samples',
-                              f'{self.inputs.name}_step_{step}.png'),
-          title=f'{self.inputs.name}, step {step}: dice {result["dice"]:.3f}',
-          num_classes=c)
+        drawn,
+        os.path.join(self.inputs.workdir, 'samples', f'{self.inputs.name}_step_{step}.png'),
+        title=f'{self.inputs.name}, step {step}: dice {result["dice"]:.3f}',
+        num_classes=c,
+      )
     return result

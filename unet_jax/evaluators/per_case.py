@@ -38,8 +38,11 @@ def case_scores(cm: np.ndarray) -> np.ndarray:
     [N, 2, C] float64: Dice then IoU of each class, NaN for a class absent
     from both the case's prediction and its ground truth.
   """
-  return np.stack([np.stack([metrics.dice_per_class(m), metrics.iou_per_class(m)])
-                   for m in cm]) if len(cm) else np.zeros((0, 2, cm.shape[-1]))
+  return (
+    np.stack([np.stack([metrics.dice_per_class(m), metrics.iou_per_class(m)]) for m in cm])
+    if len(cm)
+    else np.zeros((0, 2, cm.shape[-1]))
+  )
 
 
 class Evaluator:
@@ -64,17 +67,24 @@ class Evaluator:
     fg_mean, fg_std = common.nan_stats(foreground[:, None])
     if self.inputs.workdir and runner_lib.is_main_process():
       step = common.step_of(state)
-      header = (['case', 'foreground_dice'] + [f'dice_{k}' for k in range(c)]
-                + [f'iou_{k}' for k in range(c)])
-      rows = [[n, f, *d, *i] for n, f, d, i in zip(names, foreground, dice.tolist(),
-                                                   iou.tolist())]
-      common.write_csv(os.path.join(self.inputs.workdir, 'eval',
-                                    f'{self.inputs.name}_step_{step}.csv'), header, rows)
+      header = (
+        ['case', 'foreground_dice']
+        + [f'dice_{k}' for k in range(c)]
+        + [f'iou_{k}' for k in range(c)]
+      )
+      rows = [
+        [n, f, *d, *i] for n, f, d, i in zip(names, foreground, dice.tolist(), iou.tolist())
+      ]
+      common.write_csv(
+        os.path.join(self.inputs.workdir, 'eval', f'{self.inputs.name}_step_{step}.csv'),
+        header,
+        rows,
+      )
     return {
-        'dice': float(fg_mean[0]),
-        'dice_std': float(fg_std[0]),
-        'dice_per_class_mean': mean.tolist(),
-        'dice_per_class_std': std.tolist(),
-        'iou_per_class_mean': common.nan_stats(iou)[0].tolist(),
-        'num_cases': len(names),
+      'dice': float(fg_mean[0]),
+      'dice_std': float(fg_std[0]),
+      'dice_per_class_mean': mean.tolist(),
+      'dice_per_class_std': std.tolist(),
+      'iou_per_class_mean': common.nan_stats(iou)[0].tolist(),
+      'num_cases': len(names),
     }
