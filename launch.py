@@ -9,7 +9,8 @@ r"""Trains a U-Net, predicts with a trained one, or exports it. Flags and proces
 Training: running the same command again resumes from the latest checkpoint in
 --workdir. SIGINT (Ctrl-C) or SIGTERM (what SLURM and TPU preemption send first)
 stops the run after the current step with a checkpoint; a second signal exits at
-once. Prediction and export: see unet_jax/predict.py and unet_jax/inference.py.
+once. Prediction and export: see unet_jax/inference/predict.py and
+unet_jax/inference/export.py.
 
 Several processes (one per host, or per GPU), each running the same command:
 
@@ -132,7 +133,7 @@ def _stop_on_signals() -> threading.Event:
 
 def _predict_or_export() -> None:
   if FLAGS.mode == 'predict':
-    from unet_jax import predict  # pylint: disable=g-import-not-at-top
+    from unet_jax.inference import predict  # pylint: disable=g-import-not-at-top
 
     predict.run(
       FLAGS.workdir,
@@ -143,10 +144,10 @@ def _predict_or_export() -> None:
       tta=FLAGS.tta,
     )
   else:
-    from unet_jax import inference  # pylint: disable=g-import-not-at-top
+    from unet_jax.inference import export  # pylint: disable=g-import-not-at-top
 
     shape = [int(s) for s in FLAGS.spatial_shape] if FLAGS.spatial_shape else None
-    path = inference.export_run(
+    path = export.export_run(
       FLAGS.workdir, FLAGS.output, step=FLAGS.step, spatial_shape=shape
     )
     print(f'Wrote {path}.')

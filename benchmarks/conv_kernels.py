@@ -7,7 +7,7 @@ three parts of a 'same' convolution's train step on their own:
 - input gradient: `dL/dx` given `dL/dy`;
 - kernel gradient: `dL/dk` given `dL/dy`;
 
-as XLA's convolutions, as the direct native C++ kernels (`unet_jax.native_kernels`)
+as XLA's convolutions, as the direct native C++ kernels (`unet_jax.ops.native`)
 and as the native Winograd kernels (`winograd=True`: F(2x2, 3x3), and F(3x3, 2x2)
 for the kernel gradient), and prints GFLOP/s (2 * pixels * taps * C * O over the
 median time of `--repeats` calls, after one warm-up; for Winograd too, so it is the
@@ -73,8 +73,8 @@ def measure(shape, repeats):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from unet_jax import conv as conv_lib  # pylint: disable=g-import-not-at-top
-  from unet_jax import native_kernels  # pylint: disable=g-import-not-at-top
+  from unet_jax.ops import conv as conv_lib  # pylint: disable=g-import-not-at-top
+  from unet_jax.ops import native as native_kernels  # pylint: disable=g-import-not-at-top
 
   _, n, size, ndim, c, o = shape
   keys = jax.random.split(jax.random.key(0), 3)

@@ -40,7 +40,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from configs import default
-from unet_jax import input_pipeline
+from unet_jax.data import pipeline as input_pipeline
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -136,7 +136,7 @@ def train_step_rate(config, batches, *, steps, rounds=3):
 
 def augment_rate(config, batch, *, steps):
   """Examples/s of `augment` alone, jitted, on one batch."""
-  from unet_jax import augment  # pylint: disable=g-import-not-at-top
+  from unet_jax.data import augment  # pylint: disable=g-import-not-at-top
 
   fn = jax.jit(lambda k, x, y: augment.augment(k, x, y, config=config.augment))
   image, label = jax.device_put(batch['image']), jax.device_put(batch['label'])

@@ -1,4 +1,5 @@
-"""The memory planner (`unet_jax.memory.estimate`) against XLA's compiled memory analysis.
+"""The memory planner (`unet_jax.models.memory.estimate`) against XLA's compiled memory
+analysis.
 
 For each configuration it compiles, without running, the eval-mode forward pass or a
 jitted Adam train step (`memory.compiled_memory`) and sets XLA's figures beside the
@@ -30,7 +31,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from unet_jax import memory
+from unet_jax.models import memory
 
 REMAT_FLAG = '--xla_disable_hlo_passes=cse_barrier_expander'
 ANISO = dict(

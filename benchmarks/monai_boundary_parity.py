@@ -1,4 +1,4 @@
-"""Parity of unet_jax.surface_metrics with MONAI: a development check, not a test.
+"""Parity of unet_jax.metrics.surface with MONAI: a development check, not a test.
 
 Compares `hausdorff_distance_95` with `monai.metrics.compute_hausdorff_distance`
 (percentiles 50, 95 and 100) and `normalized_surface_dice` with
@@ -13,7 +13,7 @@ this in its own venv:
     /work/monai_venv/bin/pip install torch==2.13.0 monai numpy scipy
     /work/monai_venv/bin/python benchmarks/monai_boundary_parity.py
 
-Everything runs in that venv: unet_jax.surface_metrics needs only numpy and
+Everything runs in that venv: unet_jax.metrics.surface needs only numpy and
 scipy and is imported from this repository by path (no jax, no install).
 Prints a table of the largest differences and exits 1 if a value differs by
 more than 1e-6 relative, other than the documented difference below, with one
@@ -25,7 +25,7 @@ float64 are held to 1e-6.
 Documented difference: where a class is in only one of the two maps, HD is
 +inf here, and MONAI returns NaN whenever a percentile is given (torch.quantile
 interpolates between infinities); MONAI's own percentile=None gives +inf there,
-which the script checks. See unet_jax/surface_metrics.py.
+which the script checks. See unet_jax/metrics/surface.py.
 
 MONAI's `ignore_index` differs between the two functions: compute_surface_dice
 with one-hot input and a sentinel (-1) removes the voxels where the ground truth
@@ -54,7 +54,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from unet_jax import surface_metrics as sm  # noqa: E402
+from unet_jax.metrics import surface as sm  # noqa: E402
 
 RTOL = 1e-6
 # compute_hausdorff_distance interpolates its percentile in float32:

@@ -1,7 +1,7 @@
 r"""A/B comparisons for tuning the native kernels: two sources, or two source trees.
 
 Timings on this machine drift by tens of percent within minutes, so a change to
-`unet_jax/native/conv.cc` is judged side by side, never against an old figure:
+`unet_jax/ops/native/conv.cc` is judged side by side, never against an old figure:
 
 - `--sources A.cc B.cc`: builds both versions of the kernel source, loads both into
   this process under their own FFI target names, and times each layer shape of
@@ -13,14 +13,15 @@ Timings on this machine drift by tens of percent within minutes, so a change to
   `git worktree` of an earlier commit and this one), each with its own build of the
   kernel; prints the median over `--rounds` rounds.
 
-    git show HEAD~1:unet_jax/native/conv.cc > /tmp/old.cc
-    .venv/bin/python benchmarks/native_ab.py --sources /tmp/old.cc unet_jax/native/conv.cc
+    git show HEAD~1:unet_jax/ops/native/conv.cc > /tmp/old.cc
+    .venv/bin/python benchmarks/native_ab.py --sources /tmp/old.cc \
+        unet_jax/ops/native/conv.cc
     git worktree add /tmp/old_tree HEAD~3
     .venv/bin/python benchmarks/native_ab.py --trees /tmp/old_tree . \
         --cases=3d_transpose,2d_transpose
 
 Both sources must export `UnetConv` and `UnetConvWgrad` with the calling convention
-of `unet_jax/native_kernels.py` (rank-5 operands, `pad_d`, `pad_h`, `pad_w`).
+of `unet_jax/ops/native.py` (rank-5 operands, `pad_d`, `pad_h`, `pad_w`).
 """
 
 import argparse
@@ -42,7 +43,7 @@ sys.path.insert(0, str(HERE))
 def _build_and_register(tag, source, out_dir):
   import jax  # pylint: disable=g-import-not-at-top
 
-  from unet_jax import native_kernels  # pylint: disable=g-import-not-at-top
+  from unet_jax.ops import native as native_kernels  # pylint: disable=g-import-not-at-top
 
   lib_path = os.path.join(out_dir, f'{tag}.so')
   cmd = [

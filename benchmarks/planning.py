@@ -6,7 +6,7 @@ generated here from a seed (nothing is downloaded):
 1. `thin2d`: 2D 8-bit grey images (96x96) of thin curved lines 1-3 pixels wide
    on an unevenly lit, noisy background with bright blobs that are not labelled.
 2. `aniso3d`: 3D float volumes (16x64x64, spacing 4 x 0.8 x 0.8) of bright
-   ellipsoids and polyhedra (`unet_jax.datasets.synthetic.render_example`),
+   ellipsoids and polyhedra (`unet_jax.data.synthetic.render_example`),
    with a random gain, offset and smooth bias field per volume (MRI-like).
 3. `ct2d`: 2D CT-like slices (128x128) in Hounsfield units (air -1000, fat
    -100, soft tissue 40, bone 700 and up) with an organ (class 1, 60 HU) on one
@@ -52,10 +52,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # For `con
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import folder as folder_config
-from unet_jax import input_pipeline
 from unet_jax import planning
-from unet_jax.datasets import segmentation_folder as sf
-from unet_jax.datasets import synthetic
+from unet_jax.data import folder as sf
+from unet_jax.data import pipeline as input_pipeline
+from unet_jax.data import synthetic
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -304,7 +304,7 @@ def _fixed_config(name, root, data_dir):
 def _fixed_steps(name, root, data_dir, budget) -> tuple[int, float]:
   """The fixed settings' steps for the budget, from their measured step time."""
   config = _fixed_config(name, root, data_dir)
-  from unet_jax import config_checks  # pylint: disable=g-import-not-at-top
+  from unet_jax.train import config_checks  # pylint: disable=g-import-not-at-top
 
   ndim = config_checks.config_ndim(config)
   data = input_pipeline.open(config.data, divisor=config_checks.divisor(config.model, ndim))

@@ -8,7 +8,7 @@ process), and sums the events' durations by kind, read off the compiled HLO:
 - conv forward / conv input grad / conv kernel grad: XLA convolutions (a kernel
   gradient is the one whose window is larger than 3 along some axis);
 - native conv / native kernel grad / native Winograd conv / native Winograd kernel
-  grad / native max pool: the C++ kernels of `unet_jax.native_kernels`;
+  grad / native max pool: the C++ kernels of `unet_jax.ops.native`;
 - reduce-window (max pooling), concatenate, transpose/copy, iota/broadcast, dot,
   other: the rest.
 

@@ -54,11 +54,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import dice_bce
-from unet_jax import config_checks
-from unet_jax import input_pipeline
+from unet_jax import distributed as runner_lib
 from unet_jax import losses
-from unet_jax import runner as runner_lib
 from unet_jax import train
+from unet_jax.data import pipeline as input_pipeline
+from unet_jax.train import config_checks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ('default', 'dice_bce', 'dice_ce', 'focal_dice', 'pets', 'unet3d')

@@ -1,7 +1,7 @@
 r"""Oxford-IIIT Pet (TFDS `oxford_iiit_pet`), the standard public segmentation benchmark.
 
 Three classes from the trimap: 0 background, 1 pet, 2 border
-(unet_jax/datasets/pets.py). Needs TFDS to download the data set once (about 800 MB);
+(unet_jax/data/pets.py). Needs TFDS to download the data set once (about 800 MB);
 machines without internet cannot run it.
 
     python launch.py --config=configs/pets.py --workdir=runs/pets

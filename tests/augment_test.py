@@ -1,4 +1,4 @@
-"""Tests for unet_jax.augment: image and mask stay aligned under every transform."""
+"""Tests for unet_jax.data.augment: image and mask stay aligned under every transform."""
 
 import itertools
 
@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from unet_jax import augment as augment_lib
+from unet_jax.data import augment as augment_lib
 
 
 def _config(**overrides) -> ml_collections.ConfigDict:

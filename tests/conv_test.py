@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unet_jax import conv
 from unet_jax import models
-from unet_jax import native_kernels
+from unet_jax.ops import conv
+from unet_jax.ops import native as native_kernels
 
 
 @pytest.fixture(autouse=True)
@@ -490,7 +490,7 @@ def test_default_falls_back_to_xla_when_the_kernel_is_unavailable(monkeypatch):
 def test_default_is_xla_with_several_devices():
   # A fresh process with 2 CPU devices: jit over a mesh cannot split an FFI call.
   code = (
-    'import jax; from unet_jax import conv; '
+    'import jax; from unet_jax.ops import conv; '
     'print(jax.device_count(), conv.default_weight_grad(2))'
   )
   env = dict(

@@ -1,4 +1,4 @@
-"""Tests for unet_jax.datasets: the TFDS builders, the folder reader and Pet's trimaps."""
+"""Tests for unet_jax.data: the TFDS builders, the folder reader and Pet's trimaps."""
 
 import gzip
 import logging
@@ -12,10 +12,10 @@ import pytest
 from scipy import ndimage
 import tensorflow_datasets as tfds
 
-from unet_jax import datasets
-from unet_jax.datasets import pets
-from unet_jax.datasets import segmentation_folder as sf
-from unet_jax.datasets import synthetic
+from unet_jax import data as datasets
+from unet_jax.data import folder as sf
+from unet_jax.data import pets
+from unet_jax.data import synthetic
 
 
 def _build(name, config, data_dir):

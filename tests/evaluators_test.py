@@ -8,10 +8,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from unet_jax import evaluators
-from unet_jax import input_pipeline
-from unet_jax import surface_metrics
-from unet_jax.datasets import segmentation_folder as sf
+from unet_jax import evaluation as evaluators
+from unet_jax.data import folder as sf
+from unet_jax.data import pipeline as input_pipeline
+from unet_jax.metrics import surface as surface_metrics
 
 SIZES = ((20, 30), (27, 18), (24, 24), (9, 13), (16, 16))
 

@@ -1,4 +1,4 @@
-"""Tests for unet_jax.export: round trips, a JAX-only loader, symbolic batch, errors."""
+"""Tests for unet_jax.inference.export: round trips, a JAX-only loader, symbolic batch."""
 
 import functools
 import json
@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unet_jax import export
 from unet_jax import models
+from unet_jax.inference import export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,12 +14,12 @@ from PIL import Image
 import pytest
 
 from unet_jax import checkpointing
-from unet_jax import export
-from unet_jax import inference
-from unet_jax import input_pipeline
-from unet_jax import predict
 from unet_jax import train
-from unet_jax.datasets import segmentation_folder as sf
+from unet_jax.data import folder as sf
+from unet_jax.data import pipeline as input_pipeline
+from unet_jax.inference import export
+from unet_jax.inference import predict
+from unet_jax.inference import predictor as inference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -183,7 +183,7 @@ def test_predict_nifti_keeps_the_affine_and_header(run3d, tmp_path):
 
 def test_export_round_trip_gives_the_same_logits(run2d, tmp_path):
   workdir, _ = run2d
-  path = inference.export_run(workdir, str(tmp_path / 'model.jax'))
+  path = export.export_run(workdir, str(tmp_path / 'model.jax'))
   predictor = inference.load(workdir)
   images = np.random.default_rng(0).normal(size=(3, 24, 32, 1)).astype(np.float32)
   exported = export.load_exported(path)

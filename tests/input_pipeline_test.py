@@ -1,4 +1,4 @@
-"""Tests for unet_jax.input_pipeline on tiny generated data."""
+"""Tests for unet_jax.data.pipeline on tiny generated data."""
 
 import itertools
 import subprocess
@@ -10,9 +10,9 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from unet_jax import datasets
-from unet_jax import input_pipeline
-from unet_jax.datasets import segmentation_folder as sf
+from unet_jax import data as datasets
+from unet_jax.data import folder as sf
+from unet_jax.data import pipeline as input_pipeline
 
 
 def _data_config(**overrides) -> ml_collections.ConfigDict:
@@ -515,7 +515,7 @@ def test_reading_a_built_data_set_needs_no_tensorflow(shapes):
   script = f"""
 import sys
 import ml_collections
-from unet_jax import input_pipeline
+from unet_jax.data import pipeline as input_pipeline
 config = ml_collections.ConfigDict({shapes.to_dict()!r})
 next(input_pipeline.open(config, divisor=8).train_iterator(batch_size=2, seed=0))
 next(input_pipeline.open(config, divisor=8).eval_iterator(batch_size=2))

@@ -1,4 +1,4 @@
-"""Tests for unet_jax.memory: exact parameter counts, XLA agreement, sizes, the CLI."""
+"""Tests for unet_jax.models.memory: exact parameter counts, XLA agreement, the CLI."""
 
 import json
 import os
@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from unet_jax import memory
 from unet_jax import models
+from unet_jax.models import memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANISO = dict(
@@ -210,7 +210,7 @@ def test_remat_planner_agrees_with_xla_when_barriers_are_kept():
     spatial_shape=(32, 32), batch=2, features=8, depth=2, training=True, remat=True
   )
   code = (
-    'import json; from unet_jax import memory; '
+    'import json; from unet_jax.models.unet import memory; '
     f'print(json.dumps(memory.compiled_memory(**{config!r})))'
   )
   env = dict(

@@ -1,4 +1,4 @@
-"""Tests for unet_jax.models: shapes, parameter count, precision, anisotropy, errors."""
+"""Tests for unet_jax.models.unet: shapes, parameter count, precision, anisotropy."""
 
 import functools
 

@@ -34,8 +34,8 @@ import pytest
 
 from tests import train_test
 from unet_jax import checkpointing
-from unet_jax import config_checks
-from unet_jax.datasets import synthetic
+from unet_jax.data import synthetic
+from unet_jax.train import config_checks
 
 pytestmark = pytest.mark.multiprocess
 
@@ -69,7 +69,7 @@ runpy.run_path({launch!r}, run_name='__main__')
 # The chain's events, each happening once (a marker file remembers it), so that
 # every run of the chain is started with the same command.
 _CHAIN = """
-from unet_jax import input_pipeline
+from unet_jax.data import pipeline as input_pipeline
 real = input_pipeline.Dataset.train_iterator
 
 def first_time(name):
@@ -386,7 +386,7 @@ def test_multiprocess_different_configs_fail_before_training(tmp_path):
 
 
 def test_multiprocess_data_error_on_process_0_stops_process_1_too(tmp_path):
-  from unet_jax.datasets import segmentation_folder  # pylint: disable=g-import-not-at-top
+  from unet_jax.data import folder as segmentation_folder  # pylint: disable=g-import-not-at-top
 
   root = tmp_path / 'folder'
   for split in ('train', 'val'):
@@ -428,7 +428,7 @@ def test_multiprocess_global_batch_not_divisible_by_all_devices(field):
 
 
 def test_multiprocess_agreed_stop_is_the_local_flag_in_one_process():
-  from unet_jax import runner  # pylint: disable=g-import-not-at-top
+  from unet_jax import distributed as runner  # pylint: disable=g-import-not-at-top
 
   flags = iter([False, True])
   stop = runner.agreed_stop(lambda: next(flags))
@@ -436,7 +436,7 @@ def test_multiprocess_agreed_stop_is_the_local_flag_in_one_process():
 
 
 def test_multiprocess_main_process_first_runs_once_in_one_process():
-  from unet_jax import runner  # pylint: disable=g-import-not-at-top
+  from unet_jax import distributed as runner  # pylint: disable=g-import-not-at-top
 
   calls = []
   assert runner.main_process_first(lambda: calls.append(1) or 7, what='x') == 7

@@ -13,12 +13,12 @@ import sys
 import numpy as np
 import pytest
 
-from unet_jax import inference
-from unet_jax import input_pipeline
-from unet_jax import memory
 from unet_jax import planning
-from unet_jax.datasets import segmentation_folder as sf
-from unet_jax.datasets import sources
+from unet_jax.data import folder as sf
+from unet_jax.data import pipeline as input_pipeline
+from unet_jax.data import sources
+from unet_jax.inference import predictor as inference
+from unet_jax.models import memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

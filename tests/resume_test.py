@@ -12,8 +12,8 @@ import pytest
 
 from tests import train_test
 from unet_jax import checkpointing
-from unet_jax import input_pipeline
 from unet_jax import train
+from unet_jax.data import pipeline as input_pipeline
 
 tiny_config = train_test.tiny_config
 

@@ -1,4 +1,4 @@
-"""Tests for unet_jax.sliding_window: positions, weights, stitching, TTA, errors."""
+"""Tests for unet_jax.inference.sliding_window: positions, weights, stitching, TTA."""
 
 import functools
 import itertools
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from unet_jax import models
-from unet_jax import sliding_window as sw
+from unet_jax.inference import sliding_window as sw
 
 
 def random_variables(model, x, seed=0):

@@ -1,4 +1,4 @@
-"""Tests for unet_jax.surface_metrics: hand-counted boundaries, a brute force.
+"""Tests for unet_jax.metrics.surface: hand-counted boundaries, a brute force.
 
 Torch-free. benchmarks/monai_boundary_parity.py checks agreement with MONAI.
 """
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from unet_jax import surface_metrics as sm
+from unet_jax.metrics import surface as sm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -422,7 +422,7 @@ def test_bad_values_raise():
 
 def test_imports_only_numpy_and_scipy():
   code = (
-    'import sys; import unet_jax.surface_metrics; '
+    'import sys; import unet_jax.metrics.surface; '
     'bad = sorted({m.split(".")[0] for m in sys.modules} & '
     '{"jax", "jaxlib", "flax", "torch", "tensorflow", "chex"}); '
     'assert not bad, bad'

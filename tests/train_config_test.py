@@ -5,9 +5,9 @@ import importlib
 import numpy as np
 import pytest
 
-from unet_jax import config_checks
-from unet_jax import input_pipeline
 from unet_jax import train
+from unet_jax.data import pipeline as input_pipeline
+from unet_jax.train import config_checks
 
 CONFIGS = ('default', 'dice_bce', 'dice_ce', 'focal_dice', 'unet3d', 'pets', 'folder')
 

@@ -13,8 +13,8 @@ from PIL import Image
 import pytest
 
 from unet_jax import checkpointing
-from unet_jax import input_pipeline
 from unet_jax import train
+from unet_jax.data import pipeline as input_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
@@ -179,7 +179,7 @@ atomicity.AtomicRenameTemporaryPath.finalize = finalize
 
 # Sends this process `count` SIGTERMs while step 4's batch is read.
 _SIGTERM_AT_STEP_4 = """
-from unet_jax import input_pipeline
+from unet_jax.data import pipeline as input_pipeline
 real = input_pipeline.Dataset.train_iterator
 def train_iterator(self, start_step=0, **kwargs):
   for step, batch in enumerate(real(self, start_step, **kwargs), start=start_step + 1):
@@ -361,7 +361,7 @@ def test_unknown_data_set_fails_before_compiling(data_dir, tmp_path):
 
 def test_trains_on_a_folder_of_images_and_masks(tmp_path):
   """A user's own folder trains with one command, RGB images with 3 classes."""
-  from unet_jax.datasets import segmentation_folder  # pylint: disable=g-import-not-at-top
+  from unet_jax.data import folder as segmentation_folder  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(0)
   root = tmp_path / 'my_data'
@@ -406,7 +406,7 @@ def test_trains_on_a_folder_of_images_and_masks(tmp_path):
 
 
 def test_folder_with_a_bad_mask_fails_naming_the_file(tmp_path):
-  from unet_jax.datasets import segmentation_folder  # pylint: disable=g-import-not-at-top
+  from unet_jax.data import folder as segmentation_folder  # pylint: disable=g-import-not-at-top
 
   root = tmp_path / 'bad'
   for split in ('train', 'val'):

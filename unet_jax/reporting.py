@@ -14,16 +14,17 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import math
 import os
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from absl import logging
 import jax
 
-from unet_jax.datasets import cpu_tensorflow
+from unet_jax.data import cpu_tensorflow
 
 
 def _drop_rows_after(path: str, step: int) -> int:
@@ -203,3 +204,16 @@ class Progress:
   def elapsed(self) -> float:
     """Seconds since the start, pauses included."""
     return self._clock() - self._started
+
+
+def write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  """Writes a CSV atomically (a temporary name, then a rename); returns `path`."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  partial = path + '.tmp'
+  with open(partial, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(header)
+    for row in rows:
+      writer.writerow([f'{v:.6g}' if isinstance(v, float) else v for v in row])
+  os.replace(partial, path)
+  return path

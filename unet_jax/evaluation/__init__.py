@@ -27,10 +27,10 @@ import dataclasses
 import inspect
 from typing import Any, Callable
 
-from unet_jax.evaluators import boundary
-from unet_jax.evaluators import common
-from unet_jax.evaluators import confusion
-from unet_jax.evaluators import per_case
+from unet_jax.evaluation import boundary
+from unet_jax.evaluation import common
+from unet_jax.evaluation import confusion
+from unet_jax.evaluation import per_case
 
 EVALUATORS: dict[str, Callable[..., Any]] = {
   'confusion': confusion.Evaluator,

@@ -29,11 +29,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from unet_jax import checkpointing
-from unet_jax import config_checks
-from unet_jax import input_pipeline
 from unet_jax import models
-from unet_jax import sliding_window
-from unet_jax import train
+from unet_jax.data import pipeline as input_pipeline
+from unet_jax.inference import sliding_window
+from unet_jax.models import factory
 
 STEPS = ('best', 'latest')
 
@@ -206,7 +205,7 @@ def load(workdir: str, *, step: str | int = 'best') -> Predictor:
     variables = _restore_variables(ckpt_dir, chosen, config, ndim, channels, where)
   finally:
     manager.close()
-  model = train.create_model(config.model)
+  model = factory.create_model(config.model)
   patch = tuple(config.data.get('patch_size') or ()) or None
   return Predictor(
     model=model,
@@ -215,7 +214,7 @@ def load(workdir: str, *, step: str | int = 'best') -> Predictor:
     step=chosen,
     num_channels=channels,
     ndim=ndim,
-    divisor=config_checks.divisor(config.model, ndim),
+    divisor=factory.input_divisor_of(config.model, ndim=ndim),
     patch_size=patch,
     train_shape=tuple(data_shape.get('spatial_shape') or ()) or None,
   )
@@ -223,8 +222,8 @@ def load(workdir: str, *, step: str | int = 'best') -> Predictor:
 
 def _restore_variables(ckpt_dir, step, config, ndim, channels, where) -> dict[str, Any]:
   """Parameters and BatchNorm statistics only, checked against the model's shapes."""
-  model = train.create_model(config.model)
-  size = config_checks.divisor(config.model, ndim)
+  model = factory.create_model(config.model)
+  size = factory.input_divisor_of(config.model, ndim=ndim)
   abstract = jax.eval_shape(
     functools.partial(model.init, train=False),
     jax.random.key(0),
@@ -266,45 +265,3 @@ def _restore_variables(ckpt_dir, step, config, ndim, channels, where) -> dict[st
         f' model needs {leaf.shape}.'
       )
   return {k: restored[k] for k in item}
-
-
-def export_run(
-  workdir: str,
-  output: str,
-  *,
-  step: str | int = 'best',
-  spatial_shape: Sequence[int] | None = None,
-) -> str:
-  """Writes a run's inference function as a `jax.export` file (see `unet_jax.export`).
-
-  Args:
-    workdir: the run's folder.
-    output: the file to write (e.g. model.jax); written under a temporary name,
-      then renamed.
-    step: as in `load`.
-    spatial_shape: the input size the file takes; default the size training fed
-      the model (its patch size for patch-based runs).
-
-  Returns:
-    `output`. The file takes float32 [b, *spatial_shape, C] for any b and needs
-    only JAX to run.
-  """
-  from unet_jax import export  # pylint: disable=g-import-not-at-top
-
-  predictor = load(workdir, step=step)
-  shape = tuple(spatial_shape or ()) or predictor.train_shape or predictor.patch_size
-  if not shape:
-    raise ValueError(f'{workdir}: the run records no input size; pass --spatial_shape.')
-  serialised = export.export_predict_fn(
-    predictor.model,
-    predictor.variables,
-    spatial_shape=shape,
-    num_channels=predictor.num_channels,
-  )
-  folder = os.path.dirname(os.path.abspath(output))
-  os.makedirs(folder, exist_ok=True)
-  partial = os.path.join(folder, f'.{os.path.basename(output)}.partial-{os.getpid()}')
-  with open(partial, 'wb') as f:
-    f.write(serialised)
-  os.replace(partial, output)
-  return output

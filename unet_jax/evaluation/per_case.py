@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from unet_jax import distributed as runner_lib
 from unet_jax import metrics
-from unet_jax import runner as runner_lib
-from unet_jax.evaluators import common
+from unet_jax import reporting
+from unet_jax.evaluation import common
 
 
 def case_scores(cm: np.ndarray) -> np.ndarray:
@@ -62,9 +63,9 @@ class Evaluator:
       scores.append(case_scores(cm))
     names, scores = common.gather_cases(np.asarray(index), ids, np.concatenate(scores))
     dice, iou = scores[:, 0], scores[:, 1]
-    foreground = np.asarray([common.mean_over(d[1:]) for d in dice])
-    mean, std = common.nan_stats(dice)
-    fg_mean, fg_std = common.nan_stats(foreground[:, None])
+    foreground = np.asarray([metrics.mean_over(d[1:]) for d in dice])
+    mean, std = metrics.nan_stats(dice)
+    fg_mean, fg_std = metrics.nan_stats(foreground[:, None])
     if self.inputs.workdir and runner_lib.is_main_process():
       step = common.step_of(state)
       header = (
@@ -75,7 +76,7 @@ class Evaluator:
       rows = [
         [n, f, *d, *i] for n, f, d, i in zip(names, foreground, dice.tolist(), iou.tolist())
       ]
-      common.write_csv(
+      reporting.write_csv(
         os.path.join(self.inputs.workdir, 'eval', f'{self.inputs.name}_step_{step}.csv'),
         header,
         rows,
@@ -85,6 +86,6 @@ class Evaluator:
       'dice_std': float(fg_std[0]),
       'dice_per_class_mean': mean.tolist(),
       'dice_per_class_std': std.tolist(),
-      'iou_per_class_mean': common.nan_stats(iou)[0].tolist(),
+      'iou_per_class_mean': metrics.nan_stats(iou)[0].tolist(),
       'num_cases': len(names),
     }

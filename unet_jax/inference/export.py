@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unet_jax.inference import predictor as predictor_lib
+
 DEFAULT_PLATFORMS = ('cpu', 'cuda', 'tpu')
 
 
@@ -141,7 +143,7 @@ def load_exported(
       raise ValueError(
         f'The exported model takes images {readable}; got spatial shape'
         f' {shape[1:-1]} (shape {shape}). Resize, pad or predict by sliding'
-        ' window (unet_jax.sliding_window).'
+        ' window (unet_jax.inference.sliding_window).'
       )
     if shape[-1] != expected[-1]:
       raise ValueError(
@@ -154,3 +156,43 @@ def load_exported(
 
   predict.exported = exported
   return predict
+
+
+def export_run(
+  workdir: str,
+  output: str,
+  *,
+  step: str | int = 'best',
+  spatial_shape: Sequence[int] | None = None,
+) -> str:
+  """Writes a run's inference function as a `jax.export` file (see this module's docstring).
+
+  Args:
+    workdir: the run's folder.
+    output: the file to write (e.g. model.jax); written under a temporary name,
+      then renamed.
+    step: as in `predictor.load`.
+    spatial_shape: the input size the file takes; default the size training fed
+      the model (its patch size for patch-based runs).
+
+  Returns:
+    `output`. The file takes float32 [b, *spatial_shape, C] for any b and needs
+    only JAX to run.
+  """
+  predictor = predictor_lib.load(workdir, step=step)
+  shape = tuple(spatial_shape or ()) or predictor.train_shape or predictor.patch_size
+  if not shape:
+    raise ValueError(f'{workdir}: the run records no input size; pass --spatial_shape.')
+  serialised = export_predict_fn(
+    predictor.model,
+    predictor.variables,
+    spatial_shape=shape,
+    num_channels=predictor.num_channels,
+  )
+  folder = os.path.dirname(os.path.abspath(output))
+  os.makedirs(folder, exist_ok=True)
+  partial = os.path.join(folder, f'.{os.path.basename(output)}.partial-{os.getpid()}')
+  with open(partial, 'wb') as f:
+    f.write(serialised)
+  os.replace(partial, output)
+  return output

@@ -35,11 +35,11 @@ from typing import Any
 from absl import logging
 import numpy as np
 
-from unet_jax import inference
 from unet_jax import metrics
 from unet_jax import reporting
 from unet_jax import visualize
-from unet_jax.datasets import segmentation_folder as folder_lib
+from unet_jax.data import folder as folder_lib
+from unet_jax.inference import predictor as inference
 
 EXTENSIONS = {2: ('.png', '.tif', '.tiff', '.jpg', '.jpeg'), 3: ('.nii', '.nii.gz')}
 _MODE_CHANNELS = {
@@ -263,16 +263,14 @@ def run(
 
 
 def _write_table(rows: list[list[Any]], num_classes: int, output: str) -> None:
-  from unet_jax.evaluators import common  # pylint: disable=g-import-not-at-top
-
   header = (
     ['case']
     + [f'dice_{c}' for c in range(num_classes)]
     + [f'iou_{c}' for c in range(num_classes)]
   )
   values = np.asarray([r[1:] for r in rows], np.float64)
-  mean = ['mean'] + common.nan_stats(values)[0].tolist()
-  common.write_csv(os.path.join(output, 'per_case.csv'), header, rows + [mean])
+  mean = ['mean'] + metrics.nan_stats(values)[0].tolist()
+  reporting.write_csv(os.path.join(output, 'per_case.csv'), header, rows + [mean])
   width = max(len(str(r[0])) for r in rows + [mean])
   print(f'{"case":<{width}}  ' + '  '.join(f'{h:>7}' for h in header[1:]))
   for row in rows + [mean]:

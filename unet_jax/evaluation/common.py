@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
-import os
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
 
-from unet_jax import input_pipeline
-from unet_jax import runner as runner_lib
-from unet_jax import sliding_window
+from unet_jax import distributed as runner_lib
+from unet_jax.data import pipeline as input_pipeline
+from unet_jax.inference import sliding_window
 
 _ID_BYTES = 256  # Case names travel between processes as fixed-width bytes.
 
@@ -122,37 +120,3 @@ def gather_cases(
   order = np.argsort(index, kind='stable')
   names = [bytes(encoded[i]).rstrip(b'\0').decode('utf-8', 'replace') for i in order]
   return names, values[order]
-
-
-def write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-  """Writes a CSV atomically (a temporary name, then a rename); returns `path`."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  partial = path + '.tmp'
-  with open(partial, 'w', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(header)
-    for row in rows:
-      writer.writerow([f'{v:.6g}' if isinstance(v, float) else v for v in row])
-  os.replace(partial, path)
-  return path
-
-
-def nan_stats(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Mean and standard deviation over axis 0, ignoring NaN (NaN where all are)."""
-  values = np.asarray(values, np.float64)
-  present = ~np.isnan(values)
-  count = present.sum(axis=0)
-  total = np.where(present, values, 0).sum(axis=0)
-  mean = np.full(values.shape[1:], np.nan)
-  np.divide(total, count, out=mean, where=count > 0)
-  sq = np.where(present, (values - np.where(np.isnan(mean), 0, mean)) ** 2, 0).sum(axis=0)
-  std = np.full(values.shape[1:], np.nan)
-  np.divide(sq, count, out=std, where=count > 0)
-  return mean, np.sqrt(std)
-
-
-def mean_over(values) -> float:
-  """The mean of the non-NaN values (inf counts); NaN when there are none."""
-  values = np.asarray(values, np.float64)
-  values = values[~np.isnan(values)]
-  return float(values.mean()) if values.size else float('nan')

@@ -18,10 +18,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from unet_jax import evaluators
+from unet_jax import distributed as runner_lib
+from unet_jax import evaluation as evaluators
 from unet_jax import losses
 from unet_jax import models
-from unet_jax import runner as runner_lib
+from unet_jax.models import factory
 
 OPTIMIZERS = ('adam', 'adamw', 'sgd')
 SCHEDULES = ('cosine', 'poly', 'constant')
@@ -34,23 +35,17 @@ SIGMOID_LOSSES = ('dice_bce', 'bce')
 STATE_FIELDS = ('model', 'optimizer.name', 'optimizer.grad_clip_norm', 'data_shape')
 
 
-def model_options() -> tuple[str, ...]:
-  """The UNet fields a config's `model` section may set."""
-  fields = models.UNet.__dataclass_fields__
-  return tuple(sorted(f for f in fields if f not in ('parent', 'name', 'bn_axis_name')))
-
-
 def _choice(field: str, value: Any, valid) -> None:
   if value not in valid:
     raise ValueError(f'config.{field}={value!r} is not one of {sorted(valid)}.')
 
 
 def _check_model(model_config) -> None:
-  unknown = sorted(set(model_config.keys()) - set(model_options()))
+  unknown = sorted(set(model_config.keys()) - set(factory.model_options()))
   if unknown:
     raise ValueError(
       f'config.model has unknown field(s) {unknown}; the UNet takes'
-      f' {list(model_options())}.'
+      f' {list(factory.model_options())}.'
     )
   _choice('model.upsample', model_config.upsample, models.UPSAMPLE_MODES)
   _choice('model.norm', model_config.norm, models.NORMS)
@@ -188,40 +183,13 @@ def validate_against_data(config: ml_collections.ConfigDict, info) -> None:
   divisor = models.input_divisor(
     ndim=len(info.spatial_shape),
     depth=config.model.depth,
-    pool_sizes=model_pools(config.model),
+    pool_sizes=factory.model_pools(config.model),
   )
   try:
     models.check_spatial_shape(info.spatial_shape, divisor)
   except ValueError as e:
     field = 'data.patch_size' if config.data.get('patch_size') else 'the data'
     raise ValueError(f'{field} does not fit the model: {e}') from None
-
-
-def as_tuples(value):
-  """Config lists (which ml-collections may hand over as lists) as nested tuples."""
-  if isinstance(value, (list, tuple)):
-    return tuple(as_tuples(v) for v in value)
-  return value
-
-
-def model_pools(model_config):
-  """The model's pooling windows as the UNet takes them (2 when unset)."""
-  pools = model_config.get('pool_sizes')
-  return 2 if pools is None else as_tuples(pools)
-
-
-def divisor(model_config, ndim: int) -> tuple[int, ...]:
-  """What input sizes must be a multiple of, per spatial axis."""
-  return models.input_divisor(
-    ndim=ndim, depth=model_config.depth, pool_sizes=model_pools(model_config)
-  )
-
-
-def config_ndim(config) -> int:
-  """The spatial rank a config's data set has, known before it is built."""
-  from unet_jax.datasets import sources  # pylint: disable=g-import-not-at-top
-
-  return sources.get(config.data.name).ndim(config.data)
 
 
 def state_record(config, info) -> dict[str, Any]:

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from unet_jax import distributed as runner_lib
 from unet_jax import metrics
-from unet_jax import runner as runner_lib
 from unet_jax import visualize
-from unet_jax.evaluators import common
+from unet_jax.evaluation import common
 
 
 class Evaluator:

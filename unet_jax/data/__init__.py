@@ -18,17 +18,17 @@ TensorFlow is imported only to build a data set, with GPUs hidden from it
 (`cpu_tensorflow.py`); reading one needs numpy alone.
 """
 
-from unet_jax.datasets import cpu_tensorflow
-from unet_jax.datasets import pets
-from unet_jax.datasets import segmentation_folder
-from unet_jax.datasets import sources
-from unet_jax.datasets import synthetic
-from unet_jax.datasets.segmentation_folder import BadDataError
-from unet_jax.datasets.segmentation_folder import SegmentationFolder
-from unet_jax.datasets.segmentation_folder import SegmentationFolderConfig
-from unet_jax.datasets.synthetic import SyntheticConfig
-from unet_jax.datasets.synthetic import SyntheticShapes
-from unet_jax.datasets.synthetic import SyntheticVolumes
+from unet_jax.data import cpu_tensorflow
+from unet_jax.data import folder as segmentation_folder
+from unet_jax.data import pets
+from unet_jax.data import sources
+from unet_jax.data import synthetic
+from unet_jax.data.folder import BadDataError
+from unet_jax.data.folder import SegmentationFolder
+from unet_jax.data.folder import SegmentationFolderConfig
+from unet_jax.data.synthetic import SyntheticConfig
+from unet_jax.data.synthetic import SyntheticShapes
+from unet_jax.data.synthetic import SyntheticVolumes
 
 __all__ = [
   'BadDataError',

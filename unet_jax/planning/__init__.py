@@ -32,7 +32,7 @@ The plan (`plan`, a pure function of the fingerprint and the budgets):
   spacing is more than 2x the finest gets kernel 1 there ((1, 3, 3)-style). At
   most `MAX_DEPTH` levels (the widths double at every level). The patch is
   rounded down to a multiple of the pooling factor and, while a training step
-  of batch 2 does not fit `memory_budget` (`unet_jax.memory.estimate`), the
+  of batch 2 does not fit `memory_budget` (`unet_jax.models.memory.estimate`), the
   axis largest relative to the median shape (each of them on a tie) is shrunk
   by one pooling factor, re-planning the pooling each time (nnU-Net's rule).
   2D: whole images (padded to the largest) when the largest fits the budget and
@@ -99,11 +99,13 @@ import ml_collections
 import numpy as np
 from scipy import ndimage
 
-from unet_jax import config_checks
-from unet_jax import input_pipeline
 from unet_jax import losses
-from unet_jax import memory
 from unet_jax import models
+from unet_jax.data import pipeline as input_pipeline
+from unet_jax.data import sources
+from unet_jax.models import factory
+from unet_jax.models import memory
+from unet_jax.train import config_checks
 
 FORMAT_VERSION = 1  # Of the cached fingerprint; a new version recomputes it.
 PLAN_FILE = 'plan.json'
@@ -1270,7 +1272,7 @@ def measure_step_time(
   info = data.info
   model_config = ml_collections.ConfigDict(config.model.to_dict())
   model_config.num_classes = model_config.num_classes or info.num_classes
-  model = train.create_model(model_config)
+  model = factory.create_model(model_config)
   tx = train.create_optimizer(config)
   state = train.create_train_state(
     jax.random.key(config.seed), model, tx, (1, *info.spatial_shape, info.num_channels)
@@ -1343,8 +1345,10 @@ def _stored_step_time(path: str, fp: Fingerprint, time_budget) -> float | None:
 
 
 def _reopen(config, data):
-  ndim = config_checks.config_ndim(config)
-  return input_pipeline.open(config.data, divisor=config_checks.divisor(config.model, ndim))
+  ndim = sources.config_ndim(config.data)
+  return input_pipeline.open(
+    config.data, divisor=factory.input_divisor_of(config.model, ndim=ndim)
+  )
 
 
 def plan_run(config: ml_collections.ConfigDict, data, workdir: str):

@@ -8,7 +8,7 @@ PyTorch"). They read the input in place, skipping taps outside it, so neither a
 padded copy nor, in 3D, a copy with the depth neighbours on the channel axis is
 made. `winograd=True` computes all three for 3 x 3 kernels by Winograd's minimal
 filtering (F(2x2, 3x3) and, for the kernel gradient, F(3x3, 2x2)), with 2.25 times
-fewer multiply-adds. `unet_jax.conv` uses them as `weight_grad='native'`,
+fewer multiply-adds. `unet_jax.ops.conv` uses them as `weight_grad='native'`,
 `native_forward=True` and `winograd=True`.
 Also max pooling over windows that tile the input (`max_pool`), which keeps the
 index of each window's first maximum so that its gradient (`max_pool_grad`) is a
@@ -241,7 +241,7 @@ def conv_weight_grad(
     g: the gradient of its output, `[N, H, W, O]` or `[N, D, H, W, O]`, float32.
     kernel_spatial: `(kh, kw)` or `(kd, kh, kw)`; XLA's 'SAME' padding, `(k - 1) //
       2` before.
-    winograd: by Winograd's F(3x3, 2x2) (`unet_jax/native/conv.cc`): 2.25 times
+    winograd: by Winograd's F(3x3, 2x2) (`unet_jax/ops/native/conv.cc`): 2.25 times
       fewer multiply-adds, the same result to float rounding. Kernels 3 x 3 in H and
       W only (`winograd_suits`).
 
@@ -301,7 +301,7 @@ def conv_same(x: jax.Array, kernel: jax.Array, *, winograd: bool = False) -> jax
   Args:
     x: `[N, H, W, C]` or `[N, D, H, W, C]`, float32.
     kernel: `[kh, kw, C, O]` (HWIO) or `[kd, kh, kw, C, O]` (DHWIO), float32.
-    winograd: compute it by Winograd's F(2x2, 3x3) (`unet_jax/native/conv.cc`):
+    winograd: compute it by Winograd's F(2x2, 3x3) (`unet_jax/ops/native/conv.cc`):
       2.25 times fewer multiply-adds, the same function to float rounding. Kernels 3
       x 3 in H and W only (`winograd_suits`).
 

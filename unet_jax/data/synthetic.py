@@ -12,7 +12,7 @@ Nothing is downloaded: `download_and_prepare` renders every example from
 
     import tensorflow_datasets as tfds
 
-from unet_jax.datasets import cpu_tensorflow
+from unet_jax.data import cpu_tensorflow
     import unet_jax.datasets  # Registers the builders.
     ds = tfds.data_source('synthetic_shapes', split='train')  # 'binary' config.
 
@@ -42,7 +42,7 @@ import numpy as np
 from scipy import ndimage
 import tensorflow_datasets as tfds
 
-from unet_jax.datasets import cpu_tensorflow
+from unet_jax.data import cpu_tensorflow
 
 _SPLIT_IDS = {'train': 0, 'validation': 1, 'test': 2}
 _MAX_REDRAWS = 50

@@ -4,7 +4,7 @@ Both measure how far the predicted boundary of each class lies from the true
 one, in physical units (each case's voxel spacing), which overlap measures
 such as Dice do not see: a thin wrong sliver costs little Dice but a large
 Hausdorff distance. They are computed per case and per foreground class on
-the host with scipy (`unet_jax.surface_metrics`, which states the policy for
+the host with scipy (`unet_jax.metrics.surface`, which states the policy for
 empty masks).
 
 Empty masks: a class absent from both a case's prediction and its ground truth
@@ -26,9 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from unet_jax import runner as runner_lib
-from unet_jax import surface_metrics
-from unet_jax.evaluators import common
+from unet_jax import distributed as runner_lib
+from unet_jax import metrics
+from unet_jax import reporting
+from unet_jax.evaluation import common
+from unet_jax.metrics import surface as surface_metrics
 
 
 class Evaluator:
@@ -74,17 +76,17 @@ class Evaluator:
         ['case'] + [f'hd95_{k}' for k in range(1, c)] + [f'nsd_{k}' for k in range(1, c)]
       )
       rows = [[n, *h, *s] for n, h, s in zip(names, hd95.tolist(), nsd.tolist())]
-      common.write_csv(
+      reporting.write_csv(
         os.path.join(self.inputs.workdir, 'eval', f'{self.inputs.name}_step_{step}.csv'),
         header,
         rows,
       )
     finite = lambda v: np.where(np.isinf(v), np.nan, v)
     return {
-      'hd95': common.mean_over(finite(hd95)),
+      'hd95': metrics.mean_over(finite(hd95)),
       'hd95_infinite': int(np.isinf(hd95).sum()),
-      'nsd': common.mean_over(nsd),
-      'hd95_per_class_mean': [common.mean_over(h) for h in finite(hd95).T],
-      'nsd_per_class_mean': [common.mean_over(s) for s in nsd.T],
+      'nsd': metrics.mean_over(nsd),
+      'hd95_per_class_mean': [metrics.mean_over(h) for h in finite(hd95).T],
+      'nsd_per_class_mean': [metrics.mean_over(s) for s in nsd.T],
       'num_cases': len(names),
     }

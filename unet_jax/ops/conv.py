@@ -45,7 +45,7 @@ each is a switch on `unet_jax.models.UNet`:
 
 - **Native C++ kernels** (`weight_grad='native'`, `native_forward=True`): the kernel
   gradient, and optionally the forward pass and input gradient, of stride-1 'same'
-  2D and 3D convolutions by `unet_jax.native_kernels`, called through XLA's FFI.
+  2D and 3D convolutions by `unet_jax.ops.native`, called through XLA's FFI.
   They read the input in place: a 3D convolution needs no fold. Float32 only, and
   only on images at least `NATIVE_MIN_WIDTH` wide (and, for the forward pass and
   input gradient, `NATIVE_MIN_TILED_CHANNELS` channels); other convolutions keep
@@ -83,12 +83,12 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from unet_jax import native_kernels
+from unet_jax.ops import native as native_kernels
 
 WEIGHT_GRADS = ('xla', 'gemm', 'native')
 # The kernel-gradient formulation `models.UNet` uses by default on the CPU, for 2D
 # convolutions and for folded 3D ones; other backends always use 'xla'. 'native' is
-# the C++ kernel of `unet_jax.native_kernels` (`default_weight_grad` falls back to
+# the C++ kernel of `unet_jax.ops.native` (`default_weight_grad` falls back to
 # 'xla' where it cannot be built). 'gemm' is slower in 2D; in 3D its widened copies
 # of the input and of the output gradient add much temporary memory
 # (benchmarks/RESULTS.md), so it stays opt-in (`UNet(conv_weight_grad='gemm')`).
@@ -390,7 +390,7 @@ def conv2d_same(
     kernel: HWIO kernel.
     weight_grad: 'xla' (autodiff of the XLA convolution), 'gemm' (the kernel
       gradient as one matrix product, `weight_grad_gemm`) or 'native' (the C++
-      kernel of `unet_jax.native_kernels`, float32 only; other dtypes use 'xla').
+      kernel of `unet_jax.ops.native`, float32 only; other dtypes use 'xla').
     native_forward: the forward pass and the input gradient by the native kernel
       too. Both native options apply to float32 convolutions on images at least
       `NATIVE_MIN_WIDTH` wide (and, for the forward pass and input gradient, with at

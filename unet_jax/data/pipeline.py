@@ -6,7 +6,7 @@
     batch = next(train_it)        # {'image': f32[b, H, W, C], 'label': i32[b, H, W]}
     for batch in data.eval_iterator('validation', batch_size=16): ...
 
-`config.data.name` picks a registered data set (`unet_jax.datasets.sources`):
+`config.data.name` picks a registered data set (`unet_jax.data.sources`):
 'synthetic_shapes', 'synthetic_volumes', 'segmentation_folder' (with
 `config.data.root`) or 'oxford_iiit_pet'. Opening a data set for the first time
 builds it with TFDS into `config.data.data_dir` ('' means TFDS's default).
@@ -73,7 +73,7 @@ import jax
 import numpy as np
 from scipy import ndimage
 
-from unet_jax.datasets import sources
+from unet_jax.data import sources
 
 SIZE_POLICIES = ('pad', 'crop', 'resize')
 NORMALIZATIONS = ('zscore', 'ct', 'rescale')  # config.data.normalization; see normalise.

@@ -27,8 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unet_jax import conv as conv_lib
-from unet_jax import native_kernels
+from unet_jax.ops import conv as conv_lib
+from unet_jax.ops import native as native_kernels
 
 UPSAMPLE_MODES = ('transpose', 'bilinear')
 NORMS = ('batch', 'group', 'instance', 'none')
@@ -282,11 +282,11 @@ class UNet(nn.Module):
       a tuple of logits at 1/2, 1/4, ... of the resolution, highest first.
     transpose_as_matmul, conv3d_as_2d, pointwise_as_matmul, conv_weight_grad,
       native_conv_forward, pool_as_reshape: faster
-      formulations of the same function (`unet_jax/conv.py`): the transposed
+      formulations of the same function (`unet_jax/ops/conv.py`): the transposed
       convolution as a product + depth-to-space; 3D convolutions as 2D ones with the
       depth taps on the channel axis; 1x1 convolutions as products; the kernel
       gradient of 2D and folded 3D convolutions, 'xla', 'gemm' or 'native' (None:
-      `conv.default_weight_grad`: the C++ kernel of `unet_jax.native_kernels` on a
+      `conv.default_weight_grad`: the C++ kernel of `unet_jax.ops.native` on a
       single-device CPU process where it builds, else 'xla'). native_conv_forward:
       the forward pass and input gradient of those convolutions by the native
       kernel too (None: with the native kernel gradient, in the dimensionalities

@@ -24,11 +24,11 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-from unet_jax import runner
-from unet_jax.datasets import cpu_tensorflow
-from unet_jax.datasets import pets
-from unet_jax.datasets import segmentation_folder as folder_lib
-from unet_jax.datasets import synthetic  # noqa: F401  Registers its TFDS builders.
+from unet_jax import distributed as runner
+from unet_jax.data import cpu_tensorflow
+from unet_jax.data import folder as folder_lib
+from unet_jax.data import pets
+from unet_jax.data import synthetic  # noqa: F401  Registers its TFDS builders.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,3 +370,8 @@ register(
   'segmentation_folder', Entry(ndim=_folder_ndim, check=_folder_check, open=_open_folder)
 )
 register(pets.NAME, Entry(ndim=lambda c: 2, check=_pets_check, open=_open_pets))
+
+
+def config_ndim(data_config) -> int:
+  """The spatial rank of the data set `data_config` names, known before it is built."""
+  return get(data_config.name).ndim(data_config)

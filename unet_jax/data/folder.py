@@ -73,7 +73,7 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-from unet_jax.datasets import cpu_tensorflow
+from unet_jax.data import cpu_tensorflow
 
 SPLITS = ('train', 'val', 'test')
 IMAGE_EXTENSIONS = {2: ('.png', '.tif', '.tiff', '.jpg', '.jpeg'), 3: ('.nii', '.nii.gz')}

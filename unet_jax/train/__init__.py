@@ -31,18 +31,18 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from unet_jax import augment as augment_lib
 from unet_jax import checkpointing
-from unet_jax import config_checks
-from unet_jax import evaluators
-from unet_jax import input_pipeline
+from unet_jax import distributed as runner_lib
+from unet_jax import evaluation as evaluators
 from unet_jax import losses
 from unet_jax import models
 from unet_jax import planning
 from unet_jax import reporting
-from unet_jax import runner as runner_lib
-
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+from unet_jax.data import augment as augment_lib
+from unet_jax.data import pipeline as input_pipeline
+from unet_jax.data import sources
+from unet_jax.models import factory
+from unet_jax.train import config_checks
 
 
 @flax.struct.dataclass
@@ -58,28 +58,6 @@ class Interrupted(Exception):
 
 
 # ------------------------------------------------------------------ construction
-
-
-def create_model(
-  model_config: ml_collections.ConfigDict, *, bn_axis_name: str | None = None
-) -> models.UNet:
-  """The UNet that `config.model` describes: every field is passed through.
-
-  Unset (None) fields keep the UNet's defaults; an unknown field is a ValueError
-  listing the valid ones.
-  """
-  options = {k: v for k, v in dict(model_config).items() if v is not None}
-  unknown = sorted(set(options) - set(config_checks.model_options()))
-  if unknown:
-    raise ValueError(
-      f'config.model has unknown field(s) {unknown}; the UNet takes'
-      f' {list(config_checks.model_options())}.'
-    )
-  for key in ('dtype', 'param_dtype'):
-    if key in options:
-      options[key] = DTYPES[options[key]]
-  options = {k: config_checks.as_tuples(v) for k, v in options.items()}
-  return models.UNet(**options, bn_axis_name=bn_axis_name)
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -345,7 +323,7 @@ def _restore(manager, state, record: dict[str, Any], workdir: str):
 
 def _create_runner(config, tx) -> runner_lib.Runner:
   axis = runner_lib.AXIS if config.parallelism == 'pmap' else None
-  model = create_model(config.model, bn_axis_name=axis)
+  model = factory.create_model(config.model, bn_axis_name=axis)
   loss_fn = functools.partial(
     losses.get_loss(config.loss.name),
     ignore_index=input_pipeline.IGNORE_LABEL,
@@ -376,16 +354,18 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   config_checks.validate_config(
     config, num_devices=jax.device_count(), process_count=jax.process_count()
   )
-  ndim = config_checks.config_ndim(config)
-  data = input_pipeline.open(config.data, divisor=config_checks.divisor(config.model, ndim))
+  ndim = sources.config_ndim(config.data)
+  data = input_pipeline.open(
+    config.data, divisor=factory.input_divisor_of(config.model, ndim=ndim)
+  )
   config, data = planning.plan_run(config, data, workdir)  # No-op unless config.plan.
-  divisor = config_checks.divisor(config.model, ndim)  # Of the planned model.
+  divisor = factory.input_divisor_of(config.model, ndim=ndim)  # Of the planned model.
   config = _with_data_classes(config, data.info)
   config_checks.validate_against_data(config, data.info)
   tx = create_optimizer(config)
   input_shape = (1, *data.info.spatial_shape, data.info.num_channels)
   state = create_train_state(
-    jax.random.key(config.seed), create_model(config.model), tx, input_shape
+    jax.random.key(config.seed), factory.create_model(config.model), tx, input_shape
   )
   manager = checkpointing.create_manager(
     os.path.join(workdir, 'checkpoints'),

@@ -12,8 +12,8 @@ sizes no machine here could compile or run:
 
 or from the shell:
 
-    python -m unet_jax.memory --spatial=512,512,512 --features=64 --depth=4
-    python -m unet_jax.memory --ndim=3 --features=32 --training --budget=16GiB
+    python -m unet_jax.models.memory --spatial=512,512,512 --features=64 --depth=4
+    python -m unet_jax.models.memory --ndim=3 --features=32 --training --budget=16GiB
 
 The model
 ---------
@@ -83,7 +83,7 @@ import re
 import sys
 from typing import Sequence
 
-from unet_jax import models
+from unet_jax.models import unet as models
 
 DTYPE_BYTES = {'float32': 4, 'bfloat16': 2}
 _UNITS = {
@@ -656,7 +656,7 @@ def compiled_memory(
   """XLA's own memory figures for what `estimate` models, on the default backend.
 
   `plain=True` compiles the plain XLA formulation of `UNet` (every speed switch of
-  `unet_jax/conv.py` off), which is what runs on GPU and TPU and what `estimate`
+  `unet_jax/ops/conv.py` off), which is what runs on GPU and TPU and what `estimate`
   models. `plain=False` compiles `UNet`'s defaults for this backend: on the CPU the
   faster formulations, whose temporaries differ (folded 3D convolutions hold their
   depth taps side by side; see benchmarks/RESULTS.md).
@@ -762,7 +762,7 @@ def _shape_arg(text: str):
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(
-    prog='python -m unet_jax.memory',
+    prog='python -m unet_jax.models.memory',
     description='Memory of a unet_jax U-Net: parameters, Adam state, activations.',
   )
   parser.add_argument('--spatial', help='spatial size, e.g. 512,512,512 or 256x256')
