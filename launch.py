@@ -177,7 +177,7 @@ def main(argv):
     jax.process_count(),
     jax.local_devices(),
   )
-  if 'plan_keep' in FLAGS.config:  # The plan (unet_jax/planning.py) keeps these.
+  if 'plan_keep' in FLAGS.config:  # The plan (unet_jax/planning/) keeps these.
     FLAGS.config.plan_keep = tuple(
       sorted({*FLAGS.config.plan_keep, *config_flags.get_override_values(FLAGS['config'])})
     )

@@ -1,4 +1,4 @@
-r"""The plan (`unet_jax/planning.py`) against the fixed settings, on the same time budget.
+r"""The plan (`unet_jax/planning/`) against the fixed settings, on the same time budget.
 
 Builds three folder data sets that differ in what the plan must react to, each
 generated here from a seed (nothing is downloaded):
@@ -20,7 +20,7 @@ the foreground classes, from the whole split's confusion matrix):
 * `fixed`: `--config.plan=False` (features 16, depth 3, batch 16, flips and
   rot90, z-score per image; 3D patches of the whole volume), with
   `num_train_steps` = the budget / its step time, measured the same way
-  (`planning.measure_step_time`);
+  (`unet_jax.train.planned.measure_step_time`);
 * a classical baseline: Otsu's threshold per image, and the global threshold
   (or, for ct2d, one intensity window per class) that maximises Dice on the
   train split.
@@ -52,10 +52,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # For `con
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import folder as folder_config
-from unet_jax import planning
 from unet_jax.data import folder as sf
 from unet_jax.data import pipeline as input_pipeline
+from unet_jax.data import sources
 from unet_jax.data import synthetic
+from unet_jax.models import factory
+from unet_jax.train import planned
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -304,15 +306,15 @@ def _fixed_config(name, root, data_dir):
 def _fixed_steps(name, root, data_dir, budget) -> tuple[int, float]:
   """The fixed settings' steps for the budget, from their measured step time."""
   config = _fixed_config(name, root, data_dir)
-  from unet_jax.train import config_checks  # pylint: disable=g-import-not-at-top
-
-  ndim = config_checks.config_ndim(config)
-  data = input_pipeline.open(config.data, divisor=config_checks.divisor(config.model, ndim))
+  ndim = sources.config_ndim(config.data)
+  data = input_pipeline.open(
+    config.data, divisor=factory.input_divisor_of(config.model, ndim=ndim)
+  )
   # Slow 3D steps (a batch of 16 volumes) need no warm-up to drain the prefetch.
   step_time = (
-    planning.measure_step_time(config, data, steps=2, warmup=0)
+    planned.measure_step_time(config, data, steps=2, warmup=0)
     if (name == 'aniso3d')
-    else planning.measure_step_time(config, data)
+    else planned.measure_step_time(config, data)
   )
   return max(1, math.floor(budget / step_time)), step_time
 

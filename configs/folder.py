@@ -7,10 +7,10 @@ The number of classes is read from the masks (`model.num_classes = 0`); set
 `--config.data.num_classes=N` to check the masks against N instead. For NIfTI volumes
 add `--config.data.config=3d`.
 
-The plan (`config.plan = True`, `unet_jax/planning.py`, after nnU-Net): before
-training, a fingerprint of the train split (shapes, spacing, intensities, classes) is
-read once and the input or patch size, depth, pooling and kernels per axis, batch,
-normalisation, augmentation, loss and class weights are chosen from it by rules. The
+The plan (`config.plan = True`, after nnU-Net): before training, a fingerprint of the
+train split (shapes, spacing, intensities, classes) is read once, and the rules in
+`unet_jax/planning/rules.py` (described there) choose the input size, the network's
+layout, the batch, the normalisation, the augmentation and the loss from it. The
 choices and their reasons are printed at the start and written to
 `<workdir>/plan.json`; `python -m unet_jax.planning --root=/path/to/my_data` prints
 them without training. Any field set on the command line wins over the plan, and the
@@ -34,7 +34,7 @@ def get_config():
   config.data.eval_split = 'val'
   config.loss.name = 'dice_ce'
   config.model.num_classes = 0  # 0: as many as the masks hold.
-  config.plan = True  # Plan from the data (unet_jax/planning.py); False: fixed settings.
+  config.plan = True  # Plan from the data (unet_jax/planning/); False: fixed settings.
   config.plan_keep = ()  # Fields the plan leaves alone; launch.py adds those set on the
   # command line.
   config.plan_memory_budget = '2GiB'  # Per device, for a training step.

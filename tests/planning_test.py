@@ -1,5 +1,6 @@
-"""Tests for unet_jax.planning: the fingerprint by hand, the plan's rules, overrides,
-plan.json, and one planned run through launch.py."""
+"""Tests for unet_jax.planning and unet_jax.train.planned: the fingerprint by hand, the
+plan's rules, overrides, plan.json, the plan step of training, and one planned run
+through launch.py."""
 
 import dataclasses
 import importlib
@@ -19,6 +20,9 @@ from unet_jax.data import pipeline as input_pipeline
 from unet_jax.data import sources
 from unet_jax.inference import predictor as inference
 from unet_jax.models import memory
+from unet_jax.planning.fingerprint import _cache_path  # The cache file, to edit it.
+from unet_jax.planning.plan import _node_and_leaf
+from unet_jax.train import planned
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -356,7 +360,7 @@ def test_plan_json_round_trips(tmp_path):
 def test_plan_false_keeps_the_config_and_writes_nothing(tmp_path):
   config = importlib.import_module('configs.folder').get_config()
   config.plan = False
-  same, data = planning.plan_run(config, 'data', str(tmp_path))
+  same, data = planned.plan_run(config, 'data', str(tmp_path))
   assert same is config and data == 'data'
   assert not os.listdir(tmp_path)
   # The fixed settings are those of configs/default.py.
@@ -369,9 +373,60 @@ def test_plan_false_keeps_the_config_and_writes_nothing(tmp_path):
     'data.normalization',
     'num_train_steps',
   ):
-    node, leaf = planning._node_and_leaf(config, field)  # pylint: disable=protected-access
-    base, _ = planning._node_and_leaf(default, field)  # pylint: disable=protected-access
+    node, leaf = _node_and_leaf(config, field)
+    base, _ = _node_and_leaf(default, field)
     assert node[leaf] == base[leaf]
+
+
+def test_plan_run_with_a_time_budget_measures_then_reuses_the_step_time(
+  tmp_path, monkeypatch
+):
+  for split in ('train', 'val'):
+    for i in range(2):
+      label = np.zeros((16, 16), np.uint8)
+      label[4:10, 5:12] = 1
+      image = (40 * label + 10).astype(np.uint8)
+      sf.write_pair(tmp_path / 'data', split, f'c{i}', image, label)
+  config = importlib.import_module('configs.folder').get_config()
+  config.data.root, config.data.data_dir = str(tmp_path / 'data'), str(tmp_path / 'tfds')
+  config.model.features = 4
+  config.plan_time_budget = 30.0
+  data = input_pipeline.open(config.data, divisor=1)
+  workdir = str(tmp_path / 'run')
+  os.makedirs(workdir)
+  first, _ = planned.plan_run(config, data, workdir)
+  p = planning.read_plan(os.path.join(workdir, planning.PLAN_FILE))
+  step_time = p.inputs['step_time']
+  assert step_time > 0 and math.isfinite(step_time)
+  assert first.num_train_steps == p['num_train_steps'] >= 1
+  assert p.inputs['time_budget'] == 30.0
+  # A resumed run plans with the step time its plan.json recorded: no new measurement.
+
+  def measure(*args, **kwargs):
+    raise AssertionError('measured again')
+
+  monkeypatch.setattr(planned, 'measure_step_time', measure)
+  again, _ = planned.plan_run(config, data, workdir)
+  assert again.to_dict() == first.to_dict()
+  assert planning.read_plan(os.path.join(workdir, planning.PLAN_FILE)) == p
+
+
+def test_planning_does_not_import_train():
+  """Planning sits below training: importing it loads no module of unet_jax.train."""
+  code = (
+    'import sys, unet_jax.planning;'
+    " assert not any(m.startswith('unet_jax.train') for m in sys.modules),"
+    " sorted(m for m in sys.modules if m.startswith('unet_jax.train'))"
+  )
+  proc = subprocess.run(
+    [sys.executable, '-c', code],
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 # ----------------------------------------------------------------- end to end
@@ -490,7 +545,7 @@ def test_fingerprint_of_a_data_set_is_cached_per_build(tmp_path):
   data = input_pipeline.open(config.data, divisor=1)
   first = planning.fingerprint(data)
   assert first.class_voxels == (2 * 55, 2 * 9) and first.value_max == (50.0,)
-  path = planning._cache_path(data, 'train', None)  # pylint: disable=protected-access
+  path = _cache_path(data, 'train', None)
   with open(path) as f:
     stored = json.load(f)
   stored['num_cases'] = 99  # Read back from the cache, not recomputed:

@@ -36,13 +36,13 @@ from unet_jax import distributed as runner_lib
 from unet_jax import evaluation as evaluators
 from unet_jax import losses
 from unet_jax import models
-from unet_jax import planning
 from unet_jax import reporting
 from unet_jax.data import augment as augment_lib
 from unet_jax.data import pipeline as input_pipeline
 from unet_jax.data import sources
 from unet_jax.models import factory
 from unet_jax.train import config_checks
+from unet_jax.train import planned
 
 
 @flax.struct.dataclass
@@ -358,7 +358,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   data = input_pipeline.open(
     config.data, divisor=factory.input_divisor_of(config.model, ndim=ndim)
   )
-  config, data = planning.plan_run(config, data, workdir)  # No-op unless config.plan.
+  config, data = planned.plan_run(config, data, workdir)  # No-op unless config.plan.
   divisor = factory.input_divisor_of(config.model, ndim=ndim)  # Of the planned model.
   config = _with_data_classes(config, data.info)
   config_checks.validate_against_data(config, data.info)

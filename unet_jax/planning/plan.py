@@ -1,0 +1,242 @@
+"""The plan: config choices made from a fingerprint by the rules, and using them.
+
+    p = plan(fp, memory_budget='2GiB', time_budget=300, step_time=0.4)
+    print(format_table(p))      # field, value, who set it, reason
+    config = apply(config, p)   # the config with the plan's values
+    write_plan(path, p, fp)     # <workdir>/plan.json; read_plan(path) reads it
+
+The rules are in `unet_jax/planning/rules.py`, which documents them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Iterable, Mapping
+
+import ml_collections
+
+from unet_jax.models import memory
+from unet_jax.planning import rules
+from unet_jax.planning.fingerprint import as_tuples
+from unet_jax.planning.fingerprint import Fingerprint
+from unet_jax.planning.fingerprint import write_json
+from unet_jax.planning.rules import Choice
+
+PLAN_FILE = 'plan.json'
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Planned config fields, each with its reason, and what the plan was made from.
+
+  Attributes:
+    choices: one per planned field, in the order of the table.
+    inputs: the budgets, the measured step time and the fingerprint key.
+  """
+
+  choices: tuple[Choice, ...]
+  inputs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    object.__setattr__(self, 'choices', tuple(self.choices))
+    object.__setattr__(self, 'inputs', dict(_as_tuples_in(self.inputs)))
+
+  def values(self) -> dict[str, Any]:
+    """{field: value} of every choice."""
+    return {c.field: c.value for c in self.choices}
+
+  def __getitem__(self, field: str) -> Any:
+    return self.values()[field]
+
+  def to_dict(self) -> dict[str, Any]:
+    return {
+      'inputs': dict(self.inputs),
+      'choices': [dataclasses.asdict(c) for c in self.choices],
+    }
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> Plan:
+    return cls(
+      choices=tuple(Choice(**c) for c in values['choices']), inputs=values.get('inputs', {})
+    )
+
+
+def _as_tuples_in(mapping: Mapping[str, Any]) -> dict[str, Any]:
+  return {k: as_tuples(v) for k, v in mapping.items()}
+
+
+def write_plan(path: str, p: Plan, fp: Fingerprint | None = None) -> None:
+  """Writes a plan (and the fingerprint it came from, for reading) as JSON."""
+  values = p.to_dict()
+  if fp is not None:
+    values['fingerprint'] = fp.to_dict()
+  write_json(path, values)
+
+
+def read_plan(path: str) -> Plan:
+  """The plan `write_plan` wrote: equal to the one written."""
+  with open(path) as f:
+    return Plan.from_dict(json.load(f))
+
+
+def plan(
+  fp: Fingerprint,
+  *,
+  memory_budget: str | int = '2GiB',
+  time_budget: float | None = None,
+  step_time: float | None = None,
+  fixed: Mapping[str, Any] | None = None,
+  features: int = 16,
+  num_devices: int = 1,
+) -> Plan:
+  """The plan for a data set: config fields, each with its reason (the rules are
+  in `unet_jax/planning/rules.py`). A pure function of its arguments.
+
+  Args:
+    fp: the data set's fingerprint.
+    memory_budget: per device, for a training step, in bytes or as '2GiB'.
+    time_budget: seconds of training steps; with `step_time` it sets
+      `num_train_steps`.
+    step_time: measured seconds per training step of this plan.
+    fixed: dotted config fields set on the command line, with their values:
+      kept, planned around, and marked as overridden.
+    features: the network's top width (`config.model.features`), for the
+      memory estimates.
+    num_devices: the batch is a multiple of it; the budget is per device.
+
+  Returns:
+    A `Plan`.
+  """
+  fixed = _as_tuples_in(fixed or {})
+  budget = memory.parse_bytes(memory_budget)
+  options = dict(budget=budget, num_devices=num_devices)
+  choices, shape, batch = rules.input_choices(fp, fixed, features=features, **options)
+  timed = []
+  if time_budget and step_time and 'num_train_steps' not in fixed:
+    choices, timed, shape = rules.timed_choices(
+      fp,
+      fixed,
+      choices,
+      shape,
+      batch,
+      time_budget=time_budget,
+      step_time=step_time,
+      features=features,
+      **options,
+    )
+  choices += rules.normalisation_choices(fp, fixed)
+  choices += rules.augment_choices(fp, shape)
+  choices += rules.loss_choices(fp, fixed)
+  choices += timed
+  inputs = {
+    'key': fp.key,
+    'memory_budget': memory.format_bytes(budget),
+    'time_budget': time_budget,
+    'step_time': step_time,
+    'features': features,
+    'num_devices': num_devices,
+  }
+  if not any(c.field in fixed for c in choices):
+    return Plan(tuple(choices), inputs)
+  free = plan(
+    fp,
+    memory_budget=budget,
+    time_budget=time_budget,
+    step_time=step_time,
+    features=features,
+    num_devices=num_devices,
+  )
+  return Plan(_mark_fixed(choices, fixed, free), inputs)
+
+
+def _mark_fixed(choices, fixed: Mapping[str, Any], free: Plan) -> tuple[Choice, ...]:
+  """The choices, each of a `fixed` field marked as overridden, with the value and
+  reason `free` (the plan made without `fixed`) gives it."""
+  free_choices = {c.field: c for c in free.choices}
+  marked = []
+  for c in choices:
+    if c.field in fixed:
+      own = free_choices.get(c.field, c)
+      c = Choice(c.field, fixed[c.field], own.reason, overridden=True, planned=own.value)
+    marked.append(c)
+  return tuple(marked)
+
+
+# ---------------------------------------------------------------------------
+# Using a plan.
+
+
+def _node_and_leaf(config, field: str):
+  *path, leaf = field.split('.')
+  node = config
+  for part in path:
+    node = node[part]
+  return node, leaf
+
+
+def has_field(config, field: str) -> bool:
+  try:
+    node, leaf = _node_and_leaf(config, field)
+  except (KeyError, AttributeError, TypeError):
+    return False
+  return leaf in node
+
+
+def fixed_fields(config: ml_collections.ConfigDict, keep: Iterable[str]) -> dict[str, Any]:
+  """{field: the config's value} of the kept fields the config has: `plan`'s `fixed`."""
+  out = {}
+  for field in keep:
+    if has_field(config, field):
+      node, leaf = _node_and_leaf(config, field)
+      value = node[leaf]
+      out[field] = (
+        value.to_dict() if isinstance(value, ml_collections.ConfigDict) else (value)
+      )
+  return out
+
+
+def apply(config: ml_collections.ConfigDict, p: Plan) -> ml_collections.ConfigDict:
+  """A copy of `config` with every planned field set (overridden ones keep theirs)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  for c in p.choices:
+    node, leaf = _node_and_leaf(config, c.field)
+    node[leaf] = c.value
+  return config
+
+
+def _text(value) -> str:
+  if isinstance(value, float):
+    return f'{value:.4g}'
+  if isinstance(value, tuple):
+    inner = ', '.join(_text(v) for v in value)
+    return f'({inner},)' if len(value) == 1 else f'({inner})'
+  return repr(value) if isinstance(value, str) else str(value)
+
+
+def format_table(p: Plan) -> str:
+  """The plan as a table: field, value, who set it, reason."""
+  rows = [('field', 'value', 'set by', 'reason')]
+  for c in p.choices:
+    if c.overridden:
+      rows.append(
+        (
+          c.field,
+          _text(c.value),
+          'command line',
+          f"overrides the plan's {_text(c.planned)}: {c.reason}",
+        )
+      )
+    else:
+      rows.append((c.field, _text(c.value), 'plan', c.reason))
+  widths = [max(len(r[i]) for r in rows) for i in range(3)]
+  lines = ['  '.join(r[i].ljust(widths[i]) for i in range(3)) + '  ' + r[3] for r in rows]
+  lines.insert(1, '  '.join('-' * w for w in widths) + '  ' + '-' * 6)
+  return '\n'.join(lines)
+
+
+def format_fingerprint(fp: Fingerprint) -> str:
+  """The fingerprint as 'field  value' lines."""
+  values = fp.to_dict()
+  width = max(len(k) for k in values)
+  return '\n'.join(f'{k.ljust(width)}  {_text(as_tuples(v))}' for k, v in values.items())

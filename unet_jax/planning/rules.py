@@ -1,0 +1,680 @@
+r"""The planning rules: how a data set's fingerprint becomes config choices.
+
+This is where the rules are documented (the README and configs/folder.py link
+here). nnU-Net (Isensee et al., 2021) showed that a handful of rules, applied to a
+"fingerprint" of a data set (`unet_jax/planning/fingerprint.py`), configure a
+U-Net that matches or beats hand-tuned pipelines on most medical segmentation
+tasks. `unet_jax.planning.plan` applies these to make a plan, a pure function of
+the fingerprint and the budgets:
+
+* **Patch, depth, pooling, kernels.** The target input is the median shape.
+  The axes are pooled level by level: an axis is pooled (by 2) only while its
+  current spacing is within 2x of the finest current spacing and its current
+  size is at least 8, so the bottleneck is 4 to 8 pixels per axis; an axis whose
+  spacing is more than 2x the finest gets kernel 1 there ((1, 3, 3)-style). At
+  most `MAX_DEPTH` levels (the widths double at every level;
+  `unet_jax/planning/topology.py`). The patch is rounded down to a multiple of
+  the pooling factor and, while a training step of batch 2 does not fit
+  `memory_budget` (`unet_jax.models.memory.estimate`), the axis largest
+  relative to the median shape (each of them on a tie) is shrunk by one pooling
+  factor, re-planning the pooling each time (nnU-Net's rule).
+  2D: whole images (padded to the largest) when the largest fits the budget and
+  is at most 1.5x the median along every axis, else random crops of the patch.
+  3D: random patches, and sliding-window evaluation with the same patch when
+  volumes are larger.
+* **Batch size**: the most that fits the budget, at most 5% of the data set's
+  voxels, at least 2 (nnU-Net's rule); instance norm below a batch of 8, where
+  batch statistics are noisy (nnU-Net uses instance norm throughout).
+* **Normalisation** (`input_pipeline.normalise`), from the raw value range:
+  integer values with a minimum at or below -500 that fit in int16 are taken as
+  CT (Hounsfield units: air is -1000): clip to the foreground's 0.5 and 99.5
+  percentiles, then one z-score with the foreground mean and std. Integer values
+  in [0, 255] are 8-bit images: a fixed 0-1 scaling from [0, 255]. Anything
+  else (floats, 16-bit MRI or microscopy) is MRI-like: a z-score per image.
+* **Augmentation.** Flips along an axis only when no foreground class lies on
+  one side along it: the mean centroid (normalised position 0..1) of every
+  class is within 0.1 of the centre, or within 3 standard errors of it (a class
+  that sits on one side, such as a left organ, is not flip-invariant, and
+  flipping would swap left and right classes). 90-degree rotations in the
+  (H, W) plane only when flips along H and W are allowed, the in-plane spacing
+  is isotropic (within 10%), the training input is square, and no class has a
+  preferred in-plane orientation (its mean log elongation log(s_H / s_W) is
+  within log 1.5 of 0, or within 3 standard errors of it): anatomical images,
+  whose structures sit at fixed places in fixed orientations, fail these tests
+  and are not rotated. Scale in [0.85, 1.25], or [1, 1.25] (zoom in only) when
+  a class is thinner than 3 pixels, which zooming out would erase; elastic
+  deformation (2D, at most 100 cases, as in the U-Net paper) of 2% of the
+  smaller side, at most 4 pixels; intensity jitter 0.1.
+* **Loss**: Dice + cross-entropy (nnU-Net's); a class that is under 1% of the
+  labelled voxels gets the weight min(10, sqrt(1% / frequency)), 1 otherwise.
+* **Steps**: `time_budget / step_time` when both are given (the step time is
+  measured on the plan made without them, at the start of training), with a
+  warmup of at most 10% of them. When fewer than `MIN_STEPS` steps would fit,
+  the step is made cheaper first, taking its time as proportional to voxels x
+  batch x features^2: the patch shrinks (as for memory, not below
+  min(`MIN_PATCH_SIDE`, median) along any axis; 2D whole images become crops),
+  then the top width halves (not below `MIN_FEATURES`). CPUs, not memory, are
+  what limits training in minutes; nnU-Net plans for a GPU and has no such rule.
+
+Fields set on the command line are given to `plan` as `fixed`: the plan keeps
+their values, plans the rest around them (a fixed depth gets pooling for that
+depth, a fixed patch a depth for that patch) and the table marks them.
+
+Each rule here returns `Choice`s, one per config field, each with its reason.
+
+Reference: F. Isensee, P. F. Jaeger, S. A. A. Kohl, J. Petersen, K. H. Maier-Hein,
+"nnU-Net: a self-configuring method for deep learning-based biomedical image
+segmentation", Nature Methods 18, 203-211 (2021), arXiv:1809.10486.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+from unet_jax.models import memory
+from unet_jax.planning.fingerprint import as_tuples
+from unet_jax.planning.fingerprint import Fingerprint
+from unet_jax.planning.topology import layout
+from unet_jax.planning.topology import MAX_DEPTH
+from unet_jax.planning.topology import MIN_POOL_SIZE
+from unet_jax.planning.topology import pooling_factor
+
+RARE_CLASS = 0.01  # A class under this share of the labelled voxels is weighted.
+CT_MIN_VALUE = -500  # Integer data reaching this low is taken as Hounsfield units.
+_THIN = 3.0  # Pixels: a class thinner than this is not zoomed out.
+MIN_STEPS = 250  # The time rule makes a step cheaper until this many fit the budget.
+MIN_PATCH_SIDE = 32  # ... but not below this (or the median) along any axis,
+MIN_FEATURES = 8  # ... nor the top width below this.
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+  """One planned config field.
+
+  Attributes:
+    field: the dotted config field, e.g. 'model.depth'.
+    value: the value the run uses (tuples, not lists).
+    reason: why the plan chose `planned`.
+    overridden: the field was set on the command line; `value` is that value.
+    planned: the plan's own value (equal to `value` unless overridden).
+  """
+
+  field: str
+  value: Any
+  reason: str
+  overridden: bool = False
+  planned: Any = None
+
+  def __post_init__(self):
+    object.__setattr__(self, 'value', as_tuples(self.value))
+    planned = self.value if self.planned is None and not self.overridden else self.planned
+    object.__setattr__(self, 'planned', as_tuples(planned))
+
+
+# ---------------------------------------------------------------------------
+# Normalisation.
+
+
+def _data_kind(fp: Fingerprint) -> tuple[str, str]:
+  """('ct' | 'natural8' | 'mri', why), from the raw value range."""
+  low, high = min(fp.value_min), max(fp.value_max)
+  where = f'raw values {low:g}..{high:g} ({fp.value_type})'
+  if fp.value_type in ('int16', 'uint8') and low <= CT_MIN_VALUE:
+    return 'ct', f'{where} reach {CT_MIN_VALUE} or below: CT in Hounsfield units'
+  if fp.value_type == 'uint8':
+    return 'natural8', f'{where}: 8-bit images'
+  return 'mri', f'{where}: neither 8-bit nor Hounsfield units (MRI-like)'
+
+
+def normalisation_choices(fp: Fingerprint, fixed: Mapping[str, Any]) -> list[Choice]:
+  kind, why = _data_kind(fp)
+  mode = {'ct': 'ct', 'natural8': 'rescale', 'mri': 'zscore'}[kind]
+  choices = [
+    Choice(
+      'data.normalization',
+      mode,
+      {
+        'ct': f'{why}; clip to the foreground 0.5-99.5 percentiles, then one z-score',
+        'rescale': f'{why}; a fixed 0-1 scaling keeps their intensities comparable',
+        'zscore': f'{why}; a z-score per image, per channel',
+      }[mode],
+    )
+  ]
+  mode = fixed.get('data.normalization', mode)
+  if mode == 'ct':
+    choices += [
+      Choice(
+        'data.intensity_low',
+        fp.foreground_p00_5,
+        'the 0.5 percentile of the foreground intensities',
+      ),
+      Choice(
+        'data.intensity_high',
+        fp.foreground_p99_5,
+        'the 99.5 percentile of the foreground intensities',
+      ),
+      Choice(
+        'data.intensity_mean', fp.foreground_mean, 'the mean of the foreground intensities'
+      ),
+      Choice(
+        'data.intensity_std',
+        tuple(max(s, 1e-6) for s in fp.foreground_std),
+        'the standard deviation of the foreground intensities',
+      ),
+    ]
+  elif mode == 'rescale':
+    eight_bit = kind == 'natural8'
+    low = (0.0,) * fp.num_channels if eight_bit else fp.value_min
+    high = (255.0,) * fp.num_channels if eight_bit else fp.value_max
+    why = 'the 8-bit range' if eight_bit else 'the raw value range'
+    choices += [
+      Choice('data.intensity_low', low, why),
+      Choice('data.intensity_high', high, why),
+    ]
+  return choices
+
+
+# ---------------------------------------------------------------------------
+# The input size, the layout and the batch.
+
+
+def _step_bytes(shape, pools, kernels, *, batch, fp, features) -> int:
+  """The estimated bytes of a training step on `batch` inputs of `shape`."""
+  return memory.estimate(
+    spatial_shape=tuple(shape),
+    in_channels=fp.num_channels,
+    num_classes=max(fp.num_classes, 2),
+    features=features,
+    depth=len(pools),
+    kernel_sizes=kernels,
+    pool_sizes=pools,
+    batch=batch,
+    training=True,
+  ).total_bytes
+
+
+def _fits(shape, pools, kernels, *, batch, fp, features, budget) -> bool:
+  return _step_bytes(shape, pools, kernels, batch=batch, fp=fp, features=features) <= budget
+
+
+def _shape_text(shape) -> str:
+  return 'x'.join(f'{s:g}' for s in shape)
+
+
+def _axis_names(ndim: int) -> tuple[str, ...]:
+  return ('D', 'H', 'W')[-ndim:]
+
+
+def _largest_batch(shape, pools, kernels, *, fp, features, budget, cap: int) -> int:
+  """The largest batch (per device, at most `cap`) whose training step fits; 0 if
+  not even 1 fits. Memory grows linearly with the batch; checked at the answer."""
+  size = lambda b: _step_bytes(shape, pools, kernels, batch=b, fp=fp, features=features)
+  fits = lambda b: size(b) <= budget
+  if not fits(1):
+    return 0
+  one, two = size(1), size(2)
+  per_example = max(two - one, 1)
+  b = int(min(cap, max(1, (budget - (one - per_example)) // per_example)))
+  while b > 1 and not fits(b):
+    b -= 1
+  return b
+
+
+def _patch(
+  fp: Fingerprint, fixed, *, budget, features, batch, max_voxels=None, time_batch=1
+):
+  """(patch, pools, kernels, note): the median shape, rounded down to the pooling
+  factor, shrunk while a training step of `batch` does not fit `budget`, then
+  while `time_batch` patches hold more than `max_voxels` voxels (the time rule;
+  not below min(MIN_PATCH_SIDE, median) along any axis). Each time the axes
+  largest relative to the median shape (all of them on a tie, so a square patch
+  stays square) shrink by their pooling factor."""
+  median = [max(1.0, m) for m in fp.shape_median]
+  patch = [max(1, int(round(m))) for m in median]
+  floor = [min(MIN_PATCH_SIDE, int(round(m))) for m in median]
+  start, shrunk = None, set()
+  while True:
+    pools, kernels, _ = layout(fp, patch, fixed)
+    divisor = pooling_factor(pools)
+    rounded = [max(d, p // d * d) for p, d in zip(patch, divisor)]
+    start = start or rounded
+    if not _fits(
+      rounded, pools, kernels, batch=batch, fp=fp, features=features, budget=budget
+    ):
+      why = 'memory'
+      shrinkable = [a for a in range(fp.ndim) if rounded[a] > divisor[a]]
+    elif max_voxels is not None and math.prod(rounded) * time_batch > max_voxels:
+      why = 'time'
+      shrinkable = [a for a in range(fp.ndim) if rounded[a] - divisor[a] >= floor[a]]
+    else:
+      break
+    if not shrinkable:
+      break
+    shrunk.add(why)
+    ratio = max(rounded[a] / median[a] for a in shrinkable)
+    patch = [
+      r - d if a in shrinkable and r / m >= ratio - 1e-9 else r
+      for a, (r, d, m) in enumerate(zip(rounded, divisor, median))
+    ]
+  note = (
+    f'the median shape {_shape_text(fp.shape_median)}, rounded down to a multiple'
+    f' of the pooling factor {_shape_text(divisor)}'
+  )
+  if 'memory' in shrunk:
+    note += (
+      f', shrunk from {_shape_text(start)} until a training step of batch'
+      f' {batch} fits {memory.format_bytes(budget)}'
+    )
+  if 'time' in shrunk:
+    note += ', shrunk for the time budget (see num_train_steps)'
+  return tuple(rounded), pools, kernels, note
+
+
+def input_choices(
+  fp: Fingerprint,
+  fixed,
+  *,
+  budget: int,
+  features: int,
+  num_devices: int,
+  max_voxels: float | None = None,
+  max_batch: int | None = None,
+) -> tuple[list[Choice], tuple[int, ...], int]:
+  """The input size (policy, image or patch size), the network's layout and the
+  batch; with `max_voxels`, at most that many voxels a step (the time rule), and
+  a batch of at most `max_batch`. Returns the choices, the training input shape
+  and the batch."""
+  per_device = lambda b: max(1, -(-b // num_devices))
+  first_batch = per_device(fixed.get('batch_size', 2))
+  time_batch = fixed.get('batch_size', max_batch or 1)
+  field = 'data.patch_size' if fp.ndim == 3 else 'data.image_size'
+  given = tuple(fixed.get(field) or ())
+  if given:
+    patch, note = given, 'set on the command line'
+    pools, kernels, _ = layout(fp, patch, fixed)
+  else:
+    patch, pools, kernels, note = _patch(
+      fp,
+      fixed,
+      budget=budget,
+      features=features,
+      batch=first_batch,
+      max_voxels=max_voxels,
+      time_batch=time_batch,
+    )
+  if fp.ndim == 2:
+    choices, train_shape = _image_choices(
+      fp,
+      fixed,
+      patch,
+      note,
+      pools,
+      kernels,
+      given=bool(given),
+      budget=budget,
+      features=features,
+      batch=first_batch,
+      max_voxels=max_voxels,
+      time_batch=time_batch,
+    )
+  else:
+    choices, train_shape = _patch_choices(fp, patch, note), patch
+  choices += _layout_choices(fp, train_shape, pools, kernels, fixed)
+  batch = _batch_choices(
+    fp,
+    train_shape,
+    pools,
+    kernels,
+    budget=budget,
+    features=features,
+    num_devices=num_devices,
+    fixed=fixed,
+    max_batch=max_batch,
+  )
+  return choices + batch, tuple(train_shape), batch[0].value
+
+
+def _image_choices(
+  fp,
+  fixed,
+  patch,
+  note,
+  pools,
+  kernels,
+  *,
+  given: bool,
+  budget: int,
+  features: int,
+  batch: int,
+  max_voxels: float | None,
+  time_batch: int,
+) -> tuple[list[Choice], tuple[int, ...]]:
+  """2D: whole images (size policy 'pad') when the largest, padded to the pooling
+  factor, is at most 1.5x the median, fits a step of `batch` and, with
+  `max_voxels`, `time_batch` of them hold at most that many voxels (the time
+  rule); else random crops of `patch`. Returns the choices and the training
+  input shape."""
+  divisor = pooling_factor(pools)
+  whole = tuple(-(-m // d) * d for m, d in zip(fp.shape_max, divisor))
+  whole_ok = (
+    not given
+    and all(mx <= 1.5 * md for mx, md in zip(fp.shape_max, fp.shape_median))
+    and _fits(whole, pools, kernels, batch=batch, fp=fp, features=features, budget=budget)
+    and (max_voxels is None or math.prod(whole) * time_batch <= max_voxels)
+  )
+  if fixed.get('data.size_policy', 'pad' if whole_ok else 'crop') == 'pad' and (not given):
+    return [
+      Choice(
+        'data.size_policy',
+        'pad',
+        f'whole images: the largest,'
+        f' {_shape_text(fp.shape_max)}, padded to {_shape_text(whole)}, fits'
+        f' {memory.format_bytes(budget)} and is at most 1.5x the median',
+      ),
+      Choice('data.image_size', (), 'the largest image (size policy pad)'),
+    ], whole
+  return [
+    Choice(
+      'data.size_policy',
+      'crop',
+      'random crops of the image size: the'
+      ' largest image is far larger than the median, does not fit'
+      f' {memory.format_bytes(budget)} or is too slow for the time budget'
+      if not given
+      else 'random crops of the image size',
+    ),
+    Choice('data.image_size', patch, note),
+  ], patch
+
+
+def _patch_choices(fp, patch, note) -> list[Choice]:
+  """3D: random patches; sliding windows of the patch to evaluate larger volumes."""
+  choices = [Choice('data.patch_size', patch, f'random patches: {note}')]
+  if any(m > p for m, p in zip(fp.shape_max, patch)):
+    choices.append(
+      Choice(
+        'evals.eval.patch_size',
+        patch,
+        'volumes larger than the patch are evaluated by sliding windows of the patch',
+      )
+    )
+  return choices
+
+
+def _layout_choices(fp, shape, pools, kernels, fixed) -> list[Choice]:
+  bottleneck = [s / d for s, d in zip(shape, pooling_factor(pools))]
+  fixed_depth = 'model.depth' in fixed or 'model.pool_sizes' in fixed
+  depth_why = (
+    f'pool until the bottleneck is 4-8 pixels per axis (at most {MAX_DEPTH}'
+    f' levels): {_shape_text(shape)} -> {_shape_text(bottleneck)}'
+  )
+  anisotropic = fp.anisotropy > 2
+  spacing = _shape_text(fp.spacing_median)
+  pool_why = (
+    f'spacing {spacing}: an axis is pooled only while its spacing is within 2x'
+    ' of the finest, and while it is at least'
+    f' {MIN_POOL_SIZE} long'
+    if anisotropic
+    else f'an axis is pooled while at least {MIN_POOL_SIZE} long (spacing {spacing})'
+  )
+  if fixed_depth:
+    pool_why += ', for the depth set on the command line'
+  kernel_why = (
+    'kernel 1 along an axis whose spacing is over 2x the finest at that'
+    ' level ((1, 3, 3)-style)'
+    if any(1 in k for k in kernels)
+    else '3 along every axis: no axis is over 2x coarser than the finest'
+  )
+  return [
+    Choice('model.depth', len(pools), depth_why),
+    Choice('model.pool_sizes', pools, pool_why),
+    Choice('model.kernel_sizes', kernels, kernel_why),
+  ]
+
+
+def _batch_choices(
+  fp, shape, pools, kernels, *, budget, features, num_devices, fixed, max_batch=None
+) -> list[Choice]:
+  voxels = fp.num_cases * math.prod(fp.shape_median)
+  cap = max(2, int(round(0.05 * voxels / math.prod(shape))))
+  if max_batch:
+    cap = min(cap, max_batch)
+  if 'batch_size' in fixed:
+    batch = int(fixed['batch_size'])
+    why = 'set on the command line'
+  else:
+    by_memory = (
+      _largest_batch(
+        shape,
+        pools,
+        kernels,
+        fp=fp,
+        features=features,
+        budget=budget,
+        cap=-(-cap // num_devices),
+      )
+      * num_devices
+    )
+    batch = max(2, min(cap, by_memory))
+    batch = -(-batch // num_devices) * num_devices
+    limit = ', and the time rule' if max_batch else ''
+    why = (
+      f'the most that fits {memory.format_bytes(budget)} ({by_memory}), at most 5%'
+      f" of the data set's voxels ({cap}{limit}), at least 2"
+    )
+    if num_devices > 1:
+      why += f', a multiple of the {num_devices} devices'
+  norm = 'instance' if batch < 8 else 'batch'
+  return [
+    Choice('batch_size', batch, why),
+    Choice(
+      'model.norm',
+      norm,
+      f'batch {batch}: '
+      + (
+        'BatchNorm statistics of so few examples are noisy; instance norm, as nnU-Net'
+        if norm == 'instance'
+        else 'large enough for BatchNorm'
+      ),
+    ),
+  ]
+
+
+# ---------------------------------------------------------------------------
+# Augmentation.
+
+
+def _off_centre(fp: Fingerprint) -> dict[int, str]:
+  """Axes along which some foreground class lies to one side: axis -> why."""
+  names, out = _axis_names(fp.ndim), {}
+  for c in range(1, fp.num_classes):
+    if not fp.class_voxels[c]:
+      continue
+    for a in range(fp.ndim):
+      offset = fp.centroid_mean[c][a] - 0.5
+      sem = fp.centroid_sem[c][a]
+      if abs(offset) > 0.1 and abs(offset) > 3 * sem and a not in out:
+        out[a] = (
+          f'class {c} lies at {fp.centroid_mean[c][a]:.2f} along {names[a]}'
+          f' (+- {sem:.2f}; the centre is 0.5)'
+        )
+  return out
+
+
+def _rotation(fp: Fingerprint, shape, off_centre: Mapping[int, str]) -> tuple[bool, str]:
+  """Whether 90-degree rotations in the (H, W) plane are safe, and why."""
+  h, w = fp.ndim - 2, fp.ndim - 1
+  if h in off_centre or w in off_centre:
+    return False, off_centre.get(h) or off_centre[w]
+  s_h, s_w = fp.spacing_median[h], fp.spacing_median[w]
+  if abs(s_h / s_w - 1) > 0.1:
+    return False, f'the in-plane spacing {s_h:g} x {s_w:g} is not isotropic'
+  if shape[h] != shape[w]:
+    return False, f'the training input {_shape_text(shape)} is not square'
+  for c in range(1, fp.num_classes):
+    mean, sem = fp.elongation_mean[c], fp.elongation_sem[c]
+    if fp.class_voxels[c] and abs(mean) > math.log(1.5) and abs(mean) > 3 * sem:
+      axis = 'H' if mean > 0 else 'W'
+      return False, (
+        f'class {c} is elongated along {axis} (s_H / s_W ='
+        f' {math.exp(mean):.2f} on average): a preferred orientation'
+      )
+  return True, (
+    'no class lies to one side or has a preferred orientation; isotropic'
+    ' in-plane spacing; a square input'
+  )
+
+
+def augment_choices(fp: Fingerprint, shape) -> list[Choice]:
+  names = _axis_names(fp.ndim)
+  off = _off_centre(fp)
+  axes = tuple(a for a in range(fp.ndim) if a not in off)
+  if axes:
+    flip_why = f'no class lies to one side along {", ".join(names[a] for a in axes)}'
+    if off:
+      flip_why += '; not along ' + '; '.join(
+        f'{names[a]}: {why}' for a, why in sorted(off.items())
+      )
+    choices = [
+      Choice('augment.flip', True, flip_why),
+      Choice('augment.flip_axes', axes, flip_why),
+    ]
+  else:
+    choices = [Choice('augment.flip', False, '; '.join(off.values()))]
+  rot90, rot_why = _rotation(fp, shape, off)
+  choices.append(Choice('augment.rot90', rot90, rot_why))
+  thin = [c for c in range(1, fp.num_classes) if 0 < fp.class_thickness[c] < _THIN]
+  if thin:
+    choices.append(
+      Choice(
+        'augment.scale',
+        (1.0, 1.25),
+        'zoom in only: class'
+        f' {thin[0]} is {fp.class_thickness[thin[0]]:.1f} pixels thick,'
+        ' and zooming out would erase it',
+      )
+    )
+  else:
+    choices.append(
+      Choice(
+        'augment.scale',
+        (0.85, 1.25),
+        f'a safe range: no class is thinner than {_THIN:g} pixels',
+      )
+    )
+  if fp.ndim == 2 and fp.num_cases <= 100:
+    elastic = round(min(4.0, 0.02 * min(shape)), 1)
+    choices.append(
+      Choice(
+        'augment.elastic',
+        elastic,
+        f'{fp.num_cases} cases: elastic'
+        ' deformation of 2% of the smaller side (at most 4), as in'
+        ' the U-Net paper for small data sets',
+      )
+    )
+  else:
+    choices.append(
+      Choice(
+        'augment.elastic',
+        0.0,
+        '3D or over 100 cases: off, as in nnU-Net'
+        if fp.ndim == 3 or fp.num_cases > 100
+        else 'off',
+      )
+    )
+  choices.append(
+    Choice(
+      'augment.intensity',
+      0.1,
+      'mild brightness and contrast jitter (nnU-Net applies stronger ones)',
+    )
+  )
+  return choices
+
+
+# ---------------------------------------------------------------------------
+# The loss.
+
+
+def loss_choices(fp: Fingerprint, fixed) -> list[Choice]:
+  if fixed.get('model.num_classes') == 1:
+    return []  # One sigmoid logit, set on the command line: the config's loss.
+  choices = [Choice('loss.name', 'dice_ce', 'Dice + cross-entropy, as nnU-Net')]
+  if fixed.get('loss.name', 'dice_ce') != 'dice_ce':
+    return choices
+  weights, why = [], []
+  for c, f in enumerate(fp.class_frequency):
+    if 0 < f < RARE_CLASS:
+      weights.append(round(min(10.0, math.sqrt(RARE_CLASS / f)), 3))
+      why.append(
+        f'class {c} is {100 * f:.3g}% of the labelled voxels (in'
+        f' {100 * fp.class_image_share[c]:.0f}% of the images): weight'
+        f' {weights[-1]:g} = min(10, sqrt(1% / {100 * f:.3g}%))'
+      )
+    else:
+      weights.append(1.0)
+  if why:
+    choices.append(
+      Choice(
+        'loss.kwargs.class_weights', tuple(weights), '; '.join(why) + '; other classes 1'
+      )
+    )
+  return choices
+
+
+# ---------------------------------------------------------------------------
+# Steps: the time rule.
+
+
+def timed_choices(
+  fp, fixed, choices, shape, batch, *, time_budget, step_time, features, **options
+):
+  """The time rule: (choices, steps choices, input shape). A plan whose measured step would
+  allow fewer than MIN_STEPS steps in the budget is made cheaper (step time taken
+  as proportional to voxels x batch x features^2): the patch shrinks (not below
+  min(MIN_PATCH_SIDE, median) per axis), then the features halve (not below
+  MIN_FEATURES, and not if set on the command line)."""
+  ref_cost = math.prod(shape) * batch * features**2
+  allowed = ref_cost * time_budget / (step_time * MIN_STEPS)
+  ref = f'{_shape_text(shape)} x batch {batch}, features {features}'
+  width = features
+  if ref_cost > allowed:
+    while True:
+      choices, shape, batch = input_choices(
+        fp, fixed, features=width, max_voxels=allowed / width**2, max_batch=batch, **options
+      )
+      cost = math.prod(shape) * batch * width**2
+      if cost <= allowed or width // 2 < MIN_FEATURES or 'model.features' in fixed:
+        break
+      width //= 2
+  cost = math.prod(shape) * batch * width**2
+  seconds = step_time * cost / ref_cost
+  steps = max(1, math.floor(time_budget / seconds + 1e-9))
+  why = f'a time budget of {time_budget:g} s / {seconds:.3g} s per step'
+  if cost != ref_cost:
+    why += (
+      f' (measured {step_time:.3g} s for {ref}; scaled by voxels x batch x'
+      f' features^2: fewer than {MIN_STEPS} steps would fit unscaled)'
+    )
+  else:
+    why += ' (measured on the planned model)'
+  timed = [
+    Choice('num_train_steps', steps, why),
+    Choice(
+      'optimizer.warmup_steps', min(50, steps // 10), 'at most 10% of the steps, at most 50'
+    ),
+  ]
+  if width != features:
+    choices = choices + [
+      Choice(
+        'model.features',
+        width,
+        f'halved from {features}:'
+        f' even the smallest patch the time rule allows'
+        f' would leave under {MIN_STEPS} steps',
+      )
+    ]
+  return choices, timed, shape
