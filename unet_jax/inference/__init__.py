@@ -4,9 +4,17 @@ and export (`export.py`, `launch.py --mode=export`).
 
     from unet_jax import inference
     predictor = inference.load('runs/demo', step='best')
+
+`load` and `Predictor` are loaded on first use, so that `inference.export.load_exported`
+(an exported file needs JAX alone) imports neither Flax nor the data pipeline.
 """
 
-from unet_jax.inference.predictor import load
-from unet_jax.inference.predictor import Predictor
+import importlib
 
 __all__ = ['Predictor', 'load']
+
+
+def __getattr__(name: str):
+  if name in __all__:
+    return getattr(importlib.import_module('unet_jax.inference.predictor'), name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
