@@ -79,8 +79,27 @@ from unet_jax.losses._focal import focal_loss
 from unet_jax.losses._region import dice_loss
 from unet_jax.losses._region import generalized_dice_loss
 from unet_jax.losses._region import tversky_loss
+from unet_jax.losses.deep_supervision import deep_supervision_loss
+from unet_jax.losses.deep_supervision import supervision_strides
 
 LossFn = Callable[..., jax.Array]
+
+__all__ = [
+  'LOSSES',
+  'LossFn',
+  'binary_cross_entropy_loss',
+  'cross_entropy_loss',
+  'deep_supervision_loss',
+  'dice_bce_loss',
+  'dice_ce_loss',
+  'dice_loss',
+  'focal_dice_loss',
+  'focal_loss',
+  'generalized_dice_loss',
+  'get_loss',
+  'supervision_strides',
+  'tversky_loss',
+]
 
 LOSSES: dict[str, LossFn] = {
   'dice_bce': dice_bce_loss,
