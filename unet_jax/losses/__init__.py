@@ -1,3 +1,4 @@
+# Docstrings in losses/, metrics/: Google style, `code` in backticks, math in `.. math::`.
 """Segmentation losses: pure `jax.numpy` functions of logits and labels.
 
 Every loss here has the signature::
@@ -9,40 +10,40 @@ and shares these conventions.
 
 Shapes:
 
-* ``logits``: ``[N, *spatial, C]``, channels-last: ``[N, H, W, C]`` in 2D,
-  ``[N, D, H, W, C]`` in 3D (any number of spatial axes works). Losses are
+* `logits`: `[N, *spatial, C]`, channels-last: `[N, H, W, C]` in 2D,
+  `[N, D, H, W, C]` in 3D (any number of spatial axes works). Losses are
   computed in at least float32 (bfloat16 logits are upcast).
-* ``labels``: either an integer (or bool) class map of shape
-  ``logits.shape[:-1]``, or a float one-hot / soft target of shape
-  ``logits.shape``.
+* `labels`: either an integer (or bool) class map of shape
+  `logits.shape[:-1]`, or a float one-hot / soft target of shape
+  `logits.shape`.
 
 From integer labels to targets:
 
-* ``activation='softmax'``: the target is ``one_hot(labels, C)``. Softmax needs
-  ``C >= 2``: a softmax over one channel is constant.
-* ``activation='sigmoid'``: channels are independent (binary or multi-label).
-  With ``C == 1`` the target is ``labels == 1`` as a single channel (binary
-  segmentation with one logit); with ``C > 1`` it is ``one_hot(labels, C)``.
-* Labels outside ``[0, C)`` that are not ``ignore_index`` give all-zero target
-  rows. Use ``ignore_index`` to leave such pixels out.
+* `activation='softmax'`: the target is `one_hot(labels, C)`. Softmax needs
+  `C >= 2`: a softmax over one channel is constant.
+* `activation='sigmoid'`: channels are independent (binary or multi-label).
+  With `C == 1` the target is `labels == 1` as a single channel (binary
+  segmentation with one logit); with `C > 1` it is `one_hot(labels, C)`.
+* Labels outside `[0, C)` that are not `ignore_index` give all-zero target
+  rows. Use `ignore_index` to leave such pixels out.
 
-``ignore_index`` (integer labels only): pixels whose label equals it contribute
+`ignore_index` (integer labels only): pixels whose label equals it contribute
 nothing to any loss, so the loss equals the loss computed on the other pixels
 alone and the gradient at ignored pixels is exactly zero. The value may lie
-outside ``[0, C)`` (e.g. 255): such pixels are masked before one-hot encoding.
+outside `[0, C)` (e.g. 255): such pixels are masked before one-hot encoding.
 
-``reduction``:
+`reduction`:
 
-* ``'none'``: shape ``[N]``, one value per example.
-* ``'mean'``: a scalar. Region losses (Dice, Tversky, generalized Dice): the
+* `'none'`: shape `[N]`, one value per example.
+* `'mean'`: a scalar. Region losses (Dice, Tversky, generalized Dice): the
   mean of the per-example values. Pixel-averaged losses (BCE, CE, focal): the
   mean over all non-ignored pixels of the batch, which equals the mean of the
   per-example values when no pixel is ignored.
-* ``'sum'``: a scalar, the sum of the per-example values.
+* `'sum'`: a scalar, the sum of the per-example values.
 
-With ``batch=True`` a region loss sums over the batch and spatial axes
-together, so there is one value for the whole batch: ``'mean'`` and ``'sum'``
-both return it and ``'none'`` raises a ValueError.
+With `batch=True` a region loss sums over the batch and spatial axes
+together, so there is one value for the whole batch: `'mean'` and `'sum'`
+both return it and `'none'` raises a ValueError.
 
 All functions are pure and safe under `jax.jit`, `jax.grad` and `jax.vmap`:
 shapes are checked at trace time and nothing branches in Python on array
@@ -55,15 +56,26 @@ on semantic segmentation; "the U-Net course text" below) that names BCE, Dice,
 their sum and a focal variant; MONAI's losses fix the options and their
 semantics, and `benchmarks/monai_parity.py` checks the values against MONAI.
 
-Why not `optax.losses.dice_loss`: it has no ``ignore_index``, which training
+Why not `optax.losses.dice_loss`: it has no `ignore_index`, which training
 needs (padding and "don't care" pixels must not count), and none of MONAI's
-options (``include_background``, ``squared_pred``, ``jaccard``, ``batch``,
+options (`include_background`, `squared_pred`, `jaccard`, `batch`,
 the smoothing terms), so it could not match MONAI's values.
 
 Example::
 
   loss_fn = functools.partial(losses.dice_ce_loss, include_background=False)
   loss, grads = jax.jit(jax.value_and_grad(loss_fn))(logits, labels)
+
+Layout: one private module per family, every public name re-exported here.
+
+* `_common`: option and input checks, targets from labels, the reductions.
+* `_cross_entropy`: `binary_cross_entropy_loss`, `cross_entropy_loss`.
+* `_focal`: `focal_loss`.
+* `_region`: `dice_loss`, `tversky_loss`, `generalized_dice_loss`.
+* `_combined`: `dice_bce_loss`, `dice_ce_loss`, `focal_dice_loss`.
+* `deep_supervision`: `deep_supervision_loss` over a network's main and
+  auxiliary outputs, and `supervision_strides` for its heads.
+* Here: `LOSSES`, the registry of the losses above by name, and `get_loss`.
 """
 
 from collections.abc import Callable
@@ -82,8 +94,6 @@ from unet_jax.losses._region import tversky_loss
 from unet_jax.losses.deep_supervision import deep_supervision_loss
 from unet_jax.losses.deep_supervision import supervision_strides
 
-LossFn = Callable[..., jax.Array]
-
 __all__ = [
   'LOSSES',
   'LossFn',
@@ -101,6 +111,8 @@ __all__ = [
   'tversky_loss',
 ]
 
+LossFn = Callable[..., jax.Array]
+
 LOSSES: dict[str, LossFn] = {
   'dice_bce': dice_bce_loss,
   'dice_ce': dice_ce_loss,
@@ -115,13 +127,13 @@ LOSSES: dict[str, LossFn] = {
 
 
 def get_loss(name: str) -> LossFn:
-  """The loss registered as ``name`` in `LOSSES`, for configs.
+  """The loss registered as `name` in `LOSSES`, for configs.
 
   Args:
     name: one of the keys of `LOSSES`.
 
   Returns:
-    The loss function; call it as ``fn(logits, labels, **options)``.
+    The loss function; call it as `fn(logits, labels, **options)`.
 
   Raises:
     ValueError: for an unknown name, listing the valid ones.

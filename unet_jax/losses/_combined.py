@@ -24,17 +24,17 @@ def dice_bce_loss(
   ignore_index: int | None = None,
   reduction: str = 'mean',
 ) -> jax.Array:
-  """Sigmoid Dice + binary cross-entropy, the standard combined loss.
+  r"""Sigmoid Dice + binary cross-entropy, the standard combined loss.
 
-  ::
+  .. math::
+    L = \lambda_{\mathrm{dice}} L_{\mathrm{Dice}}
+      + \lambda_{\mathrm{bce}} L_{\mathrm{BCE}}
 
-    L = lambda_dice * L_Dice + lambda_bce * L_BCE
-
-  with ``L_Dice`` = `dice_loss` (``activation='sigmoid'``) and ``L_BCE`` =
-  `binary_cross_entropy_loss`, each reduced as ``reduction`` says. Dice
+  with `L_Dice` = `dice_loss` (`activation='sigmoid'`) and `L_BCE` =
+  `binary_cross_entropy_loss`, each reduced as `reduction` says. Dice
   handles class imbalance, BCE gives dense per-pixel gradients. For binary
-  segmentation use one logit per pixel (``C == 1``) and integer labels in
-  {0, 1}; ``C > 1`` is multi-label.
+  segmentation use one logit per pixel (`C == 1`) and integer labels in
+  {0, 1}; `C > 1` is multi-label.
 
   Args:
     logits: [N, *spatial, C] float.
@@ -55,7 +55,7 @@ def dice_bce_loss(
 
   References:
     The "Combined Loss" of the U-Net course text; MONAI
-    ``DiceCELoss(sigmoid=True)`` for one channel.
+    `DiceCELoss(sigmoid=True)` for one channel.
   """
   dice = _region.dice_loss(
     logits,
@@ -93,17 +93,17 @@ def dice_ce_loss(
   ignore_index: int | None = None,
   reduction: str = 'mean',
 ) -> jax.Array:
-  """Softmax Dice + cross-entropy, with MONAI ``DiceCELoss`` semantics.
+  r"""Softmax Dice + cross-entropy, with MONAI `DiceCELoss` semantics.
 
-  ::
+  .. math::
+    L = \lambda_{\mathrm{dice}} L_{\mathrm{Dice}}
+      + \lambda_{\mathrm{ce}} L_{\mathrm{CE}}
 
-    L = lambda_dice * L_Dice + lambda_ce * L_CE
-
-  with ``L_Dice`` = `dice_loss` (``activation='softmax'``) and ``L_CE`` =
-  `cross_entropy_loss` (the mean over pixels). ``include_background`` and
-  the Dice options act on the Dice term only; ``class_weights`` ([C]) weigh
+  with `L_Dice` = `dice_loss` (`activation='softmax'`) and `L_CE` =
+  `cross_entropy_loss` (the mean over pixels). `include_background` and
+  the Dice options act on the Dice term only; `class_weights` ([C]) weigh
   both terms, the background's weight being dropped from the Dice term when
-  ``include_background=False``, as in MONAI.
+  `include_background=False`, as in MONAI.
 
   Args:
     logits: [N, *spatial, C] float, C >= 2.
@@ -126,7 +126,7 @@ def dice_ce_loss(
 
   References:
     Isensee et al., nnU-Net, Nature Methods 2021,
-    https://arxiv.org/abs/1809.10486; MONAI ``monai.losses.DiceCELoss``.
+    https://arxiv.org/abs/1809.10486; MONAI `monai.losses.DiceCELoss`.
   """
   dice = _region.dice_loss(
     logits,
@@ -171,23 +171,23 @@ def focal_dice_loss(
   ignore_index: int | None = None,
   reduction: str = 'mean',
 ) -> jax.Array:
-  """Focal Dice: Dice plus a focal term (AnatomyNet's Dice + focal loss).
+  r"""Focal Dice: Dice plus a focal term (AnatomyNet's Dice + focal loss).
 
-  ::
+  .. math::
+    L = \lambda_{\mathrm{dice}} L_{\mathrm{Dice}}
+      + \lambda_{\mathrm{focal}} L_{\mathrm{Focal}}
 
-    L = lambda_dice * L_Dice + lambda_focal * L_Focal
-
-  with ``L_Dice`` = `dice_loss` and ``L_Focal`` = `focal_loss`, both with
-  the same ``activation``. The focal term's factor ``(1 - p_t) ** gamma``
+  with `L_Dice` = `dice_loss` and `L_Focal` = `focal_loss`, both with
+  the same `activation`. The focal term's factor `(1 - p_t) ** gamma`
   nearly removes the pixels the model already gets right with confidence,
   which in segmentation are mostly background, so the dense gradient goes to
   the hard pixels (usually missed foreground), while the Dice term keeps the
-  loss normalised by the foreground size. ``gamma = 0`` gives Dice + CE
+  loss normalised by the foreground size. `gamma = 0` gives Dice + CE
   (softmax) or Dice + BCE (sigmoid).
 
-  Zhu et al. use ``L_Dice`` in Tversky form; with their alpha = beta = 0.5
+  Zhu et al. use `L_Dice` in Tversky form; with their alpha = beta = 0.5
   it is the Dice loss used here. This is also the structure of MONAI's
-  ``DiceFocalLoss`` (whose focal term is additionally divided by C).
+  `DiceFocalLoss` (whose focal term is additionally divided by C).
 
   Args:
     logits: [N, *spatial, C] float.

@@ -16,22 +16,23 @@ def binary_cross_entropy_loss(
   ignore_index: int | None = None,
   reduction: str = 'mean',
 ) -> jax.Array:
-  """Sigmoid binary cross-entropy, averaged over elements.
+  r"""Sigmoid binary cross-entropy, averaged over elements.
 
-  For each element (pixel and channel), with ``x`` the logit and ``y`` the
-  target in ``[0, 1]``::
+  For each element (pixel and channel), with `x` the logit and `y` the
+  target in `[0, 1]`:
 
-    l = -(y * log(sigmoid(x)) + (1 - y) * log(1 - sigmoid(x)))
+  .. math::
+    l = -\big(y \log \sigma(x) + (1 - y) \log(1 - \sigma(x))\big)
 
-  computed as ``-(y * log_sigmoid(x) + (1 - y) * log_sigmoid(-x))``, exact and
-  finite for any logit. The loss is the mean of ``l`` over the elements of the
+  computed as `-(y * log_sigmoid(x) + (1 - y) * log_sigmoid(-x))`, exact and
+  finite for any logit. The loss is the mean of `l` over the elements of the
   non-ignored pixels. Channels are independent (binary or multi-label).
 
   Args:
     logits: [N, *spatial, C] float.
-    labels: [N, *spatial] integer class map (``C == 1``: the target is
-      ``labels == 1``; ``C > 1``: ``one_hot(labels, C)``) or [N, *spatial, C]
-      float target in ``[0, 1]``.
+    labels: [N, *spatial] integer class map (`C == 1`: the target is
+      `labels == 1`; `C > 1`: `one_hot(labels, C)`) or [N, *spatial, C]
+      float target in `[0, 1]`.
     ignore_index: label value whose pixels are left out (integer labels only).
     reduction: 'mean', 'sum' or 'none'.
 
@@ -62,17 +63,18 @@ def cross_entropy_loss(
   ignore_index: int | None = None,
   reduction: str = 'mean',
 ) -> jax.Array:
-  """Softmax cross-entropy, averaged over pixels (PyTorch/MONAI semantics).
+  r"""Softmax cross-entropy, averaged over pixels (PyTorch/MONAI semantics).
 
-  For each pixel, with ``t`` the target over the ``C`` classes, the smoothed
-  target ``q = (1 - label_smoothing) * t + label_smoothing / C`` and the
-  class weights ``w`` (all ones by default)::
+  For each pixel, with `t` the target over the `C` classes, the smoothed
+  target `q = (1 - label_smoothing) * t + label_smoothing / C` and the
+  class weights `w` (all ones by default):
 
-    l = -sum_c w_c * q_c * log_softmax(x)_c
+  .. math::
+    l = -\sum_c w_c \, q_c \log \mathrm{softmax}(x)_c
 
-  The mean is weighted: ``sum_i l_i / sum_i sum_c w_c * t_ic`` over the
-  non-ignored pixels ``i``, which for integer labels is ``torch``'s
-  ``CrossEntropyLoss(weight=w, label_smoothing=...)``. ``log_softmax`` uses
+  The mean is weighted: `sum_i l_i / sum_i sum_c w_c * t_ic` over the
+  non-ignored pixels `i`, which for integer labels is `torch`'s
+  `CrossEntropyLoss(weight=w, label_smoothing=...)`. `log_softmax` uses
   log-sum-exp, so extreme logits give finite values.
 
   Args:

@@ -27,24 +27,25 @@ def focal_loss(
   ignore_index: int | None = None,
   reduction: str = 'mean',
 ) -> jax.Array:
-  """Focal loss (Lin et al.): cross-entropy that down-weights easy pixels.
+  r"""Focal loss (Lin et al.): cross-entropy that down-weights easy pixels.
 
-  With ``p_t`` the probability given to the target::
+  With `p_t` the probability given to the target:
 
-    l = -alpha_t * (1 - p_t) ** gamma * log(p_t)
+  .. math::
+    l = -\alpha_t \, (1 - p_t)^\gamma \log p_t
 
-  * ``activation='softmax'``: per pixel, ``l = -sum_c alpha_c * t_c *
-    (1 - p_c) ** gamma * log p_c`` (one term for a one-hot target), averaged
-    over pixels. A scalar ``alpha`` gives ``1 - alpha`` to class 0
-    (background) and ``alpha`` to the others (MONAI's convention); a [C] array
+  * `activation='softmax'`: per pixel, `l = -sum_c alpha_c * t_c *
+    (1 - p_c) ** gamma * log p_c` (one term for a one-hot target), averaged
+    over pixels. A scalar `alpha` gives `1 - alpha` to class 0
+    (background) and `alpha` to the others (MONAI's convention); a [C] array
     gives one factor per class.
-  * ``activation='sigmoid'``: per element (pixel and channel), with
-    ``alpha_t = alpha * y + (1 - alpha) * (1 - y)``, averaged over elements.
+  * `activation='sigmoid'`: per element (pixel and channel), with
+    `alpha_t = alpha * y + (1 - alpha) * (1 - y)`, averaged over elements.
 
-  ``gamma = 0`` and ``alpha=None`` give plain cross-entropy. ``log p`` comes
-  from ``log_softmax`` / ``log_sigmoid`` and ``1 - p`` is taken without
+  `gamma = 0` and `alpha=None` give plain cross-entropy. `log p` comes
+  from `log_softmax` / `log_sigmoid` and `1 - p` is taken without
   cancellation, so the loss and its gradient stay finite for extreme logits
-  and any ``gamma >= 0``.
+  and any `gamma >= 0`.
 
   Args:
     logits: [N, *spatial, C] float.

@@ -63,27 +63,30 @@ def dice_loss(
   ignore_index: int | None = None,
   reduction: str = 'mean',
 ) -> jax.Array:
-  """Soft Dice (or Jaccard) loss, with MONAI ``DiceLoss`` semantics.
+  r"""Soft Dice (or Jaccard) loss, with MONAI `DiceLoss` semantics.
 
-  With ``p`` the softmax or sigmoid of ``logits`` and ``g`` the target, for
+  With `p` the softmax or sigmoid of `logits` and `g` the target, for
   each example and class (sums over the spatial axes; over the batch and
-  spatial axes together when ``batch=True``)::
+  spatial axes together when `batch=True`):
 
-    I = sum(p * g),  P = sum(p),  G = sum(g)
-    dice:     L_c = 1 - (2 * I + smooth_nr) / (P + G + smooth_dr)
-    jaccard:  L_c = 1 - (2 * I + smooth_nr) / (2 * (P + G - I) + smooth_dr)
+  .. math::
+    I = \sum p \, g,\quad P = \sum p,\quad G = \sum g
 
-  ``squared_pred=True`` uses ``P = sum(p ** 2)`` and ``G = sum(g ** 2)``. The
-  loss of an example is ``mean_c(w_c * L_c)`` over the classes kept
-  (``w_c = 1`` without ``class_weights``). Perfect overlap gives about 0 and
+    L_c^{\mathrm{dice}} = 1 - \frac{2 I + s_{nr}}{P + G + s_{dr}},\qquad
+    L_c^{\mathrm{jaccard}} = 1 - \frac{2 I + s_{nr}}{2 (P + G - I) + s_{dr}}
+
+  with `s_nr = smooth_nr` and `s_dr = smooth_dr`. `squared_pred=True` uses
+  `P = sum(p ** 2)` and `G = sum(g ** 2)`. The loss of an example is
+  `mean_c(w_c * L_c)` over the classes kept
+  (`w_c = 1` without `class_weights`). Perfect overlap gives about 0 and
   disjoint masks about 1; a class absent from both prediction and target
-  gives ``1 - smooth_nr / smooth_dr`` (0 with the defaults).
+  gives `1 - smooth_nr / smooth_dr` (0 with the defaults).
 
   For the same options the values agree with MONAI's
-  ``DiceLoss(sigmoid=..., softmax=..., to_onehot_y=..., ...)`` with
-  ``reduction='mean'`` (MONAI's 'sum' and 'none' keep the class axis; here
+  `DiceLoss(sigmoid=..., softmax=..., to_onehot_y=..., ...)` with
+  `reduction='mean'` (MONAI's 'sum' and 'none' keep the class axis; here
   they sum or keep per-example class means). With one channel
-  (``C == 1``, sigmoid) ``include_background`` has no effect: that channel is
+  (`C == 1`, sigmoid) `include_background` has no effect: that channel is
   the foreground.
 
   Args:
@@ -98,18 +101,18 @@ def dice_loss(
     smooth_nr: added to the numerator.
     smooth_dr: added to the denominator.
     class_weights: optional non-negative weights, [C] (the background's is
-      dropped when ``include_background=False``) or, as in MONAI, [C - 1]
-      when ``include_background=False``.
+      dropped when `include_background=False`) or, as in MONAI, [C - 1]
+      when `include_background=False`.
     ignore_index: label value whose pixels are left out (integer labels only).
     reduction: 'mean', 'sum' or 'none'.
 
   Returns:
-    'none': [N]. 'mean' and 'sum': []. With ``batch=True``: [] ('none' raises
+    'none': [N]. 'mean' and 'sum': []. With `batch=True`: [] ('none' raises
     a ValueError).
 
   References:
     Milletari et al., V-Net, 3DV 2016, https://arxiv.org/abs/1606.04797;
-    MONAI ``monai.losses.DiceLoss``.
+    MONAI `monai.losses.DiceLoss`.
   """
   _common.check_options(reduction=reduction, activation=activation, batch=batch)
   _common.check_inputs(logits, labels, activation=activation, ignore_index=ignore_index)
@@ -152,17 +155,19 @@ def tversky_loss(
   ignore_index: int | None = None,
   reduction: str = 'mean',
 ) -> jax.Array:
-  """Tversky loss, with MONAI ``TverskyLoss`` semantics.
+  r"""Tversky loss, with MONAI `TverskyLoss` semantics.
 
   For each example and class (sums over the spatial axes; also over the batch
-  when ``batch=True``)::
+  when `batch=True`), with `s_nr = smooth_nr` and `s_dr = smooth_dr`:
 
-    TP = sum(p * g),  FP = sum(p * (1 - g)),  FN = sum((1 - p) * g)
-    L_c = 1 - (TP + smooth_nr) / (TP + alpha * FP + beta * FN + smooth_dr)
+  .. math::
+    TP = \sum p \, g,\quad FP = \sum p \, (1 - g),\quad FN = \sum (1 - p) \, g
 
-  The loss of an example is the mean of ``L_c`` over the classes kept.
-  ``alpha = beta = 0.5`` is the Dice loss (up to smoothing) and
-  ``alpha = beta = 1`` the Jaccard loss; ``beta > alpha`` penalises missed
+    L_c = 1 - \frac{TP + s_{nr}}{TP + \alpha \, FP + \beta \, FN + s_{dr}}
+
+  The loss of an example is the mean of `L_c` over the classes kept.
+  `alpha = beta = 0.5` is the Dice loss (up to smoothing) and
+  `alpha = beta = 1` the Jaccard loss; `beta > alpha` penalises missed
   foreground more than false alarms.
 
   Args:
@@ -179,12 +184,12 @@ def tversky_loss(
     reduction: 'mean', 'sum' or 'none'.
 
   Returns:
-    'none': [N]. 'mean' and 'sum': []. With ``batch=True``: [].
+    'none': [N]. 'mean' and 'sum': []. With `batch=True`: [].
 
   References:
     Salehi et al., Tversky loss function for image segmentation using 3D
     fully convolutional deep networks, MLMI 2017,
-    https://arxiv.org/abs/1706.05721; MONAI ``monai.losses.TverskyLoss``.
+    https://arxiv.org/abs/1706.05721; MONAI `monai.losses.TverskyLoss`.
   """
   _common.check_options(reduction=reduction, activation=activation, batch=batch)
   _common.check_inputs(logits, labels, activation=activation, ignore_index=ignore_index)
@@ -215,16 +220,20 @@ def generalized_dice_loss(
   ignore_index: int | None = None,
   reduction: str = 'mean',
 ) -> jax.Array:
-  """Generalized Dice loss (Sudre et al.), with MONAI semantics.
+  r"""Generalized Dice loss (Sudre et al.), with MONAI semantics.
 
-  Per example (or for the batch when ``batch=True``), with class weights
-  from the target volume ``G_c = sum(g_c)``::
+  Per example (or for the batch when `batch=True`), with class weights
+  from the target volume `G_c = sum(g_c)`, `s_nr = smooth_nr` and
+  `s_dr = smooth_dr`:
 
-    w_c = 1 / G_c ** 2 ('square'),  1 / G_c ('simple'),  1 ('uniform')
-    L = 1 - (2 * sum_c w_c * sum(p_c * g_c) + smooth_nr)
-            / (sum_c w_c * (sum(p_c) + sum(g_c)) + smooth_dr)
+  .. math::
+    w_c = 1 / G_c^2 \ (\text{'square'}),\quad 1 / G_c \ (\text{'simple'}),\quad
+      1 \ (\text{'uniform'})
 
-  A class absent from the target (``G_c = 0``) gets the largest weight of
+    L = 1 - \frac{2 \sum_c w_c \sum p_c \, g_c + s_{nr}}
+                 {\sum_c w_c \left(\sum p_c + \sum g_c\right) + s_{dr}}
+
+  A class absent from the target (`G_c = 0`) gets the largest weight of
   the present classes, as in MONAI. Rare classes weigh as much as common
   ones, which suits highly unbalanced segmentation.
 
@@ -241,13 +250,13 @@ def generalized_dice_loss(
     reduction: 'mean', 'sum' or 'none'.
 
   Returns:
-    'none': [N]. 'mean' and 'sum': []. With ``batch=True``: [].
+    'none': [N]. 'mean' and 'sum': []. With `batch=True`: [].
 
   References:
     Sudre et al., Generalised Dice overlap as a deep learning loss function
     for highly unbalanced segmentations, DLMIA 2017,
     https://arxiv.org/abs/1707.03237; MONAI
-    ``monai.losses.GeneralizedDiceLoss``.
+    `monai.losses.GeneralizedDiceLoss`.
   """
   _common.check_options(reduction=reduction, activation=activation, batch=batch)
   if w_type not in _GDL_WEIGHTS:

@@ -1,3 +1,4 @@
+# Docstrings in losses/, metrics/: Google style, `code` in backticks, math in `.. math::`.
 """Segmentation metrics: confusion-matrix metrics, boundary metrics, case statistics.
 
 * `unet_jax.metrics.confusion`: an exact integer confusion matrix, counted on the

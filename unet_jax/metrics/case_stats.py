@@ -8,7 +8,16 @@ import numpy as np
 
 
 def nan_stats(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Mean and standard deviation over axis 0, ignoring NaN (NaN where all are)."""
+  """Mean and standard deviation over axis 0, ignoring NaN (NaN where all are).
+
+  Args:
+    values: [cases, ...] float values, NaN where a case has no value.
+
+  Returns:
+    `(mean, std)`, each of shape `values.shape[1:]` in float64: the mean and the
+    population standard deviation (ddof 0) of the non-NaN values, NaN where all of
+    them are NaN.
+  """
   values = np.asarray(values, np.float64)
   present = ~np.isnan(values)
   count = present.sum(axis=0)
@@ -22,7 +31,14 @@ def nan_stats(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def mean_over(values) -> float:
-  """The mean of the non-NaN values (inf counts); NaN when there are none."""
+  """The mean of the non-NaN values (inf counts); NaN when there are none.
+
+  Args:
+    values: float values of any shape.
+
+  Returns:
+    A float: the mean of the non-NaN entries; NaN if there are none.
+  """
   values = np.asarray(values, np.float64)
   values = values[~np.isnan(values)]
   return float(values.mean()) if values.size else float('nan')

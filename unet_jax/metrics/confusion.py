@@ -3,9 +3,9 @@
 The device side counts; the host side divides:
 
 * `confusion_matrix` (jit-able, `jax.numpy`) turns predicted and true class
-  maps into a ``[C, C]`` int32 matrix of pixel counts, rows true and columns
-  predicted. Matrices of batches and devices add up (``jax.lax.psum`` inside
-  ``shard_map`` or ``pmap``, or ``+`` on the host), so dataset-level metrics
+  maps into a `[C, C]` int32 matrix of pixel counts, rows true and columns
+  predicted. Matrices of batches and devices add up (`jax.lax.psum` inside
+  `shard_map` or `pmap`, or `+` on the host), so dataset-level metrics
   are exact rather than averages of batch averages. Counting uses integer
   scatter-adds, never float32, so counts stay exact past 2**24 pixels.
 * `pixel_accuracy`, `iou_per_class`, `mean_iou`, `dice_per_class` and
@@ -16,14 +16,14 @@ The device side counts; the host side divides:
   `summarize` turns a summed matrix into the figures training reports.
 
 Absent classes: a class with no pixel in either the prediction or the ground
-truth has ``TP + FP + FN = 0``, so its IoU and Dice are 0 / 0. Libraries
+truth has `TP + FP + FN = 0`, so its IoU and Dice are 0 / 0. Libraries
 disagree on that value (scikit-learn returns 0 and warns by default, some
 return 1, some NaN); here it is NaN in the per-class arrays and left out of
 `mean_iou` and `mean_dice`, since nothing was there to be segmented. A class
 present in the ground truth but never predicted (or the reverse) scores 0 and
-counts in the means. The values equal scikit-learn's ``confusion_matrix``,
-``f1_score(average=None, zero_division=np.nan)`` and
-``jaccard_score(average=None)`` (which has no NaN option and gives 0 for an
+counts in the means. The values equal scikit-learn's `confusion_matrix`,
+`f1_score(average=None, zero_division=np.nan)` and
+`jaccard_score(average=None)` (which has no NaN option and gives 0 for an
 absent class).
 
 Example::
@@ -69,33 +69,32 @@ def confusion_matrix(
   *,
   ignore_index: int | None = None,
 ) -> jax.Array:
-  """Pixel counts of (true class, predicted class) pairs.
+  r"""Pixel counts of (true class, predicted class) pairs.
 
-  ::
+  .. math::
+    \mathrm{cm}[i, j] = \#\{\text{pixels with label } i \text{ and prediction } j\}
 
-    cm[i, j] = #{pixels with label i and prediction j}
-
-  Pixels whose label equals ``ignore_index``, or whose label or prediction
-  lies outside ``[0, num_classes)``, are not counted (under jit nothing can
+  Pixels whose label equals `ignore_index`, or whose label or prediction
+  lies outside `[0, num_classes)`, are not counted (under jit nothing can
   be raised for them; check labels on the host if a stray value would hide a
   bug). Counting is an int32 scatter-add, exact while one call sees fewer than
   2**31 pixels; sum the matrices of many calls on the host in int64. Works
-  under `jax.jit` (``num_classes`` static), `jax.vmap`, and inside
-  ``shard_map`` / ``pmap``, where ``jax.lax.psum`` gives the global matrix.
+  under `jax.jit` (`num_classes` static), `jax.vmap`, and inside
+  `shard_map` / `pmap`, where `jax.lax.psum` gives the global matrix.
 
   Args:
     predictions: [N, *spatial] integer predicted classes (any shape).
-    labels: integer true classes, same shape as ``predictions``.
+    labels: integer true classes, same shape as `predictions`.
     num_classes: C, a Python int.
     ignore_index: optional label value to leave out; may lie outside
-      ``[0, C)`` (e.g. 255).
+      `[0, C)` (e.g. 255).
 
   Returns:
     [C, C] int32 counts, rows true and columns predicted (scikit-learn's
-    ``confusion_matrix`` layout).
+    `confusion_matrix` layout).
 
   References:
-    scikit-learn ``sklearn.metrics.confusion_matrix``.
+    scikit-learn `sklearn.metrics.confusion_matrix`.
   """
   _check_class_maps(predictions, labels)
   num_classes = int(num_classes)
@@ -144,11 +143,10 @@ def _nanmean(values: np.ndarray) -> float:
 
 
 def pixel_accuracy(cm) -> float:
-  """Share of counted pixels predicted correctly (host, NumPy).
+  r"""Share of counted pixels predicted correctly (host, NumPy).
 
-  ::
-
-    acc = trace(cm) / sum(cm)
+  .. math::
+    \mathrm{acc} = \frac{\operatorname{tr}(\mathrm{cm})}{\sum_{i, j} \mathrm{cm}[i, j]}
 
   Misleading under class imbalance: all-background on 95% background data
   scores 0.95.
@@ -164,21 +162,20 @@ def pixel_accuracy(cm) -> float:
 
 
 def iou_per_class(cm) -> np.ndarray:
-  """Intersection over union (Jaccard index) per class (host, NumPy).
+  r"""Intersection over union (Jaccard index) per class (host, NumPy).
 
-  ::
+  .. math::
+    \mathrm{IoU}_c = \frac{TP_c}{TP_c + FP_c + FN_c}
 
-    IoU_c = TP_c / (TP_c + FP_c + FN_c)
-
-  with ``TP_c = cm[c, c]``, ``FP_c`` the rest of column ``c`` and ``FN_c``
-  the rest of row ``c``.
+  with `TP_c = cm[c, c]`, `FP_c` the rest of column `c` and `FN_c`
+  the rest of row `c`.
 
   Args:
     cm: [C, C] confusion matrix, rows true and columns predicted.
 
   Returns:
     [C] float64; NaN for a class absent from both prediction and ground truth.
-    Equals ``sklearn.metrics.jaccard_score(average=None)`` for every other
+    Equals `sklearn.metrics.jaccard_score(average=None)` for every other
     class.
 
   References:
@@ -190,11 +187,10 @@ def iou_per_class(cm) -> np.ndarray:
 
 
 def mean_iou(cm) -> float:
-  """Mean IoU over the classes present in prediction or ground truth (host).
+  r"""Mean IoU over the classes present in prediction or ground truth (host).
 
-  ::
-
-    mIoU = mean over {c : TP_c + FP_c + FN_c > 0} of IoU_c
+  .. math::
+    \mathrm{mIoU} = \operatorname*{mean}_{c \,:\, TP_c + FP_c + FN_c > 0} \mathrm{IoU}_c
 
   Args:
     cm: [C, C] confusion matrix, rows true and columns predicted.
@@ -206,18 +202,17 @@ def mean_iou(cm) -> float:
 
 
 def dice_per_class(cm) -> np.ndarray:
-  """Dice coefficient (F1 score) per class (host, NumPy).
+  r"""Dice coefficient (F1 score) per class (host, NumPy).
 
-  ::
-
-    Dice_c = 2 TP_c / (2 TP_c + FP_c + FN_c)
+  .. math::
+    \mathrm{Dice}_c = \frac{2 \, TP_c}{2 \, TP_c + FP_c + FN_c}
 
   Args:
     cm: [C, C] confusion matrix, rows true and columns predicted.
 
   Returns:
     [C] float64; NaN for a class absent from both prediction and ground truth.
-    Equals ``sklearn.metrics.f1_score(average=None, zero_division=np.nan)``.
+    Equals `sklearn.metrics.f1_score(average=None, zero_division=np.nan)`.
 
   References:
     Dice, Measures of the amount of ecologic association between species,
@@ -246,11 +241,10 @@ def per_image_dice(
   *,
   ignore_index: int | None = None,
 ) -> jax.Array:
-  """Dice per example and class, for imbalance analysis (jit-able).
+  r"""Dice per example and class, for imbalance analysis (jit-able).
 
-  ::
-
-    Dice[n, c] = 2 TP_nc / (2 TP_nc + FP_nc + FN_nc)
+  .. math::
+    \mathrm{Dice}[n, c] = \frac{2 \, TP_{nc}}{2 \, TP_{nc} + FP_{nc} + FN_{nc}}
 
   from each example's own confusion matrix (see `confusion_matrix` for the
   pixels counted).
@@ -283,13 +277,13 @@ def confusion_matrices_host(
   labels: np.ndarray,
   num_classes: int,
 ) -> np.ndarray:
-  """Per-example confusion matrices on the host (NumPy), exact in int64.
+  r"""Per-example confusion matrices on the host (NumPy), exact in int64.
 
-  ::
+  .. math::
+    \mathrm{cm}[n, i, j] = \#\{\text{pixels of example } n \text{ with label } i
+      \text{ and prediction } j\}
 
-    cm[n, i, j] = #{pixels of example n with label i and prediction j}
-
-  Labels outside ``[0, num_classes)`` (the input pipeline's -1 for padding and
+  Labels outside `[0, num_classes)` (the input pipeline's -1 for padding and
   ignored pixels) are not counted; nor are predictions outside that range.
 
   Args:
@@ -320,6 +314,9 @@ def confusion_matrices_host(
 
 def summarize(cm) -> dict:
   """Data-set-level metrics from a summed confusion matrix (host).
+
+  Args:
+    cm: [C, C] confusion matrix, rows true and columns predicted.
 
   Returns:
     A dict with 'pixel_accuracy', 'mean_iou', 'mean_dice' (floats),
