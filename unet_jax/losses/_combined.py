@@ -27,8 +27,7 @@ def dice_bce_loss(
   r"""Sigmoid Dice + binary cross-entropy, the standard combined loss.
 
   .. math::
-    L = \lambda_{\mathrm{dice}} L_{\mathrm{Dice}}
-      + \lambda_{\mathrm{bce}} L_{\mathrm{BCE}}
+    L = \lambda_\text{dice} L_\text{Dice} + \lambda_\text{bce} L_\text{BCE}
 
   with `L_Dice` = `dice_loss` (`activation='sigmoid'`) and `L_BCE` =
   `binary_cross_entropy_loss`, each reduced as `reduction` says. Dice
@@ -42,11 +41,7 @@ def dice_bce_loss(
     lambda_dice: weight of the Dice term.
     lambda_bce: weight of the BCE term.
     include_background: as in `dice_loss` (Dice term only).
-    squared_pred: as in `dice_loss`.
-    jaccard: as in `dice_loss`.
-    batch: as in `dice_loss`.
-    smooth_nr: as in `dice_loss`.
-    smooth_dr: as in `dice_loss`.
+    squared_pred, jaccard, batch, smooth_nr, smooth_dr: as in `dice_loss`.
     ignore_index: label value whose pixels are left out (integer labels only).
     reduction: 'mean', 'sum' or 'none'.
 
@@ -96,8 +91,7 @@ def dice_ce_loss(
   r"""Softmax Dice + cross-entropy, with MONAI `DiceCELoss` semantics.
 
   .. math::
-    L = \lambda_{\mathrm{dice}} L_{\mathrm{Dice}}
-      + \lambda_{\mathrm{ce}} L_{\mathrm{CE}}
+    L = \lambda_\text{dice} L_\text{Dice} + \lambda_\text{ce} L_\text{CE}
 
   with `L_Dice` = `dice_loss` (`activation='softmax'`) and `L_CE` =
   `cross_entropy_loss` (the mean over pixels). `include_background` and
@@ -111,11 +105,7 @@ def dice_ce_loss(
     lambda_dice: weight of the Dice term.
     lambda_ce: weight of the cross-entropy term.
     include_background: as in `dice_loss` (Dice term only).
-    squared_pred: as in `dice_loss`.
-    jaccard: as in `dice_loss`.
-    batch: as in `dice_loss`.
-    smooth_nr: as in `dice_loss`.
-    smooth_dr: as in `dice_loss`.
+    squared_pred, jaccard, batch, smooth_nr, smooth_dr: as in `dice_loss`.
     class_weights: optional [C] non-negative class weights.
     label_smoothing: as in `cross_entropy_loss`.
     ignore_index: label value whose pixels are left out (integer labels only).
@@ -174,8 +164,7 @@ def focal_dice_loss(
   r"""Focal Dice: Dice plus a focal term (AnatomyNet's Dice + focal loss).
 
   .. math::
-    L = \lambda_{\mathrm{dice}} L_{\mathrm{Dice}}
-      + \lambda_{\mathrm{focal}} L_{\mathrm{Focal}}
+    L = \lambda_\text{dice} L_\text{Dice} + \lambda_\text{focal} L_\text{Focal}
 
   with `L_Dice` = `dice_loss` and `L_Focal` = `focal_loss`, both with
   the same `activation`. The focal term's factor `(1 - p_t) ** gamma`
@@ -192,17 +181,12 @@ def focal_dice_loss(
   Args:
     logits: [N, *spatial, C] float.
     labels: [N, *spatial] integer class map or [N, *spatial, C] float target.
-    gamma: as in `focal_loss`.
-    alpha: as in `focal_loss`.
+    gamma, alpha: as in `focal_loss`.
     activation: 'softmax' (C >= 2) or 'sigmoid'.
     lambda_dice: weight of the Dice term.
     lambda_focal: weight of the focal term.
     include_background: as in `dice_loss` (Dice term only).
-    squared_pred: as in `dice_loss`.
-    jaccard: as in `dice_loss`.
-    batch: as in `dice_loss`.
-    smooth_nr: as in `dice_loss`.
-    smooth_dr: as in `dice_loss`.
+    squared_pred, jaccard, batch, smooth_nr, smooth_dr: as in `dice_loss`.
     ignore_index: label value whose pixels are left out (integer labels only).
     reduction: 'mean', 'sum' or 'none'.
 

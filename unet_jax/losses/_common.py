@@ -18,6 +18,7 @@ def check_options(
   activation: str | None = None,
   batch: bool = False,
 ) -> None:
+  """A ValueError for an unknown option, or `batch=True` with `reduction='none'`."""
   if reduction not in REDUCTIONS:
     raise ValueError(f'reduction must be one of {REDUCTIONS}, got {reduction!r}.')
   if activation is not None and activation not in ACTIVATIONS:
@@ -30,6 +31,7 @@ def check_options(
 
 
 def is_class_map(logits: jax.Array, labels: jax.Array) -> bool:
+  """Whether `labels` is a class map [N, *spatial] rather than a target like `logits`."""
   return labels.ndim == logits.ndim - 1
 
 

@@ -17,6 +17,47 @@ def _modulating_factor(base: jax.Array, gamma: Any) -> jax.Array:
   return jnp.where(positive, safe_base**gamma, at_zero)
 
 
+def _softmax_focal(
+  logits: jax.Array, targets: jax.Array, mask: jax.Array, *, gamma: Any, alpha: Any
+) -> tuple[jax.Array, jax.Array]:
+  """Per-pixel softmax focal losses [N, *spatial] and their weights (the mask)."""
+  num_classes = logits.shape[-1]
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  one_minus_p = -jnp.expm1(log_probs)
+  losses = -_modulating_factor(one_minus_p, gamma) * targets * log_probs
+  if alpha is not None:
+    alpha = jnp.asarray(alpha, logits.dtype)
+    if alpha.ndim == 0:
+      alpha = jnp.concatenate([(1.0 - alpha)[None], jnp.full((num_classes - 1,), alpha)])
+    if alpha.shape != (num_classes,):
+      raise ValueError(
+        f'alpha must be a scalar or have shape [{num_classes}], got {alpha.shape}.'
+      )
+    losses = alpha * losses
+  return jnp.sum(losses, axis=-1), mask[..., 0]
+
+
+def _sigmoid_focal(
+  logits: jax.Array, targets: jax.Array, mask: jax.Array, *, gamma: Any, alpha: Any
+) -> tuple[jax.Array, jax.Array]:
+  """Per-element sigmoid focal losses [N, *spatial, C] and their weights."""
+  num_classes = logits.shape[-1]
+  one_minus_p_t = targets * jax.nn.sigmoid(-logits) + (1.0 - targets) * jax.nn.sigmoid(
+    logits
+  )
+  losses = _modulating_factor(one_minus_p_t, gamma) * optax.sigmoid_binary_cross_entropy(
+    logits, targets
+  )
+  if alpha is not None:
+    alpha = jnp.asarray(alpha, logits.dtype)
+    if alpha.ndim not in (0, 1) or alpha.size not in (1, num_classes):
+      raise ValueError(
+        f'alpha must be a scalar or have shape [{num_classes}], got {alpha.shape}.'
+      )
+    losses = (alpha * targets + (1.0 - alpha) * (1.0 - targets)) * losses
+  return losses, jnp.broadcast_to(mask, losses.shape)
+
+
 def focal_loss(
   logits: jax.Array,
   labels: jax.Array,
@@ -69,38 +110,9 @@ def focal_loss(
   _common.check_options(reduction=reduction, activation=activation)
   _common.check_inputs(logits, labels, activation=activation, ignore_index=ignore_index)
   logits = _common.upcast(logits)
-  num_classes = logits.shape[-1]
   targets, mask = _common.targets_and_mask(
     logits, labels, activation=activation, ignore_index=ignore_index
   )
-  if activation == 'softmax':
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    one_minus_p = -jnp.expm1(log_probs)
-    losses = -_modulating_factor(one_minus_p, gamma) * targets * log_probs
-    if alpha is not None:
-      alpha = jnp.asarray(alpha, logits.dtype)
-      if alpha.ndim == 0:
-        alpha = jnp.concatenate([(1.0 - alpha)[None], jnp.full((num_classes - 1,), alpha)])
-      if alpha.shape != (num_classes,):
-        raise ValueError(
-          f'alpha must be a scalar or have shape [{num_classes}], got {alpha.shape}.'
-        )
-      losses = alpha * losses
-    losses = jnp.sum(losses, axis=-1)
-    weights = mask[..., 0]
-  else:
-    one_minus_p_t = targets * jax.nn.sigmoid(-logits) + (1.0 - targets) * jax.nn.sigmoid(
-      logits
-    )
-    losses = _modulating_factor(one_minus_p_t, gamma) * optax.sigmoid_binary_cross_entropy(
-      logits, targets
-    )
-    if alpha is not None:
-      alpha = jnp.asarray(alpha, logits.dtype)
-      if alpha.ndim not in (0, 1) or alpha.size not in (1, num_classes):
-        raise ValueError(
-          f'alpha must be a scalar or have shape [{num_classes}], got {alpha.shape}.'
-        )
-      losses = (alpha * targets + (1.0 - alpha) * (1.0 - targets)) * losses
-    weights = jnp.broadcast_to(mask, losses.shape)
+  focal = _softmax_focal if activation == 'softmax' else _sigmoid_focal
+  losses, weights = focal(logits, targets, mask, gamma=gamma, alpha=alpha)
   return _common.reduce_pixels(losses * weights, weights, reduction)

@@ -18,7 +18,11 @@ def _region_inputs(
   include_background: bool,
   ignore_index: int | None,
 ) -> tuple[jax.Array, jax.Array]:
-  """Masked probabilities and targets [N, *spatial, C'] for region losses."""
+  """Masked probabilities and targets [N, *spatial, C'] for region losses.
+
+  Checks the inputs first (`_common.check_inputs`): a ValueError for bad ones.
+  """
+  _common.check_inputs(logits, labels, activation=activation, ignore_index=ignore_index)
   logits = _common.upcast(logits)
   targets, mask = _common.targets_and_mask(
     logits, labels, activation=activation, ignore_index=ignore_index
@@ -35,13 +39,33 @@ def _region_sum(x: jax.Array, *, batch: bool) -> jax.Array:
   return jnp.sum(x, axis=axes)
 
 
-def _dice_class_weights(class_weights: Any, num_classes: int, num_kept: int) -> jax.Array:
-  """Weights for the channels a region loss keeps, shape [C']."""
+def _dice_overlap(
+  probs: jax.Array, targets: jax.Array, *, squared_pred: bool, jaccard: bool, batch: bool
+) -> tuple[jax.Array, jax.Array]:
+  """The Dice (or Jaccard) intersection `I` and denominator, [N, C'] (or [C'])."""
+  intersection = _region_sum(probs * targets, batch=batch)
+  if squared_pred:
+    pred_o = _region_sum(probs * probs, batch=batch)
+    ground_o = _region_sum(targets * targets, batch=batch)
+  else:
+    pred_o = _region_sum(probs, batch=batch)
+    ground_o = _region_sum(targets, batch=batch)
+  denominator = pred_o + ground_o
+  if jaccard:
+    denominator = 2.0 * (denominator - intersection)
+  return intersection, denominator
+
+
+def _weigh_classes(per_class: jax.Array, class_weights: Any, num_classes: int) -> jax.Array:
+  """Per-class losses [..., C'] times the weights of the channels kept (if any)."""
+  if class_weights is None:
+    return per_class
+  num_kept = per_class.shape[-1]
   weights = jnp.asarray(class_weights, jnp.float32)
   if weights.ndim == 1 and weights.shape[0] == num_classes:
-    return weights[num_classes - num_kept :]
+    return per_class * weights[num_classes - num_kept :]
   if weights.ndim == 1 and weights.shape[0] == num_kept:
-    return weights
+    return per_class * weights
   raise ValueError(
     f'class_weights must have shape [{num_classes}] (one per channel) or, '
     f'with include_background=False, [{num_kept}]; got {weights.shape}.'
@@ -115,7 +139,6 @@ def dice_loss(
     MONAI `monai.losses.DiceLoss`.
   """
   _common.check_options(reduction=reduction, activation=activation, batch=batch)
-  _common.check_inputs(logits, labels, activation=activation, ignore_index=ignore_index)
   probs, targets = _region_inputs(
     logits,
     labels,
@@ -123,21 +146,11 @@ def dice_loss(
     include_background=include_background,
     ignore_index=ignore_index,
   )
-  intersection = _region_sum(probs * targets, batch=batch)
-  if squared_pred:
-    pred_o = _region_sum(probs * probs, batch=batch)
-    ground_o = _region_sum(targets * targets, batch=batch)
-  else:
-    pred_o = _region_sum(probs, batch=batch)
-    ground_o = _region_sum(targets, batch=batch)
-  denominator = pred_o + ground_o
-  if jaccard:
-    denominator = 2.0 * (denominator - intersection)
+  intersection, denominator = _dice_overlap(
+    probs, targets, squared_pred=squared_pred, jaccard=jaccard, batch=batch
+  )
   per_class = 1.0 - (2.0 * intersection + smooth_nr) / (denominator + smooth_dr)
-  if class_weights is not None:
-    per_class = per_class * _dice_class_weights(
-      class_weights, logits.shape[-1], probs.shape[-1]
-    )
+  per_class = _weigh_classes(per_class, class_weights, logits.shape[-1])
   return _common.reduce_examples(jnp.mean(per_class, axis=-1), reduction)
 
 
@@ -192,7 +205,6 @@ def tversky_loss(
     https://arxiv.org/abs/1706.05721; MONAI `monai.losses.TverskyLoss`.
   """
   _common.check_options(reduction=reduction, activation=activation, batch=batch)
-  _common.check_inputs(logits, labels, activation=activation, ignore_index=ignore_index)
   probs, targets = _region_inputs(
     logits,
     labels,
@@ -261,7 +273,6 @@ def generalized_dice_loss(
   _common.check_options(reduction=reduction, activation=activation, batch=batch)
   if w_type not in _GDL_WEIGHTS:
     raise ValueError(f'w_type must be one of {_GDL_WEIGHTS}, got {w_type!r}.')
-  _common.check_inputs(logits, labels, activation=activation, ignore_index=ignore_index)
   probs, targets = _region_inputs(
     logits,
     labels,
