@@ -2,6 +2,9 @@
 
 import functools
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +13,12 @@ import pytest
 
 from unet_jax import losses
 from unet_jax import metrics
+from unet_jax import models
 
 SIGMOID_ONLY = ('bce', 'dice_bce')  # Sigmoid-based; binary with one logit.
 REGION = ('dice', 'tversky', 'generalized_dice')
 SPATIAL = {'2d': (5, 6), '3d': (3, 4, 5)}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # Jitted functions are cached so tests that use the same loss, options and
@@ -605,3 +610,63 @@ LABELS = jnp.zeros((2, 4, 4), jnp.int32)
 def test_bad_inputs_raise_value_error(call):
   with pytest.raises(ValueError):
     call()
+
+
+# ------------------------------------------------------------------ deep supervision
+
+
+def test_deep_supervision_loss_by_hand():
+  labels = jnp.arange(16).reshape(1, 4, 4) % 3
+  mean_label = lambda logits, labels: jnp.mean(labels.astype(jnp.float32))
+  logits = jnp.zeros((1, 4, 4, 3))
+  aux = (jnp.zeros((1, 2, 2, 3)),)
+  loss = losses.deep_supervision_loss(mean_label, (logits, aux), labels, strides=((2, 2),))
+  # Full resolution: the mean of all labels; half resolution: labels[1::2, 1::2].
+  full = float(jnp.mean(labels))
+  half = float(jnp.mean(labels[:, 1::2, 1::2]))
+  assert float(loss) == pytest.approx(2 / 3 * full + 1 / 3 * half)
+  assert half != full
+
+
+def test_deep_supervision_loss_of_plain_logits_is_the_loss():
+  fn = functools.partial(losses.dice_ce_loss, ignore_index=255)
+  loss = losses.deep_supervision_loss(fn, LOGITS, LABELS, strides=())
+  np.testing.assert_array_equal(loss, fn(LOGITS, LABELS))
+
+
+def test_supervision_strides_match_the_unet_heads():
+  pool_sizes = ((2, 2), (1, 2), (2, 2))
+  model = models.UNet(
+    num_classes=3,
+    features=4,
+    depth=3,
+    norm='none',
+    deep_supervision=2,
+    pool_sizes=pool_sizes,
+  )
+  x = jnp.zeros((1, 8, 16, 1))
+  _, aux = model.apply(model.init(jax.random.key(0), x), x)
+  _, pools = models.level_shapes(ndim=2, depth=3, pool_sizes=pool_sizes)
+  strides = losses.supervision_strides(pools, num_heads=2)
+  assert strides == ((2, 2), (2, 4))
+  labels = jnp.zeros((1, 8, 16), jnp.int32)
+  for head, stride in zip(aux, strides):
+    window = (slice(None),) + tuple(slice(s // 2, None, s) for s in stride)
+    assert labels[window].shape == head.shape[:-1]
+  assert losses.supervision_strides(pools, num_heads=0) == ()
+  with pytest.raises(ValueError, match=r'num_heads=4 must be in \[0, 3\]'):
+    losses.supervision_strides(pools, num_heads=4)
+
+
+def test_import_loads_neither_flax_nor_models_nor_train():
+  # Losses must stay cheap to import into other JAX code.
+  code = (
+    'import sys; import unet_jax.losses; '
+    'bad = sorted(m for m in sys.modules if m.split(".")[0] == "flax" '
+    'or m.startswith(("unet_jax.models", "unet_jax.train"))); '
+    'assert not bad, bad'
+  )
+  proc = subprocess.run(
+    [sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
+  assert proc.returncode == 0, proc.stderr

@@ -159,19 +159,6 @@ def test_every_model_option_is_reachable_from_the_config(data_dir):
     train.create_model(config.model)
 
 
-def test_deep_supervision_loss_by_hand():
-  labels = jnp.arange(16).reshape(1, 4, 4) % 3
-  mean_label = lambda logits, labels: jnp.mean(labels.astype(jnp.float32))
-  logits = jnp.zeros((1, 4, 4, 3))
-  aux = (jnp.zeros((1, 2, 2, 3)),)
-  loss = train.deep_supervision_loss(mean_label, (logits, aux), labels, strides=((2, 2),))
-  # Full resolution: the mean of all labels; half resolution: labels[1::2, 1::2].
-  full = float(jnp.mean(labels))
-  half = float(jnp.mean(labels[:, 1::2, 1::2]))
-  assert float(loss) == pytest.approx(2 / 3 * full + 1 / 3 * half)
-  assert half != full
-
-
 def test_deep_supervision_trains_end_to_end(data_dir, tmp_path):
   config = tiny_config(data_dir, num_train_steps=3, **{'model.deep_supervision': 1})
   result = train.train_and_evaluate(config, str(tmp_path / 'ds'))

@@ -180,6 +180,23 @@ def render_example(
   )
   extent = np.asarray(shape) * spacing
 
+  label = _paint_label(
+    rng, coords, extent, num_classes=num_classes, foreground_fraction=foreground_fraction
+  )
+  return _render_image(rng, label, coords, num_classes=num_classes), label
+
+
+def _paint_label(
+  rng: np.random.Generator,
+  coords: np.ndarray,
+  extent: np.ndarray,
+  *,
+  num_classes: int,
+  foreground_fraction: float,
+) -> np.ndarray:
+  """Paints the shapes of every foreground class: uint8 [*spatial]."""
+  shape = coords.shape[1:]
+  ndim = len(shape)
   if num_classes == 2:
     classes = [1] * int(rng.integers(1, 4))
   else:
@@ -209,7 +226,14 @@ def render_example(
         raise RuntimeError(f'class {cls} could not be placed in {redraws} redraws.')
       paint(cls, volume)
       redraws += 1
+  return label
 
+
+def _render_image(
+  rng: np.random.Generator, label: np.ndarray, coords: np.ndarray, *, num_classes: int
+) -> np.ndarray:
+  """The image of a painted label map: uint8 [*spatial, 1]."""
+  shape = label.shape
   image = 100.0 + 18.0 * _smooth_noise(rng, shape, sigma=max(shape) / 10)
   image += 8.0 * _stripes(rng, coords, wavelength=rng.uniform(6.0, 12.0))
   for cls in range(1, num_classes):
@@ -224,7 +248,7 @@ def render_example(
     image[inside] += offset + 12.0 * pattern[inside]
   image += rng.normal(scale=12.0, size=shape)
   image = np.clip(np.round(image), 0, 255).astype(np.uint8)
-  return image[..., None], label
+  return image[..., None]
 
 
 class _SyntheticBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):

@@ -215,7 +215,7 @@ def _host_weighted_logits(patches, weight, *, apply_fn, flip_tta):
 
 
 def _check_arguments(
-  apply_fn, image, *, patch_size, overlap, mode, batch_size, padding_mode, divisor, output
+  apply_fn, image, patch_size, overlap, mode, batch_size, padding_mode, divisor, output
 ) -> tuple[np.ndarray, tuple[int, ...]]:
   """The image as an array and the patch size; a ValueError for any bad argument."""
   image = np.asarray(image)
@@ -255,8 +255,45 @@ def _check_arguments(
   return image, patch
 
 
+def _pad_to_patch(
+  image: np.ndarray, patch: tuple[int, ...], padding_mode: str
+) -> tuple[np.ndarray, tuple[slice, ...]]:
+  """The image in float32, padded up to a patch where it is smaller, and the crop back.
+
+  The padding of each axis is split evenly, the odd pixel after. The crop, a tuple
+  of slices, takes the input's pixels from an array of the padded shape.
+  """
+  spatial = image.shape[:-1]
+  pads = [
+    ((max(p - s, 0)) // 2, max(p - s, 0) - max(p - s, 0) // 2)
+    for s, p in zip(spatial, patch)
+  ]
+  image = image.astype(np.float32, copy=False)
+  if any(before or after for before, after in pads):
+    image = np.pad(image, pads + [(0, 0)], mode=padding_mode)
+  crop = tuple(slice(before, before + s) for (before, _), s in zip(pads, spatial))
+  return image, crop
+
+
+def _patch_predictor(apply_fn, weight: np.ndarray, *, flip_tta, jit_apply):
+  """batch of patches -> weighted logits: jitted, or on the host for a compiled fn."""
+  if jit_apply:
+    return functools.partial(
+      _weighted_logits,
+      weight=jnp.asarray(weight),
+      apply_fn=apply_fn,
+      flip_tta=bool(flip_tta),
+    )
+  return functools.partial(
+    _host_weighted_logits, weight=weight, apply_fn=apply_fn, flip_tta=bool(flip_tta)
+  )
+
+
 def _accumulate(predict, image, positions, patch, weight, batch_size, *, jit_apply):
-  """Sums the weighted logits of every patch, and the weights, over the image."""
+  """The blended logits [*padded, K] over the (padded) image.
+
+  The sum of every patch's weighted logits, divided in place by the sum of the weights.
+  """
   padded = image.shape[:-1]
   out = None
   weight_sum = np.zeros(padded, np.float32)
@@ -284,8 +321,20 @@ def _accumulate(predict, image, positions, patch, weight, batch_size, *, jit_app
       add(pending)  # overlaps with the device's work
     pending = (result, starts)
   add(pending)
+  out /= weight_sum[..., None]
+  return out  # frees the weight sum: room for the softmax's temporaries
 
-  return out, weight_sum
+
+def _to_output(out: np.ndarray, output: str) -> np.ndarray:
+  """The blended logits as `output` asks, in place: no more image-sized copies."""
+  if output == 'probabilities':
+    if out.shape[-1] == 1:
+      scipy.special.expit(out, out=out)
+    else:
+      out -= out.max(axis=-1, keepdims=True)
+      np.exp(out, out=out)
+      out /= out.sum(axis=-1, keepdims=True)
+  return np.ascontiguousarray(out, dtype=np.float32)
 
 
 def sliding_window_predict(
@@ -355,53 +404,15 @@ def sliding_window_predict(
     float32 numpy array `[*image.shape[:-1], K]`.
   """
   image, patch = _check_arguments(
-    apply_fn,
-    image,
-    patch_size=patch_size,
-    overlap=overlap,
-    mode=mode,
-    batch_size=batch_size,
-    padding_mode=padding_mode,
-    divisor=divisor,
-    output=output,
+    apply_fn, image, patch_size, overlap, mode, batch_size, padding_mode, divisor, output
   )
-  spatial = image.shape[:-1]
-
-  # Pad up to a patch where the image is smaller; split the padding evenly.
-  pads = [
-    ((max(p - s, 0)) // 2, max(p - s, 0) - max(p - s, 0) // 2)
-    for s, p in zip(spatial, patch)
-  ]
-  image = image.astype(np.float32, copy=False)
-  if any(before or after for before, after in pads):
-    image = np.pad(image, pads + [(0, 0)], mode=padding_mode)
-  padded = image.shape[:-1]
-  positions = patch_positions(padded, patch, overlap)
+  image, crop = _pad_to_patch(image, patch, padding_mode)
+  positions = patch_positions(image.shape[:-1], patch, overlap)
   weight = (
     gaussian_importance_map(patch) if mode == 'gaussian' else np.ones(patch, np.float32)
   )
-  weight_device = jnp.asarray(weight)
-  if jit_apply:
-    predict = functools.partial(
-      _weighted_logits, weight=weight_device, apply_fn=apply_fn, flip_tta=bool(flip_tta)
-    )
-  else:
-    predict = functools.partial(
-      _host_weighted_logits, weight=weight, apply_fn=apply_fn, flip_tta=bool(flip_tta)
-    )
-
-  out, weight_sum = _accumulate(
+  predict = _patch_predictor(apply_fn, weight, flip_tta=flip_tta, jit_apply=jit_apply)
+  out = _accumulate(
     predict, image, positions, patch, weight, batch_size, jit_apply=jit_apply
   )
-  out /= weight_sum[..., None]
-  weight_sum = None  # room for the softmax's temporaries
-  crop = tuple(slice(before, before + s) for (before, _), s in zip(pads, spatial))
-  out = out[crop]
-  if output == 'probabilities':  # in place: no more image-sized copies
-    if out.shape[-1] == 1:
-      scipy.special.expit(out, out=out)
-    else:
-      out -= out.max(axis=-1, keepdims=True)
-      np.exp(out, out=out)
-      out /= out.sum(axis=-1, keepdims=True)
-  return np.ascontiguousarray(out, dtype=np.float32)
+  return _to_output(out[crop], output)

@@ -11,46 +11,46 @@ physical units (millimetres when the voxel spacing is in millimetres):
 
 They run in NumPy and SciPy on the host (this module imports neither JAX nor
 torch), on ONE case at a time: a prediction and a ground truth integer class
-map of the same shape ``[*spatial]`` (2D ``[H, W]`` or 3D ``[D, H, W]``, no
+map of the same shape `[*spatial]` (2D `[H, W]` or 3D `[D, H, W]`, no
 batch or channel axis), and return one float64 value per class.
 
-Definitions, for one class ``c``:
+Definitions, for one class `c`:
 
-* The mask ``M`` is the set of voxels whose class is ``c``.
-* Its boundary ``B(M)`` is the set of voxels of ``M`` that have a face-
-  connected neighbour (4-connected in 2D, 6-connected in 3D) outside ``M``:
-  ``M & ~binary_erosion(M)`` with the cross-shaped structuring element.
-  Beyond the array counts as outside, so voxels of ``M`` on the array's edge
-  are boundary voxels. This is MONAI's ``get_mask_edges`` with its default
-  ``spacing=None`` (one boundary element per voxel, not DeepMind's sub-voxel
+* The mask `M` is the set of voxels whose class is `c`.
+* Its boundary `B(M)` is the set of voxels of `M` that have a face-
+  connected neighbour (4-connected in 2D, 6-connected in 3D) outside `M`:
+  `M & ~binary_erosion(M)` with the cross-shaped structuring element.
+  Beyond the array counts as outside, so voxels of `M` on the array's edge
+  are boundary voxels. This is MONAI's `get_mask_edges` with its default
+  `spacing=None` (one boundary element per voxel, not DeepMind's sub-voxel
   surface elements).
-* The distance from a boundary voxel ``x`` to a boundary ``B`` is the
+* The distance from a boundary voxel `x` to a boundary `B` is the
   Euclidean distance between voxel centres in physical units,
-  ``d(x, B) = min_{y in B} ||(x - y) * spacing||_2``, computed with
-  ``scipy.ndimage.distance_transform_edt(..., sampling=spacing)`` on the
+  `d(x, B) = min_{y in B} ||(x - y) * spacing||_2`, computed with
+  `scipy.ndimage.distance_transform_edt(..., sampling=spacing)` on the
   bounding box of both masks (plus one voxel), so a small structure in a
   large volume costs little.
 
-Ignored voxels: voxels whose ground-truth label equals ``ignore_index`` (e.g.
+Ignored voxels: voxels whose ground-truth label equals `ignore_index` (e.g.
 -1 for padding) are removed from BOTH the prediction and the ground truth
 before anything else: they belong to no class in either map, so a class
 region that touches them has a boundary there.
 
 Empty masks (after removing ignored voxels), per class:
 
-* present in both maps: HD95 finite, NSD in ``[0, 1]``;
+* present in both maps: HD95 finite, NSD in `[0, 1]`;
 * present in neither map: HD95 NaN, NSD NaN;
 * present in only one of the two: HD95 +inf, NSD 0.
 
 NaN means there was nothing to segment and nothing was predicted: average
-per-class values with ``np.nanmean`` to leave such classes out. A structure
+per-class values with `np.nanmean` to leave such classes out. A structure
 that was missed, or predicted where there is none, is at infinite distance
-(the directed distance to an empty set is ``min`` over nothing, +inf), so it
-cannot disappear from a mean. This equals MONAI's ``compute_surface_dice``
-and MONAI's ``compute_hausdorff_distance`` with ``percentile=None``; given
+(the directed distance to an empty set is `min` over nothing, +inf), so it
+cannot disappear from a mean. This equals MONAI's `compute_surface_dice`
+and MONAI's `compute_hausdorff_distance` with `percentile=None`; given
 any percentile (95, even 100) MONAI 1.6.1 returns NaN when one side is empty,
-an artefact of ``torch.quantile`` interpolating between infinities
-(``inf - inf``), which would make a missed structure vanish from a NaN-aware
+an artefact of `torch.quantile` interpolating between infinities
+(`inf - inf`), which would make a missed structure vanish from a NaN-aware
 mean. Report, next to
 a mean over finite values, how many cases were infinite.
 
@@ -147,7 +147,7 @@ def _prepare(
 
 
 def _boundary(mask: np.ndarray) -> np.ndarray:
-  """Voxels of ``mask`` with a face-connected neighbour outside it."""
+  """Voxels of `mask` with a face-connected neighbour outside it."""
   structure = ndimage.generate_binary_structure(mask.ndim, 1)
   return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
 
@@ -163,7 +163,7 @@ def _directed_distances(
     spacing: voxel size per axis.
 
   Returns:
-    ``(d_pred_to_label, d_label_to_pred)``: float64 arrays with one entry per
+    `(d_pred_to_label, d_label_to_pred)`: float64 arrays with one entry per
     boundary voxel of the prediction and of the label. Distances to an empty
     boundary are +inf.
   """
@@ -271,53 +271,55 @@ def hausdorff_distance_95(
   percentile: float = 95,
   ignore_index: int | None = None,
 ) -> np.ndarray:
-  """Percentile Hausdorff distance between boundaries, per class (host).
+  r"""Percentile Hausdorff distance between boundaries, per class (host).
 
-  With ``B_P`` and ``B_G`` the boundaries of the predicted and true masks of
-  a class and ``d(x, B)`` the physical distance from voxel ``x`` to the
-  nearest voxel of ``B`` (see the module docstring)::
+  With `B_P` and `B_G` the boundaries of the predicted and true masks of
+  a class and `d(x, B)` the physical distance from voxel `x` to the
+  nearest voxel of `B` (see the module docstring):
 
-    HD_p = max( P_p{ d(x, B_G) : x in B_P },  P_p{ d(y, B_P) : y in B_G } )
+  .. math::
+    \mathrm{HD}_p = \max\big(P_p\{d(x, B_G) : x \in B_P\},\;
+      P_p\{d(y, B_P) : y \in B_G\}\big)
 
   the larger of the two DIRECTED percentiles, not the percentile of the
-  union of both distance sets. ``P_p`` is the ``p``-th percentile with
-  linear interpolation between order statistics (``np.percentile``'s
-  default, which is ``torch.quantile``'s default too). ``percentile=100``
+  union of both distance sets. `P_p` is the `p`-th percentile with
+  linear interpolation between order statistics (`np.percentile`'s
+  default, which is `torch.quantile`'s default too). `percentile=100`
   gives the classic Hausdorff distance (the largest distance). This is
-  MONAI's ``compute_hausdorff_distance(y_pred, y, percentile=p, spacing=...)``
+  MONAI's `compute_hausdorff_distance(y_pred, y, percentile=p, spacing=...)`
   with its defaults (euclidean, symmetric), on one-hot maps of one case.
 
   Empty masks: NaN if the class is in neither map, +inf if it is in only one
   (MONAI gives NaN there with a percentile; see the module docstring).
-  Ignored voxels (ground truth equal to ``ignore_index``) are removed from
+  Ignored voxels (ground truth equal to `ignore_index`) are removed from
   both maps first.
 
   Args:
     prediction: [*spatial] integer predicted classes of ONE case (no batch
-      axis), values in ``[0, num_classes)``.
+      axis), values in `[0, num_classes)`.
     label: [*spatial] integer true classes, same shape; values in
-      ``[0, num_classes)`` or equal to ``ignore_index``.
+      `[0, num_classes)` or equal to `ignore_index`.
     num_classes: C.
     spacing: physical voxel size along each spatial axis, in array axis
       order; default 1 on every axis (distances in voxels).
     include_background: score class 0 too.
-    percentile: ``p`` in ``[0, 100]``.
+    percentile: `p` in `[0, 100]`.
     ignore_index: optional ground-truth value (e.g. -1 or 255) whose voxels
-      are removed from both maps. A value inside ``[0, C)`` removes that
+      are removed from both maps. A value inside `[0, C)` removes that
       class's whole ground truth, which then counts as empty.
 
   Returns:
-    [C] float64 (classes ``0..C-1``) with ``include_background``, otherwise
-    [C - 1] (classes ``1..C-1``), in the units of ``spacing``.
+    [C] float64 (classes `0..C-1`) with `include_background`, otherwise
+    [C - 1] (classes `1..C-1`), in the units of `spacing`.
 
   Raises:
     ValueError: shapes differ, a map is not integer or holds values outside
-      its range, ``spacing`` has the wrong length or a non-positive value,
-      or ``percentile`` lies outside ``[0, 100]``.
+      its range, `spacing` has the wrong length or a non-positive value,
+      or `percentile` lies outside `[0, 100]`.
 
   References:
     Huttenlocher et al., Comparing images using the Hausdorff distance,
-    IEEE TPAMI 15(9), 1993. MONAI ``monai.metrics.compute_hausdorff_distance``.
+    IEEE TPAMI 15(9), 1993. MONAI `monai.metrics.compute_hausdorff_distance`.
   """
   percentile = _check_percentile(percentile)
   prediction, label, spacing, classes = _prepare(
@@ -337,47 +339,48 @@ def normalized_surface_dice(
   include_background: bool = False,
   ignore_index: int | None = None,
 ) -> np.ndarray:
-  """Normalised surface Dice at a tolerance, per class (host).
+  r"""Normalised surface Dice at a tolerance, per class (host).
 
-  The share of boundary voxels of both masks lying within ``tau`` of the
-  other mask's boundary (notation of `hausdorff_distance_95`)::
+  The share of boundary voxels of both masks lying within `tau` of the
+  other mask's boundary (notation of `hausdorff_distance_95`):
 
-    NSD_tau = ( |{x in B_P : d(x, B_G) <= tau}|
-              + |{y in B_G : d(y, B_P) <= tau}| ) / ( |B_P| + |B_G| )
+  .. math::
+    \mathrm{NSD}_\tau = \frac{|\{x \in B_P : d(x, B_G) \le \tau\}|
+      + |\{y \in B_G : d(y, B_P) \le \tau\}|}{|B_P| + |B_G|}
 
-  Each boundary voxel weighs 1 (MONAI's ``compute_surface_dice`` with
-  ``use_subvoxels=False``); Nikolov et al. weigh sub-voxel surface elements
+  Each boundary voxel weighs 1 (MONAI's `compute_surface_dice` with
+  `use_subvoxels=False`); Nikolov et al. weigh sub-voxel surface elements
   by their area instead, which differs slightly on oblique surfaces.
 
   Empty masks: NaN if the class is in neither map, 0 if it is in only one
-  (as MONAI). Ignored voxels (ground truth equal to ``ignore_index``) are
+  (as MONAI). Ignored voxels (ground truth equal to `ignore_index`) are
   removed from both maps first.
 
   Args:
     prediction: [*spatial] integer predicted classes of ONE case (no batch
-      axis), values in ``[0, num_classes)``.
+      axis), values in `[0, num_classes)`.
     label: [*spatial] integer true classes, same shape; values in
-      ``[0, num_classes)`` or equal to ``ignore_index``.
+      `[0, num_classes)` or equal to `ignore_index`.
     num_classes: C.
-    tolerance: ``tau`` in the units of ``spacing`` (>= 0): one number, or one
-      per reported class in output order (MONAI's ``class_thresholds``).
+    tolerance: `tau` in the units of `spacing` (>= 0): one number, or one
+      per reported class in output order (MONAI's `class_thresholds`).
     spacing: physical voxel size along each spatial axis; default 1.
     include_background: score class 0 too.
     ignore_index: optional ground-truth value whose voxels are removed from
       both maps (see `hausdorff_distance_95`).
 
   Returns:
-    [C] float64 with ``include_background``, otherwise [C - 1] (classes
-    ``1..C-1``), each in ``[0, 1]`` or NaN.
+    [C] float64 with `include_background`, otherwise [C - 1] (classes
+    `1..C-1`), each in `[0, 1]` or NaN.
 
   Raises:
-    ValueError: as `hausdorff_distance_95`, or ``tolerance`` negative, not
+    ValueError: as `hausdorff_distance_95`, or `tolerance` negative, not
       finite, or of the wrong length.
 
   References:
     Nikolov et al., Clinically applicable segmentation of head and neck
     anatomy for radiotherapy, JMIR 2021, arXiv:1809.04430. MONAI
-    ``monai.metrics.compute_surface_dice``.
+    `monai.metrics.compute_surface_dice`.
   """
   prediction, label, spacing, classes = _prepare(
     prediction, label, num_classes, spacing, include_background, ignore_index
@@ -403,7 +406,7 @@ def boundary_metrics(
   the arguments mean what they mean there.
 
   Returns:
-    ``{'hd95': [C or C - 1] float64, 'nsd': [C or C - 1] float64}``.
+    `{'hd95': [C or C - 1] float64, 'nsd': [C or C - 1] float64}`.
   """
   prediction, label, spacing, classes = _prepare(
     prediction, label, num_classes, spacing, include_background, ignore_index

@@ -128,54 +128,6 @@ def _augment(
   return dict(batch, image=image, label=label)
 
 
-def deep_supervision_loss(
-  loss_fn: Callable[..., jax.Array],
-  outputs,
-  labels: jax.Array,
-  *,
-  strides: tuple[tuple[int, ...], ...],
-) -> jax.Array:
-  """The loss of a model's main and auxiliary outputs, weighted as nnU-Net does.
-
-  ::
-
-    L = sum_i w_i L(logits_i, labels_i),   w_i = 2^-i / sum_j 2^-j
-
-  where i = 0 is the full-resolution output and i >= 1 the auxiliary heads, each
-  compared with the labels subsampled to its resolution (nearest neighbour: the
-  pixel nearest the centre of each block, so ignored pixels stay ignored).
-
-  Args:
-    loss_fn: (logits, labels) -> scalar.
-    outputs: logits [N, *spatial, C], or (logits, (aux_1, aux_2, ...)) from a
-      UNet with `deep_supervision`.
-    labels: [N, *spatial] integer classes.
-    strides: for each auxiliary output, its downsampling factor per axis.
-
-  Returns:
-    A scalar.
-  """
-  if not isinstance(outputs, tuple):
-    return loss_fn(outputs, labels)
-  logits, aux = outputs
-  terms = [loss_fn(logits, labels)]
-  for head, stride in zip(aux, strides):
-    window = (slice(None),) + tuple(slice(s // 2, None, s) for s in stride)
-    terms.append(loss_fn(head, labels[window]))
-  weights = jnp.asarray([0.5**i for i in range(len(terms))])
-  return jnp.sum(weights / weights.sum() * jnp.stack(terms))
-
-
-def supervision_strides(model: models.UNet, ndim: int) -> tuple[tuple[int, ...], ...]:
-  """The downsampling factor per axis of each auxiliary head of `model`."""
-  _, pools = models.level_shapes(ndim=ndim, depth=model.depth, pool_sizes=model.pool_sizes)
-  strides, total = [], (1,) * ndim
-  for level in range(model.deep_supervision):
-    total = tuple(t * p for t, p in zip(total, pools[level]))
-    strides.append(total)
-  return tuple(strides)
-
-
 def train_step(
   state: TrainState,
   batch: dict[str, jax.Array],
@@ -201,7 +153,10 @@ def train_step(
     first = jax.lax.axis_index(axis_name) * batch['image'].shape[0]
     dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis_name))
   batch = _augment(aug_key, batch, aug_config, first)
-  strides = supervision_strides(model, batch['label'].ndim - 1)
+  _, pools = models.level_shapes(
+    ndim=batch['label'].ndim - 1, depth=model.depth, pool_sizes=model.pool_sizes
+  )
+  strides = losses.supervision_strides(pools, num_heads=model.deep_supervision)
 
   def compute_loss(params):
     variables = {'params': params}
@@ -212,7 +167,7 @@ def train_step(
     outputs, new_vars = model.apply(
       variables, batch['image'], train=True, mutable=mutable, rngs={'dropout': dropout_key}
     )
-    loss = deep_supervision_loss(loss_fn, outputs, batch['label'], strides=strides)
+    loss = losses.deep_supervision_loss(loss_fn, outputs, batch['label'], strides=strides)
     return loss, new_vars
 
   (loss, new_vars), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
