@@ -17,6 +17,18 @@ output is cropped back, so the result has the input's spatial shape.
         lambda x: model.apply(variables, x, train=False), volume,   # [D, H, W, C]
         patch_size=(64, 128, 128), overlap=0.5, divisor=16)           # [D, H, W, K]
 
+Memory (`sliding_window_predict`): the image, the output and the weight map live
+on the host (numpy), as float32: about `4 * (C + K + 1)` bytes per (padded) pixel
+while blending, growing linearly with the image. When the image was padded, the
+output is cropped into a copy (`4 * K` bytes per pixel) after the weight map is
+freed, so the peak is the larger of the two phases (probabilities are computed in
+place). The device holds the importance map, two batches in flight (one computing
+while the host adds the previous one) and `apply_fn`'s activations for one batch:
+fixed by `batch_size` and `patch_size`, whatever the image size. A volume too large
+for the accelerator is therefore predicted as long as it fits in host memory. The
+compiled function is cached on `apply_fn`, which keeps it (and what it closes over)
+alive until `jax.clear_caches()`.
+
 References:
   O. Ronneberger, P. Fischer, T. Brox, "U-Net: Convolutional Networks for Biomedical
   Image Segmentation", MICCAI 2015 (overlap-tile strategy, mirrored borders).
@@ -37,27 +49,11 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.special
 
+from unet_jax import config as config_lib
+
 MODES = ('gaussian', 'constant')
 PADDING_MODES = ('reflect', 'constant', 'edge')
 OUTPUTS = ('logits', 'probabilities')
-
-
-def _per_axis(value, ndim: int, name: str) -> tuple[int, ...]:
-  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-    value = (int(value),) * ndim
-  else:
-    try:
-      value = tuple(value)
-    except TypeError:
-      raise ValueError(f'{name}={value!r} must be an int or {ndim} ints.') from None
-    if len(value) != ndim:
-      raise ValueError(
-        f'{name}={value} has {len(value)} entries, but the image has {ndim} spatial axes.'
-      )
-  for v in value:
-    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-      raise ValueError(f'{name}={value} must hold positive integers.')
-  return tuple(int(v) for v in value)
 
 
 def _check_overlap(overlap: float) -> float:
@@ -111,7 +107,7 @@ def patch_positions(
     A list of `len(shape)`-tuples.
   """
   shape = tuple(int(s) for s in shape)
-  patch = _per_axis(patch_size, len(shape), 'patch_size')
+  patch = config_lib.per_axis(patch_size, len(shape), 'patch_size', of='the image')
   return list(
     itertools.product(*(axis_starts(s, p, overlap) for s, p in zip(shape, patch)))
   )
@@ -229,11 +225,11 @@ def _check_arguments(
   spatial = image.shape[:-1]
   if min(image.shape) < 1:
     raise ValueError(f'image has an empty axis: shape {image.shape}.')
-  div = _per_axis(divisor, ndim, 'divisor')
+  div = config_lib.per_axis(divisor, ndim, 'divisor', of='the image')
   if patch_size is None:
     patch = tuple(-(-s // d) * d for s, d in zip(spatial, div))
   else:
-    patch = _per_axis(patch_size, ndim, 'patch_size')
+    patch = config_lib.per_axis(patch_size, ndim, 'patch_size', of='the image')
   for p, d in zip(patch, div):
     if p % d:
       raise ValueError(
@@ -312,19 +308,7 @@ def sliding_window_predict(
   whole data set). Each patch's logits are weighted by the importance map and added
   into one output buffer; a weight map of the image's size sums the weights; their
   quotient, cropped to the input's shape, is returned. Where one patch covers the
-  whole image this is `apply_fn(image[None])[0]`.
-
-  Memory: the image, the output and the weight map live on the host (numpy), as
-  float32: about `4 * (C + K + 1)` bytes per (padded) pixel while blending, growing
-  linearly with the image. When the image was padded, the output is cropped into a
-  copy (`4 * K` bytes per pixel) after the weight map is freed, so the peak is the
-  larger of the two phases (probabilities are computed in place). The device holds the
-  importance map, two batches in flight (one computing while the host adds the
-  previous one) and `apply_fn`'s activations for one batch: fixed by `batch_size`
-  and `patch_size`, whatever the image size. A volume too large for the accelerator
-  is therefore predicted as long as it fits in host memory. The compiled function is
-  cached on `apply_fn`, which keeps it (and what it closes over) alive until
-  `jax.clear_caches()`.
+  whole image this is `apply_fn(image[None])[0]`. Memory: see the module docstring.
 
   Args:
     apply_fn: maps a float32 batch `[b, *patch_size, C]` to logits
@@ -366,37 +350,49 @@ def sliding_window_predict(
     output=output,
   )
   spatial = image.shape[:-1]
-
-  # Pad up to a patch where the image is smaller; split the padding evenly.
-  pads = [
-    ((max(p - s, 0)) // 2, max(p - s, 0) - max(p - s, 0) // 2)
-    for s, p in zip(spatial, patch)
-  ]
-  image = image.astype(np.float32, copy=False)
-  if any(before or after for before, after in pads):
-    image = np.pad(image, pads + [(0, 0)], mode=padding_mode)
-  padded = image.shape[:-1]
-  positions = patch_positions(padded, patch, overlap)
+  image, pads = _pad_to_patch(image, patch, padding_mode)
+  positions = patch_positions(image.shape[:-1], patch, overlap)
   weight = (
     gaussian_importance_map(patch) if mode == 'gaussian' else np.ones(patch, np.float32)
   )
-  weight_device = jnp.asarray(weight)
-  if jit_apply:
-    predict = functools.partial(
-      _weighted_logits, weight=weight_device, apply_fn=apply_fn, flip_tta=bool(flip_tta)
-    )
-  else:
-    predict = functools.partial(
-      _host_weighted_logits, weight=weight, apply_fn=apply_fn, flip_tta=bool(flip_tta)
-    )
-
+  predict = _patch_predictor(apply_fn, weight, flip_tta=flip_tta, jit_apply=jit_apply)
   out, weight_sum = _accumulate(
     predict, image, positions, patch, weight, batch_size, jit_apply=jit_apply
   )
   out /= weight_sum[..., None]
   weight_sum = None  # room for the softmax's temporaries
   crop = tuple(slice(before, before + s) for (before, _), s in zip(pads, spatial))
-  out = out[crop]
+  return _to_output(out[crop], output)
+
+
+def _pad_to_patch(image: np.ndarray, patch, padding_mode: str):
+  """float32 `image`, padded up to `patch` where smaller (evenly); (image, pads)."""
+  pads = [
+    ((max(p - s, 0)) // 2, max(p - s, 0) - max(p - s, 0) // 2)
+    for s, p in zip(image.shape[:-1], patch)
+  ]
+  image = image.astype(np.float32, copy=False)
+  if any(before or after for before, after in pads):
+    image = np.pad(image, pads + [(0, 0)], mode=padding_mode)
+  return image, pads
+
+
+def _patch_predictor(apply_fn, weight: np.ndarray, *, flip_tta: bool, jit_apply: bool):
+  """patches [b, *patch, C] -> weighted logits, traced into jit or on the host."""
+  if jit_apply:
+    return functools.partial(
+      _weighted_logits,
+      weight=jnp.asarray(weight),
+      apply_fn=apply_fn,
+      flip_tta=bool(flip_tta),
+    )
+  return functools.partial(
+    _host_weighted_logits, weight=weight, apply_fn=apply_fn, flip_tta=bool(flip_tta)
+  )
+
+
+def _to_output(out: np.ndarray, output: str) -> np.ndarray:
+  """Blended logits as `output` asks: the logits, or probabilities (in place)."""
   if output == 'probabilities':  # in place: no more image-sized copies
     if out.shape[-1] == 1:
       scipy.special.expit(out, out=out)
