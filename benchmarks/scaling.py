@@ -58,7 +58,8 @@ from unet_jax import distributed as runner_lib
 from unet_jax import losses
 from unet_jax import train
 from unet_jax.data import pipeline as input_pipeline
-from unet_jax.train import config_checks
+from unet_jax.data import sources
+from unet_jax.models import factory
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ('default', 'dice_bce', 'dice_ce', 'focal_dice', 'pets', 'unet3d')
@@ -111,10 +112,9 @@ def _host_state(model, tx, size, seed=0):
   )
 
 
-def _measure(devices, args):
-  """Times the step, the step without collectives and (several processes) the
-  step followed by the stop vote, on a mesh over `devices`."""
-
+def _build(devices, args):
+  """(model, tx, runner, local_step): the train step as training runs it on a mesh
+  over `devices`, and the same step without collectives (shard_map)."""
   config = _config(args.features, args.depth)
   model = train.create_model(config.model)
   tx = train.create_optimizer(config)
@@ -147,6 +147,13 @@ def _measure(devices, args):
     ),
     donate_argnums=(0,),
   )
+  return model, tx, runner, local_step
+
+
+def _measure(devices, args):
+  """Times the step, the step without collectives and (several processes) the
+  step followed by the stop vote, on a mesh over `devices`."""
+  model, tx, runner, local_step = _build(devices, args)
   rows = args.per_device_batch * sum(
     d.process_index == jax.process_index() for d in devices
   )
@@ -190,8 +197,12 @@ def _measure(devices, args):
   for r in range(args.repeats):
     for kind in kinds if r % 2 == 0 else kinds[::-1]:
       times[kind].append(run(kind, args.steps))
+  return _summary(times, len(devices), args)
+
+
+def _summary(times, n, args):
+  """The row of one measurement: medians and every repeat, in ms."""
   med = {k: statistics.median(v) for k, v in times.items()}
-  n = len(devices)
   out = {
     'devices': n,
     'processes': jax.process_count(),
@@ -289,8 +300,12 @@ def volumes(device_counts=(8, 64, 256)):
     config = importlib.import_module(f'configs.{name}').get_config()
     if not config.model.num_classes:
       config.model.num_classes = 2
-    ndim = config_checks.config_ndim(config)
-    shape = (1, *config_checks.divisor(config.model, ndim), CHANNELS[config.data.name])
+    ndim = sources.config_ndim(config.data)
+    shape = (
+      1,
+      *factory.input_divisor_of(config.model, ndim=ndim),
+      CHANNELS[config.data.name],
+    )
     model = train.create_model(config.model)
     params = jax.eval_shape(
       functools.partial(model.init, train=False),

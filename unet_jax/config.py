@@ -385,7 +385,13 @@ class EvalOptions(_Section):
   )
 
   def __post_init__(self):
-    object.__setattr__(self, 'patch_size', _size(self.patch_size))
+    patch = _size(self.patch_size)
+    if isinstance(patch, int):
+      raise ValueError(
+        f'config.evals.{self.name}.patch_size={patch} must have one size per axis,'
+        ' e.g. (32, 64, 64).'
+      )
+    object.__setattr__(self, 'patch_size', patch)
     object.__setattr__(self, 'extras', dict(self.extras))
     if not self.every_steps or int(self.every_steps) < 1:
       raise ValueError(
