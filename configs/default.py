@@ -41,7 +41,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.evals.eval = config_lib.EvalOptions(
     type='confusion',  # Exact data-set Dice, IoU, pixel accuracy.
     every_steps=config.eval_every_steps,
-    extras={'samples': 4},  # Examples drawn to samples/eval_step_<N>.png.
   ).to_config()
   config.evals.eval.every_steps = config.get_ref('eval_every_steps')
   return config

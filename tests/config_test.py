@@ -127,10 +127,20 @@ def test_bad_values_raise_naming_the_field(cls, values, match):
     cls.from_config(values)
 
 
+def test_a_missing_eval_field_gets_the_documented_default():
+  documented = _default().evals.eval
+  for field in ('split', 'batch_size', 'patch_size', 'overlap', 'samples'):
+    partial = ml_collections.ConfigDict(documented.to_dict())
+    del partial[field]
+    assert config_lib.EvalOptions.from_config(
+      partial
+    ) == config_lib.EvalOptions.from_config(documented), field
+
+
 def test_eval_options_keep_the_type_specific_extras():
   config = _default()
   options = config_lib.EvalOptions.from_config(config.evals.eval, name='eval')
-  assert options.type == 'confusion' and options.extras == {'samples': 4}
+  assert options.type == 'confusion' and options.samples == 4 and options.extras == {}
   assert options.every_steps == config.eval_every_steps  # A reference, resolved.
   assert options.split == '' and options.batch_size == 0 and options.overlap == 0.5
   boundary = config_lib.EvalOptions.from_config(
@@ -145,6 +155,7 @@ def test_eval_options_keep_the_type_specific_extras():
     'batch_size': 0,
     'patch_size': (8, 16),
     'overlap': 0.5,
+    'samples': 4,
     'tolerance': 2.0,
   }
   with pytest.raises(ValueError, match='config.evals.b.every_steps must be positive'):

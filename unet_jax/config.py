@@ -359,9 +359,9 @@ class LossOptions(_Section):
 class EvalOptions(_Section):
   """One entry of `config.evals`: an evaluator (unet_jax.evaluation) and its period.
 
-  Fields other than these are the evaluator type's own options (`samples` for
-  'confusion', `tolerance` for 'boundary'), kept in `extras` and checked against
-  the type by `unet_jax.evaluation`.
+  `samples` reaches the evaluator types that draw samples ('confusion'); fields
+  other than these are the type's own options (`tolerance` for 'boundary'), kept
+  in `extras` and checked against the type by `unet_jax.evaluation`.
   """
 
   SECTION: ClassVar[str] = 'evals'
@@ -372,6 +372,7 @@ class EvalOptions(_Section):
   batch_size: int = 0  # 0: config.eval_batch_size.
   patch_size: tuple[int, ...] = ()  # Larger examples in sliding windows; (): whole.
   overlap: float = 0.5  # Overlap of the sliding windows.
+  samples: int = 4  # Examples drawn to samples/<name>_step_<N>.png ('confusion').
   extras: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   name: str = dataclasses.field(default='eval', compare=False)  # Its key in config.evals.
 
@@ -382,6 +383,7 @@ class EvalOptions(_Section):
     'batch_size',
     'patch_size',
     'overlap',
+    'samples',
   )
 
   def __post_init__(self):

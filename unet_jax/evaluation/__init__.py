@@ -13,8 +13,9 @@ Each entry names a registered type (`EVALUATORS`: 'confusion', 'per_case',
 * patch_size: examples larger than this are predicted by Gaussian-weighted
   sliding windows (3D volumes larger than the training patches); () = whole.
 * overlap: the sliding windows' overlap.
-* anything else is passed to the evaluator (e.g. `samples` for 'confusion',
-  `tolerance` for 'boundary'); an unknown option is an error.
+* samples: examples drawn to a PNG grid at each evaluation (types that draw them).
+* anything else is passed to the evaluator (e.g. `tolerance` for 'boundary');
+  an unknown option is an error.
 
 An evaluator has `run(state) -> dict of metrics`; the training loop writes
 them prefixed with the evaluator's name ('eval_dice', 'cases_dice_std', ...),
@@ -39,6 +40,7 @@ EVALUATORS: dict[str, Callable[..., Any]] = {
   'boundary': boundary.Evaluator,
 }
 COMMON_FIELDS = config_lib.EvalOptions.COMMON
+_DEFAULT = config_lib.EvalOptions(type='', every_steps=1)
 
 
 @dataclasses.dataclass
@@ -69,14 +71,31 @@ def _evaluator_class(options: config_lib.EvalOptions) -> Callable[..., Any]:
       f'config.evals.{name}.type={kind!r} is not one of {sorted(EVALUATORS)}.'
     )
   cls = EVALUATORS[kind]
-  accepted = [p for p in inspect.signature(cls).parameters if p != 'inputs']
+  accepted = [p for p in _parameters(cls) if p != 'samples']
   unknown = sorted(set(options.extras) - set(accepted))
   if unknown:
     raise ValueError(
       f'config.evals.{name} has unknown option(s) {unknown}; a {kind!r}'
       f' evaluator takes {sorted(COMMON_FIELDS) + accepted}.'
     )
+  if 'samples' not in _parameters(cls) and options.samples != _DEFAULT.samples:
+    raise ValueError(
+      f'config.evals.{name}.samples={options.samples}: a {kind!r} evaluator draws'
+      " no samples (a 'confusion' one does)."
+    )
   return cls
+
+
+def _parameters(cls) -> list[str]:
+  """The options an evaluator class takes besides its inputs."""
+  return [p for p in inspect.signature(cls).parameters if p != 'inputs']
+
+
+def _extras(cls, options: config_lib.EvalOptions) -> dict[str, Any]:
+  """The keyword options of the evaluator: its extras, and samples if it draws them."""
+  if 'samples' in _parameters(cls):
+    return {'samples': options.samples, **options.extras}
+  return dict(options.extras)
 
 
 def check_config(evals) -> None:
@@ -134,6 +153,6 @@ def from_config(
       overlap=float(options.overlap),
       divisor=divisor,
     )
-    evaluator = cls(inputs, **options.extras)
+    evaluator = cls(inputs, **_extras(cls, options))
     scheduled.append(Scheduled(name, evaluator, int(options.every_steps)))
   return scheduled
