@@ -120,7 +120,7 @@ class _Section:
   SECTION: ClassVar[str]
 
   @classmethod
-  def from_config(cls, section, **kwargs):
+  def from_config(cls, section):
     """The options of `section`; missing (or None) fields take their defaults.
 
     An options object is returned as it is. Raises ValueError naming unknown
@@ -136,7 +136,7 @@ class _Section:
         f'config.{cls.SECTION} has unknown field(s) {unknown}; it takes {names}.'
       )
     values = {k: v for k, v in values.items() if v is not None}
-    return cls(**cls._from_config_values(values), **kwargs)
+    return cls(**cls._from_config_values(values))
 
   @classmethod
   def _from_config_values(cls, values: dict[str, Any]) -> dict[str, Any]:
