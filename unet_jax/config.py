@@ -431,7 +431,7 @@ class RunOptions(_Section):
   eval_batch_size: int = 16  # Global; the last batch is padded and the padding masked.
   num_train_steps: int = 600
   log_every_steps: int = 50
-  eval_every_steps: int = 200  # The default period of the evaluators in config.evals.
+  eval_every_steps: int = 200  # configs/default.py's evaluator runs at this period.
   checkpoint_every_steps: int = 200
   keep_checkpoints: int = 2  # The last K checkpoints are kept, plus the best.
   best_metric: str = 'eval_dice'  # Picks the best checkpoint: <evaluator>_<metric>.
