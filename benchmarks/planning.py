@@ -20,7 +20,7 @@ the foreground classes, from the whole split's confusion matrix):
 * `fixed`: `--config.plan=False` (features 16, depth 3, batch 16, flips and
   rot90, z-score per image; 3D patches of the whole volume), with
   `num_train_steps` = the budget / its step time, measured the same way
-  (`unet_jax.train.planned.measure_step_time`);
+  (`unet_jax.train.setup.measure_step_time`);
 * a classical baseline: Otsu's threshold per image, and the global threshold
   (or, for ct2d, one intensity window per class) that maximises Dice on the
   train split.
@@ -57,7 +57,7 @@ from unet_jax.data import pipeline as input_pipeline
 from unet_jax.data import sources
 from unet_jax.data import synthetic
 from unet_jax.models import factory
-from unet_jax.train import planned
+from unet_jax.train import setup
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -312,9 +312,9 @@ def _fixed_steps(name, root, data_dir, budget) -> tuple[int, float]:
   )
   # Slow 3D steps (a batch of 16 volumes) need no warm-up to drain the prefetch.
   step_time = (
-    planned.measure_step_time(config, data, steps=2, warmup=0)
+    setup.measure_step_time(config, data, steps=2, warmup=0)
     if (name == 'aniso3d')
-    else planned.measure_step_time(config, data)
+    else setup.measure_step_time(config, data)
   )
   return max(1, math.floor(budget / step_time)), step_time
 

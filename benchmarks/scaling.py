@@ -112,10 +112,9 @@ def _host_state(model, tx, size, seed=0):
   )
 
 
-def _measure(devices, args):
-  """Times the step, the step without collectives and (several processes) the
-  step followed by the stop vote, on a mesh over `devices`."""
-
+def _build(devices, args):
+  """(model, tx, runner, local_step): the train step as training runs it on a mesh
+  over `devices`, and the same step without collectives (shard_map)."""
   config = _config(args.features, args.depth)
   model = train.create_model(config.model)
   tx = train.create_optimizer(config)
@@ -148,6 +147,13 @@ def _measure(devices, args):
     ),
     donate_argnums=(0,),
   )
+  return model, tx, runner, local_step
+
+
+def _measure(devices, args):
+  """Times the step, the step without collectives and (several processes) the
+  step followed by the stop vote, on a mesh over `devices`."""
+  model, tx, runner, local_step = _build(devices, args)
   rows = args.per_device_batch * sum(
     d.process_index == jax.process_index() for d in devices
   )
@@ -191,8 +197,12 @@ def _measure(devices, args):
   for r in range(args.repeats):
     for kind in kinds if r % 2 == 0 else kinds[::-1]:
       times[kind].append(run(kind, args.steps))
+  return _summary(times, len(devices), args)
+
+
+def _summary(times, n, args):
+  """The row of one measurement: medians and every repeat, in ms."""
   med = {k: statistics.median(v) for k, v in times.items()}
-  n = len(devices)
   out = {
     'devices': n,
     'processes': jax.process_count(),

@@ -1,4 +1,4 @@
-"""Tests for unet_jax.planning and unet_jax.train.planned: the fingerprint by hand, the
+"""Tests for unet_jax.planning and unet_jax.train.setup: the fingerprint by hand, the
 plan's rules, overrides, plan.json, the plan step of training, and one planned run
 through launch.py."""
 
@@ -22,7 +22,7 @@ from unet_jax.inference import predictor as inference
 from unet_jax.models import memory
 from unet_jax.planning.fingerprint import _cache_path  # The cache file, to edit it.
 from unet_jax.planning.plan import _node_and_leaf
-from unet_jax.train import planned
+from unet_jax.train import setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -360,7 +360,7 @@ def test_plan_json_round_trips(tmp_path):
 def test_plan_false_keeps_the_config_and_writes_nothing(tmp_path):
   config = importlib.import_module('configs.folder').get_config()
   config.plan = False
-  same, data = planned.plan_run(config, 'data', str(tmp_path))
+  same, data = setup.plan_run(config, 'data', str(tmp_path))
   assert same is config and data == 'data'
   assert not os.listdir(tmp_path)
   # The fixed settings are those of configs/default.py.
@@ -394,7 +394,7 @@ def test_plan_run_with_a_time_budget_measures_then_reuses_the_step_time(
   data = input_pipeline.open(config.data, divisor=1)
   workdir = str(tmp_path / 'run')
   os.makedirs(workdir)
-  first, _ = planned.plan_run(config, data, workdir)
+  first, _ = setup.plan_run(config, data, workdir)
   p = planning.read_plan(os.path.join(workdir, planning.PLAN_FILE))
   step_time = p.inputs['step_time']
   assert step_time > 0 and math.isfinite(step_time)
@@ -406,7 +406,7 @@ def test_plan_run_with_a_time_budget_measures_then_reuses_the_step_time(
     raise AssertionError('measured again')
 
   monkeypatch.setattr(planned, 'measure_step_time', measure)
-  again, _ = planned.plan_run(config, data, workdir)
+  again, _ = setup.plan_run(config, data, workdir)
   assert again.to_dict() == first.to_dict()
   assert planning.read_plan(os.path.join(workdir, planning.PLAN_FILE)) == p
 

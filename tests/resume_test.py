@@ -14,6 +14,7 @@ from tests import train_test
 from unet_jax import checkpointing
 from unet_jax import train
 from unet_jax.data import pipeline as input_pipeline
+from unet_jax.train import steps as train_steps
 
 tiny_config = train_test.tiny_config
 
@@ -100,7 +101,7 @@ def test_a_non_finite_update_is_never_saved(data_dir, tmp_path, monkeypatch):
     blow_up = optax.scale_by_schedule(lambda count: jnp.where(count >= 1, jnp.inf, 1.0))
     return optax.chain(real(config), blow_up)
 
-  monkeypatch.setattr(train, 'create_optimizer', overflowing)
+  monkeypatch.setattr(train_steps, 'create_optimizer', overflowing)  # What setup calls.
   workdir = str(tmp_path / 'overflow')
   with pytest.raises(FloatingPointError) as e:
     train.train_and_evaluate(tiny_config(data_dir, checkpoint_every_steps=1), workdir)

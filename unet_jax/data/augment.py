@@ -1,7 +1,9 @@
 """Data augmentation for segmentation, in JAX, run inside the jitted train step.
 
-`augment(key, image, label, config=config.augment)` draws one random transform
-per example and applies it to the image and its mask alike:
+`augment(key, image, label, config=options)` draws one random transform per
+example and applies it to the image and its mask alike; `options` is a
+`config_lib.AugmentOptions` (or `config.augment`, read into one; the defaults
+are on its fields):
 
 * flips along every spatial axis (`config.flip`), or only along the axes
   `config.flip_axes` names (e.g. (1, 2): not along D of a [D, H, W] volume);
@@ -11,7 +13,7 @@ per example and applies it to the image and its mask alike:
   window (s > 1 zooms in, s < 1 out);
 * elastic deformation (`config.elastic`, in pixels): the U-Net paper's
   augmentation. Displacements drawn from N(0, elastic^2) on a coarse grid of
-  `config.elastic_grid` (default 3) points per axis are interpolated smoothly
+  `config.elastic_grid` points per axis are interpolated smoothly
   (bicubic) to every pixel (Ronneberger et al., 2015, Sec. 3.1);
 * intensity jitter (`config.intensity` = a): per channel,
   x -> x * (1 + u) + v with u, v ~ U(-a, a), image only.
@@ -33,37 +35,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 
-
-def _options(config) -> dict:
-  """Static (Python) options from `config.augment`, checked."""
-  scale = tuple(float(s) for s in config.get('scale', (1.0, 1.0)))
-  if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
-    raise ValueError(
-      f'config.augment.scale must be (min, max) with 0 < min <= max, got {scale}.'
-    )
-  intensity = float(config.get('intensity', 0.0))
-  elastic = float(config.get('elastic', 0.0))
-  grid = int(config.get('elastic_grid', 3))
-  if intensity < 0 or elastic < 0:
-    raise ValueError(
-      f'config.augment.intensity and .elastic must be >= 0, got {intensity}, {elastic}.'
-    )
-  if grid < 2:
-    raise ValueError(f'config.augment.elastic_grid must be >= 2, got {grid}.')
-  flip_axes = tuple(int(a) for a in config.get('flip_axes', ()) or ())
-  if any(a < 0 or a > 2 for a in flip_axes):
-    raise ValueError(
-      f'config.augment.flip_axes must hold spatial axes (0, 1 or 2), got {flip_axes}.'
-    )
-  return {
-    'flip': bool(config.get('flip', False)),
-    'flip_axes': flip_axes,
-    'rot90': bool(config.get('rot90', False)),
-    'scale': scale,
-    'intensity': intensity,
-    'elastic': elastic,
-    'elastic_grid': grid,
-  }
+from unet_jax import config as config_lib
 
 
 def _reflect(index: jax.Array, size: int) -> jax.Array:
@@ -96,35 +68,37 @@ def _sample_nearest(x: jax.Array, coords: list[jax.Array]) -> jax.Array:
   return x[index]
 
 
-def _coordinates(key: jax.Array, spatial: tuple[int, ...], opts: dict) -> list[jax.Array]:
+def _coordinates(
+  key: jax.Array, spatial: tuple[int, ...], opts: config_lib.AugmentOptions
+) -> list[jax.Array]:
   """Input coordinates of every output pixel under one random transform."""
   ndim = len(spatial)
   k_flip, k_rot, k_scale, k_offset, k_elastic = jax.random.split(key, 5)
   coords = list(
     jnp.meshgrid(*[jnp.arange(s, dtype=jnp.float32) for s in spatial], indexing='ij')
   )
-  if opts['elastic'] > 0:
-    grid = opts['elastic_grid']
-    coarse = opts['elastic'] * jax.random.normal(k_elastic, (ndim,) + (grid,) * ndim)
+  if opts.elastic > 0:
+    grid = opts.elastic_grid
+    coarse = opts.elastic * jax.random.normal(k_elastic, (ndim,) + (grid,) * ndim)
     field = jax.image.resize(coarse, (ndim,) + spatial, method='cubic')
     coords = [c + field[d] for d, c in enumerate(coords)]
-  lo, hi = opts['scale']
+  lo, hi = opts.scale
   if (lo, hi) != (1.0, 1.0):
     scale = jax.random.uniform(k_scale, (), minval=lo, maxval=hi)
     size = jnp.asarray(spatial, jnp.float32)
     slack = size - size / scale  # > 0 zooming in, < 0 zooming out.
     offset = jnp.minimum(slack, 0) + jax.random.uniform(k_offset, (ndim,)) * jnp.abs(slack)
     coords = [offset[d] + (c + 0.5) / scale - 0.5 for d, c in enumerate(coords)]
-  if opts['rot90'] and ndim >= 2 and spatial[-1] == spatial[-2]:
+  if opts.rot90 and ndim >= 2 and spatial[-1] == spatial[-2]:
     last = spatial[-1] - 1.0
     y, x = coords[-2], coords[-1]
     k = jax.random.randint(k_rot, (), 0, 4)
     # The input pixel that np.rot90(input, k) moves to output (y, x).
     coords[-2] = jnp.select([k == 0, k == 1, k == 2], [y, x, last - y], last - x)
     coords[-1] = jnp.select([k == 0, k == 1, k == 2], [x, last - y, last - x], y)
-  if opts['flip']:
+  if opts.flip:
     flips = jax.random.bernoulli(k_flip, 0.5, (ndim,))
-    axes = opts['flip_axes'] or range(ndim)
+    axes = opts.flip_axes or range(ndim)
     coords = [
       jnp.where(flips[d], spatial[d] - 1.0 - c, c) if d in axes else c
       for d, c in enumerate(coords)
@@ -134,15 +108,12 @@ def _coordinates(key: jax.Array, spatial: tuple[int, ...], opts: dict) -> list[j
 
 def _augment_one(key, image, label, *, opts):
   k_geometry, k_intensity = jax.random.split(key)
-  geometric = (
-    opts['flip'] or opts['rot90'] or opts['elastic'] > 0 or opts['scale'] != (1.0, 1.0)
-  )
-  if geometric:
+  if opts.geometric:
     coords = _coordinates(k_geometry, label.shape, opts)
     image = _sample_linear(image, coords)
     label = _sample_nearest(label, coords)
-  if opts['intensity'] > 0:
-    a = opts['intensity']
+  if opts.intensity > 0:
+    a = opts.intensity
     gain, shift = jax.random.uniform(k_intensity, (2, image.shape[-1]), minval=-a, maxval=a)
     image = image * (1 + gain).astype(image.dtype) + shift.astype(image.dtype)
   return image, label
@@ -157,10 +128,8 @@ def augment(
     key: A `jax.random.key`.
     image: float [N, *spatial, C], spatial = (H, W) or (D, H, W).
     label: int [N, *spatial], class indices.
-    config: `config.augment`: flip (bool), flip_axes (spatial axes to flip;
-      () or missing: all), rot90 (bool), scale ((min, max);
-      (1, 1) turns it off), intensity (float; 0 off), elastic (float, pixels;
-      0 off) and optionally elastic_grid (int, default 3).
+    config: `config_lib.AugmentOptions`, or `config.augment` (read into them):
+      flip, flip_axes, rot90, scale, intensity, elastic, elastic_grid.
 
   Returns:
     (image, label) with the input shapes and dtypes; the same geometric
@@ -175,6 +144,6 @@ def augment(
       'augment expects image [N, *spatial, C] and label [N, *spatial] with 2 or 3'
       f' spatial axes, got {image.shape} and {label.shape}.'
     )
-  opts = _options(config)
+  opts = config_lib.AugmentOptions.from_config(config)
   keys = jax.random.split(key, image.shape[0])
   return jax.vmap(functools.partial(_augment_one, opts=opts))(keys, image, label)

@@ -541,16 +541,7 @@ def validate(
     ValueError: if `mask_colors` or `ignore_index` is malformed or disagrees
       with `num_classes`.
   """
-  mask_colors = _check_mask_colors(mask_colors)
-  if mask_colors is not None:
-    if ndim != 2:
-      raise ValueError('mask_colors applies to 2D (PNG) masks only.')
-    if num_classes is not None and num_classes != len(mask_colors):
-      raise ValueError(
-        f'num_classes={num_classes} but mask_colors holds {len(mask_colors)}'
-        ' colours; give one colour per class.'
-      )
-    num_classes = len(mask_colors)
+  mask_colors, num_classes = _colors_and_classes(mask_colors, num_classes, ndim=ndim)
   _check_ignore_index(ignore_index, num_classes)
   survey = _Survey()
   for split_pairs in pairs.values():
@@ -569,6 +560,30 @@ def validate(
   _raise_all(survey.errors, hint=hint)
   if not survey.shapes:
     raise BadDataError('The segmentation folder holds no examples.')
+  metadata = _metadata(survey, pairs, ndim=ndim, num_classes=num_classes)
+  logging.info('Validated segmentation folder: %s', metadata)
+  return metadata
+
+
+def _colors_and_classes(mask_colors, num_classes, *, ndim: int):
+  """(mask_colors checked, num_classes): with colours, one class per colour."""
+  mask_colors = _check_mask_colors(mask_colors)
+  if mask_colors is None:
+    return None, num_classes
+  if ndim != 2:
+    raise ValueError('mask_colors applies to 2D (PNG) masks only.')
+  if num_classes is not None and num_classes != len(mask_colors):
+    raise ValueError(
+      f'num_classes={num_classes} but mask_colors holds {len(mask_colors)}'
+      ' colours; give one colour per class.'
+    )
+  return mask_colors, len(mask_colors)
+
+
+def _metadata(
+  survey: '_Survey', pairs, *, ndim: int, num_classes: int
+) -> dict[str, object]:
+  """The metadata `validate` returns, from a survey without errors."""
   array = np.array([s for _, s in survey.shapes])
   median = np.median(array, axis=0)
   small = [[p, list(s)] for p, s in survey.shapes if np.any(np.array(s) < median / 2)]
@@ -593,7 +608,6 @@ def validate(
     'num_examples': {split: len(p) for split, p in pairs.items()},
     'class_pixels': {str(k): int(v) for k, v in sorted(survey.class_pixels.items())},
   }
-  logging.info('Validated segmentation folder: %s', metadata)
   return metadata
 
 

@@ -73,10 +73,11 @@ import jax
 import numpy as np
 from scipy import ndimage
 
+from unet_jax import config as config_lib
 from unet_jax.data import sources
 
-SIZE_POLICIES = ('pad', 'crop', 'resize')
-NORMALIZATIONS = ('zscore', 'ct', 'rescale')  # config.data.normalization; see normalise.
+SIZE_POLICIES = config_lib.SIZE_POLICIES
+NORMALIZATIONS = config_lib.NORMALIZATIONS  # DataOptions.normalization; see normalise.
 IGNORE_LABEL = -1  # Label of pixels left out of the loss and the metrics.
 _READ_THREADS = 1  # Background threads building batches (benchmarks/RESULTS.md).
 _PREFETCH_BATCHES = 4  # Batches buffered ahead of the train step.
@@ -111,23 +112,6 @@ class DatasetInfo:
 # Shapes: divisor, size policy, patches.
 
 
-def _optional_shape(value, ndim: int, what: str) -> tuple[int, ...] | None:
-  """A config size (an int, or one int per axis) as `ndim` ints; None if unset."""
-  if isinstance(value, (int, np.integer)):
-    values = (int(value),) * ndim if value else ()
-  else:
-    values = tuple(int(v) for v in value or ())
-  if not values:
-    return None
-  if len(values) != ndim:
-    raise ValueError(
-      f'{what} {values} has {len(values)} axes, but the data set is {ndim}D.'
-    )
-  if min(values) < 1:
-    raise ValueError(f'{what} {values} must be positive.')
-  return values
-
-
 def _round(shape, divisor, how: str) -> tuple[int, ...]:
   shape = [int(s) for s in shape]
   if how == 'up':
@@ -144,16 +128,11 @@ class _Shapes:
   patch: tuple[int, ...] | None  # Training patches (3D), if any.
 
 
-def _shapes(data_config, source: sources.Source, divisor) -> _Shapes:
+def _shapes(options: config_lib.DataOptions, source: sources.Source, divisor) -> _Shapes:
   """The training and evaluation shapes of the size policy, and the patch size."""
-  ndim = source.ndim
-  policy = sources.config_value(data_config, 'size_policy', 'pad')
-  image_size = _optional_shape(
-    sources.config_value(data_config, 'image_size'), ndim, 'config.data.image_size'
-  )
-  patch = _optional_shape(
-    sources.config_value(data_config, 'patch_size'), ndim, 'config.data.patch_size'
-  )
+  policy = options.size_policy
+  image_size = options.image_shape(source.ndim)
+  patch = options.patch_shape(source.ndim)
   recorded = source.max_shape is not None
   if image_size is None and not recorded:
     raise ValueError(
@@ -215,53 +194,36 @@ def normalise(
   raise ValueError(f'mode={mode!r} is not one of {list(NORMALIZATIONS)}.')
 
 
-def _channel_values(data_config, field: str, num_channels: int | None) -> np.ndarray:
-  """`config.data.<field>`: one float per channel (or one for all), as float32 [C]."""
-  value = sources.config_value(data_config, field, ())
-  values = (value,) if isinstance(value, (int, float)) else tuple(value)
-  if not values:
-    mode = sources.config_value(data_config, 'normalization', 'zscore')
-    raise ValueError(
-      f'config.data.normalization={mode!r} needs config.data.{field}'
-      ' (one value, or one per channel).'
-    )
+def _channel_values(
+  options: config_lib.DataOptions, name: str, num_channels: int | None
+) -> np.ndarray:
+  """`intensity_<name>`: one float per channel (or one for all), as float32 [C]."""
+  values = options.intensity_values(name)
   if num_channels is not None and len(values) not in (1, num_channels):
     raise ValueError(
-      f'config.data.{field}={values} has {len(values)} values; the data'
-      f' has {num_channels} channel(s): give 1 or {num_channels}.'
+      f'config.data.intensity_{name}={tuple(values.tolist())} has {len(values)} values;'
+      f' the data has {num_channels} channel(s): give 1 or {num_channels}.'
     )
-  return np.asarray([float(v) for v in values], np.float32)
+  return values
 
 
-def normaliser(data_config, num_channels: int | None = None):
-  """The normalisation `config.data` asks for: image [*spatial, C] -> float32.
+def normaliser(data, num_channels: int | None = None):
+  """The normalisation the data options ask for: image [*spatial, C] -> float32.
 
-  Reads `config.data.normalization` ('zscore' when missing, as in runs that
-  predate it) and, for 'ct' and 'rescale', `config.data.intensity_low`,
-  `intensity_high` (and for 'ct' `intensity_mean`, `intensity_std`). Raises a
-  ValueError naming the field for a bad value; with `num_channels` None the
-  channel counts are not checked.
+  Args:
+    data: `config_lib.DataOptions` (or `config.data`): `normalization` and, for
+      'ct' and 'rescale', the `intensity_*` values (checked there).
+    num_channels: the image channels the intensity values must fit (1 value or
+      one per channel); None: not checked.
   """
-  mode = sources.config_value(data_config, 'normalization', 'zscore')
-  if mode not in NORMALIZATIONS:
-    raise ValueError(
-      f'config.data.normalization={mode!r} is not one of {list(NORMALIZATIONS)}.'
-    )
+  options = config_lib.DataOptions.from_config(data)
+  mode = options.normalization
   if mode == 'zscore':
     return normalise
   values = {
-    name: _channel_values(data_config, f'intensity_{name}', num_channels)
-    for name in (('low', 'high', 'mean', 'std') if mode == 'ct' else ('low', 'high'))
+    name: _channel_values(options, name, num_channels)
+    for name in config_lib.INTENSITY_FIELDS[mode]
   }
-  if np.any(values['high'] <= values['low']):
-    raise ValueError(
-      f'config.data.intensity_high {values["high"].tolist()} must be above'
-      f' intensity_low {values["low"].tolist()}.'
-    )
-  if mode == 'ct' and np.any(values['std'] <= 0):
-    raise ValueError(
-      f'config.data.intensity_std {values["std"].tolist()} must be positive.'
-    )
   return functools.partial(normalise, mode=mode, **values)
 
 
@@ -357,29 +319,16 @@ def _iterate(batches: grain.MapDataset) -> Iterator[dict]:
   return iter(batches.to_iter_dataset(options))
 
 
-def _check_config(data_config, divisor) -> tuple[sources.Entry, tuple[int, ...]]:
+def _check_config(
+  options: config_lib.DataOptions, divisor
+) -> tuple[sources.Entry, tuple[int, ...]]:
   """Config errors that need no data set built; returns the entry and the divisor."""
-  entry = sources.get(data_config.name)
-  ndim = entry.ndim(data_config)
-  policy = sources.config_value(data_config, 'size_policy', 'pad')
-  if policy not in SIZE_POLICIES:
-    raise ValueError(
-      f'config.data.size_policy must be one of {list(SIZE_POLICIES)}, got {policy!r}.'
-    )
-  fraction = float(sources.config_value(data_config, 'foreground_fraction', 0.0))
-  if not 0 <= fraction <= 1:
-    raise ValueError(f'config.data.foreground_fraction must be in [0, 1], got {fraction}.')
-  entry.check(data_config)
-  normaliser(data_config)
-  divisor = _optional_shape(divisor, ndim, 'divisor')
-  if divisor is None:
-    raise ValueError(f'divisor must be a positive int or {ndim} of them, got {divisor!r}.')
-  patch = _optional_shape(
-    sources.config_value(data_config, 'patch_size'), ndim, 'config.data.patch_size'
-  )
-  _optional_shape(
-    sources.config_value(data_config, 'image_size'), ndim, 'config.data.image_size'
-  )
+  entry = sources.get(options.name)
+  ndim = entry.ndim(options)
+  entry.check(options)
+  divisor = config_lib.per_axis(divisor, ndim, 'divisor', of='the data set')
+  patch = options.patch_shape(ndim)
+  options.image_shape(ndim)
   if patch is not None and any(p % d for p, d in zip(patch, divisor)):
     raise ValueError(
       f'config.data.patch_size {patch} must be a multiple of the model divisor {divisor}.'
@@ -398,21 +347,19 @@ class Dataset:
   checking or opening anything again.
   """
 
-  def __init__(self, data_config, source: sources.Source, shapes: _Shapes):
-    self._config = data_config
+  def __init__(
+    self, options: config_lib.DataOptions, source: sources.Source, shapes: _Shapes
+  ):
+    self.options = options
     self.source = source
     self._shapes = shapes
-    self._policy = sources.config_value(data_config, 'size_policy', 'pad')
-    self._fraction = float(sources.config_value(data_config, 'foreground_fraction', 0.0))
-    ignore = sources.config_value(data_config, 'ignore_index', None)
-    self._ignore = None if ignore is None or ignore < 0 else int(ignore)
-    self._normalise = normaliser(data_config, source.num_channels)
+    self._normalise = normaliser(options, source.num_channels)
     self.info = DatasetInfo(
       num_classes=source.num_classes,
       num_channels=source.num_channels,
       spatial_shape=shapes.patch or shapes.train,
-      num_train=len(self.split(data_config.train_split)),
-      num_eval=len(self.split(data_config.eval_split)),
+      num_train=len(self.split(options.train_split)),
+      num_eval=len(self.split(options.eval_split)),
       spacing=source.spacing,
       eval_spatial_shape=shapes.eval,
     )
@@ -425,8 +372,9 @@ class Dataset:
     """Example `index`, normalised, with ignored pixels set to IGNORE_LABEL."""
     example = self.source.read(records, index)
     label = example.label
-    if self._ignore is not None:
-      label = np.where(label == self._ignore, IGNORE_LABEL, label).astype(np.int32)
+    ignore = self.options.ignore_index
+    if ignore is not None:
+      label = np.where(label == ignore, IGNORE_LABEL, label).astype(np.int32)
     return dataclasses.replace(example, image=self._normalise(example.image), label=label)
 
   def train_iterator(
@@ -456,15 +404,16 @@ class Dataset:
     p, b = _processes(process_index, process_count, batch_size)
     if start_step < 0:
       raise ValueError(f'start_step must be >= 0, got {start_step}.')
-    records = self.split(self._config.train_split)
+    records = self.split(self.options.train_split)
     n = len(records)
     if n == 0:
       raise ValueError(
-        f'{self.source.name}: the train split {self._config.train_split!r} is empty.'
+        f'{self.source.name}: the train split {self.options.train_split!r} is empty.'
       )
     # order[g] = the example at global position g; reshuffled every epoch.
     order = grain.MapDataset.range(n).shuffle(seed=_seed_words(seed)).repeat()
-    shapes = self._shapes
+    shapes, policy = self._shapes, self.options.size_policy
+    fraction = self.options.foreground_fraction
 
     def example(g: int) -> tuple[np.ndarray, np.ndarray]:
       ex = self.read(records, order[g])
@@ -475,9 +424,9 @@ class Dataset:
           ex.label,
           shapes.patch,
           rng,
-          on_foreground=_on_foreground(g, self._fraction),
+          on_foreground=_on_foreground(g, fraction),
         )
-      if self._policy == 'resize':
+      if policy == 'resize':
         return _resize(ex.image, ex.label, shapes.train)
       return _fit_train(ex.image, ex.label, shapes.train, rng)
 
@@ -512,7 +461,7 @@ class Dataset:
       [b, ndim], 'id': object [b] (case names)}.
     """
     p, b = _processes(process_index, process_count, batch_size)
-    split = split or self._config.eval_split
+    split = split or self.options.eval_split
     records = self.split(split)
     n = len(records)
     if n == 0:
@@ -532,7 +481,7 @@ class Dataset:
         g = step * batch_size + p * b + k
         if g < n:
           ex = self.read(records, g)
-          fit = _resize if self._policy == 'resize' else _pad_to
+          fit = _resize if self.options.size_policy == 'resize' else _pad_to
           out['image'][k], out['label'][k] = fit(ex.image, ex.label, shape)
           out['mask'][k], out['index'][k], out['id'][k] = 1.0, g, ex.case_id
           out['spacing'][k] = ex.spacing
@@ -541,11 +490,11 @@ class Dataset:
     return _iterate(grain.MapDataset.range(-(-n // batch_size)).map(batch))
 
 
-def open(data_config, *, divisor) -> Dataset:  # pylint: disable=redefined-builtin
+def open(data, *, divisor) -> Dataset:  # pylint: disable=redefined-builtin
   """Opens the data set `config.data` names, building it first if needed.
 
   Args:
-    data_config: `config.data`.
+    data: `config_lib.DataOptions`, or `config.data` (read into them here).
     divisor: An int, or one int per spatial axis, that every model input size
       must be a multiple of (the model's total pooling factor).
 
@@ -558,8 +507,9 @@ def open(data_config, *, divisor) -> Dataset:  # pylint: disable=redefined-built
       divisor, an unknown split), before any data set is built.
     datasets.BadDataError: (a ValueError) naming each bad file of a folder.
   """
-  entry, divisor = _check_config(data_config, divisor)
-  source = sources.open_on_every_process(entry, data_config)  # Process 0 builds first.
+  options = config_lib.DataOptions.from_config(data)
+  entry, divisor = _check_config(options, divisor)
+  source = sources.open_on_every_process(entry, options)  # Process 0 builds first.
   for case, shape in source.small_examples:
     logging.warning(
       '%s: %s is far smaller than the median size %s of %s.',
@@ -568,4 +518,4 @@ def open(data_config, *, divisor) -> Dataset:  # pylint: disable=redefined-built
       source.median_shape,
       source.name,
     )
-  return Dataset(data_config, source, _shapes(data_config, source, divisor))
+  return Dataset(options, source, _shapes(options, source, divisor))

@@ -1,8 +1,9 @@
 """Data sets by name: each opens as a random-access `Source`, built with TFDS on first use.
 
-    entry = sources.get(config.data.name)   # a ValueError lists the valid names
-    entry.check(config.data)                # config errors that need no data set built
-    source = entry.open(config.data)        # builds into config.data.data_dir if needed
+    data = config_lib.DataOptions.from_config(config.data)
+    entry = sources.get(data.name)          # a ValueError lists the valid names
+    entry.check(data)                       # config errors that need no data set built
+    source = entry.open(data)               # builds into data.data_dir if needed
     example = source.read('train', 7)       # image float32 [*spatial, C], label int32 ...
 
 `DATASETS` maps each name to its `Entry`; `register` adds one. The registered
@@ -24,6 +25,7 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from unet_jax import config as config_lib
 from unet_jax import distributed as runner
 from unet_jax.data import cpu_tensorflow
 from unet_jax.data import folder as folder_lib
@@ -121,17 +123,17 @@ def _case_id(record, index: int) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-  """How to open one registered data set.
+  """How to open one registered data set; each takes `config_lib.DataOptions`.
 
   Attributes:
-    ndim: the dimensionality a config names, known before building.
+    ndim: the dimensionality the options name, known before building.
     check: raises ValueError for config errors that need no data set built.
-    open: opens (building first if needed) the data set a config names.
+    open: opens (building first if needed) the data set the options name.
   """
 
-  ndim: Callable[[Any], int]
-  check: Callable[[Any], None]
-  open: Callable[[Any], Source]
+  ndim: Callable[[config_lib.DataOptions], int]
+  check: Callable[[config_lib.DataOptions], None]
+  open: Callable[[config_lib.DataOptions], Source]
 
 
 DATASETS: dict[str, Entry] = {}
@@ -149,12 +151,6 @@ def get(name: str) -> Entry:
       f'Unknown data set {name!r}; config.data.name must be one of {sorted(DATASETS)}.'
     )
   return DATASETS[name]
-
-
-def config_value(data_config, key: str, default=None):
-  """`data_config[key]`, or `default` when the field is missing or None."""
-  value = data_config.get(key, default)
-  return default if value is None else value
 
 
 # ---------------------------------------------------------------------------
@@ -205,8 +201,8 @@ def build(builder) -> None:
     _add_array_record(builder)
 
 
-def open_on_every_process(entry: Entry, data_config) -> Source:
-  """`entry.open(data_config)` on every JAX process, process 0 first.
+def open_on_every_process(entry: Entry, data: config_lib.DataOptions) -> Source:
+  """`entry.open(data)` on every JAX process, process 0 first.
 
   Opening builds a data set that is not built yet. With several processes
   sharing `data_dir`, each would build it at once and race to write the same
@@ -217,12 +213,12 @@ def open_on_every_process(entry: Entry, data_config) -> Source:
   finds nothing built after the barrier builds its own copy.
   """
   return runner.main_process_first(
-    lambda: entry.open(data_config), what=f'open the data set {data_config.name!r}'
+    lambda: entry.open(data), what=f'open the data set {data.name!r}'
   )
 
 
-def _data_dir(data_config) -> str | None:
-  return config_value(data_config, 'data_dir', '') or None
+def _data_dir(data: config_lib.DataOptions) -> str | None:
+  return data.data_dir or None
 
 
 def _image_to_float(example: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -262,25 +258,21 @@ def _from_metadata(name: str, builder, ndim: int) -> Source:
 # The registered data sets.
 
 
-def _no_check(data_config) -> None:
-  del data_config
+def _no_check(data: config_lib.DataOptions) -> None:
+  del data
 
 
-def _open_synthetic(ndim: int) -> Callable[[Any], Source]:
-  def open_source(data_config) -> Source:
-    builder = tfds.builder(
-      data_config.name,
-      config=config_value(data_config, 'config', '') or None,
-      data_dir=_data_dir(data_config),
-    )
+def _open_synthetic(ndim: int) -> Callable[[config_lib.DataOptions], Source]:
+  def open_source(data: config_lib.DataOptions) -> Source:
+    builder = tfds.builder(data.name, config=data.config or None, data_dir=_data_dir(data))
     build(builder)
-    return _from_metadata(data_config.name, builder, ndim)
+    return _from_metadata(data.name, builder, ndim)
 
   return open_source
 
 
-def _folder_ndim(data_config) -> int:
-  config = config_value(data_config, 'config', '') or '2d'
+def _folder_ndim(data: config_lib.DataOptions) -> int:
+  config = data.config or '2d'
   if config not in ('2d', '3d'):
     raise ValueError(
       f"segmentation_folder takes config.data.config '2d' or '3d', got {config!r}."
@@ -288,9 +280,9 @@ def _folder_ndim(data_config) -> int:
   return int(config[0])
 
 
-def _folder_check(data_config) -> None:
-  _folder_ndim(data_config)
-  root = config_value(data_config, 'root', '')
+def _folder_check(data: config_lib.DataOptions) -> None:
+  _folder_ndim(data)
+  root = data.root
   if not root:
     raise ValueError(
       'segmentation_folder needs config.data.root, the folder of images and masks.'
@@ -299,21 +291,19 @@ def _folder_check(data_config) -> None:
     raise ValueError(f'config.data.root {root!r} is not a folder.')
 
 
-def _folder_options(data_config) -> dict[str, Any]:
+def _folder_options(data: config_lib.DataOptions) -> dict[str, Any]:
   """The options that decide a folder's built copy (they key its fingerprint)."""
-  colors = config_value(data_config, 'mask_colors', ()) or ()
-  ignore = config_value(data_config, 'ignore_index', None)
   return {
-    'num_classes': config_value(data_config, 'num_classes', None) or None,  # 0: infer.
-    'mask_colors': tuple(tuple(int(v) for v in c) for c in colors) or None,
-    'ignore_index': None if ignore is None or ignore < 0 else int(ignore),
+    'num_classes': data.num_classes or None,  # 0: infer.
+    'mask_colors': data.mask_colors or None,
+    'ignore_index': data.ignore_index,
   }
 
 
-def _open_folder(data_config) -> Source:
-  ndim = _folder_ndim(data_config)
-  root = os.path.abspath(os.path.expanduser(config_value(data_config, 'root', '')))
-  options = _folder_options(data_config)
+def _open_folder(data: config_lib.DataOptions) -> Source:
+  ndim = _folder_ndim(data)
+  root = os.path.abspath(os.path.expanduser(data.root))
+  options = _folder_options(data)
   pairs = folder_lib.list_pairs(root, ndim=ndim)  # Cheap checks on file names.
   extra = '\0'.join(str(v) for v in (root, ndim, *options.values()))
   digest = folder_lib.fingerprint(root, pairs, extra=extra)
@@ -325,23 +315,23 @@ def _open_folder(data_config) -> Source:
     **{k: v for k, v in options.items() if k in fields},
   )
   builder = tfds.builder(
-    'segmentation_folder', config=builder_config, data_dir=_data_dir(data_config)
+    'segmentation_folder', config=builder_config, data_dir=_data_dir(data)
   )
   build(builder)
   source = _from_metadata('segmentation_folder', builder, ndim)
   return dataclasses.replace(source, split_aliases={'validation': 'val'})
 
 
-def _pets_check(data_config) -> None:
-  if not config_value(data_config, 'image_size', None):
+def _pets_check(data: config_lib.DataOptions) -> None:
+  if not data.image_size:
     raise ValueError(
       f'{pets.NAME} holds images of varying size; set config.data.image_size'
       " (e.g. 128) and config.data.size_policy='resize'."
     )
 
 
-def _open_pets(data_config) -> Source:
-  builder = tfds.builder(pets.NAME, data_dir=_data_dir(data_config))
+def _open_pets(data: config_lib.DataOptions) -> Source:
+  builder = tfds.builder(pets.NAME, data_dir=_data_dir(data))
   build(builder)
   return Source(
     name=pets.NAME,
@@ -372,6 +362,8 @@ register(
 register(pets.NAME, Entry(ndim=lambda c: 2, check=_pets_check, open=_open_pets))
 
 
-def config_ndim(data_config) -> int:
-  """The spatial rank of the data set `data_config` names, known before it is built."""
-  return get(data_config.name).ndim(data_config)
+def config_ndim(data) -> int:
+  """The spatial rank of the data set `data` (`config.data` or its options) names,
+  known before it is built."""
+  data = config_lib.DataOptions.from_config(data)
+  return get(data.name).ndim(data)

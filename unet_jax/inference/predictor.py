@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from unet_jax import checkpointing
+from unet_jax import config as config_lib
 from unet_jax import models
 from unet_jax.data import pipeline as input_pipeline
 from unet_jax.inference import sliding_window
@@ -45,6 +46,7 @@ class Predictor:
     model: the UNet, rebuilt from the run's config.
     variables: {'params': ..., 'batch_stats': ...}, host arrays.
     config: the config the checkpoint was written with.
+    data: its data options (normalisation, patch size).
     step: the checkpoint's step.
     num_channels: input channels the model takes.
     ndim: 2 or 3 spatial axes.
@@ -57,6 +59,7 @@ class Predictor:
   model: models.UNet
   variables: dict[str, Any]
   config: ml_collections.ConfigDict
+  data: config_lib.DataOptions
   step: int
   num_channels: int
   ndim: int
@@ -110,7 +113,7 @@ class Predictor:
       float32 [*spatial, K].
     """
     self.check(image)
-    normalise = input_pipeline.normaliser(self.config.data, self.num_channels)
+    normalise = input_pipeline.normaliser(self.data, self.num_channels)
     image = normalise(np.asarray(image, np.float32))
     patch = patch_size or self.patch_size
     return sliding_window.sliding_window_predict(
@@ -134,7 +137,7 @@ class Predictor:
     return np.argmax(logits, axis=-1).astype(np.int32)
 
 
-def _pick_step(manager, step, config, where: str) -> int:
+def _pick_step(manager, step, run: config_lib.RunOptions, where: str) -> int:
   steps = manager.all_steps()
   if not steps:
     raise FileNotFoundError(f'{where} holds no finished checkpoint.')
@@ -143,8 +146,8 @@ def _pick_step(manager, step, config, where: str) -> int:
   if step == 'best':
     best = checkpointing.best_step(
       manager,
-      best_metric=config.get('best_metric', 'eval_dice'),
-      best_mode=config.get('best_mode', 'max'),
+      best_metric=run.best_metric,
+      best_mode=run.best_mode,
     )
     return manager.latest_step() if best is None else best
   if isinstance(step, str) and not step.isdigit():
@@ -196,26 +199,28 @@ def load(workdir: str, *, step: str | int = 'best') -> Predictor:
   try:
     latest = manager.latest_step()
     first, _ = _run_config(manager, latest, workdir) if latest is not None else ({}, {})
-    chosen = _pick_step(manager, step, ml_collections.ConfigDict(first), ckpt_dir)
+    chosen = _pick_step(manager, step, config_lib.RunOptions.from_config(first), ckpt_dir)
     record, data_shape = _run_config(manager, chosen, workdir)
     config = ml_collections.ConfigDict(record)
+    data = config_lib.DataOptions.from_config(config.data)
     where = os.path.join(ckpt_dir, str(chosen))
-    ndim = int(data_shape.get('ndim') or len(config.data.get('patch_size') or ()) or 2)
+    patch_axes = len(data.patch_size) if isinstance(data.patch_size, tuple) else 0
+    ndim = int(data_shape.get('ndim') or patch_axes or 2)
     channels = int(data_shape.get('num_channels') or 1)
     variables = _restore_variables(ckpt_dir, chosen, config, ndim, channels, where)
   finally:
     manager.close()
   model = factory.create_model(config.model)
-  patch = tuple(config.data.get('patch_size') or ()) or None
   return Predictor(
     model=model,
     variables=variables,
     config=config,
+    data=data,
     step=chosen,
     num_channels=channels,
     ndim=ndim,
     divisor=factory.input_divisor_of(config.model, ndim=ndim),
-    patch_size=patch,
+    patch_size=data.patch_shape(ndim),
     train_shape=tuple(data_shape.get('spatial_shape') or ()) or None,
   )
 

@@ -37,27 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.special
 
+from unet_jax import config as config_lib
+
 MODES = ('gaussian', 'constant')
 PADDING_MODES = ('reflect', 'constant', 'edge')
 OUTPUTS = ('logits', 'probabilities')
-
-
-def _per_axis(value, ndim: int, name: str) -> tuple[int, ...]:
-  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-    value = (int(value),) * ndim
-  else:
-    try:
-      value = tuple(value)
-    except TypeError:
-      raise ValueError(f'{name}={value!r} must be an int or {ndim} ints.') from None
-    if len(value) != ndim:
-      raise ValueError(
-        f'{name}={value} has {len(value)} entries, but the image has {ndim} spatial axes.'
-      )
-  for v in value:
-    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-      raise ValueError(f'{name}={value} must hold positive integers.')
-  return tuple(int(v) for v in value)
 
 
 def _check_overlap(overlap: float) -> float:
@@ -111,7 +95,7 @@ def patch_positions(
     A list of `len(shape)`-tuples.
   """
   shape = tuple(int(s) for s in shape)
-  patch = _per_axis(patch_size, len(shape), 'patch_size')
+  patch = config_lib.per_axis(patch_size, len(shape), 'patch_size', of='the image')
   return list(
     itertools.product(*(axis_starts(s, p, overlap) for s, p in zip(shape, patch)))
   )
@@ -229,11 +213,11 @@ def _check_arguments(
   spatial = image.shape[:-1]
   if min(image.shape) < 1:
     raise ValueError(f'image has an empty axis: shape {image.shape}.')
-  div = _per_axis(divisor, ndim, 'divisor')
+  div = config_lib.per_axis(divisor, ndim, 'divisor', of='the image')
   if patch_size is None:
     patch = tuple(-(-s // d) * d for s, d in zip(spatial, div))
   else:
-    patch = _per_axis(patch_size, ndim, 'patch_size')
+    patch = config_lib.per_axis(patch_size, ndim, 'patch_size', of='the image')
   for p, d in zip(patch, div):
     if p % d:
       raise ValueError(

@@ -21,7 +21,7 @@ before it (and models and data; never train):
 * `plan.py`: `Plan`, `plan`, `apply`, the table and plan.json.
 * `__main__.py`: the command line.
 
-Training plans through `unet_jax.train.planned.plan_run`, which also measures the
+Training plans through `unet_jax.train.setup.plan_run`, which also measures the
 step time and checks the planned config.
 
 The functions `fingerprint`, `topology` and `plan` share their names with the

@@ -11,8 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-import ml_collections
-
+from unet_jax import config as config_lib
 from unet_jax.data import pipeline as input_pipeline
 from unet_jax.planning.fingerprint import fingerprint
 from unet_jax.planning.plan import format_fingerprint
@@ -38,25 +37,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     '--step_time', type=float, default=0.0, help='seconds per step (training measures it)'
   )
   args = parser.parse_args(argv)
-  data_config = ml_collections.ConfigDict(
-    dict(
-      name='segmentation_folder',
-      config=args.config,
-      root=args.root,
-      data_dir=args.data_dir,
-      train_split='train',
-      eval_split='train',
-      size_policy='pad',
-      image_size=(),
-      patch_size=(),
-      num_classes=args.num_classes,
-      ignore_index=args.ignore_index,
-      mask_colors=(),
-    )
-  )
   try:
-    data = input_pipeline.open(data_config, divisor=1)
-    fp = fingerprint(data, ignore_index=args.ignore_index)
+    data_options = config_lib.DataOptions.from_config(
+      dict(
+        name='segmentation_folder',
+        config=args.config,
+        root=args.root,
+        data_dir=args.data_dir,
+        train_split='train',
+        eval_split='train',
+        num_classes=args.num_classes,
+        ignore_index=args.ignore_index,  # -1: none, as in the config.
+      )
+    )
+    data = input_pipeline.open(data_options, divisor=1)
+    fp = fingerprint(data, ignore_index=data_options.ignore_index)
     p = plan(
       fp,
       memory_budget=args.memory_budget,

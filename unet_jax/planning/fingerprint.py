@@ -302,11 +302,12 @@ def fingerprint(
   Args:
     data: from `input_pipeline.open`.
     split: the split to read.
-    ignore_index: the data set's "don't care" mask value (config.data.ignore_index),
-      or None.
+    ignore_index: the data set's "don't care" mask value
+      (`DataOptions.ignore_index`), or None.
     cache: read and write the cache; False recomputes without writing.
   """
-  ignore_index = None if ignore_index is None or ignore_index < 0 else int(ignore_index)
+  if ignore_index is not None and ignore_index < 0:
+    raise ValueError(f'ignore_index must be None or a mask value >= 0, got {ignore_index}.')
   path = _cache_path(data, split, ignore_index) if cache else None
   builder = getattr(data.source, 'builder', None)
   key = str(getattr(getattr(builder, 'info', None), 'full_name', data.source.name))

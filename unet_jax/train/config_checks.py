@@ -1,6 +1,10 @@
-"""Config checks: every error a config can hold, raised before anything compiles.
+"""Config checks that need the registries, the devices or the data.
 
-* `validate_config`: the config on its own, and against the device count.
+What a config section holds on its own (choices, ranges, shapes, unknown fields)
+is checked where it is read, once, into options (`unet_jax.config`); here:
+
+* `validate_config`: the options, then the loss name, the model, the evaluators
+  and `best_metric` against them, and the batch against the device count.
 * `check_same_on_all_processes`: every process of a job runs the same config.
 * `validate_against_data`: `num_classes` and the input size against the data.
 * `check_resume`: a workdir's recorded config against the one resuming in it;
@@ -18,16 +22,17 @@ import jax
 import ml_collections
 import numpy as np
 
+from unet_jax import config as config_lib
 from unet_jax import distributed as runner_lib
 from unet_jax import evaluation as evaluators
 from unet_jax import losses
 from unet_jax import models
 from unet_jax.models import factory
 
-OPTIMIZERS = ('adam', 'adamw', 'sgd')
-SCHEDULES = ('cosine', 'poly', 'constant')
-DTYPES = ('float32', 'bfloat16')
-BEST_MODES = ('max', 'min')
+OPTIMIZERS = config_lib.OPTIMIZERS
+SCHEDULES = config_lib.SCHEDULES
+DTYPES = tuple(factory.DTYPES)
+BEST_MODES = config_lib.BEST_MODES
 # Losses whose activation is a sigmoid: they accept one logit for a binary task.
 SIGMOID_LOSSES = ('dice_bce', 'bce')
 # What fixes the structure of the saved state: a checkpoint written under one
@@ -41,67 +46,53 @@ def _choice(field: str, value: Any, valid) -> None:
 
 
 def _check_model(model_config) -> None:
-  unknown = sorted(set(model_config.keys()) - set(factory.model_options()))
-  if unknown:
-    raise ValueError(
-      f'config.model has unknown field(s) {unknown}; the UNet takes'
-      f' {list(factory.model_options())}.'
-    )
-  _choice('model.upsample', model_config.upsample, models.UPSAMPLE_MODES)
-  _choice('model.norm', model_config.norm, models.NORMS)
-  _choice('model.dtype', model_config.dtype, DTYPES)
-  _choice('model.param_dtype', model_config.get('param_dtype', 'float32'), DTYPES)
-  if model_config.num_classes < 0:
+  """`config.model` against the UNet's fields; missing fields keep the UNet's defaults."""
+  factory.check_options(model_config)
+  for field in ('dtype', 'param_dtype'):
+    if field in model_config:
+      _choice(f'model.{field}', model_config[field], DTYPES)
+  model = factory.create_model(model_config)  # A dataclass: nothing is built yet.
+  _choice('model.upsample', model.upsample, models.UPSAMPLE_MODES)
+  _choice('model.norm', model.norm, models.NORMS)
+  if model.num_classes < 0:
     raise ValueError(
       'config.model.num_classes must be positive (or 0: from the'
-      f' data), got {model_config.num_classes}.'
+      f' data), got {model.num_classes}.'
     )
-  if not 0 <= model_config.get('deep_supervision', 0) < model_config.depth:
+  if not 0 <= model.deep_supervision < model.depth:
     raise ValueError(
-      f'config.model.deep_supervision={model_config.deep_supervision} must be in'
-      f' [0, depth - 1 = {model_config.depth - 1}].'
+      f'config.model.deep_supervision={model.deep_supervision} must be in'
+      f' [0, depth - 1 = {model.depth - 1}].'
     )
 
 
 def validate_config(
   config: ml_collections.ConfigDict, *, num_devices: int, process_count: int
-) -> None:
-  """Raises ValueError for a config that cannot run, before anything compiles."""
+) -> config_lib.RunOptions:
+  """Raises ValueError for a config that cannot run, before anything compiles.
+
+  Returns:
+    The run's options (`config_lib.RunOptions.from_config`, which checks each
+    section on its own).
+  """
   losses.get_loss(config.loss.name)  # Raises, listing the valid names.
-  if 'ignore_index' in config.loss.kwargs:
-    raise ValueError(
-      'config.loss.kwargs.ignore_index is set by the trainer (padding and ignored'
-      ' pixels); set config.data.ignore_index to the label value to leave out.'
-    )
-  _choice('optimizer.name', config.optimizer.name, OPTIMIZERS)
-  _choice('optimizer.schedule', config.optimizer.schedule, SCHEDULES)
-  _choice('parallelism', config.parallelism, runner_lib.MODES)
-  _choice('best_mode', config.get('best_mode', 'max'), BEST_MODES)
+  run = config_lib.RunOptions.from_config(config)
   _check_model(config.model)
-  for field in (
-    'batch_size',
-    'eval_batch_size',
-    'num_train_steps',
-    'log_every_steps',
-    'checkpoint_every_steps',
-  ):
-    if config[field] < 1:
-      raise ValueError(f'config.{field} must be positive, got {config[field]}.')
   for field in ('batch_size', 'eval_batch_size'):
-    if config[field] % num_devices:
+    value = getattr(run, field)
+    if value % num_devices:
       raise ValueError(
-        f'config.{field}={config[field]} (a global batch) is not divisible by the'
+        f'config.{field}={value} (a global batch) is not divisible by the'
         f' {num_devices} devices; use a multiple of {num_devices}.'
       )
-  if config.batch_size % process_count:
+  if run.batch_size % process_count:
     raise ValueError(
-      f'config.batch_size={config.batch_size} is not divisible by the'
+      f'config.batch_size={run.batch_size} is not divisible by the'
       f' {process_count} processes.'
     )
-  if config.optimizer.learning_rate <= 0:
-    raise ValueError('config.optimizer.learning_rate must be positive.')
-  evaluators.check_config(config.evals)
-  best_evaluator(config)
+  evaluators.check_config(run.evals)
+  best_evaluator(run)
+  return run
 
 
 def check_same_on_all_processes(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -151,23 +142,29 @@ def check_same_on_all_processes(config: ml_collections.ConfigDict, workdir: str)
   )
 
 
-def best_evaluator(config) -> str:
-  """The evaluator whose metric `config.best_metric` ('<evaluator>_<metric>') names."""
-  names = [n for n in config.evals.keys() if config.best_metric.startswith(n + '_')]
+def best_evaluator(run) -> str:
+  """The evaluator whose metric `best_metric` ('<evaluator>_<metric>') names.
+
+  Args:
+    run: `config_lib.RunOptions`, or the config.
+  """
+  run = config_lib.RunOptions.from_config(run)
+  names = [n for n in run.evals if run.best_metric.startswith(n + '_')]
   if not names:
     raise ValueError(
-      f"config.best_metric={config.best_metric!r} must name an evaluator's metric"
-      f' as <evaluator>_<metric>; the evaluators are {sorted(config.evals.keys())}.'
+      f"config.best_metric={run.best_metric!r} must name an evaluator's metric"
+      f' as <evaluator>_<metric>; the evaluators are {sorted(run.evals)}.'
     )
   return max(names, key=len)
 
 
 def validate_against_data(config: ml_collections.ConfigDict, info) -> None:
   """`num_classes` and the input size must fit the data (`input_pipeline.DatasetInfo`)."""
+  loss = config_lib.LossOptions.from_config(config.loss)
+  data = config_lib.DataOptions.from_config(config.data)
   c = config.model.num_classes
-  sigmoid = (
-    config.loss.name in SIGMOID_LOSSES or config.loss.kwargs.get('activation') == 'sigmoid'
-  )
+  sigmoid = loss.name in SIGMOID_LOSSES or loss.kwargs.get('activation') == 'sigmoid'
+
   binary_sigmoid = c == 1 and info.num_classes == 2 and sigmoid
   if c != info.num_classes and not binary_sigmoid:
     hint = (
@@ -178,7 +175,7 @@ def validate_against_data(config: ml_collections.ConfigDict, info) -> None:
     )
     raise ValueError(
       f'config.model.num_classes={c} does not match the data set'
-      f' {config.data.name!r}, which has {info.num_classes} classes{hint}.'
+      f' {data.name!r}, which has {info.num_classes} classes{hint}.'
     )
   divisor = models.input_divisor(
     ndim=len(info.spatial_shape),
@@ -188,7 +185,7 @@ def validate_against_data(config: ml_collections.ConfigDict, info) -> None:
   try:
     models.check_spatial_shape(info.spatial_shape, divisor)
   except ValueError as e:
-    field = 'data.patch_size' if config.data.get('patch_size') else 'the data'
+    field = 'data.patch_size' if data.patch_size else 'the data'
     raise ValueError(f'{field} does not fit the model: {e}') from None
 
 

@@ -1,0 +1,217 @@
+"""Tests for unet_jax.config: each section read once, one default per field."""
+
+import importlib
+import json
+
+import ml_collections
+import numpy as np
+import pytest
+
+from unet_jax import config as config_lib
+
+SECTIONS = {
+  'data': config_lib.DataOptions,
+  'augment': config_lib.AugmentOptions,
+  'optimizer': config_lib.OptimizerOptions,
+  'loss': config_lib.LossOptions,
+}
+
+
+def _default():
+  return importlib.import_module('configs.default').get_config()
+
+
+@pytest.mark.parametrize('section', sorted(SECTIONS))
+def test_the_default_config_holds_every_field_at_its_options_default(section):
+  cls = SECTIONS[section]
+  config = _default()
+  assert config[section].to_dict() == cls().to_config().to_dict()
+  assert cls.from_config(config[section]) == cls()
+
+
+@pytest.mark.parametrize('section', sorted(SECTIONS))
+def test_a_missing_field_gets_the_documented_default(section):
+  cls = SECTIONS[section]
+  documented = _default()[section]
+  for field in documented.keys():
+    partial = ml_collections.ConfigDict(documented.to_dict())
+    del partial[field]
+    assert cls.from_config(partial) == cls.from_config(documented), field
+
+
+def test_missing_flip_rot90_and_foreground_fraction_take_the_config_defaults():
+  augment = config_lib.AugmentOptions.from_config({'scale': (1.0, 1.0)})
+  assert augment.flip and augment.rot90
+  data = config_lib.DataOptions.from_config({'name': 'synthetic_volumes'})
+  assert data.foreground_fraction == pytest.approx(1 / 3)
+  assert data.size_policy == 'pad' and data.ignore_index is None
+  run = config_lib.RunOptions.from_config({'data': {'name': 'synthetic_shapes'}})
+  assert run.augment.flip and run.data.foreground_fraction == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize('section', sorted(SECTIONS))
+def test_unknown_fields_are_refused_naming_them(section):
+  cls = SECTIONS[section]
+  config = _default()[section]
+  config.unknown_b = 1
+  config.unknown_a = 2
+  with pytest.raises(
+    ValueError,
+    match=rf"config.{section} has unknown field\(s\) \['unknown_a', 'unknown_b'\]",
+  ):
+    cls.from_config(config)
+
+
+def test_unknown_fields_of_a_run_section_are_refused():
+  config = _default()
+  config.augment.flips = True
+  with pytest.raises(
+    ValueError, match=r"config.augment has unknown field\(s\) \['flips'\]"
+  ):
+    config_lib.RunOptions.from_config(config)
+
+
+def test_the_config_form_is_parsed_once():
+  data = config_lib.DataOptions.from_config(
+    {
+      'ignore_index': 255,
+      'image_size': [64, 48],
+      'patch_size': 32,
+      'mask_colors': [[0, 0, 0], [255, 0, 0]],
+      'normalization': 'ct',
+      'intensity_low': -100,
+      'intensity_high': [300],
+      'intensity_mean': 40.0,
+      'intensity_std': 80.0,
+    }
+  )
+  assert data.ignore_index == 255
+  assert data.image_shape(2) == (64, 48) and data.patch_shape(3) == (32, 32, 32)
+  assert data.mask_colors == ((0, 0, 0), (255, 0, 0))
+  assert data.intensity_low == (-100.0,) and data.intensity_high == (300.0,)
+  np.testing.assert_array_equal(data.intensity_values('std'), [80.0])
+  unset = config_lib.DataOptions.from_config({'ignore_index': -1, 'image_size': 0})
+  assert unset.ignore_index is None and unset.image_shape(2) is None
+  # Back to the config's own form: -1 for no ignore value.
+  assert unset.to_config().ignore_index == -1
+  assert config_lib.DataOptions.from_config(data.to_config()) == data
+
+
+@pytest.mark.parametrize(
+  'cls, values, match',
+  [
+    (config_lib.DataOptions, {'size_policy': 'stretch'}, 'size_policy must be one of'),
+    (config_lib.DataOptions, {'foreground_fraction': 1.5}, 'foreground_fraction'),
+    (config_lib.DataOptions, {'normalization': 'minmax'}, "normalization='minmax'"),
+    (config_lib.DataOptions, {'normalization': 'ct'}, 'needs config.data.intensity_low'),
+    (
+      config_lib.DataOptions,
+      {'normalization': 'rescale', 'intensity_low': 1, 'intensity_high': 0},
+      'must be above',
+    ),
+    (config_lib.AugmentOptions, {'scale': (1.2, 0.8)}, 'scale must be'),
+    (config_lib.AugmentOptions, {'elastic': -1.0}, 'elastic must be >= 0'),
+    (config_lib.AugmentOptions, {'elastic_grid': 1}, 'elastic_grid'),
+    (config_lib.AugmentOptions, {'flip_axes': (3,)}, 'flip_axes'),
+    (config_lib.OptimizerOptions, {'name': 'lamb'}, r"optimizer.name='lamb'.*adam"),
+    (config_lib.OptimizerOptions, {'schedule': 'step'}, 'optimizer.schedule'),
+    (config_lib.OptimizerOptions, {'learning_rate': 0.0}, 'learning_rate'),
+    (config_lib.LossOptions, {'kwargs': {'ignore_index': 3}}, 'data.ignore_index'),
+    (config_lib.RunOptions, {'parallelism': 'pjit'}, 'parallelism'),
+    (config_lib.RunOptions, {'best_mode': 'median'}, 'best_mode'),
+    (config_lib.RunOptions, {'eval_batch_size': 0}, 'eval_batch_size must be positive'),
+  ],
+)
+def test_bad_values_raise_naming_the_field(cls, values, match):
+  with pytest.raises(ValueError, match=match):
+    cls.from_config(values)
+
+
+def test_a_missing_eval_field_gets_the_documented_default():
+  documented = _default().evals.eval
+  for field in ('split', 'batch_size', 'patch_size', 'overlap', 'samples'):
+    partial = ml_collections.ConfigDict(documented.to_dict())
+    del partial[field]
+    assert config_lib.EvalOptions.from_config(
+      partial
+    ) == config_lib.EvalOptions.from_config(documented), field
+
+
+def test_eval_options_keep_the_type_specific_extras():
+  config = _default()
+  options = config_lib.EvalOptions.from_config(config.evals.eval, name='eval')
+  assert options.type == 'confusion' and options.samples == 4 and options.extras == {}
+  assert options.every_steps == config.eval_every_steps  # A reference, resolved.
+  assert options.split == '' and options.batch_size == 0 and options.overlap == 0.5
+  boundary = config_lib.EvalOptions.from_config(
+    {'type': 'boundary', 'every_steps': 5, 'tolerance': 2.0, 'patch_size': [8, 16]},
+    name='b',
+  )
+  assert boundary.extras == {'tolerance': 2.0} and boundary.patch_size == (8, 16)
+  assert boundary.to_config().to_dict() == {
+    'type': 'boundary',
+    'split': '',
+    'every_steps': 5,
+    'batch_size': 0,
+    'patch_size': (8, 16),
+    'overlap': 0.5,
+    'samples': 4,
+    'tolerance': 2.0,
+  }
+  with pytest.raises(ValueError, match='config.evals.b.every_steps must be positive'):
+    config_lib.EvalOptions.from_config({'type': 'boundary', 'every_steps': 0}, name='b')
+
+
+@pytest.mark.parametrize(
+  'value, ndim, expected',
+  [(4, 2, (4, 4)), ((2, 4, 8), 3, (2, 4, 8)), (np.int64(3), 1, (3,))],
+)
+def test_per_axis(value, ndim, expected):
+  assert config_lib.per_axis(value, ndim, 'x') == expected
+
+
+@pytest.mark.parametrize(
+  'value, match',
+  [
+    ((8, 8, 8), r'x=\(8, 8, 8\) has 3 entries, but the image has 2 spatial axes'),
+    (0, 'must hold positive integers'),
+    ((4, True), 'must hold positive integers'),
+    (None, 'must be an int or 2 ints'),
+  ],
+)
+def test_per_axis_refuses(value, match):
+  with pytest.raises(ValueError, match=match):
+    config_lib.per_axis(value, 2, 'x', of='the image')
+
+
+def test_a_record_written_before_the_options_reads_back():
+  """A checkpoint's config record (today's fields, JSON) gives the same options."""
+  config = _default()
+  record = json.loads(config.to_json_best_effort())
+  assert config_lib.RunOptions.from_config(record) == config_lib.RunOptions.from_config(
+    config
+  )
+  # A record that predates `normalization` and the intensity fields.
+  for field in ('normalization', 'intensity_low', 'intensity_high'):
+    del record['data'][field]
+  assert config_lib.RunOptions.from_config(record).data.normalization == 'zscore'
+
+
+def test_command_line_overrides_reach_every_section_field():
+  config = _default()
+  for section, cls in SECTIONS.items():
+    for field in cls().to_config().keys():
+      assert field in config[section], (section, field)
+  config.augment.flip = False
+  config.data.ignore_index = 255
+  run = config_lib.RunOptions.from_config(config)
+  assert not run.augment.flip and run.data.ignore_index == 255
+
+
+def test_the_choices_agree_with_the_modules_that_use_them():
+  from unet_jax import distributed  # pylint: disable=g-import-not-at-top
+  from unet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  assert config_lib.PARALLELISM == distributed.MODES
+  assert config_lib.SIZE_POLICIES == pipeline.SIZE_POLICIES
+  assert config_lib.NORMALIZATIONS == pipeline.NORMALIZATIONS

@@ -1,0 +1,318 @@
+"""Setting up a run: checks, the data, the model, the runner and the restored state.
+
+    run = setup.prepare(config, workdir)    # everything the loop needs, checked
+
+Nothing is written before every check has passed, and a resumed run's recorded
+config is compared with the one resuming (`config_checks.check_resume`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from unet_jax import checkpointing
+from unet_jax import config as config_lib
+from unet_jax import distributed as runner_lib
+from unet_jax import evaluation as evaluators
+from unet_jax import losses
+from unet_jax import planning
+from unet_jax import reporting
+from unet_jax.data import pipeline as input_pipeline
+from unet_jax.data import sources
+from unet_jax.models import factory
+from unet_jax.train import config_checks
+from unet_jax.train import steps
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a run needs, built and checked before the first step.
+
+  `config` is the run's config after planning (and with the data's classes);
+  `options` its run-level fields and sections, read once.
+  """
+
+  config: ml_collections.ConfigDict
+  options: config_lib.RunOptions
+  data: input_pipeline.Dataset
+  runner: runner_lib.Runner
+  state: Any
+  start_step: int
+  manager: Any
+  record: dict[str, Any]
+  evaluators: list[evaluators.Scheduled]
+  writer: reporting.MetricWriter
+
+
+def check_workdir(workdir: str) -> None:
+  """The workdir is a folder (created if missing) that this process can write."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f'--workdir {workdir!r} is a file, not a folder.')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f'--workdir {workdir!r} cannot be created: {e.strerror}.') from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise ValueError(f'--workdir {workdir!r} is not writable.')
+
+
+def with_data_classes(config, info) -> ml_collections.ConfigDict:
+  if config.model.num_classes:
+    return config
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.num_classes = info.num_classes
+  logging.info('model.num_classes = %d, from the data.', info.num_classes)
+  return config
+
+
+def _restore(manager, state, record: dict[str, Any], workdir: str):
+  """The latest checkpoint, after checking it was written with a compatible config."""
+  step = manager.latest_step()
+  if step is None:
+    return state, 0
+  where = os.path.join(workdir, 'checkpoints', str(step))
+  saved = checkpointing.read_record(manager, step)
+  if saved is None:
+    logging.warning(
+      '%s records no config (written by an older unet_jax); resuming without checking it.',
+      where,
+    )
+  else:
+    for change in config_checks.check_resume(saved, record, where=where):
+      logging.info('Changed on resume: %s', change)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  try:
+    state = checkpointing.restore(manager, abstract, step=step)
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(
+      f'Cannot restore {where}: its state does not fit this config'
+      f' ({type(e).__name__}: {str(e)[:300]}). Use a new --workdir.'
+    ) from None
+  logging.info('Resumed from %s at step %d.', where, int(state.step))
+  return state, int(state.step)
+
+
+def create_runner(model_config, run: config_lib.RunOptions, tx) -> runner_lib.Runner:
+  axis = runner_lib.AXIS if run.parallelism == 'pmap' else None
+  model = factory.create_model(model_config, bn_axis_name=axis)
+  loss_fn = functools.partial(
+    losses.get_loss(run.loss.name),
+    ignore_index=input_pipeline.IGNORE_LABEL,
+    **run.loss.kwargs,
+  )
+  step = functools.partial(
+    steps.train_step,
+    model=model,
+    tx=tx,
+    loss_fn=loss_fn,
+    learning_rate_fn=steps.create_learning_rate_fn(run),
+    aug_config=run.augment,
+    seed=run.seed,
+    axis_name=axis,
+  )
+  return runner_lib.Runner(
+    run.parallelism,
+    train_step=step,
+    predict_step=functools.partial(steps.predict_step, model=model),
+    logits_step=functools.partial(steps.logits_step, model=model),
+  )
+
+
+def measure_step_time(
+  config: ml_collections.ConfigDict, data, *, steps: int = 6, warmup: int = 4
+) -> float:
+  """Seconds per training step of `config` on `data` (an `input_pipeline.Dataset`
+  opened for it), run as training runs it: train's runner, optimizer and state
+  (`config.parallelism` over all devices, the global batch).
+
+  Compiles, runs up to `warmup` more steps (for at most about 10 s) so the input
+  pipeline's prefetch buffer is drained, then times `steps` steps (at least 2,
+  fewer when they take over 15 s) with real batches, so the input pipeline's
+  time counts; returns the mean.
+  """
+  config = with_data_classes(config, data.info)
+  run = config_lib.RunOptions.from_config(config)
+  tx = steps.create_optimizer(run)
+  runner = create_runner(config.model, run, tx)
+  input_shape = (1, *data.info.spatial_shape, data.info.num_channels)
+  state = steps.create_train_state(
+    jax.random.key(run.seed), factory.create_model(config.model), tx, input_shape
+  )
+  state = runner.put_state(state)
+  batches = data.train_iterator(0, batch_size=run.batch_size, seed=run.seed)
+
+  def step(state):
+    state, metrics = runner.train(state, next(batches))
+    jax.block_until_ready(metrics['loss'])
+    return state
+
+  state = step(state)  # Compiles.
+  start = time.perf_counter()
+  for _ in range(warmup):
+    if time.perf_counter() - start > 10:
+      break
+    state = step(state)
+  start, done = time.perf_counter(), 0
+  while done < max(steps, 2):
+    state = step(state)
+    done += 1
+    if done >= 2 and time.perf_counter() - start > 15:
+      break
+  return (time.perf_counter() - start) / done
+
+
+def _stored_step_time(path: str, fp: planning.Fingerprint, time_budget) -> float | None:
+  """The step time a workdir's plan.json measured for the same data and budget
+  (a resumed run reuses it, so it plans the same number of steps)."""
+  if not time_budget or not os.path.exists(path):
+    return None
+  try:
+    inputs = planning.read_plan(path).inputs
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    logging.warning('Ignoring %s, which cannot be read (%s).', path, e)
+    return None
+  if inputs.get('key') == fp.key and inputs.get('time_budget') == time_budget:
+    return inputs.get('step_time')
+  return None
+
+
+def _reopen(config, data):
+  ndim = sources.config_ndim(config.data)
+  return input_pipeline.open(
+    config.data, divisor=factory.input_divisor_of(config.model, ndim=ndim)
+  )
+
+
+def plan_run(config: ml_collections.ConfigDict, data, workdir: str):
+  """The plan step at the start of training (`prepare`).
+
+  With `config.plan` set: fingerprints `data` (cached), plans with
+  `config.plan_memory_budget` and `config.plan_time_budget` (measuring the step
+  time of the planned model when a time budget is given; a resumed run reuses
+  the time its plan.json recorded), keeps the fields `config.plan_keep` names
+  (launch.py adds every field set on the command line), writes
+  `workdir/plan.json` (process 0) and logs the table.
+
+  Returns:
+    (config, data): the planned config, and the data set opened for it; both
+    unchanged when `config.plan` is False or missing.
+  """
+  plan_options = config_lib.PlanOptions.from_config(config)
+  if not plan_options.plan:
+    return config, data
+  data_options = config_lib.DataOptions.from_config(config.data)
+  fp = planning.fingerprint(
+    data, split=data_options.train_split, ignore_index=data_options.ignore_index
+  )
+  keep = plan_options.plan_keep
+  time_budget = plan_options.plan_time_budget or None
+  path = os.path.join(workdir, planning.PLAN_FILE)
+  step_time = _stored_step_time(path, fp, time_budget)
+  options = dict(
+    memory_budget=plan_options.plan_memory_budget,
+    fixed=planning.fixed_fields(config, keep),
+    features=config.model.features,
+    num_devices=jax.device_count(),
+    time_budget=time_budget,
+  )
+  p = planning.plan(fp, step_time=step_time, **options)
+  planned = planning.apply(config, p)
+  config_checks.validate_config(
+    planned, num_devices=jax.device_count(), process_count=jax.process_count()
+  )
+  data = _reopen(planned, data)
+  if time_budget and step_time is None and 'num_train_steps' not in keep:
+    step_time = measure_step_time(planned, data)
+    if jax.process_count() > 1:  # Every process must plan the same number of steps.
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+      step_time = float(multihost_utils.broadcast_one_to_all(np.float32(step_time)))
+    p = planning.plan(fp, step_time=step_time, **options)
+    planned = planning.apply(config, p)
+  if jax.process_index() == 0:
+    planning.write_plan(path, p, fp)
+  logging.info(
+    'The plan (unet_jax/planning/rules.py; --config.plan=False for the fixed'
+    ' settings), written to %s:\n%s',
+    path,
+    planning.format_table(p),
+  )
+  return planned, data
+
+
+def _open_and_plan(config, run: config_lib.RunOptions, workdir: str):
+  """The data set, opened for the model; then the plan (a no-op unless config.plan).
+
+  Returns the (planned) config, its options and the data.
+  """
+  ndim = sources.config_ndim(run.data)
+  data = input_pipeline.open(
+    run.data, divisor=factory.input_divisor_of(config.model, ndim=ndim)
+  )
+  planned, data = plan_run(config, data, workdir)  # No-op unless config.plan.
+  if planned is not config:
+    run = config_lib.RunOptions.from_config(planned)  # The plan's choices, read once.
+  planned = with_data_classes(planned, data.info)
+  config_checks.validate_against_data(planned, data.info)
+  return planned, run, data
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """Checks, opens the data, builds and restores the state; writes nothing on error."""
+  config_checks.check_same_on_all_processes(config, workdir)  # First: it is collective.
+  check_workdir(workdir)
+  run = config_checks.validate_config(
+    config, num_devices=jax.device_count(), process_count=jax.process_count()
+  )
+  config, run, data = _open_and_plan(config, run, workdir)
+  ndim = len(data.info.spatial_shape)
+  divisor = factory.input_divisor_of(config.model, ndim=ndim)  # Of the planned model.
+  tx = steps.create_optimizer(run)
+  input_shape = (1, *data.info.spatial_shape, data.info.num_channels)
+  state = steps.create_train_state(
+    jax.random.key(run.seed), factory.create_model(config.model), tx, input_shape
+  )
+  manager = checkpointing.create_manager(
+    os.path.join(workdir, 'checkpoints'),
+    keep=run.keep_checkpoints,
+    best_metric=run.best_metric,
+    best_mode=run.best_mode,
+  )
+  record = config_checks.state_record(config, data.info)
+  state, start_step = _restore(manager, state, record, workdir)
+  if runner_lib.is_main_process():
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  runner = create_runner(config.model, run, tx)
+  scheduled = evaluators.from_config(
+    run.evals,
+    data=data,
+    predict=runner.predict,
+    num_classes=max(data.info.num_classes, 2),
+    workdir=workdir,
+    default_split=run.data.eval_split,
+    default_batch_size=run.eval_batch_size,
+    logits=runner.logits,
+    divisor=divisor,
+  )
+  return Run(
+    config=config,
+    options=run,
+    data=data,
+    runner=runner,
+    state=runner.put_state(state),
+    start_step=start_step,
+    manager=manager,
+    record=record,
+    evaluators=scheduled,
+    writer=reporting.MetricWriter(workdir, start_step=start_step),
+  )
