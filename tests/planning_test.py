@@ -405,7 +405,7 @@ def test_plan_run_with_a_time_budget_measures_then_reuses_the_step_time(
   def measure(*args, **kwargs):
     raise AssertionError('measured again')
 
-  monkeypatch.setattr(planned, 'measure_step_time', measure)
+  monkeypatch.setattr(setup, 'measure_step_time', measure)
   again, _ = setup.plan_run(config, data, workdir)
   assert again.to_dict() == first.to_dict()
   assert planning.read_plan(os.path.join(workdir, planning.PLAN_FILE)) == p
