@@ -30,7 +30,7 @@ from unet_jax.data import pipeline as input_pipeline
 from unet_jax.data import sources
 from unet_jax.models import factory
 from unet_jax.train import config_checks
-from unet_jax.train import steps
+from unet_jax.train import steps as train_steps
 
 
 @dataclasses.dataclass
@@ -110,11 +110,11 @@ def create_runner(model_config, run: config_lib.RunOptions, tx) -> runner_lib.Ru
     **run.loss.kwargs,
   )
   step = functools.partial(
-    steps.train_step,
+    train_steps.train_step,
     model=model,
     tx=tx,
     loss_fn=loss_fn,
-    learning_rate_fn=steps.create_learning_rate_fn(run),
+    learning_rate_fn=train_steps.create_learning_rate_fn(run),
     aug_config=run.augment,
     seed=run.seed,
     axis_name=axis,
@@ -122,8 +122,8 @@ def create_runner(model_config, run: config_lib.RunOptions, tx) -> runner_lib.Ru
   return runner_lib.Runner(
     run.parallelism,
     train_step=step,
-    predict_step=functools.partial(steps.predict_step, model=model),
-    logits_step=functools.partial(steps.logits_step, model=model),
+    predict_step=functools.partial(train_steps.predict_step, model=model),
+    logits_step=functools.partial(train_steps.logits_step, model=model),
   )
 
 
@@ -141,10 +141,10 @@ def measure_step_time(
   """
   config = with_data_classes(config, data.info)
   run = config_lib.RunOptions.from_config(config)
-  tx = steps.create_optimizer(run)
+  tx = train_steps.create_optimizer(run)
   runner = create_runner(config.model, run, tx)
   input_shape = (1, *data.info.spatial_shape, data.info.num_channels)
-  state = steps.create_train_state(
+  state = train_steps.create_train_state(
     jax.random.key(run.seed), factory.create_model(config.model), tx, input_shape
   )
   state = runner.put_state(state)
@@ -276,9 +276,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   config, run, data = _open_and_plan(config, run, workdir)
   ndim = len(data.info.spatial_shape)
   divisor = factory.input_divisor_of(config.model, ndim=ndim)  # Of the planned model.
-  tx = steps.create_optimizer(run)
+  tx = train_steps.create_optimizer(run)
   input_shape = (1, *data.info.spatial_shape, data.info.num_channels)
-  state = steps.create_train_state(
+  state = train_steps.create_train_state(
     jax.random.key(run.seed), factory.create_model(config.model), tx, input_shape
   )
   manager = checkpointing.create_manager(
