@@ -210,7 +210,7 @@ def test_remat_planner_agrees_with_xla_when_barriers_are_kept():
     spatial_shape=(32, 32), batch=2, features=8, depth=2, training=True, remat=True
   )
   code = (
-    'import json; from unet_jax.models.unet import memory; '
+    'import json; from unet_jax.models import memory; '
     f'print(json.dumps(memory.compiled_memory(**{config!r})))'
   )
   env = dict(
