@@ -62,6 +62,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.remat = False  # Recompute each block in the backward pass (less memory).
   config.model.deep_supervision = 0  # Auxiliary heads below the top (nnU-Net); 0: none.
 
+  config.kernels = 'auto'  # Or 'xla', 'native': how convs run; not state (ops/policy.py).
+
   config.loss = ml_collections.ConfigDict()
   config.loss.name = 'dice_bce'
   config.loss.kwargs = ml_collections.ConfigDict()  # Keyword options of the loss.

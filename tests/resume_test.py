@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +11,13 @@ import numpy as np
 import optax
 import pytest
 
+from tests import models_test
 from tests import train_test
 from unet_jax import checkpointing
 from unet_jax import train
 from unet_jax.data import pipeline as input_pipeline
+from unet_jax.inference import predictor as inference
+from unet_jax.train import config_checks
 
 tiny_config = train_test.tiny_config
 
@@ -88,6 +92,42 @@ def test_fields_that_may_change_on_resume_are_logged(
     'num_channels': 1,
     'ndim': 2,
   }
+
+
+def test_kernels_may_change_on_resume_and_old_kernel_fields_are_dropped(caplog):
+  saved = {'model': {'features': 4, **models_test.OLD_KERNEL_FIELDS}, 'seed': 0}
+  current = {'model': {'features': 4}, 'kernels': 'xla', 'seed': 0}
+  with caplog.at_level(logging.INFO):
+    changes = config_checks.check_resume(saved, current, where='ckpt')
+  assert changes == ["kernels: None -> 'xla'"]
+  assert any('Ignoring the recorded config.model fields' in m for m in caplog.messages)
+  with pytest.raises(ValueError, match='model.features: 4 in the checkpoint, 8 now'):
+    config_checks.check_resume(saved, dict(current, model={'features': 8}), where='ckpt')
+
+
+def test_a_run_recorded_with_the_old_kernel_fields_loads_and_resumes(
+  three_steps, data_dir, tmp_path, monkeypatch, caplog
+):
+  workdir = str(tmp_path / 'old')
+  shutil.copytree(three_steps, workdir)
+  real = checkpointing.read_record
+
+  def old_record(manager, step):  # As a run before config.kernels recorded it.
+    record = dict(real(manager, step))
+    record['model'] = {**record['model'], **models_test.OLD_KERNEL_FIELDS}
+    del record['kernels']
+    return record
+
+  monkeypatch.setattr(checkpointing, 'read_record', old_record)
+  predictor = inference.load(workdir, step='latest')
+  assert predictor.step == 3 and predictor.model.features == 4
+  with caplog.at_level(logging.INFO):
+    train.train_and_evaluate(
+      tiny_config(data_dir, num_train_steps=4, kernels='xla'), workdir
+    )
+  logged = [r.getMessage() for r in caplog.records]
+  assert "Changed on resume: kernels: None -> 'xla'" in logged
+  assert 'Resumed from %s at step 3.' % os.path.join(workdir, 'checkpoints', '3') in logged
 
 
 def test_a_non_finite_update_is_never_saved(data_dir, tmp_path, monkeypatch):

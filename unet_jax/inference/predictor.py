@@ -205,7 +205,7 @@ def load(workdir: str, *, step: str | int = 'best') -> Predictor:
     variables = _restore_variables(ckpt_dir, chosen, config, ndim, channels, where)
   finally:
     manager.close()
-  model = factory.create_model(config.model)
+  model = factory.create_model(config.model, kernels=config.get('kernels', 'auto'))
   patch = tuple(config.data.get('patch_size') or ()) or None
   return Predictor(
     model=model,
@@ -222,7 +222,7 @@ def load(workdir: str, *, step: str | int = 'best') -> Predictor:
 
 def _restore_variables(ckpt_dir, step, config, ndim, channels, where) -> dict[str, Any]:
   """Parameters and BatchNorm statistics only, checked against the model's shapes."""
-  model = factory.create_model(config.model)
+  model = factory.create_model(config.model, kernels=config.get('kernels', 'auto'))
   size = factory.input_divisor_of(config.model, ndim=ndim)
   abstract = jax.eval_shape(
     functools.partial(model.init, train=False),

@@ -1272,7 +1272,7 @@ def measure_step_time(
   info = data.info
   model_config = ml_collections.ConfigDict(config.model.to_dict())
   model_config.num_classes = model_config.num_classes or info.num_classes
-  model = factory.create_model(model_config)
+  model = factory.create_model(model_config, kernels=config.get('kernels', 'auto'))
   tx = train.create_optimizer(config)
   state = train.create_train_state(
     jax.random.key(config.seed), model, tx, (1, *info.spatial_shape, info.num_channels)

@@ -323,7 +323,7 @@ def _restore(manager, state, record: dict[str, Any], workdir: str):
 
 def _create_runner(config, tx) -> runner_lib.Runner:
   axis = runner_lib.AXIS if config.parallelism == 'pmap' else None
-  model = factory.create_model(config.model, bn_axis_name=axis)
+  model = factory.create_model(config.model, kernels=config.kernels, bn_axis_name=axis)
   loss_fn = functools.partial(
     losses.get_loss(config.loss.name),
     ignore_index=input_pipeline.IGNORE_LABEL,
@@ -365,7 +365,10 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   tx = create_optimizer(config)
   input_shape = (1, *data.info.spatial_shape, data.info.num_channels)
   state = create_train_state(
-    jax.random.key(config.seed), factory.create_model(config.model), tx, input_shape
+    jax.random.key(config.seed),
+    factory.create_model(config.model, kernels=config.kernels),
+    tx,
+    input_shape,
   )
   manager = checkpointing.create_manager(
     os.path.join(workdir, 'checkpoints'),
