@@ -58,6 +58,7 @@ from unet_jax import distributed as runner_lib
 from unet_jax import losses
 from unet_jax import train
 from unet_jax.data import pipeline as input_pipeline
+from unet_jax.models import factory
 from unet_jax.train import config_checks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -116,7 +117,7 @@ def _measure(devices, args):
   step followed by the stop vote, on a mesh over `devices`."""
 
   config = _config(args.features, args.depth)
-  model = train.create_model(config.model)
+  model = factory.create_model(config.model, kernels=config.kernels)
   tx = train.create_optimizer(config)
   step = functools.partial(
     train.train_step,
@@ -291,7 +292,7 @@ def volumes(device_counts=(8, 64, 256)):
       config.model.num_classes = 2
     ndim = config_checks.config_ndim(config)
     shape = (1, *config_checks.divisor(config.model, ndim), CHANNELS[config.data.name])
-    model = train.create_model(config.model)
+    model = factory.create_model(config.model, kernels=config.kernels)
     params = jax.eval_shape(
       functools.partial(model.init, train=False),
       {'params': jax.random.key(0)},

@@ -135,7 +135,7 @@ def test_load_exported_does_not_import_flax(tmp_path):
       import json, sys
       sys.path.insert(0, {ROOT!r})
       import numpy as np
-      from unet_jax.export import load_exported
+      from unet_jax.inference.export import load_exported
       logits = load_exported('model.jax')(np.zeros((1, *{spatial!r}, 2), np.float32))
       print(json.dumps([list(logits.shape), 'flax' in sys.modules]))
   """)

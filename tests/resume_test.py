@@ -17,6 +17,7 @@ from unet_jax import checkpointing
 from unet_jax import train
 from unet_jax.data import pipeline as input_pipeline
 from unet_jax.inference import predictor as inference
+from unet_jax.models import factory
 from unet_jax.train import config_checks
 
 tiny_config = train_test.tiny_config
@@ -183,7 +184,7 @@ def test_every_model_option_is_reachable_from_the_config(data_dir):
       'model.pool_sizes': ((2, 2), (1, 2)),
     },
   )
-  model = train.create_model(config.model)
+  model = factory.create_model(config.model)
   assert (
     model.norm,
     model.norm_groups,
@@ -196,7 +197,7 @@ def test_every_model_option_is_reachable_from_the_config(data_dir):
   config.model.unlock()
   config.model.widht = 3
   with pytest.raises(ValueError, match=r"unknown field\(s\) \['widht'\].*'features'"):
-    train.create_model(config.model)
+    factory.create_model(config.model)
 
 
 def test_deep_supervision_loss_by_hand():

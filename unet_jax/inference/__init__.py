@@ -6,7 +6,13 @@ and export (`export.py`, `launch.py --mode=export`).
     predictor = inference.load('runs/demo', step='best')
 """
 
-from unet_jax.inference.predictor import load
-from unet_jax.inference.predictor import Predictor
-
 __all__ = ['Predictor', 'load']
+
+
+def __getattr__(name):
+  # On first use: `inference.export.load_exported` must not import Flax.
+  if name in __all__:
+    from unet_jax.inference import predictor  # pylint: disable=g-import-not-at-top
+
+    return getattr(predictor, name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -30,8 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unet_jax.inference import predictor as predictor_lib
-
 DEFAULT_PLATFORMS = ('cpu', 'cuda', 'tpu')
 
 
@@ -179,6 +177,9 @@ def export_run(
     `output`. The file takes float32 [b, *spatial_shape, C] for any b and needs
     only JAX to run.
   """
+  # Here, not at the top: `load_exported` must not import Flax (the module docstring).
+  from unet_jax.inference import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
+
   predictor = predictor_lib.load(workdir, step=step)
   shape = tuple(spatial_shape or ()) or predictor.train_shape or predictor.patch_size
   if not shape:
