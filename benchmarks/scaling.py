@@ -58,8 +58,8 @@ from unet_jax import distributed as runner_lib
 from unet_jax import losses
 from unet_jax import train
 from unet_jax.data import pipeline as input_pipeline
+from unet_jax.data import sources
 from unet_jax.models import factory
-from unet_jax.train import config_checks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ('default', 'dice_bce', 'dice_ce', 'focal_dice', 'pets', 'unet3d')
@@ -290,8 +290,9 @@ def volumes(device_counts=(8, 64, 256)):
     config = importlib.import_module(f'configs.{name}').get_config()
     if not config.model.num_classes:
       config.model.num_classes = 2
-    ndim = config_checks.config_ndim(config)
-    shape = (1, *config_checks.divisor(config.model, ndim), CHANNELS[config.data.name])
+    ndim = sources.config_ndim(config.data)
+    divisor = factory.input_divisor_of(config.model, ndim=ndim)
+    shape = (1, *divisor, CHANNELS[config.data.name])
     model = factory.create_model(config.model, kernels=config.kernels)
     params = jax.eval_shape(
       functools.partial(model.init, train=False),

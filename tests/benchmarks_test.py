@@ -152,7 +152,7 @@ def test_profile_step_finds_the_native_kernels_in_the_default_step(tmp_path):
 def test_native_ab_sources_quick_run(tmp_path):
   # The same source against itself: both builds load side by side under their own
   # target names, agree, and every shape gets a rate for each part.
-  source = os.path.join(ROOT, 'unet_jax', 'native', 'conv.cc')
+  source = os.path.join(ROOT, 'unet_jax', 'ops', 'native', 'conv.cc')
   out = tmp_path / 'ab.json'
   proc = subprocess.run(
     [
