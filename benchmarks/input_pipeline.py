@@ -92,8 +92,9 @@ def train_step_rate(config, batches, *, steps, rounds=3):
   """Examples/s of the default config's jitted train step (with augmentation)."""
   from unet_jax import losses  # pylint: disable=g-import-not-at-top
   from unet_jax import train  # pylint: disable=g-import-not-at-top
+  from unet_jax.models import factory  # pylint: disable=g-import-not-at-top
 
-  model = train.create_model(config.model)
+  model = factory.create_model(config.model, kernels=config.kernels)
   tx = train.create_optimizer(config)
   batch = next(batches)
   state = train.create_train_state(

@@ -17,7 +17,7 @@ the step's wall time where operations ran side by side.
 
     .venv/bin/python benchmarks/profile_step.py --case=2d_transpose
     .venv/bin/python benchmarks/profile_step.py --case=3d_transpose \
-        --kwargs='{"conv_weight_grad": "xla", "native_conv_forward": false}'
+        --kwargs='{"kernels": {"native_weight_grad": false, "native_forward": false}}'
 """
 
 import argparse
@@ -122,7 +122,11 @@ def main(argv=None):
   parser.add_argument(
     '--case', default='2d_transpose', choices=sorted({**speed.CASES, **speed.QUICK_CASES})
   )
-  parser.add_argument('--kwargs', default='{}', help='UNet keyword overrides, JSON.')
+  parser.add_argument(
+    '--kwargs',
+    default='{}',
+    help="UNet keyword overrides, JSON; 'kernels': a policy name or changes to 'auto'.",
+  )
   parser.add_argument('--out', default=str(HERE / 'out'))
   args = parser.parse_args(argv)
   flag = '--xla_cpu_enable_xprof_traceme=true'

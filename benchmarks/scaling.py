@@ -116,7 +116,7 @@ def _build(devices, args):
   """(model, tx, runner, local_step): the train step as training runs it on a mesh
   over `devices`, and the same step without collectives (shard_map)."""
   config = _config(args.features, args.depth)
-  model = train.create_model(config.model)
+  model = factory.create_model(config.model, kernels=config.kernels)
   tx = train.create_optimizer(config)
   step = functools.partial(
     train.train_step,
@@ -301,12 +301,9 @@ def volumes(device_counts=(8, 64, 256)):
     if not config.model.num_classes:
       config.model.num_classes = 2
     ndim = sources.config_ndim(config.data)
-    shape = (
-      1,
-      *factory.input_divisor_of(config.model, ndim=ndim),
-      CHANNELS[config.data.name],
-    )
-    model = train.create_model(config.model)
+    divisor = factory.input_divisor_of(config.model, ndim=ndim)
+    shape = (1, *divisor, CHANNELS[config.data.name])
+    model = factory.create_model(config.model, kernels=config.kernels)
     params = jax.eval_shape(
       functools.partial(model.init, train=False),
       {'params': jax.random.key(0)},

@@ -12,14 +12,14 @@ then `--steps` timed steps; the process reports its median). The two sides alter
 table shows the median over rounds. The ratio is JAX speed / PyTorch speed in
 images/s, i.e. PyTorch ms / JAX ms. GFLOP/s is the arithmetic of the plain XLA
 formulation of the train step (XLA's cost analysis of the un-optimised program with
-every `UNet` speed switch off, so that levers do not change the count) divided by
+`UNet(kernels='xla')`, so that levers do not change the count) divided by
 the step time; "share of GEMM" divides that by this machine's fp32 2048 x 2048 matrix
 product rate in XLA, measured in the same run.
 
     # The table in RESULTS.md (about 30 minutes on 2 cores):
     .venv/bin/python benchmarks/speed.py --torch-python=/work/torch_venv/bin/python
     # One lever, A/B (JAX only, alternating fresh processes):
-    .venv/bin/python benchmarks/speed.py --lever=transpose_as_matmul --cases=2d_transpose
+    .venv/bin/python benchmarks/speed.py --lever=native_winograd --cases=2d_transpose
     # Smoke run (tests use it): tiny shapes, JAX only, well under a minute.
     .venv/bin/python benchmarks/speed.py --quick
 
@@ -40,6 +40,9 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
+# This tree's unet_jax, not an installed one: the workers, and native_ab.py --trees,
+# must measure the code beside this script.
+sys.path.insert(0, str(ROOT))
 
 # name: network and input. 2 classes, 1 input channel, BatchNorm.
 CASES = {
@@ -56,39 +59,30 @@ QUICK_CASES = {
   '2d_quick': dict(ndim=2, features=4, depth=2, batch=2, size=32, upsample='transpose'),
   '3d_quick': dict(ndim=3, features=2, depth=2, batch=1, size=16, upsample='bilinear'),
 }
-# Every UNet speed switch off: the plain XLA formulation.
-PLAIN = dict(
-  transpose_as_matmul=False,
-  conv3d_as_2d=False,
-  pointwise_as_matmul=False,
-  conv_weight_grad='xla',
-  native_conv_forward=False,
-  pool_as_reshape=False,
-  native_winograd=False,
-  native_pool=False,
-)
+
 
 # name: (arm A, arm B). An arm is JAX with UNet keyword overrides ('kwargs'), extra
-# XLA_FLAGS ('xla_flags') and/or no buffer donation ('donate': False). B vs A.
+# XLA_FLAGS ('xla_flags') and/or no buffer donation ('donate': False). B vs A. The
+# kernel levers are variants of the 'auto' policy (unet_jax/ops/policy.py): in
+# 'kwargs', 'kernels' is a policy's name or a dict of fields changed from 'auto'.
+def _auto_with(**changes):
+  return {'kwargs': {'kernels': changes}}
+
+
 LEVERS = {
-  'transpose_as_matmul': ({'kwargs': {'transpose_as_matmul': False}}, {}),
-  'conv3d_as_2d': ({'kwargs': {'conv3d_as_2d': False}}, {}),
-  'pointwise_as_matmul': ({'kwargs': {'pointwise_as_matmul': False}}, {}),
-  'gemm_weight_grad': (
-    {'kwargs': {'conv_weight_grad': 'xla'}},
-    {'kwargs': {'conv_weight_grad': 'gemm'}},
-  ),
-  # The native C++ kernel gradient alone, against XLA's.
+  'transpose_as_matmul': (_auto_with(transpose_as_matmul=False), {}),
+  'conv3d_as_2d': (_auto_with(conv3d_as_2d=False), {}),
+  'pointwise_as_matmul': (_auto_with(pointwise_as_matmul=False), {}),
+  # The native C++ kernel gradient (and Winograd's) alone, against XLA's.
   'native_weight_grad': (
-    {'kwargs': {'conv_weight_grad': 'xla', 'native_conv_forward': False}},
-    {'kwargs': {'native_conv_forward': False}},
+    _auto_with(native_weight_grad=False, native_forward=False, native_winograd=False),
+    _auto_with(native_forward=False),
   ),
   # The native forward pass and input gradient, on top of the native kernel grad.
-  'native_forward': ({'kwargs': {'native_conv_forward': False}}, {}),
-  'pool_as_reshape': ({}, {'kwargs': {'pool_as_reshape': True}}),
-  'native_pool': ({'kwargs': {'native_pool': False}}, {}),
-  'native_winograd': ({'kwargs': {'native_winograd': False}}, {}),
-  'all_switches': ({'kwargs': PLAIN}, {}),
+  'native_forward': (_auto_with(native_forward=False), {}),
+  'native_pool': (_auto_with(native_pool=False), {}),
+  'native_winograd': (_auto_with(native_winograd=False), {}),
+  'all_switches': ({'kwargs': {'kernels': 'xla'}}, {}),
   'xnnpack': ({}, {'xla_flags': '--xla_cpu_use_xnnpack=true'}),
   'onednn_custom_call': (
     {},
@@ -109,6 +103,17 @@ LEVERS = {
 # Workers: each runs in a fresh process and prints one JSON line.
 
 
+def unet_kwargs(kwargs):
+  """UNet keyword overrides from JSON: a 'kernels' dict becomes 'auto' with those
+  fields changed (`KernelPolicy.replace`); a name is passed as it is."""
+  from unet_jax.ops import policy  # pylint: disable=g-import-not-at-top
+
+  kwargs = dict(kwargs or {})
+  if isinstance(kwargs.get('kernels'), dict):
+    kwargs['kernels'] = policy.auto().replace(**kwargs['kernels'])
+  return kwargs
+
+
 def build_step(case, *, dtype='float32', kwargs=None, donate=True):
   """The case's compiled train step and its state: `(compiled, state, variables)`.
 
@@ -118,7 +123,6 @@ def build_step(case, *, dtype='float32', kwargs=None, donate=True):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
 
-  sys.path.insert(0, str(ROOT))
   from unet_jax import models  # pylint: disable=g-import-not-at-top
 
   shape = (case['batch'],) + (case['size'],) * case['ndim'] + (1,)
@@ -129,7 +133,7 @@ def build_step(case, *, dtype='float32', kwargs=None, donate=True):
     upsample=case['upsample'],
     norm='batch',
     dtype=jnp.dtype(dtype),
-    **(kwargs or {}),
+    **unet_kwargs(kwargs),
   )
   x = jax.random.normal(jax.random.key(0), shape)
   y = jax.random.randint(jax.random.key(1), shape[:-1], 0, 2)
@@ -198,7 +202,6 @@ def _flops_worker(case):
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
 
-  sys.path.insert(0, str(ROOT))
   from unet_jax import models  # pylint: disable=g-import-not-at-top
 
   shape = (case['batch'],) + (case['size'],) * case['ndim'] + (1,)
@@ -208,7 +211,7 @@ def _flops_worker(case):
     depth=case['depth'],
     upsample=case['upsample'],
     norm='batch',
-    **PLAIN,
+    kernels='xla',
   )
   x = jax.numpy.zeros(shape)
   y = jax.numpy.zeros(shape[:-1], jax.numpy.int32)

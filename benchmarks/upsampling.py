@@ -22,8 +22,8 @@ Presets: 'cpu' is the cases in RESULTS.md, sized to finish in under 5 minutes on
 CPU cores. 'gpu' is a training scale for an accelerator: 2D tiles of 576 x 576 (the
 paper's 572 x 572 tile, rounded up to the next multiple of 2^depth = 16, which
 'same' padding needs) with the default 64-feature network, and 3D patches of 128^3.
-Both networks use `UNet`'s backend defaults (conv.py's CPU formulations on the CPU,
-plain XLA elsewhere).
+Both networks use `UNet`'s default `kernels='auto'` (the CPU formulations and native
+kernels of `unet_jax/ops/` on the CPU, plain XLA elsewhere).
 
 Prints a table and writes benchmarks/out/upsampling.json and benchmarks/out/upsampling.png.
 """

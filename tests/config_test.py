@@ -211,7 +211,15 @@ def test_command_line_overrides_reach_every_section_field():
 def test_the_choices_agree_with_the_modules_that_use_them():
   from unet_jax import distributed  # pylint: disable=g-import-not-at-top
   from unet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from unet_jax.ops import policy  # pylint: disable=g-import-not-at-top
 
   assert config_lib.PARALLELISM == distributed.MODES
+  assert config_lib.KERNELS == policy.NAMES
   assert config_lib.SIZE_POLICIES == pipeline.SIZE_POLICIES
   assert config_lib.NORMALIZATIONS == pipeline.NORMALIZATIONS
+
+
+def test_kernels_is_a_checked_run_field():
+  assert config_lib.RunOptions.from_config(ml_collections.ConfigDict()).kernels == 'auto'
+  with pytest.raises(ValueError, match=r"config.kernels='fast' is not one of"):
+    config_lib.RunOptions.from_config(ml_collections.ConfigDict({'kernels': 'fast'}))

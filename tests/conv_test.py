@@ -1,4 +1,5 @@
-"""The faster formulations of conv.py compute the same function as plain XLA."""
+"""The faster formulations of conv.py compute the same function as plain XLA, and
+policy.py chooses them."""
 
 import functools
 import os
@@ -17,6 +18,7 @@ import pytest
 from unet_jax import models
 from unet_jax.ops import conv
 from unet_jax.ops import native as native_kernels
+from unet_jax.ops import policy
 
 
 @pytest.fixture(autouse=True)
@@ -172,7 +174,6 @@ DTYPES = [jnp.float32, jnp.bfloat16]
 
 # (kernel gradient, native forward pass and input gradient, Winograd)
 OWN_2D = [
-  ('gemm', False, False),
   ('native', False, False),
   ('native', True, False),
   ('xla', True, False),
@@ -219,20 +220,6 @@ def test_own_formulations_match_xla_2d(
   assert got[2].dtype == k.dtype and got[1].dtype == x.dtype
   for g, w in zip(got, want):
     _assert_close(g, w, dtype)
-
-
-def test_weight_grad_gemm_hand_computed():
-  # 1x1 kernel: dL/dK[0, 0, c, o] = sum over pixels of x[..., c] * g[..., o].
-  x = jnp.arange(6.0).reshape(1, 2, 3, 1)
-  g = jnp.ones((1, 2, 3, 1))
-  np.testing.assert_array_equal(conv.weight_grad_gemm(x, g, (1, 1, 1, 1)), [[[[15.0]]]])
-  # 3x3 kernel, one pixel, g = 1: only the centre tap sees x (the rest is padding).
-  dk = conv.weight_grad_gemm(
-    jnp.full((1, 1, 1, 1), 2.0), jnp.ones((1, 1, 1, 1)), (3, 3, 1, 1)
-  )
-  want = np.zeros((3, 3, 1, 1))
-  want[1, 1] = 2.0
-  np.testing.assert_array_equal(dk, want)
 
 
 # (fold_depth, kernel gradient, native forward pass and input gradient): every
@@ -335,8 +322,7 @@ def test_native_kernel_builds_on_this_machine():
   # CI runs where a C++ compiler exists; a silent fallback to XLA would hide a
   # broken build, so the build itself is asserted.
   native_kernels.ensure_available()
-  assert conv.default_weight_grad(2) == 'native'
-  assert conv.default_weight_grad(3) == 'native'
+  assert policy.auto().native_weight_grad == (2, 3)
 
 
 def test_native_forward_by_definition():
@@ -482,16 +468,19 @@ def test_failed_build_names_the_compiler_and_its_message(tmp_path, monkeypatch):
   assert not list(tmp_path.glob('*.so'))  # nothing half-written is left
 
 
-def test_default_falls_back_to_xla_when_the_kernel_is_unavailable(monkeypatch):
+def test_auto_falls_back_to_xla_when_the_kernel_is_unavailable(monkeypatch):
   monkeypatch.setattr(native_kernels, 'available', lambda: False)
-  assert conv.default_weight_grad(2) == 'xla'
+  auto = policy.auto()
+  assert not auto.uses_native
+  # The other formulations stay: only the native kernels are dropped.
+  assert auto == policy.AUTO.get(jax.default_backend(), policy.XLA).without_native()
 
 
-def test_default_is_xla_with_several_devices():
+def test_auto_is_without_native_kernels_with_several_devices():
   # A fresh process with 2 CPU devices: jit over a mesh cannot split an FFI call.
   code = (
-    'import jax; from unet_jax.ops import conv; '
-    'print(jax.device_count(), conv.default_weight_grad(2))'
+    'import jax; from unet_jax.ops import policy; '
+    'print(jax.device_count(), policy.auto().uses_native)'
   )
   env = dict(
     os.environ,
@@ -506,7 +495,7 @@ def test_default_is_xla_with_several_devices():
     timeout=120,
     check=True,
   ).stdout.split()
-  assert out == ['2', 'xla']
+  assert out == ['2', 'False']
 
 
 def test_folded_3d_kernel_deeper_than_volume():
@@ -586,7 +575,7 @@ def test_pointwise_as_matmul(x_shape, k_shape):
     _assert_close(g, w, jnp.float32)
 
 
-POOLS = {'reshape': conv.max_pool_as_reshape, 'native': conv.max_pool_native}
+POOLS = {'native': conv.max_pool_native, 'policy': policy.CPU.max_pool}
 
 
 @pytest.mark.parametrize('pool', sorted(POOLS))
@@ -649,7 +638,7 @@ def test_max_pool_formulations_reject_a_partial_window(pool):
 def test_other_convolutions_fall_back_to_xla():
   # Stride 2, dilation and feature groups are not rewritten: identical results.
   fn = conv.conv_general_dilated_fn(
-    fold_depth=True, weight_grad='gemm', pointwise_as_matmul=True
+    fold_depth=True, weight_grad='native', native_forward=True, pointwise_as_matmul=True
   )
   x = jax.random.normal(jax.random.key(0), (1, 4, 6, 6, 4))
   k = jax.random.normal(jax.random.key(1), (3, 3, 3, 2, 4))
@@ -667,39 +656,49 @@ def test_other_convolutions_fall_back_to_xla():
     )
 
 
-def test_bad_weight_grad_is_a_value_error():
+def test_bad_choices_are_value_errors():
   with pytest.raises(ValueError, match='weight_grad'):
-    conv.conv2d_same(jnp.ones((1, 3, 3, 1)), jnp.ones((3, 3, 1, 1)), weight_grad='fft')
-  with pytest.raises(ValueError, match='conv_weight_grad'):
-    models.UNet(num_classes=2, features=2, depth=1, conv_weight_grad='fft').init(
+    conv.conv2d_same(jnp.ones((1, 3, 3, 1)), jnp.ones((3, 3, 1, 1)), weight_grad='gemm')
+  with pytest.raises(ValueError, match="kernels='fft'"):
+    models.UNet(num_classes=2, features=2, depth=1, kernels='fft').init(
       jax.random.key(0), jnp.ones((1, 4, 4, 1))
     )
+  with pytest.raises(ValueError, match='native_forward'):
+    policy.KernelPolicy(native_forward=(1, 2))
+  with pytest.raises(ValueError, match='transpose_as_matmul'):
+    policy.KernelPolicy(transpose_as_matmul='yes')
 
 
-def test_resolve_follows_the_backend():
-  assert conv.resolve(True) is True and conv.resolve(False) is False
-  assert conv.resolve(None) is (jax.default_backend() == 'cpu')
+def test_policies_by_name_follow_the_backend():
+  assert policy.resolve('xla') == policy.XLA == policy.KernelPolicy()
+  assert policy.resolve('native') == policy.CPU
+  auto = policy.resolve('auto')
+  on_cpu = jax.default_backend() == 'cpu'
+  assert auto.transpose_as_matmul is on_cpu and auto.conv3d_as_2d is on_cpu
+  assert auto.native_weight_grad == ((2, 3) if on_cpu else ())
+  # True and False stand for both dimensionalities and neither.
+  assert policy.CPU.replace(native_pool=False).native_pool == ()
+  assert policy.XLA.replace(native_pool=True).native_pool == (2, 3)
+  assert policy.XLA.conv_general_dilated() is None
 
 
-ALL_OFF = dict(
-  transpose_as_matmul=False,
-  conv3d_as_2d=False,
-  pointwise_as_matmul=False,
-  conv_weight_grad='xla',
-  native_conv_forward=False,
-  native_winograd=False,
-  pool_as_reshape=False,
-  native_pool=False,
-)
+def test_explicit_native_kernels_raise_where_they_cannot_build(monkeypatch):
+  monkeypatch.setenv('UNET_JAX_NATIVE', '0')
+  monkeypatch.setattr(native_kernels, '_state', {})
+  with pytest.raises(native_kernels.NativeKernelError, match='UNET_JAX_NATIVE=0'):
+    policy.resolve('native')
+  assert not policy.resolve('auto').uses_native  # 'auto' falls back instead
+
+
 ALL_ON = dict(transpose_as_matmul=True, conv3d_as_2d=True, pointwise_as_matmul=True)
 
 
 @pytest.mark.parametrize(
   'weight_grad, native_forward, pooling',
   [
-    ('gemm', False, 'reshape'),
-    ('gemm', True, 'native'),
-    ('native', False, 'reshape'),
+    ('xla', False, 'xla'),
+    ('xla', True, 'native'),
+    ('native', False, 'xla'),
     ('native', True, 'native'),
   ],
 )
@@ -719,18 +718,15 @@ ALL_ON = dict(transpose_as_matmul=True, conv3d_as_2d=True, pointwise_as_matmul=T
 def test_unet_with_switches_on_equals_off(
   shape, kwargs, weight_grad, native_forward, pooling
 ):
-  off = models.UNet(num_classes=3, features=4, depth=1, **kwargs, **ALL_OFF)
-  on = models.UNet(
-    num_classes=3,
-    features=4,
-    depth=1,
-    **kwargs,
+  off = models.UNet(num_classes=3, features=4, depth=1, **kwargs, kernels='xla')
+  kernels = policy.KernelPolicy(
     **ALL_ON,
-    conv_weight_grad=weight_grad,
-    native_conv_forward=native_forward,
-    pool_as_reshape=pooling == 'reshape',
+    native_weight_grad=weight_grad == 'native',
+    native_forward=native_forward,
+    native_winograd=weight_grad == 'native',
     native_pool=pooling == 'native',
   )
+  on = models.UNet(num_classes=3, features=4, depth=1, **kwargs, kernels=kernels)
   x = jax.random.normal(jax.random.key(0), shape)
   init = lambda m: (
     jax.jit(m.init)

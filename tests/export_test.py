@@ -183,3 +183,20 @@ def test_bad_export_arguments(kwargs, match):
   args.update(kwargs)
   with pytest.raises(ValueError, match=match):
     export.export_predict_fn(model, args.pop('variables'), **args)
+
+
+def test_the_export_is_the_plain_formulation_without_native_kernels():
+  # Wide enough for the native kernels, which `kernels='auto'` uses on this CPU.
+  model = models.UNet(num_classes=2, features=16, depth=1, norm='batch')
+  x = jnp.zeros((1, 32, 32, 1))
+  variables = random_variables(model, x)
+  local = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, x).as_text()
+  if jax.default_backend() == 'cpu':
+    assert 'unet_jax_' in local
+  data = export.export_predict_fn(model, variables, spatial_shape=(32, 32), num_channels=1)
+  text = jax.export.deserialize(bytearray(data)).mlir_module()
+  assert 'unet_jax_' not in text
+  plain = model.clone(kernels='xla').apply(variables, _images(2, (32, 32))[..., :1])
+  np.testing.assert_allclose(
+    export.load_exported(data)(_images(2, (32, 32))[..., :1]), plain, rtol=1e-5, atol=1e-5
+  )

@@ -1,14 +1,19 @@
 """Tests for unet_jax.models.unet: shapes, parameter count, precision, anisotropy."""
 
 import functools
+import importlib
+import json
+import logging
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from unet_jax import models
+from unet_jax.models import factory
 
 
 def _init(model, x, **kwargs):
@@ -273,3 +278,52 @@ def test_training_updates_batch_stats():
   after = state['batch_stats']['encoder0']['norm0']['mean']
   assert not np.allclose(before, after)
   assert isinstance(model, nn.Module)
+
+
+# The fields that chose CPU kernels before `config.kernels`, as older runs recorded
+# them under `model`.
+OLD_KERNEL_FIELDS = dict(
+  transpose_as_matmul=True,
+  conv3d_as_2d=None,
+  pointwise_as_matmul=False,
+  conv_weight_grad='native',
+  native_conv_forward=None,
+  native_winograd=True,
+  pool_as_reshape=False,
+  native_pool=None,
+)
+
+
+def test_a_model_record_with_the_old_kernel_fields_still_builds(caplog):
+  config = importlib.import_module('configs.default').get_config()
+  record = json.loads(config.to_json_best_effort())
+  record['model'].update(OLD_KERNEL_FIELDS)
+  del record['kernels']
+  old = ml_collections.ConfigDict(record)
+  assert set(OLD_KERNEL_FIELDS) == set(factory.OLD_KERNEL_FIELDS)
+  with caplog.at_level(logging.INFO):
+    model = factory.create_model(old.model, kernels=old.get('kernels', 'auto'))
+  assert any('Ignoring the recorded config.model fields' in m for m in caplog.messages)
+  assert model == factory.create_model(config.model, kernels=config.kernels)
+  x = jnp.zeros((1, 16, 16, 1))
+  shapes = lambda m: jax.tree.map(jnp.shape, jax.eval_shape(m.init, jax.random.key(0), x))
+  assert shapes(model) == shapes(factory.create_model(config.model, kernels='xla'))
+  # Set on purpose in a new config, such a field is an error that points to kernels.
+  config.model.unlock()
+  config.model.native_pool = True
+  with pytest.raises(ValueError, match=r"\['native_pool'\] are now config.kernels"):
+    factory.check_options(config.model)
+  with pytest.raises(ValueError, match='kernels='):
+    factory.create_model(old.model, kernels='fast')
+
+
+@pytest.mark.parametrize('kernels', ['auto', 'xla', 'native'])
+def test_kernels_change_neither_the_parameters_nor_the_function(kernels):
+  x = jax.random.normal(jax.random.key(3), (1, 8, 16, 16, 1))
+  plain = models.UNet(num_classes=2, features=4, depth=2, kernels='xla')
+  other = models.UNet(num_classes=2, features=4, depth=2, kernels=kernels)
+  variables = _init(plain, x)
+  jax.tree.map(np.testing.assert_array_equal, _init(other, x), variables)
+  np.testing.assert_allclose(
+    other.apply(variables, x), plain.apply(variables, x), rtol=1e-4, atol=1e-4
+  )

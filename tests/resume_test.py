@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +11,14 @@ import numpy as np
 import optax
 import pytest
 
+from tests import models_test
 from tests import train_test
 from unet_jax import checkpointing
 from unet_jax import train
 from unet_jax.data import pipeline as input_pipeline
+from unet_jax.inference import predictor as inference
+from unet_jax.models import factory
+from unet_jax.train import config_checks
 from unet_jax.train import steps as train_steps
 
 tiny_config = train_test.tiny_config
@@ -91,6 +96,42 @@ def test_fields_that_may_change_on_resume_are_logged(
   }
 
 
+def test_kernels_may_change_on_resume_and_old_kernel_fields_are_dropped(caplog):
+  saved = {'model': {'features': 4, **models_test.OLD_KERNEL_FIELDS}, 'seed': 0}
+  current = {'model': {'features': 4}, 'kernels': 'xla', 'seed': 0}
+  with caplog.at_level(logging.INFO):
+    changes = config_checks.check_resume(saved, current, where='ckpt')
+  assert changes == ["kernels: None -> 'xla'"]
+  assert any('Ignoring the recorded config.model fields' in m for m in caplog.messages)
+  with pytest.raises(ValueError, match='model.features: 4 in the checkpoint, 8 now'):
+    config_checks.check_resume(saved, dict(current, model={'features': 8}), where='ckpt')
+
+
+def test_a_run_recorded_with_the_old_kernel_fields_loads_and_resumes(
+  three_steps, data_dir, tmp_path, monkeypatch, caplog
+):
+  workdir = str(tmp_path / 'old')
+  shutil.copytree(three_steps, workdir)
+  real = checkpointing.read_record
+
+  def old_record(manager, step):  # As a run before config.kernels recorded it.
+    record = dict(real(manager, step))
+    record['model'] = {**record['model'], **models_test.OLD_KERNEL_FIELDS}
+    del record['kernels']
+    return record
+
+  monkeypatch.setattr(checkpointing, 'read_record', old_record)
+  predictor = inference.load(workdir, step='latest')
+  assert predictor.step == 3 and predictor.model.features == 4
+  with caplog.at_level(logging.INFO):
+    train.train_and_evaluate(
+      tiny_config(data_dir, num_train_steps=4, kernels='xla'), workdir
+    )
+  logged = [r.getMessage() for r in caplog.records]
+  assert "Changed on resume: kernels: None -> 'xla'" in logged
+  assert 'Resumed from %s at step 3.' % os.path.join(workdir, 'checkpoints', '3') in logged
+
+
 def test_a_non_finite_update_is_never_saved(data_dir, tmp_path, monkeypatch):
   # The optimizer's update of step 2 is infinite. The loss of step 2 is computed
   # before that update, from finite parameters, so it is finite: only the state
@@ -144,7 +185,7 @@ def test_every_model_option_is_reachable_from_the_config(data_dir):
       'model.pool_sizes': ((2, 2), (1, 2)),
     },
   )
-  model = train.create_model(config.model)
+  model = factory.create_model(config.model)
   assert (
     model.norm,
     model.norm_groups,
@@ -157,7 +198,7 @@ def test_every_model_option_is_reachable_from_the_config(data_dir):
   config.model.unlock()
   config.model.widht = 3
   with pytest.raises(ValueError, match=r"unknown field\(s\) \['widht'\].*'features'"):
-    train.create_model(config.model)
+    factory.create_model(config.model)
 
 
 def test_deep_supervision_trains_end_to_end(data_dir, tmp_path):

@@ -7,6 +7,7 @@ import pytest
 
 from unet_jax import train
 from unet_jax.data import pipeline as input_pipeline
+from unet_jax.models import factory
 from unet_jax.train import config_checks
 
 CONFIGS = ('default', 'dice_bce', 'dice_ce', 'focal_dice', 'unet3d', 'pets', 'folder')
@@ -18,7 +19,7 @@ def test_every_config_is_valid_and_documents_its_command(name):
   assert f'--config=configs/{name}.py' in module.__doc__
   config = module.get_config()
   config_checks.validate_config(config, num_devices=1, process_count=1)
-  model = train.create_model(config.model)
+  model = factory.create_model(config.model, kernels=config.kernels)
   for field in ('features', 'depth', 'upsample', 'norm', 'num_classes'):
     assert getattr(model, field) == config.model[field]
   lr = train.create_learning_rate_fn(config)

@@ -15,6 +15,7 @@ import pytest
 from unet_jax import checkpointing
 from unet_jax import train
 from unet_jax.data import pipeline as input_pipeline
+from unet_jax.models import factory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
@@ -319,7 +320,7 @@ def test_one_device_jit_and_four_device_jit_and_pmap_agree(reference, data_dir, 
   assert abs(one_device['losses'][-1] - one_device['losses'][0]) > 1e-3
   initial = train.create_train_state(
     jax.random.key(0),
-    train.create_model(tiny_config(data_dir).model),
+    factory.create_model(tiny_config(data_dir).model),
     train.create_optimizer(tiny_config(data_dir)),
     (1, 32, 32, 1),
   ).params

@@ -32,6 +32,7 @@ OPTIMIZERS = ('adam', 'adamw', 'sgd')
 SCHEDULES = ('cosine', 'poly', 'constant')
 BEST_MODES = ('max', 'min')
 PARALLELISM = ('jit', 'pmap')  # unet_jax.distributed.MODES (a test checks they agree).
+KERNELS = ('auto', 'xla', 'native')  # unet_jax.ops.policy.NAMES (a test checks they agree).
 INTENSITY_FIELDS = {
   'ct': ('low', 'high', 'mean', 'std'),
   'rescale': ('low', 'high'),
@@ -473,6 +474,9 @@ class RunOptions(_Section):
   best_metric: str = 'eval_dice'  # Picks the best checkpoint: <evaluator>_<metric>.
   best_mode: str = 'max'  # 'max' for Dice, 'min' for a distance such as hd95.
   parallelism: str = 'jit'  # 'jit' (Mesh + NamedSharding) or 'pmap'.
+  # How convolutions and pooling run: 'auto' (the native CPU kernels where they win),
+  # 'xla' or 'native' (unet_jax/ops/policy.py). Not saved state: a resume may change it.
+  kernels: str = 'auto'
   data: DataOptions = dataclasses.field(default_factory=DataOptions)
   augment: AugmentOptions = dataclasses.field(default_factory=AugmentOptions)
   optimizer: OptimizerOptions = dataclasses.field(default_factory=OptimizerOptions)
@@ -491,10 +495,12 @@ class RunOptions(_Section):
     'best_metric',
     'best_mode',
     'parallelism',
+    'kernels',
   )
 
   def __post_init__(self):
     _choice('parallelism', self.parallelism, PARALLELISM)
+    _choice('kernels', self.kernels, KERNELS)
     _choice('best_mode', self.best_mode, BEST_MODES)
     for field in (
       'batch_size',

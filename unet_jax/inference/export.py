@@ -83,10 +83,10 @@ def export_predict_fn(
         ndim=len(spatial_shape), depth=model.depth, pool_sizes=model.pool_sizes
       ),
     )
-  if hasattr(model, 'native_conv_forward'):
-    # The exported program must run on any machine: no call into this machine's
-    # native CPU kernels, FFI targets the loading process would not have.
-    model = model.clone(native_conv_forward=False, native_winograd=False, native_pool=False)
+  if hasattr(model, 'kernels'):
+    # The exported program must run on any machine: the plain formulation, with no
+    # call into this machine's native CPU kernels (FFI targets the loader lacks).
+    model = model.clone(kernels='xla')
   variables = jax.tree.map(jnp.asarray, variables)
 
   def predict(images):

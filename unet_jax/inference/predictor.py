@@ -202,7 +202,8 @@ def load(workdir: str, *, step: str | int = 'best') -> Predictor:
     chosen = _pick_step(manager, step, config_lib.RunOptions.from_config(first), ckpt_dir)
     record, data_shape = _run_config(manager, chosen, workdir)
     config = ml_collections.ConfigDict(record)
-    data = config_lib.DataOptions.from_config(config.data)
+    run = config_lib.RunOptions.from_config(config)
+    data = run.data
     where = os.path.join(ckpt_dir, str(chosen))
     patch_axes = len(data.patch_size) if isinstance(data.patch_size, tuple) else 0
     ndim = int(data_shape.get('ndim') or patch_axes or 2)
@@ -210,7 +211,7 @@ def load(workdir: str, *, step: str | int = 'best') -> Predictor:
     variables = _restore_variables(ckpt_dir, chosen, config, ndim, channels, where)
   finally:
     manager.close()
-  model = factory.create_model(config.model)
+  model = factory.create_model(config.model, kernels=run.kernels)
   return Predictor(
     model=model,
     variables=variables,
@@ -227,7 +228,7 @@ def load(workdir: str, *, step: str | int = 'best') -> Predictor:
 
 def _restore_variables(ckpt_dir, step, config, ndim, channels, where) -> dict[str, Any]:
   """Parameters and BatchNorm statistics only, checked against the model's shapes."""
-  model = factory.create_model(config.model)
+  model = factory.create_model(config.model, kernels='xla')  # Shapes only.
   size = factory.input_divisor_of(config.model, ndim=ndim)
   abstract = jax.eval_shape(
     functools.partial(model.init, train=False),

@@ -1,19 +1,37 @@
 """The network from a config's `model` section: the one function training, planning,
 prediction and export all build it with (nnU-Net's `get_network_from_plans`).
 
-    model = factory.create_model(config.model)
+    model = factory.create_model(config.model, kernels=config.kernels)
     divisor = factory.input_divisor_of(config.model, ndim=3)
+
+How the network is computed (`config.kernels`, `unet_jax/ops/policy.py`) is not part
+of `config.model`, whose fields all fix the parameters or the function.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from absl import logging
 import jax.numpy as jnp
 
 from unet_jax.models import unet
+from unet_jax.ops import policy as policy_lib
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# The UNet fields that chose CPU kernels before `config.kernels` replaced them. Runs
+# recorded them under `model`; they are dropped when such a record is read
+# (`drop_kernel_fields`), as they never changed the parameters.
+OLD_KERNEL_FIELDS = (
+  'transpose_as_matmul',
+  'conv3d_as_2d',
+  'pointwise_as_matmul',
+  'conv_weight_grad',
+  'native_conv_forward',
+  'native_winograd',
+  'pool_as_reshape',
+  'native_pool',
+)
 
 
 def as_tuples(value: Any) -> Any:
@@ -26,32 +44,66 @@ def as_tuples(value: Any) -> Any:
 def model_options() -> tuple[str, ...]:
   """The UNet fields a config's `model` section may set."""
   fields = unet.UNet.__dataclass_fields__
-  return tuple(sorted(f for f in fields if f not in ('parent', 'name', 'bn_axis_name')))
+  exclude = ('parent', 'name', 'bn_axis_name', 'kernels')
+  return tuple(sorted(f for f in fields if f not in exclude))
 
 
 def check_options(model_config) -> None:
   """A ValueError naming each field of `config.model` that the UNet does not take."""
   unknown = sorted(set(model_config.keys()) - set(model_options()))
   if unknown:
+    old = sorted(set(unknown) & set(OLD_KERNEL_FIELDS))
+    hint = f'; {old} are now config.kernels (unet_jax/ops/policy.py)' if old else ''
     raise ValueError(
       f'config.model has unknown field(s) {unknown}; the UNet takes'
-      f' {list(model_options())}.'
+      f' {list(model_options())}{hint}.'
     )
 
 
-def create_model(model_config, *, bn_axis_name: str | None = None) -> unet.UNet:
+def drop_kernel_fields(model_config: Any) -> dict[str, Any]:
+  """`model_config` as a dict without `OLD_KERNEL_FIELDS`, logging what it drops.
+
+  For the `model` section a run recorded before `config.kernels` existed: those
+  fields chose kernels, not parameters, so the record still describes the network.
+  """
+  options = dict(model_config)
+  old = {k: options.pop(k) for k in OLD_KERNEL_FIELDS if k in options}
+  if old:
+    logging.info(
+      'Ignoring the recorded config.model fields %s: kernels are chosen by'
+      ' config.kernels now (unet_jax/ops/policy.py).',
+      old,
+    )
+  return options
+
+
+def create_model(
+  model_config,
+  *,
+  kernels: policy_lib.KernelPolicy | str = 'auto',
+  bn_axis_name: str | None = None,
+) -> unet.UNet:
   """The UNet that `config.model` describes: every field is passed through.
 
   Unset (None) fields keep the UNet's defaults; an unknown field is a ValueError
-  listing the valid ones.
+  listing the valid ones. The fields that chose kernels before `config.kernels`
+  (`OLD_KERNEL_FIELDS`, in the records of older runs) are dropped with a log.
+
+  Args:
+    model_config: `config.model`.
+    kernels: `config.kernels`: 'auto', 'xla', 'native' or a `KernelPolicy`
+      (`UNet.kernels`).
+    bn_axis_name: `UNet.bn_axis_name`, for pmap.
   """
-  check_options(model_config)
-  options = {k: v for k, v in dict(model_config).items() if v is not None}
+  options = drop_kernel_fields(model_config)
+  check_options(options)
+  options = {k: v for k, v in options.items() if v is not None}
   for key in ('dtype', 'param_dtype'):
     if key in options:
       options[key] = DTYPES[options[key]]
   options = {k: as_tuples(v) for k, v in options.items()}
-  return unet.UNet(**options, bn_axis_name=bn_axis_name)
+  policy_lib.check(kernels)  # A bad name fails here, not at the first trace.
+  return unet.UNet(**options, kernels=kernels, bn_axis_name=bn_axis_name)
 
 
 def model_pools(model_config) -> Any:

@@ -84,6 +84,7 @@ import sys
 from typing import Sequence
 
 from unet_jax.models import unet as models
+from unet_jax.ops import policy as policy_lib
 
 DTYPE_BYTES = {'float32': 4, 'bfloat16': 2}
 _UNITS = {
@@ -502,7 +503,59 @@ def estimate(
   Returns:
     A `MemoryEstimate`; `.format()` prints it, `.total_bytes` sums it.
   """
-  spatial_shape = tuple(spatial_shape)
+  config = dict(
+    spatial_shape=tuple(spatial_shape),
+    in_channels=in_channels,
+    num_classes=num_classes,
+    features=features,
+    depth=depth,
+    kernel_sizes=kernel_sizes,
+    pool_sizes=pool_sizes,
+    norm=norm,
+    upsample=upsample,
+    batch=batch,
+    dtype=dtype,
+    training=training,
+    remat=remat,
+  )
+  _check_arguments(**config, upsample_conv_kernel=upsample_conv_kernel)
+  itemsize = DTYPE_BYTES[dtype]
+  graph_args = {k: v for k, v in config.items() if k not in ('dtype', 'remat')}
+  ops, params, stats = _graph(
+    **graph_args, upsample_conv_kernel=upsample_conv_kernel, itemsize=itemsize
+  )
+  maps = tuple(
+    FeatureMap(op.name, op.shape, 'float32' if op.itemsize == 4 else dtype, op.bytes)
+    for op in ops
+  )
+  return MemoryEstimate(
+    config=config,
+    param_count=params,
+    param_bytes=4 * (params + stats),
+    largest_feature_map=max(maps, key=lambda m: m.bytes),
+    feature_maps=maps,
+    **_totals(ops, params, config, itemsize),
+  )
+
+
+def _check_arguments(
+  *,
+  spatial_shape,
+  in_channels,
+  num_classes,
+  features,
+  depth,
+  batch,
+  upsample_conv_kernel,
+  dtype,
+  norm,
+  upsample,
+  training,
+  remat,
+  **unused,
+) -> None:
+  """The ValueErrors of `estimate`, naming each bad argument."""
+  del unused  # kernel_sizes and pool_sizes: checked when the graph is built
   if len(spatial_shape) not in (2, 3):
     raise ValueError(
       f'spatial_shape={spatial_shape} must have 2 (H, W) or 3 (D, H, W) entries.'
@@ -524,65 +577,32 @@ def estimate(
     raise ValueError(f'upsample={upsample!r} is not one of {models.UPSAMPLE_MODES}.')
   if remat and not training:
     raise ValueError('remat=True only changes training memory; set training=True.')
-  itemsize = DTYPE_BYTES[dtype]
-  ops, params, stats = _graph(
-    spatial_shape=spatial_shape,
-    in_channels=in_channels,
-    num_classes=num_classes,
-    features=features,
-    depth=depth,
-    kernel_sizes=kernel_sizes,
-    pool_sizes=pool_sizes,
-    norm=norm,
-    upsample=upsample,
-    upsample_conv_kernel=upsample_conv_kernel,
-    batch=batch,
-    itemsize=itemsize,
-    training=training,
-  )
-  voxels = batch * math.prod(spatial_shape)
-  if training:
-    activations, at = _training_peak(ops, remat)
+
+
+def _totals(ops, params, config, itemsize) -> dict[str, int | str]:
+  """The byte counts of `MemoryEstimate` other than the parameters, and the peak op."""
+  voxels = config['batch'] * math.prod(config['spatial_shape'])
+  in_channels, num_classes = config['in_channels'], config['num_classes']
+  if config['training']:
+    activations, at = _training_peak(ops, config['remat'])
     if itemsize != 4:
       activations += params * itemsize  # compute-dtype copies of the kernels
-    gradients, optimizer = 4 * params, 8 * params + 4
-    inputs, outputs = voxels * (4 * in_channels + 4), 0
-  else:
-    activations, at = _inference_peak(ops)
-    gradients = optimizer = 0
-    inputs, outputs = voxels * 4 * in_channels, voxels * 4 * num_classes
-  maps = tuple(
-    FeatureMap(op.name, op.shape, 'float32' if op.itemsize == 4 else dtype, op.bytes)
-    for op in ops
-  )
-  largest = max(maps, key=lambda m: m.bytes)
-  config = dict(
-    spatial_shape=spatial_shape,
-    in_channels=in_channels,
-    num_classes=num_classes,
-    features=features,
-    depth=depth,
-    kernel_sizes=kernel_sizes,
-    pool_sizes=pool_sizes,
-    norm=norm,
-    upsample=upsample,
-    batch=batch,
-    dtype=dtype,
-    training=training,
-    remat=remat,
-  )
-  return MemoryEstimate(
-    config=config,
-    param_count=params,
-    param_bytes=4 * (params + stats),
-    gradient_bytes=gradients,
-    optimizer_bytes=optimizer,
-    input_bytes=inputs,
-    output_bytes=outputs,
+    return dict(
+      activation_bytes=activations,
+      peak_op=at,
+      gradient_bytes=4 * params,
+      optimizer_bytes=8 * params + 4,
+      input_bytes=voxels * (4 * in_channels + 4),
+      output_bytes=0,
+    )
+  activations, at = _inference_peak(ops)
+  return dict(
     activation_bytes=activations,
-    largest_feature_map=largest,
     peak_op=at,
-    feature_maps=maps,
+    gradient_bytes=0,
+    optimizer_bytes=0,
+    input_bytes=voxels * 4 * in_channels,
+    output_bytes=voxels * 4 * num_classes,
   )
 
 
@@ -622,19 +642,6 @@ def largest_patch(budget_bytes: int, *, ndim: int, **kwargs) -> int | None:
   return lo * step
 
 
-# `UNet` options that select plain XLA convolutions on every backend (conv.py).
-PLAIN_FORMULATION = dict(
-  transpose_as_matmul=False,
-  conv3d_as_2d=False,
-  pointwise_as_matmul=False,
-  conv_weight_grad='xla',
-  native_conv_forward=False,
-  pool_as_reshape=False,
-  native_winograd=False,
-  native_pool=False,
-)
-
-
 def compiled_memory(
   *,
   spatial_shape: Sequence[int],
@@ -651,15 +658,15 @@ def compiled_memory(
   dtype: str = 'float32',
   training: bool = False,
   remat: bool = False,
-  plain: bool = True,
+  kernels: policy_lib.KernelPolicy | str = 'xla',
 ) -> dict[str, int]:
   """XLA's own memory figures for what `estimate` models, on the default backend.
 
-  `plain=True` compiles the plain XLA formulation of `UNet` (every speed switch of
-  `unet_jax/ops/conv.py` off), which is what runs on GPU and TPU and what `estimate`
-  models. `plain=False` compiles `UNet`'s defaults for this backend: on the CPU the
-  faster formulations, whose temporaries differ (folded 3D convolutions hold their
-  depth taps side by side; see benchmarks/RESULTS.md).
+  `kernels='xla'` compiles the plain XLA formulation of `UNet`, which is what runs on
+  GPU and TPU and what `estimate` models. `kernels='auto'` compiles `UNet`'s choice
+  for this backend (`unet_jax/ops/policy.py`): on the CPU the faster formulations,
+  whose temporaries differ (folded 3D convolutions hold their depth taps side by
+  side; see benchmarks/RESULTS.md).
 
   Compiles (never runs) the same computation: the eval-mode forward pass, or a jitted
   train step (forward, backward, softmax cross-entropy, an Adam update) with the
@@ -673,13 +680,10 @@ def compiled_memory(
     `activation_bytes` (inference) or `activation_bytes + gradient_bytes` (training).
   """
   # pylint: disable=g-import-not-at-top
-  import functools
-
   import jax
   import jax.numpy as jnp
-  import optax
 
-  estimate(
+  c = estimate(
     spatial_shape=spatial_shape,
     in_channels=in_channels,
     num_classes=num_classes,
@@ -694,50 +698,30 @@ def compiled_memory(
     dtype=dtype,
     training=training,
     remat=remat,
-  )  # the same checks
+  ).config  # the same checks
+  model_args = ('features', 'depth', 'kernel_sizes', 'pool_sizes', 'norm', 'upsample')
   model = models.UNet(
     num_classes=num_classes,
-    features=features,
-    depth=depth,
-    kernel_sizes=kernel_sizes,
-    pool_sizes=pool_sizes,
-    norm=norm,
-    upsample=upsample,
+    **{k: c[k] for k in model_args},
     upsample_conv_kernel=upsample_conv_kernel,
     dtype=jnp.dtype(dtype),
     remat=remat,
-    **(PLAIN_FORMULATION if plain else {}),
+    kernels=kernels,
   )
-  x = jax.ShapeDtypeStruct((batch, *spatial_shape, in_channels), jnp.float32)
+  x = jax.ShapeDtypeStruct((batch, *c['spatial_shape'], in_channels), jnp.float32)
   variables = jax.eval_shape(
     lambda: model.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype))
   )
-  if not training:
+  if training:
+    compiled = _compiled_train_step(model, variables, x)
+  else:
     forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
     compiled = forward.lower(variables, x).compile()
-  else:
-    tx = optax.adam(1e-3)
-    opt_state = jax.eval_shape(tx.init, variables['params'])
-    labels = jax.ShapeDtypeStruct(x.shape[:-1], jnp.int32)
-    stats = variables.get('batch_stats', {})
+  return _figures(compiled.memory_analysis())
 
-    def loss_fn(params, stats, x, labels):
-      logits, new = model.apply(
-        {'params': params, 'batch_stats': stats}, x, train=True, mutable=['batch_stats']
-      )
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-      return loss, new.get('batch_stats', {})
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
-    def train_step(params, stats, opt_state, x, labels):
-      (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, stats, x, labels
-      )
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), stats, opt_state, loss
-
-    compiled = train_step.lower(variables['params'], stats, opt_state, x, labels).compile()
-  m = compiled.memory_analysis()
+def _figures(m) -> dict[str, int]:
+  """`compiled_memory`'s figures from XLA's memory analysis `m`."""
   out = dict(
     temp=m.temp_size_in_bytes,
     argument=m.argument_size_in_bytes,
@@ -746,6 +730,38 @@ def compiled_memory(
   )
   out['total'] = out['argument'] + out['output'] - out['alias'] + out['temp']
   return out
+
+
+def _compiled_train_step(model, variables, x):
+  """The compiled Adam train step of `compiled_memory`, state donated."""
+  # pylint: disable=g-import-not-at-top
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  tx = optax.adam(1e-3)
+  opt_state = jax.eval_shape(tx.init, variables['params'])
+  labels = jax.ShapeDtypeStruct(x.shape[:-1], jnp.int32)
+  stats = variables.get('batch_stats', {})
+
+  def loss_fn(params, stats, x, labels):
+    logits, new = model.apply(
+      {'params': params, 'batch_stats': stats}, x, train=True, mutable=['batch_stats']
+    )
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, new.get('batch_stats', {})
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+  def train_step(params, stats, opt_state, x, labels):
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      params, stats, x, labels
+    )
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), stats, opt_state, loss
+
+  return train_step.lower(variables['params'], stats, opt_state, x, labels).compile()
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -760,7 +776,8 @@ def _shape_arg(text: str):
   return [lv[0] if len(lv) == 1 else lv for lv in levels]
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
+  """The command line of `main`."""
   parser = argparse.ArgumentParser(
     prog='python -m unet_jax.models.memory',
     description='Memory of a unet_jax U-Net: parameters, Adam state, activations.',
@@ -801,6 +818,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     default=None,
     help='e.g. 16GiB: print the largest square/cubic patch that fits',
   )
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = _parser()
   args = parser.parse_args(argv)
   kwargs = dict(
     in_channels=args.in_channels,

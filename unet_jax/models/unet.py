@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from unet_jax.ops import conv as conv_lib
-from unet_jax.ops import native as native_kernels
+from unet_jax.ops import policy as policy_lib
 
 UPSAMPLE_MODES = ('transpose', 'bilinear')
 NORMS = ('batch', 'group', 'instance', 'none')
@@ -155,10 +155,11 @@ class ConvBlock(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   bn_axis_name: str | None = None
-  conv_fn: Any = None
+  kernels: policy_lib.KernelPolicy | str = 'xla'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    conv_fn = policy_lib.resolve(self.kernels).conv_general_dilated()
     if self.norm == 'group' and self.features % self.norm_groups:
       raise ValueError(
         f"norm='group' with norm_groups={self.norm_groups} needs widths divisible"
@@ -172,7 +173,7 @@ class ConvBlock(nn.Module):
         use_bias=self.norm == 'none',
         dtype=self.dtype,
         param_dtype=self.param_dtype,
-        conv_general_dilated=self.conv_fn,
+        conv_general_dilated=conv_fn,
         name=f'conv{i}',
       )(x)
       norm = _norm(
@@ -198,6 +199,8 @@ class Upsample(nn.Module):
     `features` channels. With the default 1x1 kernel the convolution is applied before
     the resize: a 1x1 convolution commutes with linear interpolation (whose weights sum
     to one), so the output is identical and the work is 2^ndim times smaller.
+  `kernels` as in `UNet` (here 'xla' by default); the parameters are the same under
+  every policy.
   """
 
   features: int
@@ -206,13 +209,13 @@ class Upsample(nn.Module):
   conv_kernel: int = 1
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  transpose_as_matmul: bool = False
-  conv_fn: Any = None
+  kernels: policy_lib.KernelPolicy | str = 'xla'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     ndim = x.ndim - 2
-    if self.mode == 'transpose' and self.transpose_as_matmul:
+    policy = policy_lib.resolve(self.kernels)
+    if self.mode == 'transpose' and policy.transpose_as_matmul:
       # Same function and parameters as the nn.ConvTranspose below (conv.py).
       return conv_lib.ConvTranspose(
         self.features,
@@ -238,7 +241,7 @@ class Upsample(nn.Module):
       padding='SAME',
       dtype=self.dtype,
       param_dtype=self.param_dtype,
-      conv_general_dilated=self.conv_fn,
+      conv_general_dilated=policy.conv_general_dilated(),
       name='conv',
     )
     if self.conv_kernel == 1:
@@ -280,30 +283,13 @@ class UNet(nn.Module):
     deep_supervision: number of extra 1x1 heads on the decoder levels below the top
       (nnU-Net style). When positive, `__call__` returns `(logits, aux)` where `aux` is
       a tuple of logits at 1/2, 1/4, ... of the resolution, highest first.
-    transpose_as_matmul, conv3d_as_2d, pointwise_as_matmul, conv_weight_grad,
-      native_conv_forward, pool_as_reshape: faster
-      formulations of the same function (`unet_jax/ops/conv.py`): the transposed
-      convolution as a product + depth-to-space; 3D convolutions as 2D ones with the
-      depth taps on the channel axis; 1x1 convolutions as products; the kernel
-      gradient of 2D and folded 3D convolutions, 'xla', 'gemm' or 'native' (None:
-      `conv.default_weight_grad`: the C++ kernel of `unet_jax.ops.native` on a
-      single-device CPU process where it builds, else 'xla'). native_conv_forward:
-      the forward pass and input gradient of those convolutions by the native
-      kernel too (None: with the native kernel gradient, in the dimensionalities
-      `conv.CPU_NATIVE_FORWARD` names). native_winograd: the 3x3 (3x3x3)
-      convolutions by the native Winograd kernels (F(2x2, 3x3) for the forward pass
-      and input gradient, F(3x3, 2x2) for the native kernel gradient), where they
-      are wide enough (`conv._winograd_suits`; None: with the native kernel
-      gradient, in the dimensionalities `conv.CPU_NATIVE_WINOGRAD` names).
-      pool_as_reshape: max pooling as a reshape and a max, with `nn.max_pool`'s
-      gradient (`conv.max_pool_as_reshape`); off by default everywhere, as it did
-      not win on the CPU (benchmarks/RESULTS.md). native_pool: float32 max pooling
-      by the native kernel (`conv.max_pool_native`; None: where the native kernel
-      gradient is the default, if `conv.CPU_NATIVE_POOL`). They change
-      neither the parameters (names, shapes, dtypes, initialisation) nor the function
-      beyond float rounding. None picks the default for `jax.default_backend()`: on
-      for the CPU where benchmarks/RESULTS.md shows a win, off (plain XLA) on GPU and
-      TPU, so accelerator programs are unchanged.
+    kernels: how the convolutions and pooling are computed, not what they compute:
+      'auto' (the backend's choice: on a single-device CPU process the faster
+      formulations and native C++ kernels of `unet_jax/ops/`, plain XLA on GPU and
+      TPU), 'xla' (plain XLA everywhere), 'native', or a `KernelPolicy` for each
+      choice apart (`unet_jax/ops/policy.py`). The parameters (names, shapes, dtypes,
+      initialisation) are the same under every policy, and the function is the same
+      to float rounding, so it is not part of a checkpoint's state.
   """
 
   num_classes: int
@@ -321,61 +307,7 @@ class UNet(nn.Module):
   param_dtype: Any = jnp.float32
   remat: bool = False
   deep_supervision: int = 0
-  transpose_as_matmul: bool | None = None
-  conv3d_as_2d: bool | None = None
-  pointwise_as_matmul: bool | None = None
-  conv_weight_grad: str | None = None
-  native_conv_forward: bool | None = None
-  native_winograd: bool | None = None
-  pool_as_reshape: bool = False
-  native_pool: bool | None = None
-
-  def _conv_fn(self):
-    """The convolution function for nn.Conv (None: lax.conv_general_dilated)."""
-    if self.conv_weight_grad is not None:
-      grad_2d = grad_3d = self.conv_weight_grad
-    else:
-      grad_2d, grad_3d = (conv_lib.default_weight_grad(2), conv_lib.default_weight_grad(3))
-    fold = conv_lib.resolve(self.conv3d_as_2d)
-    pointwise = conv_lib.resolve(self.pointwise_as_matmul)
-    if self.native_conv_forward is None:
-      # With the native kernel gradient, where conv.CPU_NATIVE_FORWARD says so.
-      forward_2d = grad_2d == 'native' and conv_lib.CPU_NATIVE_FORWARD[2]
-      forward_3d = grad_3d == 'native' and conv_lib.CPU_NATIVE_FORWARD[3]
-    else:
-      forward_2d = forward_3d = self.native_conv_forward
-    if self.native_winograd is None:
-      # With the native kernel gradient, where conv.CPU_NATIVE_WINOGRAD says so.
-      winograd_2d = grad_2d == 'native' and conv_lib.CPU_NATIVE_WINOGRAD[2]
-      winograd_3d = grad_3d == 'native' and conv_lib.CPU_NATIVE_WINOGRAD[3]
-    else:
-      winograd_2d = winograd_3d = self.native_winograd
-    if (
-      not fold and not pointwise and grad_2d == 'xla' and not forward_2d and not winograd_2d
-    ):
-      return None
-    return conv_lib.conv_general_dilated_fn(
-      fold_depth=fold,
-      weight_grad=grad_2d,
-      weight_grad_3d=grad_3d,
-      pointwise_as_matmul=pointwise,
-      native_forward=forward_2d,
-      native_forward_3d=forward_3d,
-      winograd=winograd_2d,
-      winograd_3d=winograd_3d,
-    )
-
-  def _max_pool(self, x: jax.Array, window: tuple[int, ...]) -> jax.Array:
-    if self.pool_as_reshape:
-      return conv_lib.max_pool_as_reshape(x, window)
-    native = self.native_pool
-    if native is None:  # with the native convolution kernels, as conv.CPU_NATIVE_POOL says
-      native = (
-        conv_lib.CPU_NATIVE_POOL and conv_lib.default_weight_grad(x.ndim - 2) == 'native'
-      )
-    if native and x.dtype == jnp.float32:
-      return conv_lib.max_pool_native(x, window)
-    return nn.max_pool(x, window, strides=window, padding='VALID')
+  kernels: policy_lib.KernelPolicy | str = 'auto'
 
   def _check(self, x: jax.Array) -> int:
     if x.ndim not in (4, 5):
@@ -391,19 +323,6 @@ class UNet(nn.Module):
       raise ValueError(f'upsample={self.upsample!r} is not one of {UPSAMPLE_MODES}.')
     if self.norm not in NORMS:
       raise ValueError(f'norm={self.norm!r} is not one of {NORMS}.')
-    if self.conv_weight_grad not in (None,) + conv_lib.WEIGHT_GRADS:
-      raise ValueError(
-        f'conv_weight_grad={self.conv_weight_grad!r} is not None or one of'
-        f' {conv_lib.WEIGHT_GRADS}.'
-      )
-    if (
-      self.conv_weight_grad == 'native'
-      or self.native_conv_forward
-      or self.native_winograd
-      or self.native_pool
-    ):
-      # Asked for by name: an error that says why it cannot be built, not a fallback.
-      native_kernels.ensure_available()
     if not 0 <= self.deep_supervision < self.depth:
       raise ValueError(
         f'deep_supervision={self.deep_supervision} must be in [0, depth-1='
@@ -425,7 +344,8 @@ class UNet(nn.Module):
       kernel_sizes=self.kernel_sizes,
       pool_sizes=self.pool_sizes,
     )
-    conv_fn = self._conv_fn()
+    policy = policy_lib.resolve(self.kernels)
+    conv_fn = policy.conv_general_dilated()
     block_cls = nn.remat(ConvBlock) if self.remat else ConvBlock
     block = lambda width, kernel, name: block_cls(
       width,
@@ -436,7 +356,7 @@ class UNet(nn.Module):
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       bn_axis_name=self.bn_axis_name,
-      conv_fn=conv_fn,
+      kernels=policy,
       name=name,
     )
 
@@ -445,7 +365,7 @@ class UNet(nn.Module):
     for level in range(self.depth):
       x = block(self.features * 2**level, kernels[level], f'encoder{level}')(x)
       skips.append(x)
-      x = self._max_pool(x, tuple(pools[level]))
+      x = policy.max_pool(x, tuple(pools[level]))
 
     x = block(self.features * 2**self.depth, kernels[self.depth], 'bottleneck')(x)
     if self.dropout > 0:
@@ -461,8 +381,7 @@ class UNet(nn.Module):
         conv_kernel=self.upsample_conv_kernel,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
-        transpose_as_matmul=conv_lib.resolve(self.transpose_as_matmul),
-        conv_fn=conv_fn,
+        kernels=policy,
         name=f'upsample{level}',
       )(x)
       x = jnp.concatenate([skips[level], x], axis=-1)

@@ -2,7 +2,7 @@ r"""Faster formulations of the U-Net's convolutions: the same functions, other k
 
 XLA:CPU runs some convolutions far below its matrix-product rate. This module computes
 the same functions in forms it runs faster; each is exact up to float rounding and
-each is a switch on `unet_jax.models.UNet`:
+each is a field of `policy.KernelPolicy`:
 
 - **3D convolution folded to 2D** (`conv_general_dilated(..., fold_depth=True)`). A
   stride-1 'same' convolution with a `kd x kh x kw` kernel is a 2D `kh x kw`
@@ -19,19 +19,6 @@ each is a switch on `unet_jax.models.UNet`:
   [kh, kw, kd*C, O]`. A custom VJP keeps only `x` and the kernel for the backward
   pass, so activation memory is that of the plain 3D convolution; the folded copy
   (`kd` times the input) is temporary.
-- **Weight gradient as one matrix product** (`weight_grad='gemm'`). For a 'same' 2D
-  convolution with kernel `kh x kw`, the kernel gradient
-
-  .. math::
-    \frac{\partial L}{\partial K}[i, j, c, o]
-      = \sum_{n, y, x} x_p[n, y + i, x + j, c]\, g[n, y, x, o]
-
-  is computed as `X^T G` with `X[(n, r, x), (j, c)] = x_p[n, r, x + j, c]` (the input
-  widened `kw` times along W) and `G[(n, r, x), (i, o)] = g[n, r - i, x, o]` (the
-  output gradient widened `kh` times along H, zero outside), so the product has
-  `kw*C` rows and `kh*O` columns. The forward pass and the input gradient stay XLA
-  convolutions. The two widened copies cost `kw` times the input and `kh` times the
-  output gradient in temporary memory.
 - **Stride-s transposed convolution with an s x s kernel as a matrix product**
   (`conv_transpose_as_matmul`). With kernel = stride and 'VALID' padding, output
   pixel `s*i + a` sees exactly one input pixel, `i`:
@@ -42,7 +29,9 @@ each is a switch on `unet_jax.models.UNet`:
   (Flax's `nn.ConvTranspose`, `transpose_kernel=False`, flips the kernel), i.e. a
   1x1 convolution to `s^d * O` channels followed by depth-to-space. Same function,
   same parameters as `nn.ConvTranspose`.
-
+- **1x1 (1x1x1) convolutions as products over the channel axis**
+  (`conv_general_dilated_fn(pointwise_as_matmul=True)`): `y = x K[0, 0]`, whose
+  gradients are products too.
 - **Native C++ kernels** (`weight_grad='native'`, `native_forward=True`): the kernel
   gradient, and optionally the forward pass and input gradient, of stride-1 'same'
   2D and 3D convolutions by `unet_jax.ops.native`, called through XLA's FFI.
@@ -54,15 +43,13 @@ each is a switch on `unet_jax.models.UNet`:
   arXiv:1509.09308), and with `weight_grad='native'` too the kernel gradient by
   F(3x3, 2x2): 16 multiply-adds per input and output channel for a 2 x 2 block of
   output pixels, against 36 directly, in the same register tiles.
-- **Max pooling as a reshape and a max** (`max_pool_as_reshape`), with `nn.max_pool`'s
-  gradient. Off by default.
 - **Native max pooling** (`max_pool_native`): the C++ kernel keeps each window's
   first maximum, so the gradient is a scatter; `nn.max_pool`'s values and gradient,
   float32 only.
 
-The switches are meant for the CPU: `models.UNet` turns them on only when
-`jax.default_backend() == 'cpu'` (`resolve`, `default_weight_grad`), so GPU and TPU
-programs are unchanged.
+Which of them runs where is `policy.py`'s business (`KernelPolicy`, and `UNet(kernels=
+...)`): this module computes whatever it is asked for, and keeps the size rules of the
+native kernels (`NATIVE_MIN_WIDTH`, `NATIVE_MIN_TILED_CHANNELS`).
 
 References: K. Chellapilla, S. Puri, P. Simard, "High Performance Convolutional Neural
 Networks for Document Processing", 2006 (convolution as a matrix product);
@@ -75,6 +62,7 @@ arXiv:1509.09308 (Winograd's minimal filtering).
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Any, Callable, Sequence
 
@@ -85,55 +73,7 @@ import jax.numpy as jnp
 
 from unet_jax.ops import native as native_kernels
 
-WEIGHT_GRADS = ('xla', 'gemm', 'native')
-# The kernel-gradient formulation `models.UNet` uses by default on the CPU, for 2D
-# convolutions and for folded 3D ones; other backends always use 'xla'. 'native' is
-# the C++ kernel of `unet_jax.ops.native` (`default_weight_grad` falls back to
-# 'xla' where it cannot be built). 'gemm' is slower in 2D; in 3D its widened copies
-# of the input and of the output gradient add much temporary memory
-# (benchmarks/RESULTS.md), so it stays opt-in (`UNet(conv_weight_grad='gemm')`).
-CPU_WEIGHT_GRAD = {2: 'native', 3: 'native'}
-# Whether the forward pass and the input gradient also use the native kernel by
-# default where the native kernel gradient does, by dimensionality. Both won on the
-# whole train step, 2D once narrow images were left to XLA (`NATIVE_MIN_WIDTH`;
-# benchmarks/RESULTS.md).
-CPU_NATIVE_FORWARD = {2: True, 3: True}
-# Whether 3 x 3 (3 x 3 x kd) convolutions use the native Winograd kernels by default
-# where the native kernels are the default (forward pass and input gradient by
-# F(2x2, 3x3), kernel gradient by F(3x3, 2x2)): 2.25 times fewer multiply-adds; they
-# won per layer from 16 wide and on the whole train step (benchmarks/RESULTS.md).
-CPU_NATIVE_WINOGRAD = {2: True, 3: True}
-# Whether `models.UNet` max-pools by the native kernel (`max_pool_native`) by default
-# where the native kernel gradient is the default (benchmarks/RESULTS.md).
-CPU_NATIVE_POOL = True
-
-
-def resolve(switch: bool | None) -> bool:
-  """`switch`, or when it is None: on for the CPU backend only.
-
-  The formulations here are tuned for XLA:CPU; on GPU and TPU the plain XLA
-  convolutions (cuDNN, the TPU convolution units) are left alone.
-  """
-  if switch is None:
-    return jax.default_backend() == 'cpu'
-  return bool(switch)
-
-
-def default_weight_grad(ndim: int) -> str:
-  """`UNet`'s kernel-gradient formulation when none is given, for 2 or 3 spatial axes.
-
-  'xla' off the CPU. On the CPU `CPU_WEIGHT_GRAD[ndim]`, except that 'native' becomes
-  'xla' when the kernel cannot be built here (`native_kernels.available()`, which
-  logs why) or when the process sees more than one device: under `jit` over a mesh
-  XLA's partitioner cannot split an FFI call by batch, and would gather every
-  device's input to each device instead.
-  """
-  if not resolve(None):
-    return 'xla'
-  choice = CPU_WEIGHT_GRAD[ndim]
-  if choice == 'native' and (jax.device_count() > 1 or not native_kernels.available()):
-    return 'xla'
-  return choice
+WEIGHT_GRADS = ('xla', 'native')
 
 
 def _same_pads(kernel_spatial: Sequence[int]) -> list[tuple[int, int]]:
@@ -156,38 +96,6 @@ def _plain(x, kernel, precision=None):
     dimension_numbers=dn,
     precision=precision,
   )
-
-
-def weight_grad_gemm(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int]) -> jax.Array:
-  """Kernel gradient of a stride-1 'same' 2D convolution, as one matrix product.
-
-  Args:
-    x: the convolution's input, `[N, H, W, C]`.
-    g: the gradient of its output, `[N, H, W, O]`.
-    kernel_shape: `(kh, kw, C, O)`.
-
-  Returns:
-    `dL/dK`, `[kh, kw, C, O]`, in float32 for float32 inputs and in `x.dtype` with
-    float32 accumulation otherwise. See the module docstring for the formula.
-  """
-  kh, kw, c, o = kernel_shape
-  n, h, w, _ = x.shape
-  (ph_lo, ph_hi), (pw_lo, pw_hi) = _same_pads((kh, kw))
-  xp = jnp.pad(x, ((0, 0), (ph_lo, ph_hi), (pw_lo, pw_hi), (0, 0)))
-  rows = h + kh - 1
-  # X[n, r, x, (j, c)] = xp[n, r, x + j, c]
-  xw = jnp.concatenate([xp[:, :, j : j + w] for j in range(kw)], axis=-1)
-  # G[n, r, x, (i, o)] = g[n, r - i, x, o], zero where r - i is outside [0, H).
-  gp = jnp.pad(g, ((0, 0), (kh - 1, kh - 1), (0, 0), (0, 0)))
-  gh = jnp.concatenate([gp[:, kh - 1 - i : kh - 1 - i + rows] for i in range(kh)], axis=-1)
-  out = lax.dot_general(
-    xw.reshape(n * rows * w, kw * c),
-    gh.reshape(n * rows * w, kh * o),
-    (((0,), (0,)), ((), ())),
-    preferred_element_type=jnp.float32,
-  )
-  out = out.reshape(kw, c, kh, o).transpose(2, 0, 1, 3)
-  return out.astype(jnp.promote_types(x.dtype, g.dtype))
 
 
 # In the functions below `how` is `(weight_grad, native_forward, fold, winograd)`: the
@@ -339,10 +247,8 @@ def _kernel_grad(x, g, kernel, how, precision):
       _fold(x, kd), g.reshape((-1,) + g.shape[2:]), _fold_kernel(kernel), how, precision
     )
     return _unfold_kernel(dk2, kd).astype(kernel.dtype)
-  if weight_grad == 'gemm' and x.ndim == 4:
-    return weight_grad_gemm(x, g, kernel.shape).astype(kernel.dtype)
   # 'xla'; 'native' for other dtypes (the kernel takes float32 only) and for images
-  # narrower than NATIVE_MIN_WIDTH['kernel_grad']; 'gemm' on unfolded 3D ones.
+  # narrower than NATIVE_MIN_WIDTH['kernel_grad'].
   _, kernel_vjp = jax.vjp(lambda k: _plain(x, k, precision), kernel)
   return kernel_vjp(g)[0]
 
@@ -388,8 +294,7 @@ def conv2d_same(
   Args:
     x: channels-last input.
     kernel: HWIO kernel.
-    weight_grad: 'xla' (autodiff of the XLA convolution), 'gemm' (the kernel
-      gradient as one matrix product, `weight_grad_gemm`) or 'native' (the C++
+    weight_grad: 'xla' (autodiff of the XLA convolution) or 'native' (the C++
       kernel of `unet_jax.ops.native`, float32 only; other dtypes use 'xla').
     native_forward: the forward pass and the input gradient by the native kernel
       too. Both native options apply to float32 convolutions on images at least
@@ -432,8 +337,7 @@ def conv3d_same(
       applies) as one 2D convolution over `N*D` slices with the `kd` depth
       neighbours stacked on channels (module docstring); else as XLA's 3D
       convolution.
-    weight_grad: 'xla', 'gemm' (on the folded 2D convolution; 'xla' without
-      `fold_depth`) or 'native' (the 3D C++ kernel, which reads the depth
+    weight_grad: 'xla' or 'native' (the 3D C++ kernel, which reads the depth
       neighbours in place).
     native_forward: the forward pass and the input gradient by the 3D native kernel
       too. The native options apply as in `conv2d_same`.
@@ -483,6 +387,76 @@ def _is_same_stride1(
   return [tuple(p) for p in padding] == pads
 
 
+_LAX_CONV = inspect.signature(lax.conv_general_dilated)
+
+
+def _takes_own(a: dict[str, Any]) -> bool:
+  """Whether a `lax.conv_general_dilated` call (its bound arguments `a`) is one the
+  formulations here take: channels-last, stride 1, 'same', no dilation or groups, and
+  no output dtype or sharding asked for."""
+  if (
+    a['batch_group_count'] != 1
+    or a['preferred_element_type'] is not None
+    or a.get('out_sharding') is not None
+    or a['dimension_numbers'] is None
+  ):
+    return False
+  return _is_same_stride1(
+    a['lhs'].shape,
+    a['rhs'].shape,
+    a['window_strides'],
+    a['padding'],
+    a['lhs_dilation'],
+    a['rhs_dilation'],
+    a['dimension_numbers'],
+    a['feature_group_count'],
+  )
+
+
+def _own_formulation(lhs, rhs, precision, options):
+  """A stride-1 'same' convolution by the formulations `options` ask for; None: XLA's."""
+  if options['pointwise_as_matmul'] and all(k == 1 for k in rhs.shape[:-2]):
+    return lax.dot_general(
+      lhs,
+      rhs.reshape(rhs.shape[-2:]),
+      (((lhs.ndim - 1,), (0,)), ((), ())),
+      precision=precision,
+    )
+  if lhs.ndim == 5:
+    weight_grad, native_forward, winograd = (
+      options['weight_grad_3d'],
+      options['native_forward_3d'],
+      options['winograd_3d'],
+    )
+    if options['fold_depth'] or weight_grad == 'native' or native_forward or winograd:
+      # The XLA parts fold whenever the convolution takes its own gradients.
+      return conv3d_same(
+        lhs,
+        rhs,
+        fold_depth=True,
+        weight_grad=weight_grad,
+        native_forward=native_forward,
+        winograd=winograd,
+        precision=precision,
+      )
+    return None
+  weight_grad, native_forward, winograd = (
+    options['weight_grad'],
+    options['native_forward'],
+    options['winograd'],
+  )
+  if weight_grad != 'xla' or native_forward or winograd:
+    return conv2d_same(
+      lhs,
+      rhs,
+      weight_grad=weight_grad,
+      native_forward=native_forward,
+      winograd=winograd,
+      precision=precision,
+    )
+  return None
+
+
 def conv_general_dilated_fn(
   *,
   fold_depth: bool = False,
@@ -503,97 +477,39 @@ def conv_general_dilated_fn(
 
   Args:
     fold_depth: 3D convolutions as folded 2D ones (`conv3d_same`).
-    weight_grad: 'xla', 'gemm' or 'native' for the kernel gradient of 2D
-      convolutions.
-    weight_grad_3d: the same for folded 3D convolutions (default: `weight_grad`).
+    weight_grad: 'xla' or 'native' for the kernel gradient of 2D convolutions.
+    weight_grad_3d: the same for 3D convolutions (default: `weight_grad`).
     pointwise_as_matmul: 1x1 (1x1x1) convolutions as a product over the channel
       axis, `y = x K[0, 0]`, whose gradients are products too.
     native_forward: the forward pass and input gradient of 2D convolutions by the
       native kernel (`conv2d_same`).
-    native_forward_3d: the same for folded 3D convolutions (default:
-      `native_forward`).
+    native_forward_3d: the same for 3D convolutions (default: `native_forward`).
     winograd, winograd_3d: 3x3 (3x3xkd) convolutions by the native Winograd
       kernels (`conv2d_same`, `conv3d_same`; `winograd_3d` defaults to
       `winograd`).
   """
-  if weight_grad_3d is None:
-    weight_grad_3d = weight_grad
-  if native_forward_3d is None:
-    native_forward_3d = native_forward
-  if winograd_3d is None:
-    winograd_3d = winograd
-  for value in (weight_grad, weight_grad_3d):
-    if value not in WEIGHT_GRADS:
-      raise ValueError(f'weight_grad={value!r} is not one of {WEIGHT_GRADS}.')
+  options = dict(
+    fold_depth=fold_depth,
+    pointwise_as_matmul=pointwise_as_matmul,
+    weight_grad=weight_grad,
+    weight_grad_3d=weight_grad if weight_grad_3d is None else weight_grad_3d,
+    native_forward=native_forward,
+    native_forward_3d=native_forward if native_forward_3d is None else native_forward_3d,
+    winograd=winograd,
+    winograd_3d=winograd if winograd_3d is None else winograd_3d,
+  )
+  for value in (options['weight_grad'], options['weight_grad_3d']):
+    _check_weight_grad(value)
 
-  def conv(
-    lhs,
-    rhs,
-    window_strides,
-    padding,
-    lhs_dilation=None,
-    rhs_dilation=None,
-    dimension_numbers=None,
-    feature_group_count=1,
-    batch_group_count=1,
-    precision=None,
-    preferred_element_type=None,
-  ):
-    if (
-      batch_group_count == 1
-      and preferred_element_type is None
-      and dimension_numbers is not None
-      and _is_same_stride1(
-        lhs.shape,
-        rhs.shape,
-        window_strides,
-        padding,
-        lhs_dilation,
-        rhs_dilation,
-        dimension_numbers,
-        feature_group_count,
-      )
-    ):
-      if pointwise_as_matmul and all(k == 1 for k in rhs.shape[:-2]):
-        return lax.dot_general(
-          lhs,
-          rhs.reshape(rhs.shape[-2:]),
-          (((lhs.ndim - 1,), (0,)), ((), ())),
-          precision=precision,
-        )
-      if lhs.ndim == 5:
-        if fold_depth or weight_grad_3d == 'native' or native_forward_3d or winograd_3d:
-          return conv3d_same(
-            lhs,
-            rhs,
-            fold_depth=True,
-            weight_grad=weight_grad_3d,
-            native_forward=native_forward_3d,
-            winograd=winograd_3d,
-            precision=precision,
-          )
-      elif weight_grad != 'xla' or native_forward or winograd:
-        return conv2d_same(
-          lhs,
-          rhs,
-          weight_grad=weight_grad,
-          native_forward=native_forward,
-          winograd=winograd,
-          precision=precision,
-        )
-    return lax.conv_general_dilated(
-      lhs,
-      rhs,
-      window_strides,
-      padding,
-      lhs_dilation=lhs_dilation,
-      rhs_dilation=rhs_dilation,
-      dimension_numbers=dimension_numbers,
-      feature_group_count=feature_group_count,
-      batch_group_count=batch_group_count,
-      precision=precision,
-      preferred_element_type=preferred_element_type,
-    )
+  def conv(*args, **kwargs):
+    call = _LAX_CONV.bind(*args, **kwargs)
+    call.apply_defaults()
+    if _takes_own(call.arguments):
+      a = call.arguments
+      own = _own_formulation(a['lhs'], a['rhs'], a['precision'], options)
+      if own is not None:
+        return own
+    return lax.conv_general_dilated(*args, **kwargs)
 
   return conv
 
@@ -666,63 +582,6 @@ class ConvTranspose(nn.Module):
     )
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     return conv_transpose_as_matmul(x, kernel, bias)
-
-
-def _pool_split(x, window):
-  """`[N, *spatial, C] -> [N, s1/w1, w1, s2/w2, w2, ..., C]`."""
-  shape = [x.shape[0]]
-  for size, w in zip(x.shape[1:-1], window):
-    shape += [size // w, w]
-  return x.reshape(shape + [x.shape[-1]])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def max_pool_as_reshape(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
-  """`nn.max_pool(x, window, strides=window, padding='VALID')` as a reshape and a max.
-
-  For non-overlapping windows that tile the input exactly (the U-Net's pooling,
-  whose sizes the model checks), each output is the max over one block of a reshaped
-  input: no reduce-window, and none of the argmax indices XLA:CPU builds for its
-  gradient. The gradient is the same as `nn.max_pool`'s, ties included: all of it
-  goes to the first maximum of each window in row-major order.
-
-  Args:
-    x: `[N, *spatial, C]`, each spatial size a multiple of its window.
-    window: one size per spatial axis.
-  """
-  return _max_pool_fwd(x, window)[0]
-
-
-def _max_pool_fwd(x, window):
-  for size, w in zip(x.shape[1:-1], window):
-    if size % w:
-      raise ValueError(
-        f'max_pool_as_reshape: spatial shape {x.shape[1:-1]} is not'
-        f' a multiple of the window {window}.'
-      )
-  window_axes = tuple(2 + 2 * i for i in range(len(window)))
-  return jnp.max(_pool_split(x, window), axis=window_axes), x
-
-
-def _max_pool_bwd(window, x, g):
-  ndim = len(window)
-  window_axes = tuple(2 + 2 * i for i in range(ndim))
-  xs = _pool_split(x, window)
-  expand = lambda a: jnp.expand_dims(a, window_axes)
-  is_max = xs == expand(jnp.max(xs, axis=window_axes))
-  # Row-major position of each element within its window, shaped to broadcast.
-  position = jnp.zeros((1,) * xs.ndim, jnp.int32)
-  for i, w in enumerate(window):
-    shape = [1] * xs.ndim
-    shape[window_axes[i]] = w
-    stride = math.prod(window[i + 1 :])
-    position = position + jnp.arange(w, dtype=jnp.int32).reshape(shape) * stride
-  first = jnp.min(jnp.where(is_max, position, math.prod(window)), axis=window_axes)
-  dx = jnp.where(is_max & (position == expand(first)), expand(g), 0)
-  return (dx.astype(x.dtype).reshape(x.shape),)
-
-
-max_pool_as_reshape.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))

@@ -25,9 +25,10 @@ concurrent processes never load a half-written file. A build takes a few seconds
 
 Failure. `available()` is False when there is no compiler, the build fails, the
 backend is not the CPU, or `UNET_JAX_NATIVE=0` is set; the first failure is logged as
-a warning with the compiler's message, and the default formulation falls back to
-XLA's. Asking for the kernel explicitly (`conv_weight_grad='native'`) when it is not
-available raises `NativeKernelError` with that message.
+a warning with the compiler's message, and `UNet(kernels='auto')` falls back to
+XLA's (`policy.auto`). Asking for the kernels explicitly (`kernels='native'`, or a
+`KernelPolicy` with native fields) when they are not available raises
+`NativeKernelError` with that message.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ BEST_MODES = config_lib.BEST_MODES
 # Losses whose activation is a sigmoid: they accept one logit for a binary task.
 SIGMOID_LOSSES = ('dice_bce', 'bce')
 # What fixes the structure of the saved state: a checkpoint written under one
-# value cannot be restored under another.
+# value cannot be restored under another. Not `kernels` (how the convolutions run).
 STATE_FIELDS = ('model', 'optimizer.name', 'optimizer.grad_clip_norm', 'data_shape')
 
 
@@ -220,12 +220,16 @@ def check_resume(
     where: the checkpoint folder, for the message.
 
   Returns:
-    The other fields that differ ('field: old -> new'), which may change.
+    The other fields that differ ('field: old -> new'), which may change, such as
+    `kernels`. The kernel fields older runs recorded under `model`
+    (`factory.OLD_KERNEL_FIELDS`) are dropped from `saved` first, with a log.
 
   Raises:
     ValueError: naming `where` and each field that fixes the state's structure
       (the model, the optimizer's kind, the data's shape) with both values.
   """
+  if isinstance(saved.get('model'), dict):  # Before config.kernels, kernels were here.
+    saved = dict(saved, model=factory.drop_kernel_fields(saved['model']))
   old, new = _flatten(saved), _flatten(current)
   changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
   fixed = [k for k in changed if any(k == f or k.startswith(f + '.') for f in STATE_FIELDS)]

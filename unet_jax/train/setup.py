@@ -103,7 +103,7 @@ def _restore(manager, state, record: dict[str, Any], workdir: str):
 
 def create_runner(model_config, run: config_lib.RunOptions, tx) -> runner_lib.Runner:
   axis = runner_lib.AXIS if run.parallelism == 'pmap' else None
-  model = factory.create_model(model_config, bn_axis_name=axis)
+  model = factory.create_model(model_config, kernels=run.kernels, bn_axis_name=axis)
   loss_fn = functools.partial(
     losses.get_loss(run.loss.name),
     ignore_index=input_pipeline.IGNORE_LABEL,
@@ -145,7 +145,10 @@ def measure_step_time(
   runner = create_runner(config.model, run, tx)
   input_shape = (1, *data.info.spatial_shape, data.info.num_channels)
   state = train_steps.create_train_state(
-    jax.random.key(run.seed), factory.create_model(config.model), tx, input_shape
+    jax.random.key(run.seed),
+    factory.create_model(config.model, kernels=run.kernels),
+    tx,
+    input_shape,
   )
   state = runner.put_state(state)
   batches = data.train_iterator(0, batch_size=run.batch_size, seed=run.seed)
@@ -279,7 +282,10 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   tx = train_steps.create_optimizer(run)
   input_shape = (1, *data.info.spatial_shape, data.info.num_channels)
   state = train_steps.create_train_state(
-    jax.random.key(run.seed), factory.create_model(config.model), tx, input_shape
+    jax.random.key(run.seed),
+    factory.create_model(config.model, kernels=run.kernels),
+    tx,
+    input_shape,
   )
   manager = checkpointing.create_manager(
     os.path.join(workdir, 'checkpoints'),

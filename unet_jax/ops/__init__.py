@@ -1,0 +1,10 @@
+"""How the U-Net's convolutions and pooling are computed, apart from what they compute.
+
+`policy.py` chooses (`KernelPolicy`, `UNet(kernels=...)`), `conv.py` holds the
+formulations and the native kernels' size rules, `native.py` and `native/conv.cc` the
+C++ kernels for the CPU.
+"""
+
+from unet_jax.ops.policy import KernelPolicy
+
+__all__ = ['KernelPolicy']

@@ -1,0 +1,208 @@
+"""Which kernel computes each convolution and pooling of the U-Net: one policy object.
+
+`models.UNet(kernels=...)` takes a `KernelPolicy`, or one of its names:
+
+- `'auto'` (the default): the choice for `jax.default_backend()` (`AUTO`). On the CPU,
+  the faster formulations of `conv.py` and, in a single-device process where they
+  build, the native C++ kernels of `native.py` for float32 convolutions and pooling;
+  on GPU and TPU plain XLA, so accelerator programs are unchanged.
+- `'xla'`: the plain formulation on every backend: `lax` convolutions, Flax's
+  `nn.ConvTranspose` and `nn.max_pool`, nothing else (what `models/memory.py` models
+  and what `inference/export.py` serialises).
+- `'native'`: the CPU's choice without its fallback: an error (`NativeKernelError`,
+  saying why) where the native kernels cannot be built, instead of XLA.
+
+A policy changes neither the parameters (names, shapes, dtypes, initialisation) nor
+the function beyond float rounding, so it is not part of a checkpoint's state: a run
+may resume or predict under another one. The size rules (which image widths and
+channel counts the native kernels take) stay with the kernels, in `conv.py`.
+
+    policy = policy_lib.resolve('auto')             # a KernelPolicy for this process
+    slower = policy.replace(native_winograd=False)  # one lever off, for an A/B
+    model = UNet(num_classes=2, kernels=slower)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unet_jax.ops import conv
+from unet_jax.ops import native as native_kernels
+
+NDIMS = (2, 3)
+NAMES = ('auto', 'xla', 'native')
+
+
+def _dims(value: Any, name: str) -> tuple[int, ...]:
+  """True -> (2, 3), False or None -> (), a sequence of dimensionalities -> sorted."""
+  if value is None or isinstance(value, bool):
+    return NDIMS if value else ()
+  dims = tuple(sorted({int(d) for d in value}))
+  if not set(dims) <= set(NDIMS):
+    raise ValueError(
+      f'KernelPolicy.{name}={value!r}: give a bool or numbers of spatial axes among'
+      f' {NDIMS}.'
+    )
+  return dims
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelPolicy:
+  """The formulation and kernel of each kind of operation (`conv.py`, `native.py`).
+
+  Fields that take dimensionalities hold the numbers of spatial axes (2, 3) they
+  apply to; True means both and False neither.
+
+  Attributes:
+    transpose_as_matmul: the kernel-equals-stride transposed convolution as a matrix
+      product and depth-to-space (`conv.ConvTranspose`), instead of
+      `nn.ConvTranspose`.
+    conv3d_as_2d: the 3D convolutions XLA computes as 2D ones over depth slices, the
+      depth taps on the channel axis (`conv.conv3d_same(fold_depth=True)`); where a
+      native field applies to 3D, the parts left to XLA are folded anyway.
+    pointwise_as_matmul: 1x1 (1x1x1) convolutions as products over the channel axis.
+    native_weight_grad: the kernel gradient of stride-1 'same' convolutions by the
+      native kernel, in these dimensionalities (`conv.conv2d_same(weight_grad=
+      'native')`).
+    native_forward: their forward pass and input gradient by the native kernel.
+    native_winograd: 3x3 (3x3xkd) convolutions by the native Winograd kernels
+      (the forward pass and input gradient; the kernel gradient too where
+      `native_weight_grad` applies).
+    native_pool: float32 max pooling by the native kernel (`conv.max_pool_native`).
+  """
+
+  transpose_as_matmul: bool = False
+  conv3d_as_2d: bool = False
+  pointwise_as_matmul: bool = False
+  native_weight_grad: tuple[int, ...] = ()
+  native_forward: tuple[int, ...] = ()
+  native_winograd: tuple[int, ...] = ()
+  native_pool: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if field.name.startswith('native_'):
+        object.__setattr__(self, field.name, _dims(value, field.name))
+      elif not isinstance(value, bool):
+        raise ValueError(f'KernelPolicy.{field.name}={value!r} must be a bool.')
+
+  def replace(self, **changes: Any) -> KernelPolicy:
+    """This policy with some fields changed (`dataclasses.replace`)."""
+    return dataclasses.replace(self, **changes)
+
+  @property
+  def uses_native(self) -> bool:
+    """Whether any operation asks for the native kernels."""
+    return any(getattr(self, f) for f in _NATIVE_FIELDS)
+
+  @property
+  def uses_native_conv(self) -> bool:
+    """Whether any convolution asks for the native kernels."""
+    return bool(self.native_weight_grad or self.native_forward or self.native_winograd)
+
+  def without_native(self) -> KernelPolicy:
+    """The same formulations, with XLA's kernels where this one asks for native ones."""
+    return self.replace(**{f: () for f in _NATIVE_FIELDS})
+
+  def conv_general_dilated(self) -> Callable[..., jax.Array] | None:
+    """The convolution for `nn.Conv(conv_general_dilated=...)`; None: `lax`'s own."""
+    if not (self.conv3d_as_2d or self.pointwise_as_matmul or self.uses_native_conv):
+      return None
+    grad = lambda ndim: 'native' if ndim in self.native_weight_grad else 'xla'
+    return conv.conv_general_dilated_fn(
+      fold_depth=self.conv3d_as_2d,
+      pointwise_as_matmul=self.pointwise_as_matmul,
+      weight_grad=grad(2),
+      weight_grad_3d=grad(3),
+      native_forward=2 in self.native_forward,
+      native_forward_3d=3 in self.native_forward,
+      winograd=2 in self.native_winograd,
+      winograd_3d=3 in self.native_winograd,
+    )
+
+  def max_pool(self, x: jax.Array, window: tuple[int, ...]) -> jax.Array:
+    """`nn.max_pool(x, window, strides=window, padding='VALID')`, by this policy."""
+    if x.ndim - 2 in self.native_pool and x.dtype == jnp.float32:
+      return conv.max_pool_native(x, window)
+    return nn.max_pool(x, window, strides=window, padding='VALID')
+
+
+_NATIVE_FIELDS = ('native_weight_grad', 'native_forward', 'native_winograd', 'native_pool')
+
+XLA = KernelPolicy()
+# The CPU's choice where the native kernels build; each lever's A/B on the whole
+# train step is in benchmarks/RESULTS.md ("The levers").
+# - transpose_as_matmul, pointwise_as_matmul, conv3d_as_2d: the first session's wins
+#   (the fold keeps the 3D convolutions the native kernels do not take: bfloat16,
+#   narrow images, few channels).
+# - native_weight_grad: faster than XLA's kernel gradient in 2D and 3D.
+# - native_forward: the forward pass and input gradient too; both won on the whole
+#   step, 2D once narrow images were left to XLA (`conv.NATIVE_MIN_WIDTH`).
+# - native_winograd: F(2x2, 3x3) and F(3x3, 2x2), 2.25 times fewer multiply-adds;
+#   they won per layer from 16 wide and on the whole step.
+# - native_pool: the first-max index as uint8, a scatter for the gradient.
+CPU = KernelPolicy(
+  transpose_as_matmul=True,
+  conv3d_as_2d=True,
+  pointwise_as_matmul=True,
+  native_weight_grad=NDIMS,
+  native_forward=NDIMS,
+  native_winograd=NDIMS,
+  native_pool=NDIMS,
+)
+# What 'auto' starts from, by `jax.default_backend()`; a backend not named here gets
+# plain XLA (cuDNN, the TPU's convolution units). An entry for 'gpu' or 'tpu' (say,
+# `XLA.replace(transpose_as_matmul=True)`) is all it takes to change theirs.
+AUTO = {'cpu': CPU}
+
+
+def native_usable() -> bool:
+  """Whether 'auto' may call the native kernels in this process.
+
+  Not when they cannot be built here (`native_kernels.available()`, which logs why,
+  e.g. `UNET_JAX_NATIVE=0`), nor when the process sees more than one device: under
+  `jit` over a mesh XLA's partitioner cannot split an FFI call by batch, and would
+  gather every device's input to each device instead.
+  """
+  return jax.device_count() == 1 and native_kernels.available()
+
+
+def auto() -> KernelPolicy:
+  """`AUTO[jax.default_backend()]`, without the native kernels where they are unusable."""
+  policy = AUTO.get(jax.default_backend(), XLA)
+  if policy.uses_native and not native_usable():
+    return policy.without_native()
+  return policy
+
+
+def check(kernels: Any) -> None:
+  """A ValueError unless `kernels` is one of `NAMES` or a `KernelPolicy`."""
+  if isinstance(kernels, KernelPolicy) or (isinstance(kernels, str) and kernels in NAMES):
+    return
+  raise ValueError(
+    f'kernels={kernels!r} is not one of {NAMES} or a KernelPolicy (unet_jax.ops.policy).'
+  )
+
+
+def resolve(kernels: KernelPolicy | str) -> KernelPolicy:
+  """The policy `kernels` names (`NAMES`), or `kernels` itself.
+
+  Raises:
+    ValueError: an unknown name, listing the valid ones.
+    NativeKernelError: 'native', or a policy that asks for the native kernels, where
+      they cannot be built (the message says why); 'auto' falls back instead.
+  """
+  check(kernels)
+  if kernels == 'auto':
+    return auto()
+  if isinstance(kernels, str):
+    kernels = XLA if kernels == 'xla' else CPU
+  if kernels.uses_native:
+    native_kernels.ensure_available()  # Asked for: an error that says why, no fallback.
+  return kernels
