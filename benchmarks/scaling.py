@@ -1,7 +1,7 @@
 r"""Data-parallel scaling on simulated CPU devices, and what an all-reduce must carry.
 
 The same training step (configs/dice_bce.py's model, loss, optimiser and
-augmentation, `train.train_step` run by `runner.Runner` as in training) on:
+augmentation, `train.train_step` run by `runner_lib.Runner` as in training) on:
 
 - 1, 2 and 4 devices of one process (`--xla_force_host_platform_device_count=4`;
   the mesh takes the first n);
@@ -54,12 +54,13 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import dice_bce
-from unet_jax import distributed as runner_lib
+from unet_jax import distributed
 from unet_jax import losses
 from unet_jax import train
 from unet_jax.data import pipeline as input_pipeline
 from unet_jax.data import sources
 from unet_jax.models import factory
+from unet_jax.train import runner as runner_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ('default', 'dice_bce', 'dice_ce', 'focal_dice', 'pets', 'unet3d')
@@ -165,7 +166,7 @@ def _measure(devices, args):
     }
   )
   host = _host_state(model, tx, args.size)
-  vote = runner_lib.agreed_stop(lambda: False)
+  vote = distributed.agreed_stop(lambda: False)
   states = {
     'step': runner.put_state(host),
     'local': runner.put_state(host),

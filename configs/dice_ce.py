@@ -4,10 +4,10 @@ A softmax U-Net on the multi-class variant of `synthetic_shapes`.
 
     python launch.py --config=configs/dice_ce.py --workdir=runs/dice_ce
 
-Expected result: foreground Dice (mean over the 3 shape classes) >= 0.9. Measured on
-2 CPU cores (2026-11-24, data set version 1.1.0, 600 steps, 15.7 min beside the test
-suite; about 3 min on a quiet machine on 2026-11-23): foreground Dice 0.9485, mIoU 0.9258,
-per-class Dice [0.9976, 0.9405, 0.9303, 0.9746].
+Expected result: foreground Dice (mean over the 3 shape classes) >= 0.9. Reached
+(data set version 1.1.0, 600 steps): foreground Dice 0.9485, mIoU 0.9258, per-class
+Dice [0.9976, 0.9405, 0.9303, 0.9746]. Run times: benchmarks/RESULTS.md, "The configs'
+runs".
 """
 
 from configs import default

@@ -7,10 +7,9 @@ thick-slice CT, with (1, 3, 3) kernels there (a mixed 2D/3D design: that level i
 
     python launch.py --config=configs/unet3d.py --workdir=runs/unet3d
 
-Expected result: foreground Dice >= 0.9 on whole validation volumes. Measured on 2 CPU
-cores (2026-11-24, 400 steps, 12.7 min while other jobs kept the load average near 9):
-foreground Dice 0.9628, mIoU 0.9623. (Without deep supervision, 2026-11-23, about 3 min
-on a quiet machine: 0.9642.)
+Expected result: foreground Dice >= 0.9 on whole validation volumes. Reached (400
+steps): foreground Dice 0.9628, mIoU 0.9623 (without deep supervision: 0.9642). Run
+times: benchmarks/RESULTS.md, "The configs' runs".
 
 Sliding-window evaluation of the same checkpoint (`--config.evals.eval.patch_size=...`,
 Gaussian weights, overlap 0.5): windows of the training patch (16, 32, 32) give 0.907,

@@ -209,11 +209,11 @@ def test_command_line_overrides_reach_every_section_field():
 
 
 def test_the_choices_agree_with_the_modules_that_use_them():
-  from unet_jax import distributed  # pylint: disable=g-import-not-at-top
   from unet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from unet_jax.ops import policy  # pylint: disable=g-import-not-at-top
+  from unet_jax.train import runner  # pylint: disable=g-import-not-at-top
 
-  assert config_lib.PARALLELISM == distributed.MODES
+  assert config_lib.PARALLELISM == runner.MODES
   assert config_lib.KERNELS == policy.NAMES
   assert config_lib.SIZE_POLICIES == pipeline.SIZE_POLICIES
   assert config_lib.NORMALIZATIONS == pipeline.NORMALIZATIONS

@@ -428,16 +428,16 @@ def test_multiprocess_global_batch_not_divisible_by_all_devices(field):
 
 
 def test_multiprocess_agreed_stop_is_the_local_flag_in_one_process():
-  from unet_jax import distributed as runner  # pylint: disable=g-import-not-at-top
+  from unet_jax import distributed  # pylint: disable=g-import-not-at-top
 
   flags = iter([False, True])
-  stop = runner.agreed_stop(lambda: next(flags))
+  stop = distributed.agreed_stop(lambda: next(flags))
   assert [stop(), stop()] == [False, True]
 
 
 def test_multiprocess_main_process_first_runs_once_in_one_process():
-  from unet_jax import distributed as runner  # pylint: disable=g-import-not-at-top
+  from unet_jax import distributed  # pylint: disable=g-import-not-at-top
 
   calls = []
-  assert runner.main_process_first(lambda: calls.append(1) or 7, what='x') == 7
+  assert distributed.main_process_first(lambda: calls.append(1) or 7, what='x') == 7
   assert calls == [1]

@@ -31,7 +31,7 @@ NORMALIZATIONS = ('zscore', 'ct', 'rescale')  # DataOptions.normalization.
 OPTIMIZERS = ('adam', 'adamw', 'sgd')
 SCHEDULES = ('cosine', 'poly', 'constant')
 BEST_MODES = ('max', 'min')
-PARALLELISM = ('jit', 'pmap')  # unet_jax.distributed.MODES (a test checks they agree).
+PARALLELISM = ('jit', 'pmap')  # unet_jax.train.runner.MODES (a test checks they agree).
 KERNELS = ('auto', 'xla', 'native')  # unet_jax.ops.policy.NAMES (a test checks they agree).
 INTENSITY_FIELDS = {
   'ct': ('low', 'high', 'mean', 'std'),

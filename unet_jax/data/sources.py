@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from unet_jax import config as config_lib
-from unet_jax import distributed as runner
+from unet_jax import distributed
 from unet_jax.data import cpu_tensorflow
 from unet_jax.data import folder as folder_lib
 from unet_jax.data import pets
@@ -207,12 +207,12 @@ def open_on_every_process(entry: Entry, data: config_lib.DataOptions) -> Source:
   Opening builds a data set that is not built yet. With several processes
   sharing `data_dir`, each would build it at once and race to write the same
   files, so process 0 opens (and builds) first while the others wait at a
-  barrier; then they open the copy it built (`runner.main_process_first`).
+  barrier; then they open the copy it built (`distributed.main_process_first`).
   When process 0 fails, the others raise too. With one process, `entry.open`.
   `data_dir` should be on storage that every process reads; a process that
   finds nothing built after the barrier builds its own copy.
   """
-  return runner.main_process_first(
+  return distributed.main_process_first(
     lambda: entry.open(data), what=f'open the data set {data.name!r}'
   )
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from unet_jax import distributed as runner_lib
+from unet_jax import distributed
 from unet_jax import metrics
 from unet_jax import reporting
 from unet_jax.evaluation import common
@@ -70,7 +70,7 @@ class Evaluator:
     values = np.stack(scores) if scores else np.zeros((0, 2, c - 1))
     names, values = common.gather_cases(np.asarray(index), ids, values)
     hd95, nsd = values[:, 0], values[:, 1]
-    if self.inputs.workdir and runner_lib.is_main_process():
+    if self.inputs.workdir and distributed.is_main_process():
       step = common.step_of(state)
       header = (
         ['case'] + [f'hd95_{k}' for k in range(1, c)] + [f'nsd_{k}' for k in range(1, c)]

@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterator, Sequence
 import jax
 import numpy as np
 
-from unet_jax import distributed as runner_lib
+from unet_jax import distributed
 from unet_jax.data import pipeline as input_pipeline
 from unet_jax.inference import sliding_window
 
@@ -114,9 +114,9 @@ def gather_cases(
   for i, name in enumerate(ids):
     raw = name.encode('utf-8')[:_ID_BYTES]
     encoded[i, : len(raw)] = np.frombuffer(raw, np.uint8)
-  index = runner_lib.gather_over_processes(np.asarray(index, np.int64))
-  encoded = runner_lib.gather_over_processes(encoded)
-  values = runner_lib.gather_over_processes(np.asarray(values, np.float64))
+  index = distributed.gather_over_processes(np.asarray(index, np.int64))
+  encoded = distributed.gather_over_processes(encoded)
+  values = distributed.gather_over_processes(np.asarray(values, np.float64))
   order = np.argsort(index, kind='stable')
   names = [bytes(encoded[i]).rstrip(b'\0').decode('utf-8', 'replace') for i in order]
   return names, values[order]

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from unet_jax import distributed as runner_lib
+from unet_jax import distributed
 from unet_jax import metrics
 from unet_jax import visualize
 from unet_jax.evaluation import common
@@ -41,8 +41,8 @@ class Evaluator:
       total += metrics.confusion_matrices_host(preds[rows], batch['label'][rows], c).sum(0)
       for i in rows[: max(self.samples - len(drawn), 0)]:
         drawn.append((batch['image'][i], batch['label'][i], preds[i]))
-    result = metrics.summarize(runner_lib.sum_over_processes(total))
-    if drawn and self.inputs.workdir and runner_lib.is_main_process():
+    result = metrics.summarize(distributed.sum_over_processes(total))
+    if drawn and self.inputs.workdir and distributed.is_main_process():
       step = common.step_of(state)
       visualize.save_sample_grid(
         drawn,

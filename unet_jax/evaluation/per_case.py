@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from unet_jax import distributed as runner_lib
+from unet_jax import distributed
 from unet_jax import metrics
 from unet_jax import reporting
 from unet_jax.evaluation import common
@@ -66,7 +66,7 @@ class Evaluator:
     foreground = np.asarray([metrics.mean_over(d[1:]) for d in dice])
     mean, std = metrics.nan_stats(dice)
     fg_mean, fg_std = metrics.nan_stats(foreground[:, None])
-    if self.inputs.workdir and runner_lib.is_main_process():
+    if self.inputs.workdir and distributed.is_main_process():
       step = common.step_of(state)
       header = (
         ['case', 'foreground_dice']

@@ -106,14 +106,8 @@ def create_model(
   return unet.UNet(**options, kernels=kernels, bn_axis_name=bn_axis_name)
 
 
-def model_pools(model_config) -> Any:
-  """The model's pooling windows as the UNet takes them (2 when unset)."""
-  pools = model_config.get('pool_sizes')
-  return 2 if pools is None else as_tuples(pools)
-
-
 def input_divisor_of(model_config, *, ndim: int) -> tuple[int, ...]:
-  """What input sizes must be a multiple of, per spatial axis."""
-  return unet.input_divisor(
-    ndim=ndim, depth=model_config.depth, pool_sizes=model_pools(model_config)
-  )
+  """What input sizes must be a multiple of, per spatial axis, for the UNet that
+  `model_config` describes (its unset fields at the UNet's defaults)."""
+  model = create_model(model_config, kernels='xla')  # A dataclass: nothing is built.
+  return unet.input_divisor(ndim=ndim, depth=model.depth, pool_sizes=model.pool_sizes)

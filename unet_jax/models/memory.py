@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import math
 import re
 import sys
@@ -624,8 +625,11 @@ def largest_patch(budget_bytes: int, *, ndim: int, **kwargs) -> int | None:
   if ndim not in (2, 3):
     raise ValueError(f'ndim must be 2 or 3, got {ndim}.')
   budget_bytes = parse_bytes(budget_bytes)
+  defaults = inspect.signature(estimate).parameters  # Its defaults, in one place.
   divisor = models.input_divisor(
-    ndim=ndim, depth=kwargs.get('depth', 4), pool_sizes=kwargs.get('pool_sizes', 2)
+    ndim=ndim,
+    depth=kwargs.get('depth', defaults['depth'].default),
+    pool_sizes=kwargs.get('pool_sizes', defaults['pool_sizes'].default),
   )
   step = math.lcm(*divisor)
   fits = lambda n: (

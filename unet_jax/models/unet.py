@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from unet_jax import config as config_lib
 from unet_jax.ops import conv as conv_lib
 from unet_jax.ops import policy as policy_lib
 
@@ -34,18 +35,6 @@ UPSAMPLE_MODES = ('transpose', 'bilinear')
 NORMS = ('batch', 'group', 'instance', 'none')
 
 IntOrTuple = int | Sequence[int]
-
-
-def _per_axis(value: IntOrTuple, ndim: int, name: str) -> tuple[int, ...]:
-  """Expands an int to `ndim` copies; checks a tuple has `ndim` entries."""
-  if isinstance(value, int):
-    return (value,) * ndim
-  value = tuple(int(v) for v in value)
-  if len(value) != ndim:
-    raise ValueError(
-      f'{name}={value} has {len(value)} entries, but the input has {ndim} spatial axes.'
-    )
-  return value
 
 
 def _is_shape(value: Any) -> bool:
@@ -89,8 +78,8 @@ def level_shapes(
     raise ValueError(
       f'pool_sizes has {len(pool_sizes)} levels; depth={depth} needs {depth}.'
     )
-  kernels = tuple(_per_axis(k, ndim, 'kernel_sizes') for k in kernel_sizes)
-  pools = tuple(_per_axis(p, ndim, 'pool_sizes') for p in pool_sizes)
+  kernels = tuple(config_lib.per_axis(k, ndim, 'kernel_sizes') for k in kernel_sizes)
+  pools = tuple(config_lib.per_axis(p, ndim, 'pool_sizes') for p in pool_sizes)
   for p in pools:
     if min(p) < 1:
       raise ValueError(f'pool sizes must be positive, got {p}.')

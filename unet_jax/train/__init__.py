@@ -1,7 +1,7 @@
 """Training: the state, the steps, and the loop that ties the other modules together.
 
     create_model -> create_optimizer -> create_train_state      (steps.py)
-    train_step / predict_step (pure; run by distributed.Runner under jit or pmap)
+    train_step / predict_step (pure; run by train.runner.Runner under jit or pmap)
     setup.prepare: checks, data, model, runner, restore         (setup.py)
     train_and_evaluate: the loop                                 (loop.py)
 

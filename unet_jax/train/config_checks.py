@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from unet_jax import config as config_lib
-from unet_jax import distributed as runner_lib
+from unet_jax import distributed
 from unet_jax import evaluation as evaluators
 from unet_jax import losses
 from unet_jax import models
@@ -117,14 +117,14 @@ def check_same_on_all_processes(config: ml_collections.ConfigDict, workdir: str)
     sort_keys=True,
   ).encode()
   digest = np.frombuffer(hashlib.sha256(text).digest(), np.uint8)
-  digests = runner_lib.gather_over_processes(digest[None])
+  digests = distributed.gather_over_processes(digest[None])
   if (digests == digests[0]).all():
     return
-  size = int(runner_lib.gather_over_processes(np.asarray([len(text)])).max())
+  size = int(distributed.gather_over_processes(np.asarray([len(text)])).max())
   padded = np.zeros((1, size), np.uint8)
   padded[0, : len(text)] = np.frombuffer(text, np.uint8)
   texts = [
-    bytes(row).rstrip(b'\0').decode() for row in runner_lib.gather_over_processes(padded)
+    bytes(row).rstrip(b'\0').decode() for row in distributed.gather_over_processes(padded)
   ]
   first = _flatten(json.loads(texts[0]))
   lines = []
@@ -177,11 +177,7 @@ def validate_against_data(config: ml_collections.ConfigDict, info) -> None:
       f'config.model.num_classes={c} does not match the data set'
       f' {data.name!r}, which has {info.num_classes} classes{hint}.'
     )
-  divisor = models.input_divisor(
-    ndim=len(info.spatial_shape),
-    depth=config.model.depth,
-    pool_sizes=factory.model_pools(config.model),
-  )
+  divisor = factory.input_divisor_of(config.model, ndim=len(info.spatial_shape))
   try:
     models.check_spatial_shape(info.spatial_shape, divisor)
   except ValueError as e:

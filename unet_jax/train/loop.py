@@ -18,7 +18,7 @@ import jax
 import ml_collections
 
 from unet_jax import checkpointing
-from unet_jax import distributed as runner_lib
+from unet_jax import distributed
 from unet_jax import reporting
 from unet_jax.train import config_checks
 from unet_jax.train import setup
@@ -98,7 +98,7 @@ def train_and_evaluate(
   """
   run = setup.prepare(config, workdir)
   if stop_requested is not None:
-    stop_requested = runner_lib.agreed_stop(stop_requested)
+    stop_requested = distributed.agreed_stop(stop_requested)
   options, state, total = run.options, run.state, run.options.num_train_steps
   logging.info(
     'Training %s for %d steps from step %d on %d device(s) (%s), global'

@@ -21,7 +21,7 @@ import numpy as np
 
 from unet_jax import checkpointing
 from unet_jax import config as config_lib
-from unet_jax import distributed as runner_lib
+from unet_jax import distributed
 from unet_jax import evaluation as evaluators
 from unet_jax import losses
 from unet_jax import planning
@@ -30,6 +30,7 @@ from unet_jax.data import pipeline as input_pipeline
 from unet_jax.data import sources
 from unet_jax.models import factory
 from unet_jax.train import config_checks
+from unet_jax.train import runner as runner_lib
 from unet_jax.train import steps as train_steps
 
 
@@ -295,7 +296,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   )
   record = config_checks.state_record(config, data.info)
   state, start_step = _restore(manager, state, record, workdir)
-  if runner_lib.is_main_process():
+  if distributed.is_main_process():
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
   runner = create_runner(config.model, run, tx)

@@ -5,7 +5,7 @@
     state, metrics = train_step(state, batch, model=..., tx=..., loss_fn=..., ...)
     classes = predict_step(state, images, model=model)
 
-Each step is pure; `unet_jax.distributed.Runner` runs it under jit or pmap.
+Each step is pure; `unet_jax.train.runner.Runner` runs it under jit or pmap.
 """
 
 from __future__ import annotations
