@@ -24,6 +24,7 @@ budget for both): see the table there for each data set.
 """
 
 from configs import default
+from unet_jax import config as config_lib
 
 
 def get_config():
@@ -34,9 +35,7 @@ def get_config():
   config.data.eval_split = 'val'
   config.loss.name = 'dice_ce'
   config.model.num_classes = 0  # 0: as many as the masks hold.
-  config.plan = True  # Plan from the data (unet_jax/planning/); False: fixed settings.
-  config.plan_keep = ()  # Fields the plan leaves alone; launch.py adds those set on the
-  # command line.
-  config.plan_memory_budget = '2GiB'  # Per device, for a training step.
-  config.plan_time_budget = 0.0  # Seconds of training steps; 0: num_train_steps.
+  # Plan from the data (unet_jax/planning/); the plan_* fields, with their defaults and
+  # comments, are unet_jax/config.py's PlanOptions. --config.plan=False: fixed settings.
+  config.update(config_lib.PlanOptions(plan=True).to_config())
   return config

@@ -223,3 +223,17 @@ def test_kernels_is_a_checked_run_field():
   assert config_lib.RunOptions.from_config(ml_collections.ConfigDict()).kernels == 'auto'
   with pytest.raises(ValueError, match=r"config.kernels='fast' is not one of"):
     config_lib.RunOptions.from_config(ml_collections.ConfigDict({'kernels': 'fast'}))
+
+
+def test_plan_options_defaults_round_trip_and_checks():
+  assert config_lib.PlanOptions.from_config(ml_collections.ConfigDict()) == (
+    config_lib.PlanOptions(plan=False, plan_keep=(), plan_time_budget=0.0)
+  )
+  folder = importlib.import_module('configs.folder').get_config()
+  options = config_lib.PlanOptions.from_config(folder)
+  assert options.plan and options.plan_memory_budget == '2GiB'
+  assert config_lib.PlanOptions.from_config(options.to_config()) == options
+  folder.plan_keep = ['batch_size']  # As launch.py sets it, a list.
+  assert config_lib.PlanOptions.from_config(folder).plan_keep == ('batch_size',)
+  with pytest.raises(ValueError, match=r'config.plan_time_budget must be >= 0, got -1.0'):
+    config_lib.PlanOptions.from_config(ml_collections.ConfigDict({'plan_time_budget': -1}))

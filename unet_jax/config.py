@@ -452,6 +452,10 @@ class PlanOptions:
       values['plan_time_budget'] = float(values['plan_time_budget'])
     return cls(**values)
 
+  def to_config(self) -> ml_collections.ConfigDict:
+    """The top-level `plan*` fields, to add to a config with `config.update`."""
+    return ml_collections.ConfigDict({f: getattr(self, f) for f in self.FIELDS})
+
 
 @dataclasses.dataclass(frozen=True)
 class RunOptions(_Section):
