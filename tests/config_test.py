@@ -237,3 +237,26 @@ def test_plan_options_defaults_round_trip_and_checks():
   assert config_lib.PlanOptions.from_config(folder).plan_keep == ('batch_size',)
   with pytest.raises(ValueError, match=r'config.plan_time_budget must be >= 0, got -1.0'):
     config_lib.PlanOptions.from_config(ml_collections.ConfigDict({'plan_time_budget': -1}))
+
+
+@pytest.mark.parametrize(
+  'field, value, match',
+  [
+    ('learning_rate', float('nan'), r'learning_rate must be finite and positive, got nan'),
+    ('learning_rate', 0.0, r'learning_rate must be finite and positive, got 0.0'),
+    ('grad_clip_norm', -1.0, r'grad_clip_norm must be finite and >= 0, got -1.0'),
+    ('momentum', float('inf'), r'momentum must be finite and >= 0, got inf'),
+    ('weight_decay', float('nan'), r'weight_decay must be finite and >= 0, got nan'),
+    ('warmup_steps', -5, r'warmup_steps must be >= 0, got -5'),
+  ],
+)
+def test_optimizer_values_that_would_train_silently_wrong_are_refused(field, value, match):
+  # A negative clip norm turns optax.clip_by_global_norm into gradient ascent.
+  with pytest.raises(ValueError, match=r'config.optimizer.' + match):
+    config_lib.OptimizerOptions.from_config({field: value})
+
+
+def test_a_zero_clip_norm_still_means_no_clipping():
+  assert (
+    config_lib.OptimizerOptions.from_config({'grad_clip_norm': 0.0}).grad_clip_norm == 0
+  )

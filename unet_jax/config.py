@@ -21,6 +21,7 @@ This module imports no other unet_jax module: every layer can read its options.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar, Mapping
 
 import ml_collections
@@ -331,8 +332,20 @@ class OptimizerOptions(_Section):
   def __post_init__(self):
     _choice('optimizer.name', self.name, OPTIMIZERS)
     _choice('optimizer.schedule', self.schedule, SCHEDULES)
-    if self.learning_rate <= 0:
-      raise ValueError('config.optimizer.learning_rate must be positive.')
+    if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+      raise ValueError(
+        f'config.optimizer.learning_rate must be finite and positive, got'
+        f' {self.learning_rate}.'
+      )
+    for field in ('weight_decay', 'momentum', 'grad_clip_norm'):
+      value = getattr(self, field)
+      if not (math.isfinite(value) and value >= 0):
+        # A negative clip norm would flip the gradients (optax scales by norm / g).
+        raise ValueError(f'config.optimizer.{field} must be finite and >= 0, got {value}.')
+    if self.warmup_steps < 0:
+      raise ValueError(
+        f'config.optimizer.warmup_steps must be >= 0, got {self.warmup_steps}.'
+      )
 
 
 @dataclasses.dataclass(frozen=True)
