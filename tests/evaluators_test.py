@@ -122,6 +122,7 @@ def test_per_case_mean_and_std_over_cases(data, tmp_path):
   dice = np.asarray(dice)
   foreground = np.nanmean(dice[:, 1:], axis=1)
   assert result['num_cases'] == len(SIZES)
+  assert set(evaluators.per_case.Evaluator.METRICS) <= set(result)  # best_metric's names.
   assert result['dice'] == pytest.approx(foreground.mean())
   assert result['dice_std'] == pytest.approx(foreground.std())
   np.testing.assert_allclose(result['dice_per_class_mean'], np.nanmean(dice, axis=0))
@@ -146,6 +147,7 @@ def test_boundary_per_case_in_physical_units(data, tmp_path):
     nsd.append(values['nsd'])
   hd95, nsd = np.asarray(hd95), np.asarray(nsd)
   assert np.isfinite(hd95).all()  # Both classes are predicted in every case.
+  assert set(evaluators.boundary.Evaluator.METRICS) <= set(result)  # best_metric's names.
   assert result['hd95'] == pytest.approx(hd95.mean())
   assert result['hd95_infinite'] == 0
   assert result['nsd'] == pytest.approx(nsd.mean())

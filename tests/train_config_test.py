@@ -51,6 +51,15 @@ def _config(**overrides):
     ({'batch_size': 0}, r'batch_size must be positive'),
     ({'optimizer.learning_rate': -1.0}, r'learning_rate'),
     ({'model.num_classes': -2}, r'num_classes must be positive'),
+    # A typo used to keep no best checkpoint, silently (--step=best then loads the latest).
+    (
+      {'best_metric': 'eval_dcie'},
+      r"best_metric='eval_dcie' is not a metric of the configured evaluators; the valid"
+      r" names are \['eval_dice', 'eval_mean_dice', 'eval_mean_iou',"
+      r" 'eval_pixel_accuracy'\]",
+    ),
+    ({'best_metric': 'val_dice'}, r"best_metric='val_dice' is not a metric"),
+    ({'optimizer.grad_clip_norm': -1.0}, r'grad_clip_norm must be finite and >= 0'),
   ],
 )
 def test_bad_config_raises(overrides, match):
@@ -111,3 +120,21 @@ def test_learning_rate_schedule_warms_up_then_decays(schedule):
   else:
     assert float(lr(100)) == pytest.approx(0.0, abs=1e-7)
     assert 0 < float(lr(55)) < 0.5
+
+
+def test_every_evaluator_metric_named_for_best_metric_is_returned(tmp_path):
+  # METRICS (what best_metric may name) against what the confusion evaluator returns.
+  from unet_jax import metrics  # pylint: disable=g-import-not-at-top
+  from unet_jax.evaluation import confusion  # pylint: disable=g-import-not-at-top
+
+  summary = metrics.summarize(np.asarray([[5, 1], [2, 3]], np.int64))
+  assert set(confusion.Evaluator.METRICS) <= set(summary)
+  for name in confusion.Evaluator.METRICS:
+    assert isinstance(summary[name], float)
+
+
+def test_best_metric_of_a_per_case_evaluator_is_accepted():
+  config = _config(best_metric='cases_dice_std')
+  config.evals.cases = dict(config.evals.eval.to_dict(), type='per_case', samples=4)
+  run = config_checks.validate_config(config, num_devices=1, process_count=1)
+  assert config_checks.best_evaluator(run) == 'cases'

@@ -42,6 +42,9 @@ class Evaluator:
       medical images with a recorded spacing, pixels otherwise).
   """
 
+  # The scalar metrics `run` returns: what `config.best_metric` may name.
+  METRICS = ('hd95', 'hd95_infinite', 'nsd', 'num_cases')
+
   def __init__(self, inputs: common.Inputs, *, tolerance: float = 1.0):
     if tolerance < 0:
       raise ValueError(

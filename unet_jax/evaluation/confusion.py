@@ -28,6 +28,9 @@ class Evaluator:
     samples: examples drawn to `<workdir>/samples/<name>_step_<N>.png`; 0 draws none.
   """
 
+  # The scalar metrics `run` returns: what `config.best_metric` may name.
+  METRICS = ('dice', 'mean_dice', 'mean_iou', 'pixel_accuracy')
+
   def __init__(self, inputs: common.Inputs, *, samples: int = 0):
     self.inputs = inputs
     self.samples = int(samples)

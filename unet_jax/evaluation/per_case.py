@@ -49,6 +49,9 @@ def case_scores(cm: np.ndarray) -> np.ndarray:
 class Evaluator:
   """Per-case Dice and IoU, summarised over cases and written as CSV."""
 
+  # The scalar metrics `run` returns: what `config.best_metric` may name.
+  METRICS = ('dice', 'dice_std', 'num_cases')
+
   def __init__(self, inputs: common.Inputs):
     self.inputs = inputs
 

@@ -149,13 +149,19 @@ def best_evaluator(run) -> str:
     run: `config_lib.RunOptions`, or the config.
   """
   run = config_lib.RunOptions.from_config(run)
-  names = [n for n in run.evals if run.best_metric.startswith(n + '_')]
-  if not names:
+  valid = sorted(
+    f'{name}_{metric}'
+    for name, options in run.evals.items()
+    if options.type in evaluators.EVALUATORS
+    for metric in evaluators.EVALUATORS[options.type].METRICS
+  )
+  if run.best_metric not in valid:
+    # A typo would keep no best checkpoint, and --step=best would quietly load the latest.
     raise ValueError(
-      f"config.best_metric={run.best_metric!r} must name an evaluator's metric"
-      f' as <evaluator>_<metric>; the evaluators are {sorted(run.evals)}.'
+      f"config.best_metric={run.best_metric!r} is not a metric of the configured"
+      f' evaluators; the valid names are {valid}.'
     )
-  return max(names, key=len)
+  return max((n for n in run.evals if run.best_metric.startswith(n + '_')), key=len)
 
 
 def validate_against_data(config: ml_collections.ConfigDict, info) -> None:
