@@ -158,7 +158,7 @@ def best_evaluator(run) -> str:
   if run.best_metric not in valid:
     # A typo would keep no best checkpoint, and --step=best would quietly load the latest.
     raise ValueError(
-      f"config.best_metric={run.best_metric!r} is not a metric of the configured"
+      f'config.best_metric={run.best_metric!r} is not a metric of the configured'
       f' evaluators; the valid names are {valid}.'
     )
   return max((n for n in run.evals if run.best_metric.startswith(n + '_')), key=len)
