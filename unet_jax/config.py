@@ -183,6 +183,10 @@ class DataOptions(_Section):
   intensity_high: tuple[float, ...] = ()  # 'ct', 'rescale': the high end.
   intensity_mean: tuple[float, ...] = ()  # 'ct': the global mean, after clipping.
   intensity_std: tuple[float, ...] = ()  # 'ct': the global standard deviation.
+  # Voxel spacing (D, H, W) every 3D case is resampled to when the data set is built,
+  # and predictions are resampled back from; (): each case at its own spacing. The
+  # plan sets it from the training cases (unet_jax/planning/rules.py).
+  target_spacing: tuple[float, ...] = ()
 
   def __post_init__(self):
     fix = lambda name, value: object.__setattr__(self, name, value)
@@ -193,6 +197,12 @@ class DataOptions(_Section):
     fix('num_classes', int(self.num_classes or 0))
     for name in ('low', 'high', 'mean', 'std'):
       fix(f'intensity_{name}', _floats(getattr(self, f'intensity_{name}')))
+    fix('target_spacing', _floats(self.target_spacing))
+    if not all(math.isfinite(s) and s > 0 for s in self.target_spacing):
+      raise ValueError(
+        'config.data.target_spacing must hold positive, finite spacings (one per'
+        f' spatial axis), got {self.target_spacing}.'
+      )
     if self.size_policy not in SIZE_POLICIES:
       raise ValueError(
         f'config.data.size_policy must be one of {list(SIZE_POLICIES)},'
