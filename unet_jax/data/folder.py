@@ -97,15 +97,22 @@ def _write_full_list(message: str) -> str:
   return path
 
 
-def _raise_all(errors: list[str], *, hint: str = '') -> None:
+def raise_all(
+  errors: list[str], *, hint: str = '', subject: str = 'the segmentation folder'
+) -> None:
   """Raises one `BadDataError` listing `errors` (one line each), if any.
 
   Past `_MAX_LISTED_ERRORS` lines the message ends with "... and N more" and
   the path of a file in the temporary folder that lists all of them.
+
+  Args:
+    errors: One line per problem, each naming its file.
+    hint: A closing line of advice, if any.
+    subject: What holds the problems, for the header line.
   """
   if not errors:
     return
-  header = f'{len(errors)} problem(s) in the segmentation folder:'
+  header = f'{len(errors)} problem(s) in {subject}:'
   full = header + '\n  ' + '\n  '.join(errors) + (f'\n{hint}' if hint else '')
   shown = errors[:_MAX_LISTED_ERRORS]
   message = header + '\n  ' + '\n  '.join(shown)
@@ -221,7 +228,7 @@ def list_pairs(root: str | os.PathLike, *, ndim: int) -> dict[str, list[Pair]]:
     if not images and not masks and (root / split / 'images').is_dir():
       errors.append(f'{root / split}: empty split (no images).')
     pairs[split] = [Pair(stem, str(images[stem]), str(masks[stem])) for stem in common]
-  _raise_all(errors)
+  raise_all(errors)
   return pairs
 
 
@@ -511,7 +518,7 @@ def validate(
 
   Each image and each mask is read and checked on its own, so an unreadable
   image does not hide a problem with its mask. Every problem found is listed
-  in one `BadDataError` (see `_raise_all` for long lists).
+  in one `BadDataError` (see `raise_all` for long lists).
 
   Args:
     pairs: From `list_pairs`.
@@ -557,7 +564,7 @@ def validate(
   hint = ''
   if num_classes is None and not survey.masks_unread and survey.values_by_mask:
     num_classes, hint = survey.infer_classes(ignore_index)
-  _raise_all(survey.errors, hint=hint)
+  raise_all(survey.errors, hint=hint)
   if not survey.shapes:
     raise BadDataError('The segmentation folder holds no examples.')
   metadata = _metadata(survey, pairs, ndim=ndim, num_classes=num_classes)
