@@ -1,11 +1,17 @@
-r"""Your own data: a folder of images and masks (see the README, "Your own data").
+r"""Your own data: a folder of images and masks, or an nnU-Net v2 or MSD data set
+(see the README, "Your own data").
 
     python launch.py --config=configs/folder.py --workdir=runs/mine \
-        --config.data.root=/path/to/my_data
+        --config.data.root=/path/to/my_data            # or .../Dataset001_Name
+    python launch.py --mode=predict --workdir=runs/mine \
+        --input=/path/to/Dataset001_Name/imagesTs --output=predictions/
 
 The number of classes is read from the masks (`model.num_classes = 0`); set
-`--config.data.num_classes=N` to check the masks against N instead. For NIfTI volumes
-add `--config.data.config=3d`.
+`--config.data.num_classes=N` to check the masks against N instead. Whether the data
+is 2D or 3D is read from the files (an nnU-Net `dataset.json`'s file ending, or the
+images' extensions); `--config.data.config=2d` or `3d` says it outright. 3D cases are
+resampled to the plan's target spacing when the data set is converted
+(`--config.data.target_spacing='()'`: each at its own spacing).
 
 The plan (`config.plan = True`, after nnU-Net): before training, a fingerprint of the
 train split (shapes, spacing, intensities, classes) is read once, and the rules in
@@ -30,8 +36,8 @@ from unet_jax import config as config_lib
 def get_config():
   config = default.get_config()
   config.data.name = 'segmentation_folder'
-  config.data.config = '2d'  # '3d' for .nii / .nii.gz volumes.
-  config.data.root = ''  # Required: the folder with train/ and val/.
+  config.data.config = ''  # '': from the files; '2d', or '3d' for NIfTI volumes.
+  config.data.root = ''  # Required: the folder with train/ and val/, or a dataset.json.
   config.data.eval_split = 'val'
   config.loss.name = 'dice_ce'
   config.model.num_classes = 0  # 0: as many as the masks hold.

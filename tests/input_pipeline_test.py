@@ -475,7 +475,7 @@ def test_oxford_iiit_pet_with_mock_data(tmp_path):
     ({'name': 'imagenet'}, 8, 'Unknown data set'),
     ({'name': 'segmentation_folder'}, 8, 'needs config.data.root'),
     ({'name': 'segmentation_folder', 'root': '/no/such/folder'}, 8, 'not a folder'),
-    ({'name': 'segmentation_folder', 'root': '/', 'config': '4d'}, 8, "'2d' or '3d'"),
+    ({'name': 'segmentation_folder', 'root': '/', 'config': '4d'}, 8, "'2d', '3d' or ''"),
     ({'size_policy': 'stretch'}, 8, 'size_policy'),
     ({}, (8, 8, 8), 'the data set is 2D'),
     (

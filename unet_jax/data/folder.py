@@ -1,4 +1,6 @@
-"""`segmentation_folder`: a user's own folder of images and masks, as a TFDS builder.
+"""A user's own folder of images and masks: listing, reading and checking it.
+
+`builder.py` builds it into the `segmentation_folder` TFDS data set.
 
 Layout (2D, config '2d', the default)::
 
@@ -12,8 +14,10 @@ Layout (3D, config '3d')::
 
 `<split>` is any of 'train', 'val' and 'test'; at least one must exist. Images
 are grey or RGB (2D), or single- or multi-channel NIfTI volumes (3D, channels
-on the 4th NIfTI axis). NIfTI arrays (x, y, z) are transposed to (D, H, W) =
-(z, y, x) and the voxel spacing (NIfTI zooms) is kept in the same order.
+on the 4th NIfTI axis). NIfTI volumes are read in canonical (RAS)
+orientation, (D, H, W) = (S, A, R), with the voxel spacing in the same order
+(`geometry.read_volume`), so a volume stored with its axes in another order
+reads the same.
 Hidden files (names starting with '.') are ignored; any other file is either
 used or reported.
 
@@ -45,14 +49,8 @@ and names the images smaller than half of it along some axis.
 Use from a config::
 
     config.data.name = 'segmentation_folder'
-    config.data.config = '2d'  # or '3d'
+    config.data.config = '2d'  # or '3d'; '' tells them apart by the files
     config.data.root = '/path/to/root'
-
-or directly with TFDS::
-
-    builder = tfds.builder('segmentation_folder/2d', data_dir=...)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir='/path/to/root'))
 
 The input pipeline names the built copy after a fingerprint of the folder (file
 names, sizes and modification times) and of the options that change what is
@@ -71,9 +69,8 @@ import tempfile
 
 from absl import logging
 import numpy as np
-import tensorflow_datasets as tfds
 
-from unet_jax.data import cpu_tensorflow
+from unet_jax.data import geometry
 
 SPLITS = ('train', 'val', 'test')
 IMAGE_EXTENSIONS = {2: ('.png', '.tif', '.tiff', '.jpg', '.jpeg'), 3: ('.nii', '.nii.gz')}
@@ -242,17 +239,25 @@ def fingerprint(
     pairs: From `list_pairs`.
     extra: Anything else that changes the built copy, folded into the hash. A
       caller must include every option of `SegmentationFolderConfig` that
-      changes what is validated or written: `ndim`, `num_classes`,
-      `mask_colors` and `ignore_index` (e.g. their `repr`s joined by '\\0').
+      changes what is validated or written (e.g. their `repr`s joined by '\\0').
   """
+  paths = [
+    path
+    for split in sorted(pairs)
+    for pair in pairs[split]
+    for path in (pair.image, pair.mask)
+  ]
+  return files_fingerprint(root, paths, extra=extra)
+
+
+def files_fingerprint(root: str | os.PathLike, paths, *, extra: str = '') -> str:
+  """A short hash of `paths` (relative to `root`), their sizes and modification
+  times, and `extra`."""
   digest = hashlib.sha256(extra.encode())
-  root = pathlib.Path(root)
-  for split in sorted(pairs):
-    for pair in pairs[split]:
-      for path in (pair.image, pair.mask):
-        stat = os.stat(path)
-        rel = os.path.relpath(path, root)
-        digest.update(f'{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n'.encode())
+  for path in paths:
+    stat = os.stat(path)
+    rel = os.path.relpath(path, root)
+    digest.update(f'{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n'.encode())
   return digest.hexdigest()[:12]
 
 
@@ -402,25 +407,28 @@ def _read_2d(path: str, *, is_mask: bool, mask_colors=None) -> np.ndarray:
 
 
 def _read_3d(path: str, *, is_mask: bool) -> tuple[np.ndarray, tuple[float, ...]]:
+  """A NIfTI file in canonical orientation (`geometry.read_volume`): [D, H, W, C]
+  (image, float32) or [D, H, W] (mask), and its (D, H, W) spacing."""
   import nibabel  # pylint: disable=g-import-not-at-top
 
-  volume = nibabel.load(path)
-  array = np.asanyarray(volume.dataobj)
-  zooms = tuple(round(float(z), 6) for z in volume.header.get_zooms())
-  if array.ndim < 3:
+  shape = nibabel.load(path).shape  # The header only.
+  if len(shape) < 3:
     raise BadDataError(
-      f'{path}: a {array.ndim}D array {array.shape} in a 3D data set; set'
+      f'{path}: a {len(shape)}D array {shape} in a 3D data set; set'
       " config.data.config='2d' for 2D images."
     )
-  if array.ndim > 4 or (is_mask and array.ndim == 4 and array.shape[3] != 1):
-    raise BadDataError(
-      f'{path}: unexpected array shape {array.shape} for a 3D'
-      f' {"mask" if is_mask else "image"}.'
-    )
+  if len(shape) > 4:
+    raise BadDataError(f'{path}: unexpected array shape {shape} for a 3D volume.')
+  volume = geometry.read_volume(path)
+  array = volume.array
   if array.ndim == 3:
     array = array[..., None]
-  array = np.transpose(array, (2, 1, 0, 3))  # (x, y, z, c) -> (z, y, x, c).
-  spacing = tuple(reversed(zooms[:3]))
+  if is_mask and array.shape[3] != 1:
+    raise BadDataError(
+      f'{path}: unexpected array shape {array.shape} for a 3D mask (a 4D volume'
+      ' with several channels).'
+    )
+  spacing = tuple(round(float(s), 6) for s in volume.spacing)
   if is_mask:
     return array[..., 0], spacing
   return array.astype(np.float32), spacing
@@ -614,6 +622,8 @@ def _metadata(
     'spacing': [float(s) for s in np.median(spacings, axis=0)] if spacings else None,
     'num_examples': {split: len(p) for split, p in pairs.items()},
     'class_pixels': {str(k): int(v) for k, v in sorted(survey.class_pixels.items())},
+    'shapes': [list(s) for _, s in survey.shapes],
+    'spacings': [list(s) for s in spacings],
   }
   return metadata
 
@@ -786,101 +796,3 @@ def write_pair(
     nibabel.save(volume, path)
     paths.append(str(path))
   return paths[0], paths[1]
-
-
-@dataclasses.dataclass(eq=False)
-class SegmentationFolderConfig(tfds.core.BuilderConfig):
-  """Configuration of `segmentation_folder`.
-
-  Every field changes what is built, so a caller that names built copies
-  (as the input pipeline does) must fold `num_classes`, `mask_colors` and
-  `ignore_index` into `fingerprint(..., extra=...)`.
-
-  Attributes:
-    ndim: 2 for images, 3 for volumes.
-    root: The folder; None to take TFDS's `manual_dir` instead.
-    num_classes: Checked against every mask; None to infer it.
-    mask_colors: 2D only: the RGB colour of each class, index = class, for
-      colour masks (see `read_mask`); None for masks of class indices.
-    ignore_index: A mask value to ignore (e.g. 255); stored unchanged, and
-      left out of the class check, the class inference and `class_pixels`.
-  """
-
-  ndim: int = 2
-  root: str | None = None
-  num_classes: int | None = None
-  mask_colors: Sequence[Sequence[int]] | None = dataclasses.field(
-    default=None, kw_only=True
-  )
-  ignore_index: int | None = dataclasses.field(default=None, kw_only=True)
-
-
-class SegmentationFolder(tfds.core.GeneratorBasedBuilder):
-  """A folder of images and masks (see the module docstring for the layout)."""
-
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
-  MANUAL_DOWNLOAD_INSTRUCTIONS = (
-    'Pass the folder as manual_dir: <root>/{train,val,test}/{images,masks}/<id>.<ext>.'
-  )
-  BUILDER_CONFIGS = [
-    SegmentationFolderConfig(
-      name='2d', ndim=2, description='PNG/TIFF/JPEG images, PNG masks.'
-    ),
-    SegmentationFolderConfig(name='3d', ndim=3, description='NIfTI volumes and masks.'),
-  ]
-  DEFAULT_CONFIG_NAME = '2d'
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    ndim = self.builder_config.ndim
-    return tfds.core.DatasetInfo(
-      builder=self,
-      description=__doc__,
-      features=tfds.features.FeaturesDict(
-        {
-          'id': tfds.features.Text(),
-          'image': tfds.features.Tensor(
-            shape=(None,) * (ndim + 1), dtype=np.float32, encoding='zlib'
-          ),
-          'label': tfds.features.Tensor(
-            shape=(None,) * ndim, dtype=np.int32, encoding='zlib'
-          ),
-          'spacing': tfds.features.Tensor(shape=(ndim,), dtype=np.float32),
-        }
-      ),
-      metadata=tfds.core.MetadataDict(),
-    )
-
-  def _split_generators(self, dl_manager):
-    cpu_tensorflow.import_tensorflow()  # TFDS writes with TensorFlow.
-    config = self.builder_config
-    root = config.root or dl_manager.manual_dir
-    pairs = list_pairs(root, ndim=config.ndim)
-    self.info.metadata.update(
-      validate(
-        pairs,
-        ndim=config.ndim,
-        num_classes=config.num_classes,
-        mask_colors=config.mask_colors,
-        ignore_index=config.ignore_index,
-      )
-    )
-    return {
-      split: self._generate_examples(split_pairs) for split, split_pairs in pairs.items()
-    }
-
-  def _generate_examples(self, pairs):
-    ndim = self.builder_config.ndim
-    mask_colors = self.builder_config.mask_colors
-    for pair in pairs:
-      image, spacing = read_image(pair.image, ndim=ndim)
-      label, _ = read_mask(pair.mask, ndim=ndim, mask_colors=mask_colors)
-      yield (
-        pair.id,
-        {
-          'id': pair.id,
-          'image': image,
-          'label': label.astype(np.int32),
-          'spacing': np.asarray(spacing or (1.0,) * ndim, np.float32),
-        },
-      )

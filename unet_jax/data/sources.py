@@ -18,6 +18,7 @@ format, and adds array_record copies to one that TFDS prepared as TFRecord only.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -27,8 +28,10 @@ import tensorflow_datasets as tfds
 
 from unet_jax import config as config_lib
 from unet_jax import distributed
+from unet_jax.data import builder as builder_lib
 from unet_jax.data import cpu_tensorflow
 from unet_jax.data import folder as folder_lib
+from unet_jax.data import nnunet
 from unet_jax.data import pets
 from unet_jax.data import synthetic  # noqa: F401  Registers its TFDS builders.
 
@@ -68,6 +71,8 @@ class Source:
     splits: the split names.
     split_aliases: names read as another split (e.g. 'validation' -> 'val').
     to_image_label: decodes a stored example to (image, label).
+    channel_names: each channel's name where the data set gives them (an
+      nnU-Net `dataset.json`'s `channel_names`, e.g. ('CT',)); else ().
   """
 
   name: str
@@ -83,6 +88,7 @@ class Source:
   splits: tuple[str, ...]
   split_aliases: Mapping[str, str]
   to_image_label: Callable[[dict], tuple[np.ndarray, np.ndarray]]
+  channel_names: tuple[str, ...] = ()
 
   def split(self, split: str) -> Sequence[dict]:
     """The random-access source of a split; a ValueError names the known splits."""
@@ -251,6 +257,7 @@ def _from_metadata(name: str, builder, ndim: int) -> Source:
     splits=tuple(builder.info.splits.keys()),
     split_aliases={},
     to_image_label=_image_to_float,
+    channel_names=tuple(str(c) for c in meta.get('channel_names', ())),
   )
 
 
@@ -271,24 +278,66 @@ def _open_synthetic(ndim: int) -> Callable[[config_lib.DataOptions], Source]:
   return open_source
 
 
+def _folder_root(data: config_lib.DataOptions) -> str:
+  return os.path.abspath(os.path.expanduser(data.root)) if data.root else ''
+
+
+def _guess_ndim(root: str) -> int:
+  """3 when every image under `root/<split>/images` is NIfTI, else 2."""
+  names = [
+    name.lower()
+    for split in folder_lib.SPLITS
+    if os.path.isdir(folder := os.path.join(root, split, 'images'))
+    for name in os.listdir(folder)
+    if not name.startswith('.')
+  ]
+  nifti = [n for n in names if n.endswith(folder_lib.IMAGE_EXTENSIONS[3])]
+  return 3 if names and len(nifti) == len(names) else 2
+
+
 def _folder_ndim(data: config_lib.DataOptions) -> int:
-  config = data.config or '2d'
-  if config not in ('2d', '3d'):
+  """2 or 3: from `config.data.config` ('2d', '3d'), a dataset.json's file
+  ending, or ('') the files' extensions."""
+  config = data.config
+  if config not in ('', '2d', '3d'):
     raise ValueError(
-      f"segmentation_folder takes config.data.config '2d' or '3d', got {config!r}."
+      "segmentation_folder takes config.data.config '2d', '3d' or '' (from the"
+      f' files), got {config!r}.'
     )
-  return int(config[0])
+  root = _folder_root(data)
+  if root and nnunet.is_dataset(root):
+    layout = nnunet.read_layout(root)
+    if config and int(config[0]) != layout.ndim:
+      raise ValueError(
+        f'config.data.config={config!r}, but {root}/dataset.json has file_ending'
+        f" {layout.file_ending!r}, which is {layout.ndim}D; set config.data.config=''."
+      )
+    return layout.ndim
+  if config:
+    return int(config[0])
+  return _guess_ndim(root) if root and os.path.isdir(root) else 2
 
 
 def _folder_check(data: config_lib.DataOptions) -> None:
-  _folder_ndim(data)
   root = data.root
   if not root:
     raise ValueError(
-      'segmentation_folder needs config.data.root, the folder of images and masks.'
+      'segmentation_folder needs config.data.root: a folder with train/ and val/,'
+      ' or an nnU-Net v2 or MSD data set folder (with its dataset.json).'
     )
   if not os.path.isdir(os.path.expanduser(root)):
     raise ValueError(f'config.data.root {root!r} is not a folder.')
+  ndim = _folder_ndim(data)
+  if data.target_spacing and len(data.target_spacing) != ndim:
+    raise ValueError(
+      f'config.data.target_spacing={data.target_spacing} has'
+      f' {len(data.target_spacing)} values; the data set is {ndim}D.'
+    )
+  if data.mask_colors and nnunet.is_dataset(_folder_root(data)):
+    raise ValueError(
+      "config.data.mask_colors applies to the project's folder layout; nnU-Net and"
+      ' MSD labels hold class indices.'
+    )
 
 
 def _folder_options(data: config_lib.DataOptions) -> dict[str, Any]:
@@ -300,19 +349,55 @@ def _folder_options(data: config_lib.DataOptions) -> dict[str, Any]:
   }
 
 
+def splits_path(root: str, data_dir: str | None) -> str:
+  """Where the `splits_final.json` of an nnU-Net or MSD data set is: in `root`
+  if the user put one there (nnU-Net's own, copied), else beside the built
+  copies in `data_dir` (TFDS's default when None), one per data set folder."""
+  own = os.path.join(root, 'splits_final.json')
+  if os.path.exists(own):
+    return own
+  key = hashlib.sha256(root.encode()).hexdigest()[:8]
+  folder = os.path.join(
+    data_dir or tfds.core.constants.get_default_data_dir(),
+    'segmentation_folder',
+    'splits',
+    f'{os.path.basename(root)}_{key}',
+  )
+  os.makedirs(folder, exist_ok=True)
+  return os.path.join(folder, 'splits_final.json')
+
+
+def _dataset_files(root: str, data: config_lib.DataOptions, ndim: int):
+  """(layout name, the files the built copy is read from, validation case ids)."""
+  if not nnunet.is_dataset(root):
+    pairs = folder_lib.list_pairs(root, ndim=ndim)  # Cheap checks on file names.
+    paths = [p for split in sorted(pairs) for x in pairs[split] for p in (x.image, x.mask)]
+    return 'folder', paths, ()
+  layout = nnunet.read_layout(root)
+  ids = [case.id for case in layout.training]
+  folds = nnunet.read_or_write_splits(splits_path(root, _data_dir(data)), ids)
+  paths = [p for case in layout.training for p in (*case.images, case.label)]
+  return layout.format, paths, tuple(sorted(folds[0]['val']))
+
+
 def _open_folder(data: config_lib.DataOptions) -> Source:
   ndim = _folder_ndim(data)
-  root = os.path.abspath(os.path.expanduser(data.root))
+  root = _folder_root(data)
   options = _folder_options(data)
-  pairs = folder_lib.list_pairs(root, ndim=ndim)  # Cheap checks on file names.
-  extra = '\0'.join(str(v) for v in (root, ndim, *options.values()))
-  digest = folder_lib.fingerprint(root, pairs, extra=extra)
-  fields = {f.name for f in dataclasses.fields(folder_lib.SegmentationFolderConfig)}
-  builder_config = folder_lib.SegmentationFolderConfig(
+  target = tuple(data.target_spacing) if ndim == 3 and data.target_spacing else None
+  layout, paths, val_ids = _dataset_files(root, data, ndim)
+  extra = '\0'.join(
+    str(v) for v in (root, ndim, layout, target, val_ids, *options.values())
+  )
+  digest = folder_lib.files_fingerprint(root, paths, extra=extra)
+  builder_config = builder_lib.SegmentationFolderConfig(
     name=f'{ndim}d_{digest}',
     ndim=ndim,
     root=root,
-    **{k: v for k, v in options.items() if k in fields},
+    layout=layout,
+    target_spacing=target,
+    val_ids=val_ids,
+    **options,
   )
   builder = tfds.builder(
     'segmentation_folder', config=builder_config, data_dir=_data_dir(data)

@@ -11,9 +11,7 @@ Nothing is downloaded: `download_and_prepare` renders every example from
 `(config.seed, split, index)`, so two builds of one config are identical.
 
     import tensorflow_datasets as tfds
-
-from unet_jax.data import cpu_tensorflow
-    import unet_jax.datasets  # Registers the builders.
+    import unet_jax.data  # Registers the builders.
     ds = tfds.data_source('synthetic_shapes', split='train')  # 'binary' config.
 
 Features: `image` uint8 `[*spatial, 1]`, `label` uint8 `[*spatial]` holding the

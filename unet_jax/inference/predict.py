@@ -3,30 +3,38 @@ r"""The predict command: a trained run applied to an image, a volume or a folder
     python launch.py --mode=predict --workdir=runs/demo --input=scans/ --output=masks/ \
         [--step=best|latest|N] [--overlap=0.5] [--tta]
 
-Inputs are PNG, TIFF or JPEG images (2D runs) or NIfTI volumes (3D runs). For each,
-the output folder gets:
+Inputs are PNG, TIFF or JPEG images (2D runs) or NIfTI volumes (3D runs); files in
+nnU-Net's naming (`<case>_0000.nii.gz`, one per channel) are grouped into one case
+each (`inputs.py`). For each case, the output folder gets:
 
 * its mask, class indices, in the input's format and name: PNG for PNG, TIFF for
-  TIFF, NIfTI for NIfTI (with the input's affine and header, so it overlays the
-  scan in any viewer). JPEG inputs get PNG masks: JPEG's lossy compression would
-  change class indices.
+  TIFF, NIfTI for NIfTI, `<case>.nii.gz` for nnU-Net's naming. A NIfTI mask is
+  written on the input's own grid: its orientation, shape, affine and header, so
+  it overlays the scan in any viewer. JPEG inputs get PNG masks: JPEG's lossy
+  compression would change class indices.
 * `overlays/<name>.png`: the image with its mask drawn over it (3D: the middle
   slice along each axis).
 
+Volumes are read in canonical orientation. When the run trained at a target
+spacing (`config.data.target_spacing`, set by the plan), each volume is resampled
+to it, predicted, and its class probabilities are resampled back to its own grid
+before the argmax (`predict_case`).
+
 Where a `masks/` folder sits beside the input folder (`data/val/images` ->
-`data/val/masks`), each prediction is compared with the mask of the same name,
-and a per-case table of Dice and IoU per class is printed and written to
-`per_case.csv`.
+`data/val/masks`; nnU-Net's `imagesTs` -> `labelsTs`), each prediction is compared
+with the mask of the same name, and a per-case table of Dice and IoU per class is
+printed and written to `per_case.csv`.
 
 Every input is checked before anything is predicted (readable, the run's
-dimensionality and channel count), and one error names every bad file. Files
+dimensionality and channel count, and whether the resampled volume and its
+probabilities fit in the host memory available), and one error names every bad
+file. Files
 are written under a temporary name and renamed, so the output folder never
 holds a half-written file.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
@@ -39,118 +47,17 @@ from unet_jax import metrics
 from unet_jax import reporting
 from unet_jax import visualize
 from unet_jax.data import folder as folder_lib
+from unet_jax.data import geometry
+from unet_jax.inference import inputs
 from unet_jax.inference import predictor as inference
-
-EXTENSIONS = {2: ('.png', '.tif', '.tiff', '.jpg', '.jpeg'), 3: ('.nii', '.nii.gz')}
-_MODE_CHANNELS = {
-  '1': 1,
-  'L': 1,
-  'LA': 1,
-  'I': 1,
-  'F': 1,
-  'I;16': 1,
-  'I;16B': 1,
-  'I;16L': 1,
-  'RGB': 3,
-  'P': 3,
-  'RGBA': 3,
-  'CMYK': 3,
-  'YCbCr': 3,
-  'LAB': 3,
-  'HSV': 3,
-}  # What segmentation_folder.read_image gives.
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-  """One input file and what it is named as."""
-
-  path: str
-  stem: str
-  ext: str
-
-
-def _split(name: str) -> tuple[str, str]:
-  if name.lower().endswith('.nii.gz'):
-    return name[:-7], '.nii.gz'
-  stem, ext = os.path.splitext(name)
-  return stem, ext.lower()
-
-
-def list_inputs(path: str, *, ndim: int) -> list[Case]:
-  """The files to predict: `path` itself, or every image of the folder `path`."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'--input {path!r} does not exist.')
-  names = (
-    [os.path.basename(path)]
-    if os.path.isfile(path)
-    else sorted(n for n in os.listdir(path) if not n.startswith('.'))
-  )
-  folder = os.path.dirname(path) if os.path.isfile(path) else path
-  cases, wrong, other = [], [], []
-  for name in names:
-    stem, ext = _split(name)
-    full = os.path.join(folder, name)
-    if ext in EXTENSIONS[ndim] and os.path.isfile(full):
-      cases.append(Case(full, stem, ext))
-    elif ext in EXTENSIONS[5 - ndim] or os.path.isfile(path):
-      wrong.append(
-        f'{full}: a {5 - ndim}D input ({ext or "no extension"}), but this run'
-        f' is {ndim}D and takes {list(EXTENSIONS[ndim])}.'
-      )
-    else:
-      other.append(full)
-  if wrong:
-    raise ValueError('\n'.join(wrong))
-  if not cases:
-    raise ValueError(f'{path}: no {list(EXTENSIONS[ndim])} files to predict.')
-  for full in other:
-    logging.warning('Skipping %s: not an image or volume.', full)
-  return cases
-
-
-def _probe(case: Case, ndim: int) -> tuple[tuple[int, ...], int]:
-  """(spatial shape, channels) from the file's header, without reading its pixels."""
-  if ndim == 2:
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-
-    with Image.open(case.path) as im:
-      if getattr(im, 'n_frames', 1) > 1:
-        raise ValueError('a multi-page image (a volume), but this run is 2D')
-      if im.mode not in _MODE_CHANNELS:
-        raise ValueError(f'image mode {im.mode} is not supported')
-      return (im.size[1], im.size[0]), _MODE_CHANNELS[im.mode]
-  import nibabel  # pylint: disable=g-import-not-at-top
-
-  shape = nibabel.load(case.path).shape
-  if len(shape) not in (3, 4):
-    raise ValueError(f'a {len(shape)}D array {shape}, but this run takes 3D volumes')
-  return tuple(reversed(shape[:3])), shape[3] if len(shape) == 4 else 1
-
-
-def check_inputs(cases: list[Case], predictor: inference.Predictor) -> None:
-  """Raises one ValueError naming every file the run cannot predict."""
-  errors = []
-  for case in cases:
-    try:
-      _, channels = _probe(case, predictor.ndim)
-    except Exception as e:  # pylint: disable=broad-except
-      errors.append(f'{case.path}: unreadable or not a {predictor.ndim}D input ({e}).')
-      continue
-    if channels != predictor.num_channels:
-      errors.append(
-        f'{case.path}: {channels} channel(s), but the model takes {predictor.num_channels}.'
-      )
-  if errors:
-    raise ValueError(
-      f'{len(errors)} input(s) cannot be predicted:\n  ' + '\n  '.join(errors)
-    )
 
 
 def _atomic(path: str, write) -> str:
   """Calls write(tmp) for a temporary name beside `path`, then renames it to `path`."""
   folder, name = os.path.split(path)
-  tmp = os.path.join(folder, f'.{name}.partial-{os.getpid()}{_split(name)[1]}')
+  tmp = os.path.join(
+    folder, f'.{name}.partial-{os.getpid()}{inputs.split_extension(name)[1]}'
+  )
   try:
     write(tmp)
     os.replace(tmp, path)
@@ -160,23 +67,20 @@ def _atomic(path: str, write) -> str:
   return path
 
 
-def write_mask(case: Case, mask: np.ndarray, output: str) -> str:
-  """Writes a class map in the input's format (JPEG -> PNG); returns its path."""
-  dtype = np.uint8 if mask.max(initial=0) < 256 else np.uint16
-  mask = mask.astype(dtype)
-  if case.ext in ('.nii', '.nii.gz'):
-    import nibabel  # pylint: disable=g-import-not-at-top
+def write_mask(case: inputs.Case, mask: np.ndarray, output: str) -> str:
+  """Writes a class map in the input's format (JPEG -> PNG); returns its path.
 
-    source = nibabel.load(case.path)
-    header = source.header.copy()
-    header.set_data_dtype(dtype)
-    volume = nibabel.Nifti1Image(mask.transpose(2, 1, 0), source.affine, header)
-    volume.header.set_slope_inter(1, 0)
-    return _atomic(
-      os.path.join(output, case.stem + case.ext), lambda tmp: nibabel.save(volume, tmp)
-    )
+  NIfTI: `mask` is in canonical orientation (as read); it is written in the
+  input's own orientation, shape, affine and header (`geometry.write_like`).
+  """
+  if case.ext in ('.nii', '.nii.gz'):
+    path = os.path.join(output, case.stem + case.ext)
+    geometry.write_like(path, mask, reference=case.path)
+    return path
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
+  dtype = np.uint8 if mask.max(initial=0) < 256 else np.uint16
+  mask = mask.astype(dtype)
   ext = '.png' if case.ext in ('.jpg', '.jpeg') else case.ext
   fmt = 'PNG' if ext == '.png' else 'TIFF'
   return _atomic(
@@ -185,13 +89,20 @@ def write_mask(case: Case, mask: np.ndarray, output: str) -> str:
   )
 
 
+_LABEL_FOLDERS = {'imagesTs': 'labelsTs', 'imagesTr': 'labelsTr'}  # nnU-Net's.
+
+
 def _masks_beside(input_path: str) -> str | None:
+  """`<parent>/masks` beside an input folder, or nnU-Net's labelsTs/labelsTr
+  beside imagesTs/imagesTr, if it exists."""
   folder = input_path if os.path.isdir(input_path) else os.path.dirname(input_path)
-  masks = os.path.join(os.path.dirname(os.path.abspath(folder)), 'masks')
+  folder = os.path.abspath(folder)
+  name = _LABEL_FOLDERS.get(os.path.basename(folder), 'masks')
+  masks = os.path.join(os.path.dirname(folder), name)
   return masks if os.path.isdir(masks) else None
 
 
-def _reference(case: Case, masks: str, ndim: int) -> np.ndarray | None:
+def _reference(case: inputs.Case, masks: str, ndim: int) -> np.ndarray | None:
   for ext in folder_lib.MASK_EXTENSIONS[ndim]:
     path = os.path.join(masks, case.stem + ext)
     if os.path.exists(path):
@@ -216,6 +127,35 @@ def _progress(done: int, total: int, started: float, name: str) -> None:
   )
 
 
+def predict_case(
+  predictor: inference.Predictor,
+  image: np.ndarray,
+  spacing: tuple[float, ...] | None,
+  *,
+  overlap: float = 0.5,
+  tta: bool = False,
+) -> np.ndarray:
+  """The class map of one image [*spatial, C], on the image's own grid.
+
+  With a target spacing in the run's config (3D), the image is resampled to it,
+  predicted, and its class probabilities (not its labels) are resampled back to
+  the image's grid before the argmax, as nnU-Net does.
+  """
+  target = predictor.data.target_spacing
+  if not (target and spacing and predictor.ndim == 3):
+    return predictor.classes(predictor.predict(image, overlap=overlap, flip_tta=tta))
+  shape = image.shape[:-1]
+  resampled = geometry.resample_image(image, spacing, target)
+  probs = predictor.predict(
+    resampled, overlap=overlap, flip_tta=tta, output='probabilities'
+  )
+  del resampled
+  probs = geometry.resample_probabilities(probs, target, spacing, shape=shape)
+  if probs.shape[-1] == 1:
+    return (probs[..., 0] > 0.5).astype(np.int32)
+  return np.argmax(probs, axis=-1).astype(np.int32)
+
+
 def run(
   workdir: str,
   input_path: str,
@@ -227,18 +167,31 @@ def run(
 ) -> list[list[Any]]:
   """Predicts every input; returns the per-case rows (empty without reference masks)."""
   predictor = inference.load(workdir, step=step)
-  cases = list_inputs(input_path, ndim=predictor.ndim)
-  check_inputs(cases, predictor)
+  ndim, channels = predictor.ndim, predictor.num_channels
+  num_classes = max(predictor.model.num_classes, 2)
+  cases = inputs.list_inputs(input_path, ndim=ndim, num_channels=channels)
+  inputs.check_inputs(
+    cases,
+    ndim=ndim,
+    num_channels=channels,
+    target_spacing=predictor.data.target_spacing if ndim == 3 else None,
+    num_classes=num_classes,
+  )
   os.makedirs(os.path.join(output, 'overlays'), exist_ok=True)
   masks = _masks_beside(input_path)
-  num_classes = max(predictor.model.num_classes, 2)
   logging.info(
-    'Predicting %d input(s) with %s at step %d.', len(cases), workdir, predictor.step
+    'Predicting %d input(s) with %s at step %d%s.',
+    len(cases),
+    workdir,
+    predictor.step,
+    f', at spacing {predictor.data.target_spacing}'
+    if predictor.data.target_spacing
+    else '',
   )
   rows, started = [], time.perf_counter()
   for i, case in enumerate(cases, start=1):
-    image, _ = folder_lib.read_image(case.path, ndim=predictor.ndim)
-    pred = predictor.classes(predictor.predict(image, overlap=overlap, flip_tta=tta))
+    image, spacing = inputs.read_image(case, ndim=ndim)
+    pred = predict_case(predictor, image, spacing, overlap=overlap, tta=tta)
     write_mask(case, pred, output)
     _atomic(
       os.path.join(output, 'overlays', case.stem + '.png'),
@@ -246,7 +199,7 @@ def run(
         image, pred, tmp, num_classes=num_classes, title=case.stem
       ),
     )
-    label = _reference(case, masks, predictor.ndim) if masks else None
+    label = _reference(case, masks, ndim) if masks else None
     if label is not None and label.shape == pred.shape:
       rows.append([case.stem] + _scores(pred, label, num_classes))
     elif label is not None:

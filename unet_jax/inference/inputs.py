@@ -1,0 +1,271 @@
+"""The inputs of the predict command: found, grouped into cases, checked, read.
+
+    cases = list_inputs('scans/', ndim=3, num_channels=2)
+    check_inputs(cases, ndim=3, num_channels=2, target_spacing=(3, 1.5, 1.5),
+                 num_classes=3)            # one error naming every bad file
+    image, spacing = read_image(cases[0], ndim=3)   # canonical [D, H, W, C]
+
+A folder of files in nnU-Net's naming (`<case>_0000.nii.gz`, `<case>_0001.nii.gz`,
+...: one file per channel, a 4-digit channel index) is grouped into one case per
+`<case>`, whose output is named `<case>.nii.gz`, as nnU-Net names it. It is
+recognised when a `dataset.json` sits in the folder above (an nnU-Net data set's
+`imagesTs/`), or when every file carries such a suffix and each case holds
+exactly the channels 0 .. C-1 the model takes. Any other file is a case of its
+own.
+
+`check_inputs` reads headers only. Before anything is predicted it also plans
+the host memory of each volume: the image resampled to the run's target
+spacing, and the class probabilities at that spacing and at the input's own
+(`geometry.resampled_bytes`), and names every case that does not fit in the
+memory available now.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+from absl import logging
+import numpy as np
+
+from unet_jax.data import folder as folder_lib
+from unet_jax.data import geometry
+from unet_jax.data import nnunet
+
+EXTENSIONS = {2: ('.png', '.tif', '.tiff', '.jpg', '.jpeg'), 3: ('.nii', '.nii.gz')}
+_CHANNEL_SUFFIX = re.compile(r'^(?P<case>.+)_(?P<channel>\d{4})$')
+_MODE_CHANNELS = {
+  '1': 1,
+  'L': 1,
+  'LA': 1,
+  'I': 1,
+  'F': 1,
+  'I;16': 1,
+  'I;16B': 1,
+  'I;16L': 1,
+  'RGB': 3,
+  'P': 3,
+  'RGBA': 3,
+  'CMYK': 3,
+  'YCbCr': 3,
+  'LAB': 3,
+  'HSV': 3,
+}  # What folder.read_image gives.
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One case to predict: its input file(s), in channel order, and its name.
+
+  Attributes:
+    paths: one file, or one per channel (nnU-Net's naming).
+    stem: what the outputs are named after.
+    ext: the inputs' extension ('.nii.gz', '.png', ...).
+  """
+
+  paths: tuple[str, ...]
+  stem: str
+  ext: str
+
+  @property
+  def path(self) -> str:
+    """The first (or only) file: the reference grid of the written mask."""
+    return self.paths[0]
+
+
+def split_extension(name: str) -> tuple[str, str]:
+  if name.lower().endswith('.nii.gz'):
+    return name[:-7], '.nii.gz'
+  stem, ext = os.path.splitext(name)
+  return stem, ext.lower()
+
+
+def _files(path: str, ndim: int) -> tuple[str, list[tuple[str, str, str]]]:
+  """(folder, [(full path, stem, ext)] of the inputs); ValueError for wrong kinds."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'--input {path!r} does not exist.')
+  is_file = os.path.isfile(path)
+  names = (
+    [os.path.basename(path)]
+    if is_file
+    else sorted(n for n in os.listdir(path) if not n.startswith('.'))
+  )
+  folder = os.path.dirname(path) if is_file else path
+  found, wrong = [], []
+  for name in names:
+    stem, ext = split_extension(name)
+    full = os.path.join(folder, name)
+    if ext in EXTENSIONS[ndim] and os.path.isfile(full):
+      found.append((full, stem, ext))
+    elif ext in EXTENSIONS[5 - ndim] or is_file:
+      wrong.append(
+        f'{full}: a {5 - ndim}D input ({ext or "no extension"}), but this run'
+        f' is {ndim}D and takes {list(EXTENSIONS[ndim])}.'
+      )
+    else:
+      logging.warning('Skipping %s: not an image or volume.', full)
+  if wrong:
+    raise ValueError('\n'.join(wrong))
+  if not found:
+    raise ValueError(f'{path}: no {list(EXTENSIONS[ndim])} files to predict.')
+  return folder, found
+
+
+def _channel_groups(found, num_channels: int, *, strict: bool):
+  """{case: [paths by channel]} in nnU-Net's naming, or None when the files do
+  not follow it. `strict` (a dataset.json above): a missing channel is an error."""
+  groups: dict[str, dict[int, str]] = {}
+  for full, stem, _ in found:
+    match = _CHANNEL_SUFFIX.match(stem)
+    if match is None:
+      if strict:
+        raise ValueError(
+          f'{full}: not named <case>_<XXXX> (a 4-digit channel index), as the'
+          ' images of an nnU-Net data set are.'
+        )
+      return None
+    groups.setdefault(match['case'], {})[int(match['channel'])] = full
+  expected = set(range(num_channels))
+  bad = {case: sorted(ch) for case, ch in groups.items() if set(ch) != expected}
+  if bad and not strict:
+    return None
+  if bad:
+    raise ValueError(
+      f'{len(bad)} case(s) lack the channel files the model takes'
+      f' (_0000 .. _{num_channels - 1:04d}):\n  '
+      + '\n  '.join(f'{case}: has channels {ch}' for case, ch in sorted(bad.items()))
+    )
+  return {case: [ch[c] for c in range(num_channels)] for case, ch in groups.items()}
+
+
+def list_inputs(path: str, *, ndim: int, num_channels: int = 1) -> list[Case]:
+  """The cases to predict: `path` itself, or the files of the folder `path`,
+  grouped by case where they follow nnU-Net's naming (module docstring)."""
+  folder, found = _files(path, ndim)
+  above = os.path.dirname(os.path.abspath(folder))
+  strict = os.path.isdir(path) and nnunet.is_dataset(above)
+  groups = _channel_groups(found, num_channels, strict=strict)
+  ext = found[0][2]
+  if groups is not None:
+    exts = {e for _, _, e in found}
+    if len(exts) > 1:
+      raise ValueError(f'{folder}: channel files with different extensions {sorted(exts)}.')
+    return [Case(tuple(paths), case, ext) for case, paths in sorted(groups.items())]
+  return [Case((full,), stem, e) for full, stem, e in found]
+
+
+def probe(path: str, ndim: int) -> tuple[tuple[int, ...], int, tuple[float, ...] | None]:
+  """(canonical spatial shape, channels, spacing) from a file's header."""
+  if ndim == 2:
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+
+    with Image.open(path) as im:
+      if getattr(im, 'n_frames', 1) > 1:
+        raise ValueError('a multi-page image (a volume), but this run is 2D')
+      if im.mode not in _MODE_CHANNELS:
+        raise ValueError(f'image mode {im.mode} is not supported')
+      return (im.size[1], im.size[0]), _MODE_CHANNELS[im.mode], None
+  import nibabel  # pylint: disable=g-import-not-at-top
+
+  image = nibabel.load(path)
+  shape = image.shape
+  if len(shape) not in (3, 4):
+    raise ValueError(f'a {len(shape)}D array {shape}, but this run takes 3D volumes')
+  order = nibabel.io_orientation(image.affine)[:, 0].astype(int)  # RAS axis of each.
+  zooms = image.header.get_zooms()[:3]
+  canonical = [0] * 3
+  spacing = [0.0] * 3
+  for axis, target in enumerate(order):
+    canonical[target], spacing[target] = shape[axis], float(zooms[axis])
+  return (
+    tuple(reversed(canonical)),
+    shape[3] if len(shape) == 4 else 1,
+    tuple(reversed(spacing)),
+  )
+
+
+def available_bytes() -> int | None:
+  """Host memory available now (Linux: MemAvailable), or None if unknown."""
+  try:
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def _case_errors(case: Case, *, ndim, num_channels, target_spacing, num_classes):
+  """The problems of one case (header reads only), and its planned bytes."""
+  shapes, channels, spacing = set(), 0, None
+  for path in case.paths:
+    try:
+      shape, count, spacing_i = probe(path, ndim)
+    except Exception as e:  # pylint: disable=broad-except
+      return [f'{path}: unreadable or not a {ndim}D input ({e}).'], 0
+    shapes.add(shape)
+    channels += count
+    spacing = spacing or spacing_i
+  errors = []
+  if len(shapes) > 1:
+    errors.append(
+      f'{case.path}: the channel files of {case.stem} differ in shape {shapes}.'
+    )
+  if channels != num_channels:
+    errors.append(
+      f'{case.path}: {channels} channel(s), but the model takes {num_channels}.'
+    )
+  shape = next(iter(shapes))
+  target = target_spacing if (target_spacing and spacing) else spacing or (1.0,) * ndim
+  needed = geometry.resampled_bytes(
+    shape, spacing or target, target, channels=num_channels, classes=num_classes
+  )
+  return errors, needed
+
+
+def check_inputs(
+  cases: list[Case],
+  *,
+  ndim: int,
+  num_channels: int,
+  target_spacing=None,
+  num_classes: int = 2,
+  memory: int | None = None,
+) -> None:
+  """Raises one ValueError naming every case the run cannot predict: unreadable,
+  the wrong kind or channel count, or (for `target_spacing`) too large for
+  `memory` bytes (default: the host memory available now)."""
+  memory = available_bytes() if memory is None else memory
+  errors = []
+  for case in cases:
+    problems, needed = _case_errors(
+      case,
+      ndim=ndim,
+      num_channels=num_channels,
+      target_spacing=target_spacing,
+      num_classes=num_classes,
+    )
+    errors += problems
+    if not problems and memory and needed > memory:
+      errors.append(
+        f'{case.path}: predicting it needs {needed / 2**30:.1f} GiB of host memory'
+        f' (the volume at spacing {tuple(target_spacing or ())} and {num_classes}'
+        f' class probabilities there and on its own grid), but'
+        f' {memory / 2**30:.1f} GiB are available.'
+      )
+  if errors:
+    raise ValueError(
+      f'{len(errors)} input(s) cannot be predicted:\n  ' + '\n  '.join(errors)
+    )
+
+
+def read_image(case: Case, *, ndim: int) -> tuple[np.ndarray, tuple[float, ...] | None]:
+  """A case's image, float32 [*spatial, C] (NIfTI: canonical), and its spacing."""
+  parts, spacing = [], None
+  for path in case.paths:
+    image, spacing_i = folder_lib.read_image(path, ndim=ndim)
+    parts.append(image)
+    spacing = spacing or spacing_i
+  return (parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)), spacing
