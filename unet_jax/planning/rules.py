@@ -284,8 +284,8 @@ def _intensity_choices(fp: Fingerprint, modes: tuple[str, ...]) -> list[Choice]:
     value = tuple(u[name][0] if name in u else _NEUTRAL[name] for u in used)
     whys = {u[name][1] for u in used if name in u}
     why = '; '.join(sorted(whys))
-    if len(modes) > 1:
-      users = [str(c) for c, u in enumerate(used) if name in u]
+    users = [str(c) for c, u in enumerate(used) if name in u]
+    if len(users) < len(used):
       why = f'channel {", ".join(users)}: {why}; others {_NEUTRAL[name]:g} (unused)'
     choices.append(Choice(f'data.intensity_{name}', value, why))
   return choices
