@@ -71,6 +71,20 @@ def test_unknown_fields_of_a_run_section_are_refused():
     config_lib.RunOptions.from_config(config)
 
 
+def test_one_normalisation_mode_per_channel():
+  data = config_lib.DataOptions.from_config(
+    {
+      'normalization': 'ct, none',
+      'intensity_low': (-100, 5),  # The 'none' channel's values are not used:
+      'intensity_high': (300, 1),  # high below low there is no error.
+      'intensity_mean': (40, 0),
+      'intensity_std': (80, 0),
+    }
+  )
+  assert data.normalization_modes() == ('ct', 'none')
+  assert config_lib.DataOptions(normalization='minmax').normalization_modes() == ('minmax',)
+
+
 def test_the_config_form_is_parsed_once():
   data = config_lib.DataOptions.from_config(
     {
@@ -102,7 +116,39 @@ def test_the_config_form_is_parsed_once():
   [
     (config_lib.DataOptions, {'size_policy': 'stretch'}, 'size_policy must be one of'),
     (config_lib.DataOptions, {'foreground_fraction': 1.5}, 'foreground_fraction'),
-    (config_lib.DataOptions, {'normalization': 'minmax'}, "normalization='minmax'"),
+    (config_lib.DataOptions, {'normalization': 'bogus'}, "normalization='bogus'"),
+    (
+      config_lib.DataOptions,
+      {'normalization': 'ct,bogus'},
+      "normalization='ct,bogus': the entry 'bogus' is not one of",
+    ),
+    (
+      config_lib.DataOptions,
+      {'normalization': 'zscore,ct', 'intensity_low': 0, 'intensity_high': 1},
+      'needs config.data.intensity_mean',
+    ),
+    (
+      config_lib.DataOptions,
+      {
+        'normalization': 'ct,none',
+        'intensity_low': (0, 0, 0),
+        'intensity_high': 1,
+        'intensity_mean': 0,
+        'intensity_std': 1,
+      },
+      'intensity_low has 3 values, .* give 1 value or 2',
+    ),
+    (
+      config_lib.DataOptions,
+      {
+        'normalization': 'none,ct',
+        'intensity_low': (0, 5),
+        'intensity_high': (1, 1),
+        'intensity_mean': 0,
+        'intensity_std': 1,
+      },
+      'must be above',
+    ),
     (config_lib.DataOptions, {'normalization': 'ct'}, 'needs config.data.intensity_low'),
     (
       config_lib.DataOptions,

@@ -617,6 +617,68 @@ def test_normalisation_modes_by_hand():
   np.testing.assert_allclose(default(image).mean(), 0, atol=1e-6)
 
 
+def test_none_minmax_and_one_mode_per_channel_by_hand():
+  image = np.array([[[2.0, -1000.0, 1.0]], [[4.0, 50.0, 3.0]], [[10.0, 3000.0, 5.0]]])
+  # 'none' keeps the values (as float32); 'minmax' maps each image, per channel, to
+  # [0, 1]: (2, 4, 10) -> (0, 0.25, 1).
+  none = input_pipeline.normaliser(_data_config(normalization='none'), 3)(image)
+  assert none.dtype == np.float32
+  np.testing.assert_array_equal(none, image.astype(np.float32))
+  minmax = input_pipeline.normaliser(_data_config(normalization='minmax'), 3)(image)
+  np.testing.assert_allclose(minmax[:, 0, 0], [0, 0.25, 1])
+  np.testing.assert_allclose(minmax[:, 0, 1], [0, 1050 / 4000, 1])
+  # A constant image is all 0, not NaN (the range is at least 1e-8).
+  flat = input_pipeline.normalise(np.full((2, 2, 1), 7.0), mode='minmax')
+  np.testing.assert_array_equal(flat, 0)
+  # One mode per channel: CT, a z-score, none; the CT values per channel or one.
+  mixed = input_pipeline.normaliser(
+    _data_config(
+      normalization='zscore, ct,none',
+      intensity_low=(0.0, -100.0, 0.0),
+      intensity_high=(1.0, 200.0, 1.0),
+      intensity_mean=50.0,
+      intensity_std=25.0,
+    ),
+    3,
+  )(image)
+  # Channel 0: mean 16 / 3, std sqrt(((2 - m)^2 + (4 - m)^2 + (10 - m)^2) / 3).
+  x = np.array([2.0, 4.0, 10.0])
+  np.testing.assert_allclose(mixed[:, 0, 0], (x - x.mean()) / x.std(), rtol=1e-6)
+  # Channel 1: clipped to -100, 50, 200, then (x - 50) / 25.
+  np.testing.assert_allclose(mixed[:, 0, 1], [-6, 0, 6])
+  np.testing.assert_array_equal(mixed[:, 0, 2], [1, 3, 5])
+  with pytest.raises(ValueError, match="the entry 'ctt' is not one of"):
+    input_pipeline.normaliser(_data_config(normalization='ct,ctt'), 2)
+  with pytest.raises(ValueError, match='gives 2 modes; the data has 3 channel'):
+    input_pipeline.normaliser(_data_config(normalization='zscore,none'), 3)
+
+
+def test_one_mode_per_channel_equals_the_single_mode_bit_for_bit():
+  rng = np.random.default_rng(0)
+  image = rng.normal(100, 30, (5, 6, 2)).astype(np.float32)
+  one = input_pipeline.normaliser(
+    _data_config(
+      normalization='ct',
+      intensity_low=(50.0, 60.0),
+      intensity_high=(150.0, 140.0),
+      intensity_mean=(100.0, 90.0),
+      intensity_std=(20.0, 25.0),
+    ),
+    2,
+  )
+  each = input_pipeline.normaliser(
+    _data_config(
+      normalization='ct,ct',
+      intensity_low=(50.0, 60.0),
+      intensity_high=(150.0, 140.0),
+      intensity_mean=(100.0, 90.0),
+      intensity_std=(20.0, 25.0),
+    ),
+    2,
+  )
+  np.testing.assert_array_equal(one(image), each(image))
+
+
 def test_normalisation_reaches_the_batches(shapes):
   config = _data_config(
     data_dir=shapes.data_dir,
@@ -635,7 +697,8 @@ def test_normalisation_reaches_the_batches(shapes):
 @pytest.mark.parametrize(
   'overrides,message',
   [
-    ({'normalization': 'minmax'}, r"normalization='minmax' is not one of"),
+    ({'normalization': 'bogus'}, r"normalization='bogus' is not one of"),
+    ({'normalization': 'zscore,zscore'}, 'gives 2 modes; the data has 1 channel'),
     ({'normalization': 'ct', 'intensity_low': (0.0,)}, 'needs config.data.intensity_high'),
     (
       {'normalization': 'rescale', 'intensity_low': (5.0,), 'intensity_high': (1.0,)},

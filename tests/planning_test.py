@@ -14,12 +14,14 @@ import sys
 import numpy as np
 import pytest
 
+from unet_jax import config as config_lib
 from unet_jax import planning
 from unet_jax.data import folder as sf
 from unet_jax.data import pipeline as input_pipeline
 from unet_jax.data import sources
 from unet_jax.inference import predictor as inference
 from unet_jax.models import memory
+from unet_jax.planning import rules as planning_rules
 from unet_jax.planning.fingerprint import _cache_path  # The cache file, to edit it.
 from unet_jax.planning.plan import _node_and_leaf
 from unet_jax.train import setup
@@ -102,6 +104,9 @@ def test_fingerprint_spacing_value_types_and_ignored_pixels():
     volumes, ndim=3, num_channels=1, num_classes=2, ignore_index=9
   )
   assert fp.spacing_median == (4.0, 1.0, 1.0) and fp.anisotropy == 4.0
+  # Per case, as read: the spacings and shapes the target spacing is chosen from.
+  assert fp.spacings == ((3.0, 1.0, 1.0), (5.0, 1.0, 1.0), (4.0, 0.5, 0.5))
+  assert fp.shapes == ((4, 8, 8),) * 3 and fp.channel_names == ()
   assert fp.value_type == 'int16' and fp.value_min == (-1000.0,)
   assert fp.class_voxels == (3 * (3 * 64 - 32), 3 * 32)
   assert fp.foreground_mean == pytest.approx(((-1000 + 0 + 40) / 3,))
@@ -109,6 +114,19 @@ def test_fingerprint_spacing_value_types_and_ignored_pixels():
     [_example(np.full((4, 4), 0.5), np.eye(4))], ndim=2, num_channels=1, num_classes=2
   )
   assert float_fp.value_type == 'float'
+  named = planning.fingerprint_examples(
+    [_example(np.full((4, 4), 0.5), np.eye(4))],
+    ndim=2,
+    num_channels=1,
+    num_classes=2,
+    channel_names=('CT',),
+  )
+  assert named.channel_names == ('CT',) and named.shapes == ((4, 4),)
+  # Stored as JSON and read back; a fingerprint without the new fields still reads.
+  again = planning.Fingerprint.from_dict(json.loads(json.dumps(named.to_dict())))
+  assert again == named
+  old = {k: v for k, v in named.to_dict().items() if k not in ('spacings', 'shapes')}
+  assert planning.Fingerprint.from_dict(old).spacings == ()
 
 
 # ----------------------------------------------------------------- the plan's rules
@@ -146,6 +164,102 @@ def _fp(**overrides) -> planning.Fingerprint:
   )
   base.update(overrides)
   return planning.Fingerprint(**base)
+
+
+def _fp3(spacings, shapes, **overrides) -> planning.Fingerprint:
+  """`_fp` of 3D cases with these spacings and shapes (and their summaries)."""
+  shapes = np.asarray(shapes)
+  return _fp(
+    num_cases=len(shapes),
+    shape_median=tuple(np.median(shapes, axis=0).astype(float)),
+    shape_min=tuple(int(n) for n in shapes.min(axis=0)),
+    shape_max=tuple(int(n) for n in shapes.max(axis=0)),
+    spacing_median=tuple(np.median(np.asarray(spacings, float), axis=0)),
+    spacings=tuple(tuple(float(v) for v in s) for s in spacings),
+    shapes=tuple(tuple(int(n) for n in s) for s in shapes),
+    **overrides,
+  )
+
+
+def test_resampled_shape_rounds_as_numpy_and_is_at_least_one():
+  assert planning.resampled_shape((10, 64, 64), (3.0, 1.0, 1.0), (3.9, 1.0, 1.0)) == (
+    8,  # 7.69
+    64,
+    64,
+  )
+  # 2.5 and 3.5 round to even; a thin axis keeps one voxel.
+  assert planning.resampled_shape((5, 7, 1), (1.0, 1.0, 1.0), (2.0, 2.0, 4.0)) == (2, 4, 1)
+
+
+def test_target_spacing_is_the_median_when_not_anisotropic():
+  # Three cases at 2 mm and three at (4, 1.5, 1.5): medians 3 and 1.75; 3 is not
+  # over 3 x 1.75.
+  fp = _fp3(
+    [(2.0, 2.0, 2.0)] * 3 + [(4.0, 1.5, 1.5)] * 3,
+    [(20, 40, 40)] * 3 + [(10, 48, 48)] * 3,
+  )
+  p = planning.plan(fp)
+  assert p['data.target_spacing'] == (3.0, 1.75, 1.75)
+  # Resampled: 20 x 2 / 3 = 13.3 -> 13, 40 x 2 / 1.75 = 45.7 -> 46; 10 x 4 / 3 =
+  # 13.3 -> 13, 48 x 1.5 / 1.75 = 41.1 -> 41: median 13 x 43.5 x 43.5.
+  reason = {c.field: c.reason for c in p.choices}['data.target_spacing']
+  assert 'median spacing of 6 cases' in reason
+  assert 'resampled median shape 13x43.5x43.5 (native 15x44x44)' in reason
+  _, data = planning_rules.spacing_choices(fp, {})
+  assert data.shape_min == (13, 41, 41) and data.shape_max == (13, 46, 46)
+  assert data.spacing_median == (3.0, 1.75, 1.75)
+  assert data.anisotropy == pytest.approx(3 / 1.75)
+
+
+def test_anisotropic_target_spacing_takes_the_10th_percentile():
+  z = [3.0, 4.0, 5.0, 5.0, 5.0, 5.0, 5.0, 6.0, 6.0, 6.0]
+  fp = _fp3([(s, 1.0, 1.0) for s in z], [(10, 64, 64)] * 10)
+  p = planning.plan(fp)
+  # Median 5 > 3 x 1, and 10 slices x 3 < 64: anisotropic. numpy's 10th percentile
+  # of the 10 sorted values: index 0.1 x 9 = 0.9, 3 + 0.9 x (4 - 3) = 3.9.
+  assert p['data.target_spacing'] == pytest.approx((3.9, 1.0, 1.0))
+  reason = {c.field: c.reason for c in p.choices}['data.target_spacing']
+  assert 'D: the 10th percentile 3.9' in reason and 'median 5 > 3 x 1' in reason
+  # Slices 10 x s / 3.9: 7.7, 10.3, 12.8 (x5), 15.4 (x3) -> median 13.
+  assert 'resampled median shape 13x64x64 (native 10x64x64)' in reason
+  # The patch is planned on the resampled 13 slices: pooled along D twice (spacing
+  # 3.9 is within 2x of 2, then of 4), 13 -> 12. At the native spacing 5 D would be
+  # pooled once, from the median 10: a patch of 10.
+  assert p['data.patch_size'] == (12, 64, 64)
+  native = planning.plan(dataclasses.replace(fp, spacings=(), shapes=()))
+  assert native['data.target_spacing'] == (5.0, 1.0, 1.0)
+  assert native['data.patch_size'] == (10, 64, 64)
+  # Thick slices, but as many of them as the others: nnU-Net keeps the median.
+  many = planning.plan(_fp3([(s, 1.0, 1.0) for s in z], [(40, 64, 64)] * 10))
+  assert many['data.target_spacing'] == (5.0, 1.0, 1.0)
+
+
+def test_the_coarse_axis_stays_the_coarsest():
+  # Median 4 > 3 x 1, but the 10th percentile is 0.5 (index 0.9 between two 0.5s):
+  # raised to the in-plane 1 (+ 1e-5, as nnU-Net does).
+  fp = _fp3([(0.5, 1.0, 1.0)] * 2 + [(4.0, 1.0, 1.0)] * 8, [(10, 64, 64)] * 10)
+  p = planning.plan(fp)
+  assert p['data.target_spacing'] == (1.0 + 1e-5, 1.0, 1.0)
+  assert 'raised to' in {c.field: c.reason for c in p.choices}['data.target_spacing']
+
+
+def test_a_target_spacing_set_on_the_command_line_wins():
+  z = [3.0, 4.0, 5.0, 5.0, 5.0, 5.0, 5.0, 6.0, 6.0, 6.0]
+  fp = _fp3([(s, 1.0, 1.0) for s in z], [(10, 64, 64)] * 10)
+  p = planning.plan(fp, fixed={'data.target_spacing': (5.0, 1.0, 1.0)})
+  choice = {c.field: c for c in p.choices}['data.target_spacing']
+  assert choice.overridden and choice.value == (5.0, 1.0, 1.0)
+  assert choice.planned == pytest.approx((3.9, 1.0, 1.0))
+  # Planned at 5 mm: slices 6, 8, 10 (x5), 12 (x3), median 10.
+  assert p['data.patch_size'] == (10, 64, 64)
+  line = next(
+    x for x in planning.format_table(p).splitlines() if x.startswith('data.target')
+  )
+  assert 'command line' in line and "overrides the plan's (3.9, 1, 1)" in line
+  with pytest.raises(ValueError, match='target_spacing=.* has 2 entries'):
+    planning.plan(fp, fixed={'data.target_spacing': (5.0, 1.0)})
+  # 2D images are not resampled: no such field.
+  assert 'data.target_spacing' not in planning.plan(_fp()).values()
 
 
 def test_anisotropic_spacing_pools_in_plane_first():
@@ -233,6 +347,53 @@ def test_normalisation_by_value_range():
   mri = planning.plan(_fp(value_max=(1800.0,), value_type='uint16'))
   assert mri['data.normalization'] == 'zscore'
   assert 'data.intensity_low' not in mri.values()
+
+
+def _two_channels(**overrides):
+  return _fp(
+    num_channels=2,
+    value_min=(-1024.0, 0.0),
+    value_max=(2000.0, 900.0),
+    value_type='int16',
+    foreground_p00_5=(-100.0, 5.0),
+    foreground_p99_5=(300.0, 800.0),
+    foreground_mean=(40.0, 300.0),
+    foreground_std=(80.0, 100.0),
+    **overrides,
+  )
+
+
+def test_normalisation_by_channel_name():
+  # 'CT' wins over the 8-bit value range, with the foreground intensities.
+  ct = planning.plan(_fp(channel_names=('CT',)))
+  assert ct['data.normalization'] == 'ct'
+  assert (ct['data.intensity_low'], ct['data.intensity_high']) == ((20.0,), (230.0,))
+  assert (ct['data.intensity_mean'], ct['data.intensity_std']) == ((120.0,), (30.0,))
+  reason = {c.field: c.reason for c in ct.choices}['data.normalization']
+  assert reason.startswith('channel_names in dataset.json: CT -> ct')
+  # Other names: a z-score per image, one mode for both channels.
+  mri = planning.plan(_two_channels(channel_names=('T2', 'ADC')))
+  assert mri['data.normalization'] == 'zscore'
+  assert 'data.intensity_low' not in mri.values()
+  # One mode per channel; the intensities hold one value per channel, neutral where
+  # the channel's mode does not use them.
+  mixed = planning.plan(_two_channels(channel_names=('CT', 'noNorm')))
+  assert mixed['data.normalization'] == 'ct,none'
+  assert mixed['data.intensity_low'] == (-100.0, 0.0)
+  assert mixed['data.intensity_high'] == (300.0, 1.0)
+  assert mixed['data.intensity_mean'] == (40.0, 0.0)
+  assert mixed['data.intensity_std'] == (80.0, 1.0)
+  config = importlib.import_module('configs.folder').get_config()
+  data = config_lib.DataOptions.from_config(planning.apply(config, mixed).data)
+  image = np.stack([np.full((2, 2), 340.0), np.full((2, 2), 7.0)], axis=-1)
+  out = input_pipeline.normaliser(data, 2)(image)
+  np.testing.assert_allclose(out[..., 0], 3.25)  # (clip(340, -100, 300) - 40) / 80.
+  np.testing.assert_allclose(out[..., 1], 7.0)
+  # nnU-Net matches names case-insensitively; rescale_to_0_1 is a per-image 0-1.
+  named = planning.plan(_two_channels(channel_names=('ct', 'rescale_to_0_1')))
+  assert named['data.normalization'] == 'ct,minmax'
+  # Without channel names, the value range decides, as before.
+  assert planning.plan(_two_channels())['data.normalization'] == 'ct'
 
 
 def test_a_rare_class_gets_class_weights():
@@ -526,6 +687,8 @@ def test_the_planning_command_prints_fingerprint_and_plan(tmp_path):
   out = proc.stdout
   assert re.search(r'spacing_median +\(4, 1, 1\)', out)
   assert re.search(r"value_type +'int16'", out)
+  # 4 slices x 3 is not under 12: not anisotropic, the median spacing.
+  assert re.search(r'data.target_spacing +\(4, 1, 1\) +plan +the per-axis median', out)
   normalization = next(
     line for line in out.splitlines() if line.startswith('data.normalization')
   )
@@ -553,6 +716,13 @@ def test_fingerprint_of_a_data_set_is_cached_per_build(tmp_path):
     json.dump(stored, f)
   assert planning.fingerprint(data).num_cases == 99
   assert planning.fingerprint(data, cache=False) == first
+  # A fingerprint cached by an older version is recomputed, not misread.
+  stored['version'] = planning.FORMAT_VERSION - 1
+  del stored['spacings'], stored['shapes']
+  with open(path, 'w') as f:
+    json.dump(stored, f)
+  assert planning.fingerprint(data) == first
+  assert first.shapes == ((8, 8), (8, 8)) and first.spacings == ((1.0, 1.0),) * 2
   # A changed folder is a new built copy, with a fingerprint of its own.
   sf.write_pair(
     root, 'train', 'c9', np.full((8, 8), 200, np.uint8), np.ones((8, 8), np.uint8)

@@ -28,7 +28,8 @@ import ml_collections
 import numpy as np
 
 SIZE_POLICIES = ('pad', 'crop', 'resize')
-NORMALIZATIONS = ('zscore', 'ct', 'rescale')  # DataOptions.normalization.
+# DataOptions.normalization: one mode, or one per channel ('ct,zscore').
+NORMALIZATIONS = ('zscore', 'ct', 'rescale', 'minmax', 'none')
 OPTIMIZERS = ('adam', 'adamw', 'sgd')
 SCHEDULES = ('cosine', 'poly', 'constant')
 BEST_MODES = ('max', 'min')
@@ -177,7 +178,9 @@ class DataOptions(_Section):
     tuple[int, ...], ...
   ] = ()  # Colour masks: the RGB colour of each class.
   # 'zscore' per image; 'ct': clip to [low, high], then (x - mean) / std; 'rescale':
-  # (x - low) / (high - low). The intensity_* fields hold one value, or one per channel.
+  # (x - low) / (high - low); 'minmax': per image to [0, 1]; 'none'. One mode for
+  # every channel, or one per channel, comma-separated ('ct,zscore'). The
+  # intensity_* fields hold one value, or one per channel.
   normalization: str = 'zscore'
   intensity_low: tuple[float, ...] = ()  # 'ct', 'rescale': the low end of the window.
   intensity_high: tuple[float, ...] = ()  # 'ct', 'rescale': the high end.
@@ -215,36 +218,62 @@ class DataOptions(_Section):
       )
     self._check_normalization()
 
+  def normalization_modes(self) -> tuple[str, ...]:
+    """`normalization` as modes: one for every channel, or one per channel."""
+    return tuple(m.strip() for m in self.normalization.split(','))
+
   def _check_normalization(self) -> None:
-    mode = self.normalization
-    if mode not in NORMALIZATIONS:
-      raise ValueError(
-        f'config.data.normalization={mode!r} is not one of {list(NORMALIZATIONS)}.'
-      )
-    for name in INTENSITY_FIELDS.get(mode, ()):
-      if not getattr(self, f'intensity_{name}'):
+    modes = self.normalization_modes()
+    for mode in modes:
+      if mode not in NORMALIZATIONS and len(modes) == 1:
         raise ValueError(
-          f'config.data.normalization={mode!r} needs config.data.intensity_{name}'
-          ' (one value, or one per channel).'
+          f'config.data.normalization={mode!r} is not one of {list(NORMALIZATIONS)}.'
         )
-    if mode == 'zscore':
-      return
+      if mode not in NORMALIZATIONS:
+        raise ValueError(
+          f'config.data.normalization={self.normalization!r}: the entry {mode!r} is'
+          f' not one of {list(NORMALIZATIONS)}.'
+        )
+    for mode in modes:
+      for name in INTENSITY_FIELDS.get(mode, ()):
+        if not getattr(self, f'intensity_{name}'):
+          raise ValueError(
+            f'config.data.normalization={self.normalization!r} needs'
+            f' config.data.intensity_{name} (one value, or one per channel).'
+          )
+    if any(mode in INTENSITY_FIELDS for mode in modes):
+      self._check_intensities(modes)
+
+  def _check_intensities(self, modes: tuple[str, ...]) -> None:
+    """The intensity values of the channels whose mode uses them: one value or one
+    per channel, high above low, a positive std ('ct')."""
     low, high = self.intensity_values('low'), self.intensity_values('high')
-    if low.size > 1 and high.size > 1 and low.size != high.size:
-      raise ValueError(
-        f'config.data.intensity_low {low.tolist()} and intensity_high'
-        f' {high.tolist()} have different lengths.'
-      )
-    if np.any(high <= low):
+    std = self.intensity_values('std')
+    if len(modes) == 1:
+      if low.size > 1 and high.size > 1 and low.size != high.size:
+        raise ValueError(
+          f'config.data.intensity_low {low.tolist()} and intensity_high'
+          f' {high.tolist()} have different lengths.'
+        )
+      window, ct = True, modes[0] == 'ct'
+    else:
+      for name in ('low', 'high', 'mean', 'std'):
+        size = self.intensity_values(name).size
+        if size not in (0, 1, len(modes)):
+          raise ValueError(
+            f'config.data.intensity_{name} has {size} values, but'
+            f' config.data.normalization={self.normalization!r} gives'
+            f' {len(modes)} channels a mode each: give 1 value or {len(modes)}.'
+          )
+      window = np.asarray([m in INTENSITY_FIELDS for m in modes])
+      ct = np.asarray([m == 'ct' for m in modes])
+    if np.any((high <= low) & window):
       raise ValueError(
         f'config.data.intensity_high {high.tolist()} must be above'
         f' intensity_low {low.tolist()}.'
       )
-    if mode == 'ct' and np.any(self.intensity_values('std') <= 0):
-      raise ValueError(
-        f'config.data.intensity_std {self.intensity_values("std").tolist()} must be'
-        ' positive.'
-      )
+    if std.size and np.any((std <= 0) & ct):
+      raise ValueError(f'config.data.intensity_std {std.tolist()} must be positive.')
 
   def intensity_values(self, name: str) -> np.ndarray:
     """`intensity_<name>` as float32 [1] or [C]."""

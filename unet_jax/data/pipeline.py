@@ -48,9 +48,10 @@ Normalisation (`config.data.normalization`, see `normalise`): 'zscore' (the
 default) takes each example, per channel, to zero mean and unit standard
 deviation over its own pixels (as nnU-Net does for MRI); 'ct' clips to a fixed
 intensity window and applies one global z-score (nnU-Net's CT normalisation);
-'rescale' maps a fixed range to [0, 1] (8-bit images). `unet_jax.planning`
-chooses one from the data. Padding is added after normalisation, so the image
-padding is 0 (the mean, under 'zscore').
+'rescale' maps a fixed range to [0, 1] (8-bit images); 'minmax' maps each image
+to [0, 1]; 'none' leaves it. One mode for every channel, or one per channel
+('ct,zscore'). `unet_jax.planning` chooses them from the data. Padding is added
+after normalisation, so the image padding is 0 (the mean, under 'zscore').
 
 Why grain over array_record rather than tf.data: exact resume and a global,
 per-epoch reshuffle need random access by index, which array_record gives and
@@ -157,7 +158,7 @@ def _shapes(options: config_lib.DataOptions, source: sources.Source, divisor) ->
 
 
 def normalise(
-  image: np.ndarray, *, mode: str = 'zscore', low=None, high=None, mean=None, std=None
+  image: np.ndarray, *, mode='zscore', low=None, high=None, mean=None, std=None
 ) -> np.ndarray:
   """Normalises an image [*spatial, C], per channel; float32 [*spatial, C].
 
@@ -166,25 +167,61 @@ def normalise(
     'zscore':  x' = (x - mean(x)) / max(std(x), 1e-6)   over the image's own pixels
     'ct':      x' = (clip(x, low, high) - mean) / std   with the data set's values
     'rescale': x' = (x - low) / (high - low)            a fixed range to [0, 1]
+    'minmax':  x' = (x - min(x)) / max(max(x) - min(x), 1e-8)   per image to [0, 1]
+    'none':    x' = x
 
   'zscore' is nnU-Net's normalisation for MRI-like data; 'ct' its CT normalisation,
   with `low`, `high` the 0.5 and 99.5 percentiles and `mean`, `std` the mean and
   standard deviation of the foreground intensities of the training set; 'rescale' a
-  fixed scaling, e.g. `low=0, high=255` for 8-bit images (Isensee et al., nnU-Net,
-  Nature Methods 2021, Sec. "Intensity normalization").
+  fixed scaling, e.g. `low=0, high=255` for 8-bit images; 'minmax' and 'none'
+  nnU-Net's 'rescale_to_0_1' and 'noNorm' (Isensee et al., nnU-Net, Nature Methods
+  2021, Sec. "Intensity normalization"; nnunetv2/preprocessing/normalization).
 
   Args:
     image: [*spatial, C] raw intensities.
-    mode: one of `NORMALIZATIONS`.
+    mode: one of `NORMALIZATIONS` for every channel, or a sequence of C modes (or
+      a comma-separated string of them), one per channel.
     low, high, mean, std: 'ct' and 'rescale' only: a scalar or one value per
       channel ([C]).
   """
+  modes = tuple(m.strip() for m in mode.split(',')) if isinstance(mode, str) else mode
+  if len(modes) == 1:
+    return _normalise_one(image, modes[0], low=low, high=high, mean=mean, std=std)
+  if image.shape[-1] != len(modes):
+    raise ValueError(
+      f'normalise: {len(modes)} modes {tuple(modes)} for an image of'
+      f' {image.shape[-1]} channel(s).'
+    )
+  values = dict(low=low, high=high, mean=mean, std=std)
+  channels = []
+  for c, m in enumerate(modes):
+    own = {k: _channel_value(v, c) for k, v in values.items()}
+    channels.append(_normalise_one(image[..., c : c + 1], m, **own).astype(np.float32))
+  return np.concatenate(channels, axis=-1)
+
+
+def _channel_value(value, c: int):
+  """Channel c's value of a scalar, [1] or [C] value (None stays None)."""
+  if value is None:
+    return None
+  value = np.asarray(value, np.float32).reshape(-1)
+  return value[c] if value.size > 1 else value[0]
+
+
+def _normalise_one(image, mode: str, *, low, high, mean, std) -> np.ndarray:
+  """`normalise` with one mode for every channel."""
   if mode == 'zscore':
     flat = image.reshape(-1, image.shape[-1]).astype(np.float32, copy=False)
     mean = flat.mean(axis=0)
     std = np.sqrt(np.mean(np.square(flat - mean), axis=0))
     return (image - mean) * (1 / np.maximum(std, 1e-6))
   image = np.asarray(image, np.float32)
+  if mode == 'none':
+    return image
+  if mode == 'minmax':
+    flat = image.reshape(-1, image.shape[-1])
+    lo, hi = flat.min(axis=0), flat.max(axis=0)
+    return ((image - lo) / np.maximum(hi - lo, np.float32(1e-8))).astype(np.float32)
   low, high = np.float32(low), np.float32(high)
   if mode == 'ct':
     mean, std = np.float32(mean), np.float32(std)
@@ -211,20 +248,28 @@ def normaliser(data, num_channels: int | None = None):
   """The normalisation the data options ask for: image [*spatial, C] -> float32.
 
   Args:
-    data: `config_lib.DataOptions` (or `config.data`): `normalization` and, for
-      'ct' and 'rescale', the `intensity_*` values (checked there).
-    num_channels: the image channels the intensity values must fit (1 value or
-      one per channel); None: not checked.
+    data: `config_lib.DataOptions` (or `config.data`): `normalization` (one mode,
+      or one per channel) and, for 'ct' and 'rescale', the `intensity_*` values
+      (checked there).
+    num_channels: the image channels the modes and intensity values must fit (1
+      of each, or one per channel); None: not checked.
   """
   options = config_lib.DataOptions.from_config(data)
-  mode = options.normalization
-  if mode == 'zscore':
+  modes = options.normalization_modes()
+  if num_channels is not None and len(modes) not in (1, num_channels):
+    raise ValueError(
+      f'config.data.normalization={options.normalization!r} gives {len(modes)}'
+      f' modes; the data has {num_channels} channel(s): give 1 or {num_channels}.'
+    )
+  if modes == ('zscore',):
     return normalise
+  names = {n for m in modes for n in config_lib.INTENSITY_FIELDS.get(m, ())}
   values = {
     name: _channel_values(options, name, num_channels)
-    for name in config_lib.INTENSITY_FIELDS[mode]
+    for name in ('low', 'high', 'mean', 'std')
+    if name in names
   }
-  return functools.partial(normalise, mode=mode, **values)
+  return functools.partial(normalise, mode=modes[0] if len(modes) == 1 else modes, **values)
 
 
 def _pad_to(image, label, shape):

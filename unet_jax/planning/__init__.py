@@ -13,11 +13,12 @@ After nnU-Net (Isensee et al., 2021). The modules, each importing only those
 before it (and models and data; never train):
 
 * `fingerprint.py`: `Fingerprint`, read from a data set's raw train examples and
-  cached beside the built data set.
+  cached beside the built data set; `resampled_shape` and `resampled`, the cases
+  at another voxel spacing.
 * `topology.py`: pooling windows and kernels per axis and level.
-* `rules.py`: the rules that turn a fingerprint into config choices (input or
-  patch size, batch, normalisation, augmentation, loss, steps), documented
-  there, once.
+* `rules.py`: the rules that turn a fingerprint into config choices (target
+  spacing, input or patch size, batch, normalisation, augmentation, loss, steps),
+  documented there, once.
 * `plan.py`: `Plan`, `plan`, `apply`, the table and plan.json.
 * `__main__.py`: the command line.
 
@@ -33,6 +34,8 @@ from unet_jax.planning.fingerprint import Fingerprint
 from unet_jax.planning.fingerprint import fingerprint
 from unet_jax.planning.fingerprint import fingerprint_examples
 from unet_jax.planning.fingerprint import FORMAT_VERSION
+from unet_jax.planning.fingerprint import resampled
+from unet_jax.planning.fingerprint import resampled_shape
 from unet_jax.planning.fingerprint import SAMPLES_PER_CASE
 from unet_jax.planning.plan import apply
 from unet_jax.planning.plan import fixed_fields
@@ -44,6 +47,7 @@ from unet_jax.planning.plan import plan
 from unet_jax.planning.plan import PLAN_FILE
 from unet_jax.planning.plan import read_plan
 from unet_jax.planning.plan import write_plan
+from unet_jax.planning.rules import ANISOTROPY
 from unet_jax.planning.rules import Choice
 from unet_jax.planning.rules import CT_MIN_VALUE
 from unet_jax.planning.rules import MIN_FEATURES
@@ -55,6 +59,7 @@ from unet_jax.planning.topology import MIN_POOL_SIZE
 from unet_jax.planning.topology import topology
 
 __all__ = [
+  'ANISOTROPY',
   'apply',
   'Choice',
   'CT_MIN_VALUE',
@@ -76,6 +81,8 @@ __all__ = [
   'PLAN_FILE',
   'RARE_CLASS',
   'read_plan',
+  'resampled',
+  'resampled_shape',
   'SAMPLES_PER_CASE',
   'topology',
   'write_plan',

@@ -3,8 +3,10 @@
     fp = fingerprint(data)   # data = input_pipeline.open(...); cached beside it
 
 The fingerprint (`fingerprint`, `Fingerprint`) is read once from the raw train
-examples of a built data set and cached beside it: shapes (median, min, max),
-voxel spacing (median, anisotropy = coarsest / finest), per-channel intensity
+examples of a built data set and cached beside it: each case's shape and voxel
+spacing (as built: at the case's own spacing), their summaries (shape median,
+min, max; median spacing, anisotropy = coarsest / finest), the source's channel
+names (nnU-Net's dataset.json `channel_names`, if it has them), per-channel intensity
 statistics over the foreground (0.5 and 99.5 percentiles, mean, std; up to
 10,000 voxels sampled per case, as nnU-Net does), the raw value range and what
 integer type holds it, class frequencies and the share of images each class
@@ -25,7 +27,7 @@ from absl import logging
 import numpy as np
 from scipy import ndimage
 
-FORMAT_VERSION = 1  # Of the cached fingerprint; a new version recomputes it.
+FORMAT_VERSION = 2  # Of the cached fingerprint; a new version recomputes it.
 SAMPLES_PER_CASE = 10_000  # Foreground intensities sampled per case (nnU-Net's).
 
 
@@ -64,6 +66,10 @@ class Fingerprint:
       log(s_H / s_W), where s is the standard deviation of the class's pixel
       coordinates along an in-plane axis in physical units, plus half a pixel
       (so a one-pixel line has a finite spread), and its standard error.
+    spacings, shapes: per case, in the order read: its voxel spacing and
+      spatial shape ((): not recorded, as in fingerprints made by hand).
+    channel_names: the source's name of each channel (e.g. ('CT',) or
+      ('T2', 'ADC')); () when it has none.
   """
 
   key: str
@@ -91,6 +97,9 @@ class Fingerprint:
   centroid_sem: tuple[tuple[float, ...], ...]
   elongation_mean: tuple[float, ...]
   elongation_sem: tuple[float, ...]
+  spacings: tuple[tuple[float, ...], ...] = ()
+  shapes: tuple[tuple[int, ...], ...] = ()
+  channel_names: tuple[str, ...] = ()
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -159,7 +168,7 @@ class _Survey:
   def add(self, index: int, image: np.ndarray, label: np.ndarray, spacing, ignore):
     """One raw case: image [*spatial, C], label [*spatial] (with `ignore` values)."""
     self.shapes.append(label.shape)
-    self.spacings.append(tuple(spacing))
+    self.spacings.append(tuple(float(s) for s in spacing))
     flat = image.reshape(-1, image.shape[-1])
     self.low = np.minimum(self.low, flat.min(axis=0))
     self.high = np.maximum(self.high, flat.max(axis=0))
@@ -185,7 +194,7 @@ class _Survey:
     spread = [w.std() * s + 0.5 * s for w, s in zip(where[-2:], spacing[-2:])]
     self.elongations[c].append(math.log(spread[0] / spread[1]))
 
-  def summary(self, key: str) -> Fingerprint:
+  def summary(self, key: str, channel_names: tuple[str, ...] = ()) -> Fingerprint:
     if not self.shapes:
       raise ValueError(f'{key}: the train split holds no examples to fingerprint.')
     shapes = np.asarray(self.shapes)
@@ -227,6 +236,9 @@ class _Survey:
       centroid_sem=((0.0,) * self.ndim,) + tuple(e for _, e in centroids),
       elongation_mean=(0.0,) + tuple(m[0] for m, _ in elongations),
       elongation_sem=(0.0,) + tuple(e[0] for _, e in elongations),
+      spacings=as_tuples(self.spacings),
+      shapes=as_tuples([tuple(int(n) for n in s) for s in self.shapes]),
+      channel_names=tuple(str(n) for n in channel_names),
     )
 
 
@@ -263,12 +275,13 @@ def fingerprint_examples(
   num_classes: int,
   ignore_index: int | None = None,
   key: str = '',
+  channel_names: tuple[str, ...] = (),
 ) -> Fingerprint:
   """The fingerprint of raw examples (`datasets.sources.Example`: image float32
   [*spatial, C], label int [*spatial], spacing), read one at a time.
 
   Pixels labelled `ignore_index` are left out of the class and foreground
-  statistics.
+  statistics. `channel_names` (the source's, if any) are recorded as given.
   """
   survey = _Survey(ndim, num_channels, num_classes)
   for i, example in enumerate(examples):
@@ -279,7 +292,43 @@ def fingerprint_examples(
       example.spacing,
       ignore_index,
     )
-  return survey.summary(key)
+  return survey.summary(key, channel_names)
+
+
+def resampled_shape(shape, spacing, target) -> tuple[int, ...]:
+  """The spatial shape of a case of `shape` and `spacing` resampled to `target`.
+
+  round(shape * spacing / target) per axis (numpy's rounding: halves to even),
+  at least 1; the data module resamples by the same rule.
+
+  Args:
+    shape: the case's spatial shape, (D, H, W) or (H, W).
+    spacing: its voxel spacing, in the same order.
+    target: the spacing it is resampled to.
+  """
+  new = np.round(np.asarray(shape, np.float64) * np.asarray(spacing, np.float64) / target)
+  return tuple(max(1, int(n)) for n in new)
+
+
+def resampled(fp: Fingerprint, target) -> Fingerprint:
+  """The fingerprint of the data resampled to `target` spacing: every case's
+  shape by `resampled_shape`, the shape median, min and max of those, the spacing
+  `target` for every case and its anisotropy; the rest unchanged. A fingerprint
+  without per-case shapes and spacings keeps its shapes."""
+  target = tuple(float(t) for t in target)
+  changed = dict(spacing_median=target, anisotropy=max(target) / min(target))
+  if fp.shapes and fp.spacings:
+    shapes = np.asarray(
+      [resampled_shape(n, s, target) for n, s in zip(fp.shapes, fp.spacings)]
+    )
+    changed.update(
+      shapes=as_tuples(shapes),
+      spacings=(target,) * len(shapes),
+      shape_median=as_tuples(np.median(shapes, axis=0).astype(float)),
+      shape_min=as_tuples(shapes.min(axis=0)),
+      shape_max=as_tuples(shapes.max(axis=0)),
+    )
+  return dataclasses.replace(fp, **changed)
 
 
 def _cache_path(data, split: str, ignore_index: int | None) -> str | None:
@@ -327,6 +376,7 @@ def fingerprint(
     num_classes=data.source.num_classes,
     ignore_index=ignore_index,
     key=key,
+    channel_names=tuple(getattr(data.source, 'channel_names', None) or ()),
   )
   if path:
     write_json(path, {'version': FORMAT_VERSION, **result.to_dict()})

@@ -91,7 +91,9 @@ def plan(
   num_devices: int = 1,
 ) -> Plan:
   """The plan for a data set: config fields, each with its reason (the rules are
-  in `unet_jax/planning/rules.py`). A pure function of its arguments.
+  in `unet_jax/planning/rules.py`). A pure function of its arguments. 3D data is
+  planned at the target spacing it chooses: every rule after it sees the
+  fingerprint of the resampled cases.
 
   Args:
     fp: the data set's fingerprint.
@@ -111,11 +113,12 @@ def plan(
   fixed = _as_tuples_in(fixed or {})
   budget = memory.parse_bytes(memory_budget)
   options = dict(budget=budget, num_devices=num_devices)
-  choices, shape, batch = rules.input_choices(fp, fixed, features=features, **options)
+  spacing, data = rules.spacing_choices(fp, fixed)  # `data`: resampled to the target.
+  choices, shape, batch = rules.input_choices(data, fixed, features=features, **options)
   timed = []
   if time_budget and step_time and 'num_train_steps' not in fixed:
     choices, timed, shape = rules.timed_choices(
-      fp,
+      data,
       fixed,
       choices,
       shape,
@@ -125,9 +128,9 @@ def plan(
       features=features,
       **options,
     )
-  choices += rules.normalisation_choices(fp, fixed)
-  choices += rules.augment_choices(fp, shape)
-  choices += rules.loss_choices(fp, fixed)
+  choices = spacing + choices + rules.normalisation_choices(data, fixed)
+  choices += rules.augment_choices(data, shape)
+  choices += rules.loss_choices(data, fixed)
   choices += timed
   inputs = {
     'key': fp.key,
@@ -235,8 +238,14 @@ def format_table(p: Plan) -> str:
   return '\n'.join(lines)
 
 
-def format_fingerprint(fp: Fingerprint) -> str:
-  """The fingerprint as 'field  value' lines."""
-  values = fp.to_dict()
+def format_fingerprint(fp: Fingerprint, *, cases: int = 3) -> str:
+  """The fingerprint as 'field  value' lines; of the per-case fields (spacings,
+  shapes) the first `cases` cases."""
+  values = {k: _text(as_tuples(v)) for k, v in fp.to_dict().items()}
+  for k in ('spacings', 'shapes'):
+    per_case = getattr(fp, k)
+    if len(per_case) > cases:
+      shown = ', '.join(_text(v) for v in per_case[:cases])
+      values[k] = f'({shown}, ...): {len(per_case)} cases'
   width = max(len(k) for k in values)
-  return '\n'.join(f'{k.ljust(width)}  {_text(as_tuples(v))}' for k, v in values.items())
+  return '\n'.join(f'{k.ljust(width)}  {v}' for k, v in values.items())

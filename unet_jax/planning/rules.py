@@ -7,6 +7,20 @@ U-Net that matches or beats hand-tuned pipelines on most medical segmentation
 tasks. `unet_jax.planning.plan` applies these to make a plan, a pure function of
 the fingerprint and the budgets:
 
+* **Target spacing** (3D; `data.target_spacing`, what every case is resampled
+  to when the data set is built), nnU-Net v2's rule
+  (`ExperimentPlanner.determine_fullres_target_spacing`): the per-axis median of
+  the training cases' spacings. When the data is anisotropic, the axis with the
+  coarsest median gets the 10th percentile of its spacings instead (numpy's
+  linear interpolation), raised to the next coarsest axis's median + 1e-5 if it
+  would fall below it (so it stays the coarsest). Anisotropic means both, as in
+  nnU-Net: that axis's median spacing is over `ANISOTROPY` (3) times the largest
+  of the other axes' medians, and its median size (of the native shapes) times 3
+  is under the smallest of the other axes' median sizes: thick slices and few of
+  them. Every rule below plans the resampled data: each case's shape becomes
+  round(shape x spacing / target) (at least 1; `resampled_shape`), and the
+  shapes' median, min and max, the spacing and the anisotropy are those of the
+  resampled cases. 2D images are not resampled: no target spacing.
 * **Patch, depth, pooling, kernels.** The target input is the median shape.
   The axes are pooled level by level: an axis is pooled (by 2) only while its
   current spacing is within 2x of the finest current spacing and its current
@@ -25,7 +39,15 @@ the fingerprint and the budgets:
 * **Batch size**: the most that fits the budget, at most 5% of the data set's
   voxels, at least 2 (nnU-Net's rule); instance norm below a batch of 8, where
   batch statistics are noisy (nnU-Net uses instance norm throughout).
-* **Normalisation** (`input_pipeline.normalise`), from the raw value range:
+* **Normalisation** (`input_pipeline.normalise`). When the data set names its
+  channels (nnU-Net's dataset.json `channel_names`), by name, as nnU-Net maps
+  them (case-insensitively): 'CT' -> 'ct' (below), 'noNorm' -> 'none',
+  'rescale_to_0_1' -> 'minmax' (each image to [0, 1]), 'rgb_to_0_1' -> 'rescale'
+  (from [0, 255] for 8-bit data, else from the channel's raw value range),
+  'zscore' and any other name -> 'zscore'; one mode when every channel has the
+  same, else one per channel ('ct,zscore'), with the intensity values of each
+  'ct' channel as below and neutral ones (low 0, high 1, mean 0, std 1) where a
+  channel's mode does not use them. Else, from the raw value range:
   integer values with a minimum at or below -500 that fit in int16 are taken as
   CT (Hounsfield units: air is -1000): clip to the foreground's 0.5 and 99.5
   percentiles, then one z-score with the foreground mean and std. Integer values
@@ -73,9 +95,13 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
+import numpy as np
+
+from unet_jax import config as config_lib
 from unet_jax.models import memory
 from unet_jax.planning.fingerprint import as_tuples
 from unet_jax.planning.fingerprint import Fingerprint
+from unet_jax.planning.fingerprint import resampled
 from unet_jax.planning.topology import layout
 from unet_jax.planning.topology import MAX_DEPTH
 from unet_jax.planning.topology import MIN_POOL_SIZE
@@ -87,6 +113,8 @@ _THIN = 3.0  # Pixels: a class thinner than this is not zoomed out.
 MIN_STEPS = 250  # The time rule makes a step cheaper until this many fit the budget.
 MIN_PATCH_SIDE = 32  # ... but not below this (or the median) along any axis,
 MIN_FEATURES = 8  # ... nor the top width below this.
+ANISOTROPY = 3  # nnU-Net's ANISO_THRESHOLD, for the target spacing.
+LOW_PERCENTILE = 10  # The coarse axis's target of anisotropic data (nnU-Net's).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +142,81 @@ class Choice:
 
 
 # ---------------------------------------------------------------------------
+# The target spacing.
+
+
+def _target_spacing(fp: Fingerprint) -> tuple[tuple[float, ...], str]:
+  """nnU-Net v2's full-resolution target spacing (`ExperimentPlanner.
+  determine_fullres_target_spacing`), and why."""
+  if not fp.spacings:
+    return (
+      fp.spacing_median,
+      'the median spacing (the fingerprint has no per-case spacings)',
+    )
+  spacings = np.asarray(fp.spacings, np.float64)
+  sizes = np.percentile(np.asarray(fp.shapes or [fp.shape_median], np.float64), 50, axis=0)
+  target = np.percentile(spacings, 50, axis=0)
+  why = f'the per-axis median spacing of {len(spacings)} cases'
+  worst = int(np.argmax(target))
+  others = [a for a in range(fp.ndim) if a != worst]
+  other_spacing = max(target[a] for a in others)
+  other_size = min(sizes[a] for a in others)
+  axis = _axis_names(fp.ndim)[worst]
+  thick = f'median {target[worst]:.4g} > {ANISOTROPY} x {other_spacing:.4g}'
+  few = f'median size {sizes[worst]:g} x {ANISOTROPY} < {other_size:g}'
+  if target[worst] > ANISOTROPY * other_spacing and sizes[worst] * ANISOTROPY < other_size:
+    low = float(np.percentile(spacings[:, worst], LOW_PERCENTILE))
+    why += (
+      f'; {axis}: the {LOW_PERCENTILE}th percentile {low:.4g} of its spacings'
+      f' (anisotropic: {thick}, {few})'
+    )
+    if low < other_spacing:  # nnU-Net's guard: still the coarsest axis.
+      low = float(other_spacing) + 1e-5
+      why += f", raised to the next coarsest axis's {other_spacing:.4g} + 1e-5"
+    target[worst] = low
+  elif target[worst] > ANISOTROPY * other_spacing:
+    why += f' ({axis}: {thick}, but not {few}: not anisotropic enough for nnU-Net)'
+  return as_tuples(target), why
+
+
+def spacing_choices(
+  fp: Fingerprint, fixed: Mapping[str, Any]
+) -> tuple[list[Choice], Fingerprint]:
+  """3D: data.target_spacing, and the fingerprint of the data resampled to it (the
+  target set on the command line, if any), which the other rules plan from. 2D:
+  images are not resampled: no choice, and `fp` itself."""
+  if fp.ndim != 3:
+    return [], fp
+  planned, why = _target_spacing(fp)
+  target = tuple(fixed.get('data.target_spacing', planned) or ())
+  if target and len(target) != fp.ndim:
+    raise ValueError(
+      f'config.data.target_spacing={target} has {len(target)} entries, but the data'
+      f' set has {fp.ndim} spatial axes.'
+    )
+  why += (
+    f'; resampled median shape {_shape_text(resampled(fp, planned).shape_median)}'
+    f' (native {_shape_text(fp.shape_median)})'
+  )
+  used = resampled(fp, target) if target else fp
+  return [Choice('data.target_spacing', planned, why)], used
+
+
+# ---------------------------------------------------------------------------
 # Normalisation.
+
+
+# nnU-Net's channel names (dataset.json `channel_names`, matched case-insensitively,
+# as nnunetv2's get_normalization_scheme does) -> `normalise` modes; any other name
+# is 'zscore'. unet_jax/data/nnunet.py's `normalization_of` holds the same mapping.
+_CHANNEL_NORMALISATION = {
+  'ct': 'ct',
+  'nonorm': 'none',
+  'zscore': 'zscore',
+  'rescale_to_0_1': 'minmax',
+  'rgb_to_0_1': 'rescale',
+}
+_NEUTRAL = {'low': 0.0, 'high': 1.0, 'mean': 0.0, 'std': 1.0}  # Of unused channels.
 
 
 def _data_kind(fp: Fingerprint) -> tuple[str, str]:
@@ -128,52 +230,81 @@ def _data_kind(fp: Fingerprint) -> tuple[str, str]:
   return 'mri', f'{where}: neither 8-bit nor Hounsfield units (MRI-like)'
 
 
-def normalisation_choices(fp: Fingerprint, fixed: Mapping[str, Any]) -> list[Choice]:
+def _mode_by_value_range(fp: Fingerprint) -> tuple[str, str]:
   kind, why = _data_kind(fp)
   mode = {'ct': 'ct', 'natural8': 'rescale', 'mri': 'zscore'}[kind]
-  choices = [
-    Choice(
-      'data.normalization',
-      mode,
-      {
-        'ct': f'{why}; clip to the foreground 0.5-99.5 percentiles, then one z-score',
-        'rescale': f'{why}; a fixed 0-1 scaling keeps their intensities comparable',
-        'zscore': f'{why}; a z-score per image, per channel',
-      }[mode],
-    )
-  ]
-  mode = fixed.get('data.normalization', mode)
+  return mode, {
+    'ct': f'{why}; clip to the foreground 0.5-99.5 percentiles, then one z-score',
+    'rescale': f'{why}; a fixed 0-1 scaling keeps their intensities comparable',
+    'zscore': f'{why}; a z-score per image, per channel',
+  }[mode]
+
+
+def _mode_by_channel_names(fp: Fingerprint) -> tuple[str, str]:
+  """nnU-Net's mapping of each channel's name; one mode when they agree."""
+  modes = [_CHANNEL_NORMALISATION.get(n.casefold(), 'zscore') for n in fp.channel_names]
+  named = ', '.join(f'{n} -> {m}' for n, m in zip(fp.channel_names, modes))
+  mode = modes[0] if len(set(modes)) == 1 else ','.join(modes)
+  return mode, f"channel_names in dataset.json: {named} (nnU-Net's mapping)"
+
+
+def _intensities(fp: Fingerprint, mode: str, c: int) -> dict[str, tuple[float, str]]:
+  """{name: (value, why)} of channel c's intensity values under `mode`."""
   if mode == 'ct':
-    choices += [
-      Choice(
-        'data.intensity_low',
-        fp.foreground_p00_5,
-        'the 0.5 percentile of the foreground intensities',
-      ),
-      Choice(
-        'data.intensity_high',
-        fp.foreground_p99_5,
-        'the 99.5 percentile of the foreground intensities',
-      ),
-      Choice(
-        'data.intensity_mean', fp.foreground_mean, 'the mean of the foreground intensities'
-      ),
-      Choice(
-        'data.intensity_std',
-        tuple(max(s, 1e-6) for s in fp.foreground_std),
+    return {
+      'low': (fp.foreground_p00_5[c], 'the 0.5 percentile of the foreground intensities'),
+      'high': (fp.foreground_p99_5[c], 'the 99.5 percentile of the foreground intensities'),
+      'mean': (fp.foreground_mean[c], 'the mean of the foreground intensities'),
+      'std': (
+        max(fp.foreground_std[c], 1e-6),
         'the standard deviation of the foreground intensities',
       ),
-    ]
-  elif mode == 'rescale':
-    eight_bit = kind == 'natural8'
-    low = (0.0,) * fp.num_channels if eight_bit else fp.value_min
-    high = (255.0,) * fp.num_channels if eight_bit else fp.value_max
-    why = 'the 8-bit range' if eight_bit else 'the raw value range'
-    choices += [
-      Choice('data.intensity_low', low, why),
-      Choice('data.intensity_high', high, why),
-    ]
+    }
+  if fp.value_type == 'uint8':  # 'rescale'
+    return {'low': (0.0, 'the 8-bit range'), 'high': (255.0, 'the 8-bit range')}
+  return {
+    'low': (fp.value_min[c], 'the raw value range'),
+    'high': (fp.value_max[c], 'the raw value range'),
+  }
+
+
+def _intensity_choices(fp: Fingerprint, modes: tuple[str, ...]) -> list[Choice]:
+  """data.intensity_* for `modes` (one for all channels, or one per channel): one
+  value per channel; a channel whose mode does not use a field gets a neutral one."""
+  channels = range(fp.num_channels)
+  per_mode = [modes[0] if len(modes) == 1 else modes[c] for c in channels]
+  used = [
+    _intensities(fp, m, c) if m in config_lib.INTENSITY_FIELDS else {}
+    for c, m in enumerate(per_mode)
+  ]
+  choices = []
+  for name in ('low', 'high', 'mean', 'std'):
+    if not any(name in u for u in used):
+      continue
+    value = tuple(u[name][0] if name in u else _NEUTRAL[name] for u in used)
+    whys = {u[name][1] for u in used if name in u}
+    why = '; '.join(sorted(whys))
+    users = [str(c) for c, u in enumerate(used) if name in u]
+    if len(users) < len(used):
+      why = f'channel {", ".join(users)}: {why}; others {_NEUTRAL[name]:g} (unused)'
+    choices.append(Choice(f'data.intensity_{name}', value, why))
   return choices
+
+
+def normalisation_choices(fp: Fingerprint, fixed: Mapping[str, Any]) -> list[Choice]:
+  """data.normalization (by channel name, else by the raw value range) and the
+  intensity values its modes use."""
+  names = fp.channel_names and len(fp.channel_names) == fp.num_channels
+  mode, why = _mode_by_channel_names(fp) if names else _mode_by_value_range(fp)
+  choices = [Choice('data.normalization', mode, why)]
+  mode = fixed.get('data.normalization', mode)
+  modes = tuple(m.strip() for m in mode.split(','))
+  if len(modes) not in (1, fp.num_channels):
+    raise ValueError(
+      f'config.data.normalization={mode!r} gives {len(modes)} modes; the data has'
+      f' {fp.num_channels} channel(s): give 1 or {fp.num_channels}.'
+    )
+  return choices + _intensity_choices(fp, modes)
 
 
 # ---------------------------------------------------------------------------
