@@ -4,8 +4,9 @@ Generates an nnU-Net v2 data set of brain-like phantoms (`unet_jax.data.phantoms
 not the MNI template): every case is one anatomy drawn in millimetres and sampled
 at (2, 2, 2) mm or at (4, 1.5, 1.5) mm, alternately, with two channels; the
 first test case is stored with its axes permuted and one flipped. Then trains
-`configs/folder.py` on it twice, with the same wall-clock budget of training
-steps, and predicts the test cases with the predict command:
+`configs/folder.py` on it twice, for the same number of steps (`--steps`; or, with
+`--budget`, the same wall-clock budget of steps, which a busy machine skews), and
+predicts the test cases with the predict command:
 
 * `resampled`: the plan as it ships: every case resampled to the plan's target
   spacing when the data set is built, predictions resampled back;
@@ -16,7 +17,7 @@ Both read volumes in canonical orientation. Reported: grey- and white-matter
 Dice per test case on its own grid (the predict command's `per_case.csv`
 against `labelsTs/`), and their means.
 
-    nice -n 10 .venv/bin/python benchmarks/resampling.py [--budget=300] \
+    nice -n 10 .venv/bin/python benchmarks/resampling.py [--steps=300 | --budget=300] \
         [--cases=16] [--test=6] [--size=64] [--out=benchmarks/out/resampling]
 
 Prints a Markdown table for benchmarks/RESULTS.md and writes <out>/results.json.
@@ -53,7 +54,7 @@ def _run(cmd: list[str], log: pathlib.Path) -> float:
   return time.perf_counter() - started
 
 
-def _arm(name, flags, root, out, budget) -> dict:
+def _arm(name, flags, root, out, length: str) -> dict:
   """Trains one arm, predicts imagesTs, reads the per-case Dice."""
   slug = name.replace(' ', '_')
   workdir, predictions = out / f'run_{slug}', out / f'pred_{slug}'
@@ -67,7 +68,7 @@ def _arm(name, flags, root, out, budget) -> dict:
       f'--workdir={workdir}',
       f'--config.data.root={root}',
       f'--config.data.data_dir={out / "tfds"}',
-      f'--config.plan_time_budget={budget}',
+      length,
       *flags,
     ],
     out / f'train_{slug}.log',
@@ -89,10 +90,16 @@ def _arm(name, flags, root, out, budget) -> dict:
   return {
     'dice': rows,
     'target_spacing': plan.get('data.target_spacing'),
-    'steps': plan.get('num_train_steps'),
+    'steps': plan.get('num_train_steps') or _last_step(workdir),
     'train_seconds': train_seconds,
     'predict_seconds': predict_seconds,
   }
+
+
+def _last_step(workdir: pathlib.Path) -> int | None:
+  """The newest checkpoint's step."""
+  steps = [int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()]
+  return max(steps, default=None)
 
 
 def _table(results: dict) -> str:
@@ -122,7 +129,8 @@ def _table(results: dict) -> str:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--budget', type=float, default=300)
+  parser.add_argument('--steps', type=int, default=300)
+  parser.add_argument('--budget', type=float, default=0, help='seconds; 0: --steps')
   parser.add_argument('--cases', type=int, default=16)
   parser.add_argument('--test', type=int, default=6)
   parser.add_argument('--size', type=float, default=64.0)
@@ -136,12 +144,15 @@ def main():
   phantoms.write_nnunet_dataset(
     str(root), num_training=args.cases, num_test=args.test, size=args.size, seed=args.seed
   )
+  length = (
+    f'--config.plan_time_budget={args.budget}'
+    if args.budget
+    else f'--config.num_train_steps={args.steps}'
+  )
   results = {}
   for name, flags in ARMS.items():
-    print(
-      f'{name}: training for {args.budget:.0f} s of steps, then predicting ...', flush=True
-    )
-    results[name] = _arm(name, flags, root, out, args.budget)
+    print(f'{name}: training ({length}), then predicting ...', flush=True)
+    results[name] = _arm(name, flags, root, out, length)
   with open(out / 'results.json', 'w') as f:
     json.dump(
       {'args': vars(args), 'date': str(datetime.date.today()), **results}, f, indent=1

@@ -11,10 +11,10 @@ import nibabel
 import numpy as np
 import pytest
 
+from unet_jax import planning
 from unet_jax.data import geometry
 from unet_jax.data import phantoms
 from unet_jax.inference import predict
-from unet_jax.planning import plan as plan_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,7 +57,7 @@ def planned_run(tmp_path_factory):
 def test_the_plan_resamples_to_the_median_spacing(planned_run):
   root, workdir, base, proc = planned_run
   assert 'Final validation: dice' in proc.stdout
-  p = plan_lib.read_plan(str(workdir / 'plan.json'))
+  p = planning.read_plan(str(workdir / 'plan.json'))
   # Cases at (2, 2, 2) and (4, 1.5, 1.5) mm: the per-axis median, 3 <= 3 x 1.75.
   np.testing.assert_allclose(p['data.target_spacing'], (3.0, 1.75, 1.75))
   with open(workdir / 'config.json') as f:

@@ -473,12 +473,24 @@ def test_normalization_of():
       'noNorm',
       'NONORM',
       'rescale_to_0_1',
+      'RGB_to_0_1',
       'zscore',
       'T2',
       'MRI',
       '',
     )
-  ] == ['ct', 'ct', 'none', 'none', 'minmax', 'zscore', 'zscore', 'zscore', 'zscore']
+  ] == [
+    'ct',
+    'ct',
+    'none',
+    'none',
+    'minmax',
+    'rescale',
+    'zscore',
+    'zscore',
+    'zscore',
+    'zscore',
+  ]
 
 
 # ------------------------------------------------------------------ splits

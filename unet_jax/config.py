@@ -30,6 +30,16 @@ import numpy as np
 SIZE_POLICIES = ('pad', 'crop', 'resize')
 # DataOptions.normalization: one mode, or one per channel ('ct,zscore').
 NORMALIZATIONS = ('zscore', 'ct', 'rescale', 'minmax', 'none')
+# nnU-Net's normalisation by channel name (dataset.json's channel_names, compared
+# case-insensitively); any other name: 'zscore'. 'rescale' takes its range from the
+# data (0-255 for 8-bit channels).
+CHANNEL_NORMALIZATIONS = {
+  'ct': 'ct',
+  'nonorm': 'none',
+  'zscore': 'zscore',
+  'rescale_to_0_1': 'minmax',
+  'rgb_to_0_1': 'rescale',
+}
 OPTIMIZERS = ('adam', 'adamw', 'sgd')
 SCHEDULES = ('cosine', 'poly', 'constant')
 BEST_MODES = ('max', 'min')

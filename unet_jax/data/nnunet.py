@@ -68,8 +68,8 @@ permuted to (x=R, y=A, z=S) by `nibabel.io_orientation`, then reversed.
 Normalisation by channel name (`normalization_of`, case-insensitive, after
 nnU-Net's `channel_name_to_normalization_mapping`): 'CT' -> 'ct' (clip to the
 foreground percentiles, one global z-score); 'noNorm' -> 'none';
-'rescale_to_0_1' -> 'minmax'; anything else ('zscore', 'T2', 'MRI', ...) ->
-'zscore' (per image and channel).
+'rescale_to_0_1' -> 'minmax'; 'rgb_to_0_1' -> 'rescale'; anything else
+('zscore', 'T2', 'MRI', ...) -> 'zscore' (per image and channel).
 
 Cross-validation folds (`splits`, `read_or_write_splits`): those of nnU-Net
 v2's `splits_final.json`. The case ids are sorted, shuffled by
@@ -90,11 +90,11 @@ import tempfile
 from absl import logging
 import numpy as np
 
+from unet_jax import config as config_lib
 from unet_jax.data import folder
 
 FILE_ENDINGS = {'.nii.gz': 3, '.nii': 3, '.png': 2, '.bmp': 2, '.tif': 2, '.tiff': 2}
 _CHANNEL_SUFFIX = re.compile(r'^(.+)_(\d{4})$')
-_NORMALIZATIONS = {'ct': 'ct', 'nonorm': 'none', 'rescale_to_0_1': 'minmax'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,11 +175,11 @@ def case_id_of(path: str, *, file_ending: str, channel: bool) -> str | None:
 def normalization_of(channel_name: str) -> str:
   """nnU-Net's normalisation for a channel, by its name (case-insensitive).
 
-  'CT' -> 'ct'; 'noNorm' -> 'none'; 'rescale_to_0_1' -> 'minmax'; anything
-  else -> 'zscore'. nnU-Net also knows 'rgb_to_0_1' (divide by 255); it has
-  no counterpart here and falls to 'zscore'.
+  'CT' -> 'ct'; 'noNorm' -> 'none'; 'rescale_to_0_1' -> 'minmax';
+  'rgb_to_0_1' -> 'rescale'; anything else -> 'zscore'
+  (`config.CHANNEL_NORMALIZATIONS`, the one table the plan uses too).
   """
-  return _NORMALIZATIONS.get(channel_name.casefold(), 'zscore')
+  return config_lib.CHANNEL_NORMALIZATIONS.get(channel_name.casefold(), 'zscore')
 
 
 # ------------------------------------------------------------------ dataset.json

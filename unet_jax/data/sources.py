@@ -73,6 +73,9 @@ class Source:
     to_image_label: decodes a stored example to (image, label).
     channel_names: each channel's name where the data set gives them (an
       nnU-Net `dataset.json`'s `channel_names`, e.g. ('CT',)); else ().
+    labelled_splits: the splits that together hold every labelled case, as
+      the plan reads them: ('train', 'val') for an nnU-Net or MSD data set
+      (one fold's two halves), else () (the train split alone).
   """
 
   name: str
@@ -89,6 +92,7 @@ class Source:
   split_aliases: Mapping[str, str]
   to_image_label: Callable[[dict], tuple[np.ndarray, np.ndarray]]
   channel_names: tuple[str, ...] = ()
+  labelled_splits: tuple[str, ...] = ()
 
   def split(self, split: str) -> Sequence[dict]:
     """The random-access source of a split; a ValueError names the known splits."""
@@ -258,6 +262,11 @@ def _from_metadata(name: str, builder, ndim: int) -> Source:
     split_aliases={},
     to_image_label=_image_to_float,
     channel_names=tuple(str(c) for c in meta.get('channel_names', ())),
+    labelled_splits=tuple(
+      s
+      for s in ('train', 'val')
+      if meta.get('format') in ('nnunet', 'msd') and s in builder.info.splits
+    ),
   )
 
 

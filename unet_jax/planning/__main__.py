@@ -1,9 +1,10 @@
 """The plan from the shell, without training.
 
-    python -m unet_jax.planning --root=/path/to/my_data [--config=3d]
+    python -m unet_jax.planning --root=/path/to/my_data [--config=2d|3d]
 
-prints the fingerprint of a folder of images and masks (configs/folder.py) and the
-plan training would make from it (the rules: `unet_jax/planning/rules.py`).
+prints the fingerprint of a folder of images and masks, or of an nnU-Net or MSD
+data set (configs/folder.py), and the plan training would make from it (the
+rules: `unet_jax/planning/rules.py`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ' training would use (see configs/folder.py), without training.',
   )
   parser.add_argument('--root', required=True, help='the folder (train/, val/, ...)')
-  parser.add_argument('--config', default='2d', choices=('2d', '3d'))
+  parser.add_argument(
+    '--config', default='', choices=('', '2d', '3d'), help="'': from the files"
+  )
   parser.add_argument('--data_dir', default='', help="TFDS data_dir ('': TFDS's)")
   parser.add_argument('--num_classes', type=int, default=0, help='0: from the masks')
   parser.add_argument('--ignore_index', type=int, default=-1)
@@ -51,7 +54,11 @@ def main(argv: Sequence[str] | None = None) -> None:
       )
     )
     data = input_pipeline.open(data_options, divisor=1)
-    fp = fingerprint(data, ignore_index=data_options.ignore_index)
+    fp = fingerprint(
+      data,
+      split=data.source.labelled_splits or 'train',
+      ignore_index=data_options.ignore_index,
+    )
     p = plan(
       fp,
       memory_budget=args.memory_budget,
@@ -61,7 +68,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
   except ValueError as e:
     raise SystemExit(f'Error: {e}') from None
-  print(f'Fingerprint of {args.root} (train split):\n')
+  print(
+    f'Fingerprint of {args.root} ({"+".join(data.source.labelled_splits) or "train"}):\n'
+  )
   print(format_fingerprint(fp))
   print('\nPlan:\n')
   print(format_table(p))

@@ -41,7 +41,7 @@ class Fingerprint:
   Attributes:
     key: the built data set it was read from (TFDS name, config and version).
     ndim, num_channels, num_classes: as the data set records them.
-    num_cases: examples read (the train split).
+    num_cases: examples read (the train split, or every labelled split).
     shape_median, shape_min, shape_max: spatial shapes over the cases.
     spacing_median: median voxel spacing (ones for 2D images).
     anisotropy: the coarsest over the finest median spacing.
@@ -331,33 +331,52 @@ def resampled(fp: Fingerprint, target) -> Fingerprint:
   return dataclasses.replace(fp, **changed)
 
 
-def _cache_path(data, split: str, ignore_index: int | None) -> str | None:
+def _cache_path(data, splits: tuple[str, ...], ignore_index: int | None) -> str | None:
   folder = getattr(getattr(data.source, 'builder', None), 'data_dir', None)
   if folder is None:
     return None
   suffix = '' if ignore_index is None else f'_ignore{ignore_index}'
-  return os.path.join(os.fspath(folder), f'unet_jax_fingerprint_{split}{suffix}.json')
+  name = '+'.join(splits)
+  return os.path.join(os.fspath(folder), f'unet_jax_fingerprint_{name}{suffix}.json')
+
+
+def _examples(data, splits: tuple[str, ...]):
+  """The raw examples of `splits`, one at a time, and how many there are."""
+  records = [data.split(split) for split in splits]
+
+  def read():
+    for split_records in records:
+      for i in range(len(split_records)):
+        yield data.source.read(split_records, i)
+
+  return read(), sum(len(r) for r in records)
 
 
 def fingerprint(
-  data, *, split: str = 'train', ignore_index: int | None = None, cache: bool = True
+  data,
+  *,
+  split: str | tuple[str, ...] = 'train',
+  ignore_index: int | None = None,
+  cache: bool = True,
 ) -> Fingerprint:
   """The fingerprint of an opened data set (`input_pipeline.Dataset`), from the raw
-  examples of `split`, cached as JSON in the built data set's folder.
+  examples of `split` (one split, or several read as one), cached as JSON in the
+  built data set's folder.
 
   The built copy of a user's folder is named after a hash of its files and
   options, so a changed folder is a new built copy and gets a new fingerprint.
 
   Args:
     data: from `input_pipeline.open`.
-    split: the split to read.
+    split: the split, or splits, to read.
     ignore_index: the data set's "don't care" mask value
       (`DataOptions.ignore_index`), or None.
     cache: read and write the cache; False recomputes without writing.
   """
   if ignore_index is not None and ignore_index < 0:
     raise ValueError(f'ignore_index must be None or a mask value >= 0, got {ignore_index}.')
-  path = _cache_path(data, split, ignore_index) if cache else None
+  splits = (split,) if isinstance(split, str) else tuple(split)
+  path = _cache_path(data, splits, ignore_index) if cache else None
   builder = getattr(data.source, 'builder', None)
   key = str(getattr(getattr(builder, 'info', None), 'full_name', data.source.name))
   if path and os.path.exists(path):
@@ -365,12 +384,10 @@ def fingerprint(
       stored = json.load(f)
     if stored.get('version') == FORMAT_VERSION and stored.get('key') == key:
       return Fingerprint.from_dict(stored)
-  records = data.split(split)
-  logging.info(
-    'Fingerprinting %d examples of %s (once per built data set).', len(records), key
-  )
+  examples, count = _examples(data, splits)
+  logging.info('Fingerprinting %d examples of %s (once per built data set).', count, key)
   result = fingerprint_examples(
-    (data.source.read(records, i) for i in range(len(records))),
+    examples,
     ndim=data.source.ndim,
     num_channels=data.source.num_channels,
     num_classes=data.source.num_classes,

@@ -206,16 +206,8 @@ def spacing_choices(
 # Normalisation.
 
 
-# nnU-Net's channel names (dataset.json `channel_names`, matched case-insensitively,
-# as nnunetv2's get_normalization_scheme does) -> `normalise` modes; any other name
-# is 'zscore'. unet_jax/data/nnunet.py's `normalization_of` holds the same mapping.
-_CHANNEL_NORMALISATION = {
-  'ct': 'ct',
-  'nonorm': 'none',
-  'zscore': 'zscore',
-  'rescale_to_0_1': 'minmax',
-  'rgb_to_0_1': 'rescale',
-}
+# Channel names map to modes through config.CHANNEL_NORMALIZATIONS (nnU-Net's
+# mapping, matched case-insensitively as nnunetv2's get_normalization_scheme does).
 _NEUTRAL = {'low': 0.0, 'high': 1.0, 'mean': 0.0, 'std': 1.0}  # Of unused channels.
 
 
@@ -242,7 +234,9 @@ def _mode_by_value_range(fp: Fingerprint) -> tuple[str, str]:
 
 def _mode_by_channel_names(fp: Fingerprint) -> tuple[str, str]:
   """nnU-Net's mapping of each channel's name; one mode when they agree."""
-  modes = [_CHANNEL_NORMALISATION.get(n.casefold(), 'zscore') for n in fp.channel_names]
+  modes = [
+    config_lib.CHANNEL_NORMALIZATIONS.get(n.casefold(), 'zscore') for n in fp.channel_names
+  ]
   named = ', '.join(f'{n} -> {m}' for n, m in zip(fp.channel_names, modes))
   mode = modes[0] if len(set(modes)) == 1 else ','.join(modes)
   return mode, f"channel_names in dataset.json: {named} (nnU-Net's mapping)"

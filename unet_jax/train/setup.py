@@ -214,8 +214,10 @@ def plan_run(config: ml_collections.ConfigDict, data, workdir: str):
   if not plan_options.plan:
     return config, data
   data_options = config_lib.DataOptions.from_config(config.data)
-  fp = planning.fingerprint(
-    data, split=data_options.train_split, ignore_index=data_options.ignore_index
+  fp = planning.fingerprint(  # Every labelled case of an nnU-Net data set, as nnU-Net.
+    data,
+    split=data.source.labelled_splits or data_options.train_split,
+    ignore_index=data_options.ignore_index,
   )
   keep = plan_options.plan_keep
   time_budget = plan_options.plan_time_budget or None
