@@ -175,15 +175,26 @@ def export_run(
 
   Returns:
     `output`. The file takes float32 [b, *spatial_shape, C] for any b and needs
-    only JAX to run.
+    only JAX to run. Like normalisation, resampling is not in the file: a run
+    trained at `config.data.target_spacing` takes volumes at that spacing (the
+    log says so; `launch.py --mode=predict` does both).
   """
   # Here, not at the top: loading an exported file needs JAX only, not Flax.
+  from absl import logging  # pylint: disable=g-import-not-at-top
+
   from unet_jax.inference import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
 
   predictor = predictor_lib.load(workdir, step=step)
   shape = tuple(spatial_shape or ()) or predictor.train_shape or predictor.patch_size
   if not shape:
     raise ValueError(f'{workdir}: the run records no input size; pass --spatial_shape.')
+  if predictor.data.target_spacing:
+    logging.warning(
+      'The exported model takes volumes at spacing %s (D, H, W), normalised as %r:'
+      ' resample and normalise them before calling it.',
+      predictor.data.target_spacing,
+      predictor.data.normalization,
+    )
   serialised = export_predict_fn(
     predictor.model,
     predictor.variables,
