@@ -8,7 +8,9 @@
 
 `DATASETS` maps each name to its `Entry`; `register` adds one. The registered
 names are the embedded `synthetic_shapes` (2D) and `synthetic_volumes` (3D), a
-user's `segmentation_folder` (2D or 3D) and TFDS's `oxford_iiit_pet`.
+user's `segmentation_folder` (2D or 3D: the project's folder layout, or an nnU-Net
+v2 or MSD data set, told apart by its `dataset.json`; `builder.py`) and TFDS's
+`oxford_iiit_pet`.
 
 A data set is read in array_record format, which gives random access by index
 (exact resume and a global shuffle need it). `build` prepares a data set in that
