@@ -354,8 +354,7 @@ def _num_folds(value) -> int:
   ):
     return int(value)
   raise ValueError(
-    f'config.data.num_folds={value!r} must be 0 (the data set\'s default) or at'
-    ' least 2.'
+    f"config.data.num_folds={value!r} must be 0 (the data set's default) or at least 2."
   )
 
 
