@@ -192,6 +192,8 @@ def main(argv):
   if jax.process_index() == 0:
     for name, metrics in results.items():
       print(_summary(name, metrics), flush=True)
+    if not results and FLAGS.config.data.get('fold') == 'all':
+      print("No validation: config.data.fold='all' trains on every case.", flush=True)
 
 
 def _summary(name: str, metrics: dict) -> str:

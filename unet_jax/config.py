@@ -25,6 +25,7 @@ import math
 from typing import Any, ClassVar, Mapping
 
 import ml_collections
+from ml_collections import config_dict
 import numpy as np
 
 SIZE_POLICIES = ('pad', 'crop', 'resize')
@@ -200,9 +201,27 @@ class DataOptions(_Section):
   # and predictions are resampled back from; (): each case at its own spacing. The
   # plan sets it from the training cases (unet_jax/planning/rules.py).
   target_spacing: tuple[float, ...] = ()
+  # segmentation_folder: the cross-validation fold to train, 0 .. num_folds - 1 (its
+  # cases validate, the others train), or 'all' (every case trains; no validation).
+  # The folds are those of splits_final.json (sources.splits_path), made once
+  # (nnU-Net's split) when missing; the command line takes 1 or all.
+  fold: int | str = 0
+  # Folds when the split is made: 0 means 5 for nnU-Net and MSD data sets and, for
+  # the project's layout, its own train/ and val/ (one fold); k >= 2 pools train/
+  # and val/ and splits them into k folds. An existing splits file is used as it
+  # is: with 0 whatever its number of folds (as nnU-Net); a set num_folds that
+  # differs from the file's is an error.
+  num_folds: int = 0
 
   def __post_init__(self):
     fix = lambda name, value: object.__setattr__(self, name, value)
+    fix('fold', _fold(self.fold))
+    fix('num_folds', _num_folds(self.num_folds))
+    if self.num_folds and self.fold != 'all' and self.fold >= self.num_folds:
+      raise ValueError(
+        f'config.data.fold={self.fold!r} is beyond config.data.num_folds='
+        f"{self.num_folds}: use 0 .. {self.num_folds - 1} or 'all'."
+      )
     fix('image_size', _size(self.image_size))
     fix('patch_size', _size(self.patch_size))
     fix('mask_colors', tuple(tuple(int(v) for v in c) for c in self.mask_colors or ()))
@@ -306,7 +325,37 @@ class DataOptions(_Section):
   def _config_values(self):
     values = super()._config_values()
     values['ignore_index'] = -1 if self.ignore_index is None else self.ignore_index
+    # Typed `object`, so both --config.data.fold=1 and --config.data.fold=all parse.
+    values['fold'] = config_dict.FieldReference(self.fold, field_type=object)
     return values
+
+
+def _fold(value) -> int | str:
+  """`config.data.fold` as an int >= 0 or 'all' (from an int, or a str of either)."""
+  if isinstance(value, str) and value.strip().isdigit():
+    value = int(value.strip())
+  elif isinstance(value, str) and value.strip().lower() == 'all':
+    return 'all'
+  if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0:
+    return int(value)
+  raise ValueError(
+    f"config.data.fold={value!r} must be a fold number (0, 1, ...) or 'all'."
+  )
+
+
+def _num_folds(value) -> int:
+  """`config.data.num_folds` as an int: 0 (unset) or at least 2."""
+  if isinstance(value, str) and value.strip().isdigit():
+    value = int(value.strip())
+  if (
+    isinstance(value, (int, np.integer))
+    and not isinstance(value, bool)
+    and (value == 0 or value >= 2)
+  ):
+    return int(value)
+  raise ValueError(
+    f"config.data.num_folds={value!r} must be 0 (the data set's default) or at least 2."
+  )
 
 
 def _shape_or_none(value, ndim: int, name: str) -> tuple[int, ...] | None:

@@ -7,7 +7,9 @@ Three layouts are read as they are (`sources.py` tells them apart):
 * `'nnunet'`, nnU-Net v2's raw layout, and `'msd'`, the Medical Segmentation
   Decathlon's, both recognised by their `dataset.json` (`nnunet.py`). Their
   training cases are split into 'train' and 'val' by one fold of a
-  `splits_final.json` (`val_ids`, chosen by the caller).
+  `splits_final.json` (`val_ids`, chosen by the caller). The project's layout
+  is split the same way when `pooled`: the cases of train/ and val/ together,
+  `val_ids` in 'val' and the others in 'train' (test/ stays as it is).
 
 NIfTI volumes are read in one canonical orientation (`geometry.read_volume`).
 With `target_spacing` set, every 3D case is resampled to it once, here, when the
@@ -67,8 +69,10 @@ class SegmentationFolderConfig(tfds.core.BuilderConfig):
     layout: One of `LAYOUTS`.
     target_spacing: 3D: the (D, H, W) spacing every case is resampled to;
       None: each case at its own spacing.
-    val_ids: 'nnunet' and 'msd': the training cases of the 'val' split; the
-      others form 'train'.
+    val_ids: 'nnunet', 'msd' and a pooled 'folder': the training cases of the
+      'val' split; the others form 'train' (no 'val' split when empty).
+    pooled: 'folder' layout: pool the cases of train/ and val/ and split them
+      by `val_ids`; False keeps the folders' own split.
   """
 
   ndim: int = 2
@@ -81,21 +85,44 @@ class SegmentationFolderConfig(tfds.core.BuilderConfig):
   layout: str = dataclasses.field(default='folder', kw_only=True)
   target_spacing: tuple[float, ...] | None = dataclasses.field(default=None, kw_only=True)
   val_ids: tuple[str, ...] = dataclasses.field(default=(), kw_only=True)
+  pooled: bool = dataclasses.field(default=False, kw_only=True)
+
+
+def split_cases(
+  cases: Sequence[Case], val_ids: Sequence[str], *, where: str
+) -> dict[str, list[Case]]:
+  """`cases` as 'train' and 'val': `val_ids` validate, the others train.
+
+  An empty split is left out. Raises ValueError naming `where` for a val id
+  that is not a case, or an id that names two cases.
+  """
+  val_ids, ids = set(val_ids), [c.id for c in cases]
+  unknown = sorted(val_ids - set(ids))
+  if unknown:
+    raise ValueError(f'Validation case(s) {unknown} are not training cases of {where}.')
+  repeated = sorted({i for i in ids if ids.count(i) > 1})
+  if repeated:
+    raise ValueError(f'{where}: case id(s) {repeated} name more than one case.')
+  split = {'train': [], 'val': []}
+  for case in cases:
+    split['val' if case.id in val_ids else 'train'].append(case)
+  return {name: c for name, c in split.items() if c}
 
 
 def fold_cases(layout: 'nnunet.Layout', val_ids: Sequence[str]) -> dict[str, list[Case]]:
   """The training cases of an nnU-Net or MSD layout as 'train' and 'val'."""
-  val_ids = set(val_ids)
-  unknown = sorted(val_ids - {c.id for c in layout.training})
-  if unknown:
-    raise ValueError(
-      f'Validation case(s) {unknown} are not training cases of {layout.root}.'
-    )
-  cases = {'train': [], 'val': []}
-  for case in layout.training:
-    split = 'val' if case.id in val_ids else 'train'
-    cases[split].append(Case(case.id, tuple(case.images), case.label))
-  return {split: c for split, c in cases.items() if c}
+  cases = [Case(c.id, tuple(c.images), c.label) for c in layout.training]
+  return split_cases(cases, val_ids, where=layout.root)
+
+
+def pool_cases(
+  cases: dict[str, list[Case]], val_ids: Sequence[str], *, where: str
+) -> dict[str, list[Case]]:
+  """The 'folder' layout's cases by split, with train/ and val/ pooled and split
+  by `val_ids` (`split_cases`); 'test' is kept as it is."""
+  pooled = [c for split in ('train', 'val') for c in cases.get(split, [])]
+  test = {'test': cases['test']} if cases.get('test') else {}
+  return {**split_cases(pooled, val_ids, where=where), **test}
 
 
 def _resampled_metadata(metadata: dict, target) -> dict:
@@ -188,6 +215,10 @@ class SegmentationFolder(tfds.core.GeneratorBasedBuilder):
         split: [Case(p.id, (p.image,), p.mask) for p in split_pairs]
         for split, split_pairs in pairs.items()
       }
+      if config.pooled:
+        cases = pool_cases(cases, config.val_ids, where=str(root))
+        metadata['num_examples'] = {split: len(c) for split, c in cases.items()}
+        metadata['pooled'] = True
       return cases, metadata
     if config.layout not in LAYOUTS:
       raise ValueError(f'layout must be one of {LAYOUTS}, got {config.layout!r}.')

@@ -94,7 +94,7 @@ class DatasetInfo:
     spatial_shape: Spatial shape of a training example as fed to the model
       (after the size policy, or the patch size): (H, W) or (D, H, W).
     num_train: Examples in the train split.
-    num_eval: Examples in the eval split.
+    num_eval: Examples in the eval split (0 without one, under fold 'all').
     spacing: Voxel spacing (D, H, W) of 3D data, if known; else None.
     eval_spatial_shape: Spatial shape of an eval example (whole examples,
       padded to a common size).
@@ -404,10 +404,17 @@ class Dataset:
       num_channels=source.num_channels,
       spatial_shape=shapes.patch or shapes.train,
       num_train=len(self.split(options.train_split)),
-      num_eval=len(self.split(options.eval_split)),
+      num_eval=self._num_eval(),
       spacing=source.spacing,
       eval_spatial_shape=shapes.eval,
     )
+
+  def _num_eval(self) -> int:
+    """Examples in the eval split; 0 when `fold='all'` left no such split."""
+    split = self.options.eval_split
+    if self.options.fold == 'all' and not self.source.has_split(split):
+      return 0
+    return len(self.split(split))
 
   def split(self, split: str) -> Sequence[dict]:
     """The records of a split (a ValueError names the known splits)."""

@@ -76,8 +76,9 @@ class Source:
     channel_names: each channel's name where the data set gives them (an
       nnU-Net `dataset.json`'s `channel_names`, e.g. ('CT',)); else ().
     labelled_splits: the splits that together hold every labelled case, as
-      the plan reads them: ('train', 'val') for an nnU-Net or MSD data set
-      (one fold's two halves), else () (the train split alone).
+      the plan reads them: ('train', 'val') for an nnU-Net or MSD data set, or
+      the project's layout split into folds (one fold's two halves; ('train',)
+      for fold 'all'), else () (the train split alone).
   """
 
   name: str
@@ -95,6 +96,10 @@ class Source:
   to_image_label: Callable[[dict], tuple[np.ndarray, np.ndarray]]
   channel_names: tuple[str, ...] = ()
   labelled_splits: tuple[str, ...] = ()
+
+  def has_split(self, split: str) -> bool:
+    """Whether `split` (or the split it is an alias of) exists."""
+    return self.split_aliases.get(split, split) in self.splits
 
   def split(self, split: str) -> Sequence[dict]:
     """The random-access source of a split; a ValueError names the known splits."""
@@ -267,7 +272,8 @@ def _from_metadata(name: str, builder, ndim: int) -> Source:
     labelled_splits=tuple(
       s
       for s in ('train', 'val')
-      if meta.get('format') in ('nnunet', 'msd') and s in builder.info.splits
+      if (meta.get('format') in ('nnunet', 'msd') or meta.get('pooled'))
+      and s in builder.info.splits
     ),
   )
 
@@ -277,7 +283,12 @@ def _from_metadata(name: str, builder, ndim: int) -> Source:
 
 
 def _no_check(data: config_lib.DataOptions) -> None:
-  del data
+  """Data sets with fixed splits: no folds."""
+  if data.fold != 0 or data.num_folds:
+    raise ValueError(
+      f'config.data.fold={data.fold!r} and num_folds={data.num_folds}: {data.name!r}'
+      ' has fixed splits; folds are for segmentation_folder.'
+    )
 
 
 def _open_synthetic(ndim: int) -> Callable[[config_lib.DataOptions], Source]:
@@ -349,6 +360,7 @@ def _folder_check(data: config_lib.DataOptions) -> None:
       "config.data.mask_colors applies to the project's folder layout; nnU-Net and"
       ' MSD labels hold class indices.'
     )
+  _fold_split(_folder_root(data), data, ndim, write=False)  # The fold, before a build.
 
 
 def _folder_options(data: config_lib.DataOptions) -> dict[str, Any]:
@@ -361,9 +373,10 @@ def _folder_options(data: config_lib.DataOptions) -> dict[str, Any]:
 
 
 def splits_path(root: str, data_dir: str | None) -> str:
-  """Where the `splits_final.json` of an nnU-Net or MSD data set is: in `root`
-  if the user put one there (nnU-Net's own, copied), else beside the built
-  copies in `data_dir` (TFDS's default when None), one per data set folder."""
+  """Where the `splits_final.json` of an nnU-Net or MSD data set (or of the
+  project's layout split into folds) is: in `root` if the user put one there
+  (nnU-Net's own, copied), else beside the built copies in `data_dir` (TFDS's
+  default when None), one per data set folder."""
   own = os.path.join(root, 'splits_final.json')
   if os.path.exists(own):
     return own
@@ -378,17 +391,142 @@ def splits_path(root: str, data_dir: str | None) -> str:
   return os.path.join(folder, 'splits_final.json')
 
 
+DEFAULT_NUM_FOLDS = 5  # nnU-Net's, for a split made when config.data.num_folds is 0.
+
+
+def _own_pairs(root: str, ndim: int) -> dict[str, list]:
+  """The project's layout: its pairs by split (names only; cheap checks)."""
+  return folder_lib.list_pairs(root, ndim=ndim)
+
+
+def _pooled_ids(pairs: dict[str, list], root: str) -> list[str]:
+  """The case ids of train/ and val/ together; a ValueError names repeated ids."""
+  ids = [p.id for split in ('train', 'val') for p in pairs.get(split, [])]
+  repeated = sorted({i for i in ids if ids.count(i) > 1})
+  if repeated:
+    raise ValueError(
+      f"config.data.num_folds (or fold='all') pools train/ and val/ of {root}, but"
+      f' case id(s) {repeated} are in both: rename them so each id names one case.'
+    )
+  return ids
+
+
+def _folds(root: str, data, ids: list[str], *, write: bool) -> tuple[list, str]:
+  """The folds of `ids` and where they are kept (`splits_path`).
+
+  An existing file is read (and checked against `ids`); otherwise nnU-Net's
+  split into `num_folds` folds (5 when 0) is made, and written if `write`.
+  Raises ValueError when a set `num_folds` differs from the file's, or
+  `fold` is beyond its folds.
+  """
+  path = splits_path(root, _data_dir(data))
+  num_folds = data.num_folds or DEFAULT_NUM_FOLDS
+  if os.path.exists(path) or write:
+    folds = nnunet.read_or_write_splits(path, ids, num_folds=num_folds)
+  else:
+    folds = nnunet.splits(ids, num_folds=num_folds)
+  if data.num_folds and len(folds) != data.num_folds:
+    raise ValueError(
+      f'config.data.num_folds={data.num_folds}, but {path} holds {len(folds)} folds:'
+      ' leave num_folds at 0 to use the file as it is, or move the file away to'
+      ' split anew.'
+    )
+  if data.fold != 'all' and data.fold >= len(folds):
+    raise ValueError(
+      f'config.data.fold={data.fold!r} is beyond the {len(folds)} folds of {path}:'
+      f" use 0 .. {len(folds) - 1} or 'all'."
+    )
+  return folds, path
+
+
+def _fold_split(root: str, data, ndim: int, *, write: bool = True):
+  """(train ids, val ids, pooled) of the configured fold of a folder data set.
+
+  `pooled`: the project's layout is re-split (train/ and val/ pooled); its
+  own split is kept (False) when `num_folds` is 0 and `fold` is not 'all'.
+  """
+  if nnunet.is_dataset(root):
+    ids, pooled = [case.id for case in nnunet.read_layout(root).training], False
+  else:
+    pairs = _own_pairs(root, ndim)
+    pooled = bool(data.num_folds) or data.fold == 'all'
+    if not pooled and data.fold != 0:
+      raise ValueError(
+        f'config.data.fold={data.fold!r}: {root} keeps its own train/ and val/ split'
+        ' (fold 0) unless config.data.num_folds is set; set it (e.g. 5) to pool'
+        " train/ and val/ and split them into folds, or use fold='all'."
+      )
+    if not pooled:
+      own = lambda split: tuple(sorted(p.id for p in pairs.get(split, [])))
+      return own('train'), own('val'), False
+    ids = _pooled_ids(pairs, root)
+  if data.fold == 'all':
+    return tuple(sorted(ids)), (), pooled
+  fold = _folds(root, data, ids, write=write)[0][data.fold]
+  return tuple(sorted(fold['train'])), tuple(sorted(fold['val'])), pooled
+
+
+def fold_ids(data: config_lib.DataOptions) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(train case ids, val case ids) of the configured fold, sorted.
+
+  For a `segmentation_folder` data set (`config.data.root`): an nnU-Net or
+  MSD data set's fold `config.data.fold` of its `splits_final.json`
+  (`splits_path`; written first, nnU-Net's split into `num_folds` folds, when
+  missing); the project's layout's pooled train/ and val/ split the same way
+  when `num_folds` is set, else the ids of its train/ and val/. With
+  `fold='all'` every labelled case trains and the val ids are (). No data
+  set is built; the folds are those the built 'train' and 'val' splits hold.
+
+  Args:
+    data: `config_lib.DataOptions` (or `config.data`).
+
+  Raises:
+    ValueError: for another data set, a fold beyond the folds, a `num_folds`
+      that differs from the file's, or ids repeated across train/ and val/
+      when they are pooled.
+  """
+  data = config_lib.DataOptions.from_config(data)
+  if data.name != 'segmentation_folder':
+    raise ValueError(f'Folds are those of segmentation_folder, not {data.name!r}.')
+  _folder_check(data)
+  train, val, _ = _fold_split(_folder_root(data), data, _folder_ndim(data))
+  return train, val
+
+
+def case_files(data: config_lib.DataOptions) -> dict[str, tuple[tuple[str, ...], str]]:
+  """Case id -> (image paths in channel order, label path), for every labelled
+  case the folds are drawn from: an nnU-Net or MSD data set's training cases
+  (an MSD image is one 4D file), the project's layout's train/ and val/
+  (test/ is held out). Paths are absolute; no data set is built.
+
+  Raises:
+    ValueError: for another data set, or an id in both train/ and val/.
+  """
+  data = config_lib.DataOptions.from_config(data)
+  if data.name != 'segmentation_folder':
+    raise ValueError(f'Case files are those of segmentation_folder, not {data.name!r}.')
+  _folder_check(data)
+  root = _folder_root(data)
+  if nnunet.is_dataset(root):
+    training = nnunet.read_layout(root).training
+    return {case.id: (tuple(case.images), case.label) for case in training}
+  pairs = _own_pairs(root, _folder_ndim(data))
+  _pooled_ids(pairs, root)
+  return {
+    p.id: ((p.image,), p.mask) for split in ('train', 'val') for p in pairs.get(split, [])
+  }
+
+
 def _dataset_files(root: str, data: config_lib.DataOptions, ndim: int):
-  """(layout name, the files the built copy is read from, validation case ids)."""
+  """(layout name, the files the built copy is read from, val ids, pooled)."""
+  _, val_ids, pooled = _fold_split(root, data, ndim)
   if not nnunet.is_dataset(root):
-    pairs = folder_lib.list_pairs(root, ndim=ndim)  # Cheap checks on file names.
+    pairs = _own_pairs(root, ndim)
     paths = [p for split in sorted(pairs) for x in pairs[split] for p in (x.image, x.mask)]
-    return 'folder', paths, ()
+    return 'folder', paths, val_ids, pooled
   layout = nnunet.read_layout(root)
-  ids = [case.id for case in layout.training]
-  folds = nnunet.read_or_write_splits(splits_path(root, _data_dir(data)), ids)
   paths = [p for case in layout.training for p in (*case.images, case.label)]
-  return layout.format, paths, tuple(sorted(folds[0]['val']))
+  return layout.format, paths, val_ids, pooled
 
 
 def _open_folder(data: config_lib.DataOptions) -> Source:
@@ -396,10 +534,10 @@ def _open_folder(data: config_lib.DataOptions) -> Source:
   root = _folder_root(data)
   options = _folder_options(data)
   target = tuple(data.target_spacing) if ndim == 3 and data.target_spacing else None
-  layout, paths, val_ids = _dataset_files(root, data, ndim)
-  extra = '\0'.join(
-    str(v) for v in (root, ndim, layout, target, val_ids, *options.values())
-  )
+  layout, paths, val_ids, pooled = _dataset_files(root, data, ndim)
+  # A re-split own layout adds its flag; other copies keep the names they had.
+  values = (root, ndim, layout, target, val_ids, *options.values())
+  extra = '\0'.join(str(v) for v in values + (('pooled',) if pooled else ()))
   digest = folder_lib.files_fingerprint(root, paths, extra=extra)
   builder_config = builder_lib.SegmentationFolderConfig(
     name=f'{ndim}d_{digest}',
@@ -408,6 +546,7 @@ def _open_folder(data: config_lib.DataOptions) -> Source:
     layout=layout,
     target_spacing=target,
     val_ids=val_ids,
+    pooled=pooled,
     **options,
   )
   builder = tfds.builder(
@@ -415,10 +554,15 @@ def _open_folder(data: config_lib.DataOptions) -> Source:
   )
   build(builder)
   source = _from_metadata('segmentation_folder', builder, ndim)
+  if data.fold == 'all':
+    logging.info(
+      "config.data.fold='all': every labelled case of %s trains; no 'val' split.", root
+    )
   return dataclasses.replace(source, split_aliases={'validation': 'val'})
 
 
 def _pets_check(data: config_lib.DataOptions) -> None:
+  _no_check(data)
   if not data.image_size:
     raise ValueError(
       f'{pets.NAME} holds images of varying size; set config.data.image_size'

@@ -38,6 +38,9 @@ SIGMOID_LOSSES = ('dice_bce', 'bce')
 # What fixes the structure of the saved state: a checkpoint written under one
 # value cannot be restored under another. Not `kernels` (how the convolutions run).
 STATE_FIELDS = ('model', 'optimizer.name', 'optimizer.grad_clip_norm', 'data_shape')
+# What fixes the cases a run trains on: one fold is one workdir (a checkpoint that
+# records no such field, from before folds, was fold 0 of the data's own split).
+FOLD_FIELDS = ('data.fold', 'data.num_folds')
 
 
 def _choice(field: str, value: Any, valid) -> None:
@@ -228,13 +231,23 @@ def check_resume(
 
   Raises:
     ValueError: naming `where` and each field that fixes the state's structure
-      (the model, the optimizer's kind, the data's shape) with both values.
+      (the model, the optimizer's kind, the data's shape) with both values, or
+      the fold (`FOLD_FIELDS`, when the checkpoint records it) that differs.
   """
   if isinstance(saved.get('model'), dict):  # Before config.kernels, kernels were here.
     saved = dict(saved, model=factory.drop_kernel_fields(saved['model']))
   old, new = _flatten(saved), _flatten(current)
   changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
   fixed = [k for k in changed if any(k == f or k.startswith(f + '.') for f in STATE_FIELDS)]
+  folds = [k for k in changed if k in FOLD_FIELDS and k in old]
+  if folds:
+    lines = '\n  '.join(
+      f'{k}: {old[k]!r} in the checkpoint, {new.get(k)!r} now' for k in folds
+    )
+    raise ValueError(
+      f'Cannot resume from {where}: it trains another fold:\n  {lines}\nEach fold'
+      ' needs its own --workdir. Nothing was written.'
+    )
   if fixed:
     lines = '\n  '.join(
       f'{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now' for k in fixed

@@ -272,6 +272,29 @@ def _open_and_plan(config, run: config_lib.RunOptions, workdir: str):
   return planned, run, data
 
 
+def _evals_with_data(run: config_lib.RunOptions, data) -> dict[str, Any]:
+  """`config.evals`, less those of a split that `config.data.fold='all'` left out.
+
+  With fold 'all' every case trains and there is no validation split: its
+  evaluators do not run, no checkpoint records `best_metric`, and the best
+  checkpoint is the latest (`checkpointing.best_step` finds none). Under
+  any other fold a missing split stays an error (the evaluator names it).
+  """
+  if run.data.fold != 'all':
+    return run.evals
+  split_of = lambda options: options.split or run.data.eval_split
+  kept = {n: o for n, o in run.evals.items() if data.source.has_split(split_of(o))}
+  dropped = sorted(set(run.evals) - set(kept))
+  if dropped:
+    logging.info(
+      "config.data.fold='all': every case trains and there is no validation split"
+      ' (%s); evaluator(s) %s will not run, and the best checkpoint is the latest.',
+      ', '.join(sorted({split_of(run.evals[n]) for n in dropped})),
+      dropped,
+    )
+  return kept
+
+
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """Checks, opens the data, builds and restores the state; writes nothing on error."""
   config_checks.check_same_on_all_processes(config, workdir)  # First: it is collective.
@@ -303,7 +326,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
       f.write(config.to_json_best_effort(indent=2))
   runner = create_runner(config.model, run, tx)
   scheduled = evaluators.from_config(
-    run.evals,
+    _evals_with_data(run, data),
     data=data,
     predict=runner.predict,
     num_classes=max(data.info.num_classes, 2),
