@@ -4,7 +4,7 @@ The layers, lowest first (STYLE.md, "Layout"):
 
     config, distributed, checkpointing, visualize     (top-level modules: no layer above)
     ops -> models -> losses, metrics, data, reporting -> planning -> inference
-        -> evaluation -> train -> launch.py
+        -> evaluation -> crossval -> train -> launch.py
 
 A module may import its own layer and those below it, never one above. Sibling packages
 of one layer (losses, metrics, data) must not form a circle. Every import counts,
@@ -34,7 +34,8 @@ LAYERS = {
   'planning': 4,
   'inference': 5,
   'evaluation': 6,
-  'train': 7,
+  'crossval': 7,
+  'train': 8,
 }
 MAX_TOP_LEVEL_MODULES = 6
 MAX_FUNCTION_LINES = 80
