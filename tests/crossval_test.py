@@ -74,8 +74,13 @@ def crossval_output(tmp_path_factory):
   root = base / 'Dataset002_Phantom'
   phantoms.write_nnunet_dataset(str(root), num_training=4, num_test=0, size=16.0)
   started = [_train(base, root, fold) for fold in (0, 1)]  # Both folds at once.
-  for _, proc in started:
-    _wait(proc)
+  try:
+    for _, proc in started:
+      _wait(proc)
+  finally:
+    for _, proc in started:
+      if proc.poll() is None:
+        proc.kill()
   output = base / 'cv'
   proc = subprocess.run(
     [
@@ -116,9 +121,8 @@ def test_the_summary_and_the_postprocessing_file(crossval_output):
   with open(output / 'summary.csv') as f:
     summary = list(csv.DictReader(f))
   assert [r['class'] for r in summary] == ['1', '2', 'foreground']
-  assert isinstance(
-    postprocessing.read(str(output / 'postprocessing.json')), (postprocessing.Rules)
-  )
+  rules = postprocessing.read(str(output / 'postprocessing.json'))
+  assert isinstance(rules, postprocessing.Rules)
   with open(output / 'postprocessing.json') as f:
     report = json.load(f)['report']
   assert report['num_cases'] == 4 and report['classes'] == [1, 2]
