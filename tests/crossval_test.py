@@ -1,11 +1,7 @@
 """Cross-validation: the runs' checks in process, and 2 folds end to end through launch.py.
 
-Selecting fold 1: `config.data.fold` comes with the folds branch, not on this one.
-Until then each fold's run gets its own `data.data_dir`, beside which
-`sources.splits_path` keeps the data set's `splits_final.json` (the data set root
-holds none), and that file lists the run's fold first. After the merge: write one
-2-fold `splits_final.json` into the data set root and pass `--config.data.fold=K`
-(see `_train`).
+The data set root holds a hand-made 2-fold `splits_final.json` (nnU-Net's format),
+and each fold trains with `--config.data.fold=K`, as a user would.
 """
 
 import csv
@@ -21,7 +17,6 @@ import pytest
 
 from unet_jax.crossval import runs as runs_lib
 from unet_jax.data import phantoms
-from unet_jax.data import sources
 from unet_jax.inference import postprocessing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,15 +27,13 @@ FOLDS = [{'train': IDS[2:], 'val': IDS[:2]}, {'train': IDS[:2], 'val': IDS[2:]}]
 def _train(base, root, fold):
   """Starts fold `fold`'s run in a subprocess; returns (workdir, process)."""
   data_dir = base / f'tfds_f{fold}'
-  path = sources.splits_path(str(root), str(data_dir))  # Stand-in for data.fold.
-  with open(path, 'w') as f:
-    json.dump(FOLDS[fold:] + FOLDS[:fold], f)
   workdir = base / f'run_f{fold}'
   args = [
     '--config=' + os.path.join(ROOT, 'configs/folder.py'),
     f'--workdir={workdir}',
     f'--config.data.root={root}',
     f'--config.data.data_dir={data_dir}',
+    f'--config.data.fold={fold}',
     '--config.model.features=4',
     '--config.batch_size=2',
     '--config.eval_batch_size=2',
@@ -73,6 +66,8 @@ def crossval_output(tmp_path_factory):
   base = tmp_path_factory.mktemp('crossval')
   root = base / 'Dataset002_Phantom'
   phantoms.write_nnunet_dataset(str(root), num_training=4, num_test=0, size=16.0)
+  with open(root / 'splits_final.json', 'w') as f:
+    json.dump(FOLDS, f)
   started = [_train(base, root, fold) for fold in (0, 1)]  # Both folds at once.
   try:
     for _, proc in started:
