@@ -9,8 +9,9 @@ world content with different voxel orders (a transposed or flipped array
 with a matching affine) read as the same array. The `Volume` keeps the
 file's own affine, shape and orientation, so `to_original` maps a canonical
 array (a label map, or class probabilities [D, H, W, K]) back to the file's
-voxel order, and `write_like` writes canonical labels in a reference file's
-orientation, shape, affine and header.
+voxel order, `canonical_affine` gives the affine of the canonical array, and
+`write_like` writes canonical labels in a reference file's orientation, shape,
+affine and header.
 
 Resampling (as nnU-Net v2's default resampling). An array at `spacing`
 resampled to `target` has shape `resampled_shape` (round(shape * spacing /
@@ -160,6 +161,26 @@ def to_original(array: np.ndarray, volume: Volume) -> np.ndarray:
       f' spatial shape is {_canonical_shape(volume)}.'
     )
   return out
+
+
+def canonical_affine(affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+  """The affine of a file's canonical array, as `read_volume` orders it.
+
+  Maps a voxel index (d, h, w, 1) of the canonical (D, H, W) = (S, A, R) array
+  to world millimetres, as `affine` maps (x, y, z, 1) of the stored array: the
+  same point for the same voxel.
+
+  Args:
+    affine: The file's own 4x4 affine.
+    shape: The file's own spatial shape, (x, y, z) as stored.
+
+  Returns:
+    float64 [4, 4].
+  """
+  affine = np.asarray(affine, dtype=np.float64)
+  ornt = nibabel.orientations.io_orientation(affine)
+  ras = affine @ nibabel.orientations.inv_ornt_aff(ornt, tuple(shape)[:3])
+  return ras[:, [2, 1, 0, 3]]
 
 
 def _canonical_shape(volume: Volume) -> tuple[int, ...]:
