@@ -16,13 +16,17 @@ own.
 `check_inputs` reads headers only. Before anything is predicted it also plans
 the host memory of each volume: the image resampled to the run's target
 spacing, and the class probabilities at that spacing and at the input's own
-(`geometry.resampled_bytes`), and names every case that does not fit in the
-memory available now.
+(`geometry.resampled_bytes`; for an ensemble, the largest run's, as runs are
+predicted one at a time), plus an ensemble's running average of the
+probabilities (float32 [*spatial, K] on the input's grid) and the float16 copy
+`--save_probabilities` writes. It names every case that does not fit in the
+memory available now, with the size of each part and what lowers it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 
@@ -197,14 +201,51 @@ def available_bytes() -> int | None:
   return None
 
 
-def _case_errors(case: Case, *, ndim, num_channels, target_spacing, num_classes):
-  """The problems of one case (header reads only), and its planned bytes."""
+def _memory_plan(shape, spacing, *, target_spacings, channels, classes, save) -> dict:
+  """Peak host bytes of one case, by part (`check_inputs`).
+
+  'run': the largest of one run's resampled image and probabilities, at its
+  target spacing and on the input's grid (`geometry.resampled_bytes`);
+  'average': the ensemble's running average, float32 [*shape, K], with
+  several runs; 'saved': the float16 copy `--save_probabilities` writes;
+  'probabilities': float32 [*shape, K]; 'finer': whether a run's target
+  spacing makes the volume larger; 'needed': the peak, the larger of the two
+  phases: predicting (one run, beside the running average) and writing (the
+  mean probabilities, their float16 copy and the int32 label map).
+  """
+  ones = (1.0,) * len(shape)
+  runs, finer = [], False
+  for target in target_spacings:
+    target = target if (target and spacing) else spacing or ones
+    runs.append(
+      geometry.resampled_bytes(
+        shape, spacing or target, target, channels=channels, classes=classes
+      )
+    )
+    resampled = geometry.resampled_shape(shape, spacing or target, target)
+    finer = finer or math.prod(resampled) > math.prod(shape)
+  voxels = math.prod(shape)
+  plan = {
+    'run': max(runs),
+    'average': 4 * voxels * classes if len(target_spacings) > 1 else 0,
+    'saved': 2 * voxels * classes if save else 0,
+    'probabilities': 4 * voxels * classes,
+    'finer': finer,
+  }
+  writing = plan['probabilities'] + plan['saved'] + 4 * voxels if save else 0
+  plan['needed'] = max(plan['run'] + plan['average'], writing)
+  plan['writing_larger'] = writing > plan['run'] + plan['average']
+  return plan
+
+
+def _case_errors(case: Case, *, ndim, num_channels, target_spacings, num_classes, save):
+  """The problems of one case (header reads only), its shape and its memory plan."""
   shapes, channels, spacing = set(), 0, None
   for path in case.paths:
     try:
       shape, count, spacing_i = probe(path, ndim)
     except Exception as e:  # pylint: disable=broad-except
-      return [f'{path}: unreadable or not a {ndim}D input ({e}).'], 0
+      return [f'{path}: unreadable or not a {ndim}D input ({e}).'], None, {}
     shapes.add(shape)
     channels += count
     spacing = spacing or spacing_i
@@ -218,11 +259,57 @@ def _case_errors(case: Case, *, ndim, num_channels, target_spacing, num_classes)
       f'{case.path}: {channels} channel(s), but the model takes {num_channels}.'
     )
   shape = next(iter(shapes))
-  target = target_spacing if (target_spacing and spacing) else spacing or (1.0,) * ndim
-  needed = geometry.resampled_bytes(
-    shape, spacing or target, target, channels=num_channels, classes=num_classes
+  plan = _memory_plan(
+    shape,
+    spacing,
+    target_spacings=target_spacings,
+    channels=num_channels,
+    classes=num_classes,
+    save=save,
   )
-  return errors, needed
+  return errors, shape, plan
+
+
+def _gib(size: int) -> str:
+  return f'{size / 2**30:.3g} GiB'
+
+
+def _memory_error(case: Case, shape, plan: dict, *, target_spacings, memory, classes):
+  """Why a case does not fit in `memory` bytes, by part, and what lowers it."""
+  needed = plan['needed']
+  resampled = plan['run'] - plan['probabilities']
+  targets = ' / '.join(map(str, sorted({tuple(t) for t in target_spacings if t})))
+  kind = 'volume' if len(shape) == 3 else 'image'
+  parts = [
+    f'its {classes} class probabilities on its own grid {tuple(shape)} take'
+    f' {_gib(plan["probabilities"])} at float32',
+    f'the {kind} and its probabilities at the target spacing {targets or "(its own)"}'
+    f' take {_gib(resampled)}',
+  ]
+  lower = [
+    'predict on a machine with more memory',
+    f'crop the {kind} to the region to segment',
+  ]
+  if plan['average']:
+    parts.append(
+      f'the ensemble holds the running average of its runs ({_gib(plan["average"])},'
+      ' whatever their number: one run is predicted at a time)'
+    )
+  if plan['saved']:
+    parts.append(f'--save_probabilities adds a float16 copy ({_gib(plan["saved"])})')
+  if plan['writing_larger']:
+    lower.append('leave out --save_probabilities')
+  if plan['finer']:
+    lower.append(
+      'use runs trained at a coarser target spacing (a run predicts at the spacing it'
+      " was trained at, finer than this volume's own)"
+    )
+  return (
+    f'{case.path}: predicting it needs {_gib(needed)} of host memory, but'
+    f' {_gib(memory)} are available: {"; ".join(parts)}. To lower it: '
+    + ', or '.join(lower)
+    + '.'
+  )
 
 
 def check_inputs(
@@ -233,27 +320,56 @@ def check_inputs(
   target_spacing=None,
   num_classes: int = 2,
   memory: int | None = None,
+  target_spacings=None,
+  save_probabilities: bool = False,
 ) -> None:
-  """Raises one ValueError naming every case the run cannot predict: unreadable,
-  the wrong kind or channel count, or (for `target_spacing`) too large for
-  `memory` bytes (default: the host memory available now)."""
+  """Raises one ValueError naming every case the run(s) cannot predict.
+
+  A case cannot be predicted when it is unreadable, of the wrong kind or
+  channel count, or too large for the host memory (`_memory_plan`): one run's
+  volume and probabilities at its target spacing and on the input's grid beside
+  the running average of an ensemble's probabilities (float32 [*spatial, K]);
+  or, with `save_probabilities`, the mean probabilities, their float16 copy and
+  the label map, whichever is larger.
+
+  Args:
+    cases: from `list_inputs`.
+    ndim: 2 or 3.
+    num_channels: the channels the model(s) take.
+    target_spacing: the run's target spacing (3D), or None.
+    num_classes: K, the class probabilities per voxel (at least 2).
+    memory: bytes available (default: the host memory available now).
+    target_spacings: instead of `target_spacing`, one per run of an ensemble
+      (each None or () for a run without one).
+    save_probabilities: the probabilities are written too.
+  """
+  if target_spacing is not None and target_spacings is not None:
+    raise ValueError('Give target_spacing (one run) or target_spacings, not both.')
+  if target_spacings is None:
+    target_spacings = [target_spacing]
+  target_spacings = [tuple(t) if t else None for t in target_spacings] or [None]
   memory = available_bytes() if memory is None else memory
   errors = []
   for case in cases:
-    problems, needed = _case_errors(
+    problems, shape, plan = _case_errors(
       case,
       ndim=ndim,
       num_channels=num_channels,
-      target_spacing=target_spacing,
+      target_spacings=target_spacings,
       num_classes=num_classes,
+      save=save_probabilities,
     )
     errors += problems
-    if not problems and memory and needed > memory:
+    if not problems and memory and plan['needed'] > memory:
       errors.append(
-        f'{case.path}: predicting it needs {needed / 2**30:.1f} GiB of host memory'
-        f' (the volume at spacing {tuple(target_spacing or ())} and {num_classes}'
-        f' class probabilities there and on its own grid), but'
-        f' {memory / 2**30:.1f} GiB are available.'
+        _memory_error(
+          case,
+          shape,
+          plan,
+          target_spacings=target_spacings,
+          memory=memory,
+          classes=num_classes,
+        )
       )
   if errors:
     raise ValueError(
