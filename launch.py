@@ -4,6 +4,8 @@ r"""Trains a U-Net, predicts with a trained one, or exports it. Flags and proces
     python launch.py --config=configs/dice_bce.py --workdir=runs/demo \
         --config.optimizer.learning_rate=3e-4
     python launch.py --mode=predict --workdir=runs/demo --input=scans/ --output=out/
+    python launch.py --mode=predict --workdir=runs/f0,runs/f1 --input=scans/ \
+        --output=out/ --save_probabilities --postprocessing=postprocessing.json
     python launch.py --mode=export --workdir=runs/demo --output=model.jax
 
 Training: running the same command again resumes from the latest checkpoint in
@@ -38,12 +40,27 @@ from unet_jax import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('mode', 'train', ['train', 'predict', 'export'], 'What to do.')
-flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs and samples.')
+flags.DEFINE_string(
+  'workdir',
+  None,
+  'Folder for checkpoints, logs and samples. predict: several runs, separated by'
+  ' commas, are averaged (an ensemble).',
+)
 flags.DEFINE_string('input', None, 'predict: an image or volume, or a folder of them.')
 flags.DEFINE_string('output', None, 'predict: the output folder; export: the file.')
 flags.DEFINE_string('step', 'best', "predict, export: 'best', 'latest' or a step.")
 flags.DEFINE_float('overlap', 0.5, 'predict: overlap of the sliding windows.')
 flags.DEFINE_bool('tta', False, 'predict: average over all axis flips.')
+flags.DEFINE_bool(
+  'save_probabilities',
+  False,
+  "predict: also write each case's class probabilities as <name>.npz (float16,"
+  " channels last, on the input's grid; NIfTI: canonical orientation, with the"
+  ' affine).',
+)
+flags.DEFINE_string(
+  'postprocessing', None, 'predict: a postprocessing.json to apply to every mask.'
+)
 flags.DEFINE_list('spatial_shape', None, 'export: input size (default: as trained).')
 flags.DEFINE_bool(
   'distributed',
@@ -136,12 +153,14 @@ def _predict_or_export() -> None:
     from unet_jax.inference import predict  # pylint: disable=g-import-not-at-top
 
     predict.run(
-      FLAGS.workdir,
+      FLAGS.workdir.split(','),
       FLAGS.input,
       FLAGS.output,
       step=FLAGS.step,
       overlap=FLAGS.overlap,
       tta=FLAGS.tta,
+      save_probabilities=FLAGS.save_probabilities,
+      postprocessing_file=FLAGS.postprocessing,
     )
   else:
     from unet_jax.inference import export  # pylint: disable=g-import-not-at-top

@@ -1,7 +1,9 @@
 r"""The predict command: a trained run applied to an image, a volume or a folder of them.
 
     python launch.py --mode=predict --workdir=runs/demo --input=scans/ --output=masks/ \
-        [--step=best|latest|N] [--overlap=0.5] [--tta]
+        [--step=best|latest|N] [--overlap=0.5] [--tta] [--save_probabilities] \
+        [--postprocessing=postprocessing.json]
+    python launch.py --mode=predict --workdir=runs/f0,runs/f1,runs/f2 ...   # an ensemble
 
 Inputs are PNG, TIFF or JPEG images (2D runs) or NIfTI volumes (3D runs); files in
 nnU-Net's naming (`<case>_0000.nii.gz`, one per channel) are grouped into one case
@@ -14,11 +16,22 @@ each (`inputs.py`). For each case, the output folder gets:
   compression would change class indices.
 * `overlays/<name>.png`: the image with its mask drawn over it (3D: the middle
   slice along each axis).
+* with `--save_probabilities`, `<stem>.npz`: its class probabilities, float16,
+  channels last, on the input's grid (NIfTI: in canonical orientation, with the
+  file's affine; `write_probabilities`). They are taken before post-processing.
 
 Volumes are read in canonical orientation. When the run trained at a target
 spacing (`config.data.target_spacing`, set by the plan), each volume is resampled
 to it, predicted, and its class probabilities are resampled back to its own grid
-before the argmax (`predict_case`).
+before the argmax (`case_probabilities`, `predict_case`).
+
+Several runs given as `--workdir=A,B,...` (a fold ensemble) are loaded and
+checked to share classes, channels, normalisation and dimensionality
+(`ensemble.py`); each predicts every case with its own patch and target spacing,
+and their probabilities are averaged on the input's grid before the argmax
+(`average_probabilities`). With `--postprocessing`, the rules of a
+`postprocessing.json` (`postprocessing.py`) are applied to each mask before it
+is written; the file is read before anything else.
 
 Where a `masks/` folder sits beside the input folder (`data/val/images` ->
 `data/val/masks`; nnU-Net's `imagesTs` -> `labelsTs`), each prediction is compared
@@ -27,10 +40,10 @@ printed and written to `per_case.csv`.
 
 Every input is checked before anything is predicted (readable, the run's
 dimensionality and channel count, and whether the resampled volume and its
-probabilities fit in the host memory available), and one error names every bad
-file. Files
-are written under a temporary name and renamed, so the output folder never
-holds a half-written file.
+probabilities, an ensemble's average and the saved copy fit in the host memory
+available), and one error names every bad file. Files are written under a
+temporary name and renamed, so the output folder never holds a half-written
+file.
 """
 
 from __future__ import annotations
@@ -38,7 +51,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from absl import logging
 import numpy as np
@@ -48,7 +61,9 @@ from unet_jax import reporting
 from unet_jax import visualize
 from unet_jax.data import folder as folder_lib
 from unet_jax.data import geometry
+from unet_jax.inference import ensemble
 from unet_jax.inference import inputs
+from unet_jax.inference import postprocessing
 from unet_jax.inference import predictor as inference
 
 
@@ -127,6 +142,77 @@ def _progress(done: int, total: int, started: float, name: str) -> None:
   )
 
 
+def case_probabilities(
+  predictor: inference.Predictor,
+  image: np.ndarray,
+  spacing: tuple[float, ...] | None,
+  *,
+  overlap: float = 0.5,
+  tta: bool = False,
+) -> np.ndarray:
+  """One run's class probabilities of one image [*spatial, C], on the image's grid.
+
+  Softmax over the K classes, or a sigmoid for a one-logit run (K = 1). With a
+  target spacing in the run's config (3D), the image is resampled to it,
+  predicted, and its probabilities are resampled back to the image's grid
+  (linearly), as nnU-Net does.
+
+  Returns:
+    float32 [*spatial, K].
+  """
+  target = predictor.data.target_spacing
+  if not (target and spacing and predictor.ndim == 3):
+    return predictor.predict(image, overlap=overlap, flip_tta=tta, output='probabilities')
+  shape = image.shape[:-1]
+  resampled = geometry.resample_image(image, spacing, target)
+  probs = predictor.predict(
+    resampled, overlap=overlap, flip_tta=tta, output='probabilities'
+  )
+  del resampled
+  return geometry.resample_probabilities(probs, target, spacing, shape=shape)
+
+
+def average_probabilities(
+  predictors: Sequence[inference.Predictor],
+  image: np.ndarray,
+  spacing: tuple[float, ...] | None,
+  *,
+  overlap: float = 0.5,
+  tta: bool = False,
+) -> np.ndarray:
+  """The mean of the runs' `case_probabilities`, on the image's grid.
+
+  The runs are predicted one at a time, each at its own patch and target
+  spacing, and added into one float32 buffer: the peak memory is that buffer
+  and one run's prediction. One run gives its own probabilities unchanged.
+  The runs must share their classes (`ensemble.check_compatible`).
+
+  Returns:
+    float32 [*spatial, K].
+  """
+  if not predictors:
+    raise ValueError('average_probabilities needs at least one predictor.')
+  total = None
+  for predictor in predictors:
+    probs = case_probabilities(predictor, image, spacing, overlap=overlap, tta=tta)
+    if total is None:
+      total = probs
+    else:
+      total += probs
+    del probs
+  if len(predictors) > 1:
+    total /= len(predictors)
+  return total
+
+
+def labels_of(probs: np.ndarray) -> np.ndarray:
+  """Class map int32 [*spatial] of probabilities [*spatial, K]: the argmax, or
+  p > 0.5 for one sigmoid channel."""
+  if probs.shape[-1] == 1:
+    return (probs[..., 0] > 0.5).astype(np.int32)
+  return np.argmax(probs, axis=-1).astype(np.int32)
+
+
 def predict_case(
   predictor: inference.Predictor,
   image: np.ndarray,
@@ -137,62 +223,131 @@ def predict_case(
 ) -> np.ndarray:
   """The class map of one image [*spatial, C], on the image's own grid.
 
-  With a target spacing in the run's config (3D), the image is resampled to it,
-  predicted, and its class probabilities (not its labels) are resampled back to
-  the image's grid before the argmax, as nnU-Net does.
+  The argmax of `case_probabilities`: the probabilities (not the labels) are
+  resampled back from the run's target spacing. For several runs, use
+  `labels_of(average_probabilities(...))`.
+
+  Returns:
+    int32 [*spatial].
   """
-  target = predictor.data.target_spacing
-  if not (target and spacing and predictor.ndim == 3):
-    return predictor.classes(predictor.predict(image, overlap=overlap, flip_tta=tta))
-  shape = image.shape[:-1]
-  resampled = geometry.resample_image(image, spacing, target)
-  probs = predictor.predict(
-    resampled, overlap=overlap, flip_tta=tta, output='probabilities'
-  )
-  del resampled
-  probs = geometry.resample_probabilities(probs, target, spacing, shape=shape)
+  return labels_of(case_probabilities(predictor, image, spacing, overlap=overlap, tta=tta))
+
+
+def write_probabilities(case: inputs.Case, probs: np.ndarray, output: str) -> str:
+  """Writes a case's probabilities as `<stem>.npz` beside its mask; returns its path.
+
+  The file holds `probabilities`, float16 [*spatial, K], channels last, on the
+  input's grid: [H, W, K] for an image; for NIfTI [D, H, W, K] in the canonical
+  orientation `read_volume` gives (D, H, W run towards Superior, Anterior,
+  Right: RAS+ reversed), not the file's own voxel order. A one-logit (sigmoid)
+  run stores two channels, 1 - p and p. `axes` names the axes ('HWK' or 'DHWK');
+  a NIfTI input adds `orientation` ('SAR'), `affine` (the input file's own) and
+  `canonical_affine` (world mm of voxel (d, h, w) of `probabilities`,
+  `geometry.canonical_affine`). `geometry.to_original` maps the array to the
+  file's voxel order.
+  """
+  k = max(probs.shape[-1], 2)
+  stored = np.empty(probs.shape[:-1] + (k,), np.float16)
   if probs.shape[-1] == 1:
-    return (probs[..., 0] > 0.5).astype(np.int32)
-  return np.argmax(probs, axis=-1).astype(np.int32)
+    stored[..., 0] = 1 - probs[..., 0]
+    stored[..., 1] = probs[..., 0]
+  else:
+    stored[...] = probs
+  fields = {'probabilities': stored, 'axes': np.str_('HWK' if probs.ndim == 3 else 'DHWK')}
+  if case.ext in ('.nii', '.nii.gz'):
+    import nibabel  # pylint: disable=g-import-not-at-top
+
+    header = nibabel.load(case.path)
+    affine = np.asarray(header.affine, np.float64)
+    fields['orientation'] = np.str_('SAR')
+    fields['affine'] = affine
+    fields['canonical_affine'] = geometry.canonical_affine(affine, header.shape[:3])
+  return _atomic(
+    os.path.join(output, case.stem + '.npz'),
+    lambda tmp: np.savez_compressed(tmp, **fields),
+  )
+
+
+def _predict_one(case, predictors, *, ndim, rules, output, overlap, tta, save):
+  """Predicts one case; writes its mask (and probabilities); returns (image, mask)."""
+  image, spacing = inputs.read_image(case, ndim=ndim)
+  probs = average_probabilities(predictors, image, spacing, overlap=overlap, tta=tta)
+  pred = labels_of(probs)
+  if save:
+    write_probabilities(case, probs, output)
+  del probs
+  if rules is not None:
+    pred = np.asarray(postprocessing.apply(pred, rules), np.int32)
+  write_mask(case, pred, output)
+  return image, pred
+
+
+def _describe(predictors, workdirs) -> str:
+  return ', '.join(
+    f'{w} (step {p.step}'
+    + (f', at spacing {p.data.target_spacing}' if p.data.target_spacing else '')
+    + ')'
+    for p, w in zip(predictors, workdirs)
+  )
 
 
 def run(
-  workdir: str,
+  workdir: str | Sequence[str],
   input_path: str,
   output: str,
   *,
   step: str | int = 'best',
   overlap: float = 0.5,
   tta: bool = False,
+  save_probabilities: bool = False,
+  postprocessing_file: str | None = None,
 ) -> list[list[Any]]:
-  """Predicts every input; returns the per-case rows (empty without reference masks)."""
-  predictor = inference.load(workdir, step=step)
-  ndim, channels = predictor.ndim, predictor.num_channels
-  num_classes = max(predictor.model.num_classes, 2)
+  """Predicts every input; returns the per-case rows (empty without reference masks).
+
+  Args:
+    workdir: a run's folder, or several (a list): an ensemble
+      (`ensemble.load_runs`), whose probabilities are averaged.
+    input_path: a file, or a folder of them.
+    output: the output folder.
+    step: 'best', 'latest' or a step number, for every run.
+    overlap: of the sliding windows.
+    tta: average over all axis flips.
+    save_probabilities: also write `<stem>.npz` (`write_probabilities`).
+    postprocessing_file: a postprocessing.json whose rules are applied to each
+      mask before it is written; read before anything else.
+  """
+  rules = postprocessing.read(postprocessing_file) if postprocessing_file else None
+  workdirs = [workdir] if isinstance(workdir, str) else list(workdir)
+  predictors = ensemble.load_runs(workdirs, step=step)
+  first = predictors[0]
+  ndim, channels = first.ndim, first.num_channels
+  num_classes = max(first.model.num_classes, 2)
   cases = inputs.list_inputs(input_path, ndim=ndim, num_channels=channels)
   inputs.check_inputs(
     cases,
     ndim=ndim,
     num_channels=channels,
-    target_spacing=predictor.data.target_spacing if ndim == 3 else None,
+    target_spacings=[p.data.target_spacing if ndim == 3 else None for p in predictors],
     num_classes=num_classes,
+    save_probabilities=save_probabilities,
   )
   os.makedirs(os.path.join(output, 'overlays'), exist_ok=True)
   masks = _masks_beside(input_path)
   logging.info(
-    'Predicting %d input(s) with %s at step %d%s.',
-    len(cases),
-    workdir,
-    predictor.step,
-    f', at spacing {predictor.data.target_spacing}'
-    if predictor.data.target_spacing
-    else '',
+    'Predicting %d input(s) with %s.', len(cases), _describe(predictors, workdirs)
   )
   rows, started = [], time.perf_counter()
   for i, case in enumerate(cases, start=1):
-    image, spacing = inputs.read_image(case, ndim=ndim)
-    pred = predict_case(predictor, image, spacing, overlap=overlap, tta=tta)
-    write_mask(case, pred, output)
+    image, pred = _predict_one(
+      case,
+      predictors,
+      ndim=ndim,
+      rules=rules,
+      output=output,
+      overlap=overlap,
+      tta=tta,
+      save=save_probabilities,
+    )
     _atomic(
       os.path.join(output, 'overlays', case.stem + '.png'),
       lambda tmp, image=image, pred=pred: visualize.save_overlay(
