@@ -23,7 +23,9 @@ them without training. Any field set on the command line wins over the plan, and
 table says so. `--config.plan_time_budget=300` trains for about 300 s of steps (the
 step time is measured first); `--config.plan=False` restores the fixed settings below
 (features 16, depth 3, batch 16, flips and rot90, z-score per image, 600 steps; 3D
-needs a `--config.data.patch_size`, e.g. '(32,64,64)').
+needs a `--config.data.patch_size`, e.g. '(32,64,64)'). `--config.plan_from=runs/pre`
+applies another run's plan instead, and `--config.init_from=runs/pre` starts from its
+parameters (README, "Fine-tuning").
 
 Measured (benchmarks/RESULTS.md, "Planning"; 2 shared CPU cores, the same wall-clock
 budget for both): see the table there for each data set.

@@ -538,12 +538,17 @@ class PlanOptions:
     'plan_keep',
     'plan_memory_budget',
     'plan_time_budget',
+    'plan_from',
   )
 
   plan: bool = False  # Plan from the data; False: the config's fixed settings.
   plan_keep: tuple[str, ...] = ()  # Fields the plan leaves alone (launch.py adds CLI ones).
   plan_memory_budget: str | int = '2GiB'  # Per device, for a training step.
   plan_time_budget: float = 0.0  # Seconds of training steps; 0: num_train_steps.
+  # Another run's folder (or a plan.json): its plan is applied instead of planning
+  # from the data (no fingerprint, no step timing), whatever `plan` says; the
+  # plan_keep fields still win. '': none. A resume may change it (it is recorded).
+  plan_from: str = ''
 
   def __post_init__(self):
     if self.plan_time_budget < 0:
@@ -561,6 +566,8 @@ class PlanOptions:
       values['plan_keep'] = tuple(str(f) for f in values['plan_keep'])
     if 'plan_time_budget' in values:
       values['plan_time_budget'] = float(values['plan_time_budget'])
+    if 'plan_from' in values:
+      values['plan_from'] = str(values['plan_from'])
     return cls(**values)
 
   def to_config(self) -> ml_collections.ConfigDict:
@@ -592,6 +599,11 @@ class RunOptions(_Section):
   # How convolutions and pooling run: 'auto' (the native CPU kernels where they win),
   # 'xla' or 'native' (unet_jax/ops/policy.py). Not saved state: a resume may change it.
   kernels: str = 'auto'
+  # 'RUN[:step]' (step: a number, 'best' or 'latest'; default 'best'): a new run
+  # starts from RUN's parameters and BatchNorm statistics, with a fresh optimizer
+  # (unet_jax/train/finetune.py). '': from random ones. Read at step 0 only; a resume
+  # may not change it (the run's parameters came from the recorded one).
+  init_from: str = ''
   data: DataOptions = dataclasses.field(default_factory=DataOptions)
   augment: AugmentOptions = dataclasses.field(default_factory=AugmentOptions)
   optimizer: OptimizerOptions = dataclasses.field(default_factory=OptimizerOptions)
@@ -611,6 +623,7 @@ class RunOptions(_Section):
     'best_mode',
     'parallelism',
     'kernels',
+    'init_from',
   )
 
   def __post_init__(self):

@@ -46,6 +46,7 @@ from unet_jax.planning.plan import Plan
 from unet_jax.planning.plan import plan
 from unet_jax.planning.plan import PLAN_FILE
 from unet_jax.planning.plan import read_plan
+from unet_jax.planning.plan import reused
 from unet_jax.planning.plan import write_plan
 from unet_jax.planning.rules import ANISOTROPY
 from unet_jax.planning.rules import Choice
@@ -81,6 +82,7 @@ __all__ = [
   'PLAN_FILE',
   'RARE_CLASS',
   'read_plan',
+  'reused',
   'resampled',
   'resampled_shape',
   'SAMPLES_PER_CASE',

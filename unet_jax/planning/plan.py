@@ -4,6 +4,7 @@
     print(format_table(p))      # field, value, who set it, reason
     config = apply(config, p)   # the config with the plan's values
     write_plan(path, p, fp)     # <workdir>/plan.json; read_plan(path) reads it
+    p = reused(read_plan(other), fixed=..., source=other)   # another run's plan
 
 The rules are in `unet_jax/planning/rules.py`, which documents them.
 """
@@ -164,6 +165,30 @@ def _mark_fixed(choices, fixed: Mapping[str, Any], free: Plan) -> tuple[Choice, 
       c = Choice(c.field, fixed[c.field], own.reason, overridden=True, planned=own.value)
     marked.append(c)
   return tuple(marked)
+
+
+def reused(p: Plan, *, fixed: Mapping[str, Any] | None = None, source: str) -> Plan:
+  """Another run's plan, for this run (`config.plan_from`): no fingerprint needed.
+
+  Its choices keep their values and reasons; those that the other run's command
+  line set become plain choices whose reason says so. The `fixed` fields (this
+  run's command line) are marked overridden, with the other run's value as the
+  planned one, as `plan` marks them.
+
+  Args:
+    p: the other run's plan (`read_plan`).
+    fixed: dotted config fields set on this run's command line, with their values.
+    source: where `p` was read from; recorded in the inputs as 'plan_from'.
+
+  Returns:
+    A `Plan` whose inputs are `p`'s, plus 'plan_from'.
+  """
+  own = tuple(
+    Choice(c.field, c.value, f'set on the command line of {source}') if c.overridden else c
+    for c in p.choices
+  )
+  choices = _mark_fixed(own, _as_tuples_in(fixed or {}), Plan(own))
+  return Plan(choices, {**p.inputs, 'plan_from': source})
 
 
 # ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@
     create_model -> create_optimizer -> create_train_state      (steps.py)
     train_step / predict_step (pure; run by train.runner.Runner under jit or pmap)
     setup.prepare: checks, data, model, runner, restore         (setup.py)
+    init_from: another run's parameters, for a new run          (finetune.py)
     train_and_evaluate: the loop                                 (loop.py)
 
 Where the rest lives: the config's options and defaults in `unet_jax.config`,

@@ -8,7 +8,7 @@ is checked where it is read, once, into options (`unet_jax.config`); here:
 * `check_same_on_all_processes`: every process of a job runs the same config.
 * `validate_against_data`: `num_classes` and the input size against the data.
 * `check_resume`: a workdir's recorded config against the one resuming in it;
-  fields that fix the shape of the saved state must agree.
+  fields that fix the shape of the saved state must agree, and `init_from`.
 """
 
 from __future__ import annotations
@@ -41,6 +41,12 @@ STATE_FIELDS = ('model', 'optimizer.name', 'optimizer.grad_clip_norm', 'data_sha
 # What fixes the cases a run trains on: one fold is one workdir (a checkpoint that
 # records no such field, from before folds, was fold 0 of the data's own split).
 FOLD_FIELDS = ('data.fold', 'data.num_folds')
+# Where a run's parameters came from: read at step 0 only, so a resume may not change
+# it (the record would name another run than the one the parameters came from).
+# `plan_from` may change, as the plan's fields may: the model fields above guard it.
+HISTORY_FIELDS = ('init_from',)
+# Fields a record may lack (written before they existed): missing equals ''.
+EMPTY_WHEN_MISSING = ('init_from', 'plan_from')
 
 
 def _choice(field: str, value: Any, valid) -> None:
@@ -214,6 +220,18 @@ def _flatten(tree, prefix='') -> dict[str, Any]:
   return out
 
 
+def _check_history(old: dict[str, Any], new: dict[str, Any], where: str) -> None:
+  for k in HISTORY_FIELDS:
+    if old[k] != new[k]:
+      started = repr(old[k]) if old[k] else f"random parameters (config.{k}='')"
+      raise ValueError(
+        f'Cannot resume from {where} with config.{k}={new[k]!r}: the run started'
+        f' from {started}, which its config records (config.{k} is read at step 0'
+        ' only). Resume with the recorded value, or use a new --workdir. Nothing was'
+        ' written.'
+      )
+
+
 def check_resume(
   saved: dict[str, Any], current: dict[str, Any], *, where: str
 ) -> list[str]:
@@ -232,12 +250,17 @@ def check_resume(
   Raises:
     ValueError: naming `where` and each field that fixes the state's structure
       (the model, the optimizer's kind, the data's shape) with both values, or
-      the fold (`FOLD_FIELDS`, when the checkpoint records it) that differs.
+      the fold (`FOLD_FIELDS`, when the checkpoint records it) that differs,
+      or a changed `init_from` (`HISTORY_FIELDS`).
   """
   if isinstance(saved.get('model'), dict):  # Before config.kernels, kernels were here.
     saved = dict(saved, model=factory.drop_kernel_fields(saved['model']))
   old, new = _flatten(saved), _flatten(current)
+  for k in EMPTY_WHEN_MISSING:
+    for values in (old, new):
+      values[k] = values.get(k) or ''
   changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+  _check_history(old, new, where)
   fixed = [k for k in changed if any(k == f or k.startswith(f + '.') for f in STATE_FIELDS)]
   folds = [k for k in changed if k in FOLD_FIELDS and k in old]
   if folds:

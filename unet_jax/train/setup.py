@@ -3,7 +3,9 @@
     run = setup.prepare(config, workdir)    # everything the loop needs, checked
 
 Nothing is written before every check has passed, and a resumed run's recorded
-config is compared with the one resuming (`config_checks.check_resume`).
+config is compared with the one resuming (`config_checks.check_resume`). A new
+run may take another run's plan (`config.plan_from`, `reuse_plan`) and start
+from its parameters (`config.init_from`, unet_jax/train/finetune.py).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from unet_jax.data import pipeline as input_pipeline
 from unet_jax.data import sources
 from unet_jax.models import factory
 from unet_jax.train import config_checks
+from unet_jax.train import finetune
 from unet_jax.train import runner as runner_lib
 from unet_jax.train import steps as train_steps
 
@@ -100,6 +103,21 @@ def _restore(manager, state, record: dict[str, Any], workdir: str):
     ) from None
   logging.info('Resumed from %s at step %d.', where, int(state.step))
   return state, int(state.step)
+
+
+def _init_from(state, run: config_lib.RunOptions, *, start_step: int, tx, model_config):
+  """A new run's state from `config.init_from` (unet_jax/train/finetune.py); a
+  resumed run keeps its own."""
+  if not run.init_from:
+    return state
+  if start_step:
+    logging.info(
+      'config.init_from=%r is not used: the run resumes from its own checkpoint (step %d).',
+      run.init_from,
+      start_step,
+    )
+    return state
+  return finetune.initialise(state, run.init_from, tx=tx, model_config=model_config)
 
 
 def create_runner(model_config, run: config_lib.RunOptions, tx) -> runner_lib.Runner:
@@ -208,10 +226,11 @@ def plan_run(config: ml_collections.ConfigDict, data, workdir: str):
 
   Returns:
     (config, data): the planned config, and the data set opened for it; both
-    unchanged when `config.plan` is False or missing.
+    unchanged when `config.plan` is False or missing, or `config.plan_from` is
+    set (`reuse_plan` applied that plan before the data was opened).
   """
   plan_options = config_lib.PlanOptions.from_config(config)
-  if not plan_options.plan:
+  if not plan_options.plan or plan_options.plan_from:
     return config, data
   data_options = config_lib.DataOptions.from_config(config.data)
   fp = planning.fingerprint(  # Every labelled case of an nnU-Net data set, as nnU-Net.
@@ -255,17 +274,108 @@ def plan_run(config: ml_collections.ConfigDict, data, workdir: str):
   return planned, data
 
 
+def _read_plan_from(source: str) -> tuple[planning.Plan, str]:
+  """The plan `config.plan_from` names (a run folder, or a plan.json), and its path."""
+  path = source if os.path.isfile(source) else os.path.join(source, planning.PLAN_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+      f'config.plan_from={source!r}: there is no {path} (plan_from takes the folder'
+      ' of a planned run, which holds a plan.json, or the file itself).'
+    )
+  try:
+    return planning.read_plan(path), path
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ValueError(
+      f'config.plan_from={source!r}: {path} cannot be read as a plan'
+      f' ({type(e).__name__}: {str(e)[:300]}).'
+    ) from None
+
+
+def reuse_plan(config: ml_collections.ConfigDict):
+  """Another run's plan (`config.plan_from`), applied instead of planning.
+
+  Reads its plan.json (no fingerprint, no step timing), keeps the fields
+  `config.plan_keep` names (launch.py adds every field set on the command
+  line) and checks the result. Nothing is written: `_write_reused_plan` does,
+  once the data is open.
+
+  Returns:
+    (config, plan): the config with the other run's choices, and the plan
+    (`planning.reused`: its inputs name the file as 'plan_from').
+
+  Raises:
+    FileNotFoundError, ValueError: naming the file, when it is missing or is
+      not a plan.
+  """
+  options = config_lib.PlanOptions.from_config(config)
+  p, path = _read_plan_from(options.plan_from)
+  if options.plan_time_budget:
+    logging.info('config.plan_time_budget is not used: the plan comes from %s.', path)
+  fixed = planning.fixed_fields(config, options.plan_keep)
+  p = planning.reused(p, fixed=fixed, source=os.path.abspath(path))
+  planned = planning.apply(config, p)
+  config_checks.validate_config(
+    planned, num_devices=jax.device_count(), process_count=jax.process_count()
+  )
+  return planned, p
+
+
+def _write_reused_plan(config, p: planning.Plan, info, workdir: str):
+  """Drops the other run's class weights when this data has another number of
+  classes, then writes `workdir/plan.json` (process 0) and logs the table.
+
+  Returns:
+    The config.
+  """
+  classes = config.model.num_classes or info.num_classes
+  weights = p.values().get('loss.kwargs.class_weights')
+  by_field = {c.field: c for c in p.choices}
+  if weights is not None and len(weights) != classes:
+    if not by_field['loss.kwargs.class_weights'].overridden:
+      logging.info(
+        "Leaving out the reused plan's loss.kwargs.class_weights %s: they weigh %d"
+        ' classes, and this data has %d.',
+        weights,
+        len(weights),
+        classes,
+      )
+      p = planning.Plan(
+        [c for c in p.choices if c.field != 'loss.kwargs.class_weights'], p.inputs
+      )
+      config = ml_collections.ConfigDict(config.to_dict())
+      del config.loss.kwargs['class_weights']
+  path = os.path.join(workdir, planning.PLAN_FILE)
+  if jax.process_index() == 0:
+    planning.write_plan(path, p)
+  logging.info(
+    'The plan of %s (config.plan_from: not planned from this data; the command'
+    ' line still wins), written to %s:\n%s',
+    p.inputs['plan_from'],
+    path,
+    planning.format_table(p),
+  )
+  return config
+
+
 def _open_and_plan(config, run: config_lib.RunOptions, workdir: str):
-  """The data set, opened for the model; then the plan (a no-op unless config.plan).
+  """The data set, opened for the model; then the plan (a no-op unless config.plan),
+  or, with config.plan_from, another run's plan, applied before the data is opened.
 
   Returns the (planned) config, its options and the data.
   """
+  reused = None
+  if config_lib.PlanOptions.from_config(config).plan_from:
+    config, reused = reuse_plan(config)
+    run = config_lib.RunOptions.from_config(config)
   ndim = sources.config_ndim(run.data)
   data = input_pipeline.open(
     run.data, divisor=factory.input_divisor_of(config.model, ndim=ndim)
   )
-  planned, data = plan_run(config, data, workdir)  # No-op unless config.plan.
-  if planned is not config:
+  if reused is None:
+    planned, data = plan_run(config, data, workdir)  # No-op unless config.plan.
+  else:
+    planned = _write_reused_plan(config, reused, data.info, workdir)
+  if planned is not config or reused is not None:
     run = config_lib.RunOptions.from_config(planned)  # The plan's choices, read once.
   planned = with_data_classes(planned, data.info)
   config_checks.validate_against_data(planned, data.info)
@@ -321,6 +431,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   )
   record = config_checks.state_record(config, data.info)
   state, start_step = _restore(manager, state, record, workdir)
+  state = _init_from(state, run, start_step=start_step, tx=tx, model_config=config.model)
   if distributed.is_main_process():
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
