@@ -316,7 +316,7 @@ def test_a_bad_postprocessing_file_fails_before_anything_else(scans, tmp_path):
   )
   assert proc.returncode == 2
   last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith(f'Error: {bad}: not a post-processing file'), last
+  assert last.startswith(f'Error: {bad}: unreadable JSON'), last
   assert not (tmp_path / 'out').exists()
 
 

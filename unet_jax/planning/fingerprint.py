@@ -331,7 +331,10 @@ def resampled(fp: Fingerprint, target) -> Fingerprint:
   return dataclasses.replace(fp, **changed)
 
 
-def _cache_path(data, splits: tuple[str, ...], ignore_index: int | None) -> str | None:
+def _cache_path(
+  data, splits: str | tuple[str, ...], ignore_index: int | None
+) -> str | None:
+  splits = (splits,) if isinstance(splits, str) else splits
   folder = getattr(getattr(data.source, 'builder', None), 'data_dir', None)
   if folder is None:
     return None
