@@ -163,6 +163,22 @@ def to_original(array: np.ndarray, volume: Volume) -> np.ndarray:
   return out
 
 
+def canonical_grid(shape, zooms, affine) -> tuple[tuple[int, ...], tuple[float, ...]]:
+  """(shape, spacing) in canonical (D, H, W) order from a header's own (x, y, z)
+  shape, zooms and affine, without reading the data: what `read_volume` gives.
+
+  Raises:
+    ValueError: for an affine whose orientation cannot be told (degenerate).
+  """
+  order = nibabel.orientations.io_orientation(np.asarray(affine, np.float64))[:, 0]
+  if np.any(np.isnan(order)):
+    raise ValueError(f'degenerate affine {np.asarray(affine).tolist()}')
+  grid, spacing = [0] * 3, [0.0] * 3
+  for axis, target in enumerate(order.astype(int)):
+    grid[target], spacing[target] = int(shape[axis]), float(zooms[axis])
+  return tuple(reversed(grid)), tuple(reversed(spacing))
+
+
 def canonical_affine(affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
   """The affine of a file's canonical array, as `read_volume` orders it.
 

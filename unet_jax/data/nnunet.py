@@ -92,6 +92,7 @@ import numpy as np
 
 from unet_jax import config as config_lib
 from unet_jax.data import folder
+from unet_jax.data import geometry as geometry_lib
 
 FILE_ENDINGS = {'.nii.gz': 3, '.nii': 3, '.png': 2, '.bmp': 2, '.tif': 2, '.tiff': 2}
 _CHANNEL_SUFFIX = re.compile(r'^(.+)_(\d{4})$')
@@ -672,18 +673,10 @@ def _canonical(geometry: _Geometry) -> tuple[tuple[int, ...], tuple[float, ...] 
   """(shape, spacing) in (D, H, W) order of the closest canonical (RAS) axes."""
   if geometry.affine is None:
     return geometry.shape, None
-  import nibabel  # pylint: disable=g-import-not-at-top
-
-  order = nibabel.io_orientation(geometry.affine)[:, 0]
-  if np.any(np.isnan(order)):
-    raise folder.BadDataError(
-      f'{geometry.path}: degenerate affine {geometry.affine.tolist()}; cannot'
-      ' tell its orientation.'
-    )
-  shape, zooms = [0] * 3, [0.0] * 3
-  for axis, target in enumerate(order.astype(int)):
-    shape[target], zooms[target] = geometry.shape[axis], geometry.zooms[axis]
-  return tuple(reversed(shape)), tuple(reversed(zooms))
+  try:
+    return geometry_lib.canonical_grid(geometry.shape, geometry.zooms, geometry.affine)
+  except ValueError as e:
+    raise folder.BadDataError(f'{geometry.path}: {e}; cannot tell its orientation.') from e
 
 
 def _check_case(case: Case, *, layout: Layout, tolerance: float, errors: list):

@@ -176,17 +176,8 @@ def probe(path: str, ndim: int) -> tuple[tuple[int, ...], int, tuple[float, ...]
   shape = image.shape
   if len(shape) not in (3, 4):
     raise ValueError(f'a {len(shape)}D array {shape}, but this run takes 3D volumes')
-  order = nibabel.io_orientation(image.affine)[:, 0].astype(int)  # RAS axis of each.
-  zooms = image.header.get_zooms()[:3]
-  canonical = [0] * 3
-  spacing = [0.0] * 3
-  for axis, target in enumerate(order):
-    canonical[target], spacing[target] = shape[axis], float(zooms[axis])
-  return (
-    tuple(reversed(canonical)),
-    shape[3] if len(shape) == 4 else 1,
-    tuple(reversed(spacing)),
-  )
+  grid, spacing = geometry.canonical_grid(shape, image.header.get_zooms()[:3], image.affine)
+  return grid, shape[3] if len(shape) == 4 else 1, spacing
 
 
 def available_bytes() -> int | None:
