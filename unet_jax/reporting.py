@@ -18,6 +18,7 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Iterator, Sequence
 
@@ -204,6 +205,20 @@ class Progress:
   def elapsed(self) -> float:
     """Seconds since the start, pauses included."""
     return self._clock() - self._started
+
+
+def progress(done: int, total: int, started: float, name: str) -> None:
+  """One line on stderr, rewritten in place: items done of `total`, the ETA from
+  `started` (a `time.perf_counter()`), and the current item's name."""
+  elapsed = time.perf_counter() - started
+  eta = elapsed / max(done, 1) * (total - done)
+  bar = '#' * (20 * done // max(total, 1))
+  print(
+    f'\r[{bar:<20}] {done}/{total}  ETA {format_time(eta)}  {name[:40]:<40}',
+    end='' if done < total else '\n',
+    file=sys.stderr,
+    flush=True,
+  )
 
 
 def write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 from absl import logging
 import numpy as np
 
+from unet_jax import reporting
 from unet_jax.crossval import runs as runs_lib
 from unet_jax.crossval import scores
 from unet_jax.crossval import table
@@ -82,7 +83,7 @@ def _predict_all(runs, files, owners, *, overlap, tta, tolerance):
     results.append(table.CaseResult(case_id, run.workdir, values))
     predictions.append(prediction)
     references.append(reference)
-    table.progress(done, len(owners), started, case_id)
+    reporting.progress(done, len(owners), started, case_id)
   return results, predictions, references
 
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
-import time
 
 import numpy as np
 
@@ -100,16 +98,3 @@ def format_table(results: list[CaseResult], classes: list[int], table: list[list
     cells = [_pm(row[1 + 2 * i], row[2 + 2 * i]) for i in range(len(COLUMNS))]
     lines.append(f'{row[0]!s:<{width}}  ' + '  '.join(cells) + f'  ({row[-1]} HD95 inf)')
   return '\n'.join(lines)
-
-
-def progress(done: int, total: int, started: float, name: str) -> None:
-  """One line on stderr, rewritten in place: cases done, ETA, the current case."""
-  elapsed = time.perf_counter() - started
-  eta = elapsed / max(done, 1) * (total - done)
-  bar = '#' * (20 * done // max(total, 1))
-  print(
-    f'\r[{bar:<20}] {done}/{total}  ETA {reporting.format_time(eta)}  {name[:40]:<40}',
-    end='' if done < total else '\n',
-    file=sys.stderr,
-    flush=True,
-  )

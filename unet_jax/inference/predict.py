@@ -49,7 +49,6 @@ file.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import Any, Sequence
 
@@ -128,18 +127,6 @@ def _reference(case: inputs.Case, masks: str, ndim: int) -> np.ndarray | None:
 def _scores(pred: np.ndarray, label: np.ndarray, num_classes: int) -> list[float]:
   cm = metrics.confusion_matrices_host(pred[None], label[None], num_classes)[0]
   return list(metrics.dice_per_class(cm)) + list(metrics.iou_per_class(cm))
-
-
-def _progress(done: int, total: int, started: float, name: str) -> None:
-  elapsed = time.perf_counter() - started
-  eta = elapsed / done * (total - done)
-  bar = '#' * (20 * done // total)
-  print(
-    f'\r[{bar:<20}] {done}/{total}  ETA {reporting.format_time(eta)}  {name[:40]:<40}',
-    end='' if done < total else '\n',
-    file=sys.stderr,
-    flush=True,
-  )
 
 
 def case_probabilities(
@@ -364,7 +351,7 @@ def run(
         label.shape,
         pred.shape,
       )
-    _progress(i, len(cases), started, case.stem)
+    reporting.progress(i, len(cases), started, case.stem)
   if rows:
     _write_table(rows, num_classes, output)
   return rows
