@@ -670,3 +670,200 @@ def test_import_loads_neither_flax_nor_models_nor_train():
     [sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120
   )
   assert proc.returncode == 0, proc.stderr
+
+
+# --------------------------------------------------------------------------
+# Edge cases: an empty batch, targets out of range, option values.
+# --------------------------------------------------------------------------
+
+
+def _empty_inputs(name):
+  """Logits [0, 4, 4, C] and integer labels [0, 4, 4] for the loss `name`."""
+  channels = 1 if name in SIGMOID_ONLY else 3
+  return jnp.zeros((0, 4, 4, channels)), jnp.zeros((0, 4, 4), jnp.int32)
+
+
+@functools.cache
+def _scaled_value_and_grad(name, **options):
+  """Jitted value and gradient w.r.t. `w` of `loss(w * logits, labels)`.
+
+  The gradient reaching a scalar parameter stands for the one reaching a model's
+  weights: with no examples it must be exactly 0, not NaN.
+  """
+  fn = functools.partial(losses.get_loss(name), **options)
+  return jax.jit(jax.value_and_grad(lambda w, logits, labels: fn(w * logits, labels)))
+
+
+@pytest.mark.parametrize('name', sorted(losses.LOSSES))
+@pytest.mark.parametrize('reduction', ['mean', 'sum'])
+def test_an_empty_batch_gives_zero_and_a_zero_gradient(name, reduction):
+  # Dice, Tversky, generalized Dice and the sums with them gave NaN for 'mean'.
+  logits, labels = _empty_inputs(name)
+  eager = losses.get_loss(name)(logits, labels, reduction=reduction)
+  loss, grad = _scaled_value_and_grad(name, reduction=reduction)(1.0, logits, labels)
+  assert eager.shape == loss.shape == ()
+  assert float(eager) == 0.0 and float(loss) == 0.0
+  assert float(grad) == 0.0  # Finite and zero.
+  per_example = losses.get_loss(name)(logits, labels, reduction='none')
+  assert per_example.shape == (0,)
+
+
+@pytest.mark.parametrize(
+  'name', ['dice', 'tversky', 'generalized_dice', 'dice_ce', 'dice_bce', 'focal_dice']
+)
+def test_an_empty_batch_gives_zero_with_batch_true_and_any_smoothing(name):
+  # batch=True sums over no pixels: 1 - smooth_nr / smooth_dr = 0.5 before, not 0.
+  logits, labels = _empty_inputs(name)
+  options = {'batch': True, 'smooth_nr': 1.0, 'smooth_dr': 2.0}
+  loss, grad = _scaled_value_and_grad(name, **options)(1.0, logits, labels)
+  assert float(loss) == 0.0 and float(grad) == 0.0
+  assert float(losses.get_loss(name)(logits, labels, **options)) == 0.0
+
+
+def test_an_empty_batch_of_soft_targets_gives_zero():
+  logits = jnp.zeros((0, 4, 4, 3))
+  assert float(losses.dice_ce_loss(logits, jnp.zeros((0, 4, 4, 3)))) == 0.0
+
+
+def test_deep_supervision_of_an_empty_batch_gives_zero_and_a_zero_gradient():
+  fn = functools.partial(losses.dice_ce_loss, ignore_index=255)
+  labels = jnp.zeros((0, 8, 8), jnp.int32)
+  main, aux = jnp.ones((0, 8, 8, 3)), (jnp.ones((0, 4, 4, 3)), jnp.ones((0, 2, 2, 3)))
+
+  def loss(w):
+    outputs = (w * main, tuple(w * head for head in aux))
+    return losses.deep_supervision_loss(fn, outputs, labels, strides=((2, 2), (4, 4)))
+
+  value, grad = jax.value_and_grad(loss)(1.0)
+  assert float(value) == 0.0 and float(grad) == 0.0
+
+
+@pytest.mark.parametrize('name', sorted(losses.LOSSES))
+@pytest.mark.parametrize(
+  'where, value, found',
+  [
+    ('negative', -0.25, r'min -0.25, max 1'),
+    ('above one', 1.5, r'min .*, max 1.5'),
+    ('not a number', math.nan, r'min .*, max 1, 1 non-finite'),
+  ],
+)
+def test_a_soft_target_outside_zero_one_raises(name, where, value, found):
+  del where
+  channels = 1 if name in SIGMOID_ONLY else 3
+  targets = np.zeros((2, 4, 4, channels), np.float32)
+  targets[..., 0] = 1.0
+  targets[1, 2, 3, 0] = value
+  with pytest.raises(ValueError, match=r'must be finite and in \[0, 1\], got ' + found):
+    losses.get_loss(name)(jnp.zeros(targets.shape), jnp.asarray(targets))
+
+
+def test_soft_targets_inside_zero_one_and_class_indices_are_accepted():
+  logits = jnp.zeros((1, 1, 2, 2))  # Two pixels, two classes, probabilities 1/2.
+  soft = jnp.asarray([[[[0.0, 1.0], [0.25, 0.75]]]])
+  # Every pixel's cross-entropy is log 2, whatever its (soft) target.
+  assert float(losses.cross_entropy_loss(logits, soft)) == pytest.approx(math.log(2))
+  # Class indices outside [0, C) are not probabilities: all-zero targets, no error.
+  assert float(losses.cross_entropy_loss(logits, jnp.asarray([[[0, -1]]]))) == (
+    pytest.approx(math.log(2) / 2)
+  )
+
+
+def test_soft_target_values_are_not_checked_under_jit():
+  # Under jit the values are unknown when the loss is traced: the jitted step
+  # carries no check (documented in unet_jax.losses), and the data pipeline
+  # produces integer class maps, not soft targets.
+  targets = jnp.full((1, 2, 2, 2), 0.5).at[0, 0, 0, 0].set(-1.0)
+  loss = jax.jit(losses.cross_entropy_loss)(jnp.zeros((1, 2, 2, 2)), targets)
+  jaxpr = jax.make_jaxpr(losses.dice_ce_loss)(jnp.zeros((1, 2, 2, 2)), targets)
+  assert not [e for e in jaxpr.eqns if 'callback' in e.primitive.name]
+  # Hand value: three pixels of log 2, one of -(-1 + 0.5) * log(1/2) = -0.5 log 2.
+  assert float(loss) == pytest.approx(2.5 * math.log(2) / 4)
+  with pytest.raises(ValueError, match='in \\[0, 1\\]'):
+    losses.cross_entropy_loss(jnp.zeros((1, 2, 2, 2)), targets)
+
+
+@pytest.mark.parametrize(
+  'call, match',
+  [
+    (
+      lambda: losses.focal_loss(LOGITS, LABELS, gamma=-1.0),
+      r'gamma must be .* >= 0, got -1.0',
+    ),
+    (lambda: losses.focal_dice_loss(LOGITS, LABELS, gamma=math.inf), 'gamma .* got inf'),
+    (
+      lambda: losses.focal_loss(LOGITS, LABELS, alpha=1.5),
+      r'alpha .* in \[0, 1\], got 1.5',
+    ),
+    (
+      lambda: losses.focal_loss(LOGITS, LABELS, alpha=[1.0, 2.0, -3.0]),
+      r'alpha must be finite and >= 0, got \[1.0, 2.0, -3.0\]',
+    ),
+    (
+      lambda: losses.focal_loss(
+        LOGITS, LABELS, alpha=[0.5, 2.0, 1.0], activation='sigmoid'
+      ),
+      r'alpha must be finite and in \[0, 1\], got \[0.5, 2.0, 1.0\]',
+    ),
+    (lambda: losses.tversky_loss(LOGITS, LABELS, alpha=-0.5), 'alpha .* >= 0, got -0.5'),
+    (lambda: losses.tversky_loss(LOGITS, LABELS, beta=math.nan), 'beta .* got nan'),
+    (
+      lambda: losses.tversky_loss(LOGITS, LABELS, alpha=0.0, beta=0.0),
+      r'alpha \+ beta must be > 0 .* got alpha=0.0, beta=0.0',
+    ),
+    (lambda: losses.dice_loss(LOGITS, LABELS, smooth_dr=-1e-5), 'smooth_dr .* got -1e-05'),
+    (
+      lambda: losses.generalized_dice_loss(LOGITS, LABELS, smooth_nr=-1.0),
+      'smooth_nr .* got -1.0',
+    ),
+    (
+      lambda: losses.dice_loss(LOGITS, LABELS, class_weights=[1.0, -1.0, 1.0]),
+      r'class_weights .* >= 0, got \[1.0, -1.0, 1.0\]',
+    ),
+    (
+      lambda: losses.cross_entropy_loss(LOGITS, LABELS, class_weights=[1.0, math.nan, 1.0]),
+      'class_weights .* got',
+    ),
+    (
+      lambda: losses.cross_entropy_loss(LOGITS, LABELS, label_smoothing=1.5),
+      r'label_smoothing must be finite and in \[0, 1\], got 1.5',
+    ),
+    (lambda: losses.dice_ce_loss(LOGITS, LABELS, lambda_ce=-1.0), 'lambda_ce .* got -1.0'),
+    (
+      lambda: losses.dice_bce_loss(LOGITS[..., :1], LABELS, lambda_dice=math.nan),
+      'lambda_dice .* got nan',
+    ),
+    (
+      lambda: losses.focal_dice_loss(LOGITS, LABELS, lambda_focal=-2.0),
+      'lambda_focal .* got -2.0',
+    ),
+    (lambda: losses.dice_loss(LOGITS, LABELS, smooth_nr='a'), 'smooth_nr must be a number'),
+  ],
+)
+def test_option_values_out_of_range_raise_naming_the_option(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
+
+
+def test_traced_options_are_not_checked_and_still_work():
+  # Numbers such as gamma may be arguments of a jitted function (README).
+  logits, labels = _inputs('focal', SPATIAL['2d'], seed=9)
+  traced = jax.jit(lambda gamma: losses.focal_loss(logits, labels, gamma=gamma))(2.0)
+  np.testing.assert_allclose(
+    traced, losses.focal_loss(logits, labels, gamma=2.0), rtol=1e-6
+  )
+  tversky = jax.jit(lambda a, b: losses.tversky_loss(logits, labels, alpha=a, beta=b))
+  np.testing.assert_allclose(
+    tversky(0.5, 0.5), losses.tversky_loss(logits, labels), rtol=1e-6
+  )
+
+
+def test_option_values_at_their_bounds_are_accepted():
+  # 0 is allowed wherever >= 0 is asked; a softmax class-balance alpha may exceed 1.
+  logits, labels = _inputs('focal', SPATIAL['2d'], seed=10)
+  for loss in (
+    losses.focal_loss(logits, labels, gamma=0.0, alpha=[0.0, 2.0, 1.0]),
+    losses.tversky_loss(logits, labels, alpha=0.0, beta=1.0),
+    losses.cross_entropy_loss(logits, labels, label_smoothing=1.0, class_weights=[0, 1, 1]),
+    losses.dice_ce_loss(logits, labels, lambda_dice=0.0, smooth_nr=0.0),
+  ):
+    assert np.isfinite(float(loss))

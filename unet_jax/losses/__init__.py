@@ -45,6 +45,37 @@ With `batch=True` a region loss sums over the batch and spatial axes
 together, so there is one value for the whole batch: `'mean'` and `'sum'`
 both return it and `'none'` raises a ValueError.
 
+Edge cases, the same for every loss here (`LOSSES`, and so `deep_supervision_loss`
+over them):
+
+* An empty batch (`N = 0`) gives 0 for 'mean' and 'sum', an empty `[0]` array
+  for 'none', and a zero gradient, whatever the options (`batch=True` too).
+  A mean over no examples would be 0 / 0, and a NaN gradient spoils every
+  parameter it reaches. Zero rather than an error:
+  code that filters a batch (examples with foreground, a shard that came out
+  empty) can call the loss without a branch, the sum over no examples is 0
+  anyway, and `N` is a static shape, so choosing costs nothing under jit.
+* Float labels (one-hot or soft targets) are probabilities: every value must be
+  finite and in `[0, 1]`, or a ValueError says which values are out. Above 1 is
+  refused too: with a target `y > 1` the binary cross-entropy
+  `softplus(x) - y x` falls without bound as the logit `x` grows. The values
+  are checked on the host in eager calls only (concrete arrays): under
+  `jax.jit` or `jax.vmap` they are not known when the loss is traced, and a
+  check inside the compiled step would cost every step (`checkify`, a host
+  callback), so the jitted loss carries none. The
+  trainer never passes float targets: its labels are integer class maps from
+  the data pipeline. An integer class map holds class indices, not
+  probabilities: values outside `[0, C)` give all-zero targets (above).
+* Numeric options, when they are Python numbers or concrete arrays, are checked
+  on every call, with a ValueError naming the option and its value: `gamma`,
+  `smooth_nr`, `smooth_dr`, `class_weights` and the `lambda_*` weights must be
+  finite and >= 0, `label_smoothing` in `[0, 1]`; the focal `alpha` in
+  `[0, 1]` (a scalar, or each entry with `activation='sigmoid'`) or >= 0 (a
+  softmax `[C]` array); the Tversky `alpha` and `beta` >= 0 and not both 0.
+  Options passed traced (arguments of a jitted function) are not checked.
+  `unet_jax.config.LossOptions` checks a config's `loss.kwargs` the same way
+  when the config is read.
+
 All functions are pure and safe under `jax.jit`, `jax.grad` and `jax.vmap`:
 shapes are checked at trace time and nothing branches in Python on array
 values. Sigmoid and softmax are taken from logits in stable form (log-sigmoid,
@@ -68,7 +99,8 @@ Example::
 
 Layout: one private module per family, every public name re-exported here.
 
-* `_common`: option and input checks, targets from labels, the reductions.
+* `_common`: option, input and target-value checks, targets from labels, the
+  reductions, the zero loss of an empty batch (`empty_batch_gives_zero`).
 * `_cross_entropy`: `binary_cross_entropy_loss`, `cross_entropy_loss`.
 * `_focal`: `focal_loss`.
 * `_region`: `dice_loss`, `tversky_loss`, `generalized_dice_loss`.

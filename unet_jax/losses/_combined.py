@@ -4,11 +4,13 @@ from typing import Any
 
 import jax
 
+from unet_jax.losses import _common
 from unet_jax.losses import _cross_entropy
 from unet_jax.losses import _focal
 from unet_jax.losses import _region
 
 
+@_common.empty_batch_gives_zero
 def dice_bce_loss(
   logits: jax.Array,
   labels: jax.Array,
@@ -38,8 +40,8 @@ def dice_bce_loss(
   Args:
     logits: [N, *spatial, C] float.
     labels: [N, *spatial] integer class map or [N, *spatial, C] float target.
-    lambda_dice: weight of the Dice term.
-    lambda_bce: weight of the BCE term.
+    lambda_dice: weight of the Dice term, >= 0.
+    lambda_bce: weight of the BCE term, >= 0.
     include_background: as in `dice_loss` (Dice term only).
     squared_pred, jaccard, batch, smooth_nr, smooth_dr: as in `dice_loss`.
     ignore_index: label value whose pixels are left out (integer labels only).
@@ -52,6 +54,7 @@ def dice_bce_loss(
     The "Combined Loss" of the U-Net course text; MONAI
     `DiceCELoss(sigmoid=True)` for one channel.
   """
+  _common.check_nonnegative(lambda_dice=lambda_dice, lambda_bce=lambda_bce)
   dice = _region.dice_loss(
     logits,
     labels,
@@ -71,6 +74,7 @@ def dice_bce_loss(
   return lambda_dice * dice + lambda_bce * bce
 
 
+@_common.empty_batch_gives_zero
 def dice_ce_loss(
   logits: jax.Array,
   labels: jax.Array,
@@ -102,8 +106,8 @@ def dice_ce_loss(
   Args:
     logits: [N, *spatial, C] float, C >= 2.
     labels: [N, *spatial] integer class map or [N, *spatial, C] float target.
-    lambda_dice: weight of the Dice term.
-    lambda_ce: weight of the cross-entropy term.
+    lambda_dice: weight of the Dice term, >= 0.
+    lambda_ce: weight of the cross-entropy term, >= 0.
     include_background: as in `dice_loss` (Dice term only).
     squared_pred, jaccard, batch, smooth_nr, smooth_dr: as in `dice_loss`.
     class_weights: optional [C] non-negative class weights.
@@ -118,6 +122,7 @@ def dice_ce_loss(
     Isensee et al., nnU-Net, Nature Methods 2021,
     https://arxiv.org/abs/1809.10486; MONAI `monai.losses.DiceCELoss`.
   """
+  _common.check_nonnegative(lambda_dice=lambda_dice, lambda_ce=lambda_ce)
   dice = _region.dice_loss(
     logits,
     labels,
@@ -143,6 +148,7 @@ def dice_ce_loss(
   return lambda_dice * dice + lambda_ce * ce
 
 
+@_common.empty_batch_gives_zero
 def focal_dice_loss(
   logits: jax.Array,
   labels: jax.Array,
@@ -183,8 +189,8 @@ def focal_dice_loss(
     labels: [N, *spatial] integer class map or [N, *spatial, C] float target.
     gamma, alpha: as in `focal_loss`.
     activation: 'softmax' (C >= 2) or 'sigmoid'.
-    lambda_dice: weight of the Dice term.
-    lambda_focal: weight of the focal term.
+    lambda_dice: weight of the Dice term, >= 0.
+    lambda_focal: weight of the focal term, >= 0.
     include_background: as in `dice_loss` (Dice term only).
     squared_pred, jaccard, batch, smooth_nr, smooth_dr: as in `dice_loss`.
     ignore_index: label value whose pixels are left out (integer labels only).
@@ -198,6 +204,7 @@ def focal_dice_loss(
     whole-volume segmentation of head and neck anatomy, Medical Physics
     46(2), 2019, https://arxiv.org/abs/1808.05238; Lin et al., ICCV 2017.
   """
+  _common.check_nonnegative(lambda_dice=lambda_dice, lambda_focal=lambda_focal)
   dice = _region.dice_loss(
     logits,
     labels,

@@ -4,9 +4,13 @@ The conventions these implement are documented once, in the package docstring
 (`unet_jax.losses`).
 """
 
+from collections.abc import Callable
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 REDUCTIONS = ('mean', 'sum', 'none')
 ACTIVATIONS = ('softmax', 'sigmoid')
@@ -28,6 +32,94 @@ def check_options(
       "reduction='none' gives one value per example, which batch=True does "
       "not have; use reduction='mean' or batch=False."
     )
+
+
+def is_traced(value) -> bool:
+  """Whether any array in `value` is a tracer (under `jax.jit`, `grad`, `vmap`).
+
+  A tracer's values are not known when the loss is traced, so value checks skip it.
+  """
+  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(value))
+
+
+def _check_range(name: str, value, *, high: float | None) -> None:
+  if value is None or is_traced(value):
+    return
+  try:
+    array = np.asarray(value, np.float64)
+  except (TypeError, ValueError):
+    raise ValueError(
+      f'{name} must be a number or an array of them, got {value!r}.'
+    ) from None
+  if np.all(
+    np.isfinite(array) & (array >= 0) & (array <= (np.inf if high is None else high))
+  ):
+    return
+  shown = array.item() if array.ndim == 0 else array.tolist()
+  bound = '>= 0' if high is None else f'in [0, {high:g}]'
+  raise ValueError(f'{name} must be finite and {bound}, got {shown}.')
+
+
+def check_nonnegative(**options) -> None:
+  """A ValueError naming the first option that is not finite and >= 0.
+
+  Each option is a number or an array of them (`class_weights`). None and
+  traced values (options passed as arguments of a jitted function) are not
+  checked: their values are not known at trace time.
+  """
+  for name, value in options.items():
+    _check_range(name, value, high=None)
+
+
+def check_unit_interval(**options) -> None:
+  """As `check_nonnegative`, for options in [0, 1] (`label_smoothing`)."""
+  for name, value in options.items():
+    _check_range(name, value, high=1.0)
+
+
+def check_target_values(labels: jax.Array) -> None:
+  """A ValueError for a float target with values outside [0, 1] (or not finite).
+
+  Checked on the host, for concrete arrays only (eager calls): under `jax.jit`
+  the values are not known at trace time, and a check inside the computation
+  would cost every step (`checkify`, a host callback), so traced targets are not
+  checked. An array spread over several processes is not checked either.
+  """
+  if is_traced(labels) or not labels.is_fully_addressable or not labels.size:
+    return
+  values = np.asarray(labels, np.float32)
+  finite = np.isfinite(values)
+  if np.all(finite) and values.min() >= 0 and values.max() <= 1:
+    return
+  found = (
+    f'min {values[finite].min():g}, max {values[finite].max():g}' if finite.any() else ''
+  )
+  if not finite.all():
+    found += f'{", " if found else ""}{np.count_nonzero(~finite)} non-finite'
+  raise ValueError(
+    f'float labels are a one-hot or soft target (probabilities): every value must be'
+    f' finite and in [0, 1], got {found} (shape {labels.shape}). For class indices'
+    ' pass an integer class map of shape logits.shape[:-1].'
+  )
+
+
+def empty_batch_gives_zero(loss_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+  """`loss_fn`, giving zeros and a zero gradient for an empty batch (N = 0).
+
+  The loss is computed as usual first, so every input and option is checked;
+  for N = 0 (a static shape) its value, NaN for a mean over no examples, is
+  replaced by zeros of the same shape that do not depend on the inputs. Under
+  `jax.jit` the unused computation is dropped.
+  """
+
+  @functools.wraps(loss_fn)
+  def wrapped(logits, labels, **options):
+    loss = loss_fn(logits, labels, **options)
+    if jnp.shape(logits)[0] == 0:
+      return jnp.zeros_like(loss)
+    return loss
+
+  return wrapped
 
 
 def is_class_map(logits: jax.Array, labels: jax.Array) -> bool:
@@ -68,6 +160,8 @@ def check_inputs(
       f'a float target of shape {logits.shape}; got {labels.dtype} '
       f'{labels.shape}.'
     ) from e
+  if not is_class_map(logits, labels):
+    check_target_values(labels)
   if ignore_index is not None and not is_class_map(logits, labels):
     raise ValueError(
       'ignore_index needs an integer class map of shape '

@@ -9,6 +9,7 @@ import optax
 from unet_jax.losses import _common
 
 
+@_common.empty_batch_gives_zero
 def binary_cross_entropy_loss(
   logits: jax.Array,
   labels: jax.Array,
@@ -54,6 +55,7 @@ def binary_cross_entropy_loss(
   return _common.reduce_pixels(losses * weights, weights, reduction)
 
 
+@_common.empty_batch_gives_zero
 def cross_entropy_loss(
   logits: jax.Array,
   labels: jax.Array,
@@ -96,6 +98,8 @@ def cross_entropy_loss(
     (label smoothing), CVPR 2016, https://arxiv.org/abs/1512.00567.
   """
   _common.check_options(reduction=reduction)
+  _common.check_unit_interval(label_smoothing=label_smoothing)
+  _common.check_nonnegative(class_weights=class_weights)
   _common.check_inputs(logits, labels, activation='softmax', ignore_index=ignore_index)
   logits = _common.upcast(logits)
   num_classes = logits.shape[-1]

@@ -4,6 +4,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from unet_jax.losses import _common
@@ -58,6 +59,18 @@ def _sigmoid_focal(
   return losses, jnp.broadcast_to(mask, losses.shape)
 
 
+def _check_alpha(alpha: Any, activation: str) -> None:
+  """A ValueError for a concrete `alpha` out of range (see `focal_loss`)."""
+  if alpha is None or _common.is_traced(alpha):
+    return
+  if activation == 'sigmoid' or np.ndim(alpha) == 0:
+    # 1 - alpha weighs the background (softmax) or the negatives (sigmoid).
+    _common.check_unit_interval(alpha=alpha)
+  else:
+    _common.check_nonnegative(alpha=alpha)
+
+
+@_common.empty_batch_gives_zero
 def focal_loss(
   logits: jax.Array,
   labels: jax.Array,
@@ -92,7 +105,8 @@ def focal_loss(
     logits: [N, *spatial, C] float.
     labels: [N, *spatial] integer class map or [N, *spatial, C] float target.
     gamma: focusing parameter, >= 0.
-    alpha: optional class balance: a scalar in [0, 1] or a [C] array.
+    alpha: optional class balance: a scalar in [0, 1] or a [C] array of
+      factors >= 0 (each in [0, 1] with `activation='sigmoid'`).
     activation: 'softmax' (mutually exclusive classes, C >= 2) or 'sigmoid'
       (independent channels).
     ignore_index: label value whose pixels are left out (integer labels only).
@@ -108,6 +122,8 @@ def focal_loss(
     https://arxiv.org/abs/1708.02002.
   """
   _common.check_options(reduction=reduction, activation=activation)
+  _common.check_nonnegative(gamma=gamma)
+  _check_alpha(alpha, activation)
   _common.check_inputs(logits, labels, activation=activation, ignore_index=ignore_index)
   logits = _common.upcast(logits)
   targets, mask = _common.targets_and_mask(

@@ -4,6 +4,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from unet_jax.losses import _common
 
@@ -72,6 +73,7 @@ def _weigh_classes(per_class: jax.Array, class_weights: Any, num_classes: int) -
   )
 
 
+@_common.empty_batch_gives_zero
 def dice_loss(
   logits: jax.Array,
   labels: jax.Array,
@@ -100,18 +102,16 @@ def dice_loss(
     L_c^{\mathrm{jaccard}} = 1 - \frac{2 I + s_{nr}}{2 (P + G - I) + s_{dr}}
 
   with `s_nr = smooth_nr` and `s_dr = smooth_dr`. `squared_pred=True` uses
-  `P = sum(p ** 2)` and `G = sum(g ** 2)`. The loss of an example is
-  `mean_c(w_c * L_c)` over the classes kept
-  (`w_c = 1` without `class_weights`). Perfect overlap gives about 0 and
-  disjoint masks about 1; a class absent from both prediction and target
-  gives `1 - smooth_nr / smooth_dr` (0 with the defaults).
+  `P = sum(p ** 2)` and `G = sum(g ** 2)`. The loss of an example is `mean_c(w_c * L_c)`
+  over the classes kept (`w_c = 1` without `class_weights`). Perfect overlap gives about
+  0 and disjoint masks about 1; a class absent from both prediction and target gives
+  `1 - smooth_nr / smooth_dr` (0 with the defaults).
 
   For the same options the values agree with MONAI's
   `DiceLoss(sigmoid=..., softmax=..., to_onehot_y=..., ...)` with
   `reduction='mean'` (MONAI's 'sum' and 'none' keep the class axis; here
-  they sum or keep per-example class means). With one channel
-  (`C == 1`, sigmoid) `include_background` has no effect: that channel is
-  the foreground.
+  they sum or keep per-example class means). With one channel (`C == 1`, sigmoid)
+  `include_background` has no effect: that channel is the foreground.
 
   Args:
     logits: [N, *spatial, C] float.
@@ -122,8 +122,8 @@ def dice_loss(
     squared_pred: square p and g in the denominator.
     jaccard: the Jaccard (soft IoU) form instead of Dice.
     batch: sum over the batch too, giving one value for the whole batch.
-    smooth_nr: added to the numerator.
-    smooth_dr: added to the denominator.
+    smooth_nr: added to the numerator, >= 0.
+    smooth_dr: added to the denominator, >= 0.
     class_weights: optional non-negative weights, [C] (the background's is
       dropped when `include_background=False`) or, as in MONAI, [C - 1]
       when `include_background=False`.
@@ -131,14 +131,16 @@ def dice_loss(
     reduction: 'mean', 'sum' or 'none'.
 
   Returns:
-    'none': [N]. 'mean' and 'sum': []. With `batch=True`: [] ('none' raises
-    a ValueError).
+    'none': [N]. 'mean' and 'sum': []. With `batch=True`: [] ('none': ValueError).
 
   References:
     Milletari et al., V-Net, 3DV 2016, https://arxiv.org/abs/1606.04797;
     MONAI `monai.losses.DiceLoss`.
   """
   _common.check_options(reduction=reduction, activation=activation, batch=batch)
+  _common.check_nonnegative(
+    smooth_nr=smooth_nr, smooth_dr=smooth_dr, class_weights=class_weights
+  )
   probs, targets = _region_inputs(
     logits,
     labels,
@@ -154,6 +156,17 @@ def dice_loss(
   return _common.reduce_examples(jnp.mean(per_class, axis=-1), reduction)
 
 
+def _check_tversky_weights(alpha: float, beta: float) -> None:
+  """A ValueError unless alpha and beta are >= 0 and not both 0 (concrete values)."""
+  _common.check_nonnegative(alpha=alpha, beta=beta)
+  if not _common.is_traced((alpha, beta)) and np.any(np.add(alpha, beta) <= 0):
+    raise ValueError(
+      f'alpha + beta must be > 0 (with both 0 the Tversky loss is constant), got'
+      f' alpha={alpha}, beta={beta}.'
+    )
+
+
+@_common.empty_batch_gives_zero
 def tversky_loss(
   logits: jax.Array,
   labels: jax.Array,
@@ -186,13 +199,13 @@ def tversky_loss(
   Args:
     logits: [N, *spatial, C] float.
     labels: [N, *spatial] integer class map or [N, *spatial, C] float target.
-    alpha: weight of the false positives.
-    beta: weight of the false negatives.
+    alpha: weight of the false positives, >= 0.
+    beta: weight of the false negatives, >= 0; `alpha + beta > 0`.
     activation: 'softmax' (C >= 2) or 'sigmoid'.
     include_background: if False, channel 0 is left out (after the softmax).
     batch: sum over the batch too, giving one value for the whole batch.
-    smooth_nr: added to the numerator.
-    smooth_dr: added to the denominator.
+    smooth_nr: added to the numerator, >= 0.
+    smooth_dr: added to the denominator, >= 0.
     ignore_index: label value whose pixels are left out (integer labels only).
     reduction: 'mean', 'sum' or 'none'.
 
@@ -205,6 +218,8 @@ def tversky_loss(
     https://arxiv.org/abs/1706.05721; MONAI `monai.losses.TverskyLoss`.
   """
   _common.check_options(reduction=reduction, activation=activation, batch=batch)
+  _check_tversky_weights(alpha, beta)
+  _common.check_nonnegative(smooth_nr=smooth_nr, smooth_dr=smooth_dr)
   probs, targets = _region_inputs(
     logits,
     labels,
@@ -219,6 +234,7 @@ def tversky_loss(
   return _common.reduce_examples(jnp.mean(per_class, axis=-1), reduction)
 
 
+@_common.empty_batch_gives_zero
 def generalized_dice_loss(
   logits: jax.Array,
   labels: jax.Array,
@@ -256,8 +272,8 @@ def generalized_dice_loss(
     activation: 'softmax' (C >= 2) or 'sigmoid'.
     include_background: if False, channel 0 is left out (after the softmax).
     batch: sum over the batch too, giving one value for the whole batch.
-    smooth_nr: added to the numerator.
-    smooth_dr: added to the denominator.
+    smooth_nr: added to the numerator, >= 0.
+    smooth_dr: added to the denominator, >= 0.
     ignore_index: label value whose pixels are left out (integer labels only).
     reduction: 'mean', 'sum' or 'none'.
 
@@ -271,6 +287,7 @@ def generalized_dice_loss(
     `monai.losses.GeneralizedDiceLoss`.
   """
   _common.check_options(reduction=reduction, activation=activation, batch=batch)
+  _common.check_nonnegative(smooth_nr=smooth_nr, smooth_dr=smooth_dr)
   if w_type not in _GDL_WEIGHTS:
     raise ValueError(f'w_type must be one of {_GDL_WEIGHTS}, got {w_type!r}.')
   probs, targets = _region_inputs(
