@@ -306,3 +306,67 @@ def test_a_zero_clip_norm_still_means_no_clipping():
   assert (
     config_lib.OptimizerOptions.from_config({'grad_clip_norm': 0.0}).grad_clip_norm == 0
   )
+
+
+@pytest.mark.parametrize(
+  'name, kwargs, match',
+  [
+    ('focal', {'gamma': -1.0}, r'kwargs.gamma must be finite and >= 0, got -1.0'),
+    (
+      'focal_dice',
+      {'gamma': float('nan')},
+      r'kwargs.gamma must be finite and >= 0, got nan',
+    ),
+    ('focal', {'alpha': 1.5}, r'kwargs.alpha must be finite and in \[0, 1\], got 1.5'),
+    (
+      'focal',
+      {'alpha': [1.0, -0.5]},
+      r'kwargs.alpha must be finite and >= 0, got \[1.0, -0.5\]',
+    ),
+    (
+      'focal_dice',
+      {'alpha': [0.5, 2.0], 'activation': 'sigmoid'},
+      r'kwargs.alpha must be finite and in \[0, 1\], got \[0.5, 2.0\]',
+    ),
+    ('tversky', {'alpha': -0.5}, r'kwargs.alpha must be finite and >= 0, got -0.5'),
+    ('tversky', {'beta': float('inf')}, r'kwargs.beta must be finite and >= 0, got inf'),
+    (
+      'tversky',
+      {'alpha': 0.0, 'beta': 0.0},
+      r'kwargs.alpha \+ beta must be > 0 .* got alpha=0.0, beta=0.0',
+    ),
+    ('dice_ce', {'lambda_ce': -1.0}, r'kwargs.lambda_ce must be finite and >= 0, got -1.0'),
+    ('dice_bce', {'lambda_dice': float('nan')}, r'kwargs.lambda_dice must be .* got nan'),
+    ('focal_dice', {'lambda_focal': -0.1}, r'kwargs.lambda_focal must be .* got -0.1'),
+    ('dice', {'smooth_dr': -1e-5}, r'kwargs.smooth_dr must be finite and >= 0, got -1e-05'),
+    (
+      'dice_ce',
+      {'class_weights': [1.0, -2.0]},
+      r'kwargs.class_weights .* got \[1.0, -2.0\]',
+    ),
+    ('ce', {'label_smoothing': 1.5}, r'kwargs.label_smoothing .* in \[0, 1\], got 1.5'),
+    ('dice', {'smooth_nr': 'small'}, r"kwargs.smooth_nr must be a number .* got 'small'"),
+  ],
+)
+def test_loss_option_values_out_of_range_are_refused_naming_them(name, kwargs, match):
+  # Each was accepted without a word before: a negative gamma or weight trains on
+  # a wrong (or unbounded) loss.
+  with pytest.raises(ValueError, match=r'config.loss.' + match):
+    config_lib.LossOptions.from_config(
+      ml_collections.ConfigDict({'name': name, 'kwargs': kwargs})
+    )
+
+
+@pytest.mark.parametrize(
+  'name, kwargs',
+  [
+    ('focal', {'gamma': 0.0, 'alpha': 0.25}),
+    ('focal', {'alpha': [0.5, 2.0]}),  # Softmax class factors may exceed 1.
+    ('tversky', {'alpha': 2.0}),  # The false positives' weight, not a probability.
+    ('tversky', {'alpha': 0.0, 'beta': 1.0}),
+    ('dice_ce', {'lambda_dice': 0.0, 'class_weights': [0.0, 1.0], 'label_smoothing': 1.0}),
+  ],
+)
+def test_loss_option_values_at_their_bounds_are_accepted(name, kwargs):
+  options = config_lib.LossOptions.from_config({'name': name, 'kwargs': kwargs})
+  assert options.kwargs == kwargs

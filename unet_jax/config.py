@@ -446,6 +446,39 @@ class OptimizerOptions(_Section):
       )
 
 
+# The numeric options of the losses (unet_jax.losses checks them too, on every call):
+# each finite and >= 0, or in [0, 1]; a number or a list of them (class_weights).
+LOSS_NONNEGATIVE = (
+  'gamma',
+  'beta',
+  'smooth_nr',
+  'smooth_dr',
+  'class_weights',
+  'lambda_dice',
+  'lambda_bce',
+  'lambda_ce',
+  'lambda_focal',
+)
+LOSS_UNIT_INTERVAL = ('label_smoothing',)
+
+
+def _loss_number(field: str, value, *, high: float | None = None) -> None:
+  """A ValueError unless config.loss.kwargs.<field> is finite and in [0, high]."""
+  try:
+    array = np.asarray(value, np.float64)
+  except (TypeError, ValueError):
+    raise ValueError(
+      f'config.loss.kwargs.{field} must be a number or a list of them, got {value!r}.'
+    ) from None
+  if np.all(
+    np.isfinite(array) & (array >= 0) & (array <= (np.inf if high is None else high))
+  ):
+    return
+  bound = '>= 0' if high is None else f'in [0, {high:g}]'
+  shown = array.item() if array.ndim == 0 else array.tolist()
+  raise ValueError(f'config.loss.kwargs.{field} must be finite and {bound}, got {shown}.')
+
+
 @dataclasses.dataclass(frozen=True)
 class LossOptions(_Section):
   """`config.loss`: a registered loss (unet_jax.losses) and its keyword options."""
@@ -464,6 +497,40 @@ class LossOptions(_Section):
       raise ValueError(
         'config.loss.kwargs.ignore_index is set by the trainer (padding and ignored'
         ' pixels); set config.data.ignore_index to the label value to leave out.'
+      )
+    self._check_numbers()
+
+  def _check_numbers(self) -> None:
+    """A ValueError naming a numeric option out of range, before anything is built.
+
+    A negative focal gamma or loss weight would otherwise train without a word,
+    towards a wrong or unbounded loss.
+    """
+    values = {k: v for k, v in self.kwargs.items() if v is not None}
+    for field in LOSS_NONNEGATIVE:
+      if field in values:
+        _loss_number(field, values[field])
+    for field in LOSS_UNIT_INTERVAL:
+      if field in values:
+        _loss_number(field, values[field], high=1.0)
+    if 'alpha' not in values:
+      return
+    alpha = values['alpha']
+    # Tversky: the false positives' weight. Focal: a class balance, where a scalar
+    # gives 1 - alpha to the background, and sigmoid gives 1 - alpha to negatives.
+    unit = self.name != 'tversky' and (
+      np.ndim(alpha) == 0 or values.get('activation') == 'sigmoid'
+    )
+    _loss_number('alpha', alpha, high=1.0 if unit else None)
+    # Both >= 0 by now; beta's default is positive.
+    if (
+      self.name == 'tversky'
+      and 'beta' in values
+      and np.any(np.add(alpha, values['beta']) <= 0)
+    ):
+      raise ValueError(
+        'config.loss.kwargs.alpha + beta must be > 0 (with both 0 the Tversky loss'
+        f' is constant), got alpha={alpha}, beta={values["beta"]}.'
       )
 
 
