@@ -1,6 +1,7 @@
 """Tests for unet_jax.inference.export: round trips, a JAX-only loader, symbolic batch."""
 
 import functools
+import importlib
 import json
 import os
 import struct
@@ -14,12 +15,16 @@ import numpy as np
 import pytest
 
 from tests import inference_test
+from unet_jax import checkpointing
 from unet_jax import models
 from unet_jax import train
+from unet_jax.data import geometry
 from unet_jax.data import pipeline as input_pipeline
 from unet_jax.inference import export
+from unet_jax.inference import predict
 from unet_jax.inference import predictor as predictor_lib
 from unet_jax.inference import sliding_window
+from unet_jax.models import factory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -414,4 +419,113 @@ def test_plain_jax_reads_the_contract_and_runs_the_file(ct_run, tmp_path):
 def test_export_run_refuses_a_shape_of_the_wrong_rank(ct_run, tmp_path):
   with pytest.raises(ValueError, match=r'spatial_shape=\(4, 20, 28\): the run is 2D'):
     export.export_run(ct_run, str(tmp_path / 'm.jax'), spatial_shape=(4, 20, 28))
+  assert not os.listdir(tmp_path)
+
+
+# A 3D run planned at a target spacing: the file resamples as predict does.
+
+
+@pytest.fixture(scope='module')
+def spaced_run(tmp_path_factory):
+  """A 3D run folder at target spacing (2, 1, 1), patch (4, 8, 8), 3 classes, z-score.
+
+  Written without training: the config record and random variables (BatchNorm
+  statistics far from (0, 1)) in a real orbax checkpoint, as training writes them.
+  """
+  config = importlib.import_module('configs.folder').get_config()
+  fields = {
+    'data': {'config': '3d', 'target_spacing': (2.0, 1.0, 1.0), 'patch_size': (4, 8, 8)},
+    'model': {'features': 4, 'depth': 2, 'pool_sizes': (1, 2, 2), 'num_classes': 3},
+  }
+  for section, values in fields.items():
+    for name, value in values.items():
+      config[section][name] = value
+  config.plan = False
+  record = config.to_dict()
+  record['data_shape'] = {'ndim': 3, 'num_channels': 1, 'spatial_shape': [4, 8, 8]}
+  model = factory.create_model(config.model, kernels='xla')
+  variables = random_variables(model, jnp.zeros((1, 4, 8, 8, 1)))
+  workdir = tmp_path_factory.mktemp('spaced_run')
+  manager = checkpointing.create_manager(str(workdir / 'checkpoints'), keep=5)
+  checkpointing.save(manager, 1, variables, record=record)
+  manager.close()
+  return str(workdir)
+
+
+def test_a_spaced_run_resamples_inside_as_predict_does(spaced_run, tmp_path, capsys):
+  spacing = (3.0, 1.5, 0.8)  # Coarser along D and H, finer along W: 3 different zooms.
+  path = export.export_run(
+    spaced_run, str(tmp_path / 'm.jax'), spatial_shape=(5, 12, 10), input_spacing=spacing
+  )
+  exported = export.load_exported(path)
+  predictor = predictor_lib.load(spaced_run)
+  images = np.random.default_rng(5).uniform(100, 1000, (2, 5, 12, 10, 1))
+  probs = np.asarray(exported(images))
+  for i in range(2):  # --mode=predict: resample, normalise, windows, softmax, back.
+    want = predict.case_probabilities(predictor, images[i].astype(np.float32), spacing)
+    np.testing.assert_allclose(probs[i], want, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(predict.labels_of(probs[i]), predict.labels_of(want))
+  np.testing.assert_allclose(probs.sum(-1), 1, atol=1e-5)
+  contract = exported.contract['input']
+  assert contract['spacing'] == list(spacing) and contract['resampled_inside']
+  assert contract['target_spacing'] == [2.0, 1.0, 1.0]
+  assert contract['axes'] == 'bDHWC' and 'canonical RAS+' in contract['orientation']
+  assert exported.contract['output']['shape'] == ['b', 5, 12, 10, 3]
+  assert exported.contract['inference']['patch_size'] == [4, 8, 8]
+  assert "resampled inside to the run's (2.0, 1.0, 1.0)" in capsys.readouterr().out
+
+
+def test_a_spaced_run_without_input_spacing_takes_volumes_at_its_spacing(
+  spaced_run, tmp_path
+):
+  path = export.export_run(spaced_run, str(tmp_path / 'm.jax'), spatial_shape=(6, 12, 10))
+  exported = export.load_exported(path)
+  assert exported.contract['input']['spacing'] == [2.0, 1.0, 1.0]
+  assert not exported.contract['input']['resampled_inside']
+  assert 'resample to it first' in export.describe(exported.contract)
+  predictor = predictor_lib.load(spaced_run)
+  images = np.random.default_rng(6).uniform(100, 1000, (1, 6, 12, 10, 1))
+  np.testing.assert_allclose(
+    exported(images)[0],
+    predictor.predict(images[0].astype(np.float32)),  # Sliding windows of (4, 8, 8).
+    rtol=1e-4,
+    atol=1e-4,
+  )
+
+
+def test_resampling_matrices_equal_the_geometry_resamplers():
+  shape, spacing, target = (5, 12, 10), (3.0, 1.5, 0.8), (2.0, 1.0, 1.0)
+  to_target, back = export.resampling_matrices(shape, spacing, target)
+  assert [m.shape for m in to_target] == [(8, 5), (18, 12), (8, 10)]
+  assert [m.shape for m in back] == [(5, 8), (12, 18), (10, 8)]
+  x = np.random.default_rng(7).uniform(100, 1000, (1, *shape, 2)).astype(np.float32)
+  np.testing.assert_allclose(
+    export.resample_jax(jnp.asarray(x), to_target)[0],
+    geometry.resample_image(x[0], spacing, target),
+    rtol=1e-5,
+  )
+  p = np.random.default_rng(8).uniform(0, 1, (1, 8, 18, 8, 3)).astype(np.float32)
+  np.testing.assert_allclose(
+    export.resample_jax(jnp.asarray(p), back)[0],
+    geometry.resample_probabilities(p[0], target, spacing, shape=shape),
+    atol=1e-6,
+  )
+
+
+def test_input_spacing_is_refused_where_predict_does_not_resample(
+  ct_run, spaced_run, tmp_path
+):
+  with pytest.raises(ValueError, match=r'has no config.data.target_spacing'):
+    export.export_run(ct_run, str(tmp_path / 'a.jax'), input_spacing=(1.0, 1.0))
+  with pytest.raises(ValueError, match=r'input_spacing needs spatial_shape'):
+    export.export_run(spaced_run, str(tmp_path / 'b.jax'), input_spacing=(1.0, 1.0, 1.0))
+  model, variables, spatial, _ = _exported(2)
+  with pytest.raises(ValueError, match=r"needs output='probabilities'"):
+    export.export_predict_fn(
+      model,
+      variables,
+      spatial_shape=spatial,
+      num_channels=2,
+      resampling=([np.eye(16)] * 2, [np.eye(16)] * 2),
+    )
   assert not os.listdir(tmp_path)

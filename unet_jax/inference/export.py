@@ -219,6 +219,64 @@ def sliding_window_fn(logits_fn, *, spatial_shape, patch, overlap=0.5, tta=False
   return predict
 
 
+def _axis_matrices(shape, out_shape, resample) -> list[np.ndarray]:
+  """`resample` (a `geometry` resampler) as one float32 matrix [m, n] per axis.
+
+  Resampling is separable: splines along each axis, the separate-z rule axis by
+  axis. Column j of axis a's matrix is the resampled unit impulse at voxel j of
+  a probe that has one voxel on the other axes (taken as channels, one pass).
+  """
+  out = []
+  for a, (n, m) in enumerate(zip(shape, out_shape)):
+    probe = np.eye(n, dtype=np.float32).reshape(
+      *(n if b == a else 1 for b in range(len(shape))), n
+    )
+    sizes = tuple(m if b == a else 1 for b in range(len(shape)))
+    out.append(np.asarray(resample(probe, sizes), np.float32).reshape(m, n))
+  return out
+
+
+def resampling_matrices(shape, spacing, target) -> tuple[list, list]:
+  """The resampling of `predict` for volumes of `shape` at `spacing`, as matrices.
+
+  Returns:
+    (to_target, back): one matrix per axis each; `to_target[a]` [m_a, n_a] is
+    `geometry.resample_image` (cubic splines, the separate-z rule) from `spacing`
+    to `target`, `back[a]` [n_a, m_a] is `geometry.resample_probabilities`
+    (linear) from `target` back to the input grid, with m =
+    `geometry.resampled_shape(shape, spacing, target)`.
+  """
+  from unet_jax.data import geometry  # pylint: disable=g-import-not-at-top
+
+  shape = tuple(int(s) for s in shape)
+  resampled = geometry.resampled_shape(shape, spacing, target)
+  to_target = _axis_matrices(
+    shape,
+    resampled,
+    lambda x, size: geometry.resample_image(x, spacing, target, shape=size),
+  )
+  back = _axis_matrices(
+    resampled,
+    shape,
+    lambda x, size: geometry.resample_probabilities(x, target, spacing, shape=size),
+  )
+  return to_target, back
+
+
+def resample_jax(images: jax.Array, matrices: Sequence[np.ndarray]) -> jax.Array:
+  """Applies one matrix [m, n] per spatial axis of images [b, *spatial, C], in float32
+  at full precision; an identity matrix is skipped."""
+  x = images
+  for a, m in enumerate(matrices):
+    if m.shape[0] == m.shape[1] and np.array_equal(m, np.eye(m.shape[0])):
+      continue
+    y = jnp.tensordot(
+      jnp.asarray(m), x, axes=([1], [a + 1]), precision=jax.lax.Precision.HIGHEST
+    )
+    x = jnp.moveaxis(y, 0, a + 1)
+  return x
+
+
 def _check_export_arguments(model, variables, spatial_shape, num_channels, patch_size):
   """spatial_shape and patch as tuples; a ValueError for any bad argument."""
   spatial_shape = tuple(spatial_shape)
@@ -249,6 +307,30 @@ def _check_export_arguments(model, variables, spatial_shape, num_channels, patch
   return tuple(int(s) for s in spatial_shape), patch
 
 
+def _check_resampling(resampling, spatial_shape, output) -> tuple[int, ...]:
+  """The window's spatial shape: the resampled one, or `spatial_shape`."""
+  if output not in ('logits', 'probabilities'):
+    raise ValueError(f"output={output!r} is not 'logits' or 'probabilities'.")
+  if resampling is None:
+    return spatial_shape
+  to_target, back = resampling
+  shapes = [np.shape(m) for m in to_target], [np.shape(m) for m in back]
+  window = tuple(s[0] for s in shapes[0])
+  if [s[1] for s in shapes[0]] != list(spatial_shape) or shapes[1] != [
+    (n, m) for n, m in zip(spatial_shape, window)
+  ]:
+    raise ValueError(
+      f'resampling matrices {shapes} do not fit spatial_shape={spatial_shape}:'
+      ' give resampling_matrices(spatial_shape, spacing, target).'
+    )
+  if output != 'probabilities':
+    raise ValueError(
+      "resampling needs output='probabilities': --mode=predict resamples the"
+      ' probabilities back to the input grid, not the logits.'
+    )
+  return window
+
+
 def export_predict_fn(
   model,
   variables: Any,
@@ -259,6 +341,8 @@ def export_predict_fn(
   patch_size: Sequence[int] | None = None,
   overlap: float = 0.5,
   tta: bool = False,
+  resampling: tuple[Sequence[np.ndarray], Sequence[np.ndarray]] | None = None,
+  output: str = 'logits',
   platforms: Sequence[str] | None = DEFAULT_PLATFORMS,
 ) -> bytes:
   """Serialises `images -> sliding-window logits of normalise(images)`.
@@ -277,17 +361,23 @@ def export_predict_fn(
       `spatial_shape` must be such a multiple.
     overlap: of the sliding windows, in [0, 1).
     tta: average the logits over all axis flips, as `predict --tta`.
+    resampling: `resampling_matrices(spatial_shape, spacing, target)`: the images
+      are resampled to the run's spacing inside (the window runs there) and the
+      probabilities back to `spatial_shape`, as `--mode=predict` does; then
+      `output` must be 'probabilities'. None: no resampling.
+    output: 'logits', or 'probabilities' (softmax over K; a sigmoid for K == 1).
     platforms: the platforms to lower for ('cpu', 'cuda', 'rocm', 'tpu'), or None
       for the current backend only.
 
   Returns:
     The serialised `jax.export.Exported` (no contract; `write_exported` adds it): a
     function of one float32 array `[b, *spatial_shape, num_channels]`, any b >= 1,
-    returning float32 logits `[b, *spatial_shape, K]`.
+    returning float32 logits (or probabilities) `[b, *spatial_shape, K]`.
   """
   spatial_shape, patch = _check_export_arguments(
     model, variables, spatial_shape, num_channels, patch_size
   )
+  window_shape = _check_resampling(resampling, spatial_shape, output)
   norms = (
     None if normalization is None else _check_normalization(normalization, num_channels)
   )
@@ -303,11 +393,15 @@ def export_predict_fn(
     return logits.astype(jnp.float32)
 
   window = sliding_window_fn(
-    logits_of, spatial_shape=spatial_shape, patch=patch, overlap=overlap, tta=tta
+    logits_of, spatial_shape=window_shape, patch=patch, overlap=overlap, tta=tta
   )
 
   def predict(images):
-    return window(images if norms is None else normalise_jax(images, norms))
+    x = images if resampling is None else resample_jax(images, resampling[0])
+    y = window(x if norms is None else normalise_jax(x, norms))
+    if output == 'probabilities':
+      y = jax.nn.sigmoid(y) if y.shape[-1] == 1 else jax.nn.softmax(y, axis=-1)
+    return y if resampling is None else resample_jax(y, resampling[1])
 
   (batch,) = jax.export.symbolic_shape('b')
   spec = jax.ShapeDtypeStruct((batch, *spatial_shape, int(num_channels)), jnp.float32)
@@ -415,11 +509,21 @@ def _orientation(ndim: int) -> str:
   return '(H, W) = (rows, columns), as the image file is read'
 
 
-def run_contract(predictor, *, spatial_shape, patch, overlap, tta, workdir) -> dict:
-  """The input contract of a run's export (stored in the file, printed on export)."""
+def run_contract(predictor, *, spatial_shape, input_spacing, patch, overlap, tta, workdir):
+  """The input contract of a run's export (stored in the file, printed on export).
+
+  `input_spacing`: the spacing the file resamples from (None: it does not resample).
+  """
   ndim, channels = len(spatial_shape), predictor.num_channels
   k = predictor.model.num_classes
-  spacing = list(predictor.data.target_spacing) if ndim == 3 else []
+  target = list(predictor.data.target_spacing) if ndim == 3 else []
+  resampled = input_spacing is not None
+  what = (
+    'class probabilities of --mode=predict (softmax, or sigmoid for one class, at'
+    " the run's spacing), resampled linearly back to the input grid"
+    if resampled
+    else 'logits of --mode=predict (before softmax), on the input grid'
+  )
   return {
     'format': FORMAT,
     'input': {
@@ -428,17 +532,20 @@ def run_contract(predictor, *, spatial_shape, patch, overlap, tta, workdir) -> d
       'axes': 'b' + 'DHW'[-ndim:] + 'C',
       'num_channels': channels,
       'orientation': _orientation(ndim),
-      'spacing': spacing or None,
-      'resampled_inside': False,
+      'spacing': list(input_spacing) if resampled else (target or None),
+      'resampled_inside': resampled,
+      'target_spacing': target or None,
       'intensities': 'raw: the normalisation below is applied inside, per image',
       'normalization': channel_normalizations(predictor.data, channels),
     },
     'output': {
       'shape': ['b', *spatial_shape, k],
       'dtype': 'float32',
-      'what': 'logits of --mode=predict (before softmax), on the input grid',
+      'what': what,
       'num_classes': max(k, 2),
-      'classes': 'argmax over the last axis' if k > 1 else 'logit > 0 (sigmoid)',
+      'classes': 'argmax over the last axis'
+      if k > 1
+      else ('p > 0.5' if resampled else 'logit > 0 (sigmoid)'),
     },
     'inference': {
       'patch_size': list(patch),
@@ -451,6 +558,17 @@ def run_contract(predictor, *, spatial_shape, patch, overlap, tta, workdir) -> d
   }
 
 
+def _spacing_line(i: dict) -> str:
+  if not i['spacing']:
+    return 'as read (no resampling)'
+  if i['resampled_inside']:
+    return (
+      f"{tuple(i['spacing'])} (D, H, W) mm, resampled inside to the run's"
+      f' {tuple(i["target_spacing"])}'
+    )
+  return f'{tuple(i["spacing"])} (D, H, W) mm: resample to it first'
+
+
 def describe(contract: dict | None) -> str:
   """The contract as a few readable lines (what `export_run` prints)."""
   if contract is None:
@@ -461,12 +579,10 @@ def describe(contract: dict | None) -> str:
     f'{c}: ' + n['mode'] + ''.join(f' {k}={n[k]:g}' for k in _FIELDS.get(n['mode'], ()))
     for c, n in enumerate(i['normalization'])
   )
-  spacing = i['spacing']
   lines = [
     f'input:  {i["dtype"]} {shape(i["shape"])} ({i["axes"]}), raw intensities',
     f'        orientation: {i["orientation"]}',
-    '        spacing: '
-    + (f'{tuple(spacing)} (D, H, W) mm: resample to it first' if spacing else 'as read'),
+    f'        spacing: {_spacing_line(i)}',
     f'        normalised inside, per channel: {norms}',
     f'output: {o["dtype"]} {shape(o["shape"])}: {o["what"]}; {o["num_classes"]}'
     f' classes, {o["classes"]}',
@@ -476,12 +592,43 @@ def describe(contract: dict | None) -> str:
   return '\n'.join(lines)
 
 
+def _run_shapes(predictor, spatial_shape, input_spacing, workdir):
+  """(input shape, resampling matrices or None, window shape, patch) of an export."""
+  shape = tuple(spatial_shape or ())
+  if input_spacing is not None:
+    if not (predictor.ndim == 3 and predictor.data.target_spacing):
+      raise ValueError(
+        f'input_spacing={tuple(input_spacing)}: {workdir} has no'
+        ' config.data.target_spacing (a 3D run planned at one), so --mode=predict'
+        ' does not resample its inputs; export without it.'
+      )
+    if not shape:
+      raise ValueError("input_spacing needs spatial_shape: the volumes' own shape.")
+  shape = shape or predictor.train_shape or predictor.patch_size
+  if not shape:
+    raise ValueError(f'{workdir}: the run records no input size; pass --spatial_shape.')
+  shape = tuple(int(s) for s in shape)
+  if len(shape) != predictor.ndim:
+    raise ValueError(
+      f'spatial_shape={shape}: the run is {predictor.ndim}D; give {predictor.ndim} sizes.'
+    )
+  resampling, window = None, shape
+  if input_spacing is not None:
+    resampling = resampling_matrices(shape, input_spacing, predictor.data.target_spacing)
+    window = tuple(m.shape[0] for m in resampling[0])
+  patch = predictor.patch_size or tuple(
+    -(-s // d) * d for s, d in zip(window, predictor.divisor)
+  )
+  return shape, resampling, window, patch
+
+
 def export_run(
   workdir: str,
   output: str,
   *,
   step: str | int = 'best',
   spatial_shape: Sequence[int] | None = None,
+  input_spacing: Sequence[float] | None = None,
   overlap: float = 0.5,
   tta: bool = False,
 ) -> str:
@@ -492,14 +639,19 @@ def export_run(
     output: the file to write (e.g. model.jax); written under a temporary name,
       then renamed.
     step: as in `predictor.load`.
-    spatial_shape: the shape of the images the file takes (at the run's target
-      spacing, in canonical orientation, for a 3D run that has one); default the
-      size training fed the model (its patch size for patch-based runs).
+    spatial_shape: the shape of the images the file takes (in canonical
+      orientation for 3D; at the run's target spacing unless `input_spacing`);
+      default the size training fed the model (its patch size for patch-based runs).
+    input_spacing: 3D runs with a target spacing only: the (D, H, W) spacing of
+      the volumes the file takes. The file then resamples them to the run's
+      spacing inside (`resampling_matrices`) and returns predict's probabilities
+      on their own grid; `spatial_shape` is required.
     overlap, tta: of the sliding window, as `--mode=predict` takes them.
 
   Returns:
     `output`. The file takes raw float32 [b, *spatial_shape, C] for any b and gives
-    the logits `predictor.predict` computes of each image; it needs only JAX to
+    the logits `predictor.predict` computes of each image (with `input_spacing`,
+    the probabilities `--mode=predict` takes the argmax of); it needs only JAX to
     run. Its contract (`describe`) is printed.
   """
   # Here, not at the top: loading an exported file needs JAX only, not Flax.
@@ -508,19 +660,17 @@ def export_run(
   from unet_jax.inference import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
 
   predictor = predictor_lib.load(workdir, step=step)
-  shape = tuple(spatial_shape or ()) or predictor.train_shape or predictor.patch_size
-  if not shape:
-    raise ValueError(f'{workdir}: the run records no input size; pass --spatial_shape.')
-  shape = tuple(int(s) for s in shape)
-  if len(shape) != predictor.ndim:
-    raise ValueError(
-      f'spatial_shape={shape}: the run is {predictor.ndim}D; give {predictor.ndim} sizes.'
-    )
-  patch = predictor.patch_size or tuple(
-    -(-s // d) * d for s, d in zip(shape, predictor.divisor)
+  shape, resampling, _, patch = _run_shapes(
+    predictor, spatial_shape, input_spacing, workdir
   )
   contract = run_contract(
-    predictor, spatial_shape=shape, patch=patch, overlap=overlap, tta=tta, workdir=workdir
+    predictor,
+    spatial_shape=shape,
+    input_spacing=None if input_spacing is None else tuple(map(float, input_spacing)),
+    patch=patch,
+    overlap=overlap,
+    tta=tta,
+    workdir=workdir,
   )
   serialised = export_predict_fn(
     predictor.model,
@@ -531,12 +681,15 @@ def export_run(
     patch_size=patch,
     overlap=overlap,
     tta=tta,
+    resampling=resampling,
+    output='logits' if resampling is None else 'probabilities',
   )
-  if contract['input']['spacing']:
+  if contract['input']['spacing'] and resampling is None:
     logging.warning(
       'The exported model does not resample: it takes volumes at spacing %s (D, H, W)'
       ' in canonical RAS orientation (geometry.read_volume, then'
-      ' geometry.resample_image); --mode=predict does both.',
+      ' geometry.resample_image), as --mode=predict feeds its network; pass'
+      ' --input_spacing to resample inside.',
       tuple(contract['input']['spacing']),
     )
   folder = os.path.dirname(os.path.abspath(output))
