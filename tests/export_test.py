@@ -529,3 +529,30 @@ def test_input_spacing_is_refused_where_predict_does_not_resample(
       resampling=([np.eye(16)] * 2, [np.eye(16)] * 2),
     )
   assert not os.listdir(tmp_path)
+
+
+def test_the_export_command_prints_the_contract_it_stores(spaced_run, tmp_path):
+  output = tmp_path / 'model.jax'
+  proc = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, 'launch.py'),
+      '--mode=export',
+      f'--workdir={spaced_run}',
+      f'--output={output}',
+      '--spatial_shape=5,12,10',
+      '--input_spacing=3,1.5,0.8',
+      '--tta',
+    ],
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  _, contract = export.unpack(output.read_bytes())
+  assert contract['inference']['tta'] is True
+  assert contract['input']['spacing'] == [3.0, 1.5, 0.8]
+  assert f'{output}:\n{export.describe(contract)}\n' in proc.stdout
+  assert proc.stdout.rstrip().endswith(f'Wrote {output}.')

@@ -14,12 +14,17 @@ the logits `predictor.predict` computes out. Inside the module:
 4. the model in eval mode (BatchNorm's running statistics, no dropout), its
    trained variables baked in as constants.
 
-Not inside, because they are host work that depends on the file being read:
-orientation (NIfTI affines) and resampling (`geometry.resample_image`). A 3D run
-trained at `config.data.target_spacing` therefore takes volumes in canonical
-orientation, (D, H, W) = (S, A, R) as `geometry.read_volume` gives them, at that
-spacing; its contract says so and the export warns. The batch dimension is
-symbolic; the spatial shape and the number of channels are fixed.
+Orientation is not inside: it is a matter of reading a file (a NIfTI affine), so
+a 3D file takes volumes in canonical orientation, (D, H, W) towards (Superior,
+Anterior, Right), as `geometry.read_volume` gives them. Resampling is inside only
+when asked: a 3D run trained at `config.data.target_spacing` takes volumes at that
+spacing (its contract says so and the export warns), unless `export_run` is given
+the volumes' `input_spacing`. Then the file resamples them to the run's spacing
+as predict does (`geometry.resample_image`: cubic splines, the separate-z rule;
+separable, so one matrix per axis, `resampling_matrices`), and returns predict's
+class probabilities (softmax at the run's spacing, resampled linearly back, as
+`predict.case_probabilities`) on the input grid, not logits. The batch
+dimension is symbolic; the spatial shape and the number of channels are fixed.
 
 The file is a small container: `MAGIC` (16 bytes), the length of a JSON header
 as an 8-byte little-endian integer, the header (the input contract: channels,
