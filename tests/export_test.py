@@ -16,6 +16,7 @@ import pytest
 
 from tests import inference_test
 from unet_jax import checkpointing
+from unet_jax import config as config_lib
 from unet_jax import models
 from unet_jax import train
 from unet_jax.data import geometry
@@ -556,3 +557,10 @@ def test_the_export_command_prints_the_contract_it_stores(spaced_run, tmp_path):
   assert contract['input']['spacing'] == [3.0, 1.5, 0.8]
   assert f'{output}:\n{export.describe(contract)}\n' in proc.stdout
   assert proc.stdout.rstrip().endswith(f'Wrote {output}.')
+
+
+def test_the_export_knows_every_normalisation_of_the_config():
+  assert export.MODES == config_lib.NORMALIZATIONS
+  assert {m: export._FIELDS.get(m, ()) for m in export.MODES} == {
+    m: config_lib.INTENSITY_FIELDS.get(m, ()) for m in config_lib.NORMALIZATIONS
+  }

@@ -52,6 +52,7 @@ Reference: JAX documentation, "Exporting and serializing staged-out computations
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
@@ -169,8 +170,6 @@ def _flip_averaged(logits_fn, ndim: int, tta: bool):
   """logits_fn, or its mean over the 2**ndim axis flips (each flipped back)."""
   if not tta:
     return logits_fn
-  import itertools  # pylint: disable=g-import-not-at-top
-
   flips = [
     tuple(1 + a for a in range(ndim) if mask[a])
     for mask in itertools.product((False, True), repeat=ndim)
@@ -195,6 +194,8 @@ def sliding_window_fn(logits_fn, *, spatial_shape, patch, overlap=0.5, tta=False
   `sliding_window.patch_positions` one at a time in a `fori_loop` (the model is
   traced once), each weighted by the Gaussian importance map and summed, divided
   by the summed weights, cropped back. One patch covering the image: logits_fn.
+  The device holds the batch's padded images and blended logits, and one patch's
+  activations at a time.
   """
   ndim = len(spatial_shape)
   pads, padded, starts, weight, total = _window_plan(spatial_shape, patch, overlap)
