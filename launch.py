@@ -49,8 +49,8 @@ flags.DEFINE_string(
 flags.DEFINE_string('input', None, 'predict: an image or volume, or a folder of them.')
 flags.DEFINE_string('output', None, 'predict: the output folder; export: the file.')
 flags.DEFINE_string('step', 'best', "predict, export: 'best', 'latest' or a step.")
-flags.DEFINE_float('overlap', 0.5, 'predict: overlap of the sliding windows.')
-flags.DEFINE_bool('tta', False, 'predict: average over all axis flips.')
+flags.DEFINE_float('overlap', 0.5, 'predict, export: overlap of the sliding windows.')
+flags.DEFINE_bool('tta', False, 'predict, export: average over all axis flips.')
 flags.DEFINE_bool(
   'save_probabilities',
   False,
@@ -62,6 +62,12 @@ flags.DEFINE_string(
   'postprocessing', None, 'predict: a postprocessing.json to apply to every mask.'
 )
 flags.DEFINE_list('spatial_shape', None, 'export: input size (default: as trained).')
+flags.DEFINE_list(
+  'input_spacing',
+  None,
+  'export, 3D runs at a target spacing: the D,H,W spacing of the input volumes; the'
+  ' file resamples them inside and returns probabilities on their grid.',
+)
 flags.DEFINE_bool(
   'distributed',
   None,
@@ -166,8 +172,15 @@ def _predict_or_export() -> None:
     from unet_jax.inference import export  # pylint: disable=g-import-not-at-top
 
     shape = [int(s) for s in FLAGS.spatial_shape] if FLAGS.spatial_shape else None
+    spacing = [float(s) for s in FLAGS.input_spacing] if FLAGS.input_spacing else None
     path = export.export_run(
-      FLAGS.workdir, FLAGS.output, step=FLAGS.step, spatial_shape=shape
+      FLAGS.workdir,
+      FLAGS.output,
+      step=FLAGS.step,
+      spatial_shape=shape,
+      input_spacing=spacing,
+      overlap=FLAGS.overlap,
+      tta=FLAGS.tta,
     )
     print(f'Wrote {path}.')
 

@@ -181,18 +181,20 @@ def test_predict_nifti_keeps_the_affine_and_header(run3d, tmp_path):
   assert overlay.size[0] > 2 * overlay.size[1]  # Three slices side by side.
 
 
-def test_export_round_trip_gives_the_same_logits(run2d, tmp_path):
+def test_export_round_trip_gives_the_logits_of_predict_on_raw_images(run2d, tmp_path):
   workdir, _ = run2d
   path = export.export_run(workdir, str(tmp_path / 'model.jax'))
   predictor = inference.load(workdir)
-  images = np.random.default_rng(0).normal(size=(3, 24, 32, 1)).astype(np.float32)
+  # Raw intensities: the run's z-score is inside the file, per image.
+  images = np.random.default_rng(0).uniform(100, 1000, (3, 24, 32, 1)).astype(np.float32)
   exported = export.load_exported(path)
-  np.testing.assert_allclose(
-    exported(images), predictor.apply(images), rtol=1e-5, atol=1e-5
-  )
-  np.testing.assert_allclose(
-    exported(images[:1]), predictor.apply(images[:1]), rtol=1e-5, atol=1e-5
-  )
+  logits = np.asarray(exported(images))
+  for i in range(3):
+    want = predictor.predict(images[i])
+    np.testing.assert_allclose(logits[i], want, rtol=1e-4, atol=1e-4)
+    assert np.mean(logits[i].argmax(-1) == want.argmax(-1)) == 1.0
+  np.testing.assert_allclose(exported(images[:1]), logits[:1], rtol=1e-5, atol=1e-5)
+  assert exported.contract['input']['normalization'] == [{'mode': 'zscore'}]
 
 
 def test_load_errors_name_the_path(run2d, tmp_path):
