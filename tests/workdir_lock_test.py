@@ -124,6 +124,42 @@ def test_a_lock_from_another_host_is_never_taken_over(tmp_path):
   ) in message
 
 
+def test_a_requeued_slurm_job_takes_over_the_lock_of_its_earlier_start(
+  tmp_path, monkeypatch, caplog
+):
+  monkeypatch.setenv('SLURM_JOB_ID', '4242')
+  monkeypatch.setenv('SLURM_RESTART_COUNT', '1')
+  earlier = lock.Owner(_dead_pid(), 'gpu-node-17', STALE_START, slurm_job='4242')
+  path = _write(str(tmp_path), earlier)
+  with caplog.at_level(logging.WARNING):
+    held = lock.acquire(str(tmp_path))
+  assert (
+    f'Taking over the stale lock {path} of process {earlier.pid} on host gpu-node-17'
+    f' (SLURM job 4242), started {STALE_START}: it ran in an earlier start of SLURM'
+    ' job 4242, which SLURM ended before requeuing it.'
+  ) in caplog.messages
+  assert _read(path)['slurm_job'] == '4242' and _read(path)['slurm_restart'] == 1
+  held.release()
+
+
+@pytest.mark.parametrize('job, restart', [('4242', 1), ('4243', 0)])
+def test_a_slurm_lock_of_another_host_is_kept_unless_the_job_was_requeued(
+  tmp_path, monkeypatch, job, restart
+):
+  monkeypatch.setenv('SLURM_JOB_ID', '4242')
+  monkeypatch.setenv('SLURM_RESTART_COUNT', '1')
+  path = _write(
+    str(tmp_path),
+    lock.Owner(
+      _dead_pid(), 'gpu-node-17', STALE_START, slurm_job=job, slurm_restart=restart
+    ),
+  )
+  before = _read(path)
+  with pytest.raises(lock.WorkdirBusy, match=f'on host gpu-node-17 \\(SLURM job {job}\\)'):
+    lock.acquire(str(tmp_path))
+  assert _read(path) == before
+
+
 def test_an_unreadable_lock_is_refused_naming_the_file(tmp_path, monkeypatch):
   monkeypatch.setattr(lock, '_READ_WAIT_SECONDS', 0.3)
   path = os.path.join(tmp_path, lock.LOCK_FILE)
@@ -270,6 +306,25 @@ def test_a_stale_lock_is_taken_over_and_a_finished_run_removes_its_lock(two_runs
   assert not two_runs['lock_after_third']
   rows = train_test._read_jsonl(two_runs['workdir'])
   assert [r['step'] for r in rows if 'train_loss' in r] == list(range(1, step + 2))
+
+
+def test_export_runs_while_a_training_run_holds_the_workdir(two_runs, tmp_path):
+  workdir, output = two_runs['workdir'], str(tmp_path / 'model.jax')
+  with lock.hold(workdir):  # This test's process is the training run.
+    before = _read(two_runs['path'])
+    proc = _run(
+      [
+        sys.executable,
+        os.path.join(ROOT, 'launch.py'),
+        '--mode=export',
+        f'--workdir={workdir}',
+        f'--output={output}',
+        '--step=latest',
+      ]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f'Wrote {output}.' in proc.stdout and os.path.getsize(output) > 0
+    assert _read(two_runs['path']) == before
 
 
 def test_multiprocess_process_0_refuses_a_held_workdir_and_process_1_stops_too(tmp_path):

@@ -26,7 +26,11 @@ leaves the file, and the next run decides:
   ProcessLookupError, or the pid now belongs to a younger process): the lock is
   stale and taken over, with a warning naming the old owner;
 * the owner ran on another host: its pid cannot be checked there, so the lock is
-  never taken over; the error says to remove the file once that run is gone;
+  never taken over; the error says to remove the file once that run is gone.
+  One exception: under SLURM the file records the job's id and restart count,
+  and a requeued job (`#SBATCH --requeue`, SLURM_RESTART_COUNT higher) takes
+  over the lock of its own earlier start, wherever that ran: SLURM ends a job
+  before it requeues it;
 * the owner is alive: the run stops.
 
 With several processes (`jax.distributed`), process 0 alone takes the lock,
@@ -74,9 +78,12 @@ class Owner:
   host: str
   started: str  # UTC, 'YYYY-MM-DD HH:MM:SS UTC'.
   process_start: int | None = None  # Linux: /proc/<pid>/stat starttime (ticks).
+  slurm_job: str | None = None  # SLURM_JOB_ID, under SLURM.
+  slurm_restart: int = 0  # SLURM_RESTART_COUNT: how often SLURM requeued the job.
 
   def describe(self) -> str:
-    return f'process {self.pid} on host {self.host}, started {self.started}'
+    job = f' (SLURM job {self.slurm_job})' if self.slurm_job else ''
+    return f'process {self.pid} on host {self.host}{job}, started {self.started}'
 
 
 def _process_start(pid: int) -> int | None:
@@ -96,6 +103,8 @@ def this_process() -> Owner:
     host=socket.gethostname(),
     started=time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
     process_start=_process_start(os.getpid()),
+    slurm_job=os.environ.get('SLURM_JOB_ID') or None,
+    slurm_restart=int(os.environ.get('SLURM_RESTART_COUNT') or 0),
   )
 
 
@@ -110,6 +119,19 @@ def is_alive(owner: Owner) -> bool:
     pass
   now = _process_start(owner.pid)
   return owner.process_start is None or now is None or now == owner.process_start
+
+
+def stale_because(owner: Owner, me: Owner) -> str | None:
+  """Why the lock of `owner` may be taken over by `me`; None when it may not."""
+  if owner.slurm_job and owner.slurm_job == me.slurm_job:
+    if owner.slurm_restart < me.slurm_restart:
+      return (
+        f'it ran in an earlier start of SLURM job {owner.slurm_job}, which SLURM'
+        ' ended before requeuing it'
+      )
+  if owner.host == me.host and not is_alive(owner):
+    return 'that process no longer runs'
+  return None
 
 
 def _read(path: str) -> Owner | None:
@@ -145,7 +167,7 @@ def _create(path: str, owner: Owner) -> bool:
   return True
 
 
-def _take_over(path: str, stale: Owner, me: Owner) -> None:
+def _take_over(path: str, stale: Owner, me: Owner, *, why: str) -> None:
   """Removes the stale lock file naming `stale`, unless another run replaced it
   meanwhile: the file is first renamed aside (atomic), then checked."""
   aside = f'{path}.stale.{me.pid}'
@@ -154,11 +176,7 @@ def _take_over(path: str, stale: Owner, me: Owner) -> None:
   except FileNotFoundError:
     return  # Another run took it over first; the next attempt finds its lock.
   if _read(aside) == stale:
-    logging.warning(
-      'Taking over the stale lock %s of %s: that process no longer runs.',
-      path,
-      stale.describe(),
-    )
+    logging.warning('Taking over the stale lock %s of %s: %s.', path, stale.describe(), why)
   else:  # A run took it over between our read and the rename: give it back.
     with contextlib.suppress(FileExistsError):
       os.link(aside, path)
@@ -229,9 +247,10 @@ def acquire(workdir: str, *, attempts: int = 3) -> Lock:
     owner = _read(path)
     if owner is None:
       continue  # Released between the two calls.
-    if owner.host != me.host or is_alive(owner):
+    why = stale_because(owner, me)
+    if why is None:
       raise _busy(workdir, path, owner, me)
-    _take_over(path, owner, me)
+    _take_over(path, owner, me, why=why)
   raise WorkdirBusy(
     f'Could not take the lock file {path} in {attempts} attempts: other runs are'
     ' taking it at the same time. Use one --workdir per run.'
