@@ -20,6 +20,9 @@ from unet_jax.train import lock
 
 ROOT = train_test.ROOT
 TIMEOUT = 300  # Seconds a launch.py run of the tiny config may take on a loaded machine.
+# Compiling fast matters more than running fast for the tiny model (as in
+# tests/multiprocess_test.py); the runs share conftest.py's compilation cache.
+ENV = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_backend_optimization_level=0')
 
 
 def _dead_pid() -> int:
@@ -27,6 +30,13 @@ def _dead_pid() -> int:
   proc = subprocess.Popen([sys.executable, '-c', 'pass'])
   proc.wait(timeout=60)
   return proc.pid
+
+
+def _here(pid, **fields) -> lock.Owner:
+  """An owner on this host, in this PID namespace, started at STALE_START."""
+  return dataclasses.replace(
+    lock.this_process(), pid=pid, started=STALE_START, process_start=None, **fields
+  )
 
 
 def _write(workdir, owner: lock.Owner) -> str:
@@ -85,7 +95,7 @@ def test_a_live_owner_is_refused_naming_it_and_how_to_proceed(tmp_path):
 def test_a_stale_lock_of_this_host_is_taken_over_with_a_warning(tmp_path, caplog):
   workdir = str(tmp_path)
   pid = _dead_pid()
-  path = _write(workdir, lock.Owner(pid, socket.gethostname(), STALE_START))
+  path = _write(workdir, _here(pid))
   with caplog.at_level(logging.WARNING):
     held = lock.acquire(workdir)
   assert (
@@ -122,6 +132,18 @@ def test_a_lock_from_another_host_is_never_taken_over(tmp_path):
     f'remove the lock file once that run is gone (its pid cannot be checked from'
     f' host {socket.gethostname()})'
   ) in message
+
+
+def test_a_lock_from_another_pid_namespace_is_never_taken_over(tmp_path):
+  path = _write(str(tmp_path), _here(_dead_pid(), pid_namespace='pid:[4026532999]'))
+  before = _read(path)
+  with pytest.raises(lock.WorkdirBusy) as e:
+    lock.acquire(str(tmp_path))
+  assert _read(path) == before
+  assert (
+    f'remove the lock file once that run is gone (its pid cannot be checked from'
+    f' host {socket.gethostname()}, another PID namespace).'
+  ) in str(e.value)
 
 
 def test_a_requeued_slurm_job_takes_over_the_lock_of_its_earlier_start(
@@ -199,7 +221,7 @@ def _run(args):
     args,
     cwd=ROOT,
     timeout=TIMEOUT,
-    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    env=ENV,
     capture_output=True,
     text=True,
   )
@@ -231,7 +253,7 @@ def two_runs(tmp_path_factory):
     first = subprocess.Popen(
       _args(workdir, data_dir),
       cwd=ROOT,
-      env=dict(os.environ, JAX_PLATFORMS='cpu'),
+      env=ENV,
       stdout=subprocess.DEVNULL,
       stderr=err,
       start_new_session=True,
@@ -260,7 +282,7 @@ def two_runs(tmp_path_factory):
   assert stopped, out['first'][2][-3000:]
   out['stopped_at'] = step = int(stopped.group(1))
   out['stale_pid'] = pid = _dead_pid()
-  _write(workdir, lock.Owner(pid, socket.gethostname(), STALE_START))
+  _write(workdir, _here(pid))
   out['third'] = _run(_args(workdir, data_dir, num_train_steps=step + 1))
   out['lock_after_third'] = os.path.exists(path)
   return out

@@ -11,8 +11,9 @@ compiles anything, with one line naming the owner and what to do.
 The mechanism is a file created with `O_CREAT | O_EXCL`, holding the owner as
 JSON: pid, host, start time (UTC) and, on Linux, the process's start time in
 clock ticks since boot (`/proc/<pid>/stat`), which tells a live owner from a
-process that reuses its pid. Exclusive creation is atomic on local file systems
-and on NFS (v3 and later) and Lustre, where a workdir shared by a cluster lives.
+process that reuses its pid, and its PID namespace (`/proc/self/ns/pid`).
+Exclusive creation is atomic on local file systems and on NFS (v3 and later)
+and Lustre, where a workdir shared by a cluster lives.
 `fcntl.flock` is not used: it would end with the process even under SIGKILL,
 but on network file systems it is emulated per client or not at all, so it
 could let two hosts in at once; and it cannot say who holds the lock.
@@ -22,11 +23,13 @@ SIGINT/SIGTERM (the run saves and raises `Interrupted`; a second signal exits at
 once, and launch.py releases the lock before it does). SIGKILL or a lost node
 leaves the file, and the next run decides:
 
-* the owner ran on this host and its process is gone (`os.kill(pid, 0)` raises
-  ProcessLookupError, or the pid now belongs to a younger process): the lock is
-  stale and taken over, with a warning naming the old owner;
-* the owner ran on another host: its pid cannot be checked there, so the lock is
-  never taken over; the error says to remove the file once that run is gone.
+* the owner ran on this host, in this PID namespace, and its process is gone
+  (`os.kill(pid, 0)` raises ProcessLookupError, or the pid now belongs to a
+  younger process): the lock is stale and taken over, with a warning naming
+  the old owner;
+* the owner ran on another host (or in another PID namespace: another
+  container): its pid cannot be checked, so the lock is never taken over; the
+  error says to remove the file once that run is gone.
   One exception: under SLURM the file records the job's id and restart count,
   and a requeued job (`#SBATCH --requeue`, SLURM_RESTART_COUNT higher) takes
   over the lock of its own earlier start, wherever that ran: SLURM ends a job
@@ -78,6 +81,7 @@ class Owner:
   host: str
   started: str  # UTC, 'YYYY-MM-DD HH:MM:SS UTC'.
   process_start: int | None = None  # Linux: /proc/<pid>/stat starttime (ticks).
+  pid_namespace: str | None = None  # Linux: /proc/self/ns/pid (containers differ).
   slurm_job: str | None = None  # SLURM_JOB_ID, under SLURM.
   slurm_restart: int = 0  # SLURM_RESTART_COUNT: how often SLURM requeued the job.
 
@@ -96,6 +100,13 @@ def _process_start(pid: int) -> int | None:
     return None
 
 
+def _pid_namespace() -> str | None:
+  try:
+    return os.readlink('/proc/self/ns/pid')
+  except OSError:
+    return None
+
+
 def this_process() -> Owner:
   """This process, as a lock file records its owner."""
   return Owner(
@@ -103,6 +114,7 @@ def this_process() -> Owner:
     host=socket.gethostname(),
     started=time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
     process_start=_process_start(os.getpid()),
+    pid_namespace=_pid_namespace(),
     slurm_job=os.environ.get('SLURM_JOB_ID') or None,
     slurm_restart=int(os.environ.get('SLURM_RESTART_COUNT') or 0),
   )
@@ -129,9 +141,15 @@ def stale_because(owner: Owner, me: Owner) -> str | None:
         f'it ran in an earlier start of SLURM job {owner.slurm_job}, which SLURM'
         ' ended before requeuing it'
       )
-  if owner.host == me.host and not is_alive(owner):
+  if can_check(owner, me) and not is_alive(owner):
     return 'that process no longer runs'
   return None
+
+
+def can_check(owner: Owner, me: Owner) -> bool:
+  """Whether `me` can see `owner`'s pid: same host, same PID namespace (two
+  containers may share a host name, never a PID namespace)."""
+  return owner.host == me.host and owner.pid_namespace == me.pid_namespace
 
 
 def _read(path: str) -> Owner | None:
@@ -144,7 +162,10 @@ def _read(path: str) -> Owner | None:
     except FileNotFoundError:
       return None
     try:
-      return Owner(**json.loads(text))
+      owner = Owner(**json.loads(text))
+      if not isinstance(owner.pid, int) or owner.pid <= 0:
+        raise ValueError(f'pid {owner.pid!r}')
+      return owner
     except (ValueError, TypeError) as e:
       if time.monotonic() > deadline:
         raise WorkdirBusy(
@@ -185,10 +206,10 @@ def _take_over(path: str, stale: Owner, me: Owner, *, why: str) -> None:
 
 def _busy(workdir: str, path: str, owner: Owner, me: Owner) -> WorkdirBusy:
   gone = (
-    'remove the lock file once that run is gone (its pid cannot be checked from'
-    f' host {me.host})'
-    if owner.host != me.host
-    else 'stop that run first'
+    'stop that run first'
+    if can_check(owner, me)
+    else 'remove the lock file once that run is gone (its pid cannot be checked from'
+    f' host {me.host}' + (')' if owner.host != me.host else ', another PID namespace)')
   )
   return WorkdirBusy(
     f'--workdir {workdir} is in use by another training run: {owner.describe()}'
