@@ -201,6 +201,43 @@ def test_release_keeps_a_lock_that_names_another_run(tmp_path, caplog):
   assert any('no longer names this run' in m for m in caplog.messages)
 
 
+# Holds the lock with launch.py's signal handling, as training does, and waits.
+_HOLDER = r"""
+import sys, time
+sys.path.insert(0, {root!r})
+import launch
+from unet_jax.train import lock
+with lock.hold({workdir!r}) as release:
+  launch._stop_on_signals(before_exit=release)
+  print('holding', flush=True)
+  time.sleep(300)
+"""
+
+
+def test_a_second_signal_releases_the_lock_before_it_exits(tmp_path):
+  workdir = str(tmp_path / 'run')
+  proc = subprocess.Popen(
+    [sys.executable, '-c', _HOLDER.format(root=ROOT, workdir=workdir)],
+    cwd=ROOT,
+    env=ENV,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    assert proc.stdout.readline() == 'holding\n', proc.stderr.read()
+    assert _read(os.path.join(workdir, lock.LOCK_FILE))['pid'] == proc.pid
+    for _ in range(2):
+      proc.send_signal(signal.SIGTERM)
+      time.sleep(0.5)  # One signal at a time, as a scheduler sends them.
+    _, stderr = proc.communicate(timeout=60)
+  finally:
+    proc.kill()
+  assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+  assert 'Second SIGTERM: exiting now, without saving.' in stderr
+  assert os.listdir(workdir) == []
+
+
 # Two real launch.py runs on one workdir.
 
 
