@@ -40,7 +40,10 @@ With several processes (`jax.distributed`), process 0 alone takes the lock,
 while the others wait at a barrier that says whether it succeeded; when it did
 not, every process stops with an error (`hold`).
 
-Only training takes the lock. Prediction, export and cross-validation read
+Only training takes the lock, and only through `hold`: launch.py holds it
+around `train.train_and_evaluate`, which takes none itself (tests and notebooks
+call it on folders of their own); another program that trains in a shared
+workdir should hold it the same way. Prediction, export and cross-validation read
 finished checkpoints (orbax commits a checkpoint by renaming it) and may run
 while a training run holds the workdir.
 """
@@ -53,7 +56,7 @@ import json
 import os
 import socket
 import time
-from typing import Any, Iterator
+from typing import Callable, Iterator
 
 from absl import logging
 import jax
@@ -298,7 +301,7 @@ def _acquire_on_process_0(workdir: str) -> Lock | None:
 
 
 @contextlib.contextmanager
-def hold(workdir: str) -> Iterator[Any]:
+def hold(workdir: str) -> Iterator[Callable[[], None]]:
   """Holds the workdir's lock for the block; yields a `release` callable (a no-op
   on processes other than 0), which a hard exit may call first.
 
