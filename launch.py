@@ -11,7 +11,9 @@ r"""Trains a U-Net, predicts with a trained one, or exports it. Flags and proces
 Training: running the same command again resumes from the latest checkpoint in
 --workdir. SIGINT (Ctrl-C) or SIGTERM (what SLURM and TPU preemption send first)
 stops the run after the current step with a checkpoint; a second signal exits at
-once. Prediction and export: see unet_jax/inference/predict.py and
+once. One training run owns a workdir: it holds <workdir>/train.lock, and a second
+run on it stops at once with status 75, naming the owner (unet_jax/train/lock.py).
+Prediction and export take no lock: see unet_jax/inference/predict.py and
 unet_jax/inference/export.py.
 
 Several processes (one per host, or per GPU), each running the same command:
@@ -37,6 +39,7 @@ import jax
 from ml_collections import config_flags
 
 from unet_jax import train
+from unet_jax.train import lock
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('mode', 'train', ['train', 'predict', 'export'], 'What to do.')
@@ -128,8 +131,9 @@ def _launched_as_several_processes() -> bool:
   return False
 
 
-def _stop_on_signals() -> threading.Event:
-  """SIGINT/SIGTERM set the returned event; a second one exits at once."""
+def _stop_on_signals(before_exit) -> threading.Event:
+  """SIGINT/SIGTERM set the returned event; a second one calls `before_exit`
+  (which releases the workdir's lock) and exits at once."""
   stop = threading.Event()
 
   def handler(signum, frame):
@@ -140,6 +144,7 @@ def _stop_on_signals() -> threading.Event:
         file=sys.stderr,
         flush=True,
       )
+      before_exit()
       os._exit(128 + signum)  # pylint: disable=protected-access
     stop.set()
     print(
@@ -213,11 +218,17 @@ def main(argv):
     FLAGS.config.plan_keep = tuple(
       sorted({*FLAGS.config.plan_keep, *config_flags.get_override_values(FLAGS['config'])})
     )
-  stop = _stop_on_signals()
+  # Collective: before process 0 takes the lock (and creates the workdir).
+  train.config_checks.check_same_on_all_processes(FLAGS.config, FLAGS.workdir)
   try:
-    results = train.train_and_evaluate(
-      FLAGS.config, FLAGS.workdir, stop_requested=stop.is_set
-    )
+    with lock.hold(FLAGS.workdir) as release:  # One run per workdir.
+      stop = _stop_on_signals(before_exit=release)
+      results = train.train_and_evaluate(
+        FLAGS.config, FLAGS.workdir, stop_requested=stop.is_set
+      )
+  except lock.WorkdirBusy as e:
+    print(f'Error: {e}', file=sys.stderr, flush=True)
+    sys.exit(75)  # EX_TEMPFAIL: try again later.
   except train.Interrupted as e:
     print(e, file=sys.stderr, flush=True)
     sys.exit(130)

@@ -5,6 +5,7 @@
     setup.prepare: checks, data, model, runner, restore         (setup.py)
     init_from: another run's parameters, for a new run          (finetune.py)
     train_and_evaluate: the loop                                 (loop.py)
+    lock.hold: one training run per workdir (launch.py)          (lock.py)
 
 Where the rest lives: the config's options and defaults in `unet_jax.config`,
 registry-dependent config checks in `config_checks`, devices in
