@@ -15,11 +15,12 @@ Integrity: once orbax has finalised a step, `save` writes a manifest into its
 folder (`MANIFEST`: the relative path, size and SHA-256 of every file of the
 step), atomically, from process 0 alone (orbax's save ends with a barrier of all
 processes, so every process's files are there). `verify` reads every file of a
-step again and compares; `newest_intact` and `restore` skip, with a warning
-naming the folder and the file, a step that fails it, or that is empty or lacks
-its `default/` item (what an interrupted copy leaves). A step without a manifest
-(written before unet_jax wrote them) is unverified: it is used, with an info log.
-Both hashes read every byte of the step once (a small model's steps are a few MB).
+step again and compares; `newest_intact` (and `restore` without a step) skips,
+with a warning naming the folder and the file, a step that fails it, or that is
+empty or lacks its `default/` item (what an interrupted copy leaves). A step
+without a manifest (written before unet_jax wrote them) is unverified: it is used,
+with an info log. Writing the manifest and `verify` each read every byte of one
+step once; nothing else is read.
 
 Saves are synchronous on purpose: the train step donates its state buffers, and a
 synchronous save has finished reading them before the next step runs. A save that
