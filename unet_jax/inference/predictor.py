@@ -6,7 +6,10 @@
 
 `load` reads the config each checkpoint recorded (or `config.json` for an older
 checkpoint), rebuilds the model from it, and restores only the parameters and
-BatchNorm statistics with orbax: the optimizer state is not read. `predict`
+BatchNorm statistics with orbax: the optimizer state is not read. The step's files
+are checked first (`checkpointing.verify`): 'latest' and 'best' skip a damaged
+step with a warning naming it, a damaged step asked for by number is an error.
+`predict`
 normalises an image as training did (the run's `config.data.normalization`, see
 `input_pipeline.normalise`; a z-score per channel for runs that predate it), and
 predicts it whole, or by Gaussian-weighted sliding windows when it is larger than
@@ -22,6 +25,7 @@ import json
 import os
 from typing import Any, Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -137,24 +141,68 @@ class Predictor:
     return np.argmax(logits, axis=-1).astype(np.int32)
 
 
-def _pick_step(manager, step, run: config_lib.RunOptions, where: str) -> int:
+def _best_intact(manager, run: config_lib.RunOptions, latest: int, damaged) -> int:
+  """The best step by the run's `best_metric` whose files are intact; with a
+  warning naming both steps when the best is damaged. `latest` (the newest
+  intact step) when no intact step recorded the metric."""
+  skipped = []
+  for step in checkpointing.ranked_steps(
+    manager, best_metric=run.best_metric, best_mode=run.best_mode
+  ):
+    try:
+      if step in damaged:
+        raise checkpointing.DamagedCheckpoint(damaged[step])
+      checkpointing.verify(checkpointing.step_dir(manager, step))
+    except checkpointing.DamagedCheckpoint as e:
+      skipped.append((step, str(e)))
+      continue
+    if skipped:
+      logging.warning(
+        'The best checkpoint by %s, step %d, is damaged (%s): using step %d, the'
+        ' best intact one, instead.',
+        run.best_metric,
+        *skipped[0],
+        step,
+      )
+    return step
+  if skipped:
+    logging.warning(
+      'The best checkpoint by %s, step %d, is damaged (%s), and no intact step'
+      ' recorded %s: using step %d, the newest intact one, instead.',
+      run.best_metric,
+      *skipped[0],
+      run.best_metric,
+      latest,
+    )
+  return latest
+
+
+def _pick_step(manager, step, workdir: str, where: str) -> int:
+  """The step `load` restores; its files checked (`checkpointing.verify`)."""
   steps = manager.all_steps()
   if not steps:
     raise FileNotFoundError(f'{where} holds no finished checkpoint.')
-  if step == 'latest':
-    return manager.latest_step()
-  if step == 'best':
-    best = checkpointing.best_step(
-      manager,
-      best_metric=run.best_metric,
-      best_mode=run.best_mode,
+  if step not in STEPS:
+    if isinstance(step, str) and not step.isdigit():
+      raise ValueError(f'step={step!r} must be one of {STEPS} or a step number.')
+    if int(step) not in steps:
+      raise FileNotFoundError(f'{where} has no checkpoint of step {step}; it has {steps}.')
+    try:
+      checkpointing.verify(checkpointing.step_dir(manager, int(step)))
+    except checkpointing.DamagedCheckpoint as e:
+      raise checkpointing.DamagedCheckpoint(
+        f'Checkpoint step {step} is damaged: {e}. Choose another step of {steps}.'
+      ) from None
+    return int(step)
+  latest, damaged = checkpointing.newest_intact(manager)
+  if latest is None:
+    raise checkpointing.DamagedCheckpoint(
+      f'{where}: every checkpoint is damaged ({"; ".join(damaged.values())}).'
     )
-    return manager.latest_step() if best is None else best
-  if isinstance(step, str) and not step.isdigit():
-    raise ValueError(f'step={step!r} must be one of {STEPS} or a step number.')
-  if int(step) not in steps:
-    raise FileNotFoundError(f'{where} has no checkpoint of step {step}; it has {steps}.')
-  return int(step)
+  if step == 'latest':
+    return latest
+  first, _ = _run_config(manager, latest, workdir)
+  return _best_intact(manager, config_lib.RunOptions.from_config(first), latest, damaged)
 
 
 def _run_config(manager, step: int, workdir: str) -> tuple[dict, dict]:
@@ -181,14 +229,17 @@ def load(workdir: str, *, step: str | int = 'best') -> Predictor:
   Args:
     workdir: the run's folder (what `launch.py --workdir` was given).
     step: 'best' (by the run's `best_metric`; the latest when no step was
-      evaluated), 'latest', or a step number.
+      evaluated), 'latest', or a step number. 'best' and 'latest' take the best
+      or newest intact step, with a warning naming each damaged one skipped.
 
   Returns:
     A `Predictor`.
 
   Raises:
     FileNotFoundError: naming the path, for a missing workdir or checkpoint.
-    ValueError: naming the checkpoint, if it does not fit the config it records.
+    ValueError: naming the checkpoint, if it does not fit the config it records;
+      `checkpointing.DamagedCheckpoint` (a ValueError), naming the file, when
+      `step` is a number whose files are damaged, or when every step is.
   """
   ckpt_dir = os.path.join(os.path.abspath(workdir), 'checkpoints')
   if not os.path.isdir(workdir):
@@ -197,9 +248,7 @@ def load(workdir: str, *, step: str | int = 'best') -> Predictor:
     raise FileNotFoundError(f'{workdir!r} holds no checkpoints/ folder: train first.')
   manager = checkpointing.create_manager(ckpt_dir, keep=1_000_000)
   try:
-    latest = manager.latest_step()
-    first, _ = _run_config(manager, latest, workdir) if latest is not None else ({}, {})
-    chosen = _pick_step(manager, step, config_lib.RunOptions.from_config(first), ckpt_dir)
+    chosen = _pick_step(manager, step, workdir, ckpt_dir)
     record, data_shape = _run_config(manager, chosen, workdir)
     config = ml_collections.ConfigDict(record)
     run = config_lib.RunOptions.from_config(config)
@@ -253,11 +302,19 @@ def _restore_variables(ckpt_dir, step, config, ndim, channels, where) -> dict[st
         partial_restore=True,
       ),
     )
-  except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(
-      f'{where} does not fit the model its config describes'
-      f' ({type(e).__name__}: {str(e)[:300]}).'
-    ) from None
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    # Tensorstore raises a bare Exception for an unreadable file.
+    verified = checkpointing.verify(where)
+    if verified and not isinstance(e, (ValueError, KeyError, TypeError)):
+      raise
+    if verified:  # Intact files: the model does not fit them.
+      cause = 'does not fit the model its config describes'
+    else:
+      cause = (
+        f'cannot be read: it has no {checkpointing.MANIFEST} to check its files'
+        ' against, so it is damaged or does not fit the model its config describes'
+      )
+    raise ValueError(f'{where} {cause} ({type(e).__name__}: {str(e)[:300]}).') from None
   finally:
     reader.close()
   wanted = jax.tree_util.tree_flatten_with_path(item)[0]

@@ -28,17 +28,25 @@ class Interrupted(Exception):
   """Training stopped on request (SIGINT or SIGTERM) after saving a checkpoint."""
 
 
+def _last_good(run: setup.Run) -> str:
+  """The step a rerun would resume from: the newest intact one, not the newest."""
+  step, _ = checkpointing.newest_intact(run.manager)
+  if step is not None:
+    where = checkpointing.step_dir(run.manager, step)
+    return f'the last good checkpoint is step {step} ({where})'
+  return (
+    'no intact checkpoint is left'
+    if run.manager.all_steps()
+    else 'no checkpoint was written'
+  )
+
+
 def _check_finite(
   run: setup.Run, state, pending: list, *, step: int, state_too: bool
 ) -> None:
   """Raises FloatingPointError at the first non-finite loss of `pending` (step, loss)
-  pairs, or, with `state_too`, if the state after `step` is not finite."""
-  last = run.manager.latest_step()
-  kept = (
-    f'the last good checkpoint is step {last}'
-    if last is not None
-    else 'no checkpoint was written'
-  )
+  pairs, or, with `state_too`, if the state after `step` is not finite. The message
+  names the step a rerun resumes from (`checkpointing.newest_intact`)."""
   advice = (
     'Lower the learning rate, enable gradient clipping'
     ' (config.optimizer.grad_clip_norm) or check the data.'
@@ -46,13 +54,14 @@ def _check_finite(
   for step, loss in pending:
     if not math.isfinite(float(loss)):
       raise FloatingPointError(
-        f'Loss is {float(loss)} at step {step}. Training stopped; {kept}. {advice}'
+        f'Loss is {float(loss)} at step {step}. Training stopped; {_last_good(run)}.'
+        f' {advice}'
       )
   if state_too and not run.runner.is_finite(state):
     raise FloatingPointError(
       f'The parameters or optimizer state are not finite after step {step}'
-      f' (the loss was still finite). Training stopped and nothing was saved; {kept}.'
-      f' {advice}'
+      ' (the loss was still finite). Training stopped and nothing was saved;'
+      f' {_last_good(run)}. {advice}'
     )
   pending.clear()
 

@@ -79,11 +79,16 @@ def with_data_classes(config, info) -> ml_collections.ConfigDict:
 
 
 def _restore(manager, state, record: dict[str, Any], workdir: str):
-  """The latest checkpoint, after checking it was written with a compatible config."""
-  step = manager.latest_step()
+  """The newest intact checkpoint, after checking it was written with a compatible
+  config. Damaged newer steps (`checkpointing.newest_intact` names each) are then
+  set aside as `<step>.damaged`, so the resumed run writes those steps again."""
+  step, damaged = checkpointing.newest_intact(manager)
   if step is None:
+    if damaged:
+      logging.warning('No intact checkpoint in %s: training starts from step 0.', workdir)
+      checkpointing.set_aside(manager, damaged)
     return state, 0
-  where = os.path.join(workdir, 'checkpoints', str(step))
+  where = checkpointing.step_dir(manager, step)
   saved = checkpointing.read_record(manager, step)
   if saved is None:
     logging.warning(
@@ -96,11 +101,24 @@ def _restore(manager, state, record: dict[str, Any], workdir: str):
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
   try:
     state = checkpointing.restore(manager, abstract, step=step)
-  except (ValueError, KeyError, TypeError) as e:
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    # Tensorstore raises a bare Exception for an unreadable file.
+    verified = checkpointing.verify(where)
+    if verified and not isinstance(e, (ValueError, KeyError, TypeError)):
+      raise
+    cause = (
+      'its state does not fit this config'
+      if verified
+      else f'it has no {checkpointing.MANIFEST} to check its files against, so it is'
+      ' damaged or does not fit this config'
+    )
     raise ValueError(
-      f'Cannot restore {where}: its state does not fit this config'
-      f' ({type(e).__name__}: {str(e)[:300]}). Use a new --workdir.'
+      f'Cannot restore {where}: {cause} ({type(e).__name__}: {str(e)[:300]}).'
+      ' Use a new --workdir'
+      + ('.' if verified else f', or move {where} away to resume from an earlier step.')
     ) from None
+  if damaged:
+    checkpointing.set_aside(manager, damaged)
   logging.info('Resumed from %s at step %d.', where, int(state.step))
   return state, int(state.step)
 
