@@ -26,6 +26,7 @@ Under SLURM, Open MPI or on a Cloud TPU VM the three values are detected (README
 same step, with a checkpoint.
 """
 
+import errno
 import logging as py_logging
 import os
 import signal
@@ -232,6 +233,11 @@ def main(argv):
   except train.Interrupted as e:
     print(e, file=sys.stderr, flush=True)
     sys.exit(130)
+  except OSError as e:
+    if e.errno != errno.ENOSPC:
+      raise
+    print(f'Error: {e.strerror}', file=sys.stderr, flush=True)  # One line: disk full.
+    sys.exit(1)
   if jax.process_index() == 0:
     for name, metrics in results.items():
       print(_summary(name, metrics), flush=True)

@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import types
 
 import jax
@@ -270,3 +272,35 @@ def test_a_full_disk_during_a_save_is_one_line(tmp_path, monkeypatch):
   assert f'a step needs about {size / 1000:.1f} kB (the size of step 1)' in message
   assert e.value.__suppress_context__  # No orbax traceback chained to it.
   assert manager.all_steps() == [1]
+
+
+# launch.py, given the disk-full error by a stand-in for training (as the save raises it).
+_DISK_FULL_LAUNCH = r"""
+import errno, sys
+sys.path.insert(0, {root!r})
+from absl import app
+import launch
+def disk_full(*args, **kwargs):
+  raise OSError(errno.ENOSPC, 'No space left on the device of /w to save step 2.')
+launch.train.train_and_evaluate = disk_full
+app.run(launch.main, argv=['launch.py', '--config={root}/configs/dice_bce.py',
+                           '--workdir={workdir}'])
+"""
+
+
+def test_launch_reports_a_full_disk_in_one_line(tmp_path):
+  """A stand-in raises the save's OSError(ENOSPC): launch.py prints one line, exit 1."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = _DISK_FULL_LAUNCH.format(root=root, workdir=tmp_path / 'run')
+  proc = subprocess.run(
+    [sys.executable, '-c', script],
+    cwd=root,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  lines = proc.stderr.strip().splitlines()
+  assert lines[-1] == 'Error: No space left on the device of /w to save step 2.'
+  assert 'Traceback' not in proc.stderr
