@@ -149,6 +149,7 @@ def part_commands(*, smoke: bool, torch: dict, torch_python, out, data_dir) -> d
 
 def run_part(argv, json_path: pathlib.Path, *, budget: float, log) -> dict:
   """Runs one part in its own process group, killed after `budget` seconds."""
+  json_path.unlink(missing_ok=True)  # Not an earlier run's.
   start = time.perf_counter()
   with open(log, 'w') as log_file:
     proc = subprocess.Popen(

@@ -111,6 +111,7 @@ def test_unknown_part_is_named(tmp_path):
 )
 def test_run_part_records_the_outcome(tmp_path, code, budget, status, error):
   json_path = tmp_path / 'part.json'
+  json_path.write_text('{"stale": true}')  # An earlier run's: never read.
   row = accelerator.run_part(
     [sys.executable, '-c', f'import os; os.chdir({str(tmp_path)!r}); {code}'],
     json_path,
