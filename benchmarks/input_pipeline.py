@@ -31,17 +31,21 @@ by the real pipeline into array_record):
 
 Each case runs `Dataset.train_iterator` as training does, with its batches built
 by `--workers` grain worker processes (`mp_prefetch`); 0 workers is the
-pipeline's default, one background thread in the training process. After
-`--warmup` batches (the workers' start), `--repeats` windows of `--batches`
-batches are timed; a window's rate is patches/s, and the table gives the median
+pipeline's default, one background thread in the training process (the
+pipeline has no worker option: the benchmark swaps its thread prefetch,
+`pipeline._iterate`, for `mp_prefetch`). After the first k + 1 batches of k
+workers (their start), `--repeats` windows of `--batches` batches (default: 6)
+are timed; a window's rate is patches/s, and the table gives the median
 and that median divided by the workers (patches/s per worker process). It also
 times the stages of one example (read and decompress, normalise, a patch on
-foreground, a random patch) in this process, and writes the uptime load before
-and after.
+foreground, a random patch) in this process, in wall and CPU seconds, gives the
+workers nnU-Net's pace on an A100 needs (10 to 11 patches/s, from the CPU seconds
+per patch and from one worker's rate), and writes the CPU model and the uptime load
+before and after.
 
     .venv/bin/python benchmarks/input_pipeline.py --accelerator_scale \
         --workers=0,1,2 --out=benchmarks/out
-    .venv/bin/python benchmarks/input_pipeline.py --accelerator_scale --smoke
+    .venv/bin/python benchmarks/input_pipeline.py --smoke   # tiny sizes
 
 Writes <out>/input_pipeline_accelerator.json.
 """
@@ -369,25 +373,53 @@ def worker_rates(data, *, batch, workers, warmup, batches, repeats) -> dict:
   }
 
 
-def stage_seconds(data, *, patch, examples=3) -> dict:
-  """Median seconds of each stage of one training example, in this process."""
+def _timed(fn, wall: list, cpu: list):
+  """fn(), appending its wall and this thread's CPU seconds."""
+  start, start_cpu = time.perf_counter(), time.thread_time()
+  out = fn()
+  wall.append(time.perf_counter() - start)
+  cpu.append(time.thread_time() - start_cpu)
+  return out
+
+
+def stage_seconds(data, *, patch, fraction, examples=3) -> dict:
+  """Median wall and CPU seconds of each stage of one training example, here.
+
+  CPU seconds (this thread's) hardly depend on the machine's load; wall seconds do.
+  'cpu_s_per_example' adds the stages as the pipeline mixes them: read, normalise,
+  then a foreground patch for a share `fraction` of the examples and a random one
+  for the rest.
+  """
   records = data.split(data.options.train_split)
-  stages = {'read': [], 'normalise': [], 'foreground_patch': [], 'random_patch': []}
+  names = ('read', 'normalise') + (('foreground_patch', 'random_patch') if patch else ())
+  wall = {k: [] for k in names}
+  cpu = {k: [] for k in names}
   for i in range(min(examples, len(records))):
-    start = time.perf_counter()
-    example = data.source.read(records, i)
-    stages['read'].append(time.perf_counter() - start)
-    start = time.perf_counter()
-    image = data._normalise(example.image)  # pylint: disable=protected-access
-    stages['normalise'].append(time.perf_counter() - start)
+    example = _timed(lambda: data.source.read(records, i), wall['read'], cpu['read'])
+    image = _timed(
+      lambda: data._normalise(example.image),  # pylint: disable=protected-access
+      wall['normalise'],
+      cpu['normalise'],
+    )
     for key, on_foreground in (('foreground_patch', True), ('random_patch', False)):
-      start = time.perf_counter()
       if patch:
-        input_pipeline._random_patch(  # pylint: disable=protected-access
-          image, example.label, patch, np.random.default_rng(i), on_foreground=on_foreground
+        _timed(
+          lambda: input_pipeline._random_patch(  # pylint: disable=protected-access
+            image,
+            example.label,
+            patch,
+            np.random.default_rng(i),
+            on_foreground=on_foreground,
+          ),
+          wall[key],
+          cpu[key],
         )
-      stages[key].append(time.perf_counter() - start)
-  return {k: statistics.median(v) for k, v in stages.items() if patch or 'patch' not in k}
+  wall = {k: statistics.median(v) for k, v in wall.items()}
+  cpu = {k: statistics.median(v) for k, v in cpu.items()}
+  per_example = cpu['read'] + cpu['normalise']
+  if patch:
+    per_example += fraction * cpu['foreground_patch'] + (1 - fraction) * cpu['random_patch']
+  return {'wall': wall, 'cpu': cpu, 'cpu_s_per_example': per_example}
 
 
 def workers_needed(per_worker: float) -> dict:
@@ -418,7 +450,9 @@ def accelerator_scale(args) -> dict:
     start = time.perf_counter()
     data = open_case(case, data_dir)
     row = {'case': case, 'prepare_s': time.perf_counter() - start}
-    row['stage_s'] = stage_seconds(data, patch=case['patch'])
+    row['stage_s'] = stage_seconds(
+      data, patch=case['patch'], fraction=data.options.foreground_fraction
+    )
     row['by_workers'] = {}
     for k in workers:
       row['by_workers'][str(k)] = worker_rates(
@@ -435,9 +469,14 @@ def accelerator_scale(args) -> dict:
         f' ({r["patches_per_s_per_worker"]:.2f} per worker), start {r["startup_s"]:.1f} s',
         flush=True,
       )
-    if case['patch'] and '1' in row['by_workers']:
-      per_worker = row['by_workers']['1']['patches_per_s_median']
-      row['workers_for_nnunet_pace'] = workers_needed(per_worker)
+    if case['patch']:
+      # From the CPU seconds of one patch: each worker with a core to itself.
+      pace = {'from_cpu_seconds': workers_needed(1 / row['stage_s']['cpu_s_per_example'])}
+      if '1' in row['by_workers']:  # From one worker's measured rate, under the load.
+        pace['from_1_worker'] = workers_needed(
+          row['by_workers']['1']['patches_per_s_median']
+        )
+      row['workers_for_nnunet_pace'] = pace
     results[name] = row
   meta['uptime_after'] = uptime()
   return {'meta': meta, 'cases': results}

@@ -32,7 +32,7 @@ The PyTorch side needs torch in its own interpreter (`--torch-python`, see
 torch_reference.py); without it the PyTorch columns say 'unavailable'. `--platform`
 sets JAX_PLATFORMS for the JAX workers (default 'cpu'; '' lets JAX pick its
 accelerator); `--torch-device` and `--torch-options` set the PyTorch side's device and
-speed options, recorded per row. Every worker process is bounded by `--timeout`
+speed options, recorded per row. `--timeout` bounds each worker process, in
 seconds. Prints a table and writes benchmarks/out/speed.json (or speed_<lever>.json).
 """
 
