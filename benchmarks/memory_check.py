@@ -17,6 +17,12 @@ GPU and TPU compilers do.
 
     .venv/bin/python benchmarks/memory_check.py            # the table in RESULTS.md
     .venv/bin/python benchmarks/memory_check.py --quick    # two small cases
+    .venv/bin/python benchmarks/memory_check.py --preset=gpu   # on the accelerator
+
+`--preset=gpu` compiles an accelerator's training sizes (2D 512² in batches of 12, 3D
+128³ in batches of 2, float32 and bfloat16) on the default backend; only compiled,
+never run, so it also works on a CPU. GPU and TPU compilers
+keep the remat barriers, so off the CPU the remat cases are compiled once, as they are.
 
 Prints a Markdown table and writes benchmarks/out/memory_check.json.
 """
@@ -31,6 +37,8 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+
 from unet_jax.models import memory
 
 REMAT_FLAG = '--xla_disable_hlo_passes=cse_barrier_expander'
@@ -96,6 +104,30 @@ CASES = {
     'XLA:CPU computes bfloat16 convolutions in float32',
   ),
 }
+GPU_CASES = {
+  '2D 512², b12, f32, d5, batch': (
+    dict(spatial_shape=(512, 512), batch=12, features=32, depth=5),
+    ('inference', 'training', 'remat'),
+    '',
+  ),
+  '3D 128³, b2, f32, d4, batch': (
+    dict(spatial_shape=(128, 128, 128), batch=2, features=32, depth=4),
+    ('inference', 'training', 'remat'),
+    '',
+  ),
+  '3D 128³, b2, f32, d4, instance, bfloat16': (
+    dict(
+      spatial_shape=(128, 128, 128),
+      batch=2,
+      features=32,
+      depth=4,
+      norm='instance',
+      dtype='bfloat16',
+    ),
+    ('training',),
+    '',
+  ),
+}
 QUICK_CASES = {
   '2D 32², f4, d2, batch': (
     dict(spatial_shape=(32, 32), features=4, depth=2),
@@ -127,18 +159,8 @@ def _compiled_in_subprocess(jobs):
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument('--quick', action='store_true')
-  parser.add_argument('--out', default=str(pathlib.Path(__file__).parent / 'out'))
-  parser.add_argument('--compile-json', default=None, help=argparse.SUPPRESS)
-  args = parser.parse_args()
-  if args.compile_json is not None:  # the subprocess with XLA_FLAGS set
-    jobs = json.loads(args.compile_json)
-    print(json.dumps([memory.compiled_memory(**_kwargs(c, m)) for c, m in jobs]))
-    return
-
-  cases = QUICK_CASES if args.quick else CASES
+def _rows(cases, *, flag_remat: bool) -> list[dict]:
+  """One row per case and mode: the planner's and XLA's figures side by side."""
   rows = []
   flagged_jobs = []
   for name, (config, modes, note) in cases.items():
@@ -158,7 +180,7 @@ def main():
           **{f'xla_{k}': v for k, v in xla.items()},
         )
       )
-      if mode == 'remat':
+      if mode == 'remat' and flag_remat:
         flagged_jobs.append((len(rows) - 1, config, mode))
   if flagged_jobs:
     results = _compiled_in_subprocess([(c, m) for _, c, m in flagged_jobs])
@@ -171,6 +193,24 @@ def main():
       for i, row in enumerate(rows)
       for r in ([row, flagged[i]] if i in flagged else [row])
     ]
+  return rows
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--quick', action='store_true')
+  parser.add_argument('--preset', choices=('cpu', 'gpu'), default='cpu')
+  parser.add_argument('--out', default=str(pathlib.Path(__file__).parent / 'out'))
+  parser.add_argument('--compile-json', default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.compile_json is not None:  # the subprocess with XLA_FLAGS set
+    jobs = json.loads(args.compile_json)
+    print(json.dumps([memory.compiled_memory(**_kwargs(c, m)) for c, m in jobs]))
+    return None
+
+  cases = QUICK_CASES if args.quick else {'cpu': CASES, 'gpu': GPU_CASES}[args.preset]
+  backend = jax.default_backend()
+  rows = _rows(cases, flag_remat=backend == 'cpu')
 
   print(
     '| case | mode | XLA flags | planner temp MiB | XLA temp MiB | ratio |'
@@ -192,8 +232,10 @@ def main():
     print(f'\n{case}: {note}.')
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
+  meta = dict(backend=backend, device_kind=jax.devices()[0].device_kind)
   with open(out / 'memory_check.json', 'w') as f:
-    json.dump(dict(rows=rows), f, indent=1)
+    json.dump(dict(meta=meta, rows=rows), f, indent=1)
+  return rows
 
 
 if __name__ == '__main__':

@@ -22,13 +22,22 @@ product rate in XLA, measured in the same run.
     .venv/bin/python benchmarks/speed.py --lever=native_winograd --cases=2d_transpose
     # Smoke run (tests use it): tiny shapes, JAX only, well under a minute.
     .venv/bin/python benchmarks/speed.py --quick
+    # On a GPU: JAX on the device against PyTorch on CUDA with AMP bf16,
+    # channels_last, cudnn.benchmark and torch.compile (accelerator.py runs this).
+    .venv/bin/python benchmarks/speed.py --preset=gpu --platform=cuda \
+        --torch-python=/work/torch_venv/bin/python --torch-device=cuda \
+        --torch-options=channels_last,cudnn_benchmark,compile --dtypes=bfloat16
 
 The PyTorch side needs torch in its own interpreter (`--torch-python`, see
-torch_reference.py); without it the PyTorch columns say 'unavailable'. Prints a table
-and writes benchmarks/out/speed.json (or speed_<lever>.json).
+torch_reference.py); without it the PyTorch columns say 'unavailable'. `--platform`
+sets JAX_PLATFORMS for the JAX workers (default 'cpu'; '' lets JAX pick its
+accelerator); `--torch-device` and `--torch-options` set the PyTorch side's device and
+speed options, recorded per row. `--timeout` bounds each worker process, in
+seconds. Prints a table and writes benchmarks/out/speed.json (or speed_<lever>.json).
 """
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -54,6 +63,16 @@ CASES = {
     ndim=3, features=16, depth=3, batch=1, size=64, upsample='transpose'
   ),
   '3d_trilinear': dict(ndim=3, features=16, depth=3, batch=1, size=64, upsample='bilinear'),
+}
+# An accelerator's training scale (--preset=gpu): nnU-Net-like 3D patches of 128^3 in
+# batches of 2, and 2D tiles of 512^2 in batches of 12, with 32 features at the top.
+GPU_CASES = {
+  '2d_512_b12_f32': dict(
+    ndim=2, features=32, depth=5, batch=12, size=512, upsample='transpose'
+  ),
+  '3d_128_b2_f32': dict(
+    ndim=3, features=32, depth=4, batch=2, size=128, upsample='transpose'
+  ),
 }
 QUICK_CASES = {
   '2d_quick': dict(ndim=2, features=4, depth=2, batch=2, size=32, upsample='transpose'),
@@ -273,7 +292,7 @@ def _gemm_worker(n=2048, repeats=10):
 # The driver.
 
 
-def _run(cmd, env=None):
+def _run(cmd, env=None, timeout=None):
   proc = subprocess.run(
     cmd,
     capture_output=True,
@@ -281,14 +300,15 @@ def _run(cmd, env=None):
     cwd=ROOT,
     env=dict(os.environ, **(env or {})),
     check=False,
+    timeout=timeout,
   )
   if proc.returncode != 0:
     raise RuntimeError(f'{" ".join(cmd)} failed:\n{proc.stderr[-3000:]}')
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _jax_env(xla_flags=''):
-  env = {'JAX_PLATFORMS': 'cpu'}
+def _jax_env(xla_flags='', platform='cpu'):
+  env = {'JAX_PLATFORMS': platform}
   flags = ' '.join(f for f in (os.environ.get('XLA_FLAGS', ''), xla_flags) if f)
   if flags:
     env['XLA_FLAGS'] = flags
@@ -296,7 +316,16 @@ def _jax_env(xla_flags=''):
 
 
 def run_jax(
-  case, *, dtype='float32', steps, warmup, kwargs=None, donate=True, xla_flags=''
+  case,
+  *,
+  dtype='float32',
+  steps,
+  warmup,
+  kwargs=None,
+  donate=True,
+  xla_flags='',
+  platform='cpu',
+  timeout=None,
 ):
   cmd = [
     sys.executable,
@@ -309,10 +338,21 @@ def run_jax(
     f'--kwargs={json.dumps(kwargs or {})}',
     f'--donate={int(donate)}',
   ]
-  return _run(cmd, _jax_env(xla_flags))
+  return _run(cmd, _jax_env(xla_flags, platform), timeout)
 
 
-def run_torch(torch_python, case, *, dtype='float32', steps, warmup):
+def run_torch(
+  torch_python,
+  case,
+  *,
+  dtype='float32',
+  steps,
+  warmup,
+  device='cpu',
+  options=(),
+  timeout=None,
+):
+  """One PyTorch worker; `options` from TORCH_OPTIONS (e.g. 'compile')."""
   cmd = [
     torch_python,
     str(HERE / 'torch_reference.py'),
@@ -326,8 +366,18 @@ def run_torch(torch_python, case, *, dtype='float32', steps, warmup):
     f'--steps={steps}',
     f'--warmup={warmup}',
     '--threads=2',
+    f'--device={device}',
+    *(TORCH_OPTIONS[o] for o in options),
   ]
-  return _run(cmd)
+  return _run(cmd, timeout=timeout)
+
+
+# --torch-options: torch_reference.py's flags.
+TORCH_OPTIONS = {
+  'channels_last': '--channels-last',
+  'cudnn_benchmark': '--cudnn-benchmark',
+  'compile': '--compile',
+}
 
 
 def torch_available(torch_python):
@@ -348,10 +398,18 @@ def _uptime():
     return 'unknown'
 
 
-def compare(cases, *, torch_python, dtypes, steps, warmup, repeats, gemm_n=2048):
-  """The JAX-vs-PyTorch table: {case: {dtype: row}}."""
-  have_torch = torch_available(torch_python)
-  # One process measures the GEMM rate and counts every case's FLOPs.
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """Where the two sides run: JAX_PLATFORMS, the PyTorch device and its options."""
+
+  platform: str = 'cpu'  # JAX_PLATFORMS of the JAX workers; '': JAX's default.
+  torch_device: str = 'cpu'  # 'cuda': PyTorch on the GPU.
+  torch_options: tuple[str, ...] = ()  # Names in TORCH_OPTIONS.
+  timeout: float | None = None  # Seconds per worker process.
+
+
+def _gemm_and_flops(cases, *, torch_python, have_torch, gemm_n, target):
+  """One JAX process measures the GEMM rate and counts every case's FLOPs."""
   info = _run(
     [
       sys.executable,
@@ -360,59 +418,108 @@ def compare(cases, *, torch_python, dtypes, steps, warmup, repeats, gemm_n=2048)
       f'--gemm-n={gemm_n}',
       f'--case={json.dumps(list(cases.values()))}',
     ],
-    _jax_env(),
+    _jax_env(platform=target.platform),
+    target.timeout,
   )
   gemm = info['gemm']
   if have_torch:
     gemm['torch_gemm_gflops_float32'] = _run(
-      [torch_python, str(HERE / 'torch_reference.py'), '--gemm']
+      [
+        torch_python,
+        str(HERE / 'torch_reference.py'),
+        '--gemm',
+        f'--device={target.torch_device}',
+      ],
+      timeout=target.timeout,
     )['gemm_gflops']
   print(f'GEMM {gemm_n}^2 GFLOP/s: {json.dumps(gemm)}', flush=True)
   gemm['n'] = gemm_n
+  return gemm, info['flops']
+
+
+def _row(name, runs, *, flops, gemm):
+  """The table row of one case and dtype from its processes' results."""
+  row = {}
+  for side, outs in runs.items():
+    per_process = [statistics.median(o['ms_per_step']) for o in outs]
+    ms = statistics.median(per_process)
+    row[side] = {
+      'ms_per_step_median': ms,
+      'ms_per_process': per_process,
+      'params': outs[0]['params'],
+      'gflops': flops['train_step_flops'] / ms / 1e6,
+    }
+  row['jax']['share_of_gemm'] = row['jax']['gflops'] / gemm['gemm_gflops_float32']
+  row['jax']['backend'] = runs['jax'][0].get('backend')
+  if 'torch' in runs:
+    torch_run = runs['torch'][0]
+    row['torch']['device'] = torch_run.get('device', 'cpu')
+    row['torch']['options'] = torch_run.get('options', {})
+    row['torch']['share_of_gemm'] = (
+      row['torch']['gflops'] / gemm['torch_gemm_gflops_float32']
+    )
+    row['ratio_jax_speed_over_torch'] = (
+      row['torch']['ms_per_step_median'] / row['jax']['ms_per_step_median']
+    )
+    if row['jax']['params'] != row['torch']['params']:
+      raise RuntimeError(
+        f'{name}: parameter counts differ: JAX '
+        f'{row["jax"]["params"]} vs PyTorch '
+        f'{row["torch"]["params"]}'
+      )
+  return row
+
+
+def compare(
+  cases, *, torch_python, dtypes, steps, warmup, repeats, gemm_n=2048, target=Target()
+):
+  """The JAX-vs-PyTorch table: {case: {dtype: row}}."""
+  have_torch = torch_available(torch_python)
+  gemm, all_flops = _gemm_and_flops(
+    cases, torch_python=torch_python, have_torch=have_torch, gemm_n=gemm_n, target=target
+  )
   results = {}
-  for (name, case), flops in zip(cases.items(), info['flops']):
+  for (name, case), flops in zip(cases.items(), all_flops):
     results[name] = {'case': case, **flops}
     for dtype in dtypes:
-      runs = {'jax': [], 'torch': []}
       sides = ['jax', 'torch'] if have_torch else ['jax']
+      runs = {side: [] for side in sides}
       for r in range(repeats):
         for side in sides if r % 2 == 0 else sides[::-1]:
           if side == 'jax':
-            out = run_jax(case, dtype=dtype, steps=steps, warmup=warmup)
+            out = run_jax(
+              case,
+              dtype=dtype,
+              steps=steps,
+              warmup=warmup,
+              platform=target.platform,
+              timeout=target.timeout,
+            )
           else:
-            out = run_torch(torch_python, case, dtype=dtype, steps=steps, warmup=warmup)
+            out = run_torch(
+              torch_python,
+              case,
+              dtype=dtype,
+              steps=steps,
+              warmup=warmup,
+              device=target.torch_device,
+              options=target.torch_options,
+              timeout=target.timeout,
+            )
           runs[side].append(out)
           print(
             f'[{name} {dtype}] round {r + 1}/{repeats} {side}: '
             f'{statistics.median(out["ms_per_step"]):.0f} ms/step',
             flush=True,
           )
-      row = {}
-      for side in sides:
-        per_process = [statistics.median(o['ms_per_step']) for o in runs[side]]
-        ms = statistics.median(per_process)
-        row[side] = {
-          'ms_per_step_median': ms,
-          'ms_per_process': per_process,
-          'params': runs[side][0]['params'],
-          'gflops': flops['train_step_flops'] / ms / 1e6,
-        }
-      row['jax']['share_of_gemm'] = row['jax']['gflops'] / gemm['gemm_gflops_float32']
-      if have_torch:
-        row['torch']['share_of_gemm'] = (
-          row['torch']['gflops'] / gemm['torch_gemm_gflops_float32']
-        )
-        row['ratio_jax_speed_over_torch'] = (
-          row['torch']['ms_per_step_median'] / row['jax']['ms_per_step_median']
-        )
-        if row['jax']['params'] != row['torch']['params']:
-          raise RuntimeError(
-            f'{name}: parameter counts differ: JAX '
-            f'{row["jax"]["params"]} vs PyTorch '
-            f'{row["torch"]["params"]}'
-          )
-      results[name][dtype] = row
-  return {'gemm': gemm, 'torch_available': have_torch, 'results': results}
+      results[name][dtype] = _row(name, runs, flops=flops, gemm=gemm)
+  backend = {'jax_platform': target.platform, 'torch_device': target.torch_device}
+  return {
+    'gemm': gemm,
+    'torch_available': have_torch,
+    'target': dict(backend, torch_options=list(target.torch_options)),
+    'results': results,
+  }
 
 
 def lever(name, cases, *, steps, warmup, repeats):
@@ -515,7 +622,25 @@ def main(argv=None):
     help='Interpreter with torch installed (else unavailable).',
   )
   parser.add_argument(
+    '--preset',
+    choices=('cpu', 'gpu'),
+    default='cpu',
+    help="'cpu': the RESULTS.md cases; 'gpu': 512^2 and 128^3 at batch 12 and 2.",
+  )
+  parser.add_argument(
     '--cases', default=None, help='Comma-separated case names (default: all).'
+  )
+  parser.add_argument(
+    '--platform', default='cpu', help="JAX_PLATFORMS of the JAX side; '': JAX's default."
+  )
+  parser.add_argument('--torch-device', choices=('cpu', 'cuda'), default='cpu')
+  parser.add_argument(
+    '--torch-options',
+    default='',
+    help=f'Comma-separated, of {sorted(TORCH_OPTIONS)}.',
+  )
+  parser.add_argument(
+    '--timeout', type=float, default=None, help='Seconds per worker process.'
   )
   parser.add_argument(
     '--dtypes',
@@ -566,7 +691,11 @@ def main(argv=None):
     )
     return None
 
-  all_cases = QUICK_CASES if args.quick else CASES
+  all_cases = QUICK_CASES if args.quick else {'cpu': CASES, 'gpu': GPU_CASES}[args.preset]
+  torch_options = tuple(o for o in args.torch_options.split(',') if o)
+  unknown = sorted(set(torch_options) - set(TORCH_OPTIONS))
+  if unknown:
+    parser.error(f'unknown --torch-options {unknown}; choose from {sorted(TORCH_OPTIONS)}')
   names = args.cases.split(',') if args.cases else list(all_cases)
   unknown = [n for n in names if n not in all_cases]
   if unknown:
@@ -605,6 +734,12 @@ def main(argv=None):
       steps=steps,
       warmup=warmup,
       repeats=repeats,
+      target=Target(
+        platform=args.platform,
+        torch_device=args.torch_device,
+        torch_options=torch_options,
+        timeout=args.timeout,
+      ),
     )
     _print_table(report)
     print()

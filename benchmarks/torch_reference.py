@@ -19,8 +19,19 @@ layer for layer, with the same parameter count (checked by `benchmarks/speed.py`
 - concatenation [skip, upsampled] on channels; a 1x1 head with bias.
 
 The step is cross-entropy (mean over pixels), backward, Adam(lr 1e-3), in float32 on
-2 threads; `--dtype=bfloat16` runs the forward pass under CPU autocast to bfloat16.
-Channels-first (NCHW/NCDHW) tensors, PyTorch's default layout.
+2 threads; `--dtype=bfloat16` runs the forward pass under autocast to bfloat16 (AMP).
+Channels-first (NCHW/NCDHW) tensors, PyTorch's default layout, unless
+`--channels-last`.
+
+On a GPU (`--device=cuda`) the usual speed options are there: `--channels-last`,
+`--cudnn-benchmark` (cuDNN picks the fastest convolution algorithms for these
+shapes) and `--compile` (`torch.compile` of the model; where it fails, the step runs
+eagerly and the JSON says why under 'compile'). Steps are timed to the end of the
+device's work (`loss.item()`).
+
+    /work/torch_venv/bin/python benchmarks/torch_reference.py --device=cuda \
+        --dtype=bfloat16 --channels-last --cudnn-benchmark --compile --ndim=3 \
+        --features=32 --depth=5 --batch=2 --size=128 --upsample=transpose --steps=20
 
     /work/torch_venv/bin/python benchmarks/torch_reference.py --ndim=2 --features=32 \
         --depth=4 --batch=4 --size=128 --upsample=transpose --steps=5
@@ -123,9 +134,13 @@ def run(
   warmup=2,
   threads=2,
   channels_last=False,
+  device='cpu',
+  cudnn_benchmark=False,
+  compile_model=False,
 ):
   """Times `steps` train steps after `warmup` ones; returns a dict of results."""
   torch.set_num_threads(threads)
+  torch.backends.cudnn.benchmark = cudnn_benchmark
   torch.manual_seed(0)
   model = UNet(
     ndim=ndim,
@@ -134,9 +149,9 @@ def run(
     features=features,
     depth=depth,
     upsample=upsample,
-  )
-  x = torch.randn((batch, in_channels) + (size,) * ndim)
-  y = torch.randint(0, num_classes, (batch,) + (size,) * ndim)
+  ).to(device)
+  x = torch.randn((batch, in_channels) + (size,) * ndim, device=device)
+  y = torch.randint(0, num_classes, (batch,) + (size,) * ndim, device=device)
   if channels_last:
     fmt = torch.channels_last if ndim == 2 else torch.channels_last_3d
     model = model.to(memory_format=fmt)
@@ -144,16 +159,27 @@ def run(
   opt = torch.optim.Adam(model.parameters(), lr=1e-3)
   model.train()
   autocast = dtype == 'bfloat16'
+  forward = torch.compile(model) if compile_model else model
 
   def step():
     opt.zero_grad(set_to_none=True)
-    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
-      logits = model(x)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+      logits = forward(x)
     loss = F.cross_entropy(logits.float(), y)
     loss.backward()
     opt.step()
     return loss
 
+  compiled = 'off'
+  start = time.perf_counter()
+  if compile_model:
+    try:
+      step()  # Compiles.
+      compiled = 'on'
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      compiled = f'failed: {type(e).__name__}: {str(e)[:300]}'
+      forward = model
+  compile_s = time.perf_counter() - start
   for _ in range(warmup):
     step()
   times = []
@@ -168,18 +194,26 @@ def run(
     'loss': float(loss.item()),
     'torch': torch.__version__,
     'threads': torch.get_num_threads(),
+    'device': torch.cuda.get_device_name() if device == 'cuda' else device,
+    'options': {
+      'channels_last': channels_last,
+      'cudnn_benchmark': cudnn_benchmark,
+      'compile': compiled,
+    },
+    'compile_s': compile_s,
   }
 
 
-def gemm_gflops(n=2048, repeats=10, threads=2):
+def gemm_gflops(n=2048, repeats=10, threads=2, device='cpu'):
   """fp32 GFLOP/s of an n x n matrix product (median of `repeats`)."""
   torch.set_num_threads(threads)
-  a, b = torch.randn(n, n), torch.randn(n, n)
-  a @ b
+  a = torch.randn(n, n, device=device)
+  b = torch.randn(n, n, device=device)
+  (a @ b).sum().item()
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    a @ b
+    (a @ b)[0, 0].item()  # Waits for the device.
     times.append(time.perf_counter() - start)
   times.sort()
   return 2 * n**3 / times[len(times) // 2] / 1e9
@@ -199,12 +233,19 @@ def main(argv=None):
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--threads', type=int, default=2)
   parser.add_argument('--channels-last', action='store_true')
+  parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
+  parser.add_argument('--cudnn-benchmark', action='store_true')
+  parser.add_argument(
+    '--compile', action='store_true', help='torch.compile the model (eager if it fails).'
+  )
   parser.add_argument(
     '--gemm', action='store_true', help='Print the 2048^2 fp32 matmul GFLOP/s instead.'
   )
   args = parser.parse_args(argv)
   if args.gemm:
-    print(json.dumps({'gemm_gflops': gemm_gflops(threads=args.threads)}))
+    print(
+      json.dumps({'gemm_gflops': gemm_gflops(threads=args.threads, device=args.device)})
+    )
     return
   missing = [
     f
@@ -228,6 +269,9 @@ def main(argv=None):
         warmup=args.warmup,
         threads=args.threads,
         channels_last=args.channels_last,
+        device=args.device,
+        cudnn_benchmark=args.cudnn_benchmark,
+        compile_model=args.compile,
       )
     )
   )

@@ -258,6 +258,7 @@ def main(argv=None):
   meta = {
     'jax': jax.__version__,
     'backend': jax.default_backend(),
+    'device_kind': jax.devices()[0].device_kind,
     'preset': 'quick' if args.quick else args.preset,
     'cpu_count': os.cpu_count(),
     'steps_per_round': steps,
