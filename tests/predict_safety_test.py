@@ -1,16 +1,19 @@
 """The predict command never overwrites its inputs, never loses a prediction to a
-name collision, and names non-finite input values before predicting."""
+name collision, and names non-finite input values and channel files on other grids
+before predicting."""
 
 import os
 import shutil
 import subprocess
 import sys
 
+import nibabel
 import numpy as np
 from PIL import Image
 import pytest
 
 from tests import inference_test
+from unet_jax.inference import inputs
 from unet_jax.inference import predict
 
 ROOT = inference_test.ROOT
@@ -145,4 +148,27 @@ def test_nonfinite_input_values_are_named_before_anything_is_predicted(run2d, tm
   assert mask.sum() > 0  # Not all background, as with NaN.
   np.testing.assert_array_equal(
     mask, np.asarray(Image.open(tmp_path / 'out_zeroed' / 'b.tif'))
+  )
+
+
+def test_channel_files_of_one_case_on_other_grids_are_named(tmp_path):
+  folder = tmp_path / 'imagesTs'
+  folder.mkdir()
+  volume = np.zeros((6, 5, 4), np.float32)
+  shifted = np.diag([1.0, 1.0, 2.0, 1.0])
+  shifted[:3, 3] = (0, 0, 10.0)
+  for name, affine in (
+    ('case_0000', np.diag([1.0, 1.0, 2.0, 1.0])),
+    ('case_0001', shifted),
+  ):
+    nibabel.save(nibabel.Nifti1Image(volume, affine), folder / f'{name}.nii.gz')
+  cases = inputs.list_inputs(str(folder), ndim=3, num_channels=2)
+  assert [c.stem for c in cases] == ['case']
+  with pytest.raises(ValueError) as e:
+    inputs.check_inputs(cases, ndim=3, num_channels=2, memory=2**40)
+  assert str(e.value) == (
+    '1 input(s) cannot be predicted:\n'
+    f'  {folder / "case_0001.nii.gz"}: grid differs from that of'
+    f' {folder / "case_0000.nii.gz"}: origin differs ([0.0, 0.0, 0.0] vs'
+    ' [0.0, 0.0, 10.0]).'
   )

@@ -11,7 +11,8 @@ A folder of files in nnU-Net's naming (`<case>_0000.nii.gz`, `<case>_0001.nii.gz
 recognised when a `dataset.json` sits in the folder above (an nnU-Net data set's
 `imagesTs/`), or when every file carries such a suffix and each case holds
 exactly the channels 0 .. C-1 the model takes. Any other file is a case of its
-own.
+own. The channel files of a case must agree in shape, spacing, direction and
+origin (`check_inputs`).
 
 `check_output` (file names only, before anything else) refuses an output
 folder that is a file, or that holds an input (the input folder itself, or an
@@ -334,6 +335,22 @@ def _nonfinite_errors(case: Case, *, ndim: int) -> list[str]:
   return errors
 
 
+def _channel_grid_errors(case: Case) -> list[str]:
+  """Each channel file of a 3D case whose voxel grid (spacing, direction, origin)
+  differs from the first's (`geometry.grid_differences`, on the header affines)."""
+  import nibabel  # pylint: disable=g-import-not-at-top
+
+  first = nibabel.load(case.path).affine
+  errors = []
+  for path in case.paths[1:]:
+    differences = geometry.grid_differences(first, nibabel.load(path).affine)
+    if differences:
+      errors.append(
+        f'{path}: grid differs from that of {case.path}: {"; ".join(differences)}.'
+      )
+  return errors
+
+
 def _case_errors(case: Case, *, ndim, num_channels, target_spacings, num_classes, save):
   """The problems of one case (header reads only), its shape and its memory plan."""
   shapes, channels, spacing = set(), 0, None
@@ -350,6 +367,8 @@ def _case_errors(case: Case, *, ndim, num_channels, target_spacings, num_classes
     errors.append(
       f'{case.path}: the channel files of {case.stem} differ in shape {shapes}.'
     )
+  elif ndim == 3 and len(case.paths) > 1:
+    errors += _channel_grid_errors(case)
   if channels != num_channels:
     errors.append(
       f'{case.path}: {channels} channel(s), but the model takes {num_channels}.'
