@@ -172,3 +172,15 @@ def test_channel_files_of_one_case_on_other_grids_are_named(tmp_path):
     f' {folder / "case_0000.nii.gz"}: origin differs ([0.0, 0.0, 0.0] vs'
     ' [0.0, 0.0, 10.0]).'
   )
+
+
+def test_a_dangling_symlink_among_the_inputs_is_named(tmp_path):
+  folder = tmp_path / 'in'
+  folder.mkdir()
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / 'a.png')
+  os.symlink(tmp_path / 'gone.png', folder / 'b.png')
+  with pytest.raises(ValueError) as e:
+    inputs.list_inputs(str(folder), ndim=2)
+  assert str(e.value) == (
+    f'{folder / "b.png"}: a symbolic link to {tmp_path / "gone.png"}, which does not exist.'
+  )

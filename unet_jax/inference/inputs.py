@@ -114,7 +114,9 @@ def _files(path: str, ndim: int) -> tuple[str, list[tuple[str, str, str]]]:
   for name in names:
     stem, ext = split_extension(name)
     full = os.path.join(folder, name)
-    if ext in EXTENSIONS[ndim] and os.path.isfile(full):
+    if folder_lib.dangling_link(full):
+      wrong.append(folder_lib.dangling_link(full))
+    elif ext in EXTENSIONS[ndim] and os.path.isfile(full):
       found.append((full, stem, ext))
     elif ext in EXTENSIONS[5 - ndim] or is_file:
       wrong.append(
