@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from tests import medical_test
 from tests import nnunet_test
 from unet_jax import config as config_lib
 from unet_jax.data import builder
@@ -192,3 +193,16 @@ def test_a_2d_float_tiff_with_nan_is_named(tmp_path):
   Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / 'train' / 'masks' / 'b.png')
   with pytest.raises(folder.BadDataError, match=r'b.tif: 1 non-finite voxel'):
     folder.validate(folder.list_pairs(root, ndim=2), ndim=2, num_classes=2)
+
+
+def test_a_folder_with_nonfinite_voxels_builds_with_zeros_only_when_asked(tmp_path):
+  bad, _ = _volume_pair(
+    tmp_path / 'data', 'train', 'bad', image=_with_nonfinite([np.nan, -np.inf])
+  )
+  _volume_pair(tmp_path / 'data', 'val', 'good')
+  with pytest.raises(folder.BadDataError, match=f'{bad}: 2 non-finite voxel'):
+    medical_test._open(tmp_path / 'data', tmp_path / 'tfds')
+  data = medical_test._open(tmp_path / 'data', tmp_path / 'tfds', nonfinite='zero')
+  image = data.source.read(data.split('train'), 0).image
+  assert np.isfinite(image).all()
+  assert float(image.sum()) == 480 - 2  # Ones, with 0 for the NaN and the -Inf.
