@@ -285,6 +285,39 @@ def _describe(predictors, workdirs) -> str:
   )
 
 
+def _row(case, pred, *, masks, ndim, num_classes) -> list[Any] | None:
+  """The case's row of the per-case table, if it has a reference mask of its shape."""
+  label = _reference(case, masks, ndim) if masks else None
+  if label is not None and label.shape == pred.shape:
+    return [case.stem] + _scores(pred, label, num_classes)
+  if label is not None:
+    logging.warning(
+      '%s: reference mask shape %s differs from the image %s; skipped in the table.',
+      case.path,
+      label.shape,
+      pred.shape,
+    )
+  return None
+
+
+def _checked_cases(predictors, input_path: str, *, save_probabilities, nonfinite):
+  """The cases of `input_path` (`inputs.list_inputs`), each checked
+  (`inputs.check_inputs`) for every run, before any is predicted."""
+  first = predictors[0]
+  ndim, channels = first.ndim, first.num_channels
+  cases = inputs.list_inputs(input_path, ndim=ndim, num_channels=channels)
+  inputs.check_inputs(
+    cases,
+    ndim=ndim,
+    num_channels=channels,
+    target_spacings=[p.data.target_spacing if ndim == 3 else None for p in predictors],
+    num_classes=max(first.model.num_classes, 2),
+    save_probabilities=save_probabilities,
+    nonfinite=nonfinite,
+  )
+  return cases
+
+
 def run(
   workdir: str | Sequence[str],
   input_path: str,
@@ -327,18 +360,10 @@ def run(
   if nonfinite is None:
     zero = all(p.data.nonfinite == 'zero' for p in predictors)
     nonfinite = 'zero' if zero else 'error'
-  first = predictors[0]
-  ndim, channels = first.ndim, first.num_channels
-  num_classes = max(first.model.num_classes, 2)
-  cases = inputs.list_inputs(input_path, ndim=ndim, num_channels=channels)
-  inputs.check_inputs(
-    cases,
-    ndim=ndim,
-    num_channels=channels,
-    target_spacings=[p.data.target_spacing if ndim == 3 else None for p in predictors],
-    num_classes=num_classes,
-    save_probabilities=save_probabilities,
-    nonfinite=nonfinite,
+  ndim = predictors[0].ndim
+  num_classes = max(predictors[0].model.num_classes, 2)
+  cases = _checked_cases(
+    predictors, input_path, save_probabilities=save_probabilities, nonfinite=nonfinite
   )
   os.makedirs(os.path.join(output, 'overlays'), exist_ok=True)
   masks = _masks_beside(input_path)
@@ -364,16 +389,8 @@ def run(
         image, pred, tmp, num_classes=num_classes, title=case.stem
       ),
     )
-    label = _reference(case, masks, ndim) if masks else None
-    if label is not None and label.shape == pred.shape:
-      rows.append([case.stem] + _scores(pred, label, num_classes))
-    elif label is not None:
-      logging.warning(
-        '%s: reference mask shape %s differs from the image %s; skipped in the table.',
-        case.path,
-        label.shape,
-        pred.shape,
-      )
+    row = _row(case, pred, masks=masks, ndim=ndim, num_classes=num_classes)
+    rows += [row] if row else []
     reporting.progress(i, len(cases), started, case.stem)
   if rows:
     _write_table(rows, num_classes, output)
