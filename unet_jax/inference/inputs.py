@@ -19,15 +19,15 @@ folder that is a file, or that holds an input (the input folder itself, or an
 input file's folder; real paths are compared): the masks and overlays would
 overwrite the inputs. `list_inputs` refuses two inputs whose outputs would
 share a name (`a.png` and `a.jpg`, or `a.jpg` and `a.jpeg`, all give `a.png`),
-naming them: outputs keep nnU-Net's `<case>.<ext>` naming rather than the
-input's extension.
+naming them: outputs are named after the input's name without its extension,
+as nnU-Net names its `<case>.nii.gz`, rather than keep the extension.
 
 `check_inputs` reads headers, and the values of the files stored as floating
 point (float NIfTI, 'F' mode TIFF; no other file can hold NaN or +-Inf): with
 `nonfinite='error'` (the run's `config.data.nonfinite`) it names each file
 holding NaN or +-Inf values with their count, before any case is predicted;
-with 'zero' `read_image` replaces them by 0 (before normalisation). Reading
-the float files twice costs far less than predicting them. It also plans
+with 'zero' `read_image` replaces them by 0 (before normalisation). Such
+files are thus read twice: once here, once to be predicted. It also plans
 the host memory of each volume: the image resampled to the run's target
 spacing, and the class probabilities at that spacing and at the input's own
 (`geometry.resampled_bytes`; for an ensemble, the largest run's, as runs are
