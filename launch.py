@@ -51,7 +51,13 @@ flags.DEFINE_string(
   ' commas, are averaged (an ensemble).',
 )
 flags.DEFINE_string('input', None, 'predict: an image or volume, or a folder of them.')
-flags.DEFINE_string('output', None, 'predict: the output folder; export: the file.')
+flags.DEFINE_string(
+  'output',
+  None,
+  'predict: the output folder (not a folder holding the inputs: refused); each mask'
+  ' is named after its input without the extension, so inputs that differ only in'
+  ' extension (a.png, a.jpg) are refused. export: the file.',
+)
 flags.DEFINE_string('step', 'best', "predict, export: 'best', 'latest' or a step.")
 flags.DEFINE_float('overlap', 0.5, 'predict, export: overlap of the sliding windows.')
 flags.DEFINE_bool('tta', False, 'predict, export: average over all axis flips.')
@@ -64,6 +70,13 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_string(
   'postprocessing', None, 'predict: a postprocessing.json to apply to every mask.'
+)
+flags.DEFINE_enum(
+  'nonfinite',
+  None,
+  ['error', 'zero'],
+  "predict: NaN/Inf input values: 'error' names the files, 'zero' predicts them as"
+  " 0 (default: the run's config.data.nonfinite).",
 )
 flags.DEFINE_list('spatial_shape', None, 'export: input size (default: as trained).')
 flags.DEFINE_list(
@@ -173,6 +186,7 @@ def _predict_or_export() -> None:
       tta=FLAGS.tta,
       save_probabilities=FLAGS.save_probabilities,
       postprocessing_file=FLAGS.postprocessing,
+      nonfinite=FLAGS.nonfinite,
     )
   else:
     from unet_jax.inference import export  # pylint: disable=g-import-not-at-top

@@ -29,6 +29,7 @@ from ml_collections import config_dict
 import numpy as np
 
 SIZE_POLICIES = ('pad', 'crop', 'resize')
+NONFINITE = ('error', 'zero')  # DataOptions.nonfinite.
 # DataOptions.normalization: one mode, or one per channel ('ct,zscore').
 NORMALIZATIONS = ('zscore', 'ct', 'rescale', 'minmax', 'none')
 # nnU-Net's normalisation by channel name (dataset.json's channel_names, compared
@@ -212,6 +213,10 @@ class DataOptions(_Section):
   # is: with 0 whatever its number of folds (as nnU-Net); a set num_folds that
   # differs from the file's is an error.
   num_folds: int = 0
+  # Image voxels that are NaN or +-Inf: 'error' names every file holding them (with
+  # their count) before anything is built or predicted; 'zero' replaces them by 0
+  # before normalisation, when the data set is built and when predicting.
+  nonfinite: str = 'error'
 
   def __post_init__(self):
     fix = lambda name, value: object.__setattr__(self, name, value)
@@ -234,6 +239,10 @@ class DataOptions(_Section):
       raise ValueError(
         'config.data.target_spacing must hold positive, finite spacings (one per'
         f' spatial axis), got {self.target_spacing}.'
+      )
+    if self.nonfinite not in NONFINITE:
+      raise ValueError(
+        f'config.data.nonfinite={self.nonfinite!r} is not one of {list(NONFINITE)}.'
       )
     if self.size_policy not in SIZE_POLICIES:
       raise ValueError(

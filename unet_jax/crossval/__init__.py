@@ -48,7 +48,8 @@ def _read_case(files, case_id: str, run: runs_lib.Run):
   paths, label_path = files[case_id]
   ndim = run.predictor.ndim
   case = inputs.Case(tuple(paths), case_id, inputs.split_extension(paths[0])[1])
-  image, spacing = inputs.read_image(case, ndim=ndim)
+  nonfinite = run.predictor.data.nonfinite  # As the run was trained ('zero': as 0).
+  image, spacing = inputs.read_image(case, ndim=ndim, nonfinite=nonfinite)
   reference = folder_lib.read_mask(label_path, ndim=ndim)[0]
   ignore = run.predictor.data.ignore_index
   if ignore is not None:

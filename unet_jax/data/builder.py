@@ -18,7 +18,9 @@ channels, each thick axis by nearest neighbour (`geometry.py`). The built copy
 records, per example, the spacing it was written at.
 
 Everything is checked before anything is written, with one `BadDataError`
-naming every offending file. A caller that names built copies (as
+naming every offending file (images holding NaN or +-Inf values among them,
+unless `nonfinite='zero'`, which replaces those values by 0 as each case is
+read). A caller that names built copies (as
 `sources.py` does) must fold every field of `SegmentationFolderConfig` into
 the copy's name, so a changed option builds a new copy.
 
@@ -73,6 +75,9 @@ class SegmentationFolderConfig(tfds.core.BuilderConfig):
       'val' split; the others form 'train' (no 'val' split when empty).
     pooled: 'folder' layout: pool the cases of train/ and val/ and split them
       by `val_ids`; False keeps the folders' own split.
+    nonfinite: Image values that are NaN or +-Inf: 'error' names every file
+      holding them before anything is written; 'zero' replaces them by 0 (each
+      such file is logged with their count).
   """
 
   ndim: int = 2
@@ -86,6 +91,7 @@ class SegmentationFolderConfig(tfds.core.BuilderConfig):
   target_spacing: tuple[float, ...] | None = dataclasses.field(default=None, kw_only=True)
   val_ids: tuple[str, ...] = dataclasses.field(default=(), kw_only=True)
   pooled: bool = dataclasses.field(default=False, kw_only=True)
+  nonfinite: str = dataclasses.field(default='error', kw_only=True)
 
 
 def split_cases(
@@ -144,14 +150,19 @@ def _resampled_metadata(metadata: dict, target) -> dict:
   }
 
 
-def read_case(case: Case, *, ndim: int, mask_colors=None):
+def read_case(case: Case, *, ndim: int, mask_colors=None, nonfinite: str = 'error'):
   """(image float32 [*spatial, C], label int64 [*spatial], spacing or None).
 
   Channel files are read in order and stacked; NIfTI in canonical orientation.
+  With `nonfinite='zero'`, NaN and +-Inf image values are replaced by 0 (and
+  logged, `folder.zero_nonfinite`); with 'error' they were refused by the checks.
   """
+  folder_lib.check_nonfinite_option(nonfinite)
   parts, spacing = [], None
   for path in case.images:
     image, image_spacing = folder_lib.read_image(path, ndim=ndim)
+    if nonfinite == 'zero':
+      image = folder_lib.zero_nonfinite(image, path=path)
     parts.append(image)
     spacing = spacing or image_spacing
   image = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
@@ -210,6 +221,7 @@ class SegmentationFolder(tfds.core.GeneratorBasedBuilder):
         num_classes=config.num_classes,
         mask_colors=config.mask_colors,
         ignore_index=config.ignore_index,
+        nonfinite=config.nonfinite,
       )
       cases = {
         split: [Case(p.id, (p.image,), p.mask) for p in split_pairs]
@@ -228,7 +240,7 @@ class SegmentationFolder(tfds.core.GeneratorBasedBuilder):
         f'{root}: file_ending {layout.file_ending!r} is {layout.ndim}D, but the'
         f' builder config is {config.ndim}D.'
       )
-    metadata = nnunet.check(layout)
+    metadata = nnunet.check(layout, nonfinite=config.nonfinite)
     if config.num_classes is not None and metadata['num_classes'] > config.num_classes:
       raise folder_lib.BadDataError(
         f'{root}/dataset.json: labels reach {metadata["num_classes"] - 1}, at or above'
@@ -263,7 +275,10 @@ class SegmentationFolder(tfds.core.GeneratorBasedBuilder):
     target = config.target_spacing if config.ndim == 3 else None
     for case in cases:
       image, label, spacing = read_case(
-        case, ndim=config.ndim, mask_colors=config.mask_colors
+        case,
+        ndim=config.ndim,
+        mask_colors=config.mask_colors,
+        nonfinite=config.nonfinite,
       )
       if target:
         image = geometry.resample_image(image, spacing, target)

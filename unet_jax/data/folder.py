@@ -35,7 +35,13 @@ Nothing is silently dropped. `list_pairs` (file names only) and `validate`
 file, for: an image without a mask or a mask without an image, an unknown
 extension, an empty split, a 3D volume in a 2D data set or the other way
 round, an unreadable or truncated file (image and mask are checked apart, so
-one does not hide the other), image and mask shapes that differ, mask values
+one does not hide the other), a symbolic link whose target does not exist
+(both named), image and mask shapes that differ, a NIfTI image and mask whose
+voxel grids differ in spacing, direction or origin (both files named, with
+both values: `geometry.grid_differences`, on the files' own affines, so image
+and mask must be stored in the same voxel order, as nnU-Net requires), every
+image holding NaN or +-Inf values, with their count (`nonfinite='zero'` logs
+them instead, and the builder replaces them by 0), mask values
 that are not class indices in [0, num_classes), a colour mask without
 `mask_colors` or with a colour outside it, every image whose channel count
 differs from the most common one, and, when the classes are inferred, every
@@ -70,6 +76,7 @@ import tempfile
 from absl import logging
 import numpy as np
 
+from unet_jax import config as config_lib
 from unet_jax.data import geometry
 
 SPLITS = ('train', 'val', 'test')
@@ -158,6 +165,51 @@ def _list_files(folder: pathlib.Path) -> list[pathlib.Path]:
   return sorted(p for p in folder.iterdir() if not p.name.startswith('.'))
 
 
+def dangling_link(path: str | os.PathLike) -> str | None:
+  """The problem of a symbolic link whose target does not exist, naming both; or
+  None for any other path."""
+  if not os.path.islink(path) or os.path.exists(path):
+    return None
+  target = os.path.normpath(os.path.join(os.path.dirname(path), os.readlink(path)))
+  return f'{path}: a symbolic link to {target}, which does not exist.'
+
+
+def check_nonfinite_option(nonfinite: str) -> None:
+  if nonfinite not in config_lib.NONFINITE:
+    raise ValueError(f"nonfinite must be 'error' or 'zero', got {nonfinite!r}.")
+
+
+def count_nonfinite(image: np.ndarray) -> int:
+  """The number of NaN and +-Inf values of `image` (0 for integer arrays)."""
+  if not np.issubdtype(image.dtype, np.inexact):
+    return 0
+  return int(image.size - np.count_nonzero(np.isfinite(image)))
+
+
+def nonfinite_problem(path: str, count: int, size: int) -> str:
+  """The line naming a training image with `count` non-finite voxels of `size`."""
+  return (
+    f'{path}: {count} non-finite voxel(s) (NaN or Inf) of {size}; fix the file, or'
+    " set config.data.nonfinite='zero' to replace them by 0 when the data set is"
+    ' built.'
+  )
+
+
+def zero_nonfinite(image: np.ndarray, *, path: str) -> np.ndarray:
+  """`image` with its NaN and +-Inf values replaced by 0 (`nonfinite='zero'`),
+  each file with any logged with their count; `image` itself if it has none."""
+  count = count_nonfinite(image)
+  if not count:
+    return image
+  logging.warning(
+    "%s: %d non-finite voxel(s) (NaN or Inf) of %d replaced by 0 (nonfinite='zero').",
+    path,
+    count,
+    image.size,
+  )
+  return np.where(np.isfinite(image), image, 0).astype(image.dtype)
+
+
 def list_pairs(root: str | os.PathLike, *, ndim: int) -> dict[str, list[Pair]]:
   """Pairs images with masks by file name, without reading any file.
 
@@ -201,7 +253,9 @@ def list_pairs(root: str | os.PathLike, *, ndim: int) -> dict[str, list[Pair]]:
       by_id = {}
       for path in _list_files(folder):
         stem, ext = _split_extension(path.name)
-        if path.is_dir():
+        if dangling_link(path):
+          errors.append(dangling_link(path))
+        elif path.is_dir():
           errors.append(f'{path}: unexpected folder inside {kind}/.')
         elif ext not in allowed:
           if ext in IMAGE_EXTENSIONS[other[1]] + MASK_EXTENSIONS[other[1]]:
@@ -521,6 +575,7 @@ def validate(
   num_classes: int | None = None,
   mask_colors: Sequence[Sequence[int]] | None = None,
   ignore_index: int | None = None,
+  nonfinite: str = 'error',
 ) -> dict[str, object]:
   """Reads every file once and checks the whole folder.
 
@@ -542,6 +597,9 @@ def validate(
       border). It may lie at or above `num_classes`, must not lie below it,
       is left out of `class_pixels` and of class inference, and is stored
       unchanged.
+    nonfinite: 'error': every image holding NaN or +-Inf values is named, with
+      their count; 'zero': they are logged instead (the builder replaces them
+      by 0).
 
   Returns:
     Metadata: num_classes, num_channels, ndim, min_shape, max_shape,
@@ -554,11 +612,12 @@ def validate(
   Raises:
     BadDataError: listing every offending file.
     ValueError: if `mask_colors` or `ignore_index` is malformed or disagrees
-      with `num_classes`.
+      with `num_classes`, or `nonfinite` is not 'error' or 'zero'.
   """
   mask_colors, num_classes = _colors_and_classes(mask_colors, num_classes, ndim=ndim)
   _check_ignore_index(ignore_index, num_classes)
-  survey = _Survey()
+  check_nonfinite_option(nonfinite)
+  survey = _Survey(nonfinite=nonfinite)
   for split_pairs in pairs.values():
     for pair in split_pairs:
       survey.add(
@@ -628,10 +687,23 @@ def _metadata(
   return metadata
 
 
+def _grid_differences(pair: Pair, *, ndim: int) -> list[str]:
+  """How the voxel grid (spacing, direction, origin) of a NIfTI mask differs from
+  its image's (`geometry.grid_differences`, on the header affines); [] in 2D."""
+  if ndim != 3:
+    return []
+  import nibabel  # pylint: disable=g-import-not-at-top
+
+  return geometry.grid_differences(
+    nibabel.load(pair.image).affine, nibabel.load(pair.mask).affine
+  )
+
+
 class _Survey:
   """What `validate` learns from reading a folder, file by file, and its errors."""
 
-  def __init__(self):
+  def __init__(self, *, nonfinite: str = 'error'):
+    self.nonfinite = nonfinite
     self.errors: list[str] = []
     self.paths_by_channels = collections.defaultdict(list)
     self.shapes: list[tuple[str, tuple[int, ...]]] = []
@@ -669,6 +741,7 @@ class _Survey:
         )
     if image is None:
       return
+    self._check_values(pair.image, image)
     self.paths_by_channels[image.shape[-1]].append(pair.image)
     if mask is None:
       return
@@ -677,17 +750,30 @@ class _Survey:
         f'{pair.image}: image shape {image.shape[:-1]} differs from mask shape'
         f' {mask.shape} ({pair.mask}).'
       )
-    elif image_spacing is not None and not np.allclose(
-      image_spacing, mask_spacing, rtol=1e-3
-    ):
+    elif differences := _grid_differences(pair, ndim=ndim):
       self.errors.append(
-        f'{pair.image}: spacing {image_spacing} differs from mask spacing'
-        f' {mask_spacing} ({pair.mask}).'
+        f'{pair.image}: grid differs from that of its mask {pair.mask}: '
+        + '; '.join(differences)
+        + '.'
       )
     else:
       self.shapes.append((pair.image, tuple(int(s) for s in mask.shape)))
       if image_spacing is not None:
         self.spacings.append(image_spacing)
+
+  def _check_values(self, path: str, image: np.ndarray) -> None:
+    """Names an image holding NaN or +-Inf values ('error'), or logs it ('zero')."""
+    count = count_nonfinite(image)
+    if count and self.nonfinite == 'error':
+      self.errors.append(nonfinite_problem(path, count, image.size))
+    elif count:
+      logging.warning(
+        '%s: %d non-finite voxel(s) (NaN or Inf) of %d; replaced by 0 when the data'
+        " set is built (config.data.nonfinite='zero').",
+        path,
+        count,
+        image.size,
+      )
 
   def check_channels(self) -> None:
     """Names every image whose channel count is not the most common one."""

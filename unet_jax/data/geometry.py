@@ -199,6 +199,48 @@ def canonical_affine(affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
   return ras[:, [2, 1, 0, 3]]
 
 
+GRID_TOLERANCE = 1e-3  # `grid_differences`: relative, as nnU-Net's relaxed integrity check.
+
+
+def _grid_parts(affine) -> dict[str, np.ndarray]:
+  """A 4x4 affine as its spacing (column norms), direction (unit columns) and origin."""
+  affine = np.asarray(affine, np.float64)
+  spacing = np.linalg.norm(affine[:3, :3], axis=0)
+  direction = affine[:3, :3] / np.where(spacing > 0, spacing, 1.0)
+  return {'spacing': spacing, 'direction': direction, 'origin': affine[:3, 3]}
+
+
+def grid_differences(a, b, *, tolerance: float = GRID_TOLERANCE) -> list[str]:
+  """How the voxel grid of affine `b` differs from that of affine `a`.
+
+  Each 4x4 affine is split into the voxel spacing (the norms of its columns),
+  the direction (its unit columns) and the origin (its translation), and each
+  part is compared: it differs when max |a - b| > tolerance * max(1, max |a|,
+  max |b|), so direction cosines are compared to within `tolerance` and
+  spacings and origins to within `tolerance` of their size (at least 1 mm).
+  Both layouts' checks (`folder.validate`, `nnunet.check`) use it for an image
+  and its mask, and for the channel files of one case.
+
+  Args:
+    a, b: 4x4 affines (voxel index -> world mm), in the files' own voxel order.
+    tolerance: See above; non-negative.
+
+  Returns:
+    One line per differing part, e.g. 'direction differs ([[1.0, 0.0, 0.0], ...]
+    vs [[-1.0, 0.0, 0.0], ...])'; empty when the grids agree.
+  """
+  parts_a, parts_b = _grid_parts(a), _grid_parts(b)
+  differences = []
+  for name in ('spacing', 'direction', 'origin'):
+    x, y = parts_a[name], parts_b[name]
+    scale = max(1.0, float(np.max(np.abs(x))), float(np.max(np.abs(y))))
+    if not float(np.max(np.abs(x - y))) <= tolerance * scale:
+      differences.append(
+        f'{name} differs ({np.round(x, 4).tolist()} vs {np.round(y, 4).tolist()})'
+      )
+  return differences
+
+
 def _canonical_shape(volume: Volume) -> tuple[int, ...]:
   ras = np.empty(3, dtype=int)
   ras[volume.ornt[:, 0].astype(int)] = volume.shape

@@ -53,13 +53,18 @@ Checks. Each raises one `folder.BadDataError` that lists every problem (see
 channel file (its expected path named), a label without any image, an image
 without a label, a channel index beyond `channel_names`, `numTraining`
 disagreeing with the cases found (both numbers named), an MSD `training` or
-`test` entry naming a missing file, and a file in `imagesTr/`, `imagesTs/`
-or `labelsTr/` that fits no case. `check` (reads the NIfTI headers for the
-geometry and the label arrays for their values; 2D files are read whole):
-unreadable files, a channel count that differs from `dataset.json`'s,
-channels of a case or an image and its label whose shape or affine differs
-(affines: max |A - B| <= tolerance * max(1, max |A|, max |B|)), and label
-values absent from `dataset.json`'s labels.
+`test` entry naming a missing file, a file in `imagesTr/`, `imagesTs/`
+or `labelsTr/` that fits no case, and a symbolic link whose target does not
+exist (both named). `check` (reads the NIfTI headers for the geometry, the
+arrays of floating-point images for their NaN and +-Inf values and the label
+arrays for their values; 2D files are read whole): unreadable files, a
+channel count that differs from `dataset.json`'s, channels of a case or an
+image and its label whose shape differs or whose spacing, direction or origin
+differs (`geometry.grid_differences`: max |a - b| <= tolerance * max(1, max
+|a|, max |b|) for each part; the one comparison of both layouts), images
+holding NaN or +-Inf values (each named with their count; with
+`nonfinite='zero'` logged instead, and replaced by 0 when the data set is
+built), and label values absent from `dataset.json`'s labels.
 
 Geometry is reported in (D, H, W) order of the closest canonical (RAS)
 orientation, as `nibabel.as_closest_canonical` gives: the voxel axes are
@@ -365,7 +370,9 @@ def _visible_files(directory: str, errors: list) -> list[str]:
     path = os.path.join(directory, name)
     if name.startswith('.'):
       continue
-    if os.path.isdir(path):
+    if folder.dangling_link(path):
+      errors.append(folder.dangling_link(path))
+    elif os.path.isdir(path):
       errors.append(f'{path}: unexpected folder.')
     else:
       paths.append(path)
@@ -605,13 +612,16 @@ class _Geometry:
   channels: int
   zooms: tuple[float, ...] | None  # NIfTI only, per spatial axis in file order.
   affine: np.ndarray | None  # NIfTI only.
+  nonfinite: int = 0  # Images: the NaN and +-Inf values (floating-point files).
+  size: int = 0  # Images: the number of values.
 
 
 def _nifti(path: str, *, is_label: bool, per_file: bool):
   """(`_Geometry`, label values and counts or None) of a NIfTI file.
 
-  Only the header is read for an image; a label's array is read once.
-  `per_file`: each image file holds one channel (nnU-Net).
+  Only the header is read for an image stored as integers; a floating-point
+  image's array is read once, to count its NaN and +-Inf values; a label's
+  array is read once. `per_file`: each image file holds one channel (nnU-Net).
   """
   import nibabel  # pylint: disable=g-import-not-at-top
 
@@ -621,7 +631,8 @@ def _nifti(path: str, *, is_label: bool, per_file: bool):
     shape = tuple(int(s) for s in volume.shape)
     zooms = tuple(round(float(z), 6) for z in volume.header.get_zooms()[:3])
     affine = np.asarray(volume.affine, np.float64)
-    array = np.asanyarray(volume.dataobj) if is_label else None
+    floats = volume.get_data_dtype().kind in 'fc'
+    array = np.asanyarray(volume.dataobj) if is_label or floats else None
   except Exception as e:  # pylint: disable=broad-except
     raise folder.BadDataError(
       f'{path}: unreadable or truncated {what} ({type(e).__name__}: {e}).'
@@ -630,8 +641,12 @@ def _nifti(path: str, *, is_label: bool, per_file: bool):
   if len(shape) not in (3, 4) or ((is_label or per_file) and channels != 1):
     one = 'a 3D volume' if is_label or per_file else 'a 3D or 4D volume'
     raise folder.BadDataError(f'{path}: shape {shape}; a {what} must be {one}.')
-  geometry = _Geometry(path, shape[:3], channels, zooms, affine)
-  return geometry, (_label_values(path, array.reshape(shape[:3])) if is_label else None)
+  if is_label:
+    geometry = _Geometry(path, shape[:3], channels, zooms, affine)
+    return geometry, _label_values(path, array.reshape(shape[:3]))
+  nonfinite = folder.count_nonfinite(array) if array is not None else 0
+  size = int(np.prod(shape))
+  return _Geometry(path, shape[:3], channels, zooms, affine, nonfinite, size), None
 
 
 def _label_values(path: str, array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -650,7 +665,9 @@ def _flat(path: str, *, is_label: bool):
     mask, _ = folder.read_mask(path, ndim=2)
     return _Geometry(path, mask.shape, 1, None, None), _label_values(path, mask)
   image, _ = folder.read_image(path, ndim=2)
-  return _Geometry(path, image.shape[:2], image.shape[2], None, None), None
+  shape, channels = image.shape[:2], image.shape[2]
+  nonfinite = folder.count_nonfinite(image)
+  return _Geometry(path, shape, channels, None, None, nonfinite, image.size), None
 
 
 def _differs(reference: _Geometry, other: _Geometry, *, tolerance: float) -> str | None:
@@ -660,10 +677,11 @@ def _differs(reference: _Geometry, other: _Geometry, *, tolerance: float) -> str
   if reference.affine is None:
     return None
   a, b = reference.affine, other.affine
-  gap = float(np.max(np.abs(a - b)))
-  if gap > tolerance * max(1.0, float(np.max(np.abs(a))), float(np.max(np.abs(b)))):
+  differences = geometry_lib.grid_differences(a, b, tolerance=tolerance)
+  if differences:
     return (
-      f'affine differs from that of {reference.path} by up to {gap:.3g}'
+      f'affine differs from that of {reference.path} by up to'
+      f' {float(np.max(np.abs(a - b))):.3g}: {"; ".join(differences)}'
       f' (tolerance {tolerance:g} relative to the largest entry, at least 1)'
     )
   return None
@@ -679,7 +697,24 @@ def _canonical(geometry: _Geometry) -> tuple[tuple[int, ...], tuple[float, ...] 
     raise folder.BadDataError(f'{geometry.path}: {e}; cannot tell its orientation.') from e
 
 
-def _check_case(case: Case, *, layout: Layout, tolerance: float, errors: list):
+def _check_values(images: list[_Geometry], *, nonfinite: str, errors: list) -> None:
+  """Names each image holding NaN or +-Inf values ('error'), or logs it ('zero')."""
+  for image in images:
+    if image.nonfinite and nonfinite == 'error':
+      errors.append(folder.nonfinite_problem(image.path, image.nonfinite, image.size))
+    elif image.nonfinite:
+      logging.warning(
+        '%s: %d non-finite voxel(s) (NaN or Inf) of %d; replaced by 0 when the data'
+        " set is built (config.data.nonfinite='zero').",
+        image.path,
+        image.nonfinite,
+        image.size,
+      )
+
+
+def _check_case(
+  case: Case, *, layout: Layout, tolerance: float, nonfinite: str, errors: list
+):
   """Reads one case's files; returns (shape, spacing, label values) or None.
 
   Every problem goes to `errors`; None if there was one.
@@ -697,6 +732,7 @@ def _check_case(case: Case, *, layout: Layout, tolerance: float, errors: list):
   if len(errors) > failed:
     return None
   images = [g for g, _ in found[: len(case.images)]]
+  _check_values(images, nonfinite=nonfinite, errors=errors)
   channels = sum(g.channels for g in images)
   if channels != len(layout.channel_names):
     errors.append(
@@ -726,17 +762,27 @@ def _check_case(case: Case, *, layout: Layout, tolerance: float, errors: list):
   return shape, spacing, values
 
 
-def check(layout: Layout, *, tolerance: float = 1e-4) -> dict[str, object]:
+def check(
+  layout: Layout,
+  *,
+  tolerance: float = geometry_lib.GRID_TOLERANCE,
+  nonfinite: str = 'error',
+) -> dict[str, object]:
   """Reads every file of `layout` once and checks the whole data set.
 
-  NIfTI images are read by header only (shape, zooms, affine); labels are
-  read whole, once; 2D files are read whole. Test cases are checked for their
+  NIfTI images stored as integers are read by header only (shape, zooms,
+  affine), floating-point ones whole, once, for their NaN and +-Inf values;
+  labels are read whole, once; 2D files are read whole. Test cases are checked for their
   channels and geometry; the metadata describes the training cases.
 
   Args:
     layout: From `read_layout`.
-    tolerance: How far two affines may differ, relative to their largest
-      entry (at least 1): max |A - B| <= tolerance * max(1, max |A|, max |B|).
+    tolerance: How far the spacing, direction and origin of two affines may
+      differ (`geometry.grid_differences`): max |a - b| <= tolerance * max(1,
+      max |a|, max |b|) for each part.
+    nonfinite: 'error': every image holding NaN or +-Inf values is named, with
+      their count; 'zero': they are logged instead (the builder replaces them
+      by 0).
 
   Returns:
     The keys of `folder.validate`'s metadata: num_classes (the largest label
@@ -752,15 +798,19 @@ def check(layout: Layout, *, tolerance: float = 1e-4) -> dict[str, object]:
 
   Raises:
     BadDataError: naming every offending file (see the module docstring).
-    ValueError: if `tolerance` is negative or not finite.
+    ValueError: if `tolerance` is negative or not finite, or `nonfinite` is not
+      'error' or 'zero'.
   """
   if (
     not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance)) or tolerance < 0
   ):
     raise ValueError(f'tolerance must be a finite number >= 0, got {tolerance!r}.')
+  folder.check_nonfinite_option(nonfinite)
   errors, results = [], []
   for case in layout.training + layout.test:
-    result = _check_case(case, layout=layout, tolerance=tolerance, errors=errors)
+    result = _check_case(
+      case, layout=layout, tolerance=tolerance, nonfinite=nonfinite, errors=errors
+    )
     if case.label is not None:
       results.append((case, result))
   subject = f'the {"nnU-Net" if layout.format == "nnunet" else "Decathlon"} data set'

@@ -369,6 +369,8 @@ def _folder_options(data: config_lib.DataOptions) -> dict[str, Any]:
     'num_classes': data.num_classes or None,  # 0: infer.
     'mask_colors': data.mask_colors or None,
     'ignore_index': data.ignore_index,
+    # Only when set, so the copies built before the option keep their names.
+    **({'nonfinite': data.nonfinite} if data.nonfinite != 'error' else {}),
   }
 
 

@@ -11,9 +11,23 @@ A folder of files in nnU-Net's naming (`<case>_0000.nii.gz`, `<case>_0001.nii.gz
 recognised when a `dataset.json` sits in the folder above (an nnU-Net data set's
 `imagesTs/`), or when every file carries such a suffix and each case holds
 exactly the channels 0 .. C-1 the model takes. Any other file is a case of its
-own.
+own. The channel files of a case must agree in shape, spacing, direction and
+origin (`check_inputs`).
 
-`check_inputs` reads headers only. Before anything is predicted it also plans
+`check_output` (file names only, before anything else) refuses an output
+folder that is a file, or that holds an input (the input folder itself, or an
+input file's folder; real paths are compared): the masks and overlays would
+overwrite the inputs. `list_inputs` refuses two inputs whose outputs would
+share a name (`a.png` and `a.jpg`, or `a.jpg` and `a.jpeg`, all give `a.png`),
+naming them: outputs are named after the input's name without its extension,
+as nnU-Net names its `<case>.nii.gz`, rather than keep the extension.
+
+`check_inputs` reads headers, and the values of the files stored as floating
+point (float NIfTI, 'F' mode TIFF; no other file can hold NaN or +-Inf): with
+`nonfinite='error'` (the run's `config.data.nonfinite`) it names each file
+holding NaN or +-Inf values with their count, before any case is predicted;
+with 'zero' `read_image` replaces them by 0 (before normalisation). Such
+files are thus read twice: once here, once to be predicted. It also plans
 the host memory of each volume: the image resampled to the run's target
 spacing, and the class probabilities at that spacing and at the input's own
 (`geometry.resampled_bytes`; for an ensemble, the largest run's, as runs are
@@ -100,7 +114,9 @@ def _files(path: str, ndim: int) -> tuple[str, list[tuple[str, str, str]]]:
   for name in names:
     stem, ext = split_extension(name)
     full = os.path.join(folder, name)
-    if ext in EXTENSIONS[ndim] and os.path.isfile(full):
+    if folder_lib.dangling_link(full):
+      wrong.append(folder_lib.dangling_link(full))
+    elif ext in EXTENSIONS[ndim] and os.path.isfile(full):
       found.append((full, stem, ext))
     elif ext in EXTENSIONS[5 - ndim] or is_file:
       wrong.append(
@@ -156,7 +172,66 @@ def list_inputs(path: str, *, ndim: int, num_channels: int = 1) -> list[Case]:
     if len(exts) > 1:
       raise ValueError(f'{folder}: channel files with different extensions {sorted(exts)}.')
     return [Case(tuple(paths), case, ext) for case, paths in sorted(groups.items())]
-  return [Case((full,), stem, e) for full, stem, e in found]
+  cases = [Case((full,), stem, e) for full, stem, e in found]
+  _check_output_names(cases)
+  return cases
+
+
+def _check_output_names(cases: list[Case]) -> None:
+  """Refuses inputs whose outputs would share a name (`a.png` and `a.jpg` both
+  give `a.png`, `a.npz` and `overlays/a.png`), naming them. Names that differ
+  only in case count as one: they are one file on macOS and Windows."""
+  by_name: dict[str, list[Case]] = {}
+  for case in cases:
+    by_name.setdefault(case.stem.casefold(), []).append(case)
+  shared = {k: v for k, v in by_name.items() if len(v) > 1}
+  if shared:
+    raise ValueError(
+      f'{len(shared)} output name(s) would be written by several inputs (predictions'
+      ' would be lost; rename the inputs):\n  '
+      + '\n  '.join(
+        f'{group[0].stem}: {", ".join(c.path for c in group)}' for group in shared.values()
+      )
+    )
+
+
+def check_output(input_path: str, output: str) -> None:
+  """Raises ValueError, naming both, when `output` cannot take the predictions of
+  `input_path`: it is a file (or holds a file `overlays`), or it is the folder of
+  an input (the input folder, an input file's folder, or the folder a linked
+  input lives in; real paths are compared), whose files the masks and overlays
+  would overwrite. Reads file names only: call it before anything else."""
+  overlays = os.path.join(output, 'overlays')
+  for path in (output, overlays):
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise ValueError(
+        f'--output {path!r} is a file; give a folder (it is created if missing).'
+      )
+  if not os.path.exists(input_path):
+    return  # `list_inputs` names it.
+  targets = {os.path.realpath(output), os.path.realpath(overlays)}
+  for path in _input_files(input_path):
+    folders = {
+      os.path.realpath(os.path.dirname(os.path.abspath(path))),
+      os.path.dirname(os.path.realpath(path)),
+    }
+    if folders & targets:
+      raise ValueError(
+        f'--output {output!r} holds the inputs of --input {input_path!r} ({path}):'
+        ' predictions would overwrite them; give another output folder.'
+      )
+
+
+def _input_files(input_path: str) -> list[str]:
+  """`input_path` itself, or the visible images and volumes of the folder."""
+  if not os.path.isdir(input_path):
+    return [input_path]
+  known = EXTENSIONS[2] + EXTENSIONS[3]
+  return [
+    os.path.join(input_path, name)
+    for name in sorted(os.listdir(input_path))
+    if not name.startswith('.') and split_extension(name)[1] in known
+  ]
 
 
 def probe(path: str, ndim: int) -> tuple[tuple[int, ...], int, tuple[float, ...] | None]:
@@ -229,6 +304,55 @@ def _memory_plan(shape, spacing, *, target_spacings, channels, classes, save) ->
   return plan
 
 
+def _may_hold_nonfinite(path: str, ndim: int) -> bool:
+  """Whether a file stores floating-point values (a 'F' mode image, a float NIfTI):
+  only those can hold NaN or +-Inf. Reads the header."""
+  if ndim == 2:
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+
+    with Image.open(path) as im:
+      return im.mode == 'F'
+  import nibabel  # pylint: disable=g-import-not-at-top
+
+  return nibabel.load(path).get_data_dtype().kind in 'fc'
+
+
+def _nonfinite_problem(path: str, count: int, size: int) -> str:
+  return (
+    f'{path}: {count} non-finite value(s) (NaN or Inf) of {size}; set'
+    " config.data.nonfinite='zero' (or --nonfinite=zero) to predict them as 0."
+  )
+
+
+def _nonfinite_errors(case: Case, *, ndim: int) -> list[str]:
+  """The files of a case holding NaN or +-Inf values; reads those stored as floats."""
+  errors = []
+  for path in case.paths:
+    if _may_hold_nonfinite(path, ndim):
+      image, _ = folder_lib.read_image(path, ndim=ndim)
+      count = folder_lib.count_nonfinite(image)
+      if count:
+        errors.append(_nonfinite_problem(path, count, image.size))
+      del image
+  return errors
+
+
+def _channel_grid_errors(case: Case) -> list[str]:
+  """Each channel file of a 3D case whose voxel grid (spacing, direction, origin)
+  differs from the first's (`geometry.grid_differences`, on the header affines)."""
+  import nibabel  # pylint: disable=g-import-not-at-top
+
+  first = nibabel.load(case.path).affine
+  errors = []
+  for path in case.paths[1:]:
+    differences = geometry.grid_differences(first, nibabel.load(path).affine)
+    if differences:
+      errors.append(
+        f'{path}: grid differs from that of {case.path}: {"; ".join(differences)}.'
+      )
+  return errors
+
+
 def _case_errors(case: Case, *, ndim, num_channels, target_spacings, num_classes, save):
   """The problems of one case (header reads only), its shape and its memory plan."""
   shapes, channels, spacing = set(), 0, None
@@ -245,6 +369,8 @@ def _case_errors(case: Case, *, ndim, num_channels, target_spacings, num_classes
     errors.append(
       f'{case.path}: the channel files of {case.stem} differ in shape {shapes}.'
     )
+  elif ndim == 3 and len(case.paths) > 1:
+    errors += _channel_grid_errors(case)
   if channels != num_channels:
     errors.append(
       f'{case.path}: {channels} channel(s), but the model takes {num_channels}.'
@@ -313,11 +439,15 @@ def check_inputs(
   memory: int | None = None,
   target_spacings=None,
   save_probabilities: bool = False,
+  nonfinite: str = 'error',
 ) -> None:
   """Raises one ValueError naming every case the run(s) cannot predict.
 
   A case cannot be predicted when it is unreadable, of the wrong kind or
-  channel count, or too large for the host memory (`_memory_plan`): one run's
+  channel count, holds NaN or +-Inf values (with `nonfinite='error'`: each
+  file named with their count; only files stored as floating point can, and
+  only those are read whole here), or too large for the host memory
+  (`_memory_plan`): one run's
   volume and probabilities at its target spacing and on the input's grid beside
   the running average of an ensemble's probabilities (float32 [*spatial, K]);
   or, with `save_probabilities`, the mean probabilities, their float16 copy and
@@ -333,6 +463,7 @@ def check_inputs(
     target_spacings: instead of `target_spacing`, one per run of an ensemble
       (each None or () for a run without one).
     save_probabilities: the probabilities are written too.
+    nonfinite: 'error' or 'zero' (`read_image` replaces them by 0).
   """
   if target_spacing is not None and target_spacings is not None:
     raise ValueError('Give target_spacing (one run) or target_spacings, not both.')
@@ -340,6 +471,7 @@ def check_inputs(
     target_spacings = [target_spacing]
   target_spacings = [tuple(t) if t else None for t in target_spacings] or [None]
   memory = available_bytes() if memory is None else memory
+  folder_lib.check_nonfinite_option(nonfinite)
   errors = []
   for case in cases:
     problems, shape, plan = _case_errors(
@@ -351,6 +483,9 @@ def check_inputs(
       save=save_probabilities,
     )
     errors += problems
+    if not problems and nonfinite == 'error':
+      problems = _nonfinite_errors(case, ndim=ndim)
+      errors += problems
     if not problems and memory and plan['needed'] > memory:
       errors.append(
         _memory_error(
@@ -368,11 +503,22 @@ def check_inputs(
     )
 
 
-def read_image(case: Case, *, ndim: int) -> tuple[np.ndarray, tuple[float, ...] | None]:
-  """A case's image, float32 [*spatial, C] (NIfTI: canonical), and its spacing."""
+def read_image(
+  case: Case, *, ndim: int, nonfinite: str = 'error'
+) -> tuple[np.ndarray, tuple[float, ...] | None]:
+  """A case's image, float32 [*spatial, C] (NIfTI: canonical), and its spacing.
+
+  NaN and +-Inf values: 'error' raises a ValueError naming the file and their
+  count; 'zero' replaces them by 0 (logged), before any normalisation.
+  """
+  folder_lib.check_nonfinite_option(nonfinite)
   parts, spacing = [], None
   for path in case.paths:
     image, spacing_i = folder_lib.read_image(path, ndim=ndim)
+    if nonfinite == 'zero':
+      image = folder_lib.zero_nonfinite(image, path=path)
+    elif count := folder_lib.count_nonfinite(image):
+      raise ValueError(_nonfinite_problem(path, count, image.size))
     parts.append(image)
     spacing = spacing or spacing_i
   return (parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)), spacing

@@ -31,19 +31,26 @@ checked to share classes, channels, normalisation and dimensionality
 and their probabilities are averaged on the input's grid before the argmax
 (`average_probabilities`). With `--postprocessing`, the rules of a
 `postprocessing.json` (`postprocessing.py`) are applied to each mask before it
-is written; the file is read before anything else.
+is written; the file is read before the runs are loaded.
 
 Where a `masks/` folder sits beside the input folder (`data/val/images` ->
 `data/val/masks`; nnU-Net's `imagesTs` -> `labelsTs`), each prediction is compared
 with the mask of the same name, and a per-case table of Dice and IoU per class is
 printed and written to `per_case.csv`.
 
-Every input is checked before anything is predicted (readable, the run's
-dimensionality and channel count, and whether the resampled volume and its
-probabilities, an ensemble's average and the saved copy fit in the host memory
-available), and one error names every bad file. Files are written under a
-temporary name and renamed, so the output folder never holds a half-written
-file.
+The output folder is checked first, before the runs are loaded: it must not
+be a file, nor hold an input (the input folder itself, or the folder of an
+input file, compared by real path), as the masks would overwrite the inputs.
+Two inputs whose outputs would share a name (`a.png` and `a.jpg`, `a.jpg` and
+`a.jpeg`) are refused, naming both: outputs are named `<stem>.<ext>` as
+nnU-Net's `<case>.nii.gz`, without the input's extension. Every input is then
+checked before anything is predicted (readable, the run's dimensionality and
+channel count, no NaN or +-Inf values unless the run's
+`config.data.nonfinite` is 'zero', which predicts them as 0, and whether the
+resampled volume and its probabilities, an ensemble's average and the saved
+copy fit in the host memory available), and one error names every bad file.
+Files are written under a temporary name and renamed, so the output folder
+never holds a half-written file.
 """
 
 from __future__ import annotations
@@ -255,9 +262,9 @@ def write_probabilities(case: inputs.Case, probs: np.ndarray, output: str) -> st
   )
 
 
-def _predict_one(case, predictors, *, ndim, rules, output, overlap, tta, save):
+def _predict_one(case, predictors, *, ndim, rules, output, overlap, tta, save, nonfinite):
   """Predicts one case; writes its mask (and probabilities); returns (image, mask)."""
-  image, spacing = inputs.read_image(case, ndim=ndim)
+  image, spacing = inputs.read_image(case, ndim=ndim, nonfinite=nonfinite)
   probs = average_probabilities(predictors, image, spacing, overlap=overlap, tta=tta)
   pred = labels_of(probs)
   if save:
@@ -278,6 +285,39 @@ def _describe(predictors, workdirs) -> str:
   )
 
 
+def _row(case, pred, *, masks, ndim, num_classes) -> list[Any] | None:
+  """The case's row of the per-case table, if it has a reference mask of its shape."""
+  label = _reference(case, masks, ndim) if masks else None
+  if label is not None and label.shape == pred.shape:
+    return [case.stem] + _scores(pred, label, num_classes)
+  if label is not None:
+    logging.warning(
+      '%s: reference mask shape %s differs from the image %s; skipped in the table.',
+      case.path,
+      label.shape,
+      pred.shape,
+    )
+  return None
+
+
+def _checked_cases(predictors, input_path: str, *, save_probabilities, nonfinite):
+  """The cases of `input_path` (`inputs.list_inputs`), each checked
+  (`inputs.check_inputs`) for every run, before any is predicted."""
+  first = predictors[0]
+  ndim, channels = first.ndim, first.num_channels
+  cases = inputs.list_inputs(input_path, ndim=ndim, num_channels=channels)
+  inputs.check_inputs(
+    cases,
+    ndim=ndim,
+    num_channels=channels,
+    target_spacings=[p.data.target_spacing if ndim == 3 else None for p in predictors],
+    num_classes=max(first.model.num_classes, 2),
+    save_probabilities=save_probabilities,
+    nonfinite=nonfinite,
+  )
+  return cases
+
+
 def run(
   workdir: str | Sequence[str],
   input_path: str,
@@ -288,6 +328,7 @@ def run(
   tta: bool = False,
   save_probabilities: bool = False,
   postprocessing_file: str | None = None,
+  nonfinite: str | None = None,
 ) -> list[list[Any]]:
   """Predicts every input; returns the per-case rows (empty without reference masks).
 
@@ -301,22 +342,28 @@ def run(
     tta: average over all axis flips.
     save_probabilities: also write `<stem>.npz` (`write_probabilities`).
     postprocessing_file: a postprocessing.json whose rules are applied to each
-      mask before it is written; read before anything else.
+      mask before it is written; read before the runs are loaded.
+    nonfinite: NaN and +-Inf input values: 'error' names each file holding them
+      before anything is predicted; 'zero' predicts them as 0. None: 'zero' if
+      every run's `config.data.nonfinite` says so, else 'error'.
+
+  Raises:
+    ValueError: before the runs are loaded, when `output` is a file or holds
+      the inputs (`inputs.check_output`); before anything is predicted, naming
+      every input that cannot be predicted (`inputs.list_inputs`,
+      `inputs.check_inputs`).
   """
+  inputs.check_output(input_path, output)
   rules = postprocessing.read(postprocessing_file) if postprocessing_file else None
   workdirs = [workdir] if isinstance(workdir, str) else list(workdir)
   predictors = ensemble.load_runs(workdirs, step=step)
-  first = predictors[0]
-  ndim, channels = first.ndim, first.num_channels
-  num_classes = max(first.model.num_classes, 2)
-  cases = inputs.list_inputs(input_path, ndim=ndim, num_channels=channels)
-  inputs.check_inputs(
-    cases,
-    ndim=ndim,
-    num_channels=channels,
-    target_spacings=[p.data.target_spacing if ndim == 3 else None for p in predictors],
-    num_classes=num_classes,
-    save_probabilities=save_probabilities,
+  if nonfinite is None:
+    zero = all(p.data.nonfinite == 'zero' for p in predictors)
+    nonfinite = 'zero' if zero else 'error'
+  ndim = predictors[0].ndim
+  num_classes = max(predictors[0].model.num_classes, 2)
+  cases = _checked_cases(
+    predictors, input_path, save_probabilities=save_probabilities, nonfinite=nonfinite
   )
   os.makedirs(os.path.join(output, 'overlays'), exist_ok=True)
   masks = _masks_beside(input_path)
@@ -334,6 +381,7 @@ def run(
       overlap=overlap,
       tta=tta,
       save=save_probabilities,
+      nonfinite=nonfinite,
     )
     _atomic(
       os.path.join(output, 'overlays', case.stem + '.png'),
@@ -341,16 +389,8 @@ def run(
         image, pred, tmp, num_classes=num_classes, title=case.stem
       ),
     )
-    label = _reference(case, masks, ndim) if masks else None
-    if label is not None and label.shape == pred.shape:
-      rows.append([case.stem] + _scores(pred, label, num_classes))
-    elif label is not None:
-      logging.warning(
-        '%s: reference mask shape %s differs from the image %s; skipped in the table.',
-        case.path,
-        label.shape,
-        pred.shape,
-      )
+    row = _row(case, pred, masks=masks, ndim=ndim, num_classes=num_classes)
+    rows += [row] if row else []
     reporting.progress(i, len(cases), started, case.stem)
   if rows:
     _write_table(rows, num_classes, output)
