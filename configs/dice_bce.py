@@ -18,10 +18,9 @@ CPU (`lscpu`: AMD EPYC, 2 cores), seed 0, on 2026-12-03, one run after the other
         --config.model.dtype=float32
 
 bfloat16 reached foreground Dice 0.9964 (mIoU 0.9963) at step 600, float32 0.9966
-(mIoU 0.9964: the `make run` above, the same day, seed and config, float32 then the
-default), 0.0002 apart; at steps 200 and 400 the two runs above gave 0.9887 and
-0.9960 (bfloat16), 0.9889 and 0.9961 (float32). Times: benchmarks/RESULTS.md,
-"bfloat16 against float32".
+(mIoU 0.9964), 0.0002 apart; at steps 200 and 400, 0.9887 and 0.9960 (bfloat16),
+0.9889 and 0.9961 (float32). Times: benchmarks/RESULTS.md, "bfloat16 against
+float32".
 """
 
 from configs import default
