@@ -30,7 +30,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.kernel_sizes = config_dict.placeholder(tuple)
   config.model.pool_sizes = config_dict.placeholder(tuple)
   config.model.dropout = 0.0  # At the bottleneck, as in the U-Net paper.
-  config.model.dtype = 'float32'  # Compute dtype; 'bfloat16' for mixed precision.
+  # Compute dtype: 'auto' is bfloat16 on GPU and TPU, float32 on the CPU (chosen when
+  # the model is built); 'float32' or 'bfloat16' forces one. Parameters, norm
+  # statistics, logits, loss and optimizer stay float32 (unet_jax/models/factory.py).
+  config.model.dtype = 'auto'
   config.model.param_dtype = 'float32'
   config.model.remat = False  # Recompute each block in the backward pass (less memory).
   config.model.deep_supervision = 0  # Auxiliary heads below the top (nnU-Net); 0: none.

@@ -670,16 +670,41 @@ def test_bad_choices_are_value_errors():
 
 
 def test_policies_by_name_follow_the_backend():
-  assert policy.resolve('xla') == policy.XLA == policy.KernelPolicy()
+  # 'xla': XLA's kernels, the transposed convolutions as products on every backend.
+  assert policy.resolve('xla') == policy.XLA
+  assert policy.XLA == policy.KernelPolicy(transpose_as_matmul=True)
   assert policy.resolve('native') == policy.CPU
   auto = policy.resolve('auto')
   on_cpu = jax.default_backend() == 'cpu'
-  assert auto.transpose_as_matmul is on_cpu and auto.conv3d_as_2d is on_cpu
+  assert auto.transpose_as_matmul and auto.conv3d_as_2d is on_cpu
   assert auto.native_weight_grad == ((2, 3) if on_cpu else ())
   # True and False stand for both dimensionalities and neither.
   assert policy.CPU.replace(native_pool=False).native_pool == ()
   assert policy.XLA.replace(native_pool=True).native_pool == (2, 3)
   assert policy.XLA.conv_general_dilated() is None
+
+
+@pytest.mark.parametrize('backend', ['gpu', 'tpu'])
+def test_accelerators_get_xla_with_transposes_as_products(monkeypatch, backend):
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  assert policy.resolve('auto') == policy.XLA
+  assert not policy.resolve('auto').uses_native
+
+
+def test_the_cpu_policy_is_unchanged():
+  assert (
+    policy.AUTO['cpu']
+    == policy.CPU
+    == policy.KernelPolicy(
+      transpose_as_matmul=True,
+      conv3d_as_2d=True,
+      pointwise_as_matmul=True,
+      native_weight_grad=(2, 3),
+      native_forward=(2, 3),
+      native_winograd=(2, 3),
+      native_pool=(2, 3),
+    )
+  )
 
 
 def test_explicit_native_kernels_raise_where_they_cannot_build(monkeypatch):
@@ -718,7 +743,8 @@ ALL_ON = dict(transpose_as_matmul=True, conv3d_as_2d=True, pointwise_as_matmul=T
 def test_unet_with_switches_on_equals_off(
   shape, kwargs, weight_grad, native_forward, pooling
 ):
-  off = models.UNet(num_classes=3, features=4, depth=1, **kwargs, kernels='xla')
+  plain = policy.KernelPolicy()  # nn.ConvTranspose, lax convolutions, nn.max_pool
+  off = models.UNet(num_classes=3, features=4, depth=1, **kwargs, kernels=plain)
   kernels = policy.KernelPolicy(
     **ALL_ON,
     native_weight_grad=weight_grad == 'native',

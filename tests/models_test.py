@@ -14,6 +14,7 @@ import pytest
 
 from unet_jax import models
 from unet_jax.models import factory
+from unet_jax.ops import policy
 
 
 def _init(model, x, **kwargs):
@@ -320,7 +321,8 @@ def test_a_model_record_with_the_old_kernel_fields_still_builds(caplog):
 @pytest.mark.parametrize('kernels', ['auto', 'xla', 'native'])
 def test_kernels_change_neither_the_parameters_nor_the_function(kernels):
   x = jax.random.normal(jax.random.key(3), (1, 8, 16, 16, 1))
-  plain = models.UNet(num_classes=2, features=4, depth=2, kernels='xla')
+  # Every lever off: nn.ConvTranspose, lax convolutions, nn.max_pool.
+  plain = models.UNet(num_classes=2, features=4, depth=2, kernels=policy.KernelPolicy())
   other = models.UNet(num_classes=2, features=4, depth=2, kernels=kernels)
   variables = _init(plain, x)
   jax.tree.map(np.testing.assert_array_equal, _init(other, x), variables)

@@ -6,6 +6,12 @@ prediction and export all build it with (nnU-Net's `get_network_from_plans`).
 
 How the network is computed (`config.kernels`, `unet_jax/ops/policy.py`) is not part
 of `config.model`, whose fields all fix the parameters or the function.
+
+`config.model.dtype`, the compute dtype, is 'auto' by default: bfloat16 on GPU and
+TPU, float32 on the CPU, by `jax.default_backend()` when the model is built
+(`compute_dtype`); 'float32' or 'bfloat16' forces one. The parameters
+(`param_dtype`), the norms' statistics, the logits, the loss, the optimizer and the
+metrics are float32 under either.
 """
 
 from __future__ import annotations
@@ -13,12 +19,19 @@ from __future__ import annotations
 from typing import Any
 
 from absl import logging
+import jax
 import jax.numpy as jnp
 
 from unet_jax.models import unet
 from unet_jax.ops import policy as policy_lib
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# `model.dtype` takes these; `model.param_dtype` takes `DTYPES` only.
+COMPUTE_DTYPES = ('auto', *DTYPES)
+# The backends (`jax.default_backend()`) where 'auto' computes in bfloat16, as
+# nnU-Net and MONAI train with automatic mixed precision on GPU, and big_vision and
+# scenic compute in bfloat16 on TPU. XLA's bfloat16 convolutions on the CPU are slow.
+BFLOAT16_BACKENDS = ('gpu', 'tpu')
 # The UNet fields that chose CPU kernels before `config.kernels` replaced them. Runs
 # recorded them under `model`; they are dropped when such a record is read
 # (`drop_kernel_fields`), as they never changed the parameters.
@@ -32,6 +45,22 @@ OLD_KERNEL_FIELDS = (
   'pool_as_reshape',
   'native_pool',
 )
+
+
+def compute_dtype(name: str, *, backend: str | None = None) -> str:
+  """The dtype name `model.dtype=name` computes in: `name` itself, or for 'auto'
+  'bfloat16' on `BFLOAT16_BACKENDS` and 'float32' elsewhere.
+
+  Args:
+    name: one of `COMPUTE_DTYPES`.
+    backend: the backend to choose for; default `jax.default_backend()`.
+  """
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f'config.model.dtype={name!r} is not one of {COMPUTE_DTYPES}.')
+  if name != 'auto':
+    return name
+  backend = jax.default_backend() if backend is None else backend
+  return 'bfloat16' if backend in BFLOAT16_BACKENDS else 'float32'
 
 
 def as_tuples(value: Any) -> Any:
@@ -86,7 +115,8 @@ def create_model(
   """The UNet that `config.model` describes: every field is passed through.
 
   Unset (None) fields keep the UNet's defaults; an unknown field is a ValueError
-  listing the valid ones. The fields that chose kernels before `config.kernels`
+  listing the valid ones. `dtype='auto'` is resolved here, for the backend this
+  process runs on (`compute_dtype`). The fields that chose kernels before `config.kernels`
   (`OLD_KERNEL_FIELDS`, in the records of older runs) are dropped with a log.
 
   Args:
@@ -98,9 +128,15 @@ def create_model(
   options = drop_kernel_fields(model_config)
   check_options(options)
   options = {k: v for k, v in options.items() if v is not None}
-  for key in ('dtype', 'param_dtype'):
-    if key in options:
-      options[key] = DTYPES[options[key]]
+  if 'dtype' in options:
+    options['dtype'] = DTYPES[compute_dtype(options['dtype'])]
+  if 'param_dtype' in options:
+    if options['param_dtype'] not in DTYPES:
+      raise ValueError(
+        f'config.model.param_dtype={options["param_dtype"]!r} is not one of'
+        f' {tuple(DTYPES)}.'
+      )
+    options['param_dtype'] = DTYPES[options['param_dtype']]
   options = {k: as_tuples(v) for k, v in options.items()}
   policy_lib.check(kernels)  # A bad name fails here, not at the first trace.
   return unet.UNet(**options, kernels=kernels, bn_axis_name=bn_axis_name)

@@ -84,6 +84,7 @@ import re
 import sys
 from typing import Sequence
 
+from unet_jax.models import factory
 from unet_jax.models import unet as models
 from unet_jax.ops import policy as policy_lib
 
@@ -497,13 +498,18 @@ def estimate(
   """Memory of `models.UNet` on a `[batch, *spatial_shape, in_channels]` input.
 
   The arguments are the `UNet` attributes of the same names (the network is the same),
-  plus the input and what is done with it. `training=True` counts a jitted Adam train
-  step (forward, backward and update) with softmax cross-entropy; `remat` applies only
-  there.
+  plus the input and what is done with it. `dtype='auto'` is the dtype
+  `config.model.dtype='auto'` computes in on the backend this process runs on
+  (`factory.compute_dtype`: bfloat16 on GPU and TPU, float32 on the CPU); the
+  estimate's `config` records the dtype it resolved to. `training=True` counts a
+  jitted Adam train step (forward, backward and update) with softmax cross-entropy;
+  `remat` applies only there.
 
   Returns:
     A `MemoryEstimate`; `.format()` prints it, `.total_bytes` sums it.
   """
+  if dtype == 'auto':
+    dtype = factory.compute_dtype(dtype)
   config = dict(
     spatial_shape=tuple(spatial_shape),
     in_channels=in_channels,
@@ -520,13 +526,15 @@ def estimate(
     remat=remat,
   )
   _check_arguments(**config, upsample_conv_kernel=upsample_conv_kernel)
-  itemsize = DTYPE_BYTES[dtype]
+  itemsize = DTYPE_BYTES[config['dtype']]
   graph_args = {k: v for k, v in config.items() if k not in ('dtype', 'remat')}
   ops, params, stats = _graph(
     **graph_args, upsample_conv_kernel=upsample_conv_kernel, itemsize=itemsize
   )
   maps = tuple(
-    FeatureMap(op.name, op.shape, 'float32' if op.itemsize == 4 else dtype, op.bytes)
+    FeatureMap(
+      op.name, op.shape, 'float32' if op.itemsize == 4 else config['dtype'], op.bytes
+    )
     for op in ops
   )
   return MemoryEstimate(
@@ -571,7 +579,7 @@ def _check_arguments(
     **{f'spatial_shape[{i}]': s for i, s in enumerate(spatial_shape)},
   )
   if dtype not in DTYPE_BYTES:
-    raise ValueError(f'dtype={dtype!r} is not one of {tuple(DTYPE_BYTES)}.')
+    raise ValueError(f'dtype={dtype!r} is not one of {("auto", *DTYPE_BYTES)}.')
   if norm not in models.NORMS:
     raise ValueError(f'norm={norm!r} is not one of {models.NORMS}.')
   if upsample not in models.UPSAMPLE_MODES:
@@ -666,8 +674,8 @@ def compiled_memory(
 ) -> dict[str, int]:
   """XLA's own memory figures for what `estimate` models, on the default backend.
 
-  `kernels='xla'` compiles the plain XLA formulation of `UNet`, which is what runs on
-  GPU and TPU and what `estimate` models. `kernels='auto'` compiles `UNet`'s choice
+  `kernels='xla'` compiles XLA's formulation of `UNet`, which is what runs on GPU
+  and TPU and what `estimate` models. `kernels='auto'` compiles `UNet`'s choice
   for this backend (`unet_jax/ops/policy.py`): on the CPU the faster formulations,
   whose temporaries differ (folded 3D convolutions hold their depth taps side by
   side; see benchmarks/RESULTS.md).
@@ -708,7 +716,7 @@ def compiled_memory(
     num_classes=num_classes,
     **{k: c[k] for k in model_args},
     upsample_conv_kernel=upsample_conv_kernel,
-    dtype=jnp.dtype(dtype),
+    dtype=jnp.dtype(c['dtype']),
     remat=remat,
     kernels=kernels,
   )
@@ -810,7 +818,12 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument('--norm', default='batch', choices=models.NORMS)
   parser.add_argument('--upsample', default='transpose', choices=models.UPSAMPLE_MODES)
   parser.add_argument('--batch', type=int, default=1)
-  parser.add_argument('--dtype', default='float32', choices=tuple(DTYPE_BYTES))
+  parser.add_argument(
+    '--dtype',
+    default='float32',
+    choices=('auto', *DTYPE_BYTES),
+    help="compute dtype; 'auto': this machine's backend's (bfloat16 on GPU and TPU)",
+  )
   parser.add_argument(
     '--training',
     action='store_true',

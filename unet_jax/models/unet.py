@@ -265,7 +265,10 @@ class UNet(nn.Module):
       e.g. `[(1, 2, 2), (1, 2, 2), (2, 2, 2), (2, 2, 2)]`. Upsampling mirrors them.
     dropout: dropout rate at the end of the contracting path (the bottleneck), as in
       the paper. Needs a 'dropout' rng when `train=True` and the rate is positive.
-    dtype: compute dtype (e.g. jnp.bfloat16); logits are returned in float32.
+    dtype: compute dtype of the convolutions, activations and the norms' outputs
+      (e.g. jnp.bfloat16); the norms' statistics are computed in float32 (Flax's
+      `force_float32_reductions`) and the logits are returned in float32. A
+      config's `model.dtype='auto'` picks it by backend (`factory.compute_dtype`).
     param_dtype: parameter dtype (float32 for mixed precision).
     remat: rematerialise each conv block in the backward pass (saves activation
       memory, mostly for 3D, at the cost of recomputation).
@@ -274,8 +277,9 @@ class UNet(nn.Module):
       a tuple of logits at 1/2, 1/4, ... of the resolution, highest first.
     kernels: how the convolutions and pooling are computed, not what they compute:
       'auto' (the backend's choice: on a single-device CPU process the faster
-      formulations and native C++ kernels of `unet_jax/ops/`, plain XLA on GPU and
-      TPU), 'xla' (plain XLA everywhere), 'native', or a `KernelPolicy` for each
+      formulations and native C++ kernels of `unet_jax/ops/`, 'xla' on GPU and
+      TPU), 'xla' (XLA's kernels everywhere, the transposed convolutions as
+      products), 'native', or a `KernelPolicy` for each
       choice apart (`unet_jax/ops/policy.py`). The parameters (names, shapes, dtypes,
       initialisation) are the same under every policy, and the function is the same
       to float rounding, so it is not part of a checkpoint's state.

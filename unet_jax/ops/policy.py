@@ -5,12 +5,19 @@
 - `'auto'` (the default): the choice for `jax.default_backend()` (`AUTO`). On the CPU,
   the faster formulations of `conv.py` and, in a single-device process where they
   build, the native C++ kernels of `native.py` for float32 convolutions and pooling;
-  on GPU and TPU plain XLA, so accelerator programs are unchanged.
-- `'xla'`: the plain formulation on every backend: `lax` convolutions, Flax's
-  `nn.ConvTranspose` and `nn.max_pool`, nothing else (what `models/memory.py` models
-  and what `inference/export.py` serialises).
+  on GPU and TPU `'xla'`.
+- `'xla'`: XLA's own kernels on every backend, nothing native: `lax` convolutions and
+  `nn.max_pool`, with the kernel-equals-stride transposed convolution as a matrix
+  product and depth-to-space (`conv.ConvTranspose`). `nn.ConvTranspose` lowers it to
+  a convolution with lhs dilation, the transposed-convolution path JAX users have
+  measured 5 to 32 times slower than PyTorch on CUDA (jax-ml/jax#8537, #31662,
+  #23783); the product has none. What `models/memory.py` compiles and what
+  `inference/export.py` serialises for CPU, CUDA and TPU.
 - `'native'`: the CPU's choice without its fallback: an error (`NativeKernelError`,
   saying why) where the native kernels cannot be built, instead of XLA.
+
+`KernelPolicy()`, every field off, is the plain formulation (`nn.ConvTranspose`
+included): the reference the tests compare the others with.
 
 A policy changes neither the parameters (names, shapes, dtypes, initialisation) nor
 the function beyond float rounding, so it is not part of a checkpoint's state: a run
@@ -135,7 +142,8 @@ class KernelPolicy:
 
 _NATIVE_FIELDS = ('native_weight_grad', 'native_forward', 'native_winograd', 'native_pool')
 
-XLA = KernelPolicy()
+# No lhs-dilated convolution on any backend: the transposed convolutions as products.
+XLA = KernelPolicy(transpose_as_matmul=True)
 # The CPU's choice where the native kernels build; each lever's A/B on the whole
 # train step is in benchmarks/RESULTS.md ("The levers").
 # - transpose_as_matmul, pointwise_as_matmul, conv3d_as_2d: the first session's wins
@@ -157,9 +165,11 @@ CPU = KernelPolicy(
   native_pool=NDIMS,
 )
 # What 'auto' starts from, by `jax.default_backend()`; a backend not named here gets
-# plain XLA (cuDNN, the TPU's convolution units). An entry for 'gpu' or 'tpu' (say,
-# `XLA.replace(transpose_as_matmul=True)`) is all it takes to change theirs.
-AUTO = {'cpu': CPU}
+# `XLA` too. GPU and TPU: XLA's convolutions (cuDNN, the TPU's convolution units),
+# the transposed ones as products (`XLA`); their max-pool gradient is XLA's
+# select-and-scatter, which both compile natively. tests/lowering_test.py lowers
+# the train and predict programs for 'cuda' and 'tpu' and checks them.
+AUTO = {'cpu': CPU, 'gpu': XLA, 'tpu': XLA}
 
 
 def native_usable() -> bool:

@@ -98,7 +98,8 @@ def plan(
 
   Args:
     fp: the data set's fingerprint.
-    memory_budget: per device, for a training step, in bytes or as '2GiB'.
+    memory_budget: per device, for a training step, in bytes or as '2GiB';
+      estimated in float32 on every backend (`rules._step_bytes` says why).
     time_budget: seconds of training steps; with `step_time` it sets
       `num_train_steps`.
     step_time: measured seconds per training step of this plan.

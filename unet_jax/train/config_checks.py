@@ -57,9 +57,9 @@ def _choice(field: str, value: Any, valid) -> None:
 def _check_model(model_config) -> None:
   """`config.model` against the UNet's fields; missing fields keep the UNet's defaults."""
   factory.check_options(model_config)
-  for field in ('dtype', 'param_dtype'):
+  for field, valid in (('dtype', factory.COMPUTE_DTYPES), ('param_dtype', DTYPES)):
     if field in model_config:
-      _choice(f'model.{field}', model_config[field], DTYPES)
+      _choice(f'model.{field}', model_config[field], valid)
   model = factory.create_model(model_config)  # A dataclass: nothing is built yet.
   _choice('model.upsample', model.upsample, models.UPSAMPLE_MODES)
   _choice('model.norm', model.norm, models.NORMS)
