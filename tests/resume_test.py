@@ -107,6 +107,16 @@ def test_kernels_may_change_on_resume_and_old_kernel_fields_are_dropped(caplog):
     config_checks.check_resume(saved, dict(current, model={'features': 8}), where='ckpt')
 
 
+def test_the_compute_dtype_may_change_on_resume_but_not_the_parameter_dtype():
+  saved = {'model': {'features': 4, 'dtype': 'float32', 'param_dtype': 'float32'}}
+  current = {'model': {'features': 4, 'dtype': 'auto', 'param_dtype': 'float32'}}
+  changes = config_checks.check_resume(saved, current, where='ckpt')
+  assert changes == ["model.dtype: 'float32' -> 'auto'"]
+  current['model']['param_dtype'] = 'bfloat16'
+  with pytest.raises(ValueError, match="model.param_dtype: 'float32' in the checkpoint"):
+    config_checks.check_resume(saved, current, where='ckpt')
+
+
 def test_a_run_recorded_with_the_old_kernel_fields_loads_and_resumes(
   three_steps, data_dir, tmp_path, monkeypatch, caplog
 ):

@@ -38,6 +38,10 @@ SIGMOID_LOSSES = ('dice_bce', 'bce')
 # What fixes the structure of the saved state: a checkpoint written under one
 # value cannot be restored under another. Not `kernels` (how the convolutions run).
 STATE_FIELDS = ('model', 'optimizer.name', 'optimizer.grad_clip_norm', 'data_shape')
+# Fields under STATE_FIELDS that fix no structure: the compute dtype (parameters stay
+# `param_dtype`), so a run recorded with 'float32' resumes under 'auto' (bfloat16 on
+# a GPU) and back.
+FREE_FIELDS = ('model.dtype',)
 # What fixes the cases a run trains on: one fold is one workdir (a checkpoint that
 # records no such field, from before folds, was fold 0 of the data's own split).
 FOLD_FIELDS = ('data.fold', 'data.num_folds')
@@ -261,7 +265,11 @@ def check_resume(
       values[k] = values.get(k) or ''
   changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
   _check_history(old, new, where)
-  fixed = [k for k in changed if any(k == f or k.startswith(f + '.') for f in STATE_FIELDS)]
+  fixed = [
+    k
+    for k in changed
+    if k not in FREE_FIELDS and any(k == f or k.startswith(f + '.') for f in STATE_FIELDS)
+  ]
   folds = [k for k in changed if k in FOLD_FIELDS and k in old]
   if folds:
     lines = '\n  '.join(
