@@ -12,9 +12,10 @@ float32, 2 threads on both sides):
 * `2d`: a 768 x 768 image, 256 x 256 patches: this project's
   `sliding_window_predict` against MONAI's `sliding_window_inference`, logits.
 * `3d`: a 144 x 160 x 144 volume, 64^3 patches, the same.
-* `3d_resample`: end to end from a NIfTI file in LPI-like voxel order (axes
-  permuted and flipped) at spacing 0.8 x 0.8 x 2.0 mm, predicted at 1 mm
-  (144 x 160 x 144 voxels) and written back as a mask on the file's grid.
+* `3d_resample`: end to end from a NIfTI file in LIA voxel order (axes permuted
+  and two flipped: not RAS) of 180 x 72 x 200 voxels at 0.8 x 2.0 x 0.8 mm,
+  predicted at 1 mm (144 x 160 x 144 voxels) and written back as a mask on the
+  file's grid.
   unet_jax: the functions `predict.py` runs for a case (`inputs.read_image`:
   reading and canonical orientation; `geometry.resample_image`, cubic spline,
   nnU-Net's order 3; the z-score; `sliding_window_predict` to probabilities;
@@ -30,18 +31,23 @@ back, argmax + write. "network" is the patches alone through the compiled
 network (timed apart, once per process); "blending" is the rest of the sliding
 window's time (cutting patches, weighting, adding, dividing, softmax).
 
-Method: every measurement is a fresh process: one warm-up prediction (it
-compiles), the network-only pass, then `--runs` timed predictions (the process
-reports their median). The sides alternate (JAX first in even rounds, MONAI first
-in odd ones) for `--repeats` rounds; tables show the median over rounds.
-`uptime` is recorded before and after. JAX variants (`--variants`): `folded`
-(the default `Predictor` path: BatchNorm folded into the convolutions,
-`inference/folding.py`), `plain` (BatchNorm applied as trained), and for
-`3d_resample`, `linear` (folded, image resampled linearly).
+Method: each side runs in fresh processes: one warm-up prediction (it compiles),
+the network-only pass, then `--runs` timed predictions (the process reports
+their median). The JAX variants (`--variants`) share one process and take turns
+run by run (A/B side by side): `folded` (the `Predictor` path: BatchNorm folded
+into the convolutions, `inference/folding.py`), `plain` (BatchNorm applied as
+trained) and, for `3d_resample` only, `linear` (folded, image resampled
+linearly). The JAX and MONAI processes alternate (JAX first in even rounds,
+MONAI first in odd ones) for `--repeats` rounds; tables show the median over
+rounds. `uptime` is printed after every process and recorded in the JSON.
 
-    # The table in RESULTS.md:
+    # The table in RESULTS.md (about 20 minutes on 2 quiet cores):
     .venv/bin/python benchmarks/predict_speed.py \
-        --torch-python=/work/torch_venv/bin/python --repeats=3
+        --torch-python=/work/torch_venv/bin/python --cases=2d,3d \
+        --variants=folded,plain --repeats=2 --runs=2
+    .venv/bin/python benchmarks/predict_speed.py \
+        --torch-python=/work/torch_venv/bin/python --cases=3d_resample \
+        --variants=folded,linear --repeats=2 --runs=2
     # Smoke run (tests use it): tiny sizes; JAX only without torch.
     .venv/bin/python benchmarks/predict_speed.py --smoke --out=/tmp/ps
 
@@ -52,6 +58,7 @@ markdown table.
 """
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -122,10 +129,10 @@ def test_image(shape, seed=0):
 
 
 def nifti_affine(spacing):
-  """An affine whose voxel axes (i, j, k) run to Left, Posterior... : not RAS.
+  """The affine of an LIA file: voxel axes (i, j, k) run to Left, Inferior, Anterior.
 
-  Canonical (S, A, R) spacing `spacing`; voxel i runs towards Left (R reversed),
-  j towards Inferior (S reversed), k towards Anterior: a permuted, flipped order.
+  `spacing` is the canonical (S, A, R) one; i is R reversed, j is S reversed, k is
+  A: a permuted and flipped voxel order, not RAS.
   """
   s, a, r = spacing
   affine = np.zeros((4, 4))
@@ -304,44 +311,53 @@ def _resample_case(case, apply, path, out_dir, variant):
   return mask, stages, resampled.shape[:-1]
 
 
-def jax_worker(case, variant, runs, workdir):
-  """Times one variant in this process; writes the torch weights and outputs."""
+def jax_worker(case, variants, runs, workdir):
+  """Times the variants in this process, alternating; writes the torch weights.
+
+  Each variant: one warm-up prediction (it compiles), the network-only pass, then
+  `runs` timed predictions, the variants taking turns (order reversed every run).
+  """
   import jax  # pylint: disable=g-import-not-at-top
 
-  apply, variables, _ = _jax_model(case, variant)
   rng = np.random.default_rng(1)
   patch_in = rng.standard_normal((1, *case['patch'], 1)).astype(np.float32)
-  np.savez(os.path.join(workdir, 'weights.npz'), **torch_state(variables, case['depth']))
   np.save(os.path.join(workdir, 'patch_in.npy'), patch_in)
-  patch_out = np.asarray(apply(patch_in))
-  np.save(os.path.join(workdir, 'patch_out.npy'), patch_out)
   if case['kind'] == 'window':
     image = test_image(case['shape'])[..., None]
     np.save(os.path.join(workdir, 'image.npy'), image)
-    run = lambda: _window_case(case, apply, image)
   else:
     path = os.path.join(workdir, 'case.nii.gz')
     if not os.path.exists(path):
       write_nifti(path, case)
-    out_dir = os.path.join(workdir, f'out_jax_{variant}')
-    os.makedirs(out_dir, exist_ok=True)
-    run = lambda: _resample_case(case, apply, path, out_dir, variant)
-  start = time.perf_counter()
-  out, _, grid = run()  # Warm-up: compiles.
-  first = time.perf_counter() - start
-  network = _network_only(apply, np.zeros((*grid, 1), np.float32), case['patch'])
-  times = []
-  for _ in range(runs):
+  runners, out, models = {}, {}, {}
+  for variant in variants:
+    kind = 'plain' if variant == 'plain' else 'folded'
+    if kind not in models:
+      models[kind] = _jax_model(case, kind)
+    apply, variables, _ = models[kind]
+    if variant == variants[0]:
+      state = torch_state(variables, case['depth'])
+      np.savez(os.path.join(workdir, 'weights.npz'), **state)
+      np.save(os.path.join(workdir, 'patch_out.npy'), np.asarray(apply(patch_in)))
+    if case['kind'] == 'window':
+      run = functools.partial(_window_case, case, apply, image)
+    else:
+      out_dir = os.path.join(workdir, f'out_jax_{variant}')
+      os.makedirs(out_dir, exist_ok=True)
+      run = functools.partial(_resample_case, case, apply, path, out_dir, variant)
     start = time.perf_counter()
-    out, stages, _ = run()
-    times.append(dict(stages, total=time.perf_counter() - start))
-  np.save(os.path.join(workdir, f'out_jax_{variant}.npy'), np.asarray(out))
-  return {
-    'first_s': first,
-    'network_s': network,
-    'runs': times,
-    'jax': jax.__version__,
-  }
+    result, _, grid = run()  # Warm-up: compiles.
+    first = time.perf_counter() - start
+    network = _network_only(apply, np.zeros((*grid, 1), np.float32), case['patch'])
+    np.save(os.path.join(workdir, f'out_jax_{variant}.npy'), np.asarray(result))
+    runners[variant] = run
+    out[variant] = {'first_s': first, 'network_s': network, 'runs': []}
+  for r in range(runs):
+    for variant in variants if r % 2 == 0 else variants[::-1]:
+      start = time.perf_counter()
+      _, stages, _ = runners[variant]()
+      out[variant]['runs'].append(dict(stages, total=time.perf_counter() - start))
+  return {'variants': out, 'jax': jax.__version__}
 
 
 # ---------------------------------------------------------------------------------
@@ -596,25 +612,33 @@ def _compare(workdir, case, variant):
 
 
 def run_case(name, case, *, variants, have_torch, torch_python, runs, repeats):
-  """Alternates fresh processes of every side for `repeats` rounds; the summary."""
+  """Alternates fresh JAX and MONAI processes for `repeats` rounds; the summary."""
   result = {'case': case, 'uptime_before': _uptime(), 'sides': {}}
-  sides = list(variants) + (['monai'] if have_torch else [])
+  sides = ['jax'] + (['monai'] if have_torch else [])
   raw = {s: [] for s in sides}
   with tempfile.TemporaryDirectory() as workdir:
     for r in range(repeats):
-      # JAX first in even rounds (it writes the weights the MONAI side loads).
-      order = sides if r % 2 == 0 else sides[::-1]
-      for side in order:
+      # JAX first in even rounds (round 0 writes the weights the MONAI side loads).
+      for side in sides if r % 2 == 0 else sides[::-1]:
         if side == 'monai':
           cmd = [torch_python, __file__, '--worker=monai']
         else:
-          cmd = [sys.executable, __file__, '--worker=jax', f'--variant={side}']
+          cmd = [
+            sys.executable,
+            __file__,
+            '--worker=jax',
+            f'--variants={",".join(variants)}',
+          ]
         cmd += [f'--case={json.dumps(case)}', f'--runs={runs}', f'--workdir={workdir}']
         raw[side].append(_run(cmd))
+        print(f'{name} round {r} {side}: {_uptime()}', flush=True)
       if have_torch and r == 0:
         result['agreement'] = _compare(workdir, case, variants[0])
-    for side in sides:
-      result['sides'][side] = summarise(raw[side])
+    per_side = {v: [p['variants'][v] for p in raw['jax']] for v in variants}
+    if have_torch:
+      per_side['monai'] = raw['monai']
+    for side, processes in per_side.items():
+      result['sides'][side] = summarise(processes)
       result['sides'][side]['shares'] = shares(result['sides'][side])
     if have_torch:
       monai = raw['monai'][0]
@@ -655,7 +679,7 @@ def main(argv=None):
   parser.add_argument('--smoke', action='store_true')
   parser.add_argument('--out', default=str(HERE / 'out'))
   parser.add_argument('--worker', choices=('jax', 'monai'))
-  parser.add_argument('--variant', default='folded')
+
   parser.add_argument('--case')
   parser.add_argument('--workdir')
   args = parser.parse_args(argv)
@@ -665,7 +689,8 @@ def main(argv=None):
       if key in case:
         case[key] = tuple(case[key])
     if args.worker == 'jax':
-      print(json.dumps(jax_worker(case, args.variant, args.runs, args.workdir)))
+      variants = args.variants.split(',')
+      print(json.dumps(jax_worker(case, variants, args.runs, args.workdir)))
     else:
       print(json.dumps(monai_worker(case, args.runs, args.workdir)))
     return
