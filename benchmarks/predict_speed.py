@@ -232,6 +232,7 @@ def _jax_model(case, variant):
     depth=case['depth'],
     upsample=NET['upsample'],
     norm='batch',
+    kernels=case.get('kernels', 'auto'),
   )
   variables = jax_variables(model, case)
   run_model, run_vars = model, variables
@@ -677,6 +678,11 @@ def main(argv=None):
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--runs', type=int, default=2)
   parser.add_argument('--smoke', action='store_true')
+  parser.add_argument(
+    '--kernels',
+    default='auto',
+    help="UNet(kernels=...) of the JAX side: 'auto' (the Predictor's default) or 'xla'.",
+  )
   parser.add_argument('--out', default=str(HERE / 'out'))
   parser.add_argument('--worker', choices=('jax', 'monai'))
 
@@ -716,7 +722,7 @@ def main(argv=None):
     ]
     report['results'][name] = run_case(
       name,
-      table[name],
+      dict(table[name], kernels=args.kernels),
       variants=variants,
       have_torch=have_torch,
       torch_python=args.torch_python,
