@@ -40,6 +40,8 @@ trained) and, for `3d_resample` only, `linear` (folded, image resampled
 linearly). The JAX and MONAI processes alternate (JAX first in even rounds,
 MONAI first in odd ones) for `--repeats` rounds; tables show the median over
 rounds. `uptime` is printed after every process and recorded in the JSON.
+`--kernels` sets the JAX network's kernel policy: 'auto' (the default, what
+`Predictor` uses) or 'xla' (XLA's convolutions).
 
     # The table in RESULTS.md (about 20 minutes on 2 quiet cores):
     .venv/bin/python benchmarks/predict_speed.py \
