@@ -322,7 +322,9 @@ def test_native_kernel_builds_on_this_machine():
   # CI runs where a C++ compiler exists; a silent fallback to XLA would hide a
   # broken build, so the build itself is asserted.
   native_kernels.ensure_available()
-  assert policy.auto().native_weight_grad == (2, 3)
+  # 'auto' takes them where they were tuned: CPUs with AVX-512F.
+  expected = (2, 3) if native_kernels.cpu_has_avx512() else ()
+  assert policy.auto().native_weight_grad == expected
 
 
 def test_native_forward_by_definition():
@@ -474,6 +476,17 @@ def test_auto_falls_back_to_xla_when_the_kernel_is_unavailable(monkeypatch):
   assert not auto.uses_native
   # The other formulations stay: only the native kernels are dropped.
   assert auto == policy.AUTO.get(jax.default_backend(), policy.XLA).without_native()
+
+
+def test_auto_uses_the_native_kernels_only_on_avx512_cpus(monkeypatch):
+  monkeypatch.setattr(native_kernels, 'available', lambda: True)
+  monkeypatch.setattr(native_kernels, '_cpu_flags', lambda: 'flags : fpu sse2 avx avx2 fma')
+  assert not native_kernels.cpu_has_avx512()
+  assert policy.auto() == policy.CPU.without_native()  # The formulations stay.
+  assert policy.resolve('native') == policy.CPU  # Asked for, they are used anyway.
+  monkeypatch.setattr(native_kernels, '_cpu_flags', lambda: 'flags : avx2 avx512f avx512bw')
+  assert native_kernels.cpu_has_avx512()
+  assert policy.auto() == policy.CPU
 
 
 def test_auto_is_without_native_kernels_with_several_devices():
@@ -677,7 +690,8 @@ def test_policies_by_name_follow_the_backend():
   auto = policy.resolve('auto')
   on_cpu = jax.default_backend() == 'cpu'
   assert auto.transpose_as_matmul and auto.conv3d_as_2d is on_cpu
-  assert auto.native_weight_grad == ((2, 3) if on_cpu else ())
+  native = on_cpu and native_kernels.cpu_has_avx512()  # Tuned for AVX-512 CPUs.
+  assert auto.native_weight_grad == ((2, 3) if native else ())
   # True and False stand for both dimensionalities and neither.
   assert policy.CPU.replace(native_pool=False).native_pool == ()
   assert policy.XLA.replace(native_pool=True).native_pool == (2, 3)

@@ -94,6 +94,12 @@ def _cpu_flags() -> str:
   return platform.processor() or platform.machine()
 
 
+def cpu_has_avx512() -> bool:
+  """Whether this CPU reports AVX-512F (`/proc/cpuinfo`), the instruction set the
+  kernels' tiles were written and measured for (`policy.native_usable`)."""
+  return 'avx512f' in _cpu_flags().split()
+
+
 def _cache_dir() -> pathlib.Path:
   explicit = os.environ.get('UNET_JAX_CACHE_DIR')
   candidates = (

@@ -3,8 +3,9 @@
 `models.UNet(kernels=...)` takes a `KernelPolicy`, or one of its names:
 
 - `'auto'` (the default): the choice for `jax.default_backend()` (`AUTO`). On the CPU,
-  the faster formulations of `conv.py` and, in a single-device process where they
-  build, the native C++ kernels of `native.py` for float32 convolutions and pooling;
+  the faster formulations of `conv.py` and, in a single-device process on a CPU with
+  AVX-512F where they build, the native C++ kernels of `native.py` for float32
+  convolutions and pooling (`native_usable`);
   on GPU and TPU `'xla'`.
 - `'xla'`: XLA's own kernels on every backend, nothing native: `lax` convolutions and
   `nn.max_pool`, with the kernel-equals-stride transposed convolution as a matrix
@@ -34,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -178,9 +180,25 @@ def native_usable() -> bool:
   Not when they cannot be built here (`native_kernels.available()`, which logs why,
   e.g. `UNET_JAX_NATIVE=0`), nor when the process sees more than one device: under
   `jit` over a mesh XLA's partitioner cannot split an FFI call by batch, and would
-  gather every device's input to each device instead.
+  gather every device's input to each device instead. Nor on a CPU without AVX-512F:
+  the kernels' tiles were written and measured for AVX-512, and on an AVX2-only CPU
+  they lost to XLA's convolutions (benchmarks/RESULTS.md, "Native kernels on an
+  AVX2-only CPU"); `kernels='native'` still asks for them there.
   """
-  return jax.device_count() == 1 and native_kernels.available()
+  if jax.device_count() != 1:
+    return False
+  if not native_kernels.cpu_has_avx512():
+    if not _logged.get('avx2'):
+      _logged['avx2'] = True
+      logging.info(
+        "This CPU has no AVX-512F: 'auto' uses XLA's convolutions, not the native"
+        " kernels (tuned for AVX-512); kernels='native' forces them."
+      )
+    return False
+  return native_kernels.available()
+
+
+_logged: dict[str, bool] = {}
 
 
 def auto() -> KernelPolicy:

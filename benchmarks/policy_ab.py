@@ -1,0 +1,78 @@
+r"""The CPU's kernel policies side by side: XLA, the formulations alone, and native.
+
+A forward-and-gradient step of the default 2D (`configs/dice_bce.py`, 8 x 128² x 3)
+and 3D (`configs/unet3d.py`, 2 x 32 x 64 x 64 x 1) networks, in train mode, under
+`policy.XLA`, `policy.CPU.without_native()` and `policy.CPU`, in one process, taking
+turns call by call; prints the median of `--repeats` calls per policy and the ratios.
+It decides what `kernels='auto'` picks on a CPU (`policy.native_usable`).
+
+    .venv/bin/python benchmarks/policy_ab.py --repeats=5
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import dice_bce  # noqa: E402
+from configs import unet3d  # noqa: E402
+from unet_jax.models import factory  # noqa: E402
+from unet_jax.ops import native  # noqa: E402
+from unet_jax.ops import policy  # noqa: E402
+
+CASES = {'2d': (dice_bce, (8, 128, 128, 3)), '3d': (unet3d, (2, 32, 64, 64, 1))}
+POLICIES = {
+  'xla': policy.XLA,
+  'formulations': policy.CPU.without_native(),
+  'native': policy.CPU,
+}
+
+
+def _step(model_config, kernels, x):
+  model = factory.create_model(model_config, kernels=kernels)
+  variables = model.init(jax.random.key(0), x[:1], train=False)
+
+  def loss(params):
+    y, _ = model.apply(
+      {**variables, 'params': params}, x, train=True, mutable=['batch_stats']
+    )
+    y = y[0] if isinstance(y, tuple) else y
+    return jnp.mean(y**2)
+
+  step = jax.jit(jax.value_and_grad(loss))
+  jax.block_until_ready(step(variables['params']))  # Compiled before timing.
+  return lambda: jax.block_until_ready(step(variables['params']))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--repeats', type=int, default=5)
+  args = parser.parse_args()
+  print(f'AVX-512F: {native.cpu_has_avx512()}', flush=True)
+  for case, (module, shape) in CASES.items():
+    x = jnp.asarray(np.random.RandomState(0).randn(*shape), jnp.float32)
+    steps = {k: _step(module.get_config().model, p, x) for k, p in POLICIES.items()}
+    times = {k: [] for k in steps}
+    for _ in range(args.repeats):
+      for k, step in steps.items():
+        start = time.perf_counter()
+        step()
+        times[k].append(time.perf_counter() - start)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    print(
+      f'{case} {shape}: '
+      + '  '.join(f'{k} {v:.3f} s' for k, v in med.items())
+      + f'  | speed over xla: formulations {med["xla"] / med["formulations"]:.2f}x,'
+      f' native {med["xla"] / med["native"]:.2f}x',
+      flush=True,
+    )
+
+
+if __name__ == '__main__':
+  main()
