@@ -732,10 +732,16 @@ def main(argv=None):
       repeats=1 if args.smoke else args.repeats,
     )
     print(f'{name}: done, {report["results"][name]["uptime_after"]}', flush=True)
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, 'predict_speed.json'), 'w') as f:
-    json.dump(report, f, indent=1)
+    _write(report, args.out)  # After every case: a later case's timeout keeps these.
   print(markdown(report))
+
+
+def _write(report: dict, out: str) -> None:
+  os.makedirs(out, exist_ok=True)
+  path = os.path.join(out, 'predict_speed.json')
+  with open(path + '.tmp', 'w') as f:
+    json.dump(report, f, indent=1)
+  os.replace(path + '.tmp', path)
 
 
 if __name__ == '__main__':
