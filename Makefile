@@ -19,11 +19,11 @@ run: $(STAMP)
 	$(PY) launch.py --config=configs/dice_bce.py --workdir=runs/make_run
 
 # The formatter's check and the linter (settings in pyproject.toml), then the whole suite
-# on two workers.
+# on two workers; the 25 slowest tests are listed at the end (where the suite's time goes).
 test: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -n 2 tests
+	$(PY) -m pytest -n 2 --durations=25 tests
 
 clean:
 	rm -rf $(VENV) runs
