@@ -55,6 +55,7 @@ never holds a half-written file.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any, Sequence
@@ -69,6 +70,7 @@ from unet_jax.data import folder as folder_lib
 from unet_jax.data import geometry
 from unet_jax.inference import ensemble
 from unet_jax.inference import inputs
+from unet_jax.inference import pipelined
 from unet_jax.inference import postprocessing
 from unet_jax.inference import predictor as inference
 
@@ -136,6 +138,20 @@ def _scores(pred: np.ndarray, label: np.ndarray, num_classes: int) -> list[float
   return list(metrics.dice_per_class(cm)) + list(metrics.iou_per_class(cm))
 
 
+def _run_grid(predictor: inference.Predictor, spacing) -> tuple[float, ...] | None:
+  """The run's target spacing where it resamples an image of `spacing` (3D runs
+  with `config.data.target_spacing`, images with a spacing), else None."""
+  target = predictor.data.target_spacing
+  return tuple(target) if (target and spacing and predictor.ndim == 3) else None
+
+
+def _back(probs: np.ndarray, target, spacing, shape) -> np.ndarray:
+  """Probabilities at `target` (None: on the image's grid already) on the image's grid."""
+  if target is None:
+    return probs
+  return geometry.resample_probabilities(probs, target, spacing, shape=shape)
+
+
 def case_probabilities(
   predictor: inference.Predictor,
   image: np.ndarray,
@@ -154,16 +170,15 @@ def case_probabilities(
   Returns:
     float32 [*spatial, K].
   """
-  target = predictor.data.target_spacing
-  if not (target and spacing and predictor.ndim == 3):
+  target = _run_grid(predictor, spacing)
+  if target is None:
     return predictor.predict(image, overlap=overlap, flip_tta=tta, output='probabilities')
-  shape = image.shape[:-1]
   resampled = geometry.resample_image(image, spacing, target)
   probs = predictor.predict(
     resampled, overlap=overlap, flip_tta=tta, output='probabilities'
   )
   del resampled
-  return geometry.resample_probabilities(probs, target, spacing, shape=shape)
+  return _back(probs, target, spacing, image.shape[:-1])
 
 
 def average_probabilities(
@@ -262,18 +277,77 @@ def write_probabilities(case: inputs.Case, probs: np.ndarray, output: str) -> st
   )
 
 
-def _predict_one(case, predictors, *, ndim, rules, output, overlap, tta, save, nonfinite):
-  """Predicts one case; writes its mask (and probabilities); returns (image, mask)."""
+def _read_case(item, *, predictors, ndim, nonfinite):
+  """Read stage: a case's image (`inputs.read_image`: canonical [*spatial, C]),
+  its spacing, the first run's target spacing (None: not resampled) and the
+  image resampled to it (`geometry.resample_image`)."""
+  _, case = item
   image, spacing = inputs.read_image(case, ndim=ndim, nonfinite=nonfinite)
-  probs = average_probabilities(predictors, image, spacing, overlap=overlap, tta=tta)
-  pred = labels_of(probs)
-  if save:
-    write_probabilities(case, probs, output)
+  target = _run_grid(predictors[0], spacing)
+  resampled = None if target is None else geometry.resample_image(image, spacing, target)
+  return image, spacing, target, resampled
+
+
+def _compute_case(read, *, predictors, overlap, tta):
+  """Device stage: each run's probabilities, as `average_probabilities` takes
+  them, in its order. All but the last run's are resampled back and summed here;
+  the last run's are returned at its own grid, with its target spacing, for
+  `_write_case` to resample back and add."""
+  image, spacing, first_target, first_resampled = read
+  total = None
+  for k, predictor in enumerate(predictors):
+    target = _run_grid(predictor, spacing)
+    if target is None:
+      x = image
+    elif target == first_target:
+      x = first_resampled
+    else:
+      x = geometry.resample_image(image, spacing, target)
+    probs = predictor.predict(x, overlap=overlap, flip_tta=tta, output='probabilities')
+    del x
+    if k == len(predictors) - 1:
+      return image, spacing, total, probs, target
+    probs = _back(probs, target, spacing, image.shape[:-1])
+    if total is None:
+      total = probs
+    else:
+      total += probs
+    del probs
+
+
+def _write_case(
+  item, computed, *, runs, rules, output, save, masks, ndim, classes, progress
+):
+  """Write stage: the mean probabilities (`average_probabilities`' sums, in
+  its order), the mask (and probabilities, overlay); the per-case row; the
+  progress line."""
+  i, case = item
+  image, spacing, total, probs, target = computed
+  del computed
+  probs = _back(probs, target, spacing, image.shape[:-1])
+  if total is None:
+    total = probs
+  else:
+    total += probs
   del probs
+  if runs > 1:
+    total /= runs
+  pred = labels_of(total)
+  if save:
+    write_probabilities(case, total, output)
+  del total
   if rules is not None:
     pred = np.asarray(postprocessing.apply(pred, rules), np.int32)
   write_mask(case, pred, output)
-  return image, pred
+  _atomic(
+    os.path.join(output, 'overlays', case.stem + '.png'),
+    lambda tmp: visualize.save_overlay(
+      image, pred, tmp, num_classes=classes, title=case.stem
+    ),
+  )
+  row = _row(case, pred, masks=masks, ndim=ndim, num_classes=classes)
+  progress(i, case.stem)
+  return row
 
 
 def _describe(predictors, workdirs) -> str:
@@ -300,7 +374,7 @@ def _row(case, pred, *, masks, ndim, num_classes) -> list[Any] | None:
   return None
 
 
-def _checked_cases(predictors, input_path: str, *, save_probabilities, nonfinite):
+def _checked_cases(predictors, input_path: str, *, save_probabilities, nonfinite, prefetch):
   """The cases of `input_path` (`inputs.list_inputs`), each checked
   (`inputs.check_inputs`) for every run, before any is predicted."""
   first = predictors[0]
@@ -314,6 +388,7 @@ def _checked_cases(predictors, input_path: str, *, save_probabilities, nonfinite
     num_classes=max(first.model.num_classes, 2),
     save_probabilities=save_probabilities,
     nonfinite=nonfinite,
+    prefetch=prefetch,
   )
   return cases
 
@@ -329,6 +404,7 @@ def run(
   save_probabilities: bool = False,
   postprocessing_file: str | None = None,
   nonfinite: str | None = None,
+  prefetch: bool = True,
 ) -> list[list[Any]]:
   """Predicts every input; returns the per-case rows (empty without reference masks).
 
@@ -346,6 +422,10 @@ def run(
     nonfinite: NaN and +-Inf input values: 'error' names each file holding them
       before anything is predicted; 'zero' predicts them as 0. None: 'zero' if
       every run's `config.data.nonfinite` says so, else 'error'.
+    prefetch: while case i is predicted, read (and resample) case i + 1 in a
+      background thread and write case i - 1 (resampled back, argmax, files,
+      overlay) in another (`pipelined.run_in_order`); the outputs, their order
+      and the errors are those of the plain loop (False). PREFETCH_DEFAULT.
 
   Raises:
     ValueError: before the runs are loaded, when `output` is a file or holds
@@ -363,35 +443,39 @@ def run(
   ndim = predictors[0].ndim
   num_classes = max(predictors[0].model.num_classes, 2)
   cases = _checked_cases(
-    predictors, input_path, save_probabilities=save_probabilities, nonfinite=nonfinite
+    predictors,
+    input_path,
+    save_probabilities=save_probabilities,
+    nonfinite=nonfinite,
+    prefetch=prefetch,
   )
   os.makedirs(os.path.join(output, 'overlays'), exist_ok=True)
-  masks = _masks_beside(input_path)
   logging.info(
     'Predicting %d input(s) with %s.', len(cases), _describe(predictors, workdirs)
   )
-  rows, started = [], time.perf_counter()
-  for i, case in enumerate(cases, start=1):
-    image, pred = _predict_one(
-      case,
-      predictors,
-      ndim=ndim,
+  started = time.perf_counter()
+  rows = pipelined.run_in_order(
+    list(enumerate(cases, start=1)),
+    read=functools.partial(
+      _read_case, predictors=predictors, ndim=ndim, nonfinite=nonfinite
+    ),
+    compute=functools.partial(
+      _compute_case, predictors=predictors, overlap=overlap, tta=tta
+    ),
+    write=functools.partial(
+      _write_case,
+      runs=len(predictors),
       rules=rules,
       output=output,
-      overlap=overlap,
-      tta=tta,
       save=save_probabilities,
-      nonfinite=nonfinite,
-    )
-    _atomic(
-      os.path.join(output, 'overlays', case.stem + '.png'),
-      lambda tmp, image=image, pred=pred: visualize.save_overlay(
-        image, pred, tmp, num_classes=num_classes, title=case.stem
-      ),
-    )
-    row = _row(case, pred, masks=masks, ndim=ndim, num_classes=num_classes)
-    rows += [row] if row else []
-    reporting.progress(i, len(cases), started, case.stem)
+      masks=_masks_beside(input_path),
+      ndim=ndim,
+      classes=num_classes,
+      progress=lambda i, name: reporting.progress(i, len(cases), started, name),
+    ),
+    prefetch=prefetch,
+  )
+  rows = [row for row in rows if row]
   if rows:
     _write_table(rows, num_classes, output)
   return rows
