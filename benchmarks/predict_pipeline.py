@@ -19,6 +19,7 @@ functions (read + resample; predict; resample back + argmax + write + overlay).
 
     .venv/bin/python benchmarks/predict_pipeline.py --repeats=3   # RESULTS.md
     .venv/bin/python benchmarks/predict_pipeline.py --smoke --out=/tmp/pp
+    # --workdir=runs/mine: predict with that 3D run instead of training one
 
 Writes `<out>/predict_pipeline.json` and prints a markdown table.
 """
@@ -67,7 +68,7 @@ def _volume(shape, seed):
   x = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), 2)
   mask = np.zeros(shape, np.uint8)
   mask[tuple(slice(n // 4, n // 2) for n in shape)] = 1
-  image = 100 + 400 * x + 300 * mask + 5 * rng.standard_normal(shape)
+  image = 100 + 400 * x + 300.0 * mask + 5 * rng.standard_normal(shape)
   return image.astype(np.int16), mask
 
 
@@ -149,6 +150,7 @@ def stage_times(workdir, folder, out):
   from unet_jax.inference import predict  # pylint: disable=g-import-not-at-top
   from unet_jax.inference import predictor as inference  # pylint: disable=g-import-not-at-top
 
+  os.makedirs(out, exist_ok=True)
   predictor = inference.load(workdir)
   target = predictor.data.target_spacing
   stages = {'read_resample': 0.0, 'predict': 0.0, 'write': 0.0}
@@ -184,8 +186,8 @@ def _same_masks(a, b):
   )
 
 
-def measure(setup, *, cases, repeats, base):
-  workdir = train_run(base, setup)
+def measure(setup, *, cases, repeats, base, workdir=None):
+  workdir = workdir or train_run(base, setup)
   folder = str(base / 'cases')
   write_cases(folder, setup, cases)
   outs = {m: str(base / f'out_{m}') for m in ('plain', 'prefetch')}
@@ -244,6 +246,9 @@ def main(argv=None):
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--smoke', action='store_true', help='tiny sizes, 3 cases, 1 round')
   parser.add_argument('--out', default=str(HERE / 'out'))
+  parser.add_argument(
+    '--workdir', default=None, help='a trained 3D run to predict with (default: train one)'
+  )
   args = parser.parse_args(argv)
   import jax  # pylint: disable=g-import-not-at-top
 
@@ -263,6 +268,7 @@ def main(argv=None):
       cases=3 if args.smoke else args.cases,
       repeats=1 if args.smoke else args.repeats,
       base=pathlib.Path(base),
+      workdir=args.workdir,
     )
   report['uptime_after'] = os.getloadavg()
   os.makedirs(args.out, exist_ok=True)

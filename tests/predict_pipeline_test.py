@@ -2,9 +2,12 @@
 outputs, their order, the progress lines and the errors of the plain loop, no
 thread left behind, and the memory plan counting the cases in flight."""
 
+import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
 
 import nibabel
@@ -278,3 +281,29 @@ def test_the_memory_plan_counts_the_cases_in_flight(volumes):
     in message
   )
   assert 'predict without prefetching (--noprefetch)' in message
+
+
+def test_the_benchmark_smoke_run(spaced, tmp_path):
+  proc = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(inference_test.ROOT, 'benchmarks', 'predict_pipeline.py'),
+      '--smoke',
+      f'--workdir={spaced}',
+      f'--out={tmp_path}',
+    ],
+    cwd=inference_test.ROOT,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / 'predict_pipeline.json') as f:
+    result = json.load(f)['result']
+  assert result['same_masks'] is True  # Both modes wrote the same masks.
+  for mode in ('plain', 'prefetch'):
+    (call,) = result['calls'][mode]
+    assert call['wall_s'] > 0 and call['cpu_s'] > 0
+  assert set(result['stages_plain_s']) == {'read_resample', 'predict', 'write'}
+  assert '| prefetch |' in proc.stdout

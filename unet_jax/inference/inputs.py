@@ -34,7 +34,11 @@ spacing, and the class probabilities at that spacing and at the input's own
 predicted one at a time), plus an ensemble's running average of the
 probabilities (float32 [*spatial, K] on the input's grid) and the float16 copy
 `--save_probabilities` writes. It names every case that does not fit in the
-memory available now, with the size of each part and what lowers it.
+memory available now, with the size of each part and what lowers it. With
+prefetching (`check_inputs(prefetch=True)`, as `predict.run` predicts), each
+case's peak also counts its neighbours in flight: the next case, read and
+resampled ahead, and the case before, being written; the error names them with
+their sizes.
 """
 
 from __future__ import annotations
@@ -503,17 +507,9 @@ def check_inputs(
   target_spacings = [tuple(t) if t else None for t in target_spacings] or [None]
   memory = available_bytes() if memory is None else memory
   folder_lib.check_nonfinite_option(nonfinite)
-  checked = [
-    _case_errors(
-      case,
-      ndim=ndim,
-      num_channels=num_channels,
-      target_spacings=target_spacings,
-      num_classes=num_classes,
-      save=save_probabilities,
-    )
-    for case in cases
-  ]
+  options = dict(ndim=ndim, num_channels=num_channels, num_classes=num_classes)
+  options.update(target_spacings=target_spacings, save=save_probabilities)
+  checked = [_case_errors(case, **options) for case in cases]
   if prefetch:
     _with_neighbours(cases, [plan for _, _, plan in checked])
   errors = []

@@ -306,7 +306,7 @@ def _compute_case(read, *, predictors, overlap, tta):
     probs = predictor.predict(x, overlap=overlap, flip_tta=tta, output='probabilities')
     del x
     if k == len(predictors) - 1:
-      return image, spacing, total, probs, target
+      return [image, spacing, total, probs, target]  # A list: `_write_case` empties it.
     probs = _back(probs, target, spacing, image.shape[:-1])
     if total is None:
       total = probs
@@ -323,7 +323,7 @@ def _write_case(
   progress line."""
   i, case = item
   image, spacing, total, probs, target = computed
-  del computed
+  computed.clear()  # The caller holds the list: so the arrays are freed as they go.
   probs = _back(probs, target, spacing, image.shape[:-1])
   if total is None:
     total = probs
@@ -348,6 +348,34 @@ def _write_case(
   row = _row(case, pred, masks=masks, ndim=ndim, num_classes=classes)
   progress(i, case.stem)
   return row
+
+
+def _stages(
+  predictors, count, *, ndim, nonfinite, overlap, tta, rules, output, save, masks
+):
+  """The read, compute and write stages of `run` (`pipelined.run_in_order`),
+  for items (i, case), i from 1 to `count`."""
+  started = time.perf_counter()
+  classes = max(predictors[0].model.num_classes, 2)
+  return dict(
+    read=functools.partial(
+      _read_case, predictors=predictors, ndim=ndim, nonfinite=nonfinite
+    ),
+    compute=functools.partial(
+      _compute_case, predictors=predictors, overlap=overlap, tta=tta
+    ),
+    write=functools.partial(
+      _write_case,
+      runs=len(predictors),
+      rules=rules,
+      output=output,
+      save=save,
+      masks=masks,
+      ndim=ndim,
+      classes=classes,
+      progress=lambda i, name: reporting.progress(i, count, started, name),
+    ),
+  )
 
 
 def _describe(predictors, workdirs) -> str:
@@ -453,27 +481,20 @@ def run(
   logging.info(
     'Predicting %d input(s) with %s.', len(cases), _describe(predictors, workdirs)
   )
-  started = time.perf_counter()
+  stages = _stages(
+    predictors,
+    len(cases),
+    ndim=ndim,
+    nonfinite=nonfinite,
+    overlap=overlap,
+    tta=tta,
+    rules=rules,
+    output=output,
+    save=save_probabilities,
+    masks=_masks_beside(input_path),
+  )
   rows = pipelined.run_in_order(
-    list(enumerate(cases, start=1)),
-    read=functools.partial(
-      _read_case, predictors=predictors, ndim=ndim, nonfinite=nonfinite
-    ),
-    compute=functools.partial(
-      _compute_case, predictors=predictors, overlap=overlap, tta=tta
-    ),
-    write=functools.partial(
-      _write_case,
-      runs=len(predictors),
-      rules=rules,
-      output=output,
-      save=save_probabilities,
-      masks=_masks_beside(input_path),
-      ndim=ndim,
-      classes=num_classes,
-      progress=lambda i, name: reporting.progress(i, len(cases), started, name),
-    ),
-    prefetch=prefetch,
+    list(enumerate(cases, start=1)), **stages, prefetch=prefetch
   )
   rows = [row for row in rows if row]
   if rows:
