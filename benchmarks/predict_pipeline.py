@@ -186,12 +186,12 @@ def _same_masks(a, b):
   )
 
 
-def measure(setup, *, cases, repeats, base, workdir=None):
+def measure(setup, *, cases, repeats, base, workdir=None, smoke=False):
   workdir = workdir or train_run(base, setup)
   folder = str(base / 'cases')
   write_cases(folder, setup, cases)
   outs = {m: str(base / f'out_{m}') for m in ('plain', 'prefetch')}
-  warm = timed_call(workdir, folder, str(base / 'out_warm'), prefetch=False)
+  warm = None if smoke else timed_call(workdir, folder, str(base / 'out_warm'), False)
   stages = stage_times(workdir, folder, str(base / 'out_stages'))
   calls = {'plain': [], 'prefetch': []}
   for r in range(repeats):
@@ -244,7 +244,9 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--cases', type=int, default=6)
   parser.add_argument('--repeats', type=int, default=3)
-  parser.add_argument('--smoke', action='store_true', help='tiny sizes, 3 cases, 1 round')
+  parser.add_argument(
+    '--smoke', action='store_true', help='tiny sizes, 2 cases, 1 round, no warm-up call'
+  )
   parser.add_argument('--out', default=str(HERE / 'out'))
   parser.add_argument(
     '--workdir', default=None, help='a trained 3D run to predict with (default: train one)'
@@ -265,10 +267,11 @@ def main(argv=None):
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
     report['result'] = measure(
       setup,
-      cases=3 if args.smoke else args.cases,
+      cases=2 if args.smoke else args.cases,
       repeats=1 if args.smoke else args.repeats,
       base=pathlib.Path(base),
       workdir=args.workdir,
+      smoke=args.smoke,
     )
   report['uptime_after'] = os.getloadavg()
   os.makedirs(args.out, exist_ok=True)

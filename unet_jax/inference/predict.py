@@ -51,6 +51,19 @@ resampled volume and its probabilities, an ensemble's average and the saved
 copy fit in the host memory available), and one error names every bad file.
 Files are written under a temporary name and renamed, so the output folder
 never holds a half-written file.
+
+Prefetching (`run(prefetch=True)`, the default; `--noprefetch` turns it off):
+each case goes through three stages (`pipelined.run_in_order`): read (the
+files, the channel checks, canonical orientation, the resampling to the first
+run's target spacing), compute (normalisation, the sliding window of each run)
+and write (the probabilities resampled back and averaged, the argmax,
+post-processing, the mask, probabilities and overlay files, the per-case row,
+the progress line). While case i is computed, case i + 1 is read in one
+background thread and case i - 1 written in another; the masks, probabilities,
+overlays, the table, the order of the progress lines and the error a bad case
+raises (after the cases before it are written) are those of the plain loop, bit
+for bit. The memory check counts the two neighbouring cases in flight
+(`inputs.check_inputs(prefetch=True)`).
 """
 
 from __future__ import annotations
