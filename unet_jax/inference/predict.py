@@ -466,7 +466,11 @@ def run(
     prefetch: while case i is predicted, read (and resample) case i + 1 in a
       background thread and write case i - 1 (resampled back, argmax, files,
       overlay) in another (`pipelined.run_in_order`); the outputs, their order
-      and the errors are those of the plain loop (False). PREFETCH_DEFAULT.
+      and the errors are those of the plain loop (False). On by default: end
+      to end on 3D volumes needing resampling, on 2 shared CPU cores, it was
+      faster in every round, by the host stages' small share at most
+      (benchmarks/RESULTS.md, "Prefetching"); it holds two more cases' arrays
+      (`inputs.check_inputs(prefetch=True)` counts them).
 
   Raises:
     ValueError: before the runs are loaded, when `output` is a file or holds
