@@ -463,14 +463,10 @@ def run(
     nonfinite: NaN and +-Inf input values: 'error' names each file holding them
       before anything is predicted; 'zero' predicts them as 0. None: 'zero' if
       every run's `config.data.nonfinite` says so, else 'error'.
-    prefetch: while case i is predicted, read (and resample) case i + 1 in a
-      background thread and write case i - 1 (resampled back, argmax, files,
-      overlay) in another (`pipelined.run_in_order`); the outputs, their order
-      and the errors are those of the plain loop (False). On by default: end
-      to end on 3D volumes needing resampling, on 2 shared CPU cores, it was
-      faster in every round, by the host stages' small share at most
-      (benchmarks/RESULTS.md, "Prefetching"); it holds two more cases' arrays
-      (`inputs.check_inputs(prefetch=True)` counts them).
+    prefetch: read case i + 1 and write case i - 1 in background threads while
+      case i is predicted (module docstring); the plain loop's outputs and
+      errors. On by default: it was faster in every round on 2 shared cores
+      (benchmarks/RESULTS.md, "Prefetching"); `check_inputs` counts its memory.
 
   Raises:
     ValueError: before the runs are loaded, when `output` is a file or holds
