@@ -78,6 +78,13 @@ flags.DEFINE_enum(
   "predict: NaN/Inf input values: 'error' names the files, 'zero' predicts them as"
   " 0 (default: the run's config.data.nonfinite).",
 )
+flags.DEFINE_bool(
+  'prefetch',
+  True,
+  'predict: read the next case and write the previous one in background threads'
+  ' while a case is predicted (same outputs and errors); --noprefetch: one case at'
+  ' a time.',
+)
 flags.DEFINE_list('spatial_shape', None, 'export: input size (default: as trained).')
 flags.DEFINE_list(
   'input_spacing',
@@ -187,6 +194,7 @@ def _predict_or_export() -> None:
       save_probabilities=FLAGS.save_probabilities,
       postprocessing_file=FLAGS.postprocessing,
       nonfinite=FLAGS.nonfinite,
+      prefetch=FLAGS.prefetch,
     )
   else:
     from unet_jax.inference import export  # pylint: disable=g-import-not-at-top

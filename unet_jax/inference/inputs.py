@@ -34,7 +34,11 @@ spacing, and the class probabilities at that spacing and at the input's own
 predicted one at a time), plus an ensemble's running average of the
 probabilities (float32 [*spatial, K] on the input's grid) and the float16 copy
 `--save_probabilities` writes. It names every case that does not fit in the
-memory available now, with the size of each part and what lowers it.
+memory available now, with the size of each part and what lowers it. With
+prefetching (`check_inputs(prefetch=True)`, as `predict.run` predicts), each
+case's peak also counts its neighbours in flight: the next case, read and
+resampled ahead, and the case before, being written; the error names them with
+their sizes.
 """
 
 from __future__ import annotations
@@ -278,11 +282,20 @@ def _memory_plan(shape, spacing, *, target_spacings, channels, classes, save) ->
   spacing makes the volume larger; 'needed': the peak, the larger of the two
   phases: predicting (one run, beside the running average) and writing (the
   mean probabilities, their float16 copy and the int32 label map).
+
+  With prefetching (`predict.run(prefetch=True)`), a case is also held while
+  it is read ahead and while it is written behind another case's prediction:
+  'ahead': the image (float32 [*shape, C]) and the image resampled to the
+  first run's target spacing (the read stage's output); 'behind': the image
+  (for the overlay), the mean probabilities and the ensemble's running
+  average, beside the larger of the last run's probabilities at its target
+  spacing (while they are resampled back) and the float16 copy with the label
+  map (while they are written).
   """
   ones = (1.0,) * len(shape)
-  runs, finer = [], False
-  for target in target_spacings:
-    target = target if (target and spacing) else spacing or ones
+  runs, finer, at_target = [], False, []
+  for given in target_spacings:
+    target = given if (given and spacing) else spacing or ones
     runs.append(
       geometry.resampled_bytes(
         shape, spacing or target, target, channels=channels, classes=classes
@@ -290,6 +303,7 @@ def _memory_plan(shape, spacing, *, target_spacings, channels, classes, save) ->
     )
     resampled = geometry.resampled_shape(shape, spacing or target, target)
     finer = finer or math.prod(resampled) > math.prod(shape)
+    at_target.append(math.prod(resampled) if (given and spacing) else 0)
   voxels = math.prod(shape)
   plan = {
     'run': max(runs),
@@ -301,6 +315,14 @@ def _memory_plan(shape, spacing, *, target_spacings, channels, classes, save) ->
   writing = plan['probabilities'] + plan['saved'] + 4 * voxels if save else 0
   plan['needed'] = max(plan['run'] + plan['average'], writing)
   plan['writing_larger'] = writing > plan['run'] + plan['average']
+  image = 4 * voxels * channels
+  plan['ahead'] = image + 4 * at_target[0] * channels
+  plan['behind'] = (
+    image
+    + plan['probabilities']
+    + plan['average']
+    + max(4 * at_target[-1] * classes, plan['saved'] + 4 * voxels)
+  )
   return plan
 
 
@@ -392,8 +414,12 @@ def _gib(size: int) -> str:
 
 
 def _memory_error(case: Case, shape, plan: dict, *, target_spacings, memory, classes):
-  """Why a case does not fit in `memory` bytes, by part, and what lowers it."""
-  needed = plan['needed']
+  """Why a case does not fit in `memory` bytes, by part, and what lowers it.
+
+  With prefetching, `plan['in_flight']` lists (what, path, bytes) of the
+  neighbouring cases held beside it (`_with_neighbours`)."""
+  in_flight = plan.get('in_flight', [])
+  needed = plan['needed'] + sum(size for _, _, size in in_flight)
   resampled = plan['run'] - plan['probabilities']
   targets = ' / '.join(map(str, sorted({tuple(t) for t in target_spacings if t})))
   kind = 'volume' if len(shape) == 3 else 'image'
@@ -414,6 +440,10 @@ def _memory_error(case: Case, shape, plan: dict, *, target_spacings, memory, cla
     )
   if plan['saved']:
     parts.append(f'--save_probabilities adds a float16 copy ({_gib(plan["saved"])})')
+  for what, path, size in in_flight:
+    parts.append(f'the {what} ({path}) holds {_gib(size)} beside it')
+  if in_flight:
+    lower.append('predict without prefetching (--noprefetch)')
   if plan['writing_larger']:
     lower.append('leave out --save_probabilities')
   if plan['finer']:
@@ -440,6 +470,7 @@ def check_inputs(
   target_spacings=None,
   save_probabilities: bool = False,
   nonfinite: str = 'error',
+  prefetch: bool = False,
 ) -> None:
   """Raises one ValueError naming every case the run(s) cannot predict.
 
@@ -464,6 +495,10 @@ def check_inputs(
       (each None or () for a run without one).
     save_probabilities: the probabilities are written too.
     nonfinite: 'error' or 'zero' (`read_image` replaces them by 0).
+    prefetch: the cases are predicted with prefetching (`predict.run`): each
+      case's memory also counts the next case, read ahead, and the case before,
+      written meanwhile (`_memory_plan`'s 'ahead' and 'behind'); the error names
+      them and their sizes.
   """
   if target_spacing is not None and target_spacings is not None:
     raise ValueError('Give target_spacing (one run) or target_spacings, not both.')
@@ -472,21 +507,19 @@ def check_inputs(
   target_spacings = [tuple(t) if t else None for t in target_spacings] or [None]
   memory = available_bytes() if memory is None else memory
   folder_lib.check_nonfinite_option(nonfinite)
+  options = dict(ndim=ndim, num_channels=num_channels, num_classes=num_classes)
+  options.update(target_spacings=target_spacings, save=save_probabilities)
+  checked = [_case_errors(case, **options) for case in cases]
+  if prefetch:
+    _with_neighbours(cases, [plan for _, _, plan in checked])
   errors = []
-  for case in cases:
-    problems, shape, plan = _case_errors(
-      case,
-      ndim=ndim,
-      num_channels=num_channels,
-      target_spacings=target_spacings,
-      num_classes=num_classes,
-      save=save_probabilities,
-    )
+  for case, (problems, shape, plan) in zip(cases, checked):
     errors += problems
     if not problems and nonfinite == 'error':
       problems = _nonfinite_errors(case, ndim=ndim)
       errors += problems
-    if not problems and memory and plan['needed'] > memory:
+    in_flight = sum(size for _, _, size in plan.get('in_flight', []))
+    if not problems and memory and plan['needed'] + in_flight > memory:
       errors.append(
         _memory_error(
           case,
@@ -501,6 +534,24 @@ def check_inputs(
     raise ValueError(
       f'{len(errors)} input(s) cannot be predicted:\n  ' + '\n  '.join(errors)
     )
+
+
+def _with_neighbours(cases: list[Case], plans: list[dict]) -> None:
+  """Adds to each plan the neighbours prefetching holds beside its prediction:
+  the next case, read ahead ('ahead'), and the case before, written behind
+  ('behind'); as `plan['in_flight']`, [(what, path, bytes)]."""
+  for i, plan in enumerate(plans):
+    if not plan:
+      continue
+    plan['in_flight'] = []
+    if i + 1 < len(plans) and plans[i + 1]:
+      plan['in_flight'].append(
+        ('next case, read ahead', cases[i + 1].path, plans[i + 1]['ahead'])
+      )
+    if i > 0 and plans[i - 1]:
+      plan['in_flight'].append(
+        ('case before, written meanwhile', cases[i - 1].path, plans[i - 1]['behind'])
+      )
 
 
 def read_image(

@@ -51,10 +51,24 @@ resampled volume and its probabilities, an ensemble's average and the saved
 copy fit in the host memory available), and one error names every bad file.
 Files are written under a temporary name and renamed, so the output folder
 never holds a half-written file.
+
+Prefetching (`run(prefetch=True)`, the default; `--noprefetch` turns it off):
+each case goes through three stages (`pipelined.run_in_order`): read (the
+files, the channel checks, canonical orientation, the resampling to the first
+run's target spacing), compute (normalisation, the sliding window of each run)
+and write (the probabilities resampled back and averaged, the argmax,
+post-processing, the mask, probabilities and overlay files, the per-case row,
+the progress line). While case i is computed, case i + 1 is read in one
+background thread and case i - 1 written in another; the masks, probabilities,
+overlays, the table, the order of the progress lines and the error a bad case
+raises (after the cases before it are written) are those of the plain loop, bit
+for bit. The memory check counts the two neighbouring cases in flight
+(`inputs.check_inputs(prefetch=True)`).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any, Sequence
@@ -69,6 +83,7 @@ from unet_jax.data import folder as folder_lib
 from unet_jax.data import geometry
 from unet_jax.inference import ensemble
 from unet_jax.inference import inputs
+from unet_jax.inference import pipelined
 from unet_jax.inference import postprocessing
 from unet_jax.inference import predictor as inference
 
@@ -136,6 +151,20 @@ def _scores(pred: np.ndarray, label: np.ndarray, num_classes: int) -> list[float
   return list(metrics.dice_per_class(cm)) + list(metrics.iou_per_class(cm))
 
 
+def _run_grid(predictor: inference.Predictor, spacing) -> tuple[float, ...] | None:
+  """The run's target spacing where it resamples an image of `spacing` (3D runs
+  with `config.data.target_spacing`, images with a spacing), else None."""
+  target = predictor.data.target_spacing
+  return tuple(target) if (target and spacing and predictor.ndim == 3) else None
+
+
+def _back(probs: np.ndarray, target, spacing, shape) -> np.ndarray:
+  """Probabilities at `target` (None: on the image's grid already) on the image's grid."""
+  if target is None:
+    return probs
+  return geometry.resample_probabilities(probs, target, spacing, shape=shape)
+
+
 def case_probabilities(
   predictor: inference.Predictor,
   image: np.ndarray,
@@ -154,16 +183,15 @@ def case_probabilities(
   Returns:
     float32 [*spatial, K].
   """
-  target = predictor.data.target_spacing
-  if not (target and spacing and predictor.ndim == 3):
+  target = _run_grid(predictor, spacing)
+  if target is None:
     return predictor.predict(image, overlap=overlap, flip_tta=tta, output='probabilities')
-  shape = image.shape[:-1]
   resampled = geometry.resample_image(image, spacing, target)
   probs = predictor.predict(
     resampled, overlap=overlap, flip_tta=tta, output='probabilities'
   )
   del resampled
-  return geometry.resample_probabilities(probs, target, spacing, shape=shape)
+  return _back(probs, target, spacing, image.shape[:-1])
 
 
 def average_probabilities(
@@ -262,18 +290,105 @@ def write_probabilities(case: inputs.Case, probs: np.ndarray, output: str) -> st
   )
 
 
-def _predict_one(case, predictors, *, ndim, rules, output, overlap, tta, save, nonfinite):
-  """Predicts one case; writes its mask (and probabilities); returns (image, mask)."""
+def _read_case(item, *, predictors, ndim, nonfinite):
+  """Read stage: a case's image (`inputs.read_image`: canonical [*spatial, C]),
+  its spacing, the first run's target spacing (None: not resampled) and the
+  image resampled to it (`geometry.resample_image`)."""
+  _, case = item
   image, spacing = inputs.read_image(case, ndim=ndim, nonfinite=nonfinite)
-  probs = average_probabilities(predictors, image, spacing, overlap=overlap, tta=tta)
-  pred = labels_of(probs)
-  if save:
-    write_probabilities(case, probs, output)
+  target = _run_grid(predictors[0], spacing)
+  resampled = None if target is None else geometry.resample_image(image, spacing, target)
+  return image, spacing, target, resampled
+
+
+def _compute_case(read, *, predictors, overlap, tta):
+  """Device stage: each run's probabilities, as `average_probabilities` takes
+  them, in its order. All but the last run's are resampled back and summed here;
+  the last run's are returned at its own grid, with its target spacing, for
+  `_write_case` to resample back and add."""
+  image, spacing, first_target, first_resampled = read
+  total = None
+  for k, predictor in enumerate(predictors):
+    target = _run_grid(predictor, spacing)
+    if target is None:
+      x = image
+    elif target == first_target:
+      x = first_resampled
+    else:
+      x = geometry.resample_image(image, spacing, target)
+    probs = predictor.predict(x, overlap=overlap, flip_tta=tta, output='probabilities')
+    del x
+    if k == len(predictors) - 1:
+      return [image, spacing, total, probs, target]  # A list: `_write_case` empties it.
+    probs = _back(probs, target, spacing, image.shape[:-1])
+    if total is None:
+      total = probs
+    else:
+      total += probs
+    del probs
+
+
+def _write_case(
+  item, computed, *, runs, rules, output, save, masks, ndim, classes, progress
+):
+  """Write stage: the mean probabilities (`average_probabilities`' sums, in
+  its order), the mask (and probabilities, overlay); the per-case row; the
+  progress line."""
+  i, case = item
+  image, spacing, total, probs, target = computed
+  computed.clear()  # The caller holds the list: so the arrays are freed as they go.
+  probs = _back(probs, target, spacing, image.shape[:-1])
+  if total is None:
+    total = probs
+  else:
+    total += probs
   del probs
+  if runs > 1:
+    total /= runs
+  pred = labels_of(total)
+  if save:
+    write_probabilities(case, total, output)
+  del total
   if rules is not None:
     pred = np.asarray(postprocessing.apply(pred, rules), np.int32)
   write_mask(case, pred, output)
-  return image, pred
+  _atomic(
+    os.path.join(output, 'overlays', case.stem + '.png'),
+    lambda tmp: visualize.save_overlay(
+      image, pred, tmp, num_classes=classes, title=case.stem
+    ),
+  )
+  row = _row(case, pred, masks=masks, ndim=ndim, num_classes=classes)
+  progress(i, case.stem)
+  return row
+
+
+def _stages(
+  predictors, count, *, ndim, nonfinite, overlap, tta, rules, output, save, masks
+):
+  """The read, compute and write stages of `run` (`pipelined.run_in_order`),
+  for items (i, case), i from 1 to `count`."""
+  started = time.perf_counter()
+  classes = max(predictors[0].model.num_classes, 2)
+  return dict(
+    read=functools.partial(
+      _read_case, predictors=predictors, ndim=ndim, nonfinite=nonfinite
+    ),
+    compute=functools.partial(
+      _compute_case, predictors=predictors, overlap=overlap, tta=tta
+    ),
+    write=functools.partial(
+      _write_case,
+      runs=len(predictors),
+      rules=rules,
+      output=output,
+      save=save,
+      masks=masks,
+      ndim=ndim,
+      classes=classes,
+      progress=lambda i, name: reporting.progress(i, count, started, name),
+    ),
+  )
 
 
 def _describe(predictors, workdirs) -> str:
@@ -300,7 +415,7 @@ def _row(case, pred, *, masks, ndim, num_classes) -> list[Any] | None:
   return None
 
 
-def _checked_cases(predictors, input_path: str, *, save_probabilities, nonfinite):
+def _checked_cases(predictors, input_path: str, *, save_probabilities, nonfinite, prefetch):
   """The cases of `input_path` (`inputs.list_inputs`), each checked
   (`inputs.check_inputs`) for every run, before any is predicted."""
   first = predictors[0]
@@ -314,6 +429,7 @@ def _checked_cases(predictors, input_path: str, *, save_probabilities, nonfinite
     num_classes=max(first.model.num_classes, 2),
     save_probabilities=save_probabilities,
     nonfinite=nonfinite,
+    prefetch=prefetch,
   )
   return cases
 
@@ -329,6 +445,7 @@ def run(
   save_probabilities: bool = False,
   postprocessing_file: str | None = None,
   nonfinite: str | None = None,
+  prefetch: bool = True,
 ) -> list[list[Any]]:
   """Predicts every input; returns the per-case rows (empty without reference masks).
 
@@ -346,6 +463,10 @@ def run(
     nonfinite: NaN and +-Inf input values: 'error' names each file holding them
       before anything is predicted; 'zero' predicts them as 0. None: 'zero' if
       every run's `config.data.nonfinite` says so, else 'error'.
+    prefetch: read case i + 1 and write case i - 1 in background threads while
+      case i is predicted (module docstring); the plain loop's outputs and
+      errors. On by default: it was faster in every round on 2 shared cores
+      (benchmarks/RESULTS.md, "Prefetching"); `check_inputs` counts its memory.
 
   Raises:
     ValueError: before the runs are loaded, when `output` is a file or holds
@@ -363,35 +484,32 @@ def run(
   ndim = predictors[0].ndim
   num_classes = max(predictors[0].model.num_classes, 2)
   cases = _checked_cases(
-    predictors, input_path, save_probabilities=save_probabilities, nonfinite=nonfinite
+    predictors,
+    input_path,
+    save_probabilities=save_probabilities,
+    nonfinite=nonfinite,
+    prefetch=prefetch,
   )
   os.makedirs(os.path.join(output, 'overlays'), exist_ok=True)
-  masks = _masks_beside(input_path)
   logging.info(
     'Predicting %d input(s) with %s.', len(cases), _describe(predictors, workdirs)
   )
-  rows, started = [], time.perf_counter()
-  for i, case in enumerate(cases, start=1):
-    image, pred = _predict_one(
-      case,
-      predictors,
-      ndim=ndim,
-      rules=rules,
-      output=output,
-      overlap=overlap,
-      tta=tta,
-      save=save_probabilities,
-      nonfinite=nonfinite,
-    )
-    _atomic(
-      os.path.join(output, 'overlays', case.stem + '.png'),
-      lambda tmp, image=image, pred=pred: visualize.save_overlay(
-        image, pred, tmp, num_classes=num_classes, title=case.stem
-      ),
-    )
-    row = _row(case, pred, masks=masks, ndim=ndim, num_classes=num_classes)
-    rows += [row] if row else []
-    reporting.progress(i, len(cases), started, case.stem)
+  stages = _stages(
+    predictors,
+    len(cases),
+    ndim=ndim,
+    nonfinite=nonfinite,
+    overlap=overlap,
+    tta=tta,
+    rules=rules,
+    output=output,
+    save=save_probabilities,
+    masks=_masks_beside(input_path),
+  )
+  rows = pipelined.run_in_order(
+    list(enumerate(cases, start=1)), **stages, prefetch=prefetch
+  )
+  rows = [row for row in rows if row]
   if rows:
     _write_table(rows, num_classes, output)
   return rows
