@@ -32,7 +32,6 @@ available raises `native.NativeKernelError` with the reason.
 from __future__ import annotations
 
 import ctypes
-import functools
 import importlib.metadata
 import os
 import pathlib
@@ -214,15 +213,15 @@ def _check(name, x, kernel_rank, *arrays):
 
 
 def _call(target, out_shape, a, b, blocked):
+  blocked = BLOCKED_WEIGHTS if blocked is None else blocked
   out = jax.ShapeDtypeStruct(out_shape, jnp.float32)
   return jax.ffi.ffi_call(target, out, vmap_method='sequential')(
     a, b, blocked_weights=np.int64(blocked)
   )
 
 
-@functools.partial(jax.jit, static_argnames=('blocked_weights',))
 def conv_same(
-  x: jax.Array, kernel: jax.Array, *, blocked_weights: bool = BLOCKED_WEIGHTS
+  x: jax.Array, kernel: jax.Array, *, blocked_weights: bool | None = None
 ) -> jax.Array:
   """Stride-1 'same' 2D or 3D convolution by oneDNN, as XLA's 'SAME'.
 
@@ -230,7 +229,8 @@ def conv_same(
     x: `[N, H, W, C]` or `[N, D, H, W, C]`, float32.
     kernel: `[kh, kw, C, O]` (HWIO) or `[kd, kh, kw, C, O]` (DHWIO), float32; pads
       `(k - 1) // 2` before and the rest after each spatial axis.
-    blocked_weights: let oneDNN choose the kernel's layout (`BLOCKED_WEIGHTS`).
+    blocked_weights: let oneDNN choose the kernel's layout; None: `BLOCKED_WEIGHTS`
+      as it is when the call is traced.
 
   Returns:
     `[N, H, W, O]` or `[N, D, H, W, O]`.
@@ -239,9 +239,8 @@ def conv_same(
   return _call(_CONV, x.shape[:-1] + kernel.shape[-1:], x, kernel, blocked_weights)
 
 
-@functools.partial(jax.jit, static_argnames=('blocked_weights',))
 def conv_same_input_grad(
-  g: jax.Array, kernel: jax.Array, *, blocked_weights: bool = BLOCKED_WEIGHTS
+  g: jax.Array, kernel: jax.Array, *, blocked_weights: bool | None = None
 ) -> jax.Array:
   """dL/dx of `conv_same(x, kernel)` given its output gradient `g` `[N, *spatial, O]`
   (oneDNN's backward-data primitive); returns `[N, *spatial, C]`."""
@@ -249,13 +248,12 @@ def conv_same_input_grad(
   return _call(_INPUT_GRAD, g.shape[:-1] + kernel.shape[-2:-1], g, kernel, blocked_weights)
 
 
-@functools.partial(jax.jit, static_argnums=(2,), static_argnames=('blocked_weights',))
 def conv_weight_grad(
   x: jax.Array,
   g: jax.Array,
   kernel_spatial: tuple[int, ...],
   *,
-  blocked_weights: bool = BLOCKED_WEIGHTS,
+  blocked_weights: bool | None = None,
 ) -> jax.Array:
   """dL/dK of `conv_same(x, kernel)` (oneDNN's backward-weights primitive).
 

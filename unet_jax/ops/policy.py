@@ -16,6 +16,10 @@
   `inference/export.py` serialises for CPU, CUDA and TPU.
 - `'native'`: the CPU's choice without its fallback: an error (`NativeKernelError`,
   saying why) where the native kernels cannot be built, instead of XLA.
+- `'onednn'`: the CPU's formulations with every float32 stride-1 'same' convolution
+  (forward, input gradient, kernel gradient) by oneDNN's primitives
+  (`unet_jax.ops.onednn`, the `onednn` extra) and pooling by XLA (`ONEDNN`); an error
+  (`NativeKernelError`) where oneDNN is not installed or cannot be built.
 
 `KernelPolicy()`, every field off, is the plain formulation (`nn.ConvTranspose`
 included): the reference the tests compare the others with.
@@ -42,9 +46,10 @@ import jax.numpy as jnp
 
 from unet_jax.ops import conv
 from unet_jax.ops import native as native_kernels
+from unet_jax.ops import onednn as onednn_kernels
 
 NDIMS = (2, 3)
-NAMES = ('auto', 'xla', 'native')
+NAMES = ('auto', 'xla', 'native', 'onednn')
 
 
 def _dims(value: Any, name: str) -> tuple[int, ...]:
@@ -83,6 +88,9 @@ class KernelPolicy:
       (the forward pass and input gradient; the kernel gradient too where
       `native_weight_grad` applies).
     native_pool: float32 max pooling by the native kernel (`conv.max_pool_native`).
+    onednn_conv: float32 stride-1 'same' convolutions (forward, input gradient and
+      kernel gradient) by oneDNN, in these dimensionalities (`conv.conv2d_same(
+      onednn=True)`); it takes precedence over the native convolution fields.
   """
 
   transpose_as_matmul: bool = False
@@ -92,11 +100,12 @@ class KernelPolicy:
   native_forward: tuple[int, ...] = ()
   native_winograd: tuple[int, ...] = ()
   native_pool: tuple[int, ...] = ()
+  onednn_conv: tuple[int, ...] = ()
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
-      if field.name.startswith('native_'):
+      if field.name.startswith('native_') or field.name == 'onednn_conv':
         object.__setattr__(self, field.name, _dims(value, field.name))
       elif not isinstance(value, bool):
         raise ValueError(f'KernelPolicy.{field.name}={value!r} must be a bool.')
@@ -119,9 +128,19 @@ class KernelPolicy:
     """The same formulations, with XLA's kernels where this one asks for native ones."""
     return self.replace(**{f: () for f in _NATIVE_FIELDS})
 
+  @property
+  def uses_onednn(self) -> bool:
+    """Whether any convolution asks for oneDNN."""
+    return bool(self.onednn_conv)
+
+  def without_onednn(self) -> KernelPolicy:
+    """The same formulations, with XLA's convolutions where this one asks for oneDNN."""
+    return self.replace(onednn_conv=())
+
   def conv_general_dilated(self) -> Callable[..., jax.Array] | None:
     """The convolution for `nn.Conv(conv_general_dilated=...)`; None: `lax`'s own."""
-    if not (self.conv3d_as_2d or self.pointwise_as_matmul or self.uses_native_conv):
+    own = self.uses_native_conv or self.uses_onednn
+    if not (self.conv3d_as_2d or self.pointwise_as_matmul or own):
       return None
     grad = lambda ndim: 'native' if ndim in self.native_weight_grad else 'xla'
     return conv.conv_general_dilated_fn(
@@ -133,6 +152,8 @@ class KernelPolicy:
       native_forward_3d=3 in self.native_forward,
       winograd=2 in self.native_winograd,
       winograd_3d=3 in self.native_winograd,
+      onednn=2 in self.onednn_conv,
+      onednn_3d=3 in self.onednn_conv,
     )
 
   def max_pool(self, x: jax.Array, window: tuple[int, ...]) -> jax.Array:
@@ -165,6 +186,16 @@ CPU = KernelPolicy(
   native_forward=NDIMS,
   native_winograd=NDIMS,
   native_pool=NDIMS,
+)
+# The CPU's formulations with oneDNN's convolutions instead of the hand-written kernels
+# (pooling by XLA): `kernels='onednn'`. Its A/B against 'xla' and 'native' on the whole
+# train step is in benchmarks/RESULTS.md ("oneDNN against the hand-written kernels and
+# XLA").
+ONEDNN = KernelPolicy(
+  transpose_as_matmul=True,
+  conv3d_as_2d=True,
+  pointwise_as_matmul=True,
+  onednn_conv=NDIMS,
 )
 # What 'auto' starts from, by `jax.default_backend()`; a backend not named here gets
 # `XLA` too. GPU and TPU: XLA's convolutions (cuDNN, the TPU's convolution units),
@@ -223,14 +254,17 @@ def resolve(kernels: KernelPolicy | str) -> KernelPolicy:
 
   Raises:
     ValueError: an unknown name, listing the valid ones.
-    NativeKernelError: 'native', or a policy that asks for the native kernels, where
-      they cannot be built (the message says why); 'auto' falls back instead.
+    NativeKernelError: 'native' or 'onednn', or a policy that asks for the native
+      kernels or oneDNN, where they cannot be built (the message says why); 'auto'
+      falls back instead.
   """
   check(kernels)
   if kernels == 'auto':
     return auto()
   if isinstance(kernels, str):
-    kernels = XLA if kernels == 'xla' else CPU
+    kernels = {'xla': XLA, 'native': CPU, 'onednn': ONEDNN}[kernels]
   if kernels.uses_native:
     native_kernels.ensure_available()  # Asked for: an error that says why, no fallback.
+  if kernels.uses_onednn:
+    onednn_kernels.ensure_available()
   return kernels
