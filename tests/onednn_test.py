@@ -205,3 +205,9 @@ def test_the_wheels_are_found_and_their_runtime_read():
   assert (include / 'oneapi' / 'dnnl' / 'dnnl.hpp').exists()
   assert any(lib.glob('libdnnl.so*'))
   assert onednn.runtime(include) in ('SYCL', 'OMP', 'TBB', 'SEQ', 'THREADPOOL')
+
+
+def test_auto_takes_onednn_on_cpus_without_avx512():
+  # This project's CI machines have AVX2 but not AVX-512F; there 'auto' is oneDNN's.
+  expected = policy.CPU if native.cpu_has_avx512() else policy.ONEDNN
+  assert policy.resolve('auto') == expected

@@ -3,10 +3,12 @@
 `models.UNet(kernels=...)` takes a `KernelPolicy`, or one of its names:
 
 - `'auto'` (the default): the choice for `jax.default_backend()` (`AUTO`). On the CPU,
-  the faster formulations of `conv.py` and, in a single-device process on a CPU with
-  AVX-512F where they build, the native C++ kernels of `native.py` for float32
-  convolutions and pooling (`native_usable`);
-  on GPU and TPU `'xla'`.
+  the faster formulations of `conv.py` and, in a single-device process, for float32
+  convolutions: on a CPU with AVX-512F where they build, the native C++ kernels of
+  `native.py` (and their pooling; `native_usable`); on a CPU without AVX-512F where
+  the oneDNN wheels are installed and build, oneDNN's (`onednn_usable`: the policy is
+  then `ONEDNN`; benchmarks/RESULTS.md, "oneDNN against the hand-written kernels and
+  XLA"); else XLA's. On GPU and TPU `'xla'`.
 - `'xla'`: XLA's own kernels on every backend, nothing native: `lax` convolutions and
   `nn.max_pool`, with the kernel-equals-stride transposed convolution as a matrix
   product and depth-to-space (`conv.ConvTranspose`). `nn.ConvTranspose` lowers it to
@@ -188,7 +190,8 @@ CPU = KernelPolicy(
   native_pool=NDIMS,
 )
 # The CPU's formulations with oneDNN's convolutions instead of the hand-written kernels
-# (pooling by XLA): `kernels='onednn'`. Its A/B against 'xla' and 'native' on the whole
+# (pooling by XLA): `kernels='onednn'`, and 'auto' on CPUs without AVX-512F where
+# oneDNN is installed (`onednn_usable`). Its A/B against 'xla' and 'native' on the whole
 # train step is in benchmarks/RESULTS.md ("oneDNN against the hand-written kernels and
 # XLA").
 ONEDNN = KernelPolicy(
@@ -222,8 +225,9 @@ def native_usable() -> bool:
     if not _logged.get('avx2'):
       _logged['avx2'] = True
       logging.info(
-        "This CPU has no AVX-512F: 'auto' uses XLA's convolutions, not the native"
-        " kernels (tuned for AVX-512); kernels='native' forces them."
+        "This CPU has no AVX-512F: 'auto' uses oneDNN's convolutions where it is"
+        " installed, else XLA's, not the native kernels (tuned for AVX-512);"
+        " kernels='native' forces them."
       )
     return False
   return native_kernels.available()
@@ -232,11 +236,29 @@ def native_usable() -> bool:
 _logged: dict[str, bool] = {}
 
 
+def onednn_usable() -> bool:
+  """Whether 'auto' may call oneDNN's convolutions in this process.
+
+  On a CPU without AVX-512F (where the native kernels are off: `native_usable`), in
+  a single-device process (as for the native kernels, XLA's partitioner cannot split
+  an FFI call by batch), where oneDNN is installed and builds (`onednn.available()`,
+  which logs why not). There it beat XLA's convolutions on the whole step, 2D and 3D
+  (benchmarks/RESULTS.md). On AVX-512 CPUs its comparison with the native kernels is
+  not measured yet, so 'auto' keeps those there.
+  """
+  if jax.device_count() != 1 or native_kernels.cpu_has_avx512():
+    return False
+  return onednn_kernels.available()
+
+
 def auto() -> KernelPolicy:
-  """`AUTO[jax.default_backend()]`, without the native kernels where they are unusable."""
+  """`AUTO[jax.default_backend()]`, without the native kernels where they are unusable,
+  and then with oneDNN's convolutions where it is usable (`onednn_usable`)."""
   policy = AUTO.get(jax.default_backend(), XLA)
   if policy.uses_native and not native_usable():
-    return policy.without_native()
+    policy = policy.without_native()
+    if jax.default_backend() == 'cpu' and onednn_usable():
+      policy = policy.replace(onednn_conv=NDIMS)
   return policy
 
 

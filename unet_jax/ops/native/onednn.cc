@@ -15,6 +15,9 @@
 // HWIO on every call. With 0 the primitives read and write HWIO directly (which
 // usually selects oneDNN's slower gemm-based implementation).
 //
+// Every primitive is created with oneDNN's deterministic attribute: the same inputs
+// give bitwise the same outputs on every call, which exact resume relies on.
+//
 // Creating a primitive costs milliseconds (it generates machine code), so each
 // (operation, shapes, layout choice) gets one, created on first use and kept in a
 // process-wide map under a mutex. Executing a primitive from several threads at
@@ -101,9 +104,12 @@ std::unique_ptr<Compiled> compile(const Problem& p) {
   memory::desc k_want(kernel_dims(p), dt::f32, p.blocked ? tag::any : ker);
   auto algo = dnnl::algorithm::convolution_direct;
   auto& eng = engine();
+  // Bitwise the same result on every call (exact resume compares runs bit by bit).
+  dnnl::primitive_attr attr;
+  attr.set_deterministic(true);
   dnnl::convolution_forward::primitive_desc fwd(
       eng, dnnl::prop_kind::forward_training, algo, x_md, k_want, y_md, strides,
-      pad_l, pad_r);
+      pad_l, pad_r, attr);
   auto out = std::make_unique<Compiled>();
   out->x_md = x_md;
   out->y_md = y_md;
@@ -114,13 +120,13 @@ std::unique_ptr<Compiled> compile(const Problem& p) {
     out->impl = fwd.impl_info_str();
   } else if (p.op == kInputGrad) {
     dnnl::convolution_backward_data::primitive_desc bwd(
-        eng, algo, x_md, k_want, y_md, strides, pad_l, pad_r, fwd);
+        eng, algo, x_md, k_want, y_md, strides, pad_l, pad_r, fwd, attr);
     out->prim = dnnl::convolution_backward_data(bwd);
     out->k_md = bwd.weights_desc();
     out->impl = bwd.impl_info_str();
   } else {
     dnnl::convolution_backward_weights::primitive_desc bwd(
-        eng, algo, x_md, k_want, y_md, strides, pad_l, pad_r, fwd);
+        eng, algo, x_md, k_want, y_md, strides, pad_l, pad_r, fwd, attr);
     out->prim = dnnl::convolution_backward_weights(bwd);
     out->k_md = bwd.diff_weights_desc();
     out->impl = bwd.impl_info_str();
