@@ -1,12 +1,17 @@
-r"""The CPU's kernel policies side by side: XLA, the formulations alone, and native.
+r"""The CPU's kernel policies side by side: XLA, the formulations, native and oneDNN.
 
 A forward-and-gradient step of the default 2D (`configs/dice_bce.py`, 8 x 128² x 3)
 and 3D (`configs/unet3d.py`, 2 x 32 x 64 x 64 x 1) networks, in train mode, under
-`policy.XLA`, `policy.CPU.without_native()` and `policy.CPU`, in one process, taking
-turns call by call; prints the median of `--repeats` calls per policy and the ratios.
-It decides what `kernels='auto'` picks on a CPU (`policy.native_usable`).
+`policy.XLA`, `policy.CPU.without_native()`, `policy.CPU` and `policy.ONEDNN` (with
+oneDNN's chosen kernel layout, and as 'onednn_hwio' reading HWIO kernels as stored,
+`onednn.BLOCKED_WEIGHTS=False`), in one process, taking turns call by call; prints
+the median of `--repeats` calls per policy and each one's speed over 'xla'. It
+decides what `kernels='auto'` picks on a CPU (`policy.native_usable`,
+`policy.auto`). oneDNN's policies run only where `onednn.available()` (the `onednn`
+extra); `--policies` picks a subset.
 
     .venv/bin/python benchmarks/policy_ab.py --repeats=5
+    .venv/bin/python benchmarks/policy_ab.py --policies=xla,onednn --cases=2d
 """
 
 import argparse
@@ -24,6 +29,7 @@ from configs import dice_bce  # noqa: E402
 from configs import unet3d  # noqa: E402
 from unet_jax.models import factory  # noqa: E402
 from unet_jax.ops import native  # noqa: E402
+from unet_jax.ops import onednn  # noqa: E402
 from unet_jax.ops import policy  # noqa: E402
 
 CASES = {'2d': (dice_bce, (8, 128, 128, 3)), '3d': (unet3d, (2, 32, 64, 64, 1))}
@@ -31,10 +37,13 @@ POLICIES = {
   'xla': policy.XLA,
   'formulations': policy.CPU.without_native(),
   'native': policy.CPU,
+  'onednn': policy.ONEDNN,
+  'onednn_hwio': policy.ONEDNN,
 }
 
 
-def _step(model_config, kernels, x):
+def _step(model_config, kernels, x, *, blocked_weights=True):
+  onednn.BLOCKED_WEIGHTS = blocked_weights  # Read when the step is traced, below.
   model = factory.create_model(model_config, kernels=kernels)
   variables = model.init(jax.random.key(0), x[:1], train=False)
 
@@ -47,17 +56,34 @@ def _step(model_config, kernels, x):
 
   step = jax.jit(jax.value_and_grad(loss))
   jax.block_until_ready(step(variables['params']))  # Compiled before timing.
+  onednn.BLOCKED_WEIGHTS = True
   return lambda: jax.block_until_ready(step(variables['params']))
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--policies', default=','.join(POLICIES))
+  parser.add_argument('--cases', default=','.join(CASES))
   args = parser.parse_args()
-  print(f'AVX-512F: {native.cpu_has_avx512()}', flush=True)
-  for case, (module, shape) in CASES.items():
+  names = [n for n in args.policies.split(',') if n]
+  unknown = sorted(set(names) - set(POLICIES)) + sorted(
+    set(args.cases.split(',')) - set(CASES)
+  )
+  if unknown or 'xla' not in names:
+    parser.error(f'--policies must include xla; unknown names: {unknown}')
+  if not onednn.available():
+    names = [n for n in names if not n.startswith('onednn')]
+  print(f'AVX-512F: {native.cpu_has_avx512()}; policies: {names}', flush=True)
+  for case in args.cases.split(','):
+    module, shape = CASES[case]
     x = jnp.asarray(np.random.RandomState(0).randn(*shape), jnp.float32)
-    steps = {k: _step(module.get_config().model, p, x) for k, p in POLICIES.items()}
+    steps = {
+      k: _step(
+        module.get_config().model, POLICIES[k], x, blocked_weights=k != 'onednn_hwio'
+      )
+      for k in names
+    }
     times = {k: [] for k in steps}
     for _ in range(args.repeats):
       for k, step in steps.items():
@@ -68,8 +94,8 @@ def main():
     print(
       f'{case} {shape}: '
       + '  '.join(f'{k} {v:.3f} s' for k, v in med.items())
-      + f'  | speed over xla: formulations {med["xla"] / med["formulations"]:.2f}x,'
-      f' native {med["xla"] / med["native"]:.2f}x',
+      + ' | speed over xla: '
+      + ', '.join(f'{k} {med["xla"] / v:.2f}x' for k, v in med.items() if k != 'xla'),
       flush=True,
     )
 

@@ -18,6 +18,7 @@ import pytest
 from unet_jax import models
 from unet_jax.ops import conv
 from unet_jax.ops import native as native_kernels
+from unet_jax.ops import onednn as onednn_kernels
 from unet_jax.ops import policy
 
 
@@ -472,28 +473,36 @@ def test_failed_build_names_the_compiler_and_its_message(tmp_path, monkeypatch):
 
 def test_auto_falls_back_to_xla_when_the_kernel_is_unavailable(monkeypatch):
   monkeypatch.setattr(native_kernels, 'available', lambda: False)
+  monkeypatch.setattr(onednn_kernels, 'available', lambda: False)
   auto = policy.auto()
-  assert not auto.uses_native
+  assert not auto.uses_native and not auto.uses_onednn
   # The other formulations stay: only the native kernels are dropped.
   assert auto == policy.AUTO.get(jax.default_backend(), policy.XLA).without_native()
 
 
 def test_auto_uses_the_native_kernels_only_on_avx512_cpus(monkeypatch):
   monkeypatch.setattr(native_kernels, 'available', lambda: True)
+  monkeypatch.setattr(onednn_kernels, 'available', lambda: False)
   monkeypatch.setattr(native_kernels, '_cpu_flags', lambda: 'flags : fpu sse2 avx avx2 fma')
   assert not native_kernels.cpu_has_avx512()
   assert policy.auto() == policy.CPU.without_native()  # The formulations stay.
   assert policy.resolve('native') == policy.CPU  # Asked for, they are used anyway.
+  # With oneDNN installed, its convolutions (benchmarks/RESULTS.md, "oneDNN against
+  # the hand-written kernels and XLA").
+  monkeypatch.setattr(onednn_kernels, 'available', lambda: True)
+  assert (
+    policy.auto() == policy.ONEDNN == policy.CPU.without_native().replace(onednn_conv=True)
+  )
   monkeypatch.setattr(native_kernels, '_cpu_flags', lambda: 'flags : avx2 avx512f avx512bw')
   assert native_kernels.cpu_has_avx512()
-  assert policy.auto() == policy.CPU
+  assert policy.auto() == policy.CPU  # oneDNN against them there: not measured yet
 
 
 def test_auto_is_without_native_kernels_with_several_devices():
   # A fresh process with 2 CPU devices: jit over a mesh cannot split an FFI call.
   code = (
     'import jax; from unet_jax.ops import policy; '
-    'print(jax.device_count(), policy.auto().uses_native)'
+    'print(jax.device_count(), policy.auto().uses_native or policy.auto().uses_onednn)'
   )
   env = dict(
     os.environ,

@@ -46,7 +46,8 @@ OPTIMIZERS = ('adam', 'adamw', 'sgd')
 SCHEDULES = ('cosine', 'poly', 'constant')
 BEST_MODES = ('max', 'min')
 PARALLELISM = ('jit', 'pmap')  # unet_jax.train.runner.MODES (a test checks they agree).
-KERNELS = ('auto', 'xla', 'native')  # unet_jax.ops.policy.NAMES (a test checks they agree).
+# unet_jax.ops.policy.NAMES (a test checks they agree).
+KERNELS = ('auto', 'xla', 'native', 'onednn')
 INTENSITY_FIELDS = {
   'ct': ('low', 'high', 'mean', 'std'),
   'rescale': ('low', 'high'),
@@ -673,7 +674,8 @@ class RunOptions(_Section):
   best_mode: str = 'max'  # 'max' for Dice, 'min' for a distance such as hd95.
   parallelism: str = 'jit'  # 'jit' (Mesh + NamedSharding) or 'pmap'.
   # How convolutions and pooling run: 'auto' (the native CPU kernels where they win),
-  # 'xla' or 'native' (unet_jax/ops/policy.py). Not saved state: a resume may change it.
+  # 'xla', 'native' or 'onednn' (unet_jax/ops/policy.py). Not saved state: a resume
+  # may change it.
   kernels: str = 'auto'
   # 'RUN[:step]' (step: a number, 'best' or 'latest'; default 'best'): a new run
   # starts from RUN's parameters and BatchNorm statistics, with a fresh optimizer

@@ -43,6 +43,10 @@ each is a field of `policy.KernelPolicy`:
   arXiv:1509.09308), and with `weight_grad='native'` too the kernel gradient by
   F(3x3, 2x2): 16 multiply-adds per input and output channel for a 2 x 2 block of
   output pixels, against 36 directly, in the same register tiles.
+- **oneDNN's convolutions** (`onednn=True`): the forward pass, input gradient and
+  kernel gradient of float32 stride-1 'same' 2D and 3D convolutions by oneDNN's
+  primitives (`unet_jax.ops.onednn`), every size and channel count; a 3D one is read
+  in place, no fold. Other dtypes keep XLA's (folded, in 3D).
 - **Native max pooling** (`max_pool_native`): the C++ kernel keeps each window's
   first maximum, so the gradient is a scatter; `nn.max_pool`'s values and gradient,
   float32 only.
@@ -72,6 +76,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from unet_jax.ops import native as native_kernels
+from unet_jax.ops import onednn as onednn_kernels
 
 WEIGHT_GRADS = ('xla', 'native')
 
@@ -98,12 +103,13 @@ def _plain(x, kernel, precision=None):
   )
 
 
-# In the functions below `how` is `(weight_grad, native_forward, fold, winograd)`: the
-# kernel-gradient formulation, whether the forward pass and the input gradient use the
-# native kernel, whether the XLA parts of a 3D convolution fold it to 2D, and whether
-# 3x3 kernels go by the native Winograd kernels where they apply (`_winograd_suits`;
-# before the direct native kernels; the kernel gradient only with 'native'). The
-# native kernels take float32 only; other dtypes use XLA's convolutions.
+# In the functions below `how` is `(weight_grad, native_forward, fold, winograd,
+# onednn)`: the kernel-gradient formulation, whether the forward pass and the input
+# gradient use the native kernel, whether the XLA parts of a 3D convolution fold it to
+# 2D, whether 3x3 kernels go by the native Winograd kernels where they apply
+# (`_winograd_suits`; before the direct native kernels; the kernel gradient only with
+# 'native'), and whether all three parts go by oneDNN (before everything else). The
+# native kernels and oneDNN take float32 only; other dtypes use XLA's convolutions.
 
 
 # Below these image widths, by number of spatial axes, the native kernels do not beat
@@ -205,6 +211,8 @@ def _folds(x, how):
 
 
 def _forward(x, kernel, how, precision):
+  if how[4] and _is_f32(x, kernel):
+    return onednn_kernels.conv_same(x, kernel)
   if how[3] and _winograd_suits(x, kernel):
     return native_kernels.conv_same(x, kernel, winograd=True)
   if how[1] and _native_forward_suits(x, kernel):
@@ -217,6 +225,8 @@ def _forward(x, kernel, how, precision):
 
 
 def _input_grad(x, g, kernel, how, precision):
+  if how[4] and _is_f32(x, g, kernel):
+    return onednn_kernels.conv_same_input_grad(g, kernel)
   if how[3] and _is_f32(g) and _winograd_suits(x, kernel):
     return native_kernels.conv_same_input_grad(g, kernel, winograd=True)
   if how[1] and _native_input_grad_suits(x, g, kernel):
@@ -233,6 +243,10 @@ def _input_grad(x, g, kernel, how, precision):
 def _kernel_grad(x, g, kernel, how, precision):
   """dL/dK of the convolution of `x` by `kernel` given the output gradient `g`."""
   weight_grad = how[0]
+  if how[4] and _is_f32(x, g):
+    return onednn_kernels.conv_weight_grad(x, g, tuple(kernel.shape[:-2])).astype(
+      kernel.dtype
+    )
   if weight_grad == 'native' and how[3] and _is_f32(g) and _winograd_suits(x, kernel):
     return native_kernels.conv_weight_grad(
       x, g, tuple(kernel.shape[:-2]), winograd=True
@@ -287,6 +301,7 @@ def conv2d_same(
   weight_grad: str = 'xla',
   native_forward: bool = False,
   winograd: bool = False,
+  onednn: bool = False,
   precision: Any = None,
 ) -> jax.Array:
   """Stride-1 'same' 2D convolution, `[N, H, W, C] x [kh, kw, C, O] -> [N, H, W, O]`.
@@ -308,14 +323,15 @@ def conv2d_same(
       `NATIVE_MIN_WIDTH[2]['winograd']` wide with at least
       `NATIVE_MIN_TILED_CHANNELS` input and output channels; it takes precedence over
       the direct native kernels there.
+    onednn: the forward pass, input gradient and kernel gradient of float32
+      convolutions by oneDNN (`unet_jax.ops.onednn`), before any native option.
     precision: passed to the XLA convolutions.
   """
   _check_weight_grad(weight_grad)
-  if weight_grad == 'xla' and not native_forward and not winograd:
+  if weight_grad == 'xla' and not native_forward and not winograd and not onednn:
     return _plain(x, kernel, precision)
-  return _conv_own_grads(
-    x, kernel, (weight_grad, bool(native_forward), False, bool(winograd)), precision
-  )
+  how = (weight_grad, bool(native_forward), False, bool(winograd), bool(onednn))
+  return _conv_own_grads(x, kernel, how, precision)
 
 
 def conv3d_same(
@@ -326,6 +342,7 @@ def conv3d_same(
   weight_grad: str = 'xla',
   native_forward: bool = False,
   winograd: bool = False,
+  onednn: bool = False,
   precision: Any = None,
 ) -> jax.Array:
   """Stride-1 'same' 3D convolution, `[N, D, H, W, C] x [kd, kh, kw, C, O]`.
@@ -344,17 +361,18 @@ def conv3d_same(
     winograd: as in `conv2d_same`, for kernels 3 x 3 in H and W (any depth size:
       the depth taps are summed), on images at least
       `NATIVE_MIN_WIDTH[3]['winograd']` wide.
+    onednn: as in `conv2d_same`, by oneDNN's 3D primitives (no fold).
     precision: passed to the XLA convolutions.
 
   Returns:
     `[N, D, H, W, O]`.
   """
   _check_weight_grad(weight_grad)
-  if not fold_depth and weight_grad != 'native' and not native_forward and not winograd:
+  own = weight_grad == 'native' or native_forward or winograd or onednn
+  if not fold_depth and not own:
     return _plain(x, kernel, precision)
-  return _conv_own_grads(
-    x, kernel, (weight_grad, bool(native_forward), fold_depth, bool(winograd)), precision
-  )
+  how = (weight_grad, bool(native_forward), fold_depth, bool(winograd), bool(onednn))
+  return _conv_own_grads(x, kernel, how, precision)
 
 
 def _is_same_stride1(
@@ -422,38 +440,20 @@ def _own_formulation(lhs, rhs, precision, options):
       (((lhs.ndim - 1,), (0,)), ((), ())),
       precision=precision,
     )
+  suffix = '_3d' if lhs.ndim == 5 else ''
+  kw = {
+    name: options[name + suffix]
+    for name in ('weight_grad', 'native_forward', 'winograd', 'onednn')
+  }
+  own = kw['weight_grad'] == 'native' or kw['native_forward'] or kw['winograd']
+  own = own or kw['onednn']
   if lhs.ndim == 5:
-    weight_grad, native_forward, winograd = (
-      options['weight_grad_3d'],
-      options['native_forward_3d'],
-      options['winograd_3d'],
-    )
-    if options['fold_depth'] or weight_grad == 'native' or native_forward or winograd:
+    if options['fold_depth'] or own:
       # The XLA parts fold whenever the convolution takes its own gradients.
-      return conv3d_same(
-        lhs,
-        rhs,
-        fold_depth=True,
-        weight_grad=weight_grad,
-        native_forward=native_forward,
-        winograd=winograd,
-        precision=precision,
-      )
+      return conv3d_same(lhs, rhs, fold_depth=True, precision=precision, **kw)
     return None
-  weight_grad, native_forward, winograd = (
-    options['weight_grad'],
-    options['native_forward'],
-    options['winograd'],
-  )
-  if weight_grad != 'xla' or native_forward or winograd:
-    return conv2d_same(
-      lhs,
-      rhs,
-      weight_grad=weight_grad,
-      native_forward=native_forward,
-      winograd=winograd,
-      precision=precision,
-    )
+  if own:
+    return conv2d_same(lhs, rhs, precision=precision, **kw)
   return None
 
 
@@ -467,6 +467,8 @@ def conv_general_dilated_fn(
   native_forward_3d: bool | None = None,
   winograd: bool = False,
   winograd_3d: bool | None = None,
+  onednn: bool = False,
+  onednn_3d: bool | None = None,
 ) -> Callable[..., jax.Array]:
   """A drop-in for `lax.conv_general_dilated`, for `nn.Conv(conv_general_dilated=...)`.
 
@@ -487,6 +489,8 @@ def conv_general_dilated_fn(
     winograd, winograd_3d: 3x3 (3x3xkd) convolutions by the native Winograd
       kernels (`conv2d_same`, `conv3d_same`; `winograd_3d` defaults to
       `winograd`).
+    onednn, onednn_3d: 2D and 3D convolutions by oneDNN (`conv2d_same`,
+      `conv3d_same`; `onednn_3d` defaults to `onednn`).
   """
   options = dict(
     fold_depth=fold_depth,
@@ -497,6 +501,8 @@ def conv_general_dilated_fn(
     native_forward_3d=native_forward if native_forward_3d is None else native_forward_3d,
     winograd=winograd,
     winograd_3d=winograd if winograd_3d is None else winograd_3d,
+    onednn=onednn,
+    onednn_3d=onednn if onednn_3d is None else onednn_3d,
   )
   for value in (options['weight_grad'], options['weight_grad_3d']):
     _check_weight_grad(value)

@@ -123,8 +123,22 @@ def _cache_dir() -> pathlib.Path:
   )
 
 
-def build(*, verbose: bool = False) -> pathlib.Path:
-  """Compiles `SOURCE` if no matching build is cached; returns the library's path.
+def build(
+  *,
+  verbose: bool = False,
+  source: pathlib.Path = SOURCE,
+  flags: tuple[str, ...] = FLAGS,
+  link: tuple[str, ...] = (),
+) -> pathlib.Path:
+  """Compiles `source` if no matching build is cached; returns the library's path.
+
+  Args:
+    verbose: log the compiler's command line.
+    source: the C++ file, `native/conv.cc` by default (`unet_jax.ops.onednn` builds
+      `native/onednn.cc` here too, with its own `flags` and `link`).
+    flags: compiler flags; jaxlib's FFI include folder is added.
+    link: arguments after the source (include folders, libraries, rpaths); part of
+      the cache key, so another installed library gets its own build.
 
   Raises:
     NativeKernelError: no compiler, no writable cache folder, or a failed build
@@ -137,22 +151,22 @@ def build(*, verbose: bool = False) -> pathlib.Path:
   include = jax.ffi.include_dir()
   key = hashlib.sha256(
     '\0'.join(
-      [SOURCE.read_text(), cxx, *version, *FLAGS, jaxlib.__version__, _cpu_flags()]
+      [source.read_text(), cxx, *version, *flags, *link, jaxlib.__version__, _cpu_flags()]
     ).encode()
   ).hexdigest()[:16]
-  lib = _cache_dir() / f'conv_{key}.so'
+  lib = _cache_dir() / f'{source.stem}_{key}.so'
   if lib.exists():
     return lib
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=lib.parent)
   os.close(fd)
-  cmd = [cxx, *FLAGS, f'-I{include}', str(SOURCE), '-o', tmp]
+  cmd = [cxx, *flags, f'-I{include}', str(source), *link, '-o', tmp]
   if verbose:
     logging.info('Building the native kernel: %s', ' '.join(cmd))
   result = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if result.returncode != 0:
     os.unlink(tmp)
     raise NativeKernelError(
-      f'building {SOURCE.name} failed (exit {result.returncode}): {" ".join(cmd)}\n'
+      f'building {source.name} failed (exit {result.returncode}): {" ".join(cmd)}\n'
       f'{result.stderr[-2000:]}'
     )
   os.replace(tmp, lib)

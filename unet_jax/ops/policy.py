@@ -3,10 +3,12 @@
 `models.UNet(kernels=...)` takes a `KernelPolicy`, or one of its names:
 
 - `'auto'` (the default): the choice for `jax.default_backend()` (`AUTO`). On the CPU,
-  the faster formulations of `conv.py` and, in a single-device process on a CPU with
-  AVX-512F where they build, the native C++ kernels of `native.py` for float32
-  convolutions and pooling (`native_usable`);
-  on GPU and TPU `'xla'`.
+  the faster formulations of `conv.py` and, in a single-device process, for float32
+  convolutions: on a CPU with AVX-512F where they build, the native C++ kernels of
+  `native.py` (and their pooling; `native_usable`); on a CPU without AVX-512F where
+  the oneDNN wheels are installed and build, oneDNN's (`onednn_usable`: the policy is
+  then `ONEDNN`; benchmarks/RESULTS.md, "oneDNN against the hand-written kernels and
+  XLA"); else XLA's. On GPU and TPU `'xla'`.
 - `'xla'`: XLA's own kernels on every backend, nothing native: `lax` convolutions and
   `nn.max_pool`, with the kernel-equals-stride transposed convolution as a matrix
   product and depth-to-space (`conv.ConvTranspose`). `nn.ConvTranspose` lowers it to
@@ -16,6 +18,10 @@
   `inference/export.py` serialises for CPU, CUDA and TPU.
 - `'native'`: the CPU's choice without its fallback: an error (`NativeKernelError`,
   saying why) where the native kernels cannot be built, instead of XLA.
+- `'onednn'`: the CPU's formulations with every float32 stride-1 'same' convolution
+  (forward, input gradient, kernel gradient) by oneDNN's primitives
+  (`unet_jax.ops.onednn`, the `onednn` extra) and pooling by XLA (`ONEDNN`); an error
+  (`NativeKernelError`) where oneDNN is not installed or cannot be built.
 
 `KernelPolicy()`, every field off, is the plain formulation (`nn.ConvTranspose`
 included): the reference the tests compare the others with.
@@ -42,9 +48,10 @@ import jax.numpy as jnp
 
 from unet_jax.ops import conv
 from unet_jax.ops import native as native_kernels
+from unet_jax.ops import onednn as onednn_kernels
 
 NDIMS = (2, 3)
-NAMES = ('auto', 'xla', 'native')
+NAMES = ('auto', 'xla', 'native', 'onednn')
 
 
 def _dims(value: Any, name: str) -> tuple[int, ...]:
@@ -83,6 +90,9 @@ class KernelPolicy:
       (the forward pass and input gradient; the kernel gradient too where
       `native_weight_grad` applies).
     native_pool: float32 max pooling by the native kernel (`conv.max_pool_native`).
+    onednn_conv: float32 stride-1 'same' convolutions (forward, input gradient and
+      kernel gradient) by oneDNN, in these dimensionalities (`conv.conv2d_same(
+      onednn=True)`); it takes precedence over the native convolution fields.
   """
 
   transpose_as_matmul: bool = False
@@ -92,11 +102,12 @@ class KernelPolicy:
   native_forward: tuple[int, ...] = ()
   native_winograd: tuple[int, ...] = ()
   native_pool: tuple[int, ...] = ()
+  onednn_conv: tuple[int, ...] = ()
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
-      if field.name.startswith('native_'):
+      if field.name.startswith('native_') or field.name == 'onednn_conv':
         object.__setattr__(self, field.name, _dims(value, field.name))
       elif not isinstance(value, bool):
         raise ValueError(f'KernelPolicy.{field.name}={value!r} must be a bool.')
@@ -119,9 +130,19 @@ class KernelPolicy:
     """The same formulations, with XLA's kernels where this one asks for native ones."""
     return self.replace(**{f: () for f in _NATIVE_FIELDS})
 
+  @property
+  def uses_onednn(self) -> bool:
+    """Whether any convolution asks for oneDNN."""
+    return bool(self.onednn_conv)
+
+  def without_onednn(self) -> KernelPolicy:
+    """The same formulations, with XLA's convolutions where this one asks for oneDNN."""
+    return self.replace(onednn_conv=())
+
   def conv_general_dilated(self) -> Callable[..., jax.Array] | None:
     """The convolution for `nn.Conv(conv_general_dilated=...)`; None: `lax`'s own."""
-    if not (self.conv3d_as_2d or self.pointwise_as_matmul or self.uses_native_conv):
+    own = self.uses_native_conv or self.uses_onednn
+    if not (self.conv3d_as_2d or self.pointwise_as_matmul or own):
       return None
     grad = lambda ndim: 'native' if ndim in self.native_weight_grad else 'xla'
     return conv.conv_general_dilated_fn(
@@ -133,6 +154,8 @@ class KernelPolicy:
       native_forward_3d=3 in self.native_forward,
       winograd=2 in self.native_winograd,
       winograd_3d=3 in self.native_winograd,
+      onednn=2 in self.onednn_conv,
+      onednn_3d=3 in self.onednn_conv,
     )
 
   def max_pool(self, x: jax.Array, window: tuple[int, ...]) -> jax.Array:
@@ -166,6 +189,17 @@ CPU = KernelPolicy(
   native_winograd=NDIMS,
   native_pool=NDIMS,
 )
+# The CPU's formulations with oneDNN's convolutions instead of the hand-written kernels
+# (pooling by XLA): `kernels='onednn'`, and 'auto' on CPUs without AVX-512F where
+# oneDNN is installed (`onednn_usable`). Its A/B against 'xla' and 'native' on the whole
+# train step is in benchmarks/RESULTS.md ("oneDNN against the hand-written kernels and
+# XLA").
+ONEDNN = KernelPolicy(
+  transpose_as_matmul=True,
+  conv3d_as_2d=True,
+  pointwise_as_matmul=True,
+  onednn_conv=NDIMS,
+)
 # What 'auto' starts from, by `jax.default_backend()`; a backend not named here gets
 # `XLA` too. GPU and TPU: XLA's convolutions (cuDNN, the TPU's convolution units),
 # the transposed ones as products (`XLA`); their max-pool gradient is XLA's
@@ -191,8 +225,9 @@ def native_usable() -> bool:
     if not _logged.get('avx2'):
       _logged['avx2'] = True
       logging.info(
-        "This CPU has no AVX-512F: 'auto' uses XLA's convolutions, not the native"
-        " kernels (tuned for AVX-512); kernels='native' forces them."
+        "This CPU has no AVX-512F: 'auto' uses oneDNN's convolutions where it is"
+        " installed, else XLA's, not the native kernels (tuned for AVX-512);"
+        " kernels='native' forces them."
       )
     return False
   return native_kernels.available()
@@ -201,11 +236,29 @@ def native_usable() -> bool:
 _logged: dict[str, bool] = {}
 
 
+def onednn_usable() -> bool:
+  """Whether 'auto' may call oneDNN's convolutions in this process.
+
+  On a CPU without AVX-512F (where the native kernels are off: `native_usable`), in
+  a single-device process (as for the native kernels, XLA's partitioner cannot split
+  an FFI call by batch), where oneDNN is installed and builds (`onednn.available()`,
+  which logs why not). There it beat XLA's convolutions on the whole step, 2D and 3D
+  (benchmarks/RESULTS.md). On AVX-512 CPUs its comparison with the native kernels is
+  not measured yet, so 'auto' keeps those there.
+  """
+  if jax.device_count() != 1 or native_kernels.cpu_has_avx512():
+    return False
+  return onednn_kernels.available()
+
+
 def auto() -> KernelPolicy:
-  """`AUTO[jax.default_backend()]`, without the native kernels where they are unusable."""
+  """`AUTO[jax.default_backend()]`, without the native kernels where they are unusable,
+  and then with oneDNN's convolutions where it is usable (`onednn_usable`)."""
   policy = AUTO.get(jax.default_backend(), XLA)
   if policy.uses_native and not native_usable():
-    return policy.without_native()
+    policy = policy.without_native()
+    if jax.default_backend() == 'cpu' and onednn_usable():
+      policy = policy.replace(onednn_conv=NDIMS)
   return policy
 
 
@@ -223,14 +276,17 @@ def resolve(kernels: KernelPolicy | str) -> KernelPolicy:
 
   Raises:
     ValueError: an unknown name, listing the valid ones.
-    NativeKernelError: 'native', or a policy that asks for the native kernels, where
-      they cannot be built (the message says why); 'auto' falls back instead.
+    NativeKernelError: 'native' or 'onednn', or a policy that asks for the native
+      kernels or oneDNN, where they cannot be built (the message says why); 'auto'
+      falls back instead.
   """
   check(kernels)
   if kernels == 'auto':
     return auto()
   if isinstance(kernels, str):
-    kernels = XLA if kernels == 'xla' else CPU
+    kernels = {'xla': XLA, 'native': CPU, 'onednn': ONEDNN}[kernels]
   if kernels.uses_native:
     native_kernels.ensure_available()  # Asked for: an error that says why, no fallback.
+  if kernels.uses_onednn:
+    onednn_kernels.ensure_available()
   return kernels

@@ -1,0 +1,275 @@
+"""oneDNN's convolutions for XLA:CPU, called through FFI (`native/onednn.cc`).
+
+oneDNN is the library PyTorch's CPU convolutions use. Stride-1 'same' 2D and 3D
+float32 convolutions, channels-last with HWIO (DHWIO) kernels: the forward pass
+(`conv_same`), the input gradient (`conv_same_input_grad`, oneDNN's backward-data
+primitive) and the kernel gradient (`conv_weight_grad`, its backward-weights
+primitive). `unet_jax.ops.conv` uses them as `onednn=True`; `policy.ONEDNN`
+(`kernels='onednn'`) asks for them.
+
+Where oneDNN comes from. The `onednn` and `onednn-devel` wheels (the `onednn` extra,
+`pip install -e '.[onednn]'`), found through their installed files
+(`importlib.metadata`): the headers from `onednn-devel`, `libdnnl.so` from `onednn`.
+`native/onednn.cc` is compiled at first use by `native.build`, the same mechanism
+and cache as the hand-written kernels, linked with `-ldnnl` and an rpath to the
+wheel's library folder.
+
+Threads. The 2026.1 wheel is built with the SYCL CPU runtime and TBB threading
+(`dnnl_config.h`): its CPU engine is a SYCL device found through the OpenCL CPU
+runtime that the wheel pulls in (`intel-opencl-rt`), so `_load` points the OpenCL
+loader at it (`OCL_ICD_FILENAMES`) unless the variable already names it. TBB runs
+each primitive on as many threads as the process may use (its CPU affinity);
+XLA's intra-op pool waits meanwhile.
+
+Failure. `available()` is False when the wheels are not installed, there is no
+compiler, the build fails, oneDNN finds no CPU device, the backend is not the CPU,
+or `UNET_JAX_ONEDNN=0` is set; the first failure is logged once as a warning and
+`kernels='auto'` keeps XLA's convolutions. Asking for oneDNN explicitly
+(`kernels='onednn'`, or a `KernelPolicy` with `onednn_conv`) where it is not
+available raises `native.NativeKernelError` with the reason.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import os
+import pathlib
+import re
+import threading
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unet_jax.ops import native
+
+SOURCE = pathlib.Path(__file__).resolve().parent / 'native' / 'onednn.cc'
+_CONV, _INPUT_GRAD, _WGRAD = (
+  'unet_jax_onednn_conv',
+  'unet_jax_onednn_input_grad',
+  ('unet_jax_onednn_wgrad'),
+)
+TARGETS = {
+  _CONV: 'UnetOnednnConv',
+  _INPUT_GRAD: 'UnetOnednnInputGrad',
+  _WGRAD: 'UnetOnednnWgrad',
+}
+FLAGS = ('-O2', '-std=c++17', '-shared', '-fPIC')
+# Let oneDNN choose the kernel's layout per primitive (reordered from and to HWIO on
+# every call), rather than reading HWIO as stored: benchmarks/RESULTS.md, "oneDNN
+# against the hand-written kernels and XLA".
+BLOCKED_WEIGHTS = True
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _files(distribution: str) -> list[pathlib.Path]:
+  try:
+    dist = importlib.metadata.distribution(distribution)
+  except importlib.metadata.PackageNotFoundError as e:
+    raise native.NativeKernelError(
+      f"the {distribution!r} wheel is not installed (pip install -e '.[onednn]')."
+    ) from e
+  return [pathlib.Path(dist.locate_file(f)).resolve() for f in dist.files or ()]
+
+
+def locate() -> tuple[pathlib.Path, pathlib.Path]:
+  """The include folder of `onednn-devel` and the library folder of `onednn`.
+
+  Raises:
+    NativeKernelError: a wheel is missing or lacks `dnnl.hpp` / `libdnnl.so*`.
+  """
+  headers = [f for f in _files('onednn-devel') if f.name == 'dnnl.hpp']
+  include = next((f.parents[2] for f in headers if f.parent.name == 'dnnl'), None)
+  libs = [f for f in _files('onednn') if re.fullmatch(r'libdnnl\.so(\.\d+)*', f.name)]
+  if include is None or not libs:
+    raise native.NativeKernelError(
+      'the onednn wheels are installed but oneapi/dnnl/dnnl.hpp or libdnnl.so was'
+      ' not found among their files.'
+    )
+  return include, libs[0].parent
+
+
+def runtime(include: pathlib.Path) -> str:
+  """oneDNN's CPU runtime as `dnnl_config.h` declares it: 'SYCL', 'OMP', 'TBB', ..."""
+  text = (include / 'oneapi' / 'dnnl' / 'dnnl_config.h').read_text()
+  found = re.search(r'#define DNNL_CPU_RUNTIME DNNL_RUNTIME_(\w+)', text)
+  return found.group(1) if found else 'unknown'
+
+
+def _point_opencl_at_cpu_runtime(lib: pathlib.Path) -> None:
+  """The SYCL CPU device needs the OpenCL CPU runtime; the loader finds it by name."""
+  icd = lib / 'libintelocl.so'
+  if not icd.exists():
+    raise native.NativeKernelError(
+      f'oneDNN uses the SYCL CPU runtime but {icd} (intel-opencl-rt) is missing.'
+    )
+  current = os.environ.get('OCL_ICD_FILENAMES', '')
+  if str(icd) not in current.split(':'):
+    os.environ['OCL_ICD_FILENAMES'] = ':'.join(p for p in (current, str(icd)) if p)
+
+
+def build(*, verbose: bool = False) -> pathlib.Path:
+  """Compiles `native/onednn.cc` against the installed wheels (`native.build`)."""
+  include, lib = locate()
+  link = (f'-I{include}', f'-L{lib}', '-ldnnl', f'-Wl,--disable-new-dtags,-rpath,{lib}')
+  return native.build(verbose=verbose, source=SOURCE, flags=FLAGS, link=link)
+
+
+def _load() -> None:
+  if os.environ.get('UNET_JAX_ONEDNN', '1') == '0':
+    raise native.NativeKernelError('UNET_JAX_ONEDNN=0 turns oneDNN off.')
+  if jax.default_backend() != 'cpu':
+    raise native.NativeKernelError(
+      f'oneDNN runs on the CPU only here; the backend is {jax.default_backend()!r}.'
+    )
+  include, lib = locate()
+  if runtime(include) == 'SYCL':
+    _point_opencl_at_cpu_runtime(lib)
+  path = build(verbose=True)
+  try:
+    library = ctypes.cdll.LoadLibrary(str(path))
+    handlers = {name: getattr(library, symbol) for name, symbol in TARGETS.items()}
+    library.UnetOnednnProbe.restype = ctypes.c_char_p
+    library.UnetOnednnImpl.restype = ctypes.c_char_p
+  except (OSError, AttributeError) as e:
+    raise native.NativeKernelError(f'loading {path} failed: {e}') from e
+  problem = library.UnetOnednnProbe().decode()
+  if problem:
+    raise native.NativeKernelError(f'oneDNN found no usable CPU engine: {problem}')
+  for name, handler in handlers.items():
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform='cpu')
+  _state['library'] = library  # keep the handle alive
+
+
+def ensure_available() -> None:
+  """Builds and registers the FFI targets if needed; raises `NativeKernelError` if it
+  can't (the reason is kept: later calls raise the same)."""
+  with _lock:
+    if 'error' in _state:
+      raise native.NativeKernelError(_state['error'])
+    if 'library' not in _state:
+      try:
+        _load()
+      except native.NativeKernelError as e:
+        _state['error'] = str(e)
+        raise
+
+
+def available() -> bool:
+  """Whether oneDNN's convolutions can be used here; logs why not, once per process."""
+  try:
+    ensure_available()
+    return True
+  except native.NativeKernelError as e:
+    if not _state.get('warned'):
+      _state['warned'] = True
+      logging.warning("oneDNN not available, using XLA's convolutions instead: %s", e)
+    return False
+
+
+def implementation(op: str, x_shape: tuple[int, ...], kernel_shape: tuple[int, ...]) -> str:
+  """oneDNN's implementation for a convolution part, e.g. 'brg_conv_fwd:avx2'.
+
+  Args:
+    op: 'forward', 'input_grad' or 'kernel_grad'.
+    x_shape: the convolution's input, `[N, *spatial, C]`.
+    kernel_shape: `[*kernel_spatial, C, O]`.
+  """
+  ensure_available()
+  ops = ('forward', 'input_grad', 'kernel_grad')
+  if op not in ops:
+    raise ValueError(f'op={op!r} is not one of {ops}.')
+  ndim = len(x_shape) - 2
+  xs = (ctypes.c_int64 * len(x_shape))(*x_shape)
+  ks = (ctypes.c_int64 * ndim)(*kernel_shape[:ndim])
+  impl = _state['library'].UnetOnednnImpl(
+    ctypes.c_int64(ops.index(op)),
+    ctypes.c_int64(ndim),
+    xs,
+    ks,
+    ctypes.c_int64(kernel_shape[-1]),
+    ctypes.c_int64(int(BLOCKED_WEIGHTS)),
+  )
+  return impl.decode()
+
+
+def _check(name, x, kernel_rank, *arrays):
+  if any(a.dtype != jnp.float32 for a in arrays):
+    raise ValueError(
+      f'{name}: the oneDNN convolutions take float32; got'
+      f' {", ".join(str(a.dtype) for a in arrays)}.'
+    )
+  if x.ndim not in (4, 5) or kernel_rank != x.ndim:
+    raise ValueError(
+      f'{name}: a 2D convolution takes [N, H, W, C] and an HWIO kernel, a 3D one'
+      f' [N, D, H, W, C] and a DHWIO kernel; got {x.shape} and a rank-{kernel_rank}'
+      ' kernel.'
+    )
+  ensure_available()
+
+
+def _call(target, out_shape, a, b, blocked):
+  blocked = BLOCKED_WEIGHTS if blocked is None else blocked
+  out = jax.ShapeDtypeStruct(out_shape, jnp.float32)
+  return jax.ffi.ffi_call(target, out, vmap_method='sequential')(
+    a, b, blocked_weights=np.int64(blocked)
+  )
+
+
+def conv_same(
+  x: jax.Array, kernel: jax.Array, *, blocked_weights: bool | None = None
+) -> jax.Array:
+  """Stride-1 'same' 2D or 3D convolution by oneDNN, as XLA's 'SAME'.
+
+  Args:
+    x: `[N, H, W, C]` or `[N, D, H, W, C]`, float32.
+    kernel: `[kh, kw, C, O]` (HWIO) or `[kd, kh, kw, C, O]` (DHWIO), float32; pads
+      `(k - 1) // 2` before and the rest after each spatial axis.
+    blocked_weights: let oneDNN choose the kernel's layout; None: `BLOCKED_WEIGHTS`
+      as it is when the call is traced.
+
+  Returns:
+    `[N, H, W, O]` or `[N, D, H, W, O]`.
+  """
+  _check('onednn.conv_same', x, kernel.ndim, x, kernel)
+  return _call(_CONV, x.shape[:-1] + kernel.shape[-1:], x, kernel, blocked_weights)
+
+
+def conv_same_input_grad(
+  g: jax.Array, kernel: jax.Array, *, blocked_weights: bool | None = None
+) -> jax.Array:
+  """dL/dx of `conv_same(x, kernel)` given its output gradient `g` `[N, *spatial, O]`
+  (oneDNN's backward-data primitive); returns `[N, *spatial, C]`."""
+  _check('onednn.conv_same_input_grad', g, kernel.ndim, g, kernel)
+  return _call(_INPUT_GRAD, g.shape[:-1] + kernel.shape[-2:-1], g, kernel, blocked_weights)
+
+
+def conv_weight_grad(
+  x: jax.Array,
+  g: jax.Array,
+  kernel_spatial: tuple[int, ...],
+  *,
+  blocked_weights: bool | None = None,
+) -> jax.Array:
+  """dL/dK of `conv_same(x, kernel)` (oneDNN's backward-weights primitive).
+
+  Args:
+    x: the convolution's input, `[N, *spatial, C]`, float32.
+    g: the gradient of its output, `[N, *spatial, O]`, float32.
+    kernel_spatial: the kernel's spatial sizes.
+
+  Returns:
+    `[*kernel_spatial, C, O]` (HWIO or DHWIO).
+  """
+  _check('onednn.conv_weight_grad', x, len(kernel_spatial) + 2, x, g)
+  if g.shape[:-1] != x.shape[:-1]:
+    raise ValueError(
+      f'onednn.conv_weight_grad: x {x.shape} and g {g.shape} must agree on all but'
+      ' the channel axis.'
+    )
+  shape = tuple(kernel_spatial) + (x.shape[-1], g.shape[-1])
+  return _call(_WGRAD, shape, x, g, blocked_weights)
