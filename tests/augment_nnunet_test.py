@@ -2,6 +2,10 @@
 probability, noise, blur, brightness, contrast, low resolution and gamma."""
 
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -367,3 +371,33 @@ def test_the_train_step_runs_with_the_full_set(spatial):
     run[name] = losses_seen
     assert np.all(np.isfinite(losses_seen)) and int(s.step) == 3
   assert run['full'] != run['off']  # Some of the 6 examples were augmented.
+
+
+def test_the_benchmark_smoke_run(tmp_path):
+  """benchmarks/augment_full.py --smoke: both arms train through the plan and the
+  step times are measured (none asserted)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(root, 'benchmarks', 'augment_full.py'),
+      '--smoke',
+      f'--out={tmp_path}',
+    ],
+    cwd=root,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((tmp_path / 'results.json').read_text())
+  runs = results['dice']['thin2d']
+  full, today = runs['full']['runs'][0], runs['today']['runs'][0]
+  assert full['augment']['augment.gamma_p'] == 0.3  # The plan's full set ...
+  assert today['augment']['augment.gamma_p'] == 0.0  # ... and today's, set back.
+  assert tuple(today['augment']['augment.scale']) in ((1.0, 1.25), (0.85, 1.25))
+  assert today['augment']['augment.scale_p'] == 1.0
+  assert 0 <= full['dice'] <= 1 and 0 <= today['dice'] <= 1
+  assert results['step_time']['2d']['full']['median_s'] > 0
+  assert '| thin2d | full | 2 | 1 |' in (tmp_path / 'results.md').read_text()
