@@ -10,12 +10,19 @@ are on its fields):
 * 90-degree rotations in the last two spatial axes, the (H, W) plane, when
   they are of equal size (`config.rot90`);
 * random scale and crop: zoom by s ~ U(`config.scale`) around a random
-  window (s > 1 zooms in, s < 1 out), with probability `config.scale_p`;
+  window (s > 1 zooms in, s < 1 out), with probability `config.scale_p`
+  (nnU-Net: p 0.2 and (0.7, 1.4), a factor on its sampling grid, so its 1.4
+  zooms out);
 * rotation by any angle (`config.rotation_p`, angles ~ U(`config.rotation`)
   degrees): in the (H, W) plane in 2D; in 3D about each axis of
   `config.rotation_axes` (every axis when empty; (0,): about D only, the (H, W)
   plane, for anisotropic data), each with its own angle; positive angles turn
-  the way `np.rot90` does;
+  the way `np.rot90` does. nnU-Net (`configure_rotation_dummyDA_mirroring_and_
+  inital_patch_size`, `SpatialTransform(p_rotation=0.2)`): +-180 degrees in 2D
+  (+-15 for patches over 1.5x longer one way), +-30 about each axis in 3D, and
+  +-180 about D only when the patch is over 3x longer in plane than along D.
+  Where the rotated window leaves the image, this module reflects the image and
+  the mask (nnU-Net pads with zeros);
 * elastic deformation (`config.elastic`, in pixels): the U-Net paper's
   augmentation. Displacements drawn from N(0, elastic^2) on a coarse grid of
   `config.elastic_grid` points per axis are interpolated smoothly
@@ -60,12 +67,17 @@ equally likely.
 All geometric transforms are composed into one map from output to input
 coordinates, sampled once: linearly for the image, at the nearest pixel for the
 mask, both reflecting at the border (`d c b a | a b c d | d c b a`). Flips and
-rotations map pixels to pixels exactly, so they never blur. Outputs have the
-input shapes and dtypes. Works for 2D [N, H, W, C] and 3D [N, D, H, W, C].
+90-degree rotations map pixels to pixels exactly, so they never blur; the mask
+is only ever moved, never blended, so its values (an ignore value too) survive.
+Outputs have the input shapes and dtypes. Works for 2D [N, H, W, C] and 3D
+[N, D, H, W, C].
 
 Cost: it runs inside the jitted train step, on the device, so it needs no
 host work or transfer besides the batch itself; its share of the step is
-measured in benchmarks/RESULTS.md ("Input pipeline").
+measured in benchmarks/RESULTS.md ("Input pipeline", and for nnU-Net's full
+set "Augmentation: nnU-Net's full set"). Under `vmap` a transform drawn with
+probability p is computed for every example and kept where drawn
+(`jnp.where`), so its cost does not fall with p.
 """
 
 import functools
