@@ -256,11 +256,12 @@ def table(results: dict) -> str:
         f'| {name} | {arm} | {results["steps"]} | {len(d["values"])} | {d["mean"]:.4f} |'
         f' {d["min"]:.4f} | {d["max"]:.4f} | {d["std"]:.4f} |'
       )
-  lines += [
-    '',
-    '| batch | no augmentation s/step | today s/step | full s/step | full / today |',
-    '| --- | ---: | ---: | ---: | ---: |',
-  ]
+  if results.get('step_time'):
+    lines += [
+      '',
+      '| batch | no augmentation s/step | today s/step | full s/step | full / today |',
+      '| --- | ---: | ---: | ---: | ---: |',
+    ]
   for case, r in results.get('step_time', {}).items():
     lines.append(
       f'| {case} {"x".join(map(str, r["batch"]))} | {r["none"]["median_s"]:.4f} |'
