@@ -420,7 +420,7 @@ def test_a_rare_class_gets_class_weights():
 def test_augmentation_follows_position_orientation_and_thickness():
   free = planning.plan(_fp())
   assert free['augment.flip'] and free['augment.flip_axes'] == (0, 1)
-  assert free['augment.rot90'] and free['augment.scale'] == (0.85, 1.25)
+  assert free['augment.rot90'] and free['augment.scale'] == (0.7, 1.4)
   # A class always on the left (W), far beyond its standard error: no flips along W,
   # no rotations.
   left = planning.plan(
@@ -435,9 +435,55 @@ def test_augmentation_follows_position_orientation_and_thickness():
   upright = planning.plan(_fp(elongation_mean=(0.0, 1.2), elongation_sem=(0.0, 0.1)))
   assert upright['augment.flip'] and not upright['augment.rot90']
   thin = planning.plan(_fp(class_thickness=(0.0, 1.5)))
-  assert thin['augment.scale'] == (1.0, 1.25)
+  assert thin['augment.scale'] == (1.0, 1.4)
   anisotropic = planning.plan(_fp(spacing_median=(1.0, 0.5)))
   assert not anisotropic['augment.rot90']
+
+
+def test_nnunet_augmentation_at_its_probabilities():
+  free = planning.plan(_fp())
+  nnunet = {
+    'augment.rotation_p': 0.2,
+    'augment.scale_p': 0.2,
+    'augment.noise_p': 0.1,
+    'augment.blur_p': 0.2,
+    'augment.brightness_p': 0.15,
+    'augment.contrast_p': 0.15,
+    'augment.lowres_p': 0.25,
+    'augment.gamma_inverted_p': 0.1,
+    'augment.gamma_p': 0.3,
+    'augment.intensity': 0.0,  # Replaced by brightness, contrast and gamma.
+  }
+  assert {k: free[k] for k in nnunet} == nnunet
+  # 2D: any angle, unless the plane has a preferred orientation or the input is long.
+  assert free['augment.rotation'] == (-180.0, 180.0)
+  assert 'augment.rotation_axes' not in free.values()
+  upright = planning.plan(_fp(elongation_mean=(0.0, 1.2), elongation_sem=(0.0, 0.1)))
+  assert upright['augment.rotation'] == (-15.0, 15.0)
+  assert upright['augment.rotation_p'] == 0.2
+  long = planning.plan(
+    _fp(shape_median=(64.0, 128.0), shape_min=(64, 128), shape_max=(64, 128))
+  )
+  assert long['augment.rotation'] == (-15.0, 15.0)
+  # Isotropic 3D: +-30 degrees about every axis, low resolution along every axis.
+  iso = planning.plan(_fp3([(1.0, 1.0, 1.0)] * 8, [(48, 48, 48)] * 8))
+  assert iso['augment.rotation'] == (-30.0, 30.0)
+  assert iso['augment.rotation_axes'] == () and iso['augment.lowres_axes'] == ()
+  # Thick slices: in the (H, W) plane only, for both.
+  aniso = planning.plan(_fp3([(5.0, 1.0, 1.0)] * 8, [(12, 64, 64)] * 8))
+  assert aniso['augment.rotation_axes'] == (0,)
+  assert aniso['augment.lowres_axes'] == (1, 2)
+  assert aniso['augment.rotation'] == (-180.0, 180.0)
+  # The table shows each, with its reason.
+  table = planning.format_table(aniso)
+  line = next(x for x in table.splitlines() if x.startswith('augment.rotation_axes '))
+  assert '(0,)' in line and 'about D only' in line
+  line = next(x for x in table.splitlines() if x.startswith('augment.gamma_p '))
+  assert '0.3' in line and "nnU-Net's probability" in line
+  # A planned config augments with them.
+  config = planning.apply(importlib.import_module('configs.folder').get_config(), aniso)
+  options = config_lib.AugmentOptions.from_config(config.augment)
+  assert options.rotation_axes == (0,) and options.gamma_p == 0.3
 
 
 def test_fixed_fields_win_and_the_table_says_so():

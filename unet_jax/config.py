@@ -376,7 +376,13 @@ def _shape_or_none(value, ndim: int, name: str) -> tuple[int, ...] | None:
 
 @dataclasses.dataclass(frozen=True)
 class AugmentOptions(_Section):
-  """`config.augment`: the random transforms of the train step (unet_jax.data.augment)."""
+  """`config.augment`: the random transforms of the train step (unet_jax.data.augment).
+
+  Every `*_p` is a probability per example (0 turns the transform off); the ranges
+  beside them are nnU-Net v2's defaults (unet_jax/data/augment.py cites them), so
+  setting a probability alone gives nnU-Net's transform. All new transforms are off
+  by default: a config that does not name them augments as before.
+  """
 
   SECTION: ClassVar[str] = 'augment'
 
@@ -384,9 +390,60 @@ class AugmentOptions(_Section):
   flip_axes: tuple[int, ...] = ()  # The spatial axes flip acts on; (): every axis.
   rot90: bool = True  # Random 90-degree rotations in the (H, W) plane, when square.
   scale: tuple[float, float] = (1.0, 1.0)  # Random scale-and-crop range; (1, 1): off.
+  scale_p: float = 1.0  # Probability of the scaling (nnU-Net: 0.2).
   intensity: float = 0.0  # Intensity jitter amplitude; 0 turns it off.
   elastic: float = 0.0  # Elastic displacement in pixels; 0 turns it off.
   elastic_grid: int = 3  # Points per axis of the coarse displacement grid.
+  rotation_p: float = 0.0  # Probability of a rotation by any angle (nnU-Net: 0.2).
+  rotation: tuple[float, float] = (-30.0, 30.0)  # Angle range in degrees, per axis.
+  rotation_axes: tuple[int, ...] = ()  # 3D: the axes rotated about; (0,): (H, W) only.
+  noise_p: float = 0.0  # Probability of additive Gaussian noise (nnU-Net: 0.1).
+  noise_std: tuple[float, float] = (0.0, 0.1)  # Range of the noise's standard deviation.
+  blur_p: float = 0.0  # Probability of a Gaussian blur (nnU-Net: 0.2).
+  blur_sigma: tuple[float, float] = (0.5, 1.0)  # Sigma range in pixels, drawn per axis.
+  blur_channel_p: float = 0.5  # Of a blurred example, the share of blurred channels.
+  brightness_p: float = 0.0  # Probability of a multiplicative brightness (nnU-Net: 0.15).
+  brightness: tuple[float, float] = (0.75, 1.25)  # Range of the multiplier.
+  contrast_p: float = 0.0  # Probability of a contrast change (nnU-Net: 0.15).
+  contrast: tuple[float, float] = (0.75, 1.25)  # Range of the contrast factor.
+  lowres_p: float = 0.0  # Probability of a low-resolution simulation (nnU-Net: 0.25).
+  lowres: tuple[float, float] = (0.5, 1.0)  # Range of the downsampling factor.
+  lowres_channel_p: float = 0.5  # Of a low-res example, the share of channels.
+  lowres_axes: tuple[int, ...] = ()  # The spatial axes downsampled; (): every axis.
+  gamma_p: float = 0.0  # Probability of a gamma transform (nnU-Net: 0.3).
+  gamma_inverted_p: float = 0.0  # Probability of a gamma of the inverted image (0.1).
+  gamma: tuple[float, float] = (0.7, 1.5)  # Range of the exponent.
+
+  _PROBABILITIES: ClassVar[tuple[str, ...]] = (
+    'scale_p',
+    'rotation_p',
+    'noise_p',
+    'blur_p',
+    'blur_channel_p',
+    'brightness_p',
+    'contrast_p',
+    'lowres_p',
+    'lowres_channel_p',
+    'gamma_p',
+    'gamma_inverted_p',
+  )
+  # Ranges (min, max) with min <= max, and the bounds they must lie within.
+  _RANGES: ClassVar[dict[str, tuple[float, float, str]]] = {
+    'rotation': (-180.0, 180.0, 'within [-180, 180] degrees'),
+    'noise_std': (0.0, math.inf, '>= 0'),
+    'blur_sigma': (0.0, 8.0, 'in (0, 8] pixels'),
+    'brightness': (0.0, math.inf, '> 0'),
+    'contrast': (0.0, math.inf, '> 0'),
+    'lowres': (0.0, 1.0, 'in (0, 1]'),
+    'gamma': (0.0, math.inf, '> 0'),
+  }
+  _OPEN_BELOW: ClassVar[tuple[str, ...]] = (
+    'blur_sigma',
+    'brightness',
+    'contrast',
+    'lowres',
+    'gamma',
+  )
 
   def __post_init__(self):
     fix = lambda name, value: object.__setattr__(self, name, value)
@@ -396,7 +453,12 @@ class AugmentOptions(_Section):
     fix('intensity', float(self.intensity))
     fix('elastic', float(self.elastic))
     fix('elastic_grid', int(self.elastic_grid))
-    fix('flip_axes', tuple(int(a) for a in self.flip_axes or ()))
+    for name in ('flip_axes', 'rotation_axes', 'lowres_axes'):
+      fix(name, tuple(int(a) for a in getattr(self, name) or ()))
+    for name in self._PROBABILITIES:
+      fix(name, float(getattr(self, name)))
+    for name in self._RANGES:
+      fix(name, tuple(float(v) for v in getattr(self, name)))
     scale = self.scale
     if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
       raise ValueError(
@@ -411,16 +473,38 @@ class AugmentOptions(_Section):
       raise ValueError(
         f'config.augment.elastic_grid must be >= 2, got {self.elastic_grid}.'
       )
-    if any(a < 0 or a > 2 for a in self.flip_axes):
-      raise ValueError(
-        'config.augment.flip_axes must hold spatial axes (0, 1 or 2),'
-        f' got {self.flip_axes}.'
-      )
+    for name in ('flip_axes', 'rotation_axes', 'lowres_axes'):
+      if any(a < 0 or a > 2 for a in getattr(self, name)):
+        raise ValueError(
+          f'config.augment.{name} must hold spatial axes (0, 1 or 2),'
+          f' got {getattr(self, name)}.'
+        )
+    self._check_probabilities_and_ranges()
+
+  def _check_probabilities_and_ranges(self):
+    for name in self._PROBABILITIES:
+      value = getattr(self, name)
+      if not 0 <= value <= 1:  # Also refuses NaN.
+        raise ValueError(f'config.augment.{name} must be in [0, 1], got {value}.')
+    for name, (low, high, text) in self._RANGES.items():
+      value = getattr(self, name)
+      ordered = len(value) == 2 and value[0] <= value[1]
+      below = value[0] > low if name in self._OPEN_BELOW else value[0] >= low
+      if not (ordered and below and value[-1] <= high):
+        raise ValueError(
+          f'config.augment.{name} must be (min, max) with min <= max, {text}, got {value}.'
+        )
 
   @property
   def geometric(self) -> bool:
     """Whether any transform moves pixels."""
-    return self.flip or self.rot90 or self.elastic > 0 or self.scale != (1.0, 1.0)
+    return (
+      self.flip
+      or self.rot90
+      or self.elastic > 0
+      or self.rotation_p > 0
+      or (self.scale != (1.0, 1.0) and self.scale_p > 0)
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -63,10 +63,23 @@ the fingerprint and the budgets:
   preferred in-plane orientation (its mean log elongation log(s_H / s_W) is
   within log 1.5 of 0, or within 3 standard errors of it): anatomical images,
   whose structures sit at fixed places in fixed orientations, fail these tests
-  and are not rotated. Scale in [0.85, 1.25], or [1, 1.25] (zoom in only) when
-  a class is thinner than 3 pixels, which zooming out would erase; elastic
-  deformation (2D, at most 100 cases, as in the U-Net paper) of 2% of the
-  smaller side, at most 4 pixels; intensity jitter 0.1.
+  and are not turned by 90 degrees. Rotation by any angle with probability 0.2 (nnU-Net's
+  `get_training_transforms`): in 2D, +-180 degrees in the (H, W) plane, or +-15
+  when the plane has a preferred orientation (the tests above, but for the
+  square input) or the input is over 1.5x longer one way (nnU-Net's rule); in
+  3D, +-30 degrees about every axis, or, when the patch is over 3x longer in
+  plane than along D (nnU-Net's `do_dummy_2d_data_aug`) or the D spacing is over
+  3x the in-plane one, about D only (+-180 or +-15 as in 2D), and low-resolution
+  simulation in H and W only. Scale with probability 0.2 (nnU-Net's) in
+  [0.7, 1.4] (nnU-Net's range; its factor scales the sampling grid, so 1.4
+  zooms out where ours zooms in, a near-symmetric range either way), or
+  [1, 1.4] (zoom in only) when a class is thinner than 3 pixels, which zooming
+  out would erase; elastic deformation (2D, at most 100 cases, as in the U-Net
+  paper) of 2% of the smaller side, at most 4 pixels. nnU-Net's intensity
+  transforms at its probabilities: noise 0.1, blur 0.2, brightness 0.15,
+  contrast 0.15, low resolution 0.25, inverted gamma 0.1, gamma 0.3 (their
+  ranges are the config fields' defaults, nnU-Net's too;
+  `unet_jax/data/augment.py`); the older intensity jitter is off.
 * **Loss**: Dice + cross-entropy (nnU-Net's); a class that is under 1% of the
   labelled voxels gets the weight min(10, sqrt(1% / frequency)), 1 otherwise.
 * **Steps**: `time_budget / step_time` when both are given (the step time is
@@ -636,28 +649,112 @@ def _off_centre(fp: Fingerprint) -> dict[int, str]:
   return out
 
 
-def _rotation(fp: Fingerprint, shape, off_centre: Mapping[int, str]) -> tuple[bool, str]:
-  """Whether 90-degree rotations in the (H, W) plane are safe, and why."""
+def _orientation(fp: Fingerprint, off_centre: Mapping[int, str]) -> str | None:
+  """Why the (H, W) plane has a preferred orientation, or None if it has none."""
   h, w = fp.ndim - 2, fp.ndim - 1
   if h in off_centre or w in off_centre:
-    return False, off_centre.get(h) or off_centre[w]
+    return off_centre.get(h) or off_centre[w]
   s_h, s_w = fp.spacing_median[h], fp.spacing_median[w]
   if abs(s_h / s_w - 1) > 0.1:
-    return False, f'the in-plane spacing {s_h:g} x {s_w:g} is not isotropic'
-  if shape[h] != shape[w]:
-    return False, f'the training input {_shape_text(shape)} is not square'
+    return f'the in-plane spacing {s_h:g} x {s_w:g} is not isotropic'
   for c in range(1, fp.num_classes):
     mean, sem = fp.elongation_mean[c], fp.elongation_sem[c]
     if fp.class_voxels[c] and abs(mean) > math.log(1.5) and abs(mean) > 3 * sem:
       axis = 'H' if mean > 0 else 'W'
-      return False, (
+      return (
         f'class {c} is elongated along {axis} (s_H / s_W ='
         f' {math.exp(mean):.2f} on average): a preferred orientation'
       )
+  return None
+
+
+def _rotation(fp: Fingerprint, shape, off_centre: Mapping[int, str]) -> tuple[bool, str]:
+  """Whether 90-degree rotations in the (H, W) plane are safe, and why."""
+  h, w = fp.ndim - 2, fp.ndim - 1
+  why = _orientation(fp, off_centre)
+  if why:
+    return False, why
+  if shape[h] != shape[w]:
+    return False, f'the training input {_shape_text(shape)} is not square'
   return True, (
     'no class lies to one side or has a preferred orientation; isotropic'
     ' in-plane spacing; a square input'
   )
+
+
+def _in_plane_only(fp: Fingerprint, shape) -> str | None:
+  """Why 3D rotations and low-resolution simulation stay in the (H, W) plane (nnU-Net's
+  `do_dummy_2d_data_aug`), or None."""
+  if fp.ndim != 3:
+    return None
+  if max(shape) / shape[0] > ANISOTROPY:
+    return (
+      f'the patch {_shape_text(shape)} is over {ANISOTROPY}x longer in plane than'
+      " along D (nnU-Net's rule)"
+    )
+  s_d, s_plane = fp.spacing_median[0], max(fp.spacing_median[1:])
+  if s_d > ANISOTROPY * s_plane:
+    return f'the D spacing {s_d:g} is over {ANISOTROPY}x the in-plane {s_plane:g}'
+  return None
+
+
+def _rotation_choices(fp: Fingerprint, shape, off: Mapping[int, str]) -> list[Choice]:
+  """Rotation by any angle, nnU-Net's: p 0.2; +-180 degrees in a plane, +-30 about
+  every axis of isotropic 3D, +-15 where the plane has a preferred orientation or
+  (nnU-Net's rule) the input is over 1.5x longer one way."""
+  in_plane = _in_plane_only(fp, shape)
+  choices = [Choice('augment.rotation_p', 0.2, "nnU-Net's probability")]
+  if fp.ndim == 3 and not in_plane:
+    choices.append(
+      Choice('augment.rotation', (-30.0, 30.0), "about every axis, nnU-Net's 3D range")
+    )
+    return choices + [Choice('augment.rotation_axes', (), 'isotropic enough to turn D')]
+  h, w = shape[-2], shape[-1]
+  why = _orientation(fp, off)
+  if not why and max(h, w) / min(h, w) > 1.5:
+    why = f"the input {_shape_text(shape)} is over 1.5x longer one way (nnU-Net's rule)"
+  if why:
+    choices.append(Choice('augment.rotation', (-15.0, 15.0), f'+-15 degrees: {why}'))
+  else:
+    choices.append(
+      Choice(
+        'augment.rotation',
+        (-180.0, 180.0),
+        'any angle in the (H, W) plane (nnU-Net): no preferred orientation',
+      )
+    )
+  if fp.ndim == 3:
+    choices.append(Choice('augment.rotation_axes', (0,), f'about D only: {in_plane}'))
+  return choices
+
+
+def _intensity_augment_choices(fp: Fingerprint, shape) -> list[Choice]:
+  """nnU-Net's intensity transforms at its probabilities; the ranges are the
+  defaults of their config fields (nnU-Net's too)."""
+  nnunet = "nnU-Net's probability; its range is the default of augment."
+  choices = [
+    Choice(
+      'augment.intensity',
+      0.0,
+      "off: nnU-Net's brightness, contrast and gamma below replace the jitter",
+    ),
+    Choice('augment.noise_p', 0.1, nnunet + 'noise_std'),
+    Choice('augment.blur_p', 0.2, nnunet + 'blur_sigma'),
+    Choice('augment.brightness_p', 0.15, nnunet + 'brightness'),
+    Choice('augment.contrast_p', 0.15, nnunet + 'contrast'),
+    Choice('augment.lowres_p', 0.25, nnunet + 'lowres'),
+  ]
+  in_plane = _in_plane_only(fp, shape)
+  if fp.ndim == 3:
+    choices.append(
+      Choice('augment.lowres_axes', (1, 2), f'H and W only: {in_plane}')
+      if in_plane
+      else Choice('augment.lowres_axes', (), 'every axis: isotropic enough')
+    )
+  return choices + [
+    Choice('augment.gamma_inverted_p', 0.1, nnunet + 'gamma'),
+    Choice('augment.gamma_p', 0.3, nnunet + 'gamma'),
+  ]
 
 
 def augment_choices(fp: Fingerprint, shape) -> list[Choice]:
@@ -678,12 +775,14 @@ def augment_choices(fp: Fingerprint, shape) -> list[Choice]:
     choices = [Choice('augment.flip', False, '; '.join(off.values()))]
   rot90, rot_why = _rotation(fp, shape, off)
   choices.append(Choice('augment.rot90', rot90, rot_why))
+  choices += _rotation_choices(fp, shape, off)
+  choices.append(Choice('augment.scale_p', 0.2, "nnU-Net's probability"))
   thin = [c for c in range(1, fp.num_classes) if 0 < fp.class_thickness[c] < _THIN]
   if thin:
     choices.append(
       Choice(
         'augment.scale',
-        (1.0, 1.25),
+        (1.0, 1.4),
         'zoom in only: class'
         f' {thin[0]} is {fp.class_thickness[thin[0]]:.1f} pixels thick,'
         ' and zooming out would erase it',
@@ -693,8 +792,8 @@ def augment_choices(fp: Fingerprint, shape) -> list[Choice]:
     choices.append(
       Choice(
         'augment.scale',
-        (0.85, 1.25),
-        f'a safe range: no class is thinner than {_THIN:g} pixels',
+        (0.7, 1.4),
+        f"nnU-Net's range: no class is thinner than {_THIN:g} pixels",
       )
     )
   if fp.ndim == 2 and fp.num_cases <= 100:
@@ -718,14 +817,7 @@ def augment_choices(fp: Fingerprint, shape) -> list[Choice]:
         else 'off',
       )
     )
-  choices.append(
-    Choice(
-      'augment.intensity',
-      0.1,
-      'mild brightness and contrast jitter (nnU-Net applies stronger ones)',
-    )
-  )
-  return choices
+  return choices + _intensity_augment_choices(fp, shape)
 
 
 # ---------------------------------------------------------------------------
