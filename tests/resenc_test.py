@@ -533,3 +533,31 @@ def test_benchmark_smoke_run(tmp_path):
     assert arm['0']['steps'] == 2 and 0.0 <= arm['0']['dice'] <= 1.0
   table = (tmp_path / 'results.md').read_text()
   assert '| smoke2d | same steps | residual | 1 |' in table
+
+
+@pytest.mark.parametrize('ndim', [2, 3])
+def test_kernel_policies_compute_the_same_residual_network(ndim):
+  # The CPU's formulations (folded 3D, pointwise products) take the stride-1
+  # convolutions, the projections among them; the strided ones fall back to XLA's
+  # (the native kernels' own tests are tests/conv_test.py's). Forward and parameter
+  # gradients equal the plain XLA network's.
+  from unet_jax.ops import policy  # pylint: disable=g-import-not-at-top
+
+  cpu = policy.CPU.without_native()
+  kwargs = SMALL_2D if ndim == 2 else dict(SMALL_3D, norm='instance')
+  shape = (2, 16, 16, 1) if ndim == 2 else (1, 4, 16, 16, 2)
+  x = jax.random.normal(jax.random.key(6), shape)
+  fast, plain = models.UNet(**kwargs, kernels=cpu), models.UNet(**kwargs, kernels='xla')
+  variables = plain.init(jax.random.key(0), x)
+
+  def value_and_grad(model):
+    def loss(params):
+      out = model.apply({**variables, 'params': params}, x, train=True, mutable=True)[0]
+      return jnp.mean(out**2)
+
+    return jax.value_and_grad(loss)(variables['params'])
+
+  (v0, g0), (v1, g1) = value_and_grad(plain), value_and_grad(fast)
+  np.testing.assert_allclose(v1, v0, rtol=1e-4)
+  for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(jnp.abs(b).max()) + 1e-7)
