@@ -783,6 +783,20 @@ def largest_patch(budget_bytes: int, *, ndim: int, **kwargs) -> int | None:
   return lo * step
 
 
+# The `estimate` arguments that are `models.UNet` fields of the same name.
+_MODEL_ARGS = (
+  'features',
+  'depth',
+  'kernel_sizes',
+  'pool_sizes',
+  'norm',
+  'upsample',
+  'block',
+  'blocks_per_stage',
+  'max_features',
+)
+
+
 def compiled_memory(
   *,
   spatial_shape: Sequence[int],
@@ -823,43 +837,15 @@ def compiled_memory(
     comparable with `estimate(...).total_bytes`; `temp` is comparable with
     `activation_bytes` (inference) or `activation_bytes + gradient_bytes` (training).
   """
+  arguments = {k: v for k, v in locals().items() if k != 'kernels'}  # estimate's
+  c = estimate(**arguments).config  # the same checks
   # pylint: disable=g-import-not-at-top
   import jax
   import jax.numpy as jnp
 
-  c = estimate(
-    spatial_shape=spatial_shape,
-    in_channels=in_channels,
-    num_classes=num_classes,
-    features=features,
-    depth=depth,
-    kernel_sizes=kernel_sizes,
-    pool_sizes=pool_sizes,
-    norm=norm,
-    upsample=upsample,
-    upsample_conv_kernel=upsample_conv_kernel,
-    batch=batch,
-    dtype=dtype,
-    training=training,
-    remat=remat,
-    block=block,
-    blocks_per_stage=blocks_per_stage,
-    max_features=max_features,
-  ).config  # the same checks
-  model_args = (
-    'features',
-    'depth',
-    'kernel_sizes',
-    'pool_sizes',
-    'norm',
-    'upsample',
-    'block',
-    'blocks_per_stage',
-    'max_features',
-  )
   model = models.UNet(
     num_classes=num_classes,
-    **{k: c[k] for k in model_args},
+    **{k: c[k] for k in _MODEL_ARGS},
     upsample_conv_kernel=upsample_conv_kernel,
     dtype=jnp.dtype(c['dtype']),
     remat=remat,

@@ -113,11 +113,9 @@ def plan(
     features: the network's top width (`config.model.features`), for the
       memory estimates.
     num_devices: the batch is a multiple of it; the budget is per device.
-    network: the config's `model.block`, `model.blocks_per_stage` and
-      `model.max_features` (missing: the UNet's defaults), for the memory
-      estimates: a residual encoder needs more memory per voxel, so a budget gives
-      it a smaller patch or batch than the plain U-Net. With block 'residual' the
-      plan chooses `model.blocks_per_stage` for its depth.
+    network: the config's `NETWORK_FIELDS` of `model` (missing: the UNet's
+      defaults), for the memory estimates; with block 'residual' the plan
+      chooses `model.blocks_per_stage` for its depth.
 
   Returns:
     A `Plan`.
