@@ -561,3 +561,16 @@ def test_kernel_policies_compute_the_same_residual_network(ndim):
   np.testing.assert_allclose(v1, v0, rtol=1e-4)
   for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(jnp.abs(b).max()) + 1e-7)
+
+
+def test_the_planning_command_plans_a_residual_network(tmp_path, capsys):
+  from unet_jax.planning import __main__ as planning_cli  # pylint: disable=g-import-not-at-top
+
+  root = _write_2d(tmp_path / 'data')
+  planning_cli.main(
+    [f'--root={root}', f'--data_dir={tmp_path / "tfds"}', '--block=residual']
+    + ['--features=4', '--max_features=8', '--memory_budget=64MiB']
+  )
+  out = capsys.readouterr().out
+  line = next(x for x in out.splitlines() if x.startswith('model.blocks_per_stage'))
+  assert '(1, 3)' in line and 'ResEnc' in line  # depth 1 for 8x8 images
