@@ -37,6 +37,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.param_dtype = 'float32'
   config.model.remat = False  # Recompute each block in the backward pass (less memory).
   config.model.deep_supervision = 0  # Auxiliary heads below the top (nnU-Net); 0: none.
+  # 'plain' (the paper's double convolution a level) or 'residual' (nnU-Net's residual
+  # encoder: strided residual blocks, configs/resenc_m.py); the decoder is plain in both.
+  config.model.block = 'plain'
+  # Residual blocks of each encoder stage, e.g. (1, 3, 4, 6, 6, 6) for depth 5 (the
+  # bottleneck last); None: 1 each. The plan cuts it to its depth (planning/rules.py).
+  config.model.blocks_per_stage = config_dict.placeholder(tuple)
+  # The widest level: widths double down to it, then stay (nnU-Net: 320 in 3D, 512
+  # in 2D); None: no cap.
+  config.model.max_features = config_dict.placeholder(int)
 
   # Evaluators by name (unet_jax/evaluation, config_lib.EvalOptions): each runs every
   # `every_steps` and after the last step; its metrics are written as <name>_<metric>.

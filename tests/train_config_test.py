@@ -10,7 +10,18 @@ from unet_jax.data import pipeline as input_pipeline
 from unet_jax.models import factory
 from unet_jax.train import config_checks
 
-CONFIGS = ('default', 'dice_bce', 'dice_ce', 'focal_dice', 'unet3d', 'pets', 'folder')
+CONFIGS = (
+  'default',
+  'dice_bce',
+  'dice_ce',
+  'focal_dice',
+  'unet3d',
+  'pets',
+  'folder',
+  'resenc_m',
+  'resenc_l',
+  'resenc_xl',
+)
 
 
 @pytest.mark.parametrize('name', CONFIGS)

@@ -1,7 +1,8 @@
 r"""BatchNorm folded into the convolution before it, for prediction.
 
 At inference BatchNorm uses its running statistics, so it is an affine map per
-channel, and the convolution before it has no bias (`ConvBlock`): the two are one
+channel, and the convolution before it has no bias (`ConvBlock`, and each
+convolution of a `ResidualBlock`, its projection too): the two are one
 convolution with a scaled kernel and a bias,
 
 .. math::
@@ -33,28 +34,53 @@ from unet_jax import models
 
 # `models.unet._norm`'s BatchNorm epsilon.
 EPSILON = 1e-5
-_CONVS = ('conv0', 'conv1')
+
+
+def _conv_of(norm: str) -> str:
+  """The convolution a norm follows: norm0 -> conv0, proj_norm -> proj_conv."""
+  return norm.replace('norm', 'conv')
+
+
+def _fold_conv(conv: dict, norm: dict, stats: dict) -> dict:
+  kernel = jnp.asarray(conv['kernel'], jnp.float32)
+  scale = jnp.asarray(norm['scale'], jnp.float32) * jax.lax.rsqrt(
+    jnp.asarray(stats['var'], jnp.float32) + EPSILON
+  )
+  bias = jnp.asarray(norm['bias'], jnp.float32) - scale * jnp.asarray(
+    stats['mean'], jnp.float32
+  )
+  dtype = conv['kernel'].dtype
+  return {'kernel': (kernel * scale).astype(dtype), 'bias': bias.astype(dtype)}
 
 
 def _fold_block(params: dict, stats: dict, where: str) -> dict:
-  """One ConvBlock's {'conv0', 'norm0', 'conv1', 'norm1'} -> {'conv0', 'conv1'}."""
-  out = {}
-  for i, conv in enumerate(_CONVS):
-    norm = f'norm{i}'
-    if conv not in params or norm not in params or norm not in stats:
+  """A module's params with each BatchNorm (a `stats` entry with mean and var)
+  folded into its convolution (`_conv_of`): a ConvBlock's {'conv0', 'norm0',
+  'conv1', 'norm1'} -> {'conv0', 'conv1'}; a residual stage's blocks, and their
+  projections (proj_conv, proj_norm), by recursion."""
+  out = dict(params)
+  for name, sub in stats.items():
+    if name not in params:
       raise ValueError(
-        f'{where}: a BatchNorm ConvBlock needs {conv}, {norm} and its batch_stats;'
-        f' it has params {sorted(params)} and batch_stats {sorted(stats)}.'
+        f'{where}: batch_stats {name} has no parameters; the params are {sorted(params)}.'
       )
-    kernel = jnp.asarray(params[conv]['kernel'], jnp.float32)
-    scale = jnp.asarray(params[norm]['scale'], jnp.float32) * jax.lax.rsqrt(
-      jnp.asarray(stats[norm]['var'], jnp.float32) + EPSILON
+    if 'mean' not in sub or 'var' not in sub:  # A submodule: a stage's block.
+      out[name] = _fold_block(params[name], sub, f'{where}/{name}')
+      continue
+    conv = _conv_of(name)
+    if conv not in params:
+      raise ValueError(
+        f'{where}: BatchNorm {name} follows no convolution {conv}; it has params'
+        f' {sorted(params)}.'
+      )
+    out[conv] = _fold_conv(params[conv], params[name], sub)
+    del out[name]
+  unfolded = [k for k, v in out.items() if 'norm' in k and 'scale' in v]
+  if unfolded:
+    raise ValueError(
+      f'{where}: a BatchNorm block needs the batch_stats of each norm; {unfolded} have'
+      f' none (it has params {sorted(params)} and batch_stats {sorted(stats)}).'
     )
-    bias = jnp.asarray(params[norm]['bias'], jnp.float32) - scale * jnp.asarray(
-      stats[norm]['mean'], jnp.float32
-    )
-    dtype = params[conv]['kernel'].dtype
-    out[conv] = {'kernel': (kernel * scale).astype(dtype), 'bias': bias.astype(dtype)}
   return out
 
 
@@ -69,8 +95,9 @@ def fold_batchnorm(
 
   Returns:
     `(model.clone(norm='none', remat=False), {'params': folded})`: convolutions of
-    the conv blocks get the folded kernel and a bias; every other parameter is
-    passed through as it is. Apply it with `train=False` only.
+    the conv blocks and residual blocks (and their projections) get the folded
+    kernel and a bias; every other parameter is passed through as it is. Apply it
+    with `train=False` only.
 
   Raises:
     ValueError: if the model's norm is not 'batch', or a block lacks its statistics.

@@ -46,6 +46,12 @@ cross-entropy):
   apart). With `remat`, a conv block keeps only its input and recomputes its insides
   when the backward pass reaches it (`UNet(remat=True)` wraps each block in
   `nn.remat`).
+- **Residual encoder** (`block='residual'`): the stem is a one-convolution block;
+  each residual block keeps, besides the conv -> norm -> ReLU -> conv -> norm
+  buffers, its shortcut (average pooling, whose gradient reads nothing, and the
+  1x1 projection and its norm where the stride or width changes), the sum and the
+  final ReLU's input; the strided convolution makes its map at the lower
+  resolution. Each residual block is a unit of `remat`.
 - **Parameters** are counted exactly (tests compare them with `model.init`), in
   float32 (`param_dtype`). With a bfloat16 compute dtype each layer's kernel is also
   cast to bfloat16, and in training those copies stay alive for the backward pass.
@@ -207,6 +213,11 @@ class MemoryEstimate:
       f' {c["features"]}, depth {c["depth"]}, norm {c["norm"]}, upsample'
       f' {c["upsample"]}, {c["dtype"]}, {mode}'
     )
+    if c.get('block', 'plain') == 'residual':
+      header += f', residual encoder, blocks per stage {c["blocks_per_stage"]}'
+    if c.get('max_features'):
+      header += f', widths at most {c["max_features"]}'
+
     rows = [
       (
         'parameters',
@@ -278,9 +289,9 @@ class _Graph:
     )
     return out
 
-  def block(self, prefix, x, cin, width, k, size) -> str:
-    """Two (conv -> norm -> ReLU) layers; returns the name of the output."""
-    for i in range(2):
+  def block(self, prefix, x, cin, width, k, size, *, convs=2) -> str:
+    """`convs` (conv -> norm -> ReLU) layers; returns the name of the output."""
+    for i in range(convs):
       pre = self.add(
         f'{prefix}/conv{i}', f'{prefix}/c{i}', size, width, (x,), saves=(x,), block=prefix
       )
@@ -313,6 +324,77 @@ class _Graph:
       cin = width
     return x
 
+  def _conv_norm(self, prefix, name, x, cin, width, k, size, *, block) -> str:
+    """A convolution (its backward reads its input) and, unless norm='none', a norm
+    (its backward reads its input); returns the name of the last."""
+    pre = self.add(
+      f'{prefix}/{name}_conv',
+      f'{prefix}/{name}c',
+      size,
+      width,
+      (x,),
+      saves=(x,),
+      block=block,
+    )
+    self.params += _conv_params(k, cin, width, self.norm == 'none')
+    if self.norm == 'none':
+      return pre
+    self.params += 2 * width
+    self.stats += 2 * width if self.norm == 'batch' else 0
+    return self.add(
+      f'{prefix}/{name}_norm',
+      f'{prefix}/{name}n',
+      size,
+      width,
+      (pre,),
+      saves=(pre,),
+      elementwise=True,
+      block=block,
+    )
+
+  def residual_block(self, prefix, x, cin, width, k, size_in, stride) -> str:
+    """`models.ResidualBlock`: conv -> norm -> ReLU -> conv -> norm, the shortcut
+    (average pooling where strided, a 1x1 conv and norm where the width or stride
+    changes), the sum and a ReLU. Returns the name of the output."""
+    size = tuple(s // p for s, p in zip(size_in, stride))
+    y = self._conv_norm(prefix, 'c0', x, cin, width, k, size, block=prefix)
+    y = self.add(
+      f'{prefix}/relu0',
+      f'{prefix}/r0',
+      size,
+      width,
+      (y,),
+      saves=(y,),
+      elementwise=True,
+      block=prefix,
+    )
+    y = self._conv_norm(prefix, 'c1', y, width, width, k, size, block=prefix)
+    skip = x
+    if any(p != 1 for p in stride):  # Average pooling: its gradient reads nothing.
+      skip = self.add(f'{prefix}/avg_pool', f'{prefix}/ap', size, cin, (x,), block=prefix)
+    if cin != width:
+      ones = (1,) * len(size)
+      skip = self._conv_norm(prefix, 'proj', skip, cin, width, ones, size, block=prefix)
+    y = self.add(
+      f'{prefix}/add',
+      f'{prefix}/sum',
+      size,
+      width,
+      (y, skip),
+      elementwise=True,
+      block=prefix,
+    )
+    return self.add(
+      f'{prefix}/relu1',
+      f'{prefix}/r1',
+      size,
+      width,
+      (y,),
+      saves=(y,),
+      elementwise=True,
+      block=prefix,
+    )
+
   def upsample(self, prefix, x, cin, width, size, pool, *, mode, conv_kernel) -> str:
     """The decoder's upsampling to `size` and `width`, as `models.Upsample` runs it."""
     if mode == 'transpose':
@@ -342,6 +424,9 @@ def _graph(
   batch,
   itemsize,
   training,
+  block='plain',
+  blocks_per_stage=1,
+  max_features=None,
 ):
   """The forward ops of `models.UNet` and its exact parameter count."""
   ndim = len(spatial_shape)
@@ -350,23 +435,16 @@ def _graph(
   )
   divisor = models.input_divisor(ndim=ndim, depth=depth, pool_sizes=pool_sizes)
   models.check_spatial_shape(spatial_shape, divisor)
+  counts = models.stage_blocks(block=block, blocks_per_stage=blocks_per_stage, depth=depth)
+  widths = models.level_widths(features=features, depth=depth, max_features=max_features)
   g = _Graph(batch=batch, itemsize=itemsize, norm=norm)
-  size = tuple(spatial_shape)
-  sizes, skips = [], []
-  x, cin = 'input', in_channels
-  for level in range(depth):
-    width = features * 2**level
-    x = g.block(f'encoder{level}', x, cin, width, kernels[level], size)
-    sizes.append(size)
-    skips.append(x)
-    size = tuple(s // p for s, p in zip(size, pools[level]))
-    x = g.add(f'encoder{level}/pool', f'encoder{level}/p', size, width, (x,), saves=(x,))
-    cin = width
-  width = features * 2**depth
-  x = g.block('bottleneck', x, cin, width, kernels[depth], size)
-  cin = width
+  encoder = _residual_encoder if block == 'residual' else _plain_encoder
+  x, sizes, skips = encoder(
+    g, spatial_shape, in_channels, widths, kernels, pools, counts=counts
+  )
+  cin = widths[depth]
   for level in reversed(range(depth)):
-    width, size, prefix = features * 2**level, sizes[level], f'decoder{level}'
+    width, size, prefix = widths[level], sizes[level], f'decoder{level}'
     up = g.upsample(
       prefix,
       x,
@@ -396,6 +474,51 @@ def _graph(
       )
     )
   return g.ops, g.params, g.stats
+
+
+def _plain_encoder(g, spatial_shape, in_channels, widths, kernels, pools, *, counts):
+  """The plain encoder's ops: a double convolution a level, then max pooling.
+  Returns the bottleneck's output, each level's size and its skip."""
+  del counts  # One block a level.
+  size, sizes, skips = tuple(spatial_shape), [], []
+  x, cin = 'input', in_channels
+  for level, pool in enumerate(pools):
+    x = g.block(f'encoder{level}', x, cin, widths[level], kernels[level], size)
+    sizes.append(size)
+    skips.append(x)
+    size = tuple(s // p for s, p in zip(size, pool))
+    x = g.add(
+      f'encoder{level}/pool', f'encoder{level}/p', size, widths[level], (x,), saves=(x,)
+    )
+    cin = widths[level]
+  x = g.block('bottleneck', x, cin, widths[-1], kernels[-1], size)
+  return x, sizes, skips
+
+
+def _residual_encoder(g, spatial_shape, in_channels, widths, kernels, pools, *, counts):
+  """The residual encoder's ops: the stem, then the residual blocks of each stage,
+  the first strided. Returns the bottleneck's output, each level's size and skip."""
+  size = tuple(spatial_shape)
+  x = g.block('stem', 'input', in_channels, widths[0], kernels[0], size, convs=1)
+  sizes, skips, cin = [], [], widths[0]
+  for level, count in enumerate(counts):
+    stage = f'encoder{level}' if level < len(pools) else 'bottleneck'
+    stride = pools[level - 1] if level else (1,) * len(size)
+    for i in range(count):
+      x = g.residual_block(
+        f'{stage}/block{i}',
+        x,
+        cin,
+        widths[level],
+        kernels[level],
+        size,
+        stride if i == 0 else (1,) * len(size),
+      )
+      size = tuple(s // p for s, p in zip(size, stride)) if i == 0 else size
+      cin = widths[level]
+    sizes.append(size)
+    skips.append(x)
+  return x, sizes[:-1], skips[:-1]
 
 
 def _inference_peak(ops: Sequence[_Op]) -> tuple[int, str]:
@@ -494,6 +617,9 @@ def estimate(
   dtype: str = 'float32',
   training: bool = False,
   remat: bool = False,
+  block: str = 'plain',
+  blocks_per_stage: int | Sequence[int] = 1,
+  max_features: int | None = None,
 ) -> MemoryEstimate:
   """Memory of `models.UNet` on a `[batch, *spatial_shape, in_channels]` input.
 
@@ -524,6 +650,9 @@ def estimate(
     dtype=dtype,
     training=training,
     remat=remat,
+    block=block,
+    blocks_per_stage=blocks_per_stage,
+    max_features=max_features,
   )
   _check_arguments(**config, upsample_conv_kernel=upsample_conv_kernel)
   itemsize = DTYPE_BYTES[config['dtype']]
@@ -564,7 +693,7 @@ def _check_arguments(
   **unused,
 ) -> None:
   """The ValueErrors of `estimate`, naming each bad argument."""
-  del unused  # kernel_sizes and pool_sizes: checked when the graph is built
+  del unused  # kernel_sizes, pool_sizes and the block fields: checked by the graph
   if len(spatial_shape) not in (2, 3):
     raise ValueError(
       f'spatial_shape={spatial_shape} must have 2 (H, W) or 3 (D, H, W) entries.'
@@ -654,6 +783,20 @@ def largest_patch(budget_bytes: int, *, ndim: int, **kwargs) -> int | None:
   return lo * step
 
 
+# The `estimate` arguments that are `models.UNet` fields of the same name.
+_MODEL_ARGS = (
+  'features',
+  'depth',
+  'kernel_sizes',
+  'pool_sizes',
+  'norm',
+  'upsample',
+  'block',
+  'blocks_per_stage',
+  'max_features',
+)
+
+
 def compiled_memory(
   *,
   spatial_shape: Sequence[int],
@@ -670,6 +813,9 @@ def compiled_memory(
   dtype: str = 'float32',
   training: bool = False,
   remat: bool = False,
+  block: str = 'plain',
+  blocks_per_stage: int | Sequence[int] = 1,
+  max_features: int | None = None,
   kernels: policy_lib.KernelPolicy | str = 'xla',
 ) -> dict[str, int]:
   """XLA's own memory figures for what `estimate` models, on the default backend.
@@ -691,30 +837,15 @@ def compiled_memory(
     comparable with `estimate(...).total_bytes`; `temp` is comparable with
     `activation_bytes` (inference) or `activation_bytes + gradient_bytes` (training).
   """
+  arguments = {k: v for k, v in locals().items() if k != 'kernels'}  # estimate's
+  c = estimate(**arguments).config  # the same checks
   # pylint: disable=g-import-not-at-top
   import jax
   import jax.numpy as jnp
 
-  c = estimate(
-    spatial_shape=spatial_shape,
-    in_channels=in_channels,
-    num_classes=num_classes,
-    features=features,
-    depth=depth,
-    kernel_sizes=kernel_sizes,
-    pool_sizes=pool_sizes,
-    norm=norm,
-    upsample=upsample,
-    upsample_conv_kernel=upsample_conv_kernel,
-    batch=batch,
-    dtype=dtype,
-    training=training,
-    remat=remat,
-  ).config  # the same checks
-  model_args = ('features', 'depth', 'kernel_sizes', 'pool_sizes', 'norm', 'upsample')
   model = models.UNet(
     num_classes=num_classes,
-    **{k: c[k] for k in model_args},
+    **{k: c[k] for k in _MODEL_ARGS},
     upsample_conv_kernel=upsample_conv_kernel,
     dtype=jnp.dtype(c['dtype']),
     remat=remat,
@@ -788,6 +919,12 @@ def _shape_arg(text: str):
   return [lv[0] if len(lv) == 1 else lv for lv in levels]
 
 
+def _blocks_arg(text: str) -> int | tuple[int, ...]:
+  """'2' -> 2; '1,3,4,6' -> (1, 3, 4, 6)."""
+  counts = _ints(text)
+  return counts[0] if len(counts) == 1 else counts
+
+
 def _parser() -> argparse.ArgumentParser:
   """The command line of `main`."""
   parser = argparse.ArgumentParser(
@@ -830,6 +967,13 @@ def _parser() -> argparse.ArgumentParser:
     help='a train step (forward, backward, Adam); else inference',
   )
   parser.add_argument('--remat', action='store_true', help='with --training')
+  parser.add_argument('--block', default='plain', choices=models.BLOCKS)
+  parser.add_argument(
+    '--blocks_per_stage',
+    default='1',
+    help='with --block=residual: 2 (every stage), or 1,3,4,6,6 (depth + 1 stages)',
+  )
+  parser.add_argument('--max_features', type=int, default=None, help='widest level')
   parser.add_argument(
     '--budget',
     default=None,
@@ -854,6 +998,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     dtype=args.dtype,
     training=args.training,
     remat=args.remat,
+    block=args.block,
+    blocks_per_stage=_blocks_arg(args.blocks_per_stage),
+    max_features=args.max_features,
   )
   if args.spatial is None and args.budget is None:
     parser.error('give --spatial, --budget (with --ndim), or both.')

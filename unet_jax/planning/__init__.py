@@ -42,6 +42,7 @@ from unet_jax.planning.plan import fixed_fields
 from unet_jax.planning.plan import format_fingerprint
 from unet_jax.planning.plan import format_table
 from unet_jax.planning.plan import has_field
+from unet_jax.planning.plan import NETWORK_FIELDS
 from unet_jax.planning.plan import Plan
 from unet_jax.planning.plan import plan
 from unet_jax.planning.plan import PLAN_FILE
@@ -77,6 +78,7 @@ __all__ = [
   'MIN_PATCH_SIDE',
   'MIN_POOL_SIZE',
   'MIN_STEPS',
+  'NETWORK_FIELDS',
   'plan',
   'Plan',
   'PLAN_FILE',

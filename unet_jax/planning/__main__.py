@@ -1,6 +1,8 @@
 """The plan from the shell, without training.
 
     python -m unet_jax.planning --root=/path/to/my_data [--config=2d|3d]
+    python -m unet_jax.planning --root=... --block=residual --features=32 \
+        --max_features=320 --memory_budget=9GiB     # as configs/resenc_m.py plans
 
 prints the fingerprint of a folder of images and masks, or of an nnU-Net or MSD
 data set (configs/folder.py), and the plan training would make from it (the
@@ -35,6 +37,13 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--ignore_index', type=int, default=-1)
   parser.add_argument('--memory_budget', default='2GiB')
   parser.add_argument('--features', type=int, default=16)
+  parser.add_argument('--block', default='plain', choices=('plain', 'residual'))
+  parser.add_argument(
+    '--blocks_per_stage',
+    default='1,3,4,6,6,6',
+    help='with --block=residual: cut to the planned depth (configs/resenc_m.py)',
+  )
+  parser.add_argument('--max_features', type=int, default=None, help='widest level')
   parser.add_argument('--time_budget', type=float, default=0.0, help='seconds')
   parser.add_argument(
     '--step_time', type=float, default=0.0, help='seconds per step (training measures it)'
@@ -63,6 +72,11 @@ def main(argv: Sequence[str] | None = None) -> None:
       fp,
       memory_budget=args.memory_budget,
       features=args.features,
+      network=dict(
+        block=args.block,
+        blocks_per_stage=tuple(int(b) for b in args.blocks_per_stage.split(',')),
+        max_features=args.max_features,
+      ),
       time_budget=args.time_budget or None,
       step_time=args.step_time or None,
     )

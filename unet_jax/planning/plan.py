@@ -81,6 +81,10 @@ def read_plan(path: str) -> Plan:
     return Plan.from_dict(json.load(f))
 
 
+# The `config.model` fields `plan` takes as `network`, beside `features`.
+NETWORK_FIELDS = ('block', 'blocks_per_stage', 'max_features')
+
+
 def plan(
   fp: Fingerprint,
   *,
@@ -90,6 +94,7 @@ def plan(
   fixed: Mapping[str, Any] | None = None,
   features: int = 16,
   num_devices: int = 1,
+  network: Mapping[str, Any] | None = None,
 ) -> Plan:
   """The plan for a data set: config fields, each with its reason (the rules are
   in `unet_jax/planning/rules.py`). A pure function of its arguments. 3D data is
@@ -108,13 +113,17 @@ def plan(
     features: the network's top width (`config.model.features`), for the
       memory estimates.
     num_devices: the batch is a multiple of it; the budget is per device.
+    network: the config's `NETWORK_FIELDS` of `model` (missing: the UNet's
+      defaults), for the memory estimates; with block 'residual' the plan
+      chooses `model.blocks_per_stage` for its depth.
 
   Returns:
     A `Plan`.
   """
   fixed = _as_tuples_in(fixed or {})
   budget = memory.parse_bytes(memory_budget)
-  options = dict(budget=budget, num_devices=num_devices)
+  network = {k: v for k, v in dict(network or {}).items() if v is not None}
+  options = dict(budget=budget, num_devices=num_devices, network=network)
   spacing, data = rules.spacing_choices(fp, fixed)  # `data`: resampled to the target.
   choices, shape, batch = rules.input_choices(data, fixed, features=features, **options)
   timed = []
@@ -142,6 +151,8 @@ def plan(
     'features': features,
     'num_devices': num_devices,
   }
+  if network:
+    inputs['network'] = {k: as_tuples(v) for k, v in network.items()}
   if not any(c.field in fixed for c in choices):
     return Plan(tuple(choices), inputs)
   free = plan(
@@ -151,6 +162,7 @@ def plan(
     step_time=step_time,
     features=features,
     num_devices=num_devices,
+    network=network,
   )
   return Plan(_mark_fixed(choices, fixed, free), inputs)
 

@@ -31,7 +31,14 @@ the fingerprint and the budgets:
   the pooling factor and, while a training step of batch 2 does not fit
   `memory_budget` (`unet_jax.models.memory.estimate`), the axis largest
   relative to the median shape (each of them on a tie) is shrunk by one pooling
-  factor, re-planning the pooling each time (nnU-Net's rule).
+  factor, re-planning the pooling each time (nnU-Net's rule). The estimate is of
+  the run's network: with `model.block='residual'` (configs/resenc_m.py) the
+  residual encoder with its blocks per stage and `model.max_features`, which needs
+  more memory a voxel, so a budget gives it a smaller patch or batch than the
+  plain U-Net, and a larger budget a larger one.
+* **Blocks per stage** (`model.block='residual'` only): the config's
+  `model.blocks_per_stage`, e.g. nnU-Net's (1, 3, 4, 6, 6, 6), cut to the planned
+  depth + 1 stages, or extended by its last count (nnU-Net's ResEnc planner).
   2D: whole images (padded to the largest) when the largest fits the budget and
   is at most 1.5x the median along every axis, else random crops of the patch.
   3D: random patches, and sliding-window evaluation with the same patch when
@@ -111,6 +118,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from unet_jax import config as config_lib
+from unet_jax import models
 from unet_jax.models import memory
 from unet_jax.planning.fingerprint import as_tuples
 from unet_jax.planning.fingerprint import Fingerprint
@@ -318,7 +326,31 @@ def normalisation_choices(fp: Fingerprint, fixed: Mapping[str, Any]) -> list[Cho
 # The input size, the layout and the batch.
 
 
-def _step_bytes(shape, pools, kernels, *, batch, fp, features) -> int:
+def stage_blocks_for(blocks_per_stage: Any, depth: int) -> int | tuple[int, ...]:
+  """The blocks per stage of a residual encoder of `depth` (nnU-Net's ResEnc planner
+  rule): a list is cut to `depth + 1` stages, or extended with its last count; an
+  int (or None: 1) applies to every stage."""
+  if blocks_per_stage is None or isinstance(blocks_per_stage, int):
+    return blocks_per_stage or 1
+  counts = tuple(int(c) for c in blocks_per_stage)[: depth + 1]
+  return counts + counts[-1:] * (depth + 1 - len(counts))
+
+
+def _network_args(network: Mapping[str, Any] | None, depth: int) -> dict[str, Any]:
+  """`memory.estimate`'s block fields for the run's `network` (block,
+  blocks_per_stage, max_features; missing ones at the UNet's defaults)."""
+  network = dict(network or {})
+  block = network.get('block') or 'plain'
+  return dict(
+    block=block,
+    blocks_per_stage=stage_blocks_for(network.get('blocks_per_stage'), depth)
+    if block == 'residual'
+    else 1,
+    max_features=network.get('max_features'),
+  )
+
+
+def _step_bytes(shape, pools, kernels, *, batch, fp, features, network=None) -> int:
   """The estimated bytes of a training step on `batch` inputs of `shape`.
 
   In float32 whatever `config.model.dtype` says (its default, 'auto', is bfloat16 on
@@ -338,11 +370,15 @@ def _step_bytes(shape, pools, kernels, *, batch, fp, features) -> int:
     pool_sizes=pools,
     batch=batch,
     training=True,
+    **_network_args(network, len(pools)),
   ).total_bytes
 
 
-def _fits(shape, pools, kernels, *, batch, fp, features, budget) -> bool:
-  return _step_bytes(shape, pools, kernels, batch=batch, fp=fp, features=features) <= budget
+def _fits(shape, pools, kernels, *, batch, fp, features, budget, network=None) -> bool:
+  size = _step_bytes(
+    shape, pools, kernels, batch=batch, fp=fp, features=features, network=network
+  )
+  return size <= budget
 
 
 def _shape_text(shape) -> str:
@@ -353,10 +389,14 @@ def _axis_names(ndim: int) -> tuple[str, ...]:
   return ('D', 'H', 'W')[-ndim:]
 
 
-def _largest_batch(shape, pools, kernels, *, fp, features, budget, cap: int) -> int:
+def _largest_batch(
+  shape, pools, kernels, *, fp, features, budget, cap: int, network=None
+) -> int:
   """The largest batch (per device, at most `cap`) whose training step fits; 0 if
   not even 1 fits. Memory grows linearly with the batch; checked at the answer."""
-  size = lambda b: _step_bytes(shape, pools, kernels, batch=b, fp=fp, features=features)
+  size = lambda b: _step_bytes(
+    shape, pools, kernels, batch=b, fp=fp, features=features, network=network
+  )
   fits = lambda b: size(b) <= budget
   if not fits(1):
     return 0
@@ -369,7 +409,15 @@ def _largest_batch(shape, pools, kernels, *, fp, features, budget, cap: int) -> 
 
 
 def _patch(
-  fp: Fingerprint, fixed, *, budget, features, batch, max_voxels=None, time_batch=1
+  fp: Fingerprint,
+  fixed,
+  *,
+  budget,
+  features,
+  batch,
+  max_voxels=None,
+  time_batch=1,
+  network=None,
 ):
   """(patch, pools, kernels, note): the median shape, rounded down to the pooling
   factor, shrunk while a training step of `batch` does not fit `budget`, then
@@ -387,7 +435,14 @@ def _patch(
     rounded = [max(d, p // d * d) for p, d in zip(patch, divisor)]
     start = start or rounded
     if not _fits(
-      rounded, pools, kernels, batch=batch, fp=fp, features=features, budget=budget
+      rounded,
+      pools,
+      kernels,
+      batch=batch,
+      fp=fp,
+      features=features,
+      budget=budget,
+      network=network,
     ):
       why = 'memory'
       shrinkable = [a for a in range(fp.ndim) if rounded[a] > divisor[a]]
@@ -427,6 +482,7 @@ def input_choices(
   num_devices: int,
   max_voxels: float | None = None,
   max_batch: int | None = None,
+  network: Mapping[str, Any] | None = None,
 ) -> tuple[list[Choice], tuple[int, ...], int]:
   """The input size (policy, image or patch size), the network's layout and the
   batch; with `max_voxels`, at most that many voxels a step (the time rule), and
@@ -449,6 +505,7 @@ def input_choices(
       batch=first_batch,
       max_voxels=max_voxels,
       time_batch=time_batch,
+      network=network,
     )
   if fp.ndim == 2:
     choices, train_shape = _image_choices(
@@ -464,10 +521,12 @@ def input_choices(
       batch=first_batch,
       max_voxels=max_voxels,
       time_batch=time_batch,
+      network=network,
     )
   else:
     choices, train_shape = _patch_choices(fp, patch, note), patch
   choices += _layout_choices(fp, train_shape, pools, kernels, fixed)
+  choices += _block_choices(len(pools), network)
   batch = _batch_choices(
     fp,
     train_shape,
@@ -478,6 +537,7 @@ def input_choices(
     num_devices=num_devices,
     fixed=fixed,
     max_batch=max_batch,
+    network=network,
   )
   return choices + batch, tuple(train_shape), batch[0].value
 
@@ -496,6 +556,7 @@ def _image_choices(
   batch: int,
   max_voxels: float | None,
   time_batch: int,
+  network: Mapping[str, Any] | None = None,
 ) -> tuple[list[Choice], tuple[int, ...]]:
   """2D: whole images (size policy 'pad') when the largest, padded to the pooling
   factor, is at most 1.5x the median, fits a step of `batch` and, with
@@ -507,7 +568,16 @@ def _image_choices(
   whole_ok = (
     not given
     and all(mx <= 1.5 * md for mx, md in zip(fp.shape_max, fp.shape_median))
-    and _fits(whole, pools, kernels, batch=batch, fp=fp, features=features, budget=budget)
+    and _fits(
+      whole,
+      pools,
+      kernels,
+      batch=batch,
+      fp=fp,
+      features=features,
+      budget=budget,
+      network=network,
+    )
     and (max_voxels is None or math.prod(whole) * time_batch <= max_voxels)
   )
   if fixed.get('data.size_policy', 'pad' if whole_ok else 'crop') == 'pad' and (not given):
@@ -580,8 +650,39 @@ def _layout_choices(fp, shape, pools, kernels, fixed) -> list[Choice]:
   ]
 
 
+def _block_choices(depth: int, network: Mapping[str, Any] | None) -> list[Choice]:
+  """A residual encoder's blocks per stage for the planned depth; none for 'plain'."""
+  args = _network_args(network, depth)
+  if args['block'] != 'residual':
+    return []
+  given = dict(network or {}).get('blocks_per_stage')
+  pattern = given if given is None or isinstance(given, int) else tuple(given)
+  counts = models.stage_blocks(
+    block='residual', blocks_per_stage=args['blocks_per_stage'], depth=depth
+  )
+  return [
+    Choice(
+      'model.blocks_per_stage',
+      counts,
+      f"the config's {pattern or 1} for {depth + 1} stages (depth {depth}, the"
+      " bottleneck last): cut, or extended by its last count, as nnU-Net's ResEnc"
+      ' planner does',
+    )
+  ]
+
+
 def _batch_choices(
-  fp, shape, pools, kernels, *, budget, features, num_devices, fixed, max_batch=None
+  fp,
+  shape,
+  pools,
+  kernels,
+  *,
+  budget,
+  features,
+  num_devices,
+  fixed,
+  max_batch=None,
+  network=None,
 ) -> list[Choice]:
   voxels = fp.num_cases * math.prod(fp.shape_median)
   cap = max(2, int(round(0.05 * voxels / math.prod(shape))))
@@ -600,6 +701,7 @@ def _batch_choices(
         features=features,
         budget=budget,
         cap=-(-cap // num_devices),
+        network=network,
       )
       * num_devices
     )

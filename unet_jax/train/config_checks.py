@@ -51,6 +51,9 @@ FOLD_FIELDS = ('data.fold', 'data.num_folds')
 HISTORY_FIELDS = ('init_from',)
 # Fields a record may lack (written before they existed): missing equals ''.
 EMPTY_WHEN_MISSING = ('init_from', 'plan_from')
+# Model fields a record may lack (written before they existed): missing is the
+# UNet's default, the network those runs trained.
+DEFAULT_WHEN_MISSING = {'model.block': 'plain', 'model.blocks_per_stage': 1}
 
 
 def _choice(field: str, value: Any, valid) -> None:
@@ -263,6 +266,9 @@ def check_resume(
   for k in EMPTY_WHEN_MISSING:
     for values in (old, new):
       values[k] = values.get(k) or ''
+  for k, default in DEFAULT_WHEN_MISSING.items():
+    for values in (old, new):
+      values[k] = default if values.get(k) is None else values[k]
   changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
   _check_history(old, new, where)
   fixed = [

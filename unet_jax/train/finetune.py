@@ -8,7 +8,7 @@ fresh optimizer state, and starts at step 0. The two models' variables are
 matched leaf by leaf, by path:
 
 * equal shapes: RUN's values (cast to this model's dtype);
-* the input convolution's kernel (`INPUT_CONV`) with another number of input
+* the input convolution's kernel (`INPUT_CONVS`) with another number of input
   channels (axis -2: the image's channels), or a head's kernel or bias
   (`params/head`, `params/aux_head<k>`) with another number of outputs (axis
   -1: the classes): this model's own initial values, and a log line naming the
@@ -39,6 +39,8 @@ from unet_jax import inference
 
 # The leaves that may change shape; the names are those of unet_jax.models.UNet.
 INPUT_CONV = ('params', 'encoder0', 'conv0', 'kernel')
+# The residual encoder's (block='residual') input convolution is its stem's.
+INPUT_CONVS = (INPUT_CONV, ('params', 'stem', 'conv0', 'kernel'))
 HEAD = re.compile(r'(aux_)?head\d*')
 COLLECTIONS = ('params', 'batch_stats')
 STEPS = ('best', 'latest')
@@ -76,7 +78,7 @@ def _new_axis(path: tuple[str, ...], old: tuple, new: tuple) -> bool:
   if len(old) != len(new) or not old:
     return False
   differ = [i - len(old) for i in range(len(old)) if old[i] != new[i]]
-  if path == INPUT_CONV:
+  if path in INPUT_CONVS:
     return differ == [-2]
   is_head = len(path) == 3 and path[0] == 'params' and HEAD.fullmatch(path[1])
   return bool(is_head) and path[2] in ('kernel', 'bias') and differ == [-1]

@@ -266,6 +266,7 @@ def plan_run(config: ml_collections.ConfigDict, data, workdir: str):
     features=config.model.features,
     num_devices=jax.device_count(),
     time_budget=time_budget,
+    network={k: config.model.get(k) for k in planning.NETWORK_FIELDS},
   )
   p = planning.plan(fp, step_time=step_time, **options)
   planned = planning.apply(config, p)
