@@ -121,7 +121,7 @@ def create_model(
 
   Args:
     model_config: `config.model`.
-    kernels: `config.kernels`: 'auto', 'xla', 'native' or a `KernelPolicy`
+    kernels: `config.kernels`: 'auto', 'xla', 'native', 'onednn' or a `KernelPolicy`
       (`UNet.kernels`).
     bn_axis_name: `UNet.bn_axis_name`, for pmap.
   """
