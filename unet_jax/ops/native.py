@@ -126,17 +126,19 @@ def _cache_dir() -> pathlib.Path:
 def build(
   *,
   verbose: bool = False,
-  source: pathlib.Path = SOURCE,
-  flags: tuple[str, ...] = FLAGS,
+  source: pathlib.Path | None = None,
+  flags: tuple[str, ...] | None = None,
   link: tuple[str, ...] = (),
 ) -> pathlib.Path:
   """Compiles `source` if no matching build is cached; returns the library's path.
 
   Args:
     verbose: log the compiler's command line.
-    source: the C++ file, `native/conv.cc` by default (`unet_jax.ops.onednn` builds
-      `native/onednn.cc` here too, with its own `flags` and `link`).
-    flags: compiler flags; jaxlib's FFI include folder is added.
+    source: the C++ file; None: the module's `SOURCE`, `native/conv.cc` (read at
+      call time). `unet_jax.ops.onednn` builds `native/onednn.cc` here too, with its
+      own `flags` and `link`.
+    flags: compiler flags, None: the module's `FLAGS`; jaxlib's FFI include folder is
+      added.
     link: arguments after the source (include folders, libraries, rpaths); part of
       the cache key, so another installed library gets its own build.
 
@@ -144,6 +146,8 @@ def build(
     NativeKernelError: no compiler, no writable cache folder, or a failed build
       (the message ends with the compiler's output).
   """
+  source = SOURCE if source is None else source
+  flags = FLAGS if flags is None else flags
   cxx = _compiler()
   version = subprocess.run(
     [cxx, '--version'], capture_output=True, text=True, check=False
