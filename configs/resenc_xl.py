@@ -18,7 +18,7 @@ cap is 512), blocks per stage (1, 3, 4, 6, 6, 6), cut to the planned depth, and 
 memory target. What differs: the decoder has two convolutions a stage (nnU-Net's
 ResEnc: one), ReLU (nnU-Net: leaky ReLU), a norm chosen by the batch (instance below
 8, as nnU-Net's always), no bias before a norm, and the plan keeps its 5% cap on
-the batch (the presets lift it). The budget is estimated in float32
+the batch (nnU-Net's ResEnc planners lift it). The budget is estimated in float32
 (`unet_jax.models.memory`), so with bfloat16 on a GPU (`model.dtype='auto'`) a
 step uses less than the budget. The ResEnc presets share the network and differ
 only in the budget: configs/resenc_m.py, resenc_l.py, resenc_xl.py.
