@@ -27,14 +27,10 @@ Not measured here on a GPU; benchmarks/resenc.py compares plain and residual on
 generated data (benchmarks/RESULTS.md, "Residual encoder").
 """
 
-from configs import folder
+from configs import resenc_m
 
 
 def get_config():
-  config = folder.get_config()
-  config.model.block = 'residual'  # nnU-Net's residual encoder; the decoder is plain.
-  config.model.blocks_per_stage = (1, 3, 4, 6, 6, 6)  # Cut to the planned depth.
-  config.model.features = 32  # nnU-Net's top width.
-  config.model.max_features = 320  # nnU-Net's 3D cap.
+  config = resenc_m.get_config()  # The same network; only the budget differs.
   config.plan_memory_budget = '40GiB'  # Per device, for a training step.
   return config
