@@ -9,6 +9,7 @@ process), and sums the events' durations by kind, read off the compiled HLO:
   gradient is the one whose window is larger than 3 along some axis);
 - native conv / native kernel grad / native Winograd conv / native Winograd kernel
   grad / native max pool: the C++ kernels of `unet_jax.ops.native`;
+- oneDNN conv forward / input grad / kernel grad: `unet_jax.ops.onednn`'s calls;
 - reduce-window (max pooling), concatenate, transpose/copy, iota/broadcast, dot,
   other: the rest.
 
@@ -50,6 +51,13 @@ def _computations(hlo):
   return calls, bodies, lines
 
 
+_ONEDNN = {
+  'unet_jax_onednn_conv': 'oneDNN conv forward',
+  'unet_jax_onednn_input_grad': 'oneDNN conv input grad',
+  'unet_jax_onednn_wgrad': 'oneDNN conv kernel grad',
+}
+
+
 def kind(name, calls, bodies, lines):
   """The kind of operation a trace event named `name` ran."""
   line = lines.get(name, '')
@@ -62,6 +70,9 @@ def kind(name, calls, bodies, lines):
     return 'native Winograd kernel grad'
   if 'custom_call_target="unet_jax_conv_wgrad"' in line:
     return 'native kernel grad'
+  for target, label in _ONEDNN.items():
+    if f'custom_call_target="{target}"' in line:
+      return label
   if 'custom_call_target="unet_jax_max_pool' in line:
     return 'native max pool (forward or grad)'
   if 'convolution(' in body or ' convolution(' in line:
