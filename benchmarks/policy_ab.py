@@ -4,7 +4,9 @@ A forward-and-gradient step of the default 2D (`configs/dice_bce.py`, 8 x 128² 
 and 3D (`configs/unet3d.py`, 2 x 32 x 64 x 64 x 1) networks, in train mode, under
 `policy.XLA`, `policy.CPU.without_native()`, `policy.CPU` and `policy.ONEDNN` (with
 oneDNN's chosen kernel layout, and as 'onednn_hwio' reading HWIO kernels as stored,
-`onednn.BLOCKED_WEIGHTS=False`), in one process, taking turns call by call; prints
+`onednn.BLOCKED_WEIGHTS=False`, and as 'onednn_nhwc_wgrad' with every kernel
+gradient reading channels-last activations, `onednn.BLOCKED_WGRAD=False`), in one
+process, taking turns call by call; prints
 the median of `--repeats` calls per policy and each one's speed over 'xla'. It
 decides what `kernels='auto'` picks on a CPU (`policy.native_usable`,
 `policy.auto`). oneDNN's policies run only where `onednn.available()` (the `onednn`
@@ -39,11 +41,13 @@ POLICIES = {
   'native': policy.CPU,
   'onednn': policy.ONEDNN,
   'onednn_hwio': policy.ONEDNN,
+  'onednn_nhwc_wgrad': policy.ONEDNN,
 }
 
 
-def _step(model_config, kernels, x, *, blocked_weights=True):
+def _step(model_config, kernels, x, *, blocked_weights=True, blocked_wgrad=True):
   onednn.BLOCKED_WEIGHTS = blocked_weights  # Read when the step is traced, below.
+  onednn.BLOCKED_WGRAD = blocked_wgrad
   model = factory.create_model(model_config, kernels=kernels)
   variables = model.init(jax.random.key(0), x[:1], train=False)
 
@@ -56,7 +60,7 @@ def _step(model_config, kernels, x, *, blocked_weights=True):
 
   step = jax.jit(jax.value_and_grad(loss))
   jax.block_until_ready(step(variables['params']))  # Compiled before timing.
-  onednn.BLOCKED_WEIGHTS = True
+  onednn.BLOCKED_WEIGHTS = onednn.BLOCKED_WGRAD = True
   return lambda: jax.block_until_ready(step(variables['params']))
 
 
@@ -80,7 +84,11 @@ def main():
     x = jnp.asarray(np.random.RandomState(0).randn(*shape), jnp.float32)
     steps = {
       k: _step(
-        module.get_config().model, POLICIES[k], x, blocked_weights=k != 'onednn_hwio'
+        module.get_config().model,
+        POLICIES[k],
+        x,
+        blocked_weights=k != 'onednn_hwio',
+        blocked_wgrad=k != 'onednn_nhwc_wgrad',
       )
       for k in names
     }

@@ -16,7 +16,7 @@ process), and sums the events' durations by kind, read off the compiled HLO:
 Durations are per step and summed over threads, so with 2 threads the total exceeds
 the step's wall time where operations ran side by side.
 
-    .venv/bin/python benchmarks/profile_step.py --case=2d_transpose
+    .venv/bin/python benchmarks/profile_step.py --case=2d_transpose [--top=20]
     .venv/bin/python benchmarks/profile_step.py --case=3d_transpose \
         --kwargs='{"kernels": {"native_weight_grad": false, "native_forward": false}}'
 """
@@ -118,12 +118,18 @@ def profile(case, kwargs):
       trace = json.load(f)
   events = trace['traceEvents'] if isinstance(trace, dict) else trace
   calls, bodies, lines = _computations(step.as_text())
-  by_kind = collections.Counter()
+  by_kind, by_name = collections.Counter(), collections.Counter()
   for event in events:
     name = event.get('name', '')
     if event.get('ph') == 'X' and (name in lines or name in calls):
       by_kind[kind(name, calls, bodies, lines)] += event['dur'] / 1e3 / STEPS
-  return wall_ms, dict(by_kind)
+      by_name[name] += event['dur'] / 1e3 / STEPS
+  top = [
+    {'name': name, 'ms': ms, 'kind': kind(name, calls, bodies, lines), 'hlo': lines[name]}
+    for name, ms in by_name.most_common()
+    if name in lines
+  ]
+  return wall_ms, dict(by_kind), top
 
 
 def main(argv=None):
@@ -138,6 +144,9 @@ def main(argv=None):
     default='{}',
     help="UNet keyword overrides, JSON; 'kernels': a policy name or changes to 'auto'.",
   )
+  parser.add_argument(
+    '--top', type=int, default=0, help='Also list the N most expensive operations.'
+  )
   parser.add_argument('--out', default=str(HERE / 'out'))
   args = parser.parse_args(argv)
   flag = '--xla_cpu_enable_xprof_traceme=true'
@@ -146,7 +155,7 @@ def main(argv=None):
     env = dict(os.environ, XLA_FLAGS=f'{os.environ.get("XLA_FLAGS", "")} {flag}')
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
   case = {**speed.CASES, **speed.QUICK_CASES}[args.case]
-  wall_ms, by_kind = profile(case, json.loads(args.kwargs))
+  wall_ms, by_kind, top = profile(case, json.loads(args.kwargs))
   total = sum(by_kind.values())
   print(
     f'{args.case} {args.kwargs}: {wall_ms:.0f} ms per step (wall), '
@@ -154,6 +163,8 @@ def main(argv=None):
   )
   for name, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
     print(f'  {ms:8.1f} ms  {100 * ms / total:5.1f}%  {name}')
+  for op in top[: args.top]:
+    print(f'  {op["ms"]:8.1f} ms  {op["kind"][:24]:24}  {op["name"]}: {op["hlo"][:110]}')
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, f'profile_{args.case}.json')
   with open(path, 'w') as f:
@@ -163,6 +174,7 @@ def main(argv=None):
         'kwargs': json.loads(args.kwargs),
         'wall_ms': wall_ms,
         'ms_by_kind': by_kind,
+        'operations': top,
       },
       f,
       indent=1,

@@ -125,14 +125,23 @@ def test_conv_kernels_benchmark_quick_run(tmp_path):
   assert '| quick 3d | 1 | 6×6×6 |' in proc.stdout
 
 
-def test_profile_step_finds_the_native_kernels_in_the_cpu_step(tmp_path):
+@pytest.mark.parametrize(
+  'kernels, kind',
+  [
+    # 'auto' leaves the native kernels out on AVX2-only CPUs, so they are asked for.
+    ('native', 'native kernel grad'),
+    ('onednn', 'oneDNN conv kernel grad'),
+  ],
+)
+def test_profile_step_finds_the_kernels_in_the_cpu_step(tmp_path, kernels, kind):
   proc = subprocess.run(
     [
       sys.executable,
       os.path.join(ROOT, 'benchmarks', 'profile_step.py'),
       '--case=3d_quick',
       f'--out={tmp_path}',
-      '--kwargs={"kernels": "native"}',  # 'auto' leaves them out on AVX2-only CPUs.
+      '--top=4',
+      f'--kwargs={{"kernels": "{kernels}"}}',
     ],
     cwd=ROOT,
     env=dict(os.environ, JAX_PLATFORMS='cpu'),
@@ -142,12 +151,20 @@ def test_profile_step_finds_the_native_kernels_in_the_cpu_step(tmp_path):
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(tmp_path / 'profile_3d_quick.json') as f:
-    by_kind = json.load(f)['ms_by_kind']
-  # The CPU's step with the native kernels uses their kernel gradient (the quick case's
-  # levels at least conv.NATIVE_MIN_WIDTH wide); its forward passes, with fewer
-  # than conv.NATIVE_MIN_TILED_CHANNELS channels, keep XLA's convolutions.
-  assert by_kind['native kernel grad'] > 0, by_kind
-  assert by_kind['conv forward (XLA)'] > 0, by_kind
+    profile = json.load(f)
+  by_kind = profile['ms_by_kind']
+  # The step uses the asked-for kernel gradient (the quick case's levels at least
+  # conv.NATIVE_MIN_WIDTH wide for the native one); with the native kernels the
+  # forward passes, with fewer than conv.NATIVE_MIN_TILED_CHANNELS channels, keep
+  # XLA's convolutions.
+  assert by_kind[kind] > 0, by_kind
+  if kernels == 'native':
+    assert by_kind['conv forward (XLA)'] > 0, by_kind
+  # --top: the operations by time, each with its kind and HLO line, longest first.
+  ops = profile['operations']
+  assert [op['ms'] for op in ops] == sorted((op['ms'] for op in ops), reverse=True)
+  assert any(op['kind'] == kind and 'custom-call' in op['hlo'] for op in ops), ops[:8]
+  assert proc.stdout.count(' ms  ') >= len(by_kind) + 4
 
 
 def test_native_ab_sources_quick_run(tmp_path):

@@ -75,6 +75,36 @@ def test_each_part_equals_xla(x_shape, k_shape, blocked_weights):
   _close(onednn.conv_weight_grad(x, g, k_shape[:-2], **kw), dk)
 
 
+@pytest.mark.parametrize('blocked_activations', [True, False])
+@pytest.mark.parametrize(
+  'x_shape, k_shape',
+  # Channels both ways across the blocking of 8, and the decoder's c >= 2 o.
+  [((2, 9, 7, 19), (3, 3, 19, 5)), ((1, 6, 5, 16), (3, 3, 16, 8)), SHAPES[0], SHAPES[5]],
+)
+def test_kernel_grad_in_either_activation_layout_equals_xla(
+  x_shape, k_shape, blocked_activations
+):
+  x, kernel = _random(4, x_shape, k_shape)
+  y, vjp = jax.vjp(_plain, x, kernel)
+  (g,) = _random(5, y.shape)
+  dk = onednn.conv_weight_grad(x, g, k_shape[:-2], blocked_activations=blocked_activations)
+  _close(dk, vjp(g)[1])
+
+
+def test_the_blocked_layout_is_chosen_for_2d_decoder_kernel_grads_only(monkeypatch):
+  assert onednn.blocked_wgrad_activations(2, 64, 32)
+  assert onednn.blocked_wgrad_activations(2, 512, 256)
+  assert not onednn.blocked_wgrad_activations(2, 32, 32)
+  assert not onednn.blocked_wgrad_activations(2, 63, 32)
+  assert not onednn.blocked_wgrad_activations(3, 64, 32)
+  monkeypatch.setattr(onednn, 'BLOCKED_WGRAD', False)
+  assert not onednn.blocked_wgrad_activations(2, 64, 32)
+  monkeypatch.undo()
+  # `implementation` creates the primitive the rule asks for, either way.
+  assert onednn.implementation('kernel_grad', (1, 16, 16, 8), (3, 3, 8, 8))
+  assert onednn.implementation('kernel_grad', (1, 16, 16, 16), (3, 3, 16, 8))
+
+
 @pytest.mark.parametrize('x_shape, k_shape', [SHAPES[0], SHAPES[5]])
 def test_under_jit_and_grad_the_convolution_is_xlas(x_shape, k_shape):
   x, kernel = _random(2, x_shape, k_shape)

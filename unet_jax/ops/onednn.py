@@ -61,6 +61,22 @@ FLAGS = ('-O2', '-std=c++17', '-shared', '-fPIC')
 # every call), rather than reading HWIO as stored: benchmarks/RESULTS.md, "oneDNN
 # against the hand-written kernels and XLA".
 BLOCKED_WEIGHTS = True
+# Let the kernel gradient read its activations in oneDNN's blocked layout where
+# `blocked_wgrad_activations` says it pays (False: always channels-last).
+BLOCKED_WGRAD = True
+
+
+def blocked_wgrad_activations(ndim: int, in_channels: int, out_channels: int) -> bool:
+  """Whether the kernel gradient reads its activations in oneDNN's blocked layout.
+
+  Reordering the input and the output gradient from channels-last costs two passes
+  over them; it pays only in 2D when the input has at least twice the output's
+  channels (the decoder's convolutions of the concatenated skip), where oneDNN's
+  channels-last backward-weights kernel is slowest; in 3D it lost on every layer
+  (benchmarks/RESULTS.md, "oneDNN's kernel gradient in the blocked layout").
+  """
+  return BLOCKED_WGRAD and ndim == 2 and in_channels >= 2 * out_channels
+
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -193,6 +209,9 @@ def implementation(op: str, x_shape: tuple[int, ...], kernel_shape: tuple[int, .
     ks,
     ctypes.c_int64(kernel_shape[-1]),
     ctypes.c_int64(int(BLOCKED_WEIGHTS)),
+    ctypes.c_int64(
+      op == 'kernel_grad' and blocked_wgrad_activations(ndim, *kernel_shape[-2:])
+    ),
   )
   return impl.decode()
 
@@ -212,11 +231,14 @@ def _check(name, x, kernel_rank, *arrays):
   ensure_available()
 
 
-def _call(target, out_shape, a, b, blocked):
+def _call(target, out_shape, a, b, blocked, blocked_activations=False):
   blocked = BLOCKED_WEIGHTS if blocked is None else blocked
   out = jax.ShapeDtypeStruct(out_shape, jnp.float32)
   return jax.ffi.ffi_call(target, out, vmap_method='sequential')(
-    a, b, blocked_weights=np.int64(blocked)
+    a,
+    b,
+    blocked_weights=np.int64(blocked),
+    blocked_activations=np.int64(blocked_activations),
   )
 
 
@@ -254,6 +276,7 @@ def conv_weight_grad(
   kernel_spatial: tuple[int, ...],
   *,
   blocked_weights: bool | None = None,
+  blocked_activations: bool | None = None,
 ) -> jax.Array:
   """dL/dK of `conv_same(x, kernel)` (oneDNN's backward-weights primitive).
 
@@ -261,6 +284,9 @@ def conv_weight_grad(
     x: the convolution's input, `[N, *spatial, C]`, float32.
     g: the gradient of its output, `[N, *spatial, O]`, float32.
     kernel_spatial: the kernel's spatial sizes.
+    blocked_weights: as in `conv_same`.
+    blocked_activations: let oneDNN choose the layout of `x` and `g` (reordered from
+      channels-last); None: `blocked_wgrad_activations` when the call is traced.
 
   Returns:
     `[*kernel_spatial, C, O]` (HWIO or DHWIO).
@@ -272,4 +298,6 @@ def conv_weight_grad(
       ' the channel axis.'
     )
   shape = tuple(kernel_spatial) + (x.shape[-1], g.shape[-1])
-  return _call(_WGRAD, shape, x, g, blocked_weights)
+  if blocked_activations is None:
+    blocked_activations = blocked_wgrad_activations(x.ndim - 2, x.shape[-1], g.shape[-1])
+  return _call(_WGRAD, shape, x, g, blocked_weights, blocked_activations)

@@ -13,7 +13,10 @@
 // `blocked_weights` is 1 (format_tag::any: blocked layouts its AVX2/AVX-512 kernels
 // read fastest); the kernel, or the kernel gradient, is then reordered from or to
 // HWIO on every call. With 0 the primitives read and write HWIO directly (which
-// usually selects oneDNN's slower gemm-based implementation).
+// usually selects oneDNN's slower gemm-based implementation). Likewise
+// `blocked_activations` 1 lets it choose the activations' layout (for example
+// nChw8c), reordered from and to channels-last around the call; unet_jax/ops/onednn.py
+// says where that pays.
 //
 // Every primitive is created with oneDNN's deterministic attribute: the same inputs
 // give bitwise the same outputs on every call, which exact resume relies on.
@@ -51,7 +54,7 @@ enum Op : int64_t { kForward = 0, kInputGrad = 1, kWgrad = 2 };
 
 // One problem: spatial rank, the sizes and the layout choice.
 struct Problem {
-  int64_t op, ndim, n, c, o, blocked;
+  int64_t op, ndim, n, c, o, blocked, blocked_act;
   int64_t size[3];    // D, H, W (D = 1 in 2D)
   int64_t kernel[3];  // KD, KH, KW (KD = 1 in 2D)
   bool operator<(const Problem& b) const {
@@ -62,6 +65,9 @@ struct Problem {
 struct Compiled {
   dnnl::primitive prim;
   memory::desc x_md, k_md, y_md;  // what the primitive reads and writes
+  memory::desc x_plain, y_plain;  // the activations as stored (channels-last)
+  bool x_reorder = false, y_reorder = false;
+  dnnl::primitive x_reorder_prim, y_reorder_prim;
   memory::desc k_plain;           // the kernel as HWIO (DHWIO)
   bool reorder = false;           // k_md differs from k_plain
   dnnl::primitive reorder_prim;   // k_plain -> k_md, or k_md -> k_plain (wgrad)
@@ -88,6 +94,14 @@ memory::dims kernel_dims(const Problem& p) {
   return {p.o, p.c, p.kernel[0], p.kernel[1], p.kernel[2]};
 }
 
+// A reorder from the primitive's layout to the stored one (`to_plain`), or back.
+dnnl::primitive between(const memory::desc& prim, const memory::desc& plain,
+                        bool to_plain) {
+  auto& eng = engine();
+  return to_plain ? dnnl::reorder(dnnl::reorder::primitive_desc(eng, prim, eng, plain))
+                  : dnnl::reorder(dnnl::reorder::primitive_desc(eng, plain, eng, prim));
+}
+
 std::unique_ptr<Compiled> compile(const Problem& p) {
   const int64_t first = 3 - p.ndim;
   memory::dims strides(p.ndim, 1), pad_l(p.ndim), pad_r(p.ndim);
@@ -98,8 +112,11 @@ std::unique_ptr<Compiled> compile(const Problem& p) {
   }
   const tag act = p.ndim == 2 ? tag::nhwc : tag::ndhwc;
   const tag ker = p.ndim == 2 ? tag::hwio : tag::dhwio;
-  memory::desc x_md(dims_of(p, p.c), dt::f32, act);
-  memory::desc y_md(dims_of(p, p.o), dt::f32, act);
+  const tag act_want = p.blocked_act ? tag::any : act;
+  memory::desc x_plain(dims_of(p, p.c), dt::f32, act);
+  memory::desc y_plain(dims_of(p, p.o), dt::f32, act);
+  memory::desc x_md(dims_of(p, p.c), dt::f32, act_want);
+  memory::desc y_md(dims_of(p, p.o), dt::f32, act_want);
   memory::desc k_plain(kernel_dims(p), dt::f32, ker);
   memory::desc k_want(kernel_dims(p), dt::f32, p.blocked ? tag::any : ker);
   auto algo = dnnl::algorithm::convolution_direct;
@@ -111,33 +128,42 @@ std::unique_ptr<Compiled> compile(const Problem& p) {
       eng, dnnl::prop_kind::forward_training, algo, x_md, k_want, y_md, strides,
       pad_l, pad_r, attr);
   auto out = std::make_unique<Compiled>();
-  out->x_md = x_md;
-  out->y_md = y_md;
+  out->x_plain = x_plain;
+  out->y_plain = y_plain;
   out->k_plain = k_plain;
   if (p.op == kForward) {
     out->prim = dnnl::convolution_forward(fwd);
     out->k_md = fwd.weights_desc();
+    out->x_md = fwd.src_desc();
+    out->y_md = fwd.dst_desc();
     out->impl = fwd.impl_info_str();
   } else if (p.op == kInputGrad) {
     dnnl::convolution_backward_data::primitive_desc bwd(
         eng, algo, x_md, k_want, y_md, strides, pad_l, pad_r, fwd, attr);
     out->prim = dnnl::convolution_backward_data(bwd);
     out->k_md = bwd.weights_desc();
+    out->x_md = bwd.diff_src_desc();
+    out->y_md = bwd.diff_dst_desc();
     out->impl = bwd.impl_info_str();
   } else {
     dnnl::convolution_backward_weights::primitive_desc bwd(
         eng, algo, x_md, k_want, y_md, strides, pad_l, pad_r, fwd, attr);
     out->prim = dnnl::convolution_backward_weights(bwd);
     out->k_md = bwd.diff_weights_desc();
+    out->x_md = bwd.src_desc();
+    out->y_md = bwd.diff_dst_desc();
     out->impl = bwd.impl_info_str();
   }
+  // Blocked activations: reordered from channels-last before the primitive (its
+  // inputs) or back after it (its output: the forward result, the input gradient).
+  out->x_reorder = out->x_md != x_plain;
+  out->y_reorder = out->y_md != y_plain;
+  if (out->x_reorder)
+    out->x_reorder_prim = between(out->x_md, x_plain, p.op == kInputGrad);
+  if (out->y_reorder)
+    out->y_reorder_prim = between(out->y_md, y_plain, p.op == kForward);
   out->reorder = out->k_md != k_plain;
-  if (out->reorder) {
-    out->reorder_prim =
-        p.op == kWgrad
-            ? dnnl::reorder(dnnl::reorder::primitive_desc(eng, out->k_md, eng, k_plain))
-            : dnnl::reorder(dnnl::reorder::primitive_desc(eng, k_plain, eng, out->k_md));
-  }
+  if (out->reorder) out->reorder_prim = between(out->k_md, k_plain, p.op == kWgrad);
   return out;
 }
 
@@ -158,7 +184,7 @@ const Compiled& lookup(const Problem& p) {
 // channels; an error names what disagrees.
 ffi::Error problem(const char* name, int64_t op, ffi::Span<const int64_t> xd,
                    ffi::Span<const int64_t> kd, ffi::Span<const int64_t> yd,
-                   int64_t blocked, Problem* p) {
+                   int64_t blocked, int64_t blocked_act, Problem* p) {
   const size_t rank = xd.size();
   if ((rank != 4 && rank != 5) || kd.size() != rank || yd.size() != rank)
     return ffi::Error::InvalidArgument(
@@ -170,6 +196,7 @@ ffi::Error problem(const char* name, int64_t op, ffi::Span<const int64_t> xd,
   p->c = xd[rank - 1];
   p->o = yd[rank - 1];
   p->blocked = blocked ? 1 : 0;
+  p->blocked_act = blocked_act ? 1 : 0;
   for (int64_t i = 0; i < 3; ++i) {
     p->size[i] = 1;
     p->kernel[i] = 1;
@@ -193,7 +220,13 @@ ffi::Error run(const Problem& p, void* x, void* k, void* y) {
     const Compiled& c = lookup(p);
     auto& eng = engine();
     auto& s = stream();
-    memory xm(c.x_md, eng, x), ym(c.y_md, eng, y), kplain(c.k_plain, eng, k);
+    memory xplain(c.x_plain, eng, x), yplain(c.y_plain, eng, y), kplain(c.k_plain, eng, k);
+    memory xm = c.x_reorder ? memory(c.x_md, eng) : xplain;
+    memory ym = c.y_reorder ? memory(c.y_md, eng) : yplain;
+    if (c.x_reorder && p.op != kInputGrad)
+      c.x_reorder_prim.execute(s, {{DNNL_ARG_FROM, xplain}, {DNNL_ARG_TO, xm}});
+    if (c.y_reorder && p.op != kForward)
+      c.y_reorder_prim.execute(s, {{DNNL_ARG_FROM, yplain}, {DNNL_ARG_TO, ym}});
     const bool reorder = c.reorder;
     memory km = reorder ? memory(c.k_md, eng) : kplain;
     if (reorder && p.op != kWgrad)
@@ -208,6 +241,10 @@ ffi::Error run(const Problem& p, void* x, void* k, void* y) {
           s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_WEIGHTS, km}, {DNNL_ARG_DIFF_DST, ym}});
       if (reorder) c.reorder_prim.execute(s, {{DNNL_ARG_FROM, km}, {DNNL_ARG_TO, kplain}});
     }
+    if (c.x_reorder && p.op == kInputGrad)
+      c.x_reorder_prim.execute(s, {{DNNL_ARG_FROM, xm}, {DNNL_ARG_TO, xplain}});
+    if (c.y_reorder && p.op == kForward)
+      c.y_reorder_prim.execute(s, {{DNNL_ARG_FROM, ym}, {DNNL_ARG_TO, yplain}});
     s.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
@@ -218,28 +255,34 @@ ffi::Error run(const Problem& p, void* x, void* k, void* y) {
 }
 
 ffi::Error ConvImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                    ffi::ResultBuffer<ffi::F32> y, int64_t blocked_weights) {
+                    ffi::ResultBuffer<ffi::F32> y, int64_t blocked_weights,
+                    int64_t blocked_activations) {
   Problem p;
   ffi::Error error = problem("onednn_conv", kForward, x.dimensions(), k.dimensions(),
-                             y->dimensions(), blocked_weights, &p);
+                             y->dimensions(), blocked_weights, blocked_activations,
+                             &p);
   if (error.failure()) return error;
   return run(p, x.untyped_data(), k.untyped_data(), y->untyped_data());
 }
 
 ffi::Error InputGradImpl(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> k,
-                         ffi::ResultBuffer<ffi::F32> dx, int64_t blocked_weights) {
+                         ffi::ResultBuffer<ffi::F32> dx, int64_t blocked_weights,
+                         int64_t blocked_activations) {
   Problem p;
   ffi::Error error = problem("onednn_input_grad", kInputGrad, dx->dimensions(),
-                             k.dimensions(), g.dimensions(), blocked_weights, &p);
+                             k.dimensions(), g.dimensions(), blocked_weights,
+                             blocked_activations, &p);
   if (error.failure()) return error;
   return run(p, dx->untyped_data(), k.untyped_data(), g.untyped_data());
 }
 
 ffi::Error WgradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
-                     ffi::ResultBuffer<ffi::F32> dk, int64_t blocked_weights) {
+                     ffi::ResultBuffer<ffi::F32> dk, int64_t blocked_weights,
+                     int64_t blocked_activations) {
   Problem p;
   ffi::Error error = problem("onednn_wgrad", kWgrad, x.dimensions(), dk->dimensions(),
-                             g.dimensions(), blocked_weights, &p);
+                             g.dimensions(), blocked_weights, blocked_activations,
+                             &p);
   if (error.failure()) return error;
   return run(p, x.untyped_data(), dk->untyped_data(), g.untyped_data());
 }
@@ -251,7 +294,8 @@ static auto Binding() {
       .Arg<ffi::Buffer<ffi::F32>>()
       .Arg<ffi::Buffer<ffi::F32>>()
       .Ret<ffi::Buffer<ffi::F32>>()
-      .Attr<int64_t>("blocked_weights");
+      .Attr<int64_t>("blocked_weights")
+      .Attr<int64_t>("blocked_activations");
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConv, ConvImpl, Binding());
@@ -288,7 +332,7 @@ extern "C" const char* UnetOnednnProbe() {
 // "brg_conv_fwd:avx2"; "" if it cannot be created.
 extern "C" const char* UnetOnednnImpl(int64_t op, int64_t ndim, const int64_t* x_shape,
                                       const int64_t* kernel_spatial, int64_t out_channels,
-                                      int64_t blocked) {
+                                      int64_t blocked, int64_t blocked_act) {
   static thread_local std::string impl;
   try {
     Problem p;
@@ -299,6 +343,7 @@ extern "C" const char* UnetOnednnImpl(int64_t op, int64_t ndim, const int64_t* x
     p.c = x_shape[ndim + 1];
     p.o = out_channels;
     p.blocked = blocked ? 1 : 0;
+    p.blocked_act = blocked_act ? 1 : 0;
     for (int i = 0; i < 3; ++i) p.size[i] = p.kernel[i] = 1;
     for (int64_t i = 0; i < ndim; ++i) {
       p.size[3 - ndim + i] = x_shape[1 + i];
