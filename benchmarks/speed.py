@@ -81,9 +81,10 @@ QUICK_CASES = {
 
 
 # name: (arm A, arm B). An arm is JAX with UNet keyword overrides ('kwargs'), extra
-# XLA_FLAGS ('xla_flags') and/or no buffer donation ('donate': False). B vs A. The
-# kernel levers are variants of the 'auto' policy (unet_jax/ops/policy.py): in
-# 'kwargs', 'kernels' is a policy's name or a dict of fields changed from 'auto'.
+# XLA_FLAGS ('xla_flags'), environment variables ('env') and/or no buffer donation
+# ('donate': False). B vs A. The kernel levers are variants of the 'auto' policy
+# (unet_jax/ops/policy.py): in 'kwargs', 'kernels' is a policy's name or a dict of
+# fields changed from 'auto'.
 def _auto_with(**changes):
   return {'kwargs': {'kernels': changes}}
 
@@ -114,6 +115,8 @@ LEVERS = {
     {'xla_flags': '--xla_cpu_experimental_ynn_fusion_type=+individual_convolution'},
   ),
   'donation': ({'donate': False}, {}),
+  # oneDNN's 2D decoder kernel gradients on blocked activations (onednn.BLOCKED_WGRAD).
+  'onednn_blocked_wgrad': ({'env': {'UNET_JAX_ONEDNN_BLOCKED_WGRAD': '0'}}, {}),
   'bf16': ({}, {'dtype': 'bfloat16'}),
 }
 
@@ -307,8 +310,8 @@ def _run(cmd, env=None, timeout=None):
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _jax_env(xla_flags='', platform='cpu'):
-  env = {'JAX_PLATFORMS': platform}
+def _jax_env(xla_flags='', platform='cpu', env=None):
+  env = {'JAX_PLATFORMS': platform, **(env or {})}
   flags = ' '.join(f for f in (os.environ.get('XLA_FLAGS', ''), xla_flags) if f)
   if flags:
     env['XLA_FLAGS'] = flags
@@ -326,6 +329,7 @@ def run_jax(
   xla_flags='',
   platform='cpu',
   timeout=None,
+  env=None,
 ):
   cmd = [
     sys.executable,
@@ -338,7 +342,7 @@ def run_jax(
     f'--kwargs={json.dumps(kwargs or {})}',
     f'--donate={int(donate)}',
   ]
-  return _run(cmd, _jax_env(xla_flags, platform), timeout)
+  return _run(cmd, _jax_env(xla_flags, platform, env), timeout)
 
 
 def run_torch(
@@ -539,6 +543,7 @@ def lever(name, cases, *, steps, warmup, repeats):
           kwargs=arm.get('kwargs'),
           donate=arm.get('donate', True),
           xla_flags=arm.get('xla_flags', ''),
+          env=arm.get('env'),
         )
         runs[i].append(statistics.median(res['ms_per_step']))
         print(

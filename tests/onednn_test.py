@@ -7,7 +7,10 @@ missing compiler, a missing wheel) and run anywhere.
 """
 
 import logging
+import os
 import re
+import subprocess
+import sys
 
 import jax
 from jax import lax
@@ -241,3 +244,19 @@ def test_auto_takes_onednn_on_cpus_without_avx512():
   # This project's CI machines have AVX2 but not AVX-512F; there 'auto' is oneDNN's.
   expected = policy.CPU if native.cpu_has_avx512() else policy.ONEDNN
   assert policy.resolve('auto') == expected
+
+
+def test_the_blocked_kernel_grad_can_be_turned_off_for_a_process():
+  code = 'from unet_jax.ops import onednn; print(onednn.BLOCKED_WGRAD)'
+  env = dict(os.environ, UNET_JAX_ONEDNN_BLOCKED_WGRAD='0', JAX_PLATFORMS='cpu')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+    [sys.executable, '-c', code],
+    cwd=root,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == 'False'

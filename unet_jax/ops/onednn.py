@@ -62,8 +62,9 @@ FLAGS = ('-O2', '-std=c++17', '-shared', '-fPIC')
 # against the hand-written kernels and XLA".
 BLOCKED_WEIGHTS = True
 # Let the kernel gradient read its activations in oneDNN's blocked layout where
-# `blocked_wgrad_activations` says it pays (False: always channels-last).
-BLOCKED_WGRAD = True
+# `blocked_wgrad_activations` says it pays (False: always channels-last;
+# UNET_JAX_ONEDNN_BLOCKED_WGRAD=0 sets that for a process, for A/B runs).
+BLOCKED_WGRAD = os.environ.get('UNET_JAX_ONEDNN_BLOCKED_WGRAD', '1') != '0'
 
 
 def blocked_wgrad_activations(ndim: int, in_channels: int, out_channels: int) -> bool:
