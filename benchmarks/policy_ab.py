@@ -4,8 +4,10 @@ A forward-and-gradient step of the default 2D (`configs/dice_bce.py`, 8 x 128² 
 and 3D (`configs/unet3d.py`, 2 x 32 x 64 x 64 x 1) networks, in train mode, under
 `policy.XLA`, `policy.CPU.without_native()`, `policy.CPU` and `policy.ONEDNN` (with
 oneDNN's chosen kernel layout, and as 'onednn_hwio' reading HWIO kernels as stored,
-`onednn.BLOCKED_WEIGHTS=False`, and as 'onednn_nhwc_wgrad' with every kernel
-gradient reading channels-last activations, `onednn.BLOCKED_WGRAD=False`), in one
+`onednn.BLOCKED_WEIGHTS=False`; as 'onednn_nhwc' with channels-last activations,
+`onednn.ACT_BLOCK=0`, the decoder's kernel gradients reordered inside the call; as
+'onednn_nhwc_wgrad' with those too on channels-last, `onednn.BLOCKED_WGRAD=False`;
+and as 'onednn_xla_pool' with XLA's max pooling instead of the native kernel), in one
 process, taking turns call by call; prints
 the median of `--repeats` calls per policy and each one's speed over 'xla'. It
 decides what `kernels='auto'` picks on a CPU (`policy.native_usable`,
@@ -41,13 +43,22 @@ POLICIES = {
   'native': policy.CPU,
   'onednn': policy.ONEDNN,
   'onednn_hwio': policy.ONEDNN,
+  'onednn_nhwc': policy.ONEDNN,
   'onednn_nhwc_wgrad': policy.ONEDNN,
+  'onednn_xla_pool': policy.ONEDNN.replace(native_pool=()),
+}
+# `unet_jax.ops.onednn` settings an arm changes while its step is traced.
+SETTINGS = {
+  'onednn_hwio': {'BLOCKED_WEIGHTS': False},
+  'onednn_nhwc': {'ACT_BLOCK': 0},
+  'onednn_nhwc_wgrad': {'ACT_BLOCK': 0, 'BLOCKED_WGRAD': False},
 }
 
 
-def _step(model_config, kernels, x, *, blocked_weights=True, blocked_wgrad=True):
-  onednn.BLOCKED_WEIGHTS = blocked_weights  # Read when the step is traced, below.
-  onednn.BLOCKED_WGRAD = blocked_wgrad
+def _step(model_config, kernels, x, *, settings):
+  before = {name: getattr(onednn, name) for name in settings}
+  for name, value in settings.items():  # Read when the step is traced, below.
+    setattr(onednn, name, value)
   model = factory.create_model(model_config, kernels=kernels)
   variables = model.init(jax.random.key(0), x[:1], train=False)
 
@@ -60,7 +71,8 @@ def _step(model_config, kernels, x, *, blocked_weights=True, blocked_wgrad=True)
 
   step = jax.jit(jax.value_and_grad(loss))
   jax.block_until_ready(step(variables['params']))  # Compiled before timing.
-  onednn.BLOCKED_WEIGHTS = onednn.BLOCKED_WGRAD = True
+  for name, value in before.items():
+    setattr(onednn, name, value)
   return lambda: jax.block_until_ready(step(variables['params']))
 
 
@@ -87,8 +99,7 @@ def main():
         module.get_config().model,
         POLICIES[k],
         x,
-        blocked_weights=k != 'onednn_hwio',
-        blocked_wgrad=k != 'onednn_nhwc_wgrad',
+        settings=SETTINGS.get(k, {}),
       )
       for k in names
     }

@@ -117,6 +117,9 @@ LEVERS = {
   'donation': ({'donate': False}, {}),
   # oneDNN's 2D decoder kernel gradients on blocked activations (onednn.BLOCKED_WGRAD).
   'onednn_blocked_wgrad': ({'env': {'UNET_JAX_ONEDNN_BLOCKED_WGRAD': '0'}}, {}),
+  # oneDNN's activations in channel blocks of 8 (onednn.ACT_BLOCK) against
+  # channels-last.
+  'onednn_act_block': ({'env': {'UNET_JAX_ONEDNN_ACT_BLOCK': '0'}}, {}),
   'bf16': ({}, {'dtype': 'bfloat16'}),
 }
 

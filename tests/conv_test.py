@@ -491,8 +491,15 @@ def test_auto_uses_the_native_kernels_only_on_avx512_cpus(monkeypatch):
   # the hand-written kernels and XLA").
   monkeypatch.setattr(onednn_kernels, 'available', lambda: True)
   assert (
-    policy.auto() == policy.ONEDNN == policy.CPU.without_native().replace(onednn_conv=True)
+    policy.auto()
+    == policy.ONEDNN
+    == policy.CPU.without_native().replace(onednn_conv=True, native_pool=[2])
   )
+  # Its 2D pooling is the native kernel's where that builds, else XLA's.
+  monkeypatch.setattr(native_kernels, 'available', lambda: False)
+  assert policy.auto() == policy.ONEDNN.without_native()
+  assert policy.auto().native_pool == () and policy.auto().onednn_conv == (2, 3)
+  monkeypatch.setattr(native_kernels, 'available', lambda: True)
   monkeypatch.setattr(native_kernels, '_cpu_flags', lambda: 'flags : avx2 avx512f avx512bw')
   assert native_kernels.cpu_has_avx512()
   assert policy.auto() == policy.CPU  # oneDNN against them there: not measured yet

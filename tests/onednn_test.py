@@ -90,7 +90,9 @@ def test_kernel_grad_in_either_activation_layout_equals_xla(
   x, kernel = _random(4, x_shape, k_shape)
   y, vjp = jax.vjp(_plain, x, kernel)
   (g,) = _random(5, y.shape)
-  dk = onednn.conv_weight_grad(x, g, k_shape[:-2], blocked_activations=blocked_activations)
+  dk = onednn.conv_weight_grad(
+    x, g, k_shape[:-2], blocked_activations=blocked_activations, block=0
+  )
   _close(dk, vjp(g)[1])
 
 
@@ -106,6 +108,57 @@ def test_the_blocked_layout_is_chosen_for_2d_decoder_kernel_grads_only(monkeypat
   # `implementation` creates the primitive the rule asks for, either way.
   assert onednn.implementation('kernel_grad', (1, 16, 16, 8), (3, 3, 8, 8))
   assert onednn.implementation('kernel_grad', (1, 16, 16, 16), (3, 3, 16, 8))
+
+
+BLOCKED_SHAPES = [
+  # (input, kernel), both channel counts multiples of 16: 2D and 3D, odd sizes, an
+  # even kernel, more input than output channels and the reverse.
+  ((2, 7, 9, 16), (3, 3, 16, 32)),
+  ((1, 6, 10, 32), (2, 2, 32, 16)),
+  # 3D, where the rule keeps channels-last but the blocked calls are right too.
+  ((1, 3, 5, 6, 16), (3, 3, 3, 16, 16)),
+  ((2, 4, 3, 5, 32), (1, 3, 3, 32, 16)),
+]
+
+
+@pytest.mark.parametrize('block', [8, 16])
+@pytest.mark.parametrize('x_shape, k_shape', BLOCKED_SHAPES)
+def test_each_part_on_blocked_activations_equals_xla(x_shape, k_shape, block):
+  x, kernel = _random(6, x_shape, k_shape)
+  y, vjp = jax.vjp(_plain, x, kernel)
+  (g,) = _random(7, y.shape)
+  dx, dk = vjp(g)
+  _close(onednn.conv_same(x, kernel, block=block), y)
+  _close(onednn.conv_same_input_grad(g, kernel, block=block), dx)
+  _close(onednn.conv_weight_grad(x, g, k_shape[:-2], block=block), dk)
+
+
+@pytest.mark.parametrize('shape', [(2, 3, 5, 16), (1, 2, 3, 4, 24)])
+def test_the_blocked_layout_is_onednns(shape):
+  # [N, *spatial, C] -> [N, C / 8, *spatial, 8]: element (n, c // 8, ..., c % 8) is
+  # channel c; and back.
+  (x,) = _random(8, shape)
+  b = onednn.to_blocked(x, 8)
+  assert b.shape == (shape[0], shape[-1] // 8, *shape[1:-1], 8)
+  xn, bn = np.asarray(x), np.asarray(b)
+  for c in (0, 7, 8, shape[-1] - 1):
+    np.testing.assert_array_equal(bn[:, c // 8, ..., c % 8], xn[..., c])
+  np.testing.assert_array_equal(onednn.from_blocked(b), x)
+
+
+def test_the_block_is_chosen_by_the_channel_counts(monkeypatch):
+  assert onednn.ACT_BLOCK == 8
+  assert onednn.act_block(2, 16, 32) == 8
+  assert onednn.act_block(2, 1, 32) == 0  # a network's first convolution
+  assert onednn.act_block(2, 12, 16) == 0
+  assert onednn.act_block(3, 16, 32) == 0  # 3D stays channels-last
+  monkeypatch.setattr(onednn, 'ACT_BLOCK', 0)
+  assert onednn.act_block(2, 16, 32) == 0
+  x, kernel = _random(9, (1, 4, 4, 12), (3, 3, 12, 8))
+  with pytest.raises(ValueError, match=r'block=8 must be one of .* \(12 in, 8 out\)'):
+    onednn.conv_same(x, kernel, block=8)
+  with pytest.raises(ValueError, match='block=4'):
+    onednn.conv_same_input_grad(jnp.zeros((1, 4, 4, 8)), kernel, block=4)
 
 
 @pytest.mark.parametrize('x_shape, k_shape', [SHAPES[0], SHAPES[5]])
@@ -155,14 +208,15 @@ def test_onednn_picks_its_own_kernels():
   [
     ((3, 12, 20, 1), dict(upsample='transpose')),
     ((1, 4, 8, 12, 2), dict(upsample='bilinear', kernel_sizes=[(1, 3, 3), (3, 3, 3)])),
+    # Widths 8, 16, 32: every convolution but the first on blocked activations.
+    ((2, 8, 12, 1), dict(upsample='transpose', features=8, depth=2)),
+    ((1, 4, 8, 8, 1), dict(upsample='bilinear', features=8, depth=2)),
   ],
 )
 def test_unet_under_onednn_equals_xla(shape, kwargs):
   x = jax.random.normal(jax.random.key(4), shape)
-  nets = {
-    k: models.UNet(num_classes=2, features=4, depth=1, kernels=k, **kwargs)
-    for k in ('xla', 'onednn')
-  }
+  kwargs = {'features': 4, 'depth': 1, **kwargs}
+  nets = {k: models.UNet(num_classes=2, kernels=k, **kwargs) for k in ('xla', 'onednn')}
   variables = nets['xla'].init(jax.random.key(0), x, train=False)
 
   def value_and_grad(net):
@@ -179,7 +233,12 @@ def test_unet_under_onednn_equals_xla(shape, kwargs):
   (_, (want, want_grads)), (lowered, (got, got_grads)) = (
     value_and_grad(nets[k]) for k in ('xla', 'onednn')
   )
-  assert 'unet_jax_onednn_wgrad' in lowered.as_text()
+  text = lowered.as_text()
+  assert 'unet_jax_onednn_wgrad' in text
+  # In 2D the convolutions with 8k channels both sides (the 8-wide bottleneck of
+  # features=4) go on blocked activations; in 3D none does.
+  blocked = re.findall(r'act_block = 8 : i64', text)
+  assert bool(blocked) == (x.ndim == 4)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   for actual, expected in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
     _close(actual, expected)
@@ -189,7 +248,9 @@ def test_the_onednn_policy_and_name():
   assert 'onednn' in policy.NAMES
   assert policy.resolve('onednn') == policy.ONEDNN
   assert policy.ONEDNN.onednn_conv == (2, 3)
-  assert not policy.ONEDNN.uses_native  # independent of the hand-written kernels
+  # Independent of the hand-written convolutions; 2D max pooling by the native kernel.
+  assert not policy.ONEDNN.uses_native_conv
+  assert policy.ONEDNN.native_pool == (2,)
   assert policy.KernelPolicy(onednn_conv=[3]).onednn_conv == (3,)
   with pytest.raises(ValueError, match='onednn_conv'):
     policy.KernelPolicy(onednn_conv=[4])
@@ -246,11 +307,11 @@ def test_auto_takes_onednn_on_cpus_without_avx512():
   assert policy.resolve('auto') == expected
 
 
-def test_the_blocked_kernel_grad_can_be_turned_off_for_a_process():
-  code = 'from unet_jax.ops import onednn; print(onednn.BLOCKED_WGRAD)'
-  env = dict(os.environ, UNET_JAX_ONEDNN_BLOCKED_WGRAD='0', JAX_PLATFORMS='cpu')
+def _onednn_setting(name, variable, value):
+  code = f'from unet_jax.ops import onednn; print(onednn.{name})'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', **{variable: value})
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run(
+  return subprocess.run(
     [sys.executable, '-c', code],
     cwd=root,
     env=env,
@@ -258,5 +319,18 @@ def test_the_blocked_kernel_grad_can_be_turned_off_for_a_process():
     text=True,
     timeout=120,
   )
+
+
+def test_the_blocked_kernel_grad_can_be_turned_off_for_a_process():
+  out = _onednn_setting('BLOCKED_WGRAD', 'UNET_JAX_ONEDNN_BLOCKED_WGRAD', '0')
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip() == 'False'
+
+
+def test_the_activation_block_is_set_per_process_and_checked():
+  out = _onednn_setting('ACT_BLOCK', 'UNET_JAX_ONEDNN_ACT_BLOCK', '0')
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == '0'
+  out = _onednn_setting('ACT_BLOCK', 'UNET_JAX_ONEDNN_ACT_BLOCK', '7')
+  assert out.returncode != 0
+  assert "UNET_JAX_ONEDNN_ACT_BLOCK='7' must be one of 0, 8, 16" in out.stderr

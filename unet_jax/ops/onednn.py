@@ -7,6 +7,12 @@ primitive) and the kernel gradient (`conv_weight_grad`, its backward-weights
 primitive). `unet_jax.ops.conv` uses them as `onednn=True`; `policy.ONEDNN`
 (`kernels='onednn'`) asks for them.
 
+Layouts. In 2D, where both channel counts are multiples of 8, the activations go
+to oneDNN in channel blocks ([N, C / 8, H, W, 8], `to_blocked`), the layout its AVX2
+kernels read fastest; the transposes are XLA's, in the program around each call, so
+XLA can fuse them into the BatchNorm and ReLU beside it (`act_block`, `ACT_BLOCK`).
+Elsewhere they stay channels-last.
+
 Where oneDNN comes from. The `onednn` and `onednn-devel` wheels (the `onednn` extra,
 `pip install -e '.[onednn]'`), found through their installed files
 (`importlib.metadata`): the headers from `onednn-devel`, `libdnnl.so` from `onednn`.
@@ -65,6 +71,26 @@ BLOCKED_WEIGHTS = True
 # `blocked_wgrad_activations` says it pays (False: always channels-last;
 # UNET_JAX_ONEDNN_BLOCKED_WGRAD=0 sets that for a process, for A/B runs).
 BLOCKED_WGRAD = os.environ.get('UNET_JAX_ONEDNN_BLOCKED_WGRAD', '1') != '0'
+# Hand oneDNN its activations in channel blocks of this size ([N, C / b, *spatial,
+# b], its nChw8c / nCdhw8c) where both channel counts are multiples of it (`act_block`):
+# the transposes from and to channels-last are XLA's, in the program around the call,
+# where XLA fuses them into the neighbouring BatchNorm and ReLU; on AVX2 oneDNN's
+# kernels on 8-blocks are faster than on channels-last (benchmarks/RESULTS.md,
+# "oneDNN on blocked activations"). 0: channels-last throughout.
+# UNET_JAX_ONEDNN_ACT_BLOCK sets it for a process, for A/B runs.
+BLOCKS = (0, 8, 16)
+
+
+def _act_block_from_env() -> int:
+  value = os.environ.get('UNET_JAX_ONEDNN_ACT_BLOCK', '8')
+  if value not in {str(b) for b in BLOCKS}:
+    raise ValueError(
+      f'UNET_JAX_ONEDNN_ACT_BLOCK={value!r} must be one of {", ".join(map(str, BLOCKS))}.'
+    )
+  return int(value)
+
+
+ACT_BLOCK = _act_block_from_env()
 
 
 def blocked_wgrad_activations(ndim: int, in_channels: int, out_channels: int) -> bool:
@@ -77,6 +103,31 @@ def blocked_wgrad_activations(ndim: int, in_channels: int, out_channels: int) ->
   (benchmarks/RESULTS.md, "oneDNN's kernel gradient in the blocked layout").
   """
   return BLOCKED_WGRAD and ndim == 2 and in_channels >= 2 * out_channels
+
+
+def act_block(ndim: int, in_channels: int, out_channels: int) -> int:
+  """The channel block of a convolution's activations: in 2D `ACT_BLOCK` where it
+  divides both channel counts, else 0 (channels-last: the first convolution of a
+  network on 1 or 3 input channels, narrow test networks). In 3D always 0: there
+  oneDNN's blocked kernel gradient is a reference loop (seconds for one 64^3 layer),
+  and its blocked forward pass lost on 16 channels."""
+  b = ACT_BLOCK
+  return b if ndim == 2 and b and in_channels % b == 0 and out_channels % b == 0 else 0
+
+
+def to_blocked(x: jax.Array, block: int) -> jax.Array:
+  """`[N, *spatial, C] -> [N, C / block, *spatial, block]` (oneDNN's nChw8c)."""
+  n, *spatial, c = x.shape
+  nd = len(spatial)
+  y = x.reshape(n, *spatial, c // block, block)
+  return jnp.transpose(y, (0, nd + 1, *range(1, nd + 1), nd + 2))
+
+
+def from_blocked(y: jax.Array) -> jax.Array:
+  """The inverse of `to_blocked`: `[N, C / b, *spatial, b] -> [N, *spatial, C]`."""
+  nd = y.ndim - 3
+  z = jnp.transpose(y, (0, *range(2, nd + 2), 1, nd + 2))
+  return z.reshape(*z.shape[:-2], -1)
 
 
 _lock = threading.Lock()
@@ -189,7 +240,8 @@ def available() -> bool:
 
 
 def implementation(op: str, x_shape: tuple[int, ...], kernel_shape: tuple[int, ...]) -> str:
-  """oneDNN's implementation for a convolution part, e.g. 'brg_conv_fwd:avx2'.
+  """oneDNN's implementation for a convolution part, e.g. 'brg_conv_fwd:avx2', with
+  the activation layout the call would use (`act_block`, `blocked_wgrad_activations`).
 
   Args:
     op: 'forward', 'input_grad' or 'kernel_grad'.
@@ -203,16 +255,19 @@ def implementation(op: str, x_shape: tuple[int, ...], kernel_shape: tuple[int, .
   ndim = len(x_shape) - 2
   xs = (ctypes.c_int64 * len(x_shape))(*x_shape)
   ks = (ctypes.c_int64 * ndim)(*kernel_shape[:ndim])
+  c, o = kernel_shape[-2:]
+  block = act_block(ndim, c, o)
   impl = _state['library'].UnetOnednnImpl(
     ctypes.c_int64(ops.index(op)),
     ctypes.c_int64(ndim),
     xs,
     ks,
-    ctypes.c_int64(kernel_shape[-1]),
+    ctypes.c_int64(o),
     ctypes.c_int64(int(BLOCKED_WEIGHTS)),
     ctypes.c_int64(
-      op == 'kernel_grad' and blocked_wgrad_activations(ndim, *kernel_shape[-2:])
+      op == 'kernel_grad' and not block and blocked_wgrad_activations(ndim, c, o)
     ),
+    ctypes.c_int64(block),
   )
   return impl.decode()
 
@@ -232,7 +287,7 @@ def _check(name, x, kernel_rank, *arrays):
   ensure_available()
 
 
-def _call(target, out_shape, a, b, blocked, blocked_activations=False):
+def _call(target, out_shape, a, b, blocked, blocked_activations=False, block=0):
   blocked = BLOCKED_WEIGHTS if blocked is None else blocked
   out = jax.ShapeDtypeStruct(out_shape, jnp.float32)
   return jax.ffi.ffi_call(target, out, vmap_method='sequential')(
@@ -240,11 +295,58 @@ def _call(target, out_shape, a, b, blocked, blocked_activations=False):
     b,
     blocked_weights=np.int64(blocked),
     blocked_activations=np.int64(blocked_activations),
+    act_block=np.int64(block),
   )
 
 
+def _blocked_shape(shape, block):
+  n, *spatial, c = shape
+  return (n, c // block, *spatial, block)
+
+
+def _block_for(block, ndim, in_channels, out_channels, name):
+  if block is None:
+    return act_block(ndim, in_channels, out_channels)
+  if block not in BLOCKS or (block and (in_channels % block or out_channels % block)):
+    raise ValueError(
+      f'{name}: block={block!r} must be one of {BLOCKS} and divide both channel'
+      f' counts ({in_channels} in, {out_channels} out).'
+    )
+  return block
+
+
+def _activation_call(target, out_shape, a, b, blocked_weights, block, *, wgrad=False):
+  """`_call` on channels-last activations, in channel blocks of `block` around the
+  call when it is not 0: `a` and the result (the forward pass, the input gradient),
+  or `a` and `b` (the kernel gradient, `wgrad`)."""
+  if not block:
+    return _call(target, out_shape, a, b, blocked_weights)
+  if wgrad:
+    return _call(
+      target,
+      out_shape,
+      to_blocked(a, block),
+      to_blocked(b, block),
+      blocked_weights,
+      block=block,
+    )
+  y = _call(
+    target,
+    _blocked_shape(out_shape, block),
+    to_blocked(a, block),
+    b,
+    blocked_weights,
+    block=block,
+  )
+  return from_blocked(y)
+
+
 def conv_same(
-  x: jax.Array, kernel: jax.Array, *, blocked_weights: bool | None = None
+  x: jax.Array,
+  kernel: jax.Array,
+  *,
+  blocked_weights: bool | None = None,
+  block: int | None = None,
 ) -> jax.Array:
   """Stride-1 'same' 2D or 3D convolution by oneDNN, as XLA's 'SAME'.
 
@@ -254,21 +356,33 @@ def conv_same(
       `(k - 1) // 2` before and the rest after each spatial axis.
     blocked_weights: let oneDNN choose the kernel's layout; None: `BLOCKED_WEIGHTS`
       as it is when the call is traced.
+    block: hand oneDNN the activations in channel blocks of this size (0:
+      channels-last; 8 or 16, dividing C and O); None: `act_block(C, O)` when the
+      call is traced.
 
   Returns:
     `[N, H, W, O]` or `[N, D, H, W, O]`.
   """
   _check('onednn.conv_same', x, kernel.ndim, x, kernel)
-  return _call(_CONV, x.shape[:-1] + kernel.shape[-1:], x, kernel, blocked_weights)
+  block = _block_for(block, x.ndim - 2, *kernel.shape[-2:], 'onednn.conv_same')
+  out_shape = x.shape[:-1] + kernel.shape[-1:]
+  return _activation_call(_CONV, out_shape, x, kernel, blocked_weights, block)
 
 
 def conv_same_input_grad(
-  g: jax.Array, kernel: jax.Array, *, blocked_weights: bool | None = None
+  g: jax.Array,
+  kernel: jax.Array,
+  *,
+  blocked_weights: bool | None = None,
+  block: int | None = None,
 ) -> jax.Array:
   """dL/dx of `conv_same(x, kernel)` given its output gradient `g` `[N, *spatial, O]`
-  (oneDNN's backward-data primitive); returns `[N, *spatial, C]`."""
+  (oneDNN's backward-data primitive); returns `[N, *spatial, C]`. Options as in
+  `conv_same`."""
   _check('onednn.conv_same_input_grad', g, kernel.ndim, g, kernel)
-  return _call(_INPUT_GRAD, g.shape[:-1] + kernel.shape[-2:-1], g, kernel, blocked_weights)
+  block = _block_for(block, g.ndim - 2, *kernel.shape[-2:], 'onednn.conv_same_input_grad')
+  out_shape = g.shape[:-1] + kernel.shape[-2:-1]
+  return _activation_call(_INPUT_GRAD, out_shape, g, kernel, blocked_weights, block)
 
 
 def conv_weight_grad(
@@ -278,6 +392,7 @@ def conv_weight_grad(
   *,
   blocked_weights: bool | None = None,
   blocked_activations: bool | None = None,
+  block: int | None = None,
 ) -> jax.Array:
   """dL/dK of `conv_same(x, kernel)` (oneDNN's backward-weights primitive).
 
@@ -286,8 +401,10 @@ def conv_weight_grad(
     g: the gradient of its output, `[N, *spatial, O]`, float32.
     kernel_spatial: the kernel's spatial sizes.
     blocked_weights: as in `conv_same`.
-    blocked_activations: let oneDNN choose the layout of `x` and `g` (reordered from
-      channels-last); None: `blocked_wgrad_activations` when the call is traced.
+    blocked_activations: where `block` is 0, let oneDNN choose the layout of `x` and
+      `g` (reordered from channels-last inside the call); None:
+      `blocked_wgrad_activations` when the call is traced.
+    block: as in `conv_same`.
 
   Returns:
     `[*kernel_spatial, C, O]` (HWIO or DHWIO).
@@ -298,7 +415,11 @@ def conv_weight_grad(
       f'onednn.conv_weight_grad: x {x.shape} and g {g.shape} must agree on all but'
       ' the channel axis.'
     )
-  shape = tuple(kernel_spatial) + (x.shape[-1], g.shape[-1])
+  c, o = x.shape[-1], g.shape[-1]
+  block = _block_for(block, x.ndim - 2, c, o, 'onednn.conv_weight_grad')
+  shape = tuple(kernel_spatial) + (c, o)
+  if block:
+    return _activation_call(_WGRAD, shape, x, g, blocked_weights, block, wgrad=True)
   if blocked_activations is None:
-    blocked_activations = blocked_wgrad_activations(x.ndim - 2, x.shape[-1], g.shape[-1])
+    blocked_activations = blocked_wgrad_activations(x.ndim - 2, c, o)
   return _call(_WGRAD, shape, x, g, blocked_weights, blocked_activations)

@@ -189,16 +189,19 @@ CPU = KernelPolicy(
   native_winograd=NDIMS,
   native_pool=NDIMS,
 )
-# The CPU's formulations with oneDNN's convolutions instead of the hand-written kernels
-# (pooling by XLA): `kernels='onednn'`, and 'auto' on CPUs without AVX-512F where
-# oneDNN is installed (`onednn_usable`). Its A/B against 'xla' and 'native' on the whole
-# train step is in benchmarks/RESULTS.md ("oneDNN against the hand-written kernels and
-# XLA").
+# The CPU's formulations with oneDNN's convolutions instead of the hand-written kernels:
+# `kernels='onednn'`, and 'auto' on CPUs without AVX-512F where oneDNN is installed
+# (`onednn_usable`). Its A/B against 'xla' and 'native' on the whole train step is in
+# benchmarks/RESULTS.md ("oneDNN against the hand-written kernels and XLA"). 2D max
+# pooling by the native kernel (built with the same compiler; XLA's where it does
+# not build): beside oneDNN's convolutions it won in 2D and lost in 3D
+# (benchmarks/RESULTS.md, "oneDNN on blocked activations").
 ONEDNN = KernelPolicy(
   transpose_as_matmul=True,
   conv3d_as_2d=True,
   pointwise_as_matmul=True,
   onednn_conv=NDIMS,
+  native_pool=(2,),
 )
 # What 'auto' starts from, by `jax.default_backend()`; a backend not named here gets
 # `XLA` too. GPU and TPU: XLA's convolutions (cuDNN, the TPU's convolution units),
@@ -258,7 +261,9 @@ def auto() -> KernelPolicy:
   if policy.uses_native and not native_usable():
     policy = policy.without_native()
     if jax.default_backend() == 'cpu' and onednn_usable():
-      policy = policy.replace(onednn_conv=NDIMS)
+      # Its native pooling only where the native kernels build (they do wherever
+      # oneDNN's call builds, bar a broken install); else XLA's.
+      policy = ONEDNN if native_kernels.available() else ONEDNN.without_native()
   return policy
 
 

@@ -6,7 +6,10 @@
 //   "UnetOnednnWgrad":     x, g                                        -> dk [(KD,) KH, KW, C, O]
 //
 // Channels-last activations and HWIO (DHWIO) kernels, as the project stores them;
-// float32. The padding is XLA's 'SAME' for stride 1: (k - 1) / 2 before and the
+// float32. With the `act_block` attribute b (8 or 16) the activations come and go
+// in channel blocks instead, [N, C / b, (D,) H, W, b] (oneDNN's nChw8c, nCdhw8c and
+// their 16 forms), read and written as they are; unet_jax/ops/onednn.py transposes
+// them in the XLA program around the call. The padding is XLA's 'SAME' for stride 1: (k - 1) / 2 before and the
 // rest after each spatial axis, so even kernel sizes are asymmetric, as in XLA.
 //
 // oneDNN chooses the kernel's memory layout for each primitive when
@@ -54,7 +57,7 @@ enum Op : int64_t { kForward = 0, kInputGrad = 1, kWgrad = 2 };
 
 // One problem: spatial rank, the sizes and the layout choice.
 struct Problem {
-  int64_t op, ndim, n, c, o, blocked, blocked_act;
+  int64_t op, ndim, n, c, o, blocked, blocked_act, act_block;
   int64_t size[3];    // D, H, W (D = 1 in 2D)
   int64_t kernel[3];  // KD, KH, KW (KD = 1 in 2D)
   bool operator<(const Problem& b) const {
@@ -94,6 +97,14 @@ memory::dims kernel_dims(const Problem& p) {
   return {p.o, p.c, p.kernel[0], p.kernel[1], p.kernel[2]};
 }
 
+// The activations' layout as stored: channels-last, or channel blocks of 8 or 16
+// ([N, C / b, (D,) H, W, b], oneDNN's nChw8c / nCdhw8c and their 16 forms).
+tag stored_layout(const Problem& p) {
+  if (p.act_block == 8) return p.ndim == 2 ? tag::nChw8c : tag::nCdhw8c;
+  if (p.act_block == 16) return p.ndim == 2 ? tag::nChw16c : tag::nCdhw16c;
+  return p.ndim == 2 ? tag::nhwc : tag::ndhwc;
+}
+
 // A reorder from the primitive's layout to the stored one (`to_plain`), or back.
 dnnl::primitive between(const memory::desc& prim, const memory::desc& plain,
                         bool to_plain) {
@@ -110,9 +121,11 @@ std::unique_ptr<Compiled> compile(const Problem& p) {
     pad_l[i] = (k - 1) / 2;
     pad_r[i] = k - 1 - pad_l[i];
   }
-  const tag act = p.ndim == 2 ? tag::nhwc : tag::ndhwc;
+  const tag act = stored_layout(p);
   const tag ker = p.ndim == 2 ? tag::hwio : tag::dhwio;
-  const tag act_want = p.blocked_act ? tag::any : act;
+  // Activations stored blocked are read and written as they are; channels-last ones
+  // may be reordered to the layout oneDNN chooses (`blocked_activations`).
+  const tag act_want = p.blocked_act && !p.act_block ? tag::any : act;
   memory::desc x_plain(dims_of(p, p.c), dt::f32, act);
   memory::desc y_plain(dims_of(p, p.o), dt::f32, act);
   memory::desc x_md(dims_of(p, p.c), dt::f32, act_want);
@@ -180,35 +193,46 @@ const Compiled& lookup(const Problem& p) {
   return *entry;
 }
 
-// The problem from the activation [N, (D,) H, W, C], the kernel and the output
+// The problem from the activations (channels-last [N, (D,) H, W, C], or blocked
+// [N, C / b, (D,) H, W, b] when `act_block` is b), the kernel and the output
 // channels; an error names what disagrees.
 ffi::Error problem(const char* name, int64_t op, ffi::Span<const int64_t> xd,
                    ffi::Span<const int64_t> kd, ffi::Span<const int64_t> yd,
-                   int64_t blocked, int64_t blocked_act, Problem* p) {
-  const size_t rank = xd.size();
-  if ((rank != 4 && rank != 5) || kd.size() != rank || yd.size() != rank)
+                   int64_t blocked, int64_t blocked_act, int64_t act_block, Problem* p) {
+  const size_t krank = kd.size();
+  const size_t rank = act_block ? krank + 1 : krank;
+  if ((krank != 4 && krank != 5) || xd.size() != rank || yd.size() != rank)
     return ffi::Error::InvalidArgument(
-        std::string(name) + ": operands must all be rank 4 (2D) or rank 5 (3D)");
+        std::string(name) + ": operands must all be rank 4 (2D) or rank 5 (3D), the"
+                            " activations one more when blocked");
+  if (act_block != 0 && act_block != 8 && act_block != 16)
+    return ffi::Error::InvalidArgument(std::string(name) + ": act_block must be 0, 8 or 16");
   std::memset(p, 0, sizeof(Problem));
   p->op = op;
-  p->ndim = static_cast<int64_t>(rank) - 2;
+  p->ndim = static_cast<int64_t>(krank) - 2;
   p->n = xd[0];
-  p->c = xd[rank - 1];
-  p->o = yd[rank - 1];
+  const size_t first = act_block ? 2 : 1;  // the first spatial axis
+  p->c = act_block ? xd[1] * xd[rank - 1] : xd[rank - 1];
+  p->o = act_block ? yd[1] * yd[rank - 1] : yd[rank - 1];
   p->blocked = blocked ? 1 : 0;
   p->blocked_act = blocked_act ? 1 : 0;
+  p->act_block = act_block;
+  if (act_block && (xd[rank - 1] != act_block || yd[rank - 1] != act_block))
+    return ffi::Error::InvalidArgument(std::string(name) +
+                                       ": the last axis of blocked activations must be"
+                                       " act_block");
   for (int64_t i = 0; i < 3; ++i) {
     p->size[i] = 1;
     p->kernel[i] = 1;
   }
   for (int64_t i = 0; i < p->ndim; ++i) {
-    p->size[3 - p->ndim + i] = xd[1 + i];
+    p->size[3 - p->ndim + i] = xd[first + i];
     p->kernel[3 - p->ndim + i] = kd[i];
-    if (yd[1 + i] != xd[1 + i])
+    if (yd[first + i] != xd[first + i])
       return ffi::Error::InvalidArgument(std::string(name) +
                                          ": input and output sizes differ");
   }
-  if (yd[0] != p->n || kd[rank - 2] != p->c || kd[rank - 1] != p->o)
+  if (yd[0] != p->n || kd[krank - 2] != p->c || kd[krank - 1] != p->o)
     return ffi::Error::InvalidArgument(std::string(name) + ": shapes do not agree");
   return ffi::Error::Success();
 }
@@ -256,33 +280,33 @@ ffi::Error run(const Problem& p, void* x, void* k, void* y) {
 
 ffi::Error ConvImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
                     ffi::ResultBuffer<ffi::F32> y, int64_t blocked_weights,
-                    int64_t blocked_activations) {
+                    int64_t blocked_activations, int64_t act_block) {
   Problem p;
   ffi::Error error = problem("onednn_conv", kForward, x.dimensions(), k.dimensions(),
                              y->dimensions(), blocked_weights, blocked_activations,
-                             &p);
+                             act_block, &p);
   if (error.failure()) return error;
   return run(p, x.untyped_data(), k.untyped_data(), y->untyped_data());
 }
 
 ffi::Error InputGradImpl(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> k,
                          ffi::ResultBuffer<ffi::F32> dx, int64_t blocked_weights,
-                         int64_t blocked_activations) {
+                         int64_t blocked_activations, int64_t act_block) {
   Problem p;
   ffi::Error error = problem("onednn_input_grad", kInputGrad, dx->dimensions(),
                              k.dimensions(), g.dimensions(), blocked_weights,
-                             blocked_activations, &p);
+                             blocked_activations, act_block, &p);
   if (error.failure()) return error;
   return run(p, dx->untyped_data(), k.untyped_data(), g.untyped_data());
 }
 
 ffi::Error WgradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
                      ffi::ResultBuffer<ffi::F32> dk, int64_t blocked_weights,
-                     int64_t blocked_activations) {
+                     int64_t blocked_activations, int64_t act_block) {
   Problem p;
   ffi::Error error = problem("onednn_wgrad", kWgrad, x.dimensions(), dk->dimensions(),
                              g.dimensions(), blocked_weights, blocked_activations,
-                             &p);
+                             act_block, &p);
   if (error.failure()) return error;
   return run(p, x.untyped_data(), dk->untyped_data(), g.untyped_data());
 }
@@ -295,7 +319,8 @@ static auto Binding() {
       .Arg<ffi::Buffer<ffi::F32>>()
       .Ret<ffi::Buffer<ffi::F32>>()
       .Attr<int64_t>("blocked_weights")
-      .Attr<int64_t>("blocked_activations");
+      .Attr<int64_t>("blocked_activations")
+      .Attr<int64_t>("act_block");
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetOnednnConv, ConvImpl, Binding());
@@ -332,7 +357,8 @@ extern "C" const char* UnetOnednnProbe() {
 // "brg_conv_fwd:avx2"; "" if it cannot be created.
 extern "C" const char* UnetOnednnImpl(int64_t op, int64_t ndim, const int64_t* x_shape,
                                       const int64_t* kernel_spatial, int64_t out_channels,
-                                      int64_t blocked, int64_t blocked_act) {
+                                      int64_t blocked, int64_t blocked_act,
+                                      int64_t act_block) {
   static thread_local std::string impl;
   try {
     Problem p;
@@ -344,6 +370,7 @@ extern "C" const char* UnetOnednnImpl(int64_t op, int64_t ndim, const int64_t* x
     p.o = out_channels;
     p.blocked = blocked ? 1 : 0;
     p.blocked_act = blocked_act ? 1 : 0;
+    p.act_block = act_block;
     for (int i = 0; i < 3; ++i) p.size[i] = p.kernel[i] = 1;
     for (int64_t i = 0; i < ndim; ++i) {
       p.size[3 - ndim + i] = x_shape[1 + i];
