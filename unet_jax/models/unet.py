@@ -56,6 +56,7 @@ import jax.numpy as jnp
 from unet_jax import config as config_lib
 from unet_jax.ops import conv as conv_lib
 from unet_jax.ops import policy as policy_lib
+from unet_jax.ops import resize as resize_lib
 
 UPSAMPLE_MODES = ('transpose', 'bilinear')
 NORMS = ('batch', 'group', 'instance', 'none')
@@ -430,11 +431,15 @@ class Upsample(nn.Module):
       conv_general_dilated=policy.conv_general_dilated(),
       name='conv',
     )
-    if self.conv_kernel == 1:
-      x = conv(x)
+
+    def resize(x):
+      if policy.upsample_as_stencil and resize_lib.suits(self.strides):
+        return resize_lib.upsample_2x(x, self.strides)
       return jax.image.resize(x, shape + (x.shape[-1],), method='linear')
-    x = jax.image.resize(x, shape + (x.shape[-1],), method='linear')
-    return conv(x)
+
+    if self.conv_kernel == 1:
+      return resize(conv(x))
+    return conv(resize(x))
 
 
 class UNet(nn.Module):

@@ -93,6 +93,9 @@ class KernelPolicy:
     onednn_conv: float32 stride-1 'same' convolutions (forward, input gradient and
       kernel gradient) by oneDNN, in these dimensionalities (`conv.conv2d_same(
       onednn=True)`); it takes precedence over the native convolution fields.
+    upsample_as_stencil: 'bilinear' upsampling by factors of 1 and 2 as a fixed
+      stencil of slices and products (`resize.upsample_2x`) instead of
+      `jax.image.resize`'s weight matrices.
   """
 
   transpose_as_matmul: bool = False
@@ -103,6 +106,7 @@ class KernelPolicy:
   native_winograd: tuple[int, ...] = ()
   native_pool: tuple[int, ...] = ()
   onednn_conv: tuple[int, ...] = ()
+  upsample_as_stencil: bool = False
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
@@ -184,6 +188,7 @@ CPU = KernelPolicy(
   transpose_as_matmul=True,
   conv3d_as_2d=True,
   pointwise_as_matmul=True,
+  upsample_as_stencil=True,
   native_weight_grad=NDIMS,
   native_forward=NDIMS,
   native_winograd=NDIMS,
@@ -200,6 +205,7 @@ ONEDNN = KernelPolicy(
   transpose_as_matmul=True,
   conv3d_as_2d=True,
   pointwise_as_matmul=True,
+  upsample_as_stencil=True,
   onednn_conv=NDIMS,
   native_pool=(2,),
 )
