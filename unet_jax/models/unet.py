@@ -433,7 +433,7 @@ class Upsample(nn.Module):
     )
 
     def resize(x):
-      if policy.upsample_as_stencil and resize_lib.suits(self.strides):
+      if ndim in policy.upsample_as_stencil and resize_lib.suits(self.strides):
         return resize_lib.upsample_2x(x, self.strides)
       return jax.image.resize(x, shape + (x.shape[-1],), method='linear')
 

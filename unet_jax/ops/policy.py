@@ -95,7 +95,9 @@ class KernelPolicy:
       onednn=True)`); it takes precedence over the native convolution fields.
     upsample_as_stencil: 'bilinear' upsampling by factors of 1 and 2 as a fixed
       stencil of slices and products (`resize.upsample_2x`) instead of
-      `jax.image.resize`'s weight matrices.
+      `jax.image.resize`'s weight matrices, in these dimensionalities (on the CPU
+      it won in 2D and lost in 3D: benchmarks/RESULTS.md, "oneDNN on blocked
+      activations, native pooling and the bilinear stencil").
   """
 
   transpose_as_matmul: bool = False
@@ -106,12 +108,12 @@ class KernelPolicy:
   native_winograd: tuple[int, ...] = ()
   native_pool: tuple[int, ...] = ()
   onednn_conv: tuple[int, ...] = ()
-  upsample_as_stencil: bool = False
+  upsample_as_stencil: tuple[int, ...] = ()
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
-      if field.name.startswith('native_') or field.name == 'onednn_conv':
+      if field.name.startswith('native_') or field.name in _DIMS_FIELDS:
         object.__setattr__(self, field.name, _dims(value, field.name))
       elif not isinstance(value, bool):
         raise ValueError(f'KernelPolicy.{field.name}={value!r} must be a bool.')
@@ -169,6 +171,7 @@ class KernelPolicy:
     return nn.max_pool(x, window, strides=window, padding='VALID')
 
 
+_DIMS_FIELDS = ('onednn_conv', 'upsample_as_stencil')
 _NATIVE_FIELDS = ('native_weight_grad', 'native_forward', 'native_winograd', 'native_pool')
 
 # No lhs-dilated convolution on any backend: the transposed convolutions as products.
@@ -188,7 +191,7 @@ CPU = KernelPolicy(
   transpose_as_matmul=True,
   conv3d_as_2d=True,
   pointwise_as_matmul=True,
-  upsample_as_stencil=True,
+  upsample_as_stencil=(2,),
   native_weight_grad=NDIMS,
   native_forward=NDIMS,
   native_winograd=NDIMS,
@@ -205,7 +208,7 @@ ONEDNN = KernelPolicy(
   transpose_as_matmul=True,
   conv3d_as_2d=True,
   pointwise_as_matmul=True,
-  upsample_as_stencil=True,
+  upsample_as_stencil=(2,),
   onednn_conv=NDIMS,
   native_pool=(2,),
 )
