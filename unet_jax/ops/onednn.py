@@ -357,8 +357,8 @@ def conv_same(
     blocked_weights: let oneDNN choose the kernel's layout; None: `BLOCKED_WEIGHTS`
       as it is when the call is traced.
     block: hand oneDNN the activations in channel blocks of this size (0:
-      channels-last; 8 or 16, dividing C and O); None: `act_block(C, O)` when the
-      call is traced.
+      channels-last; 8 or 16, dividing C and O); None: `act_block(ndim, C, O)` when
+      the call is traced.
 
   Returns:
     `[N, H, W, O]` or `[N, D, H, W, O]`.

@@ -9,8 +9,9 @@
 // float32. With the `act_block` attribute b (8 or 16) the activations come and go
 // in channel blocks instead, [N, C / b, (D,) H, W, b] (oneDNN's nChw8c, nCdhw8c and
 // their 16 forms), read and written as they are; unet_jax/ops/onednn.py transposes
-// them in the XLA program around the call. The padding is XLA's 'SAME' for stride 1: (k - 1) / 2 before and the
-// rest after each spatial axis, so even kernel sizes are asymmetric, as in XLA.
+// them in the XLA program around the call. The padding is XLA's 'SAME' for stride
+// 1: (k - 1) / 2 before and the rest after each spatial axis, so even kernel sizes
+// are asymmetric, as in XLA.
 //
 // oneDNN chooses the kernel's memory layout for each primitive when
 // `blocked_weights` is 1 (format_tag::any: blocked layouts its AVX2/AVX-512 kernels
