@@ -733,6 +733,7 @@ def test_the_cpu_policy_is_unchanged():
       native_forward=(2, 3),
       native_winograd=(2, 3),
       native_pool=(2, 3),
+      upsample_as_stencil=(2,),  # 2D bilinear upsampling as a stencil (resize.py)
     )
   )
 
