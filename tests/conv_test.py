@@ -323,8 +323,8 @@ def test_native_kernel_builds_on_this_machine():
   # CI runs where a C++ compiler exists; a silent fallback to XLA would hide a
   # broken build, so the build itself is asserted.
   native_kernels.ensure_available()
-  # 'auto' takes them where they were tuned: CPUs with AVX-512F.
-  expected = (2, 3) if native_kernels.cpu_has_avx512() else ()
+  # 'auto' takes them where their tiles are sized and measured: AVX-512F, AVX2 + FMA.
+  expected = (2, 3) if native_kernels.cpu_is_measured() else ()
   assert policy.auto().native_weight_grad == expected
 
 
@@ -480,29 +480,24 @@ def test_auto_falls_back_to_xla_when_the_kernel_is_unavailable(monkeypatch):
   assert auto == policy.AUTO.get(jax.default_backend(), policy.XLA).without_native()
 
 
-def test_auto_uses_the_native_kernels_only_on_avx512_cpus(monkeypatch):
+def test_auto_uses_the_native_kernels_on_avx512_and_avx2_cpus(monkeypatch):
   monkeypatch.setattr(native_kernels, 'available', lambda: True)
-  monkeypatch.setattr(onednn_kernels, 'available', lambda: False)
-  monkeypatch.setattr(native_kernels, '_cpu_flags', lambda: 'flags : fpu sse2 avx avx2 fma')
-  assert not native_kernels.cpu_has_avx512()
-  assert policy.auto() == policy.CPU.without_native()  # The formulations stay.
-  assert policy.resolve('native') == policy.CPU  # Asked for, they are used anyway.
-  # With oneDNN installed, its convolutions (benchmarks/RESULTS.md, "oneDNN against
-  # the hand-written kernels and XLA").
   monkeypatch.setattr(onednn_kernels, 'available', lambda: True)
-  assert (
-    policy.auto()
-    == policy.ONEDNN
-    == policy.CPU.without_native().replace(onednn_conv=True, native_pool=[2])
-  )
-  # Its 2D pooling is the native kernel's where that builds, else XLA's.
-  monkeypatch.setattr(native_kernels, 'available', lambda: False)
-  assert policy.auto() == policy.ONEDNN.without_native()
-  assert policy.auto().native_pool == () and policy.auto().onednn_conv == (2, 3)
-  monkeypatch.setattr(native_kernels, 'available', lambda: True)
+  # AVX2 with FMA: the 8-float tiles (benchmarks/RESULTS.md, "The native kernels on
+  # 256-bit vectors"); oneDNN, though installed, is not 'auto''s choice.
+  monkeypatch.setattr(native_kernels, '_cpu_flags', lambda: 'flags : fpu sse2 avx avx2 fma')
+  assert not native_kernels.cpu_has_avx512() and native_kernels.cpu_is_measured()
+  assert policy.auto() == policy.CPU
   monkeypatch.setattr(native_kernels, '_cpu_flags', lambda: 'flags : avx2 avx512f avx512bw')
-  assert native_kernels.cpu_has_avx512()
-  assert policy.auto() == policy.CPU  # oneDNN against them there: not measured yet
+  assert native_kernels.cpu_has_avx512() and native_kernels.cpu_is_measured()
+  assert policy.auto() == policy.CPU
+  # AVX2 without FMA, or no AVX2: not measured, so the formulations on XLA.
+  for flags in ('flags : fpu sse2 avx avx2', 'flags : fpu sse2 sse4_2 avx'):
+    monkeypatch.setattr(native_kernels, '_cpu_flags', lambda flags=flags: flags)
+    assert not native_kernels.cpu_is_measured()
+    assert policy.auto() == policy.CPU.without_native()
+    assert policy.resolve('native') == policy.CPU  # Asked for, they are used anyway.
+    assert policy.resolve('onednn') == policy.ONEDNN
 
 
 def test_auto_is_without_native_kernels_with_several_devices():
@@ -706,7 +701,7 @@ def test_policies_by_name_follow_the_backend():
   auto = policy.resolve('auto')
   on_cpu = jax.default_backend() == 'cpu'
   assert auto.transpose_as_matmul and auto.conv3d_as_2d is on_cpu
-  native = on_cpu and native_kernels.cpu_has_avx512()  # Tuned for AVX-512 CPUs.
+  native = on_cpu and native_kernels.cpu_is_measured()  # AVX-512F, or AVX2 and FMA
   assert auto.native_weight_grad == ((2, 3) if native else ())
   # True and False stand for both dimensionalities and neither.
   assert policy.CPU.replace(native_pool=False).native_pool == ()

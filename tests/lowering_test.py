@@ -178,7 +178,7 @@ def test_the_cpu_defaults_are_unchanged():
   config = get_config('dice_bce')
   assert factory.create_model(config.model).dtype == jnp.float32
   assert policy.AUTO['cpu'] == policy.CPU
-  assert policy.resolve('auto') in (policy.CPU, policy.CPU.without_native(), policy.ONEDNN)
+  assert policy.resolve('auto') in (policy.CPU, policy.CPU.without_native())
 
 
 def test_the_export_for_every_platform_from_the_cpu():

@@ -301,10 +301,12 @@ def test_the_wheels_are_found_and_their_runtime_read():
   assert onednn.runtime(include) in ('SYCL', 'OMP', 'TBB', 'SEQ', 'THREADPOOL')
 
 
-def test_auto_takes_onednn_on_cpus_without_avx512():
-  # This project's CI machines have AVX2 but not AVX-512F; there 'auto' is oneDNN's.
-  expected = policy.CPU if native.cpu_has_avx512() else policy.ONEDNN
-  assert policy.resolve('auto') == expected
+def test_auto_never_takes_onednn():
+  # The native kernels beat it on both CPUs measured (AVX-512 and AVX2); this
+  # project's CI machines have at least AVX2 and FMA.
+  assert native.cpu_is_measured()
+  assert policy.resolve('auto') == policy.CPU
+  assert not policy.resolve('auto').uses_onednn
 
 
 def _onednn_setting(name, variable, value):

@@ -95,9 +95,16 @@ def _cpu_flags() -> str:
 
 
 def cpu_has_avx512() -> bool:
-  """Whether this CPU reports AVX-512F (`/proc/cpuinfo`), the instruction set the
-  kernels' tiles were written and measured for (`policy.native_usable`)."""
+  """Whether this CPU reports AVX-512F (`/proc/cpuinfo`): the kernels then compute on
+  16-float vectors (`native/conv.cc`, `kLanes`), else on 8-float ones."""
   return 'avx512f' in _cpu_flags().split()
+
+
+def cpu_is_measured() -> bool:
+  """Whether this CPU reports AVX-512F, or AVX2 with FMA: the two instruction sets the
+  kernels' register tiles are sized for and measured on (`policy.native_usable`)."""
+  flags = _cpu_flags().split()
+  return 'avx512f' in flags or ('avx2' in flags and 'fma' in flags)
 
 
 def _cache_dir() -> pathlib.Path:

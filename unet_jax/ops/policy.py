@@ -4,11 +4,9 @@
 
 - `'auto'` (the default): the choice for `jax.default_backend()` (`AUTO`). On the CPU,
   the faster formulations of `conv.py` and, in a single-device process, for float32
-  convolutions: on a CPU with AVX-512F where they build, the native C++ kernels of
-  `native.py` (and their pooling; `native_usable`); on a CPU without AVX-512F where
-  the oneDNN wheels are installed and build, oneDNN's (`onednn_usable`: the policy is
-  then `ONEDNN`; benchmarks/RESULTS.md, "oneDNN against the hand-written kernels and
-  XLA"); else XLA's. On GPU and TPU `'xla'`.
+  convolutions: on a CPU with AVX-512F or AVX2 where they build, the native C++
+  kernels of `native.py` and their pooling (`native_usable`); else XLA's. On GPU
+  and TPU `'xla'`.
 - `'xla'`: XLA's own kernels on every backend, nothing native: `lax` convolutions and
   `nn.max_pool`, with the kernel-equals-stride transposed convolution as a matrix
   product and depth-to-space (`conv.ConvTranspose`). `nn.ConvTranspose` lowers it to
@@ -20,8 +18,9 @@
   saying why) where the native kernels cannot be built, instead of XLA.
 - `'onednn'`: the CPU's formulations with every float32 stride-1 'same' convolution
   (forward, input gradient, kernel gradient) by oneDNN's primitives
-  (`unet_jax.ops.onednn`, the `onednn` extra) and pooling by XLA (`ONEDNN`); an error
-  (`NativeKernelError`) where oneDNN is not installed or cannot be built.
+  (`unet_jax.ops.onednn`, the `onednn` extra), 2D max pooling by the native kernel
+  (`ONEDNN`); an error (`NativeKernelError`) where oneDNN or the native kernels are
+  not installed or cannot be built.
 
 `KernelPolicy()`, every field off, is the plain formulation (`nn.ConvTranspose`
 included): the reference the tests compare the others with.
@@ -198,12 +197,10 @@ CPU = KernelPolicy(
   native_pool=NDIMS,
 )
 # The CPU's formulations with oneDNN's convolutions instead of the hand-written kernels:
-# `kernels='onednn'`, and 'auto' on CPUs without AVX-512F where oneDNN is installed
-# (`onednn_usable`). Its A/B against 'xla' and 'native' on the whole train step is in
-# benchmarks/RESULTS.md ("oneDNN against the hand-written kernels and XLA"). 2D max
-# pooling by the native kernel (built with the same compiler; XLA's where it does
-# not build): beside oneDNN's convolutions it won in 2D and lost in 3D
-# (benchmarks/RESULTS.md, "oneDNN on blocked activations").
+# `kernels='onednn'` (not 'auto': the native kernels beat it, benchmarks/RESULTS.md,
+# "The native kernels on 256-bit vectors"). 2D max pooling by the native kernel:
+# beside oneDNN's convolutions it won in 2D and lost in 3D (benchmarks/RESULTS.md,
+# "oneDNN on blocked activations").
 ONEDNN = KernelPolicy(
   transpose_as_matmul=True,
   conv3d_as_2d=True,
@@ -226,20 +223,20 @@ def native_usable() -> bool:
   Not when they cannot be built here (`native_kernels.available()`, which logs why,
   e.g. `UNET_JAX_NATIVE=0`), nor when the process sees more than one device: under
   `jit` over a mesh XLA's partitioner cannot split an FFI call by batch, and would
-  gather every device's input to each device instead. Nor on a CPU without AVX-512F:
-  the kernels' tiles were written and measured for AVX-512, and on an AVX2-only CPU
-  they lost to XLA's convolutions (benchmarks/RESULTS.md, "Native kernels on an
-  AVX2-only CPU"); `kernels='native'` still asks for them there.
+  gather every device's input to each device instead. Nor on a CPU with neither
+  AVX-512F nor AVX2 and FMA (`native_kernels.cpu_is_measured`): the kernels' register
+  tiles are sized for those two and measured only there; `kernels='native'` still
+  asks for them elsewhere.
   """
   if jax.device_count() != 1:
     return False
-  if not native_kernels.cpu_has_avx512():
-    if not _logged.get('avx2'):
-      _logged['avx2'] = True
+  if not native_kernels.cpu_is_measured():
+    if not _logged.get('isa'):
+      _logged['isa'] = True
       logging.info(
-        "This CPU has no AVX-512F: 'auto' uses oneDNN's convolutions where it is"
-        " installed, else XLA's, not the native kernels (tuned for AVX-512);"
-        " kernels='native' forces them."
+        "This CPU has neither AVX-512F nor AVX2 with FMA: 'auto' keeps XLA's"
+        ' convolutions, not the native kernels (measured on those two);'
+        " kernels='native' or 'onednn' forces them."
       )
     return False
   return native_kernels.available()
@@ -248,31 +245,14 @@ def native_usable() -> bool:
 _logged: dict[str, bool] = {}
 
 
-def onednn_usable() -> bool:
-  """Whether 'auto' may call oneDNN's convolutions in this process.
-
-  On a CPU without AVX-512F (where the native kernels are off: `native_usable`), in
-  a single-device process (as for the native kernels, XLA's partitioner cannot split
-  an FFI call by batch), where oneDNN is installed and builds (`onednn.available()`,
-  which logs why not). There it beat XLA's convolutions on the whole step, 2D and 3D
-  (benchmarks/RESULTS.md). On AVX-512 CPUs its comparison with the native kernels is
-  not measured yet, so 'auto' keeps those there.
-  """
-  if jax.device_count() != 1 or native_kernels.cpu_has_avx512():
-    return False
-  return onednn_kernels.available()
-
-
 def auto() -> KernelPolicy:
-  """`AUTO[jax.default_backend()]`, without the native kernels where they are unusable,
-  and then with oneDNN's convolutions where it is usable (`onednn_usable`)."""
+  """`AUTO[jax.default_backend()]`, without the native kernels where they are unusable
+  (`native_usable`). oneDNN is never chosen by 'auto': on both CPUs measured the
+  native kernels beat it on the whole step (benchmarks/RESULTS.md, "The native
+  kernels on 256-bit vectors")."""
   policy = AUTO.get(jax.default_backend(), XLA)
   if policy.uses_native and not native_usable():
     policy = policy.without_native()
-    if jax.default_backend() == 'cpu' and onednn_usable():
-      # Its native pooling only where the native kernels build (they do wherever
-      # oneDNN's call builds, bar a broken install); else XLA's.
-      policy = ONEDNN if native_kernels.available() else ONEDNN.without_native()
   return policy
 
 

@@ -58,13 +58,28 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));
+// Vectors of kLanes floats: 16 (one 512-bit register) where the compiler targets
+// AVX-512F, otherwise 8 (one 256-bit AVX2 register, or two NEON registers).
+#if defined(__AVX512F__)
+#define UNET_JAX_LANES 16
+#else
+#define UNET_JAX_LANES 8
+#endif
+constexpr int kLanes = UNET_JAX_LANES;
+typedef float vec __attribute__((vector_size(4 * UNET_JAX_LANES)));
 // The same vector, at any float-aligned address (unaligned loads and stores).
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
+typedef float vecu __attribute__((vector_size(4 * UNET_JAX_LANES), aligned(4)));
 
-inline v16 load16(const float* p) { return *reinterpret_cast<const v16u*>(p); }
+inline vec loadv(const float* p) { return *reinterpret_cast<const vecu*>(p); }
 
-inline void add16(float* p, v16 v) { *reinterpret_cast<v16u*>(p) += v; }
+inline void addv(float* p, vec v) { *reinterpret_cast<vecu*>(p) += v; }
+
+// Register tiles: rows x NV vectors of accumulators, kWide rows with NV = 2 or
+// kNarrow rows with NV = 1. With 32 vector registers (AVX-512) 8 x 2 or 16 x 1; with
+// 16 (AVX2) 6 x 2 or 12 x 1, which leaves registers for the NV loaded vectors and the
+// broadcast operand.
+constexpr int kWide = kLanes == 16 ? 8 : 6;
+constexpr int kNarrow = kLanes == 16 ? 16 : 12;
 
 // Sizes of one call: batch, spatial sizes (of the input and of the output), channels
 // in and out, kernel sizes and the pads before each spatial axis.
@@ -99,12 +114,12 @@ int64_t row_group(const Geom& s) {
 template <int MC, int NV>
 inline void tile(const float* xrow, const float* grow, int64_t n, int64_t c,
                  int64_t o, float* dk) {
-  v16 acc[MC][NV];
+  vec acc[MC][NV];
   for (int m = 0; m < MC; ++m)
-    for (int v = 0; v < NV; ++v) acc[m][v] = v16{};
+    for (int v = 0; v < NV; ++v) acc[m][v] = vec{};
   for (int64_t p = 0; p < n; ++p) {
-    v16 gv[NV];
-    for (int v = 0; v < NV; ++v) gv[v] = load16(grow + p * o + 16 * v);
+    vec gv[NV];
+    for (int v = 0; v < NV; ++v) gv[v] = loadv(grow + p * o + kLanes * v);
     const float* xp = xrow + p * c;
     for (int m = 0; m < MC; ++m) {
       const float s = xp[m];
@@ -112,7 +127,7 @@ inline void tile(const float* xrow, const float* grow, int64_t n, int64_t c,
     }
   }
   for (int m = 0; m < MC; ++m)
-    for (int v = 0; v < NV; ++v) add16(dk + m * o + 16 * v, acc[m][v]);
+    for (int v = 0; v < NV; ++v) addv(dk + m * o + kLanes * v, acc[m][v]);
 }
 
 // Channels [0, count) of rows with stride c: tiles of MC input channels, then the
@@ -129,14 +144,12 @@ inline void tiles_over_c(const float* xrow, const float* grow, int64_t n,
   }
 }
 
-// Register tiles: 8 x 32 (16 accumulators) or 16 x 16 output values.
-constexpr int MC2 = 8, MC1 = 16;
 // dk[c, o] += sum_p xrow[p, c] grow[p, o] over n pixels.
 void row_product(const float* xrow, const float* grow, int64_t n, int64_t c,
                  int64_t o, float* dk) {
   int64_t o0 = 0;
-  for (; o0 + 32 <= o; o0 += 32) tiles_over_c<MC2, 2>(xrow, grow + o0, n, c, c, o, dk + o0);
-  for (; o0 + 16 <= o; o0 += 16) tiles_over_c<MC1, 1>(xrow, grow + o0, n, c, c, o, dk + o0);
+  for (; o0 + 2 * kLanes <= o; o0 += 2 * kLanes) tiles_over_c<kWide, 2>(xrow, grow + o0, n, c, c, o, dk + o0);
+  for (; o0 + kLanes <= o; o0 += kLanes) tiles_over_c<kNarrow, 1>(xrow, grow + o0, n, c, c, o, dk + o0);
   if (o0 < o) {  // fewer than 16 output channels left: plain loops.
     for (int64_t p = 0; p < n; ++p)
       for (int64_t ci = 0; ci < c; ++ci) {
@@ -160,15 +173,15 @@ struct Segment {
 template <int MC, int NV>
 inline void seg_tile(const Segment* segs, int64_t nseg, int64_t c0, int64_t o0,
                  int64_t c, int64_t o, float* dk) {
-  v16 acc[MC][NV];
+  vec acc[MC][NV];
   for (int m = 0; m < MC; ++m)
-    for (int v = 0; v < NV; ++v) acc[m][v] = v16{};
+    for (int v = 0; v < NV; ++v) acc[m][v] = vec{};
   for (int64_t sg = 0; sg < nseg; ++sg) {
     const float* xrow = segs[sg].x + c0;
     const float* grow = segs[sg].g + o0;
     for (int64_t p = 0; p < segs[sg].n; ++p) {
-      v16 gv[NV];
-      for (int v = 0; v < NV; ++v) gv[v] = load16(grow + p * o + 16 * v);
+      vec gv[NV];
+      for (int v = 0; v < NV; ++v) gv[v] = loadv(grow + p * o + kLanes * v);
       const float* xp = xrow + p * c;
       for (int m = 0; m < MC; ++m) {
         const float s = xp[m];
@@ -177,7 +190,7 @@ inline void seg_tile(const Segment* segs, int64_t nseg, int64_t c0, int64_t o0,
     }
   }
   for (int m = 0; m < MC; ++m)
-    for (int v = 0; v < NV; ++v) add16(dk + (c0 + m) * o + o0 + 16 * v, acc[m][v]);
+    for (int v = 0; v < NV; ++v) addv(dk + (c0 + m) * o + o0 + kLanes * v, acc[m][v]);
 }
 
 // Input channels [c0, c1): tiles of MC channels, then the remainder in smaller tiles.
@@ -194,8 +207,8 @@ inline void seg_tiles_over_c(const Segment* segs, int64_t nseg, int64_t c0, int6
 void segments_product(const Segment* segs, int64_t nseg, int64_t c, int64_t o,
                       float* dk) {
   int64_t o0 = 0;
-  for (; o0 + 32 <= o; o0 += 32) seg_tiles_over_c<MC2, 2>(segs, nseg, 0, c, o0, c, o, dk);
-  for (; o0 + 16 <= o; o0 += 16) seg_tiles_over_c<MC1, 1>(segs, nseg, 0, c, o0, c, o, dk);
+  for (; o0 + 2 * kLanes <= o; o0 += 2 * kLanes) seg_tiles_over_c<kWide, 2>(segs, nseg, 0, c, o0, c, o, dk);
+  for (; o0 + kLanes <= o; o0 += kLanes) seg_tiles_over_c<kNarrow, 1>(segs, nseg, 0, c, o0, c, o, dk);
   if (o0 < o) {  // fewer than 16 output channels left: plain loops.
     for (int64_t sg = 0; sg < nseg; ++sg)
       for (int64_t p = 0; p < segs[sg].n; ++p)
@@ -285,10 +298,10 @@ struct RowTap {
 template <int MP, int NV>
 inline void fwd_tile(const RowTap* taps, int64_t ntaps, int64_t p, const Geom& s,
                      int64_t c0, int64_t c1, float* y) {
-  v16 acc[MP][NV];
+  vec acc[MP][NV];
   for (int m = 0; m < MP; ++m)
     for (int v = 0; v < NV; ++v)
-      acc[m][v] = c0 == 0 ? v16{} : load16(y + m * s.o + 16 * v);
+      acc[m][v] = c0 == 0 ? vec{} : loadv(y + m * s.o + kLanes * v);
   for (int64_t t = 0; t < ntaps; ++t)
     for (int64_t j = 0; j < s.kw; ++j) {
       // Pixels in groups of 8, each from its own base pointer, so that the groups
@@ -298,8 +311,8 @@ inline void fwd_tile(const RowTap* taps, int64_t ntaps, int64_t p, const Geom& s
         xr[q] = taps[t].x + (p + 8 * q + j - s.pw) * s.c;
       const float* kr = taps[t].k + j * s.c * s.o;
       for (int64_t ci = c0; ci < c1; ++ci) {
-        v16 kv[NV];
-        for (int v = 0; v < NV; ++v) kv[v] = load16(kr + ci * s.o + 16 * v);
+        vec kv[NV];
+        for (int v = 0; v < NV; ++v) kv[v] = loadv(kr + ci * s.o + kLanes * v);
         for (int m = 0; m < MP; ++m) {
           const float xv = xr[m / 8][(m % 8) * s.c + ci];
           for (int v = 0; v < NV; ++v) acc[m][v] += xv * kv[v];
@@ -308,7 +321,7 @@ inline void fwd_tile(const RowTap* taps, int64_t ntaps, int64_t p, const Geom& s
     }
   for (int m = 0; m < MP; ++m)
     for (int v = 0; v < NV; ++v)
-      *reinterpret_cast<v16u*>(y + m * s.o + 16 * v) = acc[m][v];
+      *reinterpret_cast<vecu*>(y + m * s.o + kLanes * v) = acc[m][v];
 }
 
 // Pixels [p, p + count) of one row, every column tap of which lies inside the row
@@ -372,7 +385,7 @@ void fwd_row_block(const RowTap* taps, int64_t ntaps, const EdgeRows& left,
                    const EdgeRows& right, const RowRegions& regions, const Geom& s,
                    int64_t c0, int64_t c1, float* yrow, int64_t o0,
                    std::vector<RowTap>& shifted) {
-  constexpr int MP = NV == 2 ? 8 : 16;
+  constexpr int MP = NV == 2 ? kWide : kNarrow;
   shifted.resize(ntaps);
   auto shift = [&](const RowTap* from) {  // each tap's kernel at channel o0
     for (int64_t t = 0; t < ntaps; ++t) shifted[t] = {from[t].x, from[t].k + o0};
@@ -422,7 +435,7 @@ void fwd_row_input(const float* x, const float* k, const Geom& s,
                                k + (a * s.kh + i) * s.kw * s.c * s.o};
     }
   }
-  if (s.o >= 16) {
+  if (s.o >= kLanes) {
     in->left.fill(in->taps.data(), in->ntaps, 0, regions.left, s);
     in->right.fill(in->taps.data(), in->ntaps, regions.right, s.w - regions.right, s);
   }
@@ -458,15 +471,15 @@ void fwd_rows(const float* x, const float* k, float* y, const Geom& s, int64_t r
     for (int64_t r = g0; r < g1; ++r) fwd_row_input(x, k, s, regions, r, &inputs[r - g0]);
     // Each block of the kernel serves every row of the group before the next.
     int64_t o0 = 0;
-    for (int64_t tile; o0 + 16 <= s.o; o0 += tile) {
-      tile = o0 + 32 <= s.o ? 32 : 16;
+    for (int64_t tile; o0 + kLanes <= s.o; o0 += tile) {
+      tile = o0 + 2 * kLanes <= s.o ? 2 * kLanes : kLanes;
       const auto [block, nblocks] = channel_blocks(s.c, taps_per_pixel, tile);
       for (int64_t cb = 0; cb < nblocks; ++cb) {
         const int64_t c0 = cb * block, c1 = cb + 1 == nblocks ? s.c : c0 + block;
         for (int64_t r = g0; r < g1; ++r) {
           const RowInput& in = inputs[r - g0];
           float* yrow = y + r * s.w * s.o;
-          if (tile == 32)
+          if (tile == 2 * kLanes)
             fwd_row_block<2>(in.taps.data(), in.ntaps, in.left, in.right, regions, s,
                              c0, c1, yrow, o0, shifted);
           else
@@ -641,19 +654,19 @@ struct WinoScratch {
   std::vector<float> rows, v, m, w, spare;
 };
 
-// One float or one vector of 16 at p (T: float or v16), and its store: the transforms
+// One float or one vector of 16 at p (T: float or vec), and its store: the transforms
 // below run on whole vectors of channels, then on the remainder one at a time.
 template <typename T>
 inline T lanes(const float* p) {
-  if constexpr (sizeof(T) == 4) return *p; else return load16(p);
+  if constexpr (sizeof(T) == 4) return *p; else return loadv(p);
 }
 template <typename T>
 inline void put_lanes(float* p, T v) {
-  if constexpr (sizeof(T) == 4) *p = v; else *reinterpret_cast<v16u*>(p) = v;
+  if constexpr (sizeof(T) == 4) *p = v; else *reinterpret_cast<vecu*>(p) = v;
 }
 
 // B^T d B for channels [ci, ci + L) of one tile: d[i][j] points at input pixel (i, j)
-// of the tile, out at V[0][tile] (positions xi_stride apart). T is a v16 or a float.
+// of the tile, out at V[0][tile] (positions xi_stride apart). T is a vec or a float.
 template <typename T>
 inline void input_transform(const float* const (&d)[4][4], int64_t ci,
                             int64_t xi_stride, float* out) {
@@ -704,7 +717,7 @@ void winograd_input(const float* x, const Geom& s, const WinoGeom& wg, int64_t b
           d[i][j] = sc->rows.data() + ((2 * (ty - ty0) + i) * wp + 2 * t + j) * c;
       float* out = sc->v.data() + tile * c;
       int64_t ci = 0;
-      for (; ci + 16 <= c; ci += 16) input_transform<v16>(d, ci, xi_stride, out);
+      for (; ci + kLanes <= c; ci += kLanes) input_transform<vec>(d, ci, xi_stride, out);
       for (; ci < c; ++ci) input_transform<float>(d, ci, xi_stride, out);
     }
 }
@@ -714,14 +727,14 @@ void winograd_input(const float* x, const Geom& s, const WinoGeom& wg, int64_t b
 template <int MP, int NV>
 inline void wino_tile(const float* v, const float* u, int64_t c, int64_t o, bool add,
                       float* m) {
-  v16 acc[MP][NV];
+  vec acc[MP][NV];
   for (int p = 0; p < MP; ++p)
-    for (int q = 0; q < NV; ++q) acc[p][q] = add ? load16(m + p * o + 16 * q) : v16{};
+    for (int q = 0; q < NV; ++q) acc[p][q] = add ? loadv(m + p * o + kLanes * q) : vec{};
   const float* vr[(MP + 7) / 8];
   for (int g = 0; g < (MP + 7) / 8; ++g) vr[g] = v + 8 * g * c;
   for (int64_t ci = 0; ci < c; ++ci) {
-    v16 uv[NV];
-    for (int q = 0; q < NV; ++q) uv[q] = load16(u + ci * o + 16 * q);
+    vec uv[NV];
+    for (int q = 0; q < NV; ++q) uv[q] = loadv(u + ci * o + kLanes * q);
     for (int p = 0; p < MP; ++p) {
       const float xv = vr[p / 8][(p % 8) * c + ci];
       for (int q = 0; q < NV; ++q) acc[p][q] += xv * uv[q];
@@ -729,7 +742,7 @@ inline void wino_tile(const float* v, const float* u, int64_t c, int64_t o, bool
   }
   for (int p = 0; p < MP; ++p)
     for (int q = 0; q < NV; ++q)
-      *reinterpret_cast<v16u*>(m + p * o + 16 * q) = acc[p][q];
+      *reinterpret_cast<vecu*>(m + p * o + kLanes * q) = acc[p][q];
 }
 
 template <int MP, int NV>
@@ -751,10 +764,10 @@ void winograd_products(const float* v, const float* u, int64_t tiles, const Geom
     const float* ux = u + xi * c * o;
     float* mx = m + xi * tiles * o;
     int64_t o0 = 0;
-    for (; o0 + 32 <= o; o0 += 32)
-      wino_tiles<8, 2>(vx, ux + o0, tiles, c, o, add, mx + o0);
-    for (; o0 + 16 <= o; o0 += 16)
-      wino_tiles<16, 1>(vx, ux + o0, tiles, c, o, add, mx + o0);
+    for (; o0 + 2 * kLanes <= o; o0 += 2 * kLanes)
+      wino_tiles<kWide, 2>(vx, ux + o0, tiles, c, o, add, mx + o0);
+    for (; o0 + kLanes <= o; o0 += kLanes)
+      wino_tiles<kNarrow, 1>(vx, ux + o0, tiles, c, o, add, mx + o0);
     for (int64_t t = 0; t < tiles; ++t)  // fewer than 16 channels left
       for (int64_t oi = o0; oi < o; ++oi) {
         float acc = add ? mx[t * o + oi] : 0.0f;
@@ -765,7 +778,7 @@ void winograd_products(const float* v, const float* u, int64_t tiles, const Geom
 }
 
 // A^T m A for channels [oi, oi + L) of one tile: m at M[0][tile] (positions
-// xi_stride apart), y[i][j] at output pixel (i, j) of the tile. T: v16 or float.
+// xi_stride apart), y[i][j] at output pixel (i, j) of the tile. T: vec or float.
 template <typename T>
 inline void output_transform(const float* m, int64_t oi, int64_t xi_stride,
                              float* const (&y)[2][2]) {
@@ -799,7 +812,7 @@ void winograd_output(const float* m, const Geom& s, const WinoGeom& wg, int64_t 
                                           : spare;
         }
       int64_t oi = 0;
-      for (; oi + 16 <= o; oi += 16) output_transform<v16>(mt, oi, xi_stride, yp);
+      for (; oi + kLanes <= o; oi += kLanes) output_transform<vec>(mt, oi, xi_stride, yp);
       for (; oi < o; ++oi) output_transform<float>(mt, oi, xi_stride, yp);
     }
 }
@@ -846,7 +859,7 @@ void winograd_blocks(const float* x, const float* u, float* y, const Geom& s,
 
 // A g A^T for channels [oi, oi + L) of one tile: g[i][j] at output-gradient pixel
 // (i, j) of the tile (a row of zeros outside the image), out at W[0][tile]
-// (positions xi_stride apart). T: v16 or float.
+// (positions xi_stride apart). T: vec or float.
 template <typename T>
 inline void grad_transform(const float* const (&g)[2][2], int64_t oi,
                            int64_t xi_stride, float* out) {
@@ -886,7 +899,7 @@ void winograd_grad_output(const float* g, const Geom& s, const WinoGeom& wg,
         }
       float* out = w->data() + ((ty - ty0) * wg.nt + t) * o;
       int64_t oi = 0;
-      for (; oi + 16 <= o; oi += 16) grad_transform<v16>(gp, oi, xi_stride, out);
+      for (; oi + kLanes <= o; oi += kLanes) grad_transform<vec>(gp, oi, xi_stride, out);
       for (; oi < o; ++oi) grad_transform<float>(gp, oi, xi_stride, out);
     }
 }
