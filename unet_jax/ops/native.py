@@ -65,6 +65,22 @@ TARGETS = {
 }
 FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
 
+
+def _lanes_flags() -> tuple[str, ...]:
+  """`UNET_JAX_NATIVE_LANES` (8 or 16): the kernels' vector width, for tests and A/Bs.
+
+  Unset: 16 floats where the compiler targets AVX-512F, else 8 (`native/conv.cc`,
+  `kLanes`). Either width computes the same function on any x86-64 CPU (16 on an
+  AVX2 CPU as pairs of registers, slowly), so both are tested wherever CI runs.
+  """
+  lanes = os.environ.get('UNET_JAX_NATIVE_LANES', '')
+  if lanes not in ('', '8', '16'):
+    raise ValueError(f'UNET_JAX_NATIVE_LANES must be 8 or 16 (or unset); got {lanes!r}.')
+  return (f'-DUNET_JAX_LANES={lanes}',) if lanes else ()
+
+
+FLAGS += _lanes_flags()
+
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 

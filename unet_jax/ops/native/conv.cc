@@ -13,7 +13,8 @@
 // where positions outside the input are zero. They are skipped, not read: no padded
 // copy of the input is made. For each output row the kernel lists the (a, i) taps
 // whose input row exists; pixels whose every tap j lies inside the row are computed
-// in register tiles of up to 8 pixels x 32 output channels (or 16 x 16), held in
+// in register tiles of up to kWide pixels x 2 vectors of output channels (or kNarrow
+// x 1; 8 x 32 or 16 x 16 channels with AVX-512, 6 x 16 or 12 x 8 with AVX2), held in
 // vector registers over the whole contraction (taps and a block of input channels)
 // and stored once, and the few edge pixels one at a time with their taps clipped.
 // The input gradient of this convolution is this forward pass on the output
@@ -30,9 +31,10 @@
 // a sum of small matrix products, one per output row and tap: for output row
 // (b, z, y) and tap (a, i, j), dK[a, i, j] += X^T G, where X is the input row
 // (b, z + a - pd, y + i - ph) shifted by j - pw along W ([W, C], contiguous) and G is
-// row (b, z, y) of g ([W, O]). A register tile of up to 8 input channels x 32 output
-// channels is held in vector registers across the W pixels (across several rows'
-// pixels when the kernel is too large for L2: `row_group`). Each chunk of rows sums
+// row (b, z, y) of g ([W, O]). A register tile of up to kWide input channels x 2
+// vectors of output channels (8 x 32 with AVX-512) is held in vector registers across
+// the W pixels (across several rows' pixels when the kernel is too large for L2:
+// `row_group`). Each chunk of rows sums
 // into its own copy of dK; the copies are added in chunk order at the end, so the
 // result is the same whichever thread ran a chunk.
 //
@@ -60,12 +62,16 @@ namespace {
 
 // Vectors of kLanes floats: 16 (one 512-bit register) where the compiler targets
 // AVX-512F, otherwise 8 (one 256-bit AVX2 register, or two NEON registers).
+// -DUNET_JAX_LANES=8 or 16 chooses (unet_jax/ops/native.py, UNET_JAX_NATIVE_LANES).
+#ifndef UNET_JAX_LANES
 #if defined(__AVX512F__)
 #define UNET_JAX_LANES 16
 #else
 #define UNET_JAX_LANES 8
 #endif
+#endif
 constexpr int kLanes = UNET_JAX_LANES;
+static_assert(kLanes == 8 || kLanes == 16, "UNET_JAX_LANES must be 8 or 16");
 typedef float vec __attribute__((vector_size(4 * UNET_JAX_LANES)));
 // The same vector, at any float-aligned address (unaligned loads and stores).
 typedef float vecu __attribute__((vector_size(4 * UNET_JAX_LANES), aligned(4)));
@@ -109,8 +115,8 @@ int64_t row_group(const Geom& s) {
 // ---------------------------------------------------------------------------------
 // Kernel gradient.
 
-// acc[m][v] = sum_p xrow[p * c + m] * grow[p * o + 16 v], p in [0, n): an MC x
-// (16 NV) tile of X^T G, added into dk (row stride o).
+// acc[m][v] = sum_p xrow[p * c + m] * grow[p * o + kLanes v], p in [0, n): an MC x
+// (kLanes NV) tile of X^T G, added into dk (row stride o).
 template <int MC, int NV>
 inline void tile(const float* xrow, const float* grow, int64_t n, int64_t c,
                  int64_t o, float* dk) {
@@ -150,7 +156,7 @@ void row_product(const float* xrow, const float* grow, int64_t n, int64_t c,
   int64_t o0 = 0;
   for (; o0 + 2 * kLanes <= o; o0 += 2 * kLanes) tiles_over_c<kWide, 2>(xrow, grow + o0, n, c, c, o, dk + o0);
   for (; o0 + kLanes <= o; o0 += kLanes) tiles_over_c<kNarrow, 1>(xrow, grow + o0, n, c, c, o, dk + o0);
-  if (o0 < o) {  // fewer than 16 output channels left: plain loops.
+  if (o0 < o) {  // fewer than kLanes output channels left: plain loops.
     for (int64_t p = 0; p < n; ++p)
       for (int64_t ci = 0; ci < c; ++ci) {
         const float s = xrow[p * c + ci];
@@ -167,8 +173,8 @@ struct Segment {
   int64_t n;
 };
 
-// acc[m][v] = sum over the segments' pixels p of x[p * c + m] * g[p * o + 16 v]: an
-// MC x (16 NV) tile of X^T G, held in registers over all the segments, then added
+// acc[m][v] = sum over the segments' pixels p of x[p * c + m] * g[p * o + kLanes v]:
+// an MC x (kLanes NV) tile of X^T G, held in registers over all the segments, then added
 // into dk (row stride o) once.
 template <int MC, int NV>
 inline void seg_tile(const Segment* segs, int64_t nseg, int64_t c0, int64_t o0,
@@ -209,7 +215,7 @@ void segments_product(const Segment* segs, int64_t nseg, int64_t c, int64_t o,
   int64_t o0 = 0;
   for (; o0 + 2 * kLanes <= o; o0 += 2 * kLanes) seg_tiles_over_c<kWide, 2>(segs, nseg, 0, c, o0, c, o, dk);
   for (; o0 + kLanes <= o; o0 += kLanes) seg_tiles_over_c<kNarrow, 1>(segs, nseg, 0, c, o0, c, o, dk);
-  if (o0 < o) {  // fewer than 16 output channels left: plain loops.
+  if (o0 < o) {  // fewer than kLanes output channels left: plain loops.
     for (int64_t sg = 0; sg < nseg; ++sg)
       for (int64_t p = 0; p < segs[sg].n; ++p)
         for (int64_t ci = 0; ci < c; ++ci) {
@@ -291,7 +297,7 @@ struct RowTap {
   const float* k;
 };
 
-// Output pixels [p, p + MP) of one row, channels [o0, o0 + 16 NV) (y and each tap's
+// Output pixels [p, p + MP) of one row, channels [o0, o0 + kLanes NV) (y and each tap's
 // k already point there), summed over the row taps, the column taps j < KW and
 // input channels [c0, c1); pixel p + m, tap j reads input column p + m + j - pw. The
 // first channel block writes y, the others add to it.
@@ -340,9 +346,10 @@ inline void fwd_pixels(const RowTap* taps, int64_t ntaps, int64_t p, int64_t cou
 }
 
 // Output pixels at each end of a row computed from a zero-padded copy of the input
-// they see (`EdgeRows`): at least one full register tile (16 pixels), so that edge
-// pixels run in full tiles too.
+// they see (`EdgeRows`): at least one full register tile (kNarrow pixels), so that
+// edge pixels run in full tiles too.
 constexpr int64_t kEdge = 16;
+static_assert(kEdge >= kNarrow, "an edge region holds a whole register tile");
 
 // The input a row's edge pixels see, zero-padded: for each row tap, the columns
 // [q0 - pw, q0 + n + kw - 1 - pw) of output pixels [q0, q0 + n), copied with zeros
@@ -379,7 +386,7 @@ struct RowRegions {
       : left(std::min(s.w, kEdge)), right(std::max(left, s.w - kEdge)) {}
 };
 
-// One row, output channels [o0, o0 + 16 NV), input channels [c0, c1).
+// One row, output channels [o0, o0 + kLanes NV), input channels [c0, c1).
 template <int NV>
 void fwd_row_block(const RowTap* taps, int64_t ntaps, const EdgeRows& left,
                    const EdgeRows& right, const RowRegions& regions, const Geom& s,
@@ -401,7 +408,8 @@ void fwd_row_block(const RowTap* taps, int64_t ntaps, const EdgeRows& left,
 
 // Input channels per block of the forward pass: the block's kernel slice for one
 // tile of output channels (taps x block x tile floats) stays within kBlockFloats
-// (36 KiB: 32 input channels of a 3 x 3 kernel and a 32-wide tile), so in L1 while a
+// (36 KiB: 32 input channels of a 3 x 3 kernel and a 32-wide tile, 64 of a 16-wide
+// one), so in L1 while a
 // whole row of pixels uses it.
 constexpr int64_t kBlockFloats = 9 * 32 * 32;
 
@@ -441,7 +449,7 @@ void fwd_row_input(const float* x, const float* k, const Geom& s,
   }
 }
 
-// Output channels [o0, s.o) of one row, fewer than 16: plain loops.
+// Output channels [o0, s.o) of one row, fewer than kLanes: plain loops.
 void fwd_row_rest(const RowInput& in, const Geom& s, int64_t o0, float* yrow) {
   for (int64_t p = 0; p < s.w; ++p) {
     const int64_t j0 = std::max<int64_t>(0, s.pw - p);
@@ -603,8 +611,8 @@ void sum_over_chunks(ffi::ThreadPool& pool, int64_t nrows, int64_t nchunks,
 // V[xi] U[xi], with V[xi] [tiles, C] the transformed input and U[xi] [C, O] the
 // transformed kernel. They take 16 multiply-adds per input and output channel for
 // 4 output pixels, where the direct kernel takes 36: 2.25 times fewer. The products
-// run in the direct kernel's register tiles (8 tiles x 32 output channels, or 16 x
-// 16). Tiles that overhang the image read zeros and store only their pixels inside.
+// run in the direct kernel's register tiles (kWide tiles x 2 vectors of output
+// channels, or kNarrow x 1). Tiles that overhang the image read zeros and store only their pixels inside.
 
 constexpr int kXi = 16;       // positions of a transformed 4 x 4 tile
 constexpr int64_t kWinoTiles = 64;  // tiles per block of products (at least)
@@ -654,7 +662,7 @@ struct WinoScratch {
   std::vector<float> rows, v, m, w, spare;
 };
 
-// One float or one vector of 16 at p (T: float or vec), and its store: the transforms
+// One float or one vector of kLanes at p (T: float or vec), and its store: the transforms
 // below run on whole vectors of channels, then on the remainder one at a time.
 template <typename T>
 inline T lanes(const float* p) {
@@ -722,7 +730,7 @@ void winograd_input(const float* x, const Geom& s, const WinoGeom& wg, int64_t b
     }
 }
 
-// m[t][o0 + 16 v] (+)= sum_c v[t * c + ci] u[ci * o + o0 + 16 v] for MP tiles t: the
+// m[t][o0 + kLanes v] (+)= sum_c v[t * c + ci] u[ci * o + o0 + kLanes v] for MP tiles t: the
 // direct kernel's register tile with one tap.
 template <int MP, int NV>
 inline void wino_tile(const float* v, const float* u, int64_t c, int64_t o, bool add,
@@ -768,7 +776,7 @@ void winograd_products(const float* v, const float* u, int64_t tiles, const Geom
       wino_tiles<kWide, 2>(vx, ux + o0, tiles, c, o, add, mx + o0);
     for (; o0 + kLanes <= o; o0 += kLanes)
       wino_tiles<kNarrow, 1>(vx, ux + o0, tiles, c, o, add, mx + o0);
-    for (int64_t t = 0; t < tiles; ++t)  // fewer than 16 channels left
+    for (int64_t t = 0; t < tiles; ++t)  // fewer than kLanes channels left
       for (int64_t oi = o0; oi < o; ++oi) {
         float acc = add ? mx[t * o + oi] : 0.0f;
         for (int64_t ci = 0; ci < c; ++ci) acc += vx[t * c + ci] * ux[ci * o + oi];
