@@ -730,6 +730,7 @@ def test_the_cpu_policy_is_unchanged():
       native_winograd=(2, 3),
       native_pool=(2, 3),
       upsample_as_stencil=(2,),  # 2D bilinear upsampling as a stencil (resize.py)
+      narrow_as_matmul=(2,),  # the 8-wide 2D bottleneck as one product (patches)
     )
   )
 
@@ -876,3 +877,54 @@ def test_a_bad_vector_width_is_refused():
   )
   assert result.returncode != 0
   assert "UNET_JAX_NATIVE_LANES must be 8 or 16 (or unset); got '4'" in result.stderr
+
+
+@pytest.mark.parametrize(
+  'x_shape, k_shape, dtype',
+  [
+    ((2, 8, 8, 5), (3, 3, 5, 7), jnp.float32),  # the 2D bottleneck's shape
+    ((2, 8, 8, 5), (3, 3, 5, 7), jnp.bfloat16),
+    ((1, 3, 1, 4), (3, 3, 4, 2), jnp.float32),  # one column: taps fall outside
+    ((2, 4, 6, 3), (2, 2, 3, 4), jnp.float32),  # an even kernel: pads (0, 1)
+    ((1, 3, 5, 2), (1, 3, 2, 3), jnp.float32),  # 1 x 3
+    ((2, 3, 4, 5, 3), (3, 3, 3, 3, 4), jnp.float32),  # 3D, 27 taps
+    ((1, 1, 2, 3, 2), (3, 3, 3, 2, 2), jnp.float32),  # 3D, depth 1
+  ],
+)
+def test_patches_match_xla(x_shape, k_shape, dtype):
+  x, k, probe = _inputs(x_shape, k_shape, dtype)
+  got = _value_and_grads(conv.conv_same_patches, x, k, probe)
+  want = _value_and_grads(_plain, x, k, probe)
+  assert got[0].dtype == dtype
+  for g, w in zip(got, want):
+    _assert_close(g, w, dtype)
+
+
+def test_patches_by_hand():
+  # A 1 x 3 image, one channel in and out, a 3 x 3 kernel of 1..9: each output
+  # pixel sums the kernel's middle row against its zero-padded neighbours.
+  x = jnp.array([1.0, 2.0, 3.0]).reshape(1, 1, 3, 1)
+  k = jnp.arange(1.0, 10.0).reshape(3, 3, 1, 1)
+  y = conv.conv_same_patches(x, k).reshape(3)
+  # middle row (4, 5, 6): y0 = 5*1 + 6*2, y1 = 4*1 + 5*2 + 6*3, y2 = 4*2 + 5*3.
+  np.testing.assert_array_equal(y, [17.0, 32.0, 23.0])
+
+
+def test_narrow_convolutions_take_the_patches_under_the_cpu_policy():
+  # Under the CPU policy an 8-wide 2D convolution is one product (no convolution in
+  # its program); a 16-wide one is not (the Winograd kernels take it), nor is an
+  # 8-wide 3D one.
+  fn = policy.CPU.without_native().conv_general_dilated()
+  spec = ('NHWC', 'HWIO', 'NHWC')
+
+  def program(x_shape, k_shape, spec):
+    x, k = jnp.zeros(x_shape), jnp.zeros(k_shape)
+    f = lambda x, k: fn(x, k, (1,) * (x.ndim - 2), 'SAME', dimension_numbers=spec)
+    return jax.jit(f).lower(x, k).as_text()
+
+  assert 'convolution' not in program((2, 8, 8, 16), (3, 3, 16, 32), spec)
+  assert 'dot_general' in program((2, 8, 8, 16), (3, 3, 16, 32), spec)
+  assert 'convolution' in program((2, 16, 16, 16), (3, 3, 16, 32), spec)
+  spec3 = ('NDHWC', 'DHWIO', 'NDHWC')
+  assert 'convolution' in program((1, 8, 8, 8, 4), (3, 3, 3, 4, 4), spec3)
+  assert policy.CPU.narrow_as_matmul == (2,) and policy.XLA.narrow_as_matmul == ()

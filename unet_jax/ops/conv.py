@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import math
 from typing import Any, Callable, Sequence
 
@@ -99,6 +100,47 @@ def _plain(x, kernel, precision=None):
     (1,) * ndim,
     _same_pads(kernel.shape[:-2]),
     dimension_numbers=dn,
+    precision=precision,
+  )
+
+
+# Images narrower than this (the last spatial axis), by number of spatial axes, take
+# `conv_same_patches` where a policy asks for it (`KernelPolicy.narrow_as_matmul`):
+# there one matrix product over the gathered patches beat XLA:CPU's convolutions on
+# the whole step, and from 16 wide the native Winograd kernels beat it
+# (benchmarks/RESULTS.md, "The native kernels on 256-bit vectors").
+PATCHES_MAX_WIDTH = {2: 16, 3: 16}
+
+
+def patches_suit(x_shape: Sequence[int], kernel_shape: Sequence[int]) -> bool:
+  """Whether `conv_same_patches` is the formulation for this (narrow) convolution."""
+  ndim = len(x_shape) - 2
+  return x_shape[-2] < PATCHES_MAX_WIDTH[ndim] and any(k > 1 for k in kernel_shape[:-2])
+
+
+def conv_same_patches(x: jax.Array, kernel: jax.Array, precision: Any = None) -> jax.Array:
+  """A stride-1 'same' convolution as one matrix product over gathered patches.
+
+  `x` [N, *spatial, C] is zero-padded as XLA's 'SAME' pads it, the kernel's taps
+  (row-major over its spatial axes) are gathered as shifted slices side by side on
+  the channel axis ([N, *spatial, taps * C]), and that matrix times the kernel
+  reshaped to [taps * C, O] is the output. The same function as `lax`'s
+  convolution; its gradients are products and slice sums too. It costs taps times
+  the input's memory, so it suits narrow images (`patches_suit`), where the product
+  is large enough to run near the CPU's matrix-product rate.
+  """
+  spatial = x.shape[1:-1]
+  taps = kernel.shape[:-2]
+  padded = jnp.pad(x, [(0, 0), *_same_pads(taps), (0, 0)])
+  slices = [
+    padded[(slice(None), *(slice(o, o + n) for o, n in zip(offset, spatial)))]
+    for offset in itertools.product(*(range(k) for k in taps))
+  ]
+  patches = jnp.concatenate(slices, axis=-1) if len(slices) > 1 else slices[0]
+  return lax.dot_general(
+    patches,
+    kernel.reshape(-1, kernel.shape[-1]),
+    (((x.ndim - 1,), (0,)), ((), ())),
     precision=precision,
   )
 
@@ -441,6 +483,8 @@ def _own_formulation(lhs, rhs, precision, options):
       precision=precision,
     )
   suffix = '_3d' if lhs.ndim == 5 else ''
+  if options['narrow_as_matmul' + suffix] and patches_suit(lhs.shape, rhs.shape):
+    return conv_same_patches(lhs, rhs, precision)
   kw = {
     name: options[name + suffix]
     for name in ('weight_grad', 'native_forward', 'winograd', 'onednn')
@@ -469,6 +513,8 @@ def conv_general_dilated_fn(
   winograd_3d: bool | None = None,
   onednn: bool = False,
   onednn_3d: bool | None = None,
+  narrow_as_matmul: bool = False,
+  narrow_as_matmul_3d: bool | None = None,
 ) -> Callable[..., jax.Array]:
   """A drop-in for `lax.conv_general_dilated`, for `nn.Conv(conv_general_dilated=...)`.
 
@@ -491,6 +537,10 @@ def conv_general_dilated_fn(
       `winograd`).
     onednn, onednn_3d: 2D and 3D convolutions by oneDNN (`conv2d_same`,
       `conv3d_same`; `onednn_3d` defaults to `onednn`).
+    narrow_as_matmul, narrow_as_matmul_3d: 2D and 3D convolutions on images
+      narrower than `PATCHES_MAX_WIDTH` as one product over gathered patches
+      (`conv_same_patches`), before every other option; `narrow_as_matmul_3d`
+      defaults to `narrow_as_matmul`.
   """
   options = dict(
     fold_depth=fold_depth,
@@ -503,6 +553,10 @@ def conv_general_dilated_fn(
     winograd_3d=winograd if winograd_3d is None else winograd_3d,
     onednn=onednn,
     onednn_3d=onednn if onednn_3d is None else onednn_3d,
+    narrow_as_matmul=narrow_as_matmul,
+    narrow_as_matmul_3d=(
+      narrow_as_matmul if narrow_as_matmul_3d is None else narrow_as_matmul_3d
+    ),
   )
   for value in (options['weight_grad'], options['weight_grad_3d']):
     _check_weight_grad(value)
