@@ -115,11 +115,23 @@ LEVERS = {
     {'xla_flags': '--xla_cpu_experimental_ynn_fusion_type=+individual_convolution'},
   ),
   'donation': ({'donate': False}, {}),
+  'narrow_as_matmul': (_auto_with(narrow_as_matmul=False), {}),
+  # The native kernels' vector width: 16 floats (AVX-512's tiles) against the CPU's
+  # own choice (8 on an AVX2 CPU; the same build on an AVX-512 one).
+  'native_lanes': ({'env': {'UNET_JAX_NATIVE_LANES': '16'}}, {}),
+  # 'auto' (the native kernels) against oneDNN's convolutions.
+  'native_vs_onednn': ({'kwargs': {'kernels': 'onednn'}}, {}),
   # oneDNN's 2D decoder kernel gradients on blocked activations (onednn.BLOCKED_WGRAD).
-  'onednn_blocked_wgrad': ({'env': {'UNET_JAX_ONEDNN_BLOCKED_WGRAD': '0'}}, {}),
+  'onednn_blocked_wgrad': (
+    {'kwargs': {'kernels': 'onednn'}, 'env': {'UNET_JAX_ONEDNN_BLOCKED_WGRAD': '0'}},
+    {'kwargs': {'kernels': 'onednn'}},
+  ),
   # oneDNN's activations in channel blocks of 8 (onednn.ACT_BLOCK) against
   # channels-last.
-  'onednn_act_block': ({'env': {'UNET_JAX_ONEDNN_ACT_BLOCK': '0'}}, {}),
+  'onednn_act_block': (
+    {'kwargs': {'kernels': 'onednn'}, 'env': {'UNET_JAX_ONEDNN_ACT_BLOCK': '0'}},
+    {'kwargs': {'kernels': 'onednn'}},
+  ),
   'bf16': ({}, {'dtype': 'bfloat16'}),
 }
 

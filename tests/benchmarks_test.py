@@ -240,3 +240,37 @@ def test_native_ab_names_a_missing_source(tmp_path):
   )
   assert proc.returncode == 2
   assert str(missing) in proc.stderr
+
+
+def test_every_speed_lever_names_valid_policies_and_settings():
+  # speed.py --lever=NAME builds both arms in fresh processes; a misspelt policy field
+  # or variable would only fail (or silently do nothing) there.
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  from unet_jax.ops import policy  # pylint: disable=g-import-not-at-top
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location(
+    'speed_benchmark', os.path.join(root, 'benchmarks', 'speed.py')
+  )
+  speed = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(speed)
+  known_env = {
+    'UNET_JAX_NATIVE_LANES',
+    'UNET_JAX_ONEDNN_BLOCKED_WGRAD',
+    'UNET_JAX_ONEDNN_ACT_BLOCK',
+  }
+  for name, arms in speed.LEVERS.items():
+    assert len(arms) == 2, name
+    for arm in arms:
+      assert set(arm) <= {'kwargs', 'xla_flags', 'env', 'donate', 'dtype'}, name
+      kernels = arm.get('kwargs', {}).get('kernels')
+      if isinstance(kernels, dict):
+        assert isinstance(policy.auto().replace(**kernels), policy.KernelPolicy)
+      elif kernels is not None:
+        policy.check(kernels)
+      assert set(arm.get('env', {})) <= known_env, name
+  # The arms of a kernel lever differ: the A arm changes what 'auto' does.
+  assert speed.LEVERS['narrow_as_matmul'][0]['kwargs']['kernels'] == {
+    'narrow_as_matmul': False
+  }

@@ -927,4 +927,8 @@ def test_narrow_convolutions_take_the_patches_under_the_cpu_policy():
   assert 'convolution' in program((2, 16, 16, 16), (3, 3, 16, 32), spec)
   spec3 = ('NDHWC', 'DHWIO', 'NDHWC')
   assert 'convolution' in program((1, 8, 8, 8, 4), (3, 3, 3, 4, 4), spec3)
+  # bfloat16 (measured in float32 only) keeps XLA's convolution.
+  x, k = jnp.zeros((2, 8, 8, 16), jnp.bfloat16), jnp.zeros((3, 3, 16, 32), jnp.bfloat16)
+  f = lambda x, k: fn(x, k, (1, 1), 'SAME', dimension_numbers=spec)
+  assert 'convolution' in jax.jit(f).lower(x, k).as_text()
   assert policy.CPU.narrow_as_matmul == (2,) and policy.XLA.narrow_as_matmul == ()

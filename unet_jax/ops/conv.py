@@ -483,7 +483,8 @@ def _own_formulation(lhs, rhs, precision, options):
       precision=precision,
     )
   suffix = '_3d' if lhs.ndim == 5 else ''
-  if options['narrow_as_matmul' + suffix] and patches_suit(lhs.shape, rhs.shape):
+  narrow = options['narrow_as_matmul' + suffix] and _is_f32(lhs, rhs)
+  if narrow and patches_suit(lhs.shape, rhs.shape):  # measured in float32 only
     return conv_same_patches(lhs, rhs, precision)
   kw = {
     name: options[name + suffix]
@@ -537,8 +538,8 @@ def conv_general_dilated_fn(
       `winograd`).
     onednn, onednn_3d: 2D and 3D convolutions by oneDNN (`conv2d_same`,
       `conv3d_same`; `onednn_3d` defaults to `onednn`).
-    narrow_as_matmul, narrow_as_matmul_3d: 2D and 3D convolutions on images
-      narrower than `PATCHES_MAX_WIDTH` as one product over gathered patches
+    narrow_as_matmul, narrow_as_matmul_3d: 2D and 3D float32 convolutions on
+      images narrower than `PATCHES_MAX_WIDTH` as one product over gathered patches
       (`conv_same_patches`), before every other option; `narrow_as_matmul_3d`
       defaults to `narrow_as_matmul`.
   """

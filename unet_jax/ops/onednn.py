@@ -29,10 +29,10 @@ XLA's intra-op pool waits meanwhile.
 
 Failure. `available()` is False when the wheels are not installed, there is no
 compiler, the build fails, oneDNN finds no CPU device, the backend is not the CPU,
-or `UNET_JAX_ONEDNN=0` is set; the first failure is logged once as a warning and
-`kernels='auto'` keeps XLA's convolutions. Asking for oneDNN explicitly
-(`kernels='onednn'`, or a `KernelPolicy` with `onednn_conv`) where it is not
-available raises `native.NativeKernelError` with the reason.
+or `UNET_JAX_ONEDNN=0` is set; the first failure is logged once as a warning.
+`kernels='auto'` never chooses oneDNN (the native kernels beat it: `policy.auto`).
+Asking for oneDNN (`kernels='onednn'`, or a `KernelPolicy` with `onednn_conv`)
+where it is not available raises `native.NativeKernelError` with the reason.
 """
 
 from __future__ import annotations

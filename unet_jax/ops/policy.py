@@ -97,10 +97,11 @@ class KernelPolicy:
       `jax.image.resize`'s weight matrices, in these dimensionalities (on the CPU
       it won in 2D and lost in 3D: benchmarks/RESULTS.md, "oneDNN on blocked
       activations, native pooling and the bilinear stencil").
-    narrow_as_matmul: stride-1 'same' convolutions on images narrower than
+    narrow_as_matmul: float32 stride-1 'same' convolutions on images narrower than
       `conv.PATCHES_MAX_WIDTH` (the U-Net's bottleneck) as one matrix product over
       gathered patches (`conv.conv_same_patches`), in these dimensionalities; it
-      takes precedence over the native and oneDNN fields there.
+      takes precedence over the native and oneDNN fields there. Pure XLA, so
+      `without_native()` keeps it.
   """
 
   transpose_as_matmul: bool = False
