@@ -165,9 +165,10 @@ NATIVE_MIN_WIDTH = {
   2: {'forward': 32, 'kernel_grad': 16, 'winograd': 16},
   3: {'forward': 8, 'kernel_grad': 8, 'winograd': 16},
 }
-# The native forward kernel has register tiles for 16 or more output channels, and
-# plain loops for fewer; so the forward pass needs 16 output channels and the input
-# gradient (the forward kernel with the channel axes swapped) 16 input channels.
+# The native forward kernel has register tiles for one vector (16 floats with AVX-512,
+# 8 with AVX2) or more output channels, and plain loops for fewer; the forward pass
+# takes it from 16 output channels and the input gradient (the forward kernel with
+# the channel axes swapped) from 16 input channels, on either vector width.
 NATIVE_MIN_TILED_CHANNELS = 16
 
 

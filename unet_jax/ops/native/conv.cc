@@ -154,8 +154,10 @@ inline void tiles_over_c(const float* xrow, const float* grow, int64_t n,
 void row_product(const float* xrow, const float* grow, int64_t n, int64_t c,
                  int64_t o, float* dk) {
   int64_t o0 = 0;
-  for (; o0 + 2 * kLanes <= o; o0 += 2 * kLanes) tiles_over_c<kWide, 2>(xrow, grow + o0, n, c, c, o, dk + o0);
-  for (; o0 + kLanes <= o; o0 += kLanes) tiles_over_c<kNarrow, 1>(xrow, grow + o0, n, c, c, o, dk + o0);
+  for (; o0 + 2 * kLanes <= o; o0 += 2 * kLanes)
+    tiles_over_c<kWide, 2>(xrow, grow + o0, n, c, c, o, dk + o0);
+  for (; o0 + kLanes <= o; o0 += kLanes)
+    tiles_over_c<kNarrow, 1>(xrow, grow + o0, n, c, c, o, dk + o0);
   if (o0 < o) {  // fewer than kLanes output channels left: plain loops.
     for (int64_t p = 0; p < n; ++p)
       for (int64_t ci = 0; ci < c; ++ci) {
@@ -213,8 +215,10 @@ inline void seg_tiles_over_c(const Segment* segs, int64_t nseg, int64_t c0, int6
 void segments_product(const Segment* segs, int64_t nseg, int64_t c, int64_t o,
                       float* dk) {
   int64_t o0 = 0;
-  for (; o0 + 2 * kLanes <= o; o0 += 2 * kLanes) seg_tiles_over_c<kWide, 2>(segs, nseg, 0, c, o0, c, o, dk);
-  for (; o0 + kLanes <= o; o0 += kLanes) seg_tiles_over_c<kNarrow, 1>(segs, nseg, 0, c, o0, c, o, dk);
+  for (; o0 + 2 * kLanes <= o; o0 += 2 * kLanes)
+    seg_tiles_over_c<kWide, 2>(segs, nseg, 0, c, o0, c, o, dk);
+  for (; o0 + kLanes <= o; o0 += kLanes)
+    seg_tiles_over_c<kNarrow, 1>(segs, nseg, 0, c, o0, c, o, dk);
   if (o0 < o) {  // fewer than kLanes output channels left: plain loops.
     for (int64_t sg = 0; sg < nseg; ++sg)
       for (int64_t p = 0; p < segs[sg].n; ++p)
@@ -617,7 +621,8 @@ void sum_over_chunks(ffi::ThreadPool& pool, int64_t nrows, int64_t nchunks,
 // transformed kernel. They take 16 multiply-adds per input and output channel for
 // 4 output pixels, where the direct kernel takes 36: 2.25 times fewer. The products
 // run in the direct kernel's register tiles (kWide tiles x 2 vectors of output
-// channels, or kNarrow x 1). Tiles that overhang the image read zeros and store only their pixels inside.
+// channels, or kNarrow x 1). Tiles that overhang the image read zeros and store only
+// their pixels inside.
 
 constexpr int kXi = 16;       // positions of a transformed 4 x 4 tile
 constexpr int64_t kWinoTiles = 64;  // tiles per block of products (at least)
@@ -735,8 +740,8 @@ void winograd_input(const float* x, const Geom& s, const WinoGeom& wg, int64_t b
     }
 }
 
-// m[t][o0 + kLanes v] (+)= sum_c v[t * c + ci] u[ci * o + o0 + kLanes v] for MP tiles t: the
-// direct kernel's register tile with one tap.
+// m[t][o0 + kLanes v] (+)= sum_c v[t * c + ci] u[ci * o + o0 + kLanes v] for MP
+// tiles t: the direct kernel's register tile with one tap.
 template <int MP, int NV>
 inline void wino_tile(const float* v, const float* u, int64_t c, int64_t o, bool add,
                       float* m) {
