@@ -40,6 +40,7 @@ import jax
 from ml_collections import config_flags
 
 from unet_jax import train
+from unet_jax.ops import host_memory
 from unet_jax.train import lock
 
 FLAGS = flags.FLAGS
@@ -282,4 +283,11 @@ def _summary(name: str, metrics: dict) -> str:
 
 
 if __name__ == '__main__':
+  # glibc's allocator settings for XLA:CPU's step buffers: this script again, under
+  # GLIBC_TUNABLES, where they are wanted and not yet set (unet_jax/ops/host_memory.py).
+  try:
+    host_memory.reexec_if_wanted()
+  except ValueError as e:  # A bad UNET_JAX_HOST_MALLOC.
+    print(f'Error: {e}', file=sys.stderr, flush=True)
+    sys.exit(2)
   app.run(main)

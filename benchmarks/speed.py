@@ -34,6 +34,12 @@ sets JAX_PLATFORMS for the JAX workers (default 'cpu'; '' lets JAX pick its
 accelerator); `--torch-device` and `--torch-options` set the PyTorch side's device and
 speed options, recorded per row. `--timeout` bounds each worker process, in
 seconds. Prints a table and writes benchmarks/out/speed.json (or speed_<lever>.json).
+
+Each JAX worker runs under glibc's allocator settings of
+`unet_jax/ops/host_memory.py`, as `launch.py` does (`--lever=host_malloc` measures
+them); `--torch-options=host_malloc_keep` gives the PyTorch workers the same
+settings, which speed PyTorch up too (RESULTS.md, "glibc's allocator and XLA's
+temporary buffers").
 """
 
 import argparse
@@ -52,6 +58,8 @@ ROOT = HERE.parent
 # This tree's unet_jax, not an installed one: the workers, and native_ab.py --trees,
 # must measure the code beside this script.
 sys.path.insert(0, str(ROOT))
+
+from unet_jax.ops import host_memory  # noqa: E402  (no JAX: the driver stays light)
 
 # name: network and input. 2 classes, 1 input channel, BatchNorm.
 CASES = {
@@ -133,6 +141,8 @@ LEVERS = {
     {'kwargs': {'kernels': 'onednn'}},
   ),
   'bf16': ({}, {'dtype': 'bfloat16'}),
+  # glibc's defaults against unet_jax/ops/host_memory.py's settings (the workers' own).
+  'host_malloc': ({'env': {'UNET_JAX_HOST_MALLOC': 'system'}}, {}),
 }
 
 
@@ -326,10 +336,18 @@ def _run(cmd, env=None, timeout=None):
 
 
 def _jax_env(xla_flags='', platform='cpu', env=None):
+  """The JAX worker's variables; with glibc's allocator settings where `launch.py`
+  would run under them (unet_jax/ops/host_memory.py; UNET_JAX_HOST_MALLOC=system:
+  glibc's defaults)."""
+  from unet_jax.ops import host_memory  # pylint: disable=g-import-not-at-top
+
   env = {'JAX_PLATFORMS': platform, **(env or {})}
   flags = ' '.join(f for f in (os.environ.get('XLA_FLAGS', ''), xla_flags) if f)
   if flags:
     env['XLA_FLAGS'] = flags
+  tunables = host_memory.environment({**os.environ, **env}).get('GLIBC_TUNABLES')
+  if tunables:
+    env['GLIBC_TUNABLES'] = tunables
   return env
 
 
@@ -386,16 +404,24 @@ def run_torch(
     f'--warmup={warmup}',
     '--threads=2',
     f'--device={device}',
-    *(TORCH_OPTIONS[o] for o in options),
+    *(TORCH_OPTIONS[o] for o in options if o in TORCH_OPTIONS),
   ]
-  return _run(cmd, timeout=timeout)
+  env = {}
+  for o in options:
+    env.update(TORCH_ENV_OPTIONS.get(o, {}))
+  return _run(cmd, env=env, timeout=timeout)
 
 
-# --torch-options: torch_reference.py's flags.
+# --torch-options: torch_reference.py's flags,
 TORCH_OPTIONS = {
   'channels_last': '--channels-last',
   'cudnn_benchmark': '--cudnn-benchmark',
   'compile': '--compile',
+}
+# and its environment: 'host_malloc_keep' gives PyTorch glibc's settings of
+# unet_jax/ops/host_memory.py (which the JAX workers, like launch.py, apply).
+TORCH_ENV_OPTIONS = {
+  'host_malloc_keep': {'GLIBC_TUNABLES': host_memory.TUNABLES},
 }
 
 
@@ -657,7 +683,7 @@ def main(argv=None):
   parser.add_argument(
     '--torch-options',
     default='',
-    help=f'Comma-separated, of {sorted(TORCH_OPTIONS)}.',
+    help=f'Comma-separated, of {sorted({*TORCH_OPTIONS, *TORCH_ENV_OPTIONS})}.',
   )
   parser.add_argument(
     '--timeout', type=float, default=None, help='Seconds per worker process.'
@@ -713,9 +739,10 @@ def main(argv=None):
 
   all_cases = QUICK_CASES if args.quick else {'cpu': CASES, 'gpu': GPU_CASES}[args.preset]
   torch_options = tuple(o for o in args.torch_options.split(',') if o)
-  unknown = sorted(set(torch_options) - set(TORCH_OPTIONS))
+  known = sorted({*TORCH_OPTIONS, *TORCH_ENV_OPTIONS})
+  unknown = sorted(set(torch_options) - set(known))
   if unknown:
-    parser.error(f'unknown --torch-options {unknown}; choose from {sorted(TORCH_OPTIONS)}')
+    parser.error(f'unknown --torch-options {unknown}; choose from {known}')
   names = args.cases.split(',') if args.cases else list(all_cases)
   unknown = [n for n in names if n not in all_cases]
   if unknown:

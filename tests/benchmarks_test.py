@@ -247,6 +247,7 @@ def test_every_speed_lever_names_valid_policies_and_settings():
   # or variable would only fail (or silently do nothing) there.
   import importlib.util  # pylint: disable=g-import-not-at-top
 
+  from unet_jax.ops import host_memory  # pylint: disable=g-import-not-at-top
   from unet_jax.ops import policy  # pylint: disable=g-import-not-at-top
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -259,6 +260,7 @@ def test_every_speed_lever_names_valid_policies_and_settings():
     'UNET_JAX_NATIVE_LANES',
     'UNET_JAX_ONEDNN_BLOCKED_WGRAD',
     'UNET_JAX_ONEDNN_ACT_BLOCK',
+    'UNET_JAX_HOST_MALLOC',
   }
   for name, arms in speed.LEVERS.items():
     assert len(arms) == 2, name
@@ -270,6 +272,8 @@ def test_every_speed_lever_names_valid_policies_and_settings():
       elif kernels is not None:
         policy.check(kernels)
       assert set(arm.get('env', {})) <= known_env, name
+      if 'UNET_JAX_HOST_MALLOC' in arm.get('env', {}):
+        assert arm['env']['UNET_JAX_HOST_MALLOC'] in host_memory.CHOICES, name
   # The arms of a kernel lever differ: the A arm changes what 'auto' does.
   assert speed.LEVERS['narrow_as_matmul'][0]['kwargs']['kernels'] == {
     'narrow_as_matmul': False
