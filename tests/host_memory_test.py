@@ -80,16 +80,18 @@ def test_reexec_replaces_the_process_once_with_the_settings(tmp_path):
     'print("started", os.getpid(), flush=True)\n'
     'from unet_jax.ops import host_memory\n'
     'host_memory.reexec_if_wanted()\n'
-    'print(json.dumps([os.getpid(), os.environ.get("GLIBC_TUNABLES"), sys.argv[1:]]))\n'
+    'print(json.dumps([os.getpid(), os.environ.get("GLIBC_TUNABLES"), sys.argv[1:],'
+    ' sys.flags.dont_write_bytecode]))\n'
   )
   env = {k: v for k, v in os.environ.items() if k != host_memory.ENV}
   env.update(JAX_PLATFORMS='cpu', GLIBC_TUNABLES='glibc.malloc.arena_max=4')
-  lines = _run([str(script), '--flag=1'], env)
+  lines = _run(['-B', str(script), '--flag=1'], env)
   starts = [line for line in lines if line.startswith('started')]
   assert len(starts) == 2 and starts[0] == starts[1], lines  # Once, same PID.
-  pid, tunables, argv = json.loads(lines[-1])
+  pid, tunables, argv, no_bytecode = json.loads(lines[-1])
   assert str(pid) == starts[0].split()[1]
   assert argv == ['--flag=1']
+  assert no_bytecode == 1  # The interpreter's own option (-B) survives.
   # The user's own value is kept; the other two are added.
   assert host_memory._tunables(tunables) == {  # pylint: disable=protected-access
     'glibc.malloc.arena_max': '4',

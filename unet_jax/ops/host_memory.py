@@ -103,8 +103,9 @@ def in_force(env: Mapping[str, str] | None = None) -> bool:
 
 
 def reexec_if_wanted() -> None:
-  """Replaces this process (`os.execve`: same PID and arguments) with one started
-  under `TUNABLES`, where `wanted()` and they are not in force; else returns.
+  """Replaces this process (`os.execve`: same PID, interpreter options and arguments)
+  with one started under `TUNABLES`, where `wanted()` and they are not in force;
+  else returns.
 
   Call it first thing in a script's `__main__` block; it does not return when it
   re-executes.
@@ -118,4 +119,5 @@ def reexec_if_wanted() -> None:
   env[_REEXECUTED] = '1'
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable, *sys.argv], env)
+  # orig_argv keeps the interpreter's own options (-u, -X, -W) as well as the script's.
+  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
