@@ -339,8 +339,6 @@ def _jax_env(xla_flags='', platform='cpu', env=None):
   """The JAX worker's variables; with glibc's allocator settings where `launch.py`
   would run under them (unet_jax/ops/host_memory.py; UNET_JAX_HOST_MALLOC=system:
   glibc's defaults)."""
-  from unet_jax.ops import host_memory  # pylint: disable=g-import-not-at-top
-
   env = {'JAX_PLATFORMS': platform, **(env or {})}
   flags = ' '.join(f for f in (os.environ.get('XLA_FLAGS', ''), xla_flags) if f)
   if flags:
