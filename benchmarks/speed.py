@@ -141,6 +141,8 @@ LEVERS = {
     {'kwargs': {'kernels': 'onednn'}},
   ),
   'bf16': ({}, {'dtype': 'bfloat16'}),
+  # The 3D convolutions by oneDNN (native pooling kept) against the native kernels.
+  'onednn_3d': ({}, _auto_with(onednn_conv=(3,))),
   # glibc's defaults against unet_jax/ops/host_memory.py's settings (the workers' own).
   'host_malloc': ({'env': {'UNET_JAX_HOST_MALLOC': 'system'}}, {}),
 }

@@ -115,6 +115,8 @@ def reexec_if_wanted() -> None:
   """
   if not wanted() or in_force() or os.environ.get(_REEXECUTED):
     return
+  if not sys.executable or not sys.orig_argv:  # An embedded interpreter: leave it.
+    return
   env = environment()
   env[_REEXECUTED] = '1'
   sys.stdout.flush()
