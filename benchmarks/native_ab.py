@@ -20,8 +20,10 @@ Timings on this machine drift by tens of percent within minutes, so a change to
     .venv/bin/python benchmarks/native_ab.py --trees /tmp/old_tree . \
         --cases=3d_transpose,2d_transpose
 
-Both sources must export `UnetConv` and `UnetConvWgrad` with the calling convention
-of `unet_jax/ops/native.py` (rank-5 operands, `pad_d`, `pad_h`, `pad_w`).
+Both sources must export `UnetConv`, `UnetConvWgrad`, `UnetConvWinograd` and
+`UnetConvWinogradWgrad` with the calling convention of `unet_jax/ops/native.py`
+(rank-5 operands, `pad_d`, `pad_h`, `pad_w`); `--parts=winograd,winograd_grad` times
+the two Winograd kernels.
 """
 
 import argparse
@@ -38,6 +40,22 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
+
+
+# FFI symbol -> suffix of its A/B target name.
+_SYMBOLS = {
+  'UnetConv': 'conv',
+  'UnetConvWgrad': 'wgrad',
+  'UnetConvWinograd': 'winograd',
+  'UnetConvWinogradWgrad': 'winograd_wgrad',
+}
+# --parts -> (target suffix, whether it computes a kernel gradient).
+_PARTS = {
+  'forward': ('conv', False),
+  'kernel_grad': ('wgrad', True),
+  'winograd': ('winograd', False),
+  'winograd_grad': ('winograd_wgrad', True),
+}
 
 
 def _build_and_register(tag, source, out_dir):
@@ -58,7 +76,7 @@ def _build_and_register(tag, source, out_dir):
   if result.returncode != 0:
     raise SystemExit(f'building {source} failed:\n{result.stderr[-2000:]}')
   library = ctypes.cdll.LoadLibrary(lib_path)
-  for symbol, suffix in (('UnetConv', 'conv'), ('UnetConvWgrad', 'wgrad')):
+  for symbol, suffix in _SYMBOLS.items():
     jax.ffi.register_ffi_target(
       f'ab_{tag}_{suffix}', jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu'
     )
@@ -101,19 +119,19 @@ def compare_sources(source_a, source_b, *, parts, repeats, quick):
       flops = 2 * np.prod(x_shape[:-1]) * np.prod(k_shape)
       row = {'name': name}
       for part in parts:
+        suffix, kernel_grad = _PARTS[part]
         out = (
-          jax.ShapeDtypeStruct(x_shape[:-1] + k_shape[-1:], jnp.float32)
-          if part == 'forward'
-          else jax.ShapeDtypeStruct(k_shape, jnp.float32)
+          jax.ShapeDtypeStruct(k_shape, jnp.float32)
+          if kernel_grad
+          else jax.ShapeDtypeStruct(x_shape[:-1] + k_shape[-1:], jnp.float32)
         )
         fns = {}
         for tag in 'ab':
-          target = f'ab_{tag}_{"conv" if part == "forward" else "wgrad"}'
-          call = jax.ffi.ffi_call(target, out)
+          call = jax.ffi.ffi_call(f'ab_{tag}_{suffix}', out)
           fns[tag] = jax.jit(
-            (lambda x, k, g, call=call: call(x, k, **pads))
-            if part == 'forward'
-            else (lambda x, k, g, call=call: call(x, g, **pads))
+            (lambda x, k, g, call=call: call(x, g, **pads))
+            if kernel_grad
+            else (lambda x, k, g, call=call: call(x, k, **pads))
           )
         want, got = np.asarray(fns['a'](x, k, g)), np.asarray(fns['b'](x, k, g))
         np.testing.assert_allclose(
@@ -170,7 +188,7 @@ def compare_trees(tree_a, tree_b, *, cases, rounds, steps, warmup):
           text=True,
           cwd=trees[tag],
           check=False,
-          env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=trees[tag]),
+          env={**os.environ, **speed._jax_env(), 'PYTHONPATH': trees[tag]},  # pylint: disable=protected-access
         )
         if proc.returncode != 0:
           raise SystemExit(f'{" ".join(cmd)} failed:\n{proc.stderr[-3000:]}')
@@ -193,7 +211,11 @@ def main(argv=None):
   mode = parser.add_mutually_exclusive_group(required=True)
   mode.add_argument('--sources', nargs=2, metavar=('A', 'B'))
   mode.add_argument('--trees', nargs=2, metavar=('A', 'B'))
-  parser.add_argument('--parts', default='forward,kernel_grad')
+  parser.add_argument(
+    '--parts',
+    default='forward,kernel_grad',
+    help=f'comma-separated, of {",".join(_PARTS)} (winograd*: the Winograd kernels)',
+  )
   parser.add_argument('--repeats', type=int, default=9)
   parser.add_argument('--quick', action='store_true', help='conv_kernels quick shapes')
   parser.add_argument('--cases', default='3d_transpose,2d_transpose')
@@ -208,8 +230,8 @@ def main(argv=None):
         parser.error(f'--sources: {path} is not a file')
     parts = args.parts.split(',')
     for part in parts:
-      if part not in ('forward', 'kernel_grad'):
-        parser.error(f'--parts: {part!r} is not forward or kernel_grad')
+      if part not in _PARTS:
+        parser.error(f'--parts: {part!r} is not one of {", ".join(_PARTS)}')
     result = compare_sources(
       *args.sources, parts=parts, repeats=args.repeats, quick=args.quick
     )

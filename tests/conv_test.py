@@ -345,7 +345,12 @@ def test_native_forward_by_definition():
   np.testing.assert_array_equal(native_kernels.conv_same(x, k), want)
   # Winograd's F(2x2, 3x3) too: its transforms scale by 1/2 and 1/4, which stay
   # exact on small integers. 5 x 9 leaves half tiles on the last row and column.
-  np.testing.assert_array_equal(native_kernels.conv_same(x, k, winograd=True), want)
+  np.testing.assert_array_equal(
+    native_kernels.conv_same(x, k, winograd=True, winograd_tile=2), want
+  )
+  # F(4x4, 3x3) (the choice for this shape) scales by 1/6 and 1/24, which are not
+  # exact in binary: every output within rounding of the exact integer.
+  _assert_rounds_to(native_kernels.conv_same(x, k, winograd=True), want)
 
 
 @pytest.mark.parametrize(
@@ -366,6 +371,84 @@ def test_winograd_on_degenerate_shapes(x_shape, k_shape):
   want = _value_and_grads(_plain, x, k, probe)
   for g, w in zip(got, want):
     _assert_close(g, w, jnp.float32)
+
+
+def _conv_float64(x, k):
+  """Stride-1 'same' convolution in float64, tap by tap (2D or 3D, channels last)."""
+  x, k = np.asarray(x, np.float64), np.asarray(k, np.float64)
+  spatial = k.shape[:-2]
+  pads = [((s - 1) // 2, s - 1 - (s - 1) // 2) for s in spatial]
+  xp = np.pad(x, [(0, 0), *pads, (0, 0)])
+  y = np.zeros(x.shape[:-1] + k.shape[-1:])
+  for tap in np.ndindex(*spatial):
+    window = tuple(slice(t, t + n) for t, n in zip(tap, x.shape[1:-1]))
+    y += xp[(slice(None), *window)] @ k[tap]
+  return y
+
+
+@pytest.mark.parametrize(
+  'x_shape, k_shape, auto_tile',
+  [
+    # A plane of 64 4 x 4 tiles: F(4x4, 3x3) whatever the channels.
+    ((2, 32, 32, 64), (3, 3, 64, 96), 4),
+    # A small plane whose 36 C O transformed kernel exceeds 1 MiB: F(2x2, 3x3).
+    ((2, 16, 16, 96), (3, 3, 96, 96), 2),
+    # 3D, a small plane of few channels (U within 1 MiB): F(4x4, 3x3).
+    ((1, 4, 12, 12, 32), (3, 3, 3, 32, 48), 4),
+  ],
+)
+def test_winograd_error_against_float64(x_shape, k_shape, auto_tile):
+  # Both forward tiles against the float64 convolution: F(2x2, 3x3) as accurate as
+  # the direct kernel's summation, F(4x4, 3x3) within 3e-5 of the largest output
+  # (its transforms weigh by up to 5 and 8 and by 1/6, 1/24; measured 0.5e-5 to
+  # 1.4e-5 with 32 to 512 input channels). The rule's choice is one of the two,
+  # bit for bit.
+  x, k, _ = _inputs(x_shape, k_shape, jnp.float32, seed=3)
+  want = _conv_float64(x, k)
+  scale = np.abs(want).max()
+  by_tile = {
+    t: np.asarray(native_kernels.conv_same(x, k, winograd=True, winograd_tile=t))
+    for t in (2, 4)
+  }
+  direct = np.asarray(native_kernels.conv_same(x, k), np.float64)
+  np.testing.assert_allclose(direct, want, rtol=0, atol=1e-5 * scale)
+  np.testing.assert_allclose(by_tile[2], want, rtol=0, atol=1e-5 * scale)
+  np.testing.assert_allclose(by_tile[4], want, rtol=0, atol=3e-5 * scale)
+  np.testing.assert_array_equal(
+    native_kernels.conv_same(x, k, winograd=True), by_tile[auto_tile]
+  )
+
+
+@pytest.mark.parametrize('tile', [2, 4])
+@pytest.mark.parametrize(
+  'x_shape, k_shape',
+  [
+    ((2, 7, 9, 19), (3, 3, 19, 35)),  # partial tiles; channel remainders both sides
+    ((1, 1, 1, 5), (3, 3, 5, 17)),  # one pixel: a tile that overhangs both ways
+    ((1, 13, 6, 40), (3, 3, 40, 33)),
+    ((2, 3, 5, 6, 7), (3, 3, 3, 7, 16)),  # 3D, depth taps at both faces
+    ((1, 2, 4, 9, 8), (2, 3, 3, 8, 20)),  # 3D, an even depth
+  ],
+)
+def test_winograd_tiles_match_xla(x_shape, k_shape, tile):
+  # Each forward tile whatever the rule would pick: value and input gradient.
+  x, k, probe = _inputs(x_shape, k_shape, jnp.float32)
+  want_y, pullback = jax.vjp(lambda x_: _plain(x_, k), x)
+  (want_dx,) = pullback(probe)
+  got_y = native_kernels.conv_same(x, k, winograd=True, winograd_tile=tile)
+  got_dx = native_kernels.conv_same_input_grad(probe, k, winograd=True, winograd_tile=tile)
+  _assert_close(got_y, want_y, jnp.float32)
+  _assert_close(got_dx, want_dx, jnp.float32)
+
+
+@pytest.mark.parametrize(
+  'winograd, tile, match',
+  [(True, 3, r'winograd_tile=3'), (False, 4, r'winograd=False'), (True, 0, r'tile=0')],
+)
+def test_winograd_tile_is_checked(winograd, tile, match):
+  x, k = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
+  with pytest.raises(ValueError, match=match):
+    native_kernels.conv_same(x, k, winograd=winograd, winograd_tile=tile)
 
 
 @pytest.mark.parametrize(
@@ -414,6 +497,14 @@ def _conv3d_by_loops(x, k):
   return y, terms
 
 
+def _assert_rounds_to(got, exact):
+  """`got` is float32 rounding away from the integers `exact`: within 1e-5 of the
+  largest magnitude (F(4x4, 3x3)'s error, `test_winograd_error_against_float64`)."""
+  got = np.asarray(got, np.float64)
+  np.testing.assert_array_equal(np.round(got), exact)
+  np.testing.assert_allclose(got, exact, rtol=0, atol=1e-5 * np.abs(exact).max())
+
+
 def test_native_3d_by_definition():
   # The three 3D kernels on small integers (every product and sum exact in float32),
   # against loops over the definition: y = sum x * k, dx[src] += g[out] k^T,
@@ -435,10 +526,15 @@ def test_native_3d_by_definition():
     np.testing.assert_array_equal(native_kernels.conv_same_input_grad(g, k), dx)
     np.testing.assert_array_equal(native_kernels.conv_weight_grad(x, g, k_spatial), dk)
     if native_kernels.winograd_suits(k_spatial):
-      np.testing.assert_array_equal(native_kernels.conv_same(x, k, winograd=True), y)
-      np.testing.assert_array_equal(
-        native_kernels.conv_same_input_grad(g, k, winograd=True), dx
+      # F(2x2, 3x3) exact; F(4x4, 3x3) (the choice here) to rounding (1/6, 1/24).
+      f23 = functools.partial(native_kernels.conv_same, winograd=True, winograd_tile=2)
+      f23_grad = functools.partial(
+        native_kernels.conv_same_input_grad, winograd=True, winograd_tile=2
       )
+      np.testing.assert_array_equal(f23(x, k), y)
+      np.testing.assert_array_equal(f23_grad(g, k), dx)
+      _assert_rounds_to(native_kernels.conv_same(x, k, winograd=True), y)
+      _assert_rounds_to(native_kernels.conv_same_input_grad(g, k, winograd=True), dx)
       np.testing.assert_array_equal(
         native_kernels.conv_weight_grad(x, g, k_spatial, winograd=True), dk
       )

@@ -39,10 +39,11 @@ each is a field of `policy.KernelPolicy`:
   only on images at least `NATIVE_MIN_WIDTH` wide (and, for the forward pass and
   input gradient, `NATIVE_MIN_TILED_CHANNELS` channels); other convolutions keep
   XLA's (folded, in 3D). With `winograd=True` the forward pass and input gradient of
-  kernels 3 x 3 in H and W go by Winograd's F(2x2, 3x3) instead (Lavin and Gray,
-  arXiv:1509.09308), and with `weight_grad='native'` too the kernel gradient by
-  F(3x3, 2x2): 16 multiply-adds per input and output channel for a 2 x 2 block of
-  output pixels, against 36 directly, in the same register tiles.
+  kernels 3 x 3 in H and W go by Winograd's minimal filtering instead (Lavin and
+  Gray, arXiv:1509.09308): F(4x4, 3x3), 36 multiply-adds per input and output
+  channel for a 4 x 4 block of output pixels against 144 directly, or F(2x2, 3x3)
+  (16 against 36) on small planes of many channels; with `weight_grad='native'` too
+  the kernel gradient by F(3x3, 2x2); all in the same register tiles.
 - **oneDNN's convolutions** (`onednn=True`): the forward pass, input gradient and
   kernel gradient of float32 stride-1 'same' 2D and 3D convolutions by oneDNN's
   primitives (`unet_jax.ops.onednn`), every size and channel count; a 3D one is read
@@ -360,7 +361,8 @@ def conv2d_same(
       least `NATIVE_MIN_TILED_CHANNELS` output and input channels respectively); the
       others use XLA's convolutions.
     winograd: the forward pass and the input gradient of 3x3 kernels by the native
-      Winograd F(2x2, 3x3) kernel (`native_kernels.conv_same(winograd=True)`), and
+      Winograd kernel, F(4x4, 3x3) or F(2x2, 3x3) by shape
+      (`native_kernels.conv_same(winograd=True)`), and
       with `weight_grad='native'` the kernel gradient by F(3x3, 2x2)
       (`native_kernels.conv_weight_grad(winograd=True)`), on float32 images at least
       `NATIVE_MIN_WIDTH[2]['winograd']` wide with at least

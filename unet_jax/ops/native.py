@@ -7,8 +7,9 @@ matrix-product rate (benchmarks/RESULTS.md, "Train step against the same network
 PyTorch"). They read the input in place, skipping taps outside it, so neither a
 padded copy nor, in 3D, a copy with the depth neighbours on the channel axis is
 made. `winograd=True` computes all three for 3 x 3 kernels by Winograd's minimal
-filtering (F(2x2, 3x3) and, for the kernel gradient, F(3x3, 2x2)), with 2.25 times
-fewer multiply-adds. `unet_jax.ops.conv` uses them as `weight_grad='native'`,
+filtering: the forward pass by F(4x4, 3x3) (4 times fewer multiply-adds) or, on small
+planes of many channels, F(2x2, 3x3) (2.25 times fewer), the kernel gradient by
+F(3x3, 2x2) (2.25 times fewer). `unet_jax.ops.conv` uses them as `weight_grad='native'`,
 `native_forward=True` and `winograd=True`.
 Also max pooling over windows that tile the input (`max_pool`), which keeps the
 index of each window's first maximum so that its gradient (`max_pool_grad`) is a
@@ -54,11 +55,13 @@ SOURCE = pathlib.Path(__file__).resolve().parent / 'native' / 'conv.cc'
 # FFI target name: symbol in the library.
 _CONV, _WGRAD = 'unet_jax_conv', 'unet_jax_conv_wgrad'
 _CONV_WINOGRAD, _WGRAD_WINOGRAD = 'unet_jax_conv_winograd', 'unet_jax_conv_winograd_wgrad'
+_CONV_WINOGRAD_TILE = 'unet_jax_conv_winograd_tile'
 _POOL, _POOL_GRAD = 'unet_jax_max_pool', 'unet_jax_max_pool_grad'
 TARGETS = {
   _WGRAD: 'UnetConvWgrad',
   _CONV: 'UnetConv',
   _CONV_WINOGRAD: 'UnetConvWinograd',
+  _CONV_WINOGRAD_TILE: 'UnetConvWinogradTile',
   _WGRAD_WINOGRAD: 'UnetConvWinogradWgrad',
   _POOL: 'UnetMaxPool',
   _POOL_GRAD: 'UnetMaxPoolGrad',
@@ -270,11 +273,16 @@ def _to_3d(x):
   return x[:, None] if x.ndim == 4 else x
 
 
-def _ffi(target, out_shape, a, b, pads):
+def _ffi(target, out_shape, a, b, pads, **attributes):
   pads = (0,) * (3 - len(pads)) + tuple(pads)
   out = jax.ShapeDtypeStruct(out_shape, jnp.float32)
   return jax.ffi.ffi_call(target, out, vmap_method='sequential')(
-    a, b, pad_d=np.int64(pads[0]), pad_h=np.int64(pads[1]), pad_w=np.int64(pads[2])
+    a,
+    b,
+    pad_d=np.int64(pads[0]),
+    pad_h=np.int64(pads[1]),
+    pad_w=np.int64(pads[2]),
+    **{name: np.int64(value) for name, value in attributes.items()},
   )
 
 
@@ -321,8 +329,9 @@ def conv_weight_grad(
 def winograd_suits(kernel_spatial: tuple[int, ...]) -> bool:
   """Whether the `winograd=True` kernels take a kernel of these spatial sizes.
 
-  Both Winograd kernels (F(2x2, 3x3); F(3x3, 2x2) for the kernel gradient) take
-  kernels 3 x 3 in H and W ('same' pads (1, 1) there), with any depth size in 3D.
+  The Winograd kernels (F(4x4, 3x3) or F(2x2, 3x3); F(3x3, 2x2) for the kernel
+  gradient) take kernels 3 x 3 in H and W ('same' pads (1, 1) there), with any depth
+  size in 3D.
   """
   return tuple(kernel_spatial[-2:]) == (3, 3)
 
@@ -338,27 +347,46 @@ def _target(kernel_spatial, winograd, direct, by_winograd):
   return by_winograd
 
 
-def _conv_target(kernel_spatial, winograd):
-  return _target(kernel_spatial, winograd, _CONV, _CONV_WINOGRAD)
+def _conv_target(kernel_spatial, winograd, winograd_tile):
+  """The forward kernel's FFI target and its extra attributes."""
+  if winograd_tile is None:
+    return _target(kernel_spatial, winograd, _CONV, _CONV_WINOGRAD), {}
+  if not winograd or winograd_tile not in (2, 4):
+    raise ValueError(
+      f'winograd_tile={winograd_tile!r}: takes 2 or 4, with winograd=True'
+      f' (winograd={winograd!r}).'
+    )
+  _target(kernel_spatial, winograd, _CONV, _CONV_WINOGRAD)  # checks the kernel
+  return _CONV_WINOGRAD_TILE, {'tile': winograd_tile}
 
 
-@functools.partial(jax.jit, static_argnames=('winograd',))
-def conv_same(x: jax.Array, kernel: jax.Array, *, winograd: bool = False) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=('winograd', 'winograd_tile'))
+def conv_same(
+  x: jax.Array,
+  kernel: jax.Array,
+  *,
+  winograd: bool = False,
+  winograd_tile: int | None = None,
+) -> jax.Array:
   """Stride-1 'same' 2D or 3D convolution by the native kernel, as XLA's 'SAME'.
 
   Args:
     x: `[N, H, W, C]` or `[N, D, H, W, C]`, float32.
     kernel: `[kh, kw, C, O]` (HWIO) or `[kd, kh, kw, C, O]` (DHWIO), float32.
-    winograd: compute it by Winograd's F(2x2, 3x3) (`unet_jax/ops/native/conv.cc`):
-      2.25 times fewer multiply-adds, the same function to float rounding. Kernels 3
-      x 3 in H and W only (`winograd_suits`).
+    winograd: compute it by Winograd's minimal filtering (`unet_jax/ops/native/conv.cc`),
+      the same function to float rounding: F(4x4, 3x3), 4 times fewer multiply-adds,
+      or F(2x2, 3x3), 2.25 times fewer, on small planes of many channels, where the
+      larger transformed kernel of F(4x4, 3x3) costs more than it saves
+      (`forward_tile` there). Kernels 3 x 3 in H and W only (`winograd_suits`).
+    winograd_tile: None for that choice; 2 or 4 for F(2x2, 3x3) or F(4x4, 3x3)
+      whatever the shape (tests and A/Bs).
 
   Returns:
     `[N, H, W, O]` or `[N, D, H, W, O]`. No padded copy of `x` is made: the kernel
     skips the taps that fall outside it.
   """
   _check(x, kernel.ndim, 'conv_same', x, kernel)
-  target = _conv_target(kernel.shape[:-2], winograd)
+  target, attributes = _conv_target(kernel.shape[:-2], winograd, winograd_tile)
   out_shape = x.shape[:-1] + kernel.shape[-1:]
   y = _ffi(
     target,
@@ -366,24 +394,29 @@ def conv_same(x: jax.Array, kernel: jax.Array, *, winograd: bool = False) -> jax
     _to_3d(x),
     kernel.reshape((1,) * (5 - kernel.ndim) + kernel.shape),
     [_pads(k)[0] for k in kernel.shape[:-2]],
+    **attributes,
   )
   return y.reshape(out_shape)
 
 
-@functools.partial(jax.jit, static_argnames=('winograd',))
+@functools.partial(jax.jit, static_argnames=('winograd', 'winograd_tile'))
 def conv_same_input_grad(
-  g: jax.Array, kernel: jax.Array, *, winograd: bool = False
+  g: jax.Array,
+  kernel: jax.Array,
+  *,
+  winograd: bool = False,
+  winograd_tile: int | None = None,
 ) -> jax.Array:
   """dL/dx of `conv_same(x, kernel)` given its output gradient `g`.
 
   The same kernel as the forward pass: a convolution of `g` with the kernel flipped
   in space and its channel axes swapped, padded the other way round (`k - 1 - p`
-  before, which differs from `p` for even kernel sizes). `winograd` as in
-  `conv_same` (a 3 x 3 kernel's pads are 1 both ways).
+  before, which differs from `p` for even kernel sizes). `winograd` and
+  `winograd_tile` as in `conv_same` (a 3 x 3 kernel's pads are 1 both ways).
   """
   _check(g, kernel.ndim, 'conv_same_input_grad', g, kernel)
   spatial = kernel.shape[:-2]
-  target = _conv_target(spatial, winograd)
+  target, attributes = _conv_target(spatial, winograd, winograd_tile)
   flipped = jnp.swapaxes(kernel[(slice(None, None, -1),) * len(spatial)], -2, -1)
   dx = _ffi(
     target,
@@ -391,6 +424,7 @@ def conv_same_input_grad(
     _to_3d(g),
     flipped.reshape((1,) * (5 - kernel.ndim) + flipped.shape),
     [_pads(k)[1] for k in spatial],
+    **attributes,
   )
   return dx.reshape(g.shape[:-1] + kernel.shape[-2:-1])
 

@@ -605,62 +605,92 @@ void sum_over_chunks(ffi::ThreadPool& pool, int64_t nrows, int64_t nchunks,
 }
 
 // ---------------------------------------------------------------------------------
-// Forward pass by Winograd's minimal filtering F(2x2, 3x3) (Lavin and Gray, "Fast
+// Forward pass by Winograd's minimal filtering F(4x4, 3x3) (Lavin and Gray, "Fast
 // Algorithms for Convolutional Neural Networks", 2016), for 3 x 3 kernels in H and W
-// with pads (1, 1) there ('same'); any depth taps are summed. Each 2 x 2 block of
-// output pixels ("tile") reads the 4 x 4 input pixels around it. With
+// with pads (1, 1) there ('same'); any depth taps are summed. Each 4 x 4 block of
+// output pixels ("tile") reads the 6 x 6 input pixels around it. With
 //
-//   B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
-//   G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]],
-//   A^T = [[1, 1, 1, 0], [0, 1, -1, -1]],
+//   B^T = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+//          [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]],
+//   G = [[1/4, 0, 0], [-1/6, -1/6, -1/6], [-1/6, 1/6, -1/6], [1/24, 1/12, 1/6],
+//        [1/24, -1/12, 1/6], [0, 0, 1]],
+//   A^T = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
+//          [0, 1, -1, 8, -8, 1]],
 //
 // the tile's output is y = A^T [sum_c (B^T x_c B) * (G k_c G^T)] A (elementwise
 // product inside), for each output channel. So the sum over input channels becomes
-// 16 matrix products, one per position xi of the 4 x 4 transformed tile: M[xi] =
+// 36 matrix products, one per position xi of the 6 x 6 transformed tile: M[xi] =
 // V[xi] U[xi], with V[xi] [tiles, C] the transformed input and U[xi] [C, O] the
-// transformed kernel. They take 16 multiply-adds per input and output channel for
-// 4 output pixels, where the direct kernel takes 36: 2.25 times fewer. The products
-// run in the direct kernel's register tiles (kWide tiles x 2 vectors of output
-// channels, or kNarrow x 1). Tiles that overhang the image read zeros and store only
-// their pixels inside.
+// transformed kernel. They take 36 multiply-adds per input and output channel for
+// 16 output pixels, where the direct kernel takes 144: 4 times fewer (F(2x2, 3x3),
+// which the kernel gradient below uses, takes 16 for 4 pixels: 2.25 times). The
+// products run in the direct kernel's register tiles (kWide tiles x 2 vectors of
+// output channels, or kNarrow x 1). Tiles that overhang the image read zeros and
+// store only their pixels inside. The kernel gradient shares the input pass
+// (`winograd_input`) with tiles of 2 x 2.
 
-constexpr int kXi = 16;       // positions of a transformed 4 x 4 tile
+// Positions of a transformed tile of M x M output pixels (M + 2 input pixels a side).
+template <int M>
+constexpr int kPositions = (M + 2) * (M + 2);
+constexpr int kXi = kPositions<2>;  // 16: the kernel gradient's F(3x3, 2x2)
 constexpr int64_t kWinoTiles = 64;  // tiles per block of products (at least)
+
+// The distance between two positions of a transformed array (U, V, M, W and the
+// kernel gradient's sums), for n floats a position: n and a cache line more. The
+// transforms read or write all 16 or 36 positions of a tile at once; were they a
+// power of two floats apart (n = tiles x 64 channels, or C x O), every one would map
+// to the same set of the L1 and L2 caches, more lines than a set holds.
+inline int64_t position_stride(int64_t n) { return n + 16; }
+
+// G g for one column of three kernel taps (the G of F(M x M, 3 x 3)).
+template <int M>
+inline void kernel_column(float a, float b, float c, float (&out)[M + 2]) {
+  if constexpr (M == 2) {
+    out[0] = a;
+    out[1] = 0.5f * (a + b + c);
+    out[2] = 0.5f * (a - b + c);
+    out[3] = c;
+  } else {
+    static_assert(M == 4, "Winograd tiles are 2 x 2 or 4 x 4");
+    constexpr float k4 = 1.0f / 4, k6 = 1.0f / 6, k12 = 1.0f / 12, k24 = 1.0f / 24;
+    const float ac = k24 * a + k6 * c, bb = k12 * b;
+    out[0] = k4 * a;
+    out[1] = -k6 * (a + b + c);
+    out[2] = -k6 * (a - b + c);
+    out[3] = ac + bb;
+    out[4] = ac - bb;
+    out[5] = c;
+  }
+}
 
 // U[a][xi][c][o] = (G k[a, :, :, c, o] G^T)[xi] for the depth taps a, entries
 // [q0, q1) of each [C, O] slice.
+template <int M>
 void winograd_kernel(const float* k, const Geom& s, int64_t q0, int64_t q1, float* u) {
-  const int64_t co = s.c * s.o;
+  constexpr int N = M + 2;
+  const int64_t co = s.c * s.o, ps = position_stride(co);
   for (int64_t a = 0; a < s.kd; ++a) {
     const float* ka = k + a * 9 * co;
-    float* ua = u + a * kXi * co;
+    float* ua = u + a * kPositions<M> * ps;
     for (int64_t q = q0; q < q1; ++q) {
-      float g[3][3], t[4][3];
-      for (int i = 0; i < 3; ++i)
-        for (int j = 0; j < 3; ++j) g[i][j] = ka[(i * 3 + j) * co + q];
-      for (int j = 0; j < 3; ++j) {
-        t[0][j] = g[0][j];
-        t[1][j] = 0.5f * (g[0][j] + g[1][j] + g[2][j]);
-        t[2][j] = 0.5f * (g[0][j] - g[1][j] + g[2][j]);
-        t[3][j] = g[2][j];
-      }
-      for (int i = 0; i < 4; ++i) {
-        ua[(i * 4 + 0) * co + q] = t[i][0];
-        ua[(i * 4 + 1) * co + q] = 0.5f * (t[i][0] + t[i][1] + t[i][2]);
-        ua[(i * 4 + 2) * co + q] = 0.5f * (t[i][0] - t[i][1] + t[i][2]);
-        ua[(i * 4 + 3) * co + q] = t[i][2];
+      float t[3][N], r[N];
+      for (int j = 0; j < 3; ++j)  // columns: G k
+        kernel_column<M>(ka[j * co + q], ka[(3 + j) * co + q], ka[(6 + j) * co + q], t[j]);
+      for (int i = 0; i < N; ++i) {  // rows: (G k) G^T
+        kernel_column<M>(t[0][i], t[1][i], t[2][i], r);
+        for (int j = 0; j < N; ++j) ua[(i * N + j) * ps + q] = r[j];
       }
     }
   }
 }
 
-// Sizes of the Winograd pass: tiles per row and tile rows per plane, and how many
-// tile rows of one plane make a block.
+// Sizes of a Winograd pass with tiles of m x m output pixels: tiles per row and tile
+// rows per plane, and how many tile rows of one plane make a block.
 // An image without pixels (H or W zero) has no blocks.
 struct WinoGeom {
-  int64_t nt, nty, rows_per_block, blocks_per_plane;
-  explicit WinoGeom(const Geom& s)
-      : nt((s.w + 1) / 2), nty((s.h + 1) / 2),
+  int64_t m, nt, nty, rows_per_block, blocks_per_plane;
+  WinoGeom(const Geom& s, int64_t m)
+      : m(m), nt((s.w + m - 1) / m), nty((s.h + m - 1) / m),
         rows_per_block(std::max<int64_t>(
             1, std::min(nty, (kWinoTiles + nt - 1) / std::max<int64_t>(1, nt)))),
         blocks_per_plane(nt == 0 ? 0 : (nty + rows_per_block - 1) / rows_per_block) {}
@@ -683,38 +713,59 @@ inline void put_lanes(float* p, T v) {
   if constexpr (sizeof(T) == 4) *p = v; else *reinterpret_cast<vecu*>(p) = v;
 }
 
-// B^T d B for channels [ci, ci + L) of one tile: d[i][j] points at input pixel (i, j)
-// of the tile, out at V[0][tile] (positions xi_stride apart). T is a vec or a float.
-template <typename T>
-inline void input_transform(const float* const (&d)[4][4], int64_t ci,
-                            int64_t xi_stride, float* out) {
-  auto ld = [&](int i, int j) { return lanes<T>(d[i][j] + ci); };
-  auto st = [&](int xi, T v) { put_lanes<T>(out + xi * xi_stride + ci, v); };
-  T r[4][4];
-  for (int j = 0; j < 4; ++j) {
-    const T d0 = ld(0, j), d1 = ld(1, j), d2 = ld(2, j), d3 = ld(3, j);
-    r[0][j] = d0 - d2;
-    r[1][j] = d1 + d2;
-    r[2][j] = d2 - d1;
-    r[3][j] = d1 - d3;
-  }
-  for (int i = 0; i < 4; ++i) {
-    st(i * 4 + 0, r[i][0] - r[i][2]);
-    st(i * 4 + 1, r[i][1] + r[i][2]);
-    st(i * 4 + 2, r[i][2] - r[i][1]);
-    st(i * 4 + 3, r[i][1] - r[i][3]);
+// B^T d for one column of M + 2 input pixels (the B^T of F(M x M, 3 x 3)).
+template <int M, typename T>
+inline void input_column(const T (&d)[M + 2], T (&v)[M + 2]) {
+  if constexpr (M == 2) {
+    v[0] = d[0] - d[2];
+    v[1] = d[1] + d[2];
+    v[2] = d[2] - d[1];
+    v[3] = d[1] - d[3];
+  } else {
+    static_assert(M == 4, "Winograd tiles are 2 x 2 or 4 x 4");
+    const T a = d[4] - 4.0f * d[2], b = d[3] - 4.0f * d[1];
+    const T c = d[4] - d[2], e = 2.0f * (d[3] - d[1]);
+    v[0] = 4.0f * d[0] - 5.0f * d[2] + d[4];
+    v[1] = a + b;
+    v[2] = a - b;
+    v[3] = c + e;
+    v[4] = c - e;
+    v[5] = 4.0f * d[1] - 5.0f * d[3] + d[5];
   }
 }
 
-// V[xi][t][c] for the tiles of tile rows [ty0, ty1) of input plane (bi, zz): the
-// block's input rows, zero-padded by one pixel (and to whole tiles), then B^T d B.
+// B^T d B for channels [ci, ci + L) of one tile: d[i][j] points at input pixel (i, j)
+// of the tile, out at V[0][tile] (positions xi_stride apart). T is a vec or a float.
+template <int M, typename T>
+inline void input_transform(const float* const (&d)[M + 2][M + 2], int64_t ci,
+                            int64_t xi_stride, float* out) {
+  constexpr int N = M + 2;
+  T r[N][N];
+  for (int j = 0; j < N; ++j) {  // columns: B^T d
+    T col[N], v[N];
+    for (int i = 0; i < N; ++i) col[i] = lanes<T>(d[i][j] + ci);
+    input_column<M, T>(col, v);
+    for (int i = 0; i < N; ++i) r[i][j] = v[i];
+  }
+  for (int i = 0; i < N; ++i) {  // rows: (B^T d) B
+    T v[N];
+    input_column<M, T>(r[i], v);
+    for (int j = 0; j < N; ++j) put_lanes<T>(out + (i * N + j) * xi_stride + ci, v[j]);
+  }
+}
+
+// V[xi][t][c] for the tiles (of M x M pixels) of tile rows [ty0, ty1) of input plane
+// (bi, zz): the block's input rows, zero-padded by one pixel (and to whole tiles),
+// then B^T d B.
+template <int M>
 void winograd_input(const float* x, const Geom& s, const WinoGeom& wg, int64_t bi,
                     int64_t zz, int64_t ty0, int64_t ty1, WinoScratch* sc) {
-  const int64_t wp = 2 * wg.nt + 2, nrows = 2 * (ty1 - ty0) + 2;
+  constexpr int N = M + 2;
+  const int64_t wp = M * wg.nt + 2, nrows = M * (ty1 - ty0) + 2;
   const int64_t tiles = (ty1 - ty0) * wg.nt, c = s.c;
   sc->rows.resize(nrows * wp * c);
   for (int64_t r = 0; r < nrows; ++r) {
-    const int64_t yy = 2 * ty0 - 1 + r;
+    const int64_t yy = M * ty0 - 1 + r;
     float* row = sc->rows.data() + r * wp * c;
     if (yy < 0 || yy >= s.h) {
       std::memset(row, 0, sizeof(float) * wp * c);
@@ -724,19 +775,20 @@ void winograd_input(const float* x, const Geom& s, const WinoGeom& wg, int64_t b
     std::memcpy(row + c, x + s.row_offset(bi, zz, yy) * c, sizeof(float) * s.w * c);
     std::memset(row + (s.w + 1) * c, 0, sizeof(float) * (wp - s.w - 1) * c);
   }
-  sc->v.resize(kXi * tiles * c);
-  const int64_t xi_stride = tiles * c;
+  const int64_t xi_stride = position_stride(tiles * c);
+  sc->v.resize(kPositions<M> * xi_stride);
   for (int64_t ty = ty0; ty < ty1; ++ty)
     for (int64_t t = 0; t < wg.nt; ++t) {
       const int64_t tile = (ty - ty0) * wg.nt + t;
-      const float* d[4][4];
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 4; ++j)
-          d[i][j] = sc->rows.data() + ((2 * (ty - ty0) + i) * wp + 2 * t + j) * c;
+      const float* d[N][N];
+      for (int i = 0; i < N; ++i)
+        for (int j = 0; j < N; ++j)
+          d[i][j] = sc->rows.data() + ((M * (ty - ty0) + i) * wp + M * t + j) * c;
       float* out = sc->v.data() + tile * c;
       int64_t ci = 0;
-      for (; ci + kLanes <= c; ci += kLanes) input_transform<vec>(d, ci, xi_stride, out);
-      for (; ci < c; ++ci) input_transform<float>(d, ci, xi_stride, out);
+      for (; ci + kLanes <= c; ci += kLanes)
+        input_transform<M, vec>(d, ci, xi_stride, out);
+      for (; ci < c; ++ci) input_transform<M, float>(d, ci, xi_stride, out);
     }
 }
 
@@ -773,14 +825,14 @@ void wino_tiles(const float* v, const float* u, int64_t tiles, int64_t c, int64_
   }
 }
 
-// M[xi] (+)= V[xi] U[xi] for the block's tiles.
-void winograd_products(const float* v, const float* u, int64_t tiles, const Geom& s,
-                       bool add, float* m) {
+// M[xi] (+)= V[xi] U[xi] for the block's tiles, xi in [0, positions).
+void winograd_products(const float* v, const float* u, int64_t tiles, int positions,
+                       const Geom& s, bool add, float* m) {
   const int64_t c = s.c, o = s.o;
-  for (int xi = 0; xi < kXi; ++xi) {
-    const float* vx = v + xi * tiles * c;
-    const float* ux = u + xi * c * o;
-    float* mx = m + xi * tiles * o;
+  for (int xi = 0; xi < positions; ++xi) {
+    const float* vx = v + xi * position_stride(tiles * c);
+    const float* ux = u + xi * position_stride(c * o);
+    float* mx = m + xi * position_stride(tiles * o);
     int64_t o0 = 0;
     for (; o0 + 2 * kLanes <= o; o0 += 2 * kLanes)
       wino_tiles<kWide, 2>(vx, ux + o0, tiles, c, o, add, mx + o0);
@@ -795,69 +847,92 @@ void winograd_products(const float* v, const float* u, int64_t tiles, const Geom
   }
 }
 
+// A^T m for one column of the (M + 2) x (M + 2) product m (the A^T of F(M x M, 3 x 3)).
+template <int M, typename T>
+inline void output_column(const T (&m)[M + 2], T (&y)[M]) {
+  if constexpr (M == 2) {
+    y[0] = m[0] + m[1] + m[2];
+    y[1] = m[1] - m[2] - m[3];
+  } else {
+    const T s12 = m[1] + m[2], d12 = m[1] - m[2];
+    const T s34 = m[3] + m[4], d34 = m[3] - m[4];
+    y[0] = m[0] + s12 + s34;
+    y[1] = d12 + 2.0f * d34;
+    y[2] = s12 + 4.0f * s34;
+    y[3] = d12 + 8.0f * d34 + m[5];
+  }
+}
+
 // A^T m A for channels [oi, oi + L) of one tile: m at M[0][tile] (positions
 // xi_stride apart), y[i][j] at output pixel (i, j) of the tile. T: vec or float.
-template <typename T>
+template <int M, typename T>
 inline void output_transform(const float* m, int64_t oi, int64_t xi_stride,
-                             float* const (&y)[2][2]) {
-  auto ld = [&](int xi) { return lanes<T>(m + xi * xi_stride + oi); };
-  auto st = [&](int i, int j, T v) { put_lanes<T>(y[i][j] + oi, v); };
-  T r[2][4];
-  for (int j = 0; j < 4; ++j) {
-    const T m0 = ld(j), m1 = ld(4 + j), m2 = ld(8 + j), m3 = ld(12 + j);
-    r[0][j] = m0 + m1 + m2;
-    r[1][j] = m1 - m2 - m3;
+                             float* const (&y)[M][M]) {
+  constexpr int N = M + 2;
+  T r[M][N];
+  for (int j = 0; j < N; ++j) {  // columns: A^T m
+    T col[N], out[M];
+    for (int i = 0; i < N; ++i) col[i] = lanes<T>(m + (i * N + j) * xi_stride + oi);
+    output_column<M, T>(col, out);
+    for (int i = 0; i < M; ++i) r[i][j] = out[i];
   }
-  for (int i = 0; i < 2; ++i) {
-    st(i, 0, r[i][0] + r[i][1] + r[i][2]);
-    st(i, 1, r[i][1] - r[i][2] - r[i][3]);
+  for (int i = 0; i < M; ++i) {  // rows: (A^T m) A
+    T out[M];
+    output_column<M, T>(r[i], out);
+    for (int j = 0; j < M; ++j) put_lanes<T>(y[i][j] + oi, out[j]);
   }
 }
 
 // y = A^T M A for the block's tiles, the pixels inside the image (those outside go
 // to a scratch pixel).
+template <int M>
 void winograd_output(const float* m, const Geom& s, const WinoGeom& wg, int64_t bi,
                      int64_t z, int64_t ty0, int64_t ty1, float* y, float* spare) {
-  const int64_t o = s.o, tiles = (ty1 - ty0) * wg.nt, xi_stride = tiles * o;
+  const int64_t o = s.o, tiles = (ty1 - ty0) * wg.nt;
+  const int64_t xi_stride = position_stride(tiles * o);
   for (int64_t ty = ty0; ty < ty1; ++ty)
     for (int64_t t = 0; t < wg.nt; ++t) {
       const float* mt = m + ((ty - ty0) * wg.nt + t) * o;
-      float* yp[2][2];
-      for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 2; ++j) {
-          const int64_t yy = 2 * ty + i, xx = 2 * t + j;
+      float* yp[M][M];
+      for (int i = 0; i < M; ++i)
+        for (int j = 0; j < M; ++j) {
+          const int64_t yy = M * ty + i, xx = M * t + j;
           yp[i][j] = yy < s.h && xx < s.w ? y + (s.row_offset(bi, z, yy) + xx) * o
                                           : spare;
         }
       int64_t oi = 0;
-      for (; oi + kLanes <= o; oi += kLanes) output_transform<vec>(mt, oi, xi_stride, yp);
-      for (; oi < o; ++oi) output_transform<float>(mt, oi, xi_stride, yp);
+      for (; oi + kLanes <= o; oi += kLanes)
+        output_transform<M, vec>(mt, oi, xi_stride, yp);
+      for (; oi < o; ++oi) output_transform<M, float>(mt, oi, xi_stride, yp);
     }
 }
 
 // Blocks [k0, k1) (block k: plane k / blocks_per_plane, tile rows from k %
 // blocks_per_plane), summed over the depth taps whose plane exists.
+template <int M>
 void winograd_blocks(const float* x, const float* u, float* y, const Geom& s,
                      const WinoGeom& wg, int64_t k0, int64_t k1) {
+  constexpr int kP = kPositions<M>;
   thread_local WinoScratch sc;
   for (int64_t k = k0; k < k1; ++k) {
     const int64_t plane = k / wg.blocks_per_plane, bi = plane / s.d, z = plane % s.d;
     const int64_t ty0 = k % wg.blocks_per_plane * wg.rows_per_block;
     const int64_t ty1 = std::min(wg.nty, ty0 + wg.rows_per_block);
     const int64_t tiles = (ty1 - ty0) * wg.nt;
-    sc.m.resize(kXi * tiles * s.o);
+    sc.m.resize(kP * position_stride(tiles * s.o));
     bool add = false;
     for (int64_t a = 0; a < s.kd; ++a) {
       const int64_t zz = z + a - s.pd;
       if (zz < 0 || zz >= s.d) continue;
-      winograd_input(x, s, wg, bi, zz, ty0, ty1, &sc);
-      winograd_products(sc.v.data(), u + a * kXi * s.c * s.o, tiles, s, add,
+      winograd_input<M>(x, s, wg, bi, zz, ty0, ty1, &sc);
+      winograd_products(sc.v.data(), u + a * kP * position_stride(s.c * s.o), tiles, kP,
+                        s, add,
                         sc.m.data());
       add = true;
     }
     if (!add) std::fill(sc.m.begin(), sc.m.end(), 0.0f);
     sc.spare.resize(s.o);
-    winograd_output(sc.m.data(), s, wg, bi, z, ty0, ty1, y, sc.spare.data());
+    winograd_output<M>(sc.m.data(), s, wg, bi, z, ty0, ty1, y, sc.spare.data());
   }
 }
 
@@ -867,9 +942,13 @@ void winograd_blocks(const float* x, const float* u, float* y, const Geom& s,
 //
 //   dK_tile = G^T [(B^T x B) * (A g A^T)] G,
 //
-// with B^T as above, A = [[1, 0], [1, 1], [1, -1], [0, -1]] (the forward pass's A^T,
-// transposed) and G^T = [[1, 1/2, 1/2, 0], [0, 1/2, -1/2, 0], [0, 1/2, 1/2, 1]] (the
-// forward pass's G, transposed). Summed over tiles, that is 16 products M[xi] +=
+// with the B^T, A and G of F(2x2, 3x3):
+//
+//   B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+//   A = [[1, 0], [1, 1], [1, -1], [0, -1]],
+//   G^T = [[1, 1/2, 1/2, 0], [0, 1/2, -1/2, 0], [0, 1/2, 1/2, 1]].
+//
+// Summed over tiles, that is 16 products M[xi] +=
 // V[xi]^T W[xi] (V [tiles, C] the transformed input, W [tiles, O] the transformed
 // output gradient), in the direct kernel gradient's register tiles (`row_product`),
 // then one transform of M into dK: 16 multiply-adds per input and output channel for
@@ -904,8 +983,9 @@ inline void grad_transform(const float* const (&g)[2][2], int64_t oi,
 void winograd_grad_output(const float* g, const Geom& s, const WinoGeom& wg,
                           int64_t bi, int64_t z, int64_t ty0, int64_t ty1,
                           const float* zeros, std::vector<float>* w) {
-  const int64_t o = s.o, tiles = (ty1 - ty0) * wg.nt, xi_stride = tiles * o;
-  w->resize(kXi * tiles * o);
+  const int64_t o = s.o, tiles = (ty1 - ty0) * wg.nt;
+  const int64_t xi_stride = position_stride(tiles * o);
+  w->resize(kXi * xi_stride);
   for (int64_t ty = ty0; ty < ty1; ++ty)
     for (int64_t t = 0; t < wg.nt; ++t) {
       const float* gp[2][2];
@@ -938,10 +1018,11 @@ void winograd_wgrad_blocks(const float* x, const float* g, const Geom& s,
     for (int64_t a = 0; a < s.kd; ++a) {
       const int64_t zz = z + a - s.pd;
       if (zz < 0 || zz >= s.d) continue;
-      winograd_input(x, s, wg, bi, zz, ty0, ty1, &sc);
+      winograd_input<2>(x, s, wg, bi, zz, ty0, ty1, &sc);
       for (int xi = 0; xi < kXi; ++xi)
-        row_product(sc.v.data() + xi * tiles * s.c, sc.w.data() + xi * tiles * s.o,
-                    tiles, s.c, s.o, m + (a * kXi + xi) * co);
+        row_product(sc.v.data() + xi * position_stride(tiles * s.c),
+                    sc.w.data() + xi * position_stride(tiles * s.o), tiles, s.c, s.o,
+                    m + (a * kXi + xi) * position_stride(co));
     }
   }
 }
@@ -949,15 +1030,15 @@ void winograd_wgrad_blocks(const float* x, const float* g, const Geom& s,
 // dK[a, i, j] = (G^T M[a] G)[i, j], entries [q0, q1) of each [C, O] slice.
 void winograd_wgrad_output(const float* m, const Geom& s, int64_t q0, int64_t q1,
                            float* dk) {
-  const int64_t co = s.c * s.o;
+  const int64_t co = s.c * s.o, ms = position_stride(co);
   for (int64_t a = 0; a < s.kd; ++a) {
-    const float* ma = m + a * kXi * co;
+    const float* ma = m + a * kXi * ms;
     float* da = dk + a * 9 * co;
     for (int64_t q = q0; q < q1; ++q) {
       float r[3][4];
       for (int j = 0; j < 4; ++j) {  // rows: G^T M
-        const float m0 = ma[(0 * 4 + j) * co + q], m1 = ma[(1 * 4 + j) * co + q];
-        const float m2 = ma[(2 * 4 + j) * co + q], m3 = ma[(3 * 4 + j) * co + q];
+        const float m0 = ma[(0 * 4 + j) * ms + q], m1 = ma[(1 * 4 + j) * ms + q];
+        const float m2 = ma[(2 * 4 + j) * ms + q], m3 = ma[(3 * 4 + j) * ms + q];
         r[0][j] = m0 + 0.5f * (m1 + m2);
         r[1][j] = 0.5f * (m1 - m2);
         r[2][j] = 0.5f * (m1 + m2) + m3;
@@ -1080,9 +1161,43 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
-ffi::Error ConvWinogradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                            ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> y,
-                            int64_t pad_d, int64_t pad_h, int64_t pad_w) {
+// The forward pass's tile, 4 x 4 or 2 x 2. F(4x4, 3x3) does 1.78 times fewer
+// multiply-adds than F(2x2, 3x3), but its transformed kernel U (36 C O floats a depth
+// tap) is 2.25 times larger, and each block of tiles reads all of it: so 4 x 4 where a
+// plane holds a whole block of 4 x 4 tiles (kWinoTiles), or where one tap's U fits in
+// half an L2 cache (1 MiB, 7,281 channel pairs: 64 x 64 does); 2 x 2 for the small
+// planes of many channels deep in a U-Net (16 x 16 x 256 in 2D, 8 x 8 x 8 x 128 in
+// 3D), where U's traffic, not the multiply-adds, sets the pace.
+int forward_tile(const Geom& s) {
+  const int64_t tiles4 = (s.h + 3) / 4 * ((s.w + 3) / 4);
+  const bool u_in_l2 = kPositions<4> * s.c * s.o * int64_t{4} <= (int64_t{1} << 20);
+  return tiles4 >= kWinoTiles || u_in_l2 ? 4 : 2;
+}
+
+template <int M>
+void winograd_forward(ffi::ThreadPool& pool, const float* x, const float* k, float* y,
+                      const Geom& s) {
+  const int64_t co = s.c * s.o;
+  std::vector<float> u(s.kd * kPositions<M> * position_stride(co));
+  parallel_rows(pool, co, num_chunks(pool, co), [&](int64_t, int64_t q0, int64_t q1) {
+    winograd_kernel<M>(k, s, q0, q1, u.data());
+  });
+  const WinoGeom wg(s, M);
+  const int64_t blocks = s.b * s.d * wg.blocks_per_plane;
+  parallel_rows(pool, blocks, num_chunks(pool, blocks),
+                [&](int64_t, int64_t k0, int64_t k1) {
+                  winograd_blocks<M>(x, u.data(), y, s, wg, k0, k1);
+                });
+}
+
+// `tile` 0: `forward_tile`'s choice; 2 or 4: that tile ("UnetConvWinogradTile", for
+// tests and A/Bs).
+ffi::Error ConvWinogradTileImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> y,
+                                int64_t pad_d, int64_t pad_h, int64_t pad_w,
+                                int64_t tile) {
+  if (tile != 0 && tile != 2 && tile != 4)
+    return ffi::Error::InvalidArgument("conv_winograd: tile must be 0, 2 or 4");
   Geom s;
   ffi::Error error = geometry("conv_winograd", x.dimensions(), k.dimensions(),
                               y->dimensions(), pad_d, pad_h, pad_w, &s);
@@ -1090,21 +1205,17 @@ ffi::Error ConvWinogradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (s.kh != 3 || s.kw != 3 || s.ph != 1 || s.pw != 1)
     return ffi::Error::InvalidArgument(
         "conv_winograd: takes 3 x 3 kernels in H and W with pads (1, 1) there");
-  const float* xv = x.typed_data();
-  const float* kv = k.typed_data();
-  float* yv = y->typed_data();
-  const int64_t co = s.c * s.o;
-  std::vector<float> u(s.kd * kXi * co);
-  parallel_rows(pool, co, num_chunks(pool, co), [&](int64_t, int64_t q0, int64_t q1) {
-    winograd_kernel(kv, s, q0, q1, u.data());
-  });
-  const WinoGeom wg(s);
-  const int64_t blocks = s.b * s.d * wg.blocks_per_plane;
-  parallel_rows(pool, blocks, num_chunks(pool, blocks),
-                [&](int64_t, int64_t k0, int64_t k1) {
-                  winograd_blocks(xv, u.data(), yv, s, wg, k0, k1);
-                });
+  if ((tile == 0 ? forward_tile(s) : tile) == 4)
+    winograd_forward<4>(pool, x.typed_data(), k.typed_data(), y->typed_data(), s);
+  else
+    winograd_forward<2>(pool, x.typed_data(), k.typed_data(), y->typed_data(), s);
   return ffi::Error::Success();
+}
+
+ffi::Error ConvWinogradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> y,
+                            int64_t pad_d, int64_t pad_h, int64_t pad_w) {
+  return ConvWinogradTileImpl(pool, x, k, y, pad_d, pad_h, pad_w, 0);
 }
 
 ffi::Error ConvWinogradWgradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -1117,8 +1228,8 @@ ffi::Error ConvWinogradWgradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (s.kh != 3 || s.kw != 3 || s.ph != 1 || s.pw != 1)
     return ffi::Error::InvalidArgument(
         "conv_winograd_wgrad: takes 3 x 3 kernels in H and W with pads (1, 1) there");
-  const WinoGeom wg(s);
-  const int64_t co = s.c * s.o, size = s.kd * kXi * co;
+  const WinoGeom wg(s, 2);
+  const int64_t co = s.c * s.o, size = s.kd * kXi * position_stride(co);
   const int64_t blocks = s.b * s.d * wg.blocks_per_plane;
   std::vector<float> m(size);
   const float* xv = x.typed_data();
@@ -1199,6 +1310,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetConv, ConvImpl, ConvBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetConvWgrad, ConvWgradImpl, ConvBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetConvWinograd, ConvWinogradImpl, ConvBinding());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetConvWinogradTile, ConvWinogradTileImpl,
+                              ConvBinding().Attr<int64_t>("tile"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetConvWinogradWgrad, ConvWinogradWgradImpl,
                               ConvBinding());
