@@ -373,6 +373,19 @@ def test_winograd_on_degenerate_shapes(x_shape, k_shape):
     _assert_close(g, w, jnp.float32)
 
 
+def _wgrad_float64(x, g, spatial):
+  """The kernel gradient of `_conv_float64` given its output gradient `g`, in float64."""
+  x, g = np.asarray(x, np.float64), np.asarray(g, np.float64)
+  pads = [((s - 1) // 2, s - 1 - (s - 1) // 2) for s in spatial]
+  xp = np.pad(x, [(0, 0), *pads, (0, 0)])
+  dk = np.zeros(tuple(spatial) + (x.shape[-1], g.shape[-1]))
+  for tap in np.ndindex(*spatial):
+    window = tuple(slice(t, t + n) for t, n in zip(tap, x.shape[1:-1]))
+    patch = xp[(slice(None), *window)].reshape(-1, x.shape[-1])
+    dk[tap] = patch.T @ g.reshape(-1, g.shape[-1])
+  return dk
+
+
 def _conv_float64(x, k):
   """Stride-1 'same' convolution in float64, tap by tap (2D or 3D, channels last)."""
   x, k = np.asarray(x, np.float64), np.asarray(k, np.float64)
@@ -387,23 +400,42 @@ def _conv_float64(x, k):
 
 
 @pytest.mark.parametrize(
-  'x_shape, k_shape, auto_tile',
+  'x_shape, k_shape, auto_tile, auto_wgrad_tile',
   [
-    # A plane of 64 4 x 4 tiles: F(4x4, 3x3) whatever the channels.
-    ((2, 32, 32, 64), (3, 3, 64, 96), 4),
-    # A small plane whose 36 C O transformed kernel exceeds 1 MiB: F(2x2, 3x3).
-    ((2, 16, 16, 96), (3, 3, 96, 96), 2),
-    # 3D, a small plane of few channels (U within 1 MiB): F(4x4, 3x3).
-    ((1, 4, 12, 12, 32), (3, 3, 3, 32, 48), 4),
+    # A plane of 64 4 x 4 tiles: 4 x 4 whatever the channels.
+    ((2, 32, 32, 64), (3, 3, 64, 96), 4, 4),
+    # A small plane whose 36 C O transformed kernel exceeds 1 MiB: 2 x 2.
+    ((2, 16, 16, 96), (3, 3, 96, 96), 2, 2),
+    # 3D, a small plane of few channels (U within 1 MiB): 4 x 4 forward, 2 x 2 for
+    # the kernel gradient (a small plane, `wgrad_tile`).
+    ((1, 4, 12, 12, 32), (3, 3, 3, 32, 48), 4, 2),
   ],
 )
-def test_winograd_error_against_float64(x_shape, k_shape, auto_tile):
-  # Both forward tiles against the float64 convolution: F(2x2, 3x3) as accurate as
-  # the direct kernel's summation, F(4x4, 3x3) within 3e-5 of the largest output
-  # (its transforms weigh by up to 5 and 8 and by 1/6, 1/24; measured 0.5e-5 to
-  # 1.4e-5 with 32 to 512 input channels). The rule's choice is one of the two,
-  # bit for bit.
-  x, k, _ = _inputs(x_shape, k_shape, jnp.float32, seed=3)
+def test_winograd_error_against_float64(x_shape, k_shape, auto_tile, auto_wgrad_tile):
+  # Both tiles against float64: F(2x2, 3x3) and F(3x3, 2x2) as accurate as the
+  # direct kernels' summation; F(4x4, 3x3) within 3e-5 of the largest output (its
+  # transforms weigh by up to 5 and 8 and by 1/6, 1/24; measured 0.5e-5 to 1.4e-5
+  # with 32 to 512 input channels), F(3x3, 4x4) within 1e-5 of the largest kernel
+  # gradient entry (measured 0.4e-5 to 0.5e-5). The rules' choices are one of the
+  # two, bit for bit.
+  x, k, g = _inputs(x_shape, k_shape, jnp.float32, seed=3)
+  spatial = k_shape[:-2]
+  want_dk = _wgrad_float64(x, g, spatial)
+  dk_scale = np.abs(want_dk).max()
+  dk_by_tile = {
+    t: np.asarray(
+      native_kernels.conv_weight_grad(x, g, spatial, winograd=True, winograd_tile=t)
+    )
+    for t in (2, 4)
+  }
+  direct_dk = np.asarray(native_kernels.conv_weight_grad(x, g, spatial), np.float64)
+  np.testing.assert_allclose(direct_dk, want_dk, rtol=0, atol=1e-6 * dk_scale)
+  np.testing.assert_allclose(dk_by_tile[2], want_dk, rtol=0, atol=1e-6 * dk_scale)
+  np.testing.assert_allclose(dk_by_tile[4], want_dk, rtol=0, atol=1e-5 * dk_scale)
+  np.testing.assert_array_equal(
+    native_kernels.conv_weight_grad(x, g, spatial, winograd=True),
+    dk_by_tile[auto_wgrad_tile],
+  )
   want = _conv_float64(x, k)
   scale = np.abs(want).max()
   by_tile = {
@@ -431,14 +463,17 @@ def test_winograd_error_against_float64(x_shape, k_shape, auto_tile):
   ],
 )
 def test_winograd_tiles_match_xla(x_shape, k_shape, tile):
-  # Each forward tile whatever the rule would pick: value and input gradient.
+  # Each tile whatever the rules would pick: value, input and kernel gradients.
   x, k, probe = _inputs(x_shape, k_shape, jnp.float32)
-  want_y, pullback = jax.vjp(lambda x_: _plain(x_, k), x)
-  (want_dx,) = pullback(probe)
+  want_y, pullback = jax.vjp(_plain, x, k)
+  want_dx, want_dk = pullback(probe)
   got_y = native_kernels.conv_same(x, k, winograd=True, winograd_tile=tile)
   got_dx = native_kernels.conv_same_input_grad(probe, k, winograd=True, winograd_tile=tile)
-  _assert_close(got_y, want_y, jnp.float32)
-  _assert_close(got_dx, want_dx, jnp.float32)
+  got_dk = native_kernels.conv_weight_grad(
+    x, probe, k_shape[:-2], winograd=True, winograd_tile=tile
+  )
+  for got, want in ((got_y, want_y), (got_dx, want_dx), (got_dk, want_dk)):
+    _assert_close(got, want, jnp.float32)
 
 
 @pytest.mark.parametrize(
@@ -449,6 +484,8 @@ def test_winograd_tile_is_checked(winograd, tile, match):
   x, k = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
   with pytest.raises(ValueError, match=match):
     native_kernels.conv_same(x, k, winograd=winograd, winograd_tile=tile)
+  with pytest.raises(ValueError, match=match):
+    native_kernels.conv_weight_grad(x, x, (3, 3), winograd=winograd, winograd_tile=tile)
 
 
 @pytest.mark.parametrize(
@@ -535,8 +572,14 @@ def test_native_3d_by_definition():
       np.testing.assert_array_equal(f23_grad(g, k), dx)
       _assert_rounds_to(native_kernels.conv_same(x, k, winograd=True), y)
       _assert_rounds_to(native_kernels.conv_same_input_grad(g, k, winograd=True), dx)
+      # The kernel gradient: F(3x3, 2x2) (the choice on these small planes) exact,
+      # F(3x3, 4x4) to rounding.
       np.testing.assert_array_equal(
         native_kernels.conv_weight_grad(x, g, k_spatial, winograd=True), dk
+      )
+      _assert_rounds_to(
+        native_kernels.conv_weight_grad(x, g, k_spatial, winograd=True, winograd_tile=4),
+        dk,
       )
 
 

@@ -43,7 +43,8 @@ each is a field of `policy.KernelPolicy`:
   Gray, arXiv:1509.09308): F(4x4, 3x3), 36 multiply-adds per input and output
   channel for a 4 x 4 block of output pixels against 144 directly, or F(2x2, 3x3)
   (16 against 36) on small planes of many channels; with `weight_grad='native'` too
-  the kernel gradient by F(3x3, 2x2); all in the same register tiles.
+  the kernel gradient by F(3x3, 4x4) (F(3x3, 2x2) on small planes); all in the same
+  register tiles.
 - **oneDNN's convolutions** (`onednn=True`): the forward pass, input gradient and
   kernel gradient of float32 stride-1 'same' 2D and 3D convolutions by oneDNN's
   primitives (`unet_jax.ops.onednn`), every size and channel count; a 3D one is read
@@ -363,7 +364,7 @@ def conv2d_same(
     winograd: the forward pass and the input gradient of 3x3 kernels by the native
       Winograd kernel, F(4x4, 3x3) or F(2x2, 3x3) by shape
       (`native_kernels.conv_same(winograd=True)`), and
-      with `weight_grad='native'` the kernel gradient by F(3x3, 2x2)
+      with `weight_grad='native'` the kernel gradient by F(3x3, 4x4) or F(3x3, 2x2)
       (`native_kernels.conv_weight_grad(winograd=True)`), on float32 images at least
       `NATIVE_MIN_WIDTH[2]['winograd']` wide with at least
       `NATIVE_MIN_TILED_CHANNELS` input and output channels; it takes precedence over

@@ -9,8 +9,8 @@ padded copy nor, in 3D, a copy with the depth neighbours on the channel axis is
 made. `winograd=True` computes all three for 3 x 3 kernels by Winograd's minimal
 filtering: the forward pass by F(4x4, 3x3) (4 times fewer multiply-adds) or, on small
 planes of many channels, F(2x2, 3x3) (2.25 times fewer), the kernel gradient by
-F(3x3, 2x2) (2.25 times fewer). `unet_jax.ops.conv` uses them as `weight_grad='native'`,
-`native_forward=True` and `winograd=True`.
+F(3x3, 4x4) or, on small planes, F(3x3, 2x2). `unet_jax.ops.conv` uses them as
+`weight_grad='native'`, `native_forward=True` and `winograd=True`.
 Also max pooling over windows that tile the input (`max_pool`), which keeps the
 index of each window's first maximum so that its gradient (`max_pool_grad`) is a
 scatter; XLA:CPU builds that gradient from an index tensor per spatial axis.
@@ -56,6 +56,7 @@ SOURCE = pathlib.Path(__file__).resolve().parent / 'native' / 'conv.cc'
 _CONV, _WGRAD = 'unet_jax_conv', 'unet_jax_conv_wgrad'
 _CONV_WINOGRAD, _WGRAD_WINOGRAD = 'unet_jax_conv_winograd', 'unet_jax_conv_winograd_wgrad'
 _CONV_WINOGRAD_TILE = 'unet_jax_conv_winograd_tile'
+_WGRAD_WINOGRAD_TILE = 'unet_jax_conv_winograd_wgrad_tile'
 _POOL, _POOL_GRAD = 'unet_jax_max_pool', 'unet_jax_max_pool_grad'
 TARGETS = {
   _WGRAD: 'UnetConvWgrad',
@@ -63,6 +64,7 @@ TARGETS = {
   _CONV_WINOGRAD: 'UnetConvWinograd',
   _CONV_WINOGRAD_TILE: 'UnetConvWinogradTile',
   _WGRAD_WINOGRAD: 'UnetConvWinogradWgrad',
+  _WGRAD_WINOGRAD_TILE: 'UnetConvWinogradWgradTile',
   _POOL: 'UnetMaxPool',
   _POOL_GRAD: 'UnetMaxPoolGrad',
 }
@@ -286,9 +288,16 @@ def _ffi(target, out_shape, a, b, pads, **attributes):
   )
 
 
-@functools.partial(jax.jit, static_argnums=(2,), static_argnames=('winograd',))
+@functools.partial(
+  jax.jit, static_argnums=(2,), static_argnames=('winograd', 'winograd_tile')
+)
 def conv_weight_grad(
-  x: jax.Array, g: jax.Array, kernel_spatial: tuple[int, ...], *, winograd: bool = False
+  x: jax.Array,
+  g: jax.Array,
+  kernel_spatial: tuple[int, ...],
+  *,
+  winograd: bool = False,
+  winograd_tile: int | None = None,
 ) -> jax.Array:
   """dL/dK of a stride-1 'same' 2D or 3D convolution, by the native kernel.
 
@@ -297,9 +306,12 @@ def conv_weight_grad(
     g: the gradient of its output, `[N, H, W, O]` or `[N, D, H, W, O]`, float32.
     kernel_spatial: `(kh, kw)` or `(kd, kh, kw)`; XLA's 'SAME' padding, `(k - 1) //
       2` before.
-    winograd: by Winograd's F(3x3, 2x2) (`unet_jax/ops/native/conv.cc`): 2.25 times
-      fewer multiply-adds, the same result to float rounding. Kernels 3 x 3 in H and
-      W only (`winograd_suits`).
+    winograd: by Winograd's minimal filtering (`unet_jax/ops/native/conv.cc`), the
+      same result to float rounding: F(3x3, 4x4), 4 times fewer multiply-adds, where
+      a plane holds 64 tiles of 4 x 4 pixels, else F(3x3, 2x2), 2.25 times fewer
+      (`wgrad_tile` there). Kernels 3 x 3 in H and W only (`winograd_suits`).
+    winograd_tile: None for that choice; 2 or 4 for F(3x3, 2x2) or F(3x3, 4x4)
+      whatever the shape (tests and A/Bs).
 
   Returns:
     `[*kernel_spatial, C, O]` (HWIO or DHWIO).
@@ -314,7 +326,9 @@ def conv_weight_grad(
       f'conv_weight_grad: x {x.shape} and g {g.shape} must agree on'
       ' all but the channel axis.'
     )
-  target = _target(kernel_spatial, winograd, _WGRAD, _WGRAD_WINOGRAD)
+  target, attributes = _winograd_target(
+    kernel_spatial, winograd, winograd_tile, (_WGRAD, _WGRAD_WINOGRAD, _WGRAD_WINOGRAD_TILE)
+  )
   shape = tuple(kernel_spatial) + (x.shape[-1], g.shape[-1])
   dk = _ffi(
     target,
@@ -322,6 +336,7 @@ def conv_weight_grad(
     _to_3d(x),
     _to_3d(g),
     [_pads(k)[0] for k in kernel_spatial],
+    **attributes,
   )
   return dk.reshape(shape)
 
@@ -329,9 +344,9 @@ def conv_weight_grad(
 def winograd_suits(kernel_spatial: tuple[int, ...]) -> bool:
   """Whether the `winograd=True` kernels take a kernel of these spatial sizes.
 
-  The Winograd kernels (F(4x4, 3x3) or F(2x2, 3x3); F(3x3, 2x2) for the kernel
-  gradient) take kernels 3 x 3 in H and W ('same' pads (1, 1) there), with any depth
-  size in 3D.
+  The Winograd kernels (F(4x4, 3x3) or F(2x2, 3x3); F(3x3, 4x4) or F(3x3, 2x2) for
+  the kernel gradient) take kernels 3 x 3 in H and W ('same' pads (1, 1) there), with
+  any depth size in 3D.
   """
   return tuple(kernel_spatial[-2:]) == (3, 3)
 
@@ -347,17 +362,26 @@ def _target(kernel_spatial, winograd, direct, by_winograd):
   return by_winograd
 
 
-def _conv_target(kernel_spatial, winograd, winograd_tile):
-  """The forward kernel's FFI target and its extra attributes."""
+def _winograd_target(kernel_spatial, winograd, winograd_tile, targets):
+  """The FFI target of (direct, Winograd, Winograd with a given tile) and its extra
+  attributes."""
+  direct, by_winograd, by_tile = targets
   if winograd_tile is None:
-    return _target(kernel_spatial, winograd, _CONV, _CONV_WINOGRAD), {}
+    return _target(kernel_spatial, winograd, direct, by_winograd), {}
   if not winograd or winograd_tile not in (2, 4):
     raise ValueError(
       f'winograd_tile={winograd_tile!r}: takes 2 or 4, with winograd=True'
       f' (winograd={winograd!r}).'
     )
-  _target(kernel_spatial, winograd, _CONV, _CONV_WINOGRAD)  # checks the kernel
-  return _CONV_WINOGRAD_TILE, {'tile': winograd_tile}
+  _target(kernel_spatial, winograd, direct, by_winograd)  # checks the kernel
+  return by_tile, {'tile': winograd_tile}
+
+
+def _conv_target(kernel_spatial, winograd, winograd_tile):
+  """The forward kernel's FFI target and its extra attributes."""
+  return _winograd_target(
+    kernel_spatial, winograd, winograd_tile, (_CONV, _CONV_WINOGRAD, _CONV_WINOGRAD_TILE)
+  )
 
 
 @functools.partial(jax.jit, static_argnames=('winograd', 'winograd_tile'))

@@ -192,9 +192,9 @@ XLA = KernelPolicy(transpose_as_matmul=True)
 # - native_forward: the forward pass and input gradient too; both won on the whole
 #   step, 2D once narrow images were left to XLA (`conv.NATIVE_MIN_WIDTH`).
 # - native_winograd: F(2x2, 3x3) and F(3x3, 2x2), 2.25 times fewer multiply-adds;
-#   they won per layer from 16 wide and on the whole step. The forward pass by
-#   F(4x4, 3x3) since, where its larger transformed kernel pays (`conv.cc`,
-#   `forward_tile`).
+#   they won per layer from 16 wide and on the whole step. Both by F(4x4, 3x3) /
+#   F(3x3, 4x4) since, where the larger transforms pay (`conv.cc`, `forward_tile`,
+#   `wgrad_tile`).
 # - native_pool: the first-max index as uint8, a scatter for the gradient.
 # - narrow_as_matmul: the 8-wide 2D bottleneck as one product over its patches
 #   (1.04x on the 2D step; 1.01x in 3D, so 2D only).

@@ -632,7 +632,6 @@ void sum_over_chunks(ffi::ThreadPool& pool, int64_t nrows, int64_t nchunks,
 // Positions of a transformed tile of M x M output pixels (M + 2 input pixels a side).
 template <int M>
 constexpr int kPositions = (M + 2) * (M + 2);
-constexpr int kXi = kPositions<2>;  // 16: the kernel gradient's F(3x3, 2x2)
 constexpr int64_t kWinoTiles = 64;  // tiles per block of products (at least)
 
 // The distance between two positions of a transformed array (U, V, M, W and the
@@ -936,76 +935,98 @@ void winograd_blocks(const float* x, const float* u, float* y, const Geom& s,
   }
 }
 
-// Kernel gradient by Winograd's F(3x3, 2x2), the same idea turned round: for each
-// 2 x 2 tile of the output gradient g and the 4 x 4 input pixels x around it, the
-// tile's share of the 3 x 3 kernel gradient is
+// Kernel gradient by Winograd's F(3x3, 4x4) or F(3x3, 2x2) (`wgrad_tile`), the same
+// idea turned round: for each M x M tile of the output gradient g and the (M + 2) x
+// (M + 2) input pixels x around it, the tile's share of the 3 x 3 kernel gradient is
 //
 //   dK_tile = G^T [(B^T x B) * (A g A^T)] G,
 //
-// with the B^T, A and G of F(2x2, 3x3):
+// with the B^T and G of F(M x M, 3 x 3) and A the transpose of its A^T; for M = 2
 //
 //   B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
 //   A = [[1, 0], [1, 1], [1, -1], [0, -1]],
-//   G^T = [[1, 1/2, 1/2, 0], [0, 1/2, -1/2, 0], [0, 1/2, 1/2, 1]].
+//   G^T = [[1, 1/2, 1/2, 0], [0, 1/2, -1/2, 0], [0, 1/2, 1/2, 1]],
 //
-// Summed over tiles, that is 16 products M[xi] +=
-// V[xi]^T W[xi] (V [tiles, C] the transformed input, W [tiles, O] the transformed
-// output gradient), in the direct kernel gradient's register tiles (`row_product`),
-// then one transform of M into dK: 16 multiply-adds per input and output channel for
-// a tile of 4 output pixels, against 36.
+// and for M = 4 the forward pass's matrices above. Summed over tiles, that is (M +
+// 2)^2 products M[xi] += V[xi]^T W[xi] (V [tiles, C] the transformed input, W [tiles,
+// O] the transformed output gradient), in the direct kernel gradient's register tiles
+// (`row_product`), then one transform of M into dK: 36 multiply-adds per input and
+// output channel for 16 output pixels (M = 4) or 16 for 4 (M = 2), against 144 or 36.
+
+// A g for one column of M output-gradient pixels (A: the transpose of the A^T of
+// F(M x M, 3 x 3)).
+template <int M, typename T>
+inline void grad_column(const T (&g)[M], T (&w)[M + 2]) {
+  if constexpr (M == 2) {
+    w[0] = g[0];
+    w[1] = g[0] + g[1];
+    w[2] = g[0] - g[1];
+    w[3] = -g[1];
+  } else {
+    const T e = g[0] + g[2], o = g[1] + g[3];
+    const T e4 = g[0] + 4.0f * g[2], o8 = 2.0f * g[1] + 8.0f * g[3];
+    w[0] = g[0];
+    w[1] = e + o;
+    w[2] = e - o;
+    w[3] = e4 + o8;
+    w[4] = e4 - o8;
+    w[5] = g[3];
+  }
+}
 
 // A g A^T for channels [oi, oi + L) of one tile: g[i][j] at output-gradient pixel
 // (i, j) of the tile (a row of zeros outside the image), out at W[0][tile]
 // (positions xi_stride apart). T: vec or float.
-template <typename T>
-inline void grad_transform(const float* const (&g)[2][2], int64_t oi,
+template <int M, typename T>
+inline void grad_transform(const float* const (&g)[M][M], int64_t oi,
                            int64_t xi_stride, float* out) {
-  auto ld = [&](int i, int j) { return lanes<T>(g[i][j] + oi); };
-  auto st = [&](int xi, T v) { put_lanes<T>(out + xi * xi_stride + oi, v); };
-  T r[4][2];
-  for (int j = 0; j < 2; ++j) {  // rows: A g
-    const T g0 = ld(0, j), g1 = ld(1, j);
-    r[0][j] = g0;
-    r[1][j] = g0 + g1;
-    r[2][j] = g0 - g1;
-    r[3][j] = -g1;
+  constexpr int N = M + 2;
+  T r[N][M];
+  for (int j = 0; j < M; ++j) {  // columns: A g
+    T col[M], w[N];
+    for (int i = 0; i < M; ++i) col[i] = lanes<T>(g[i][j] + oi);
+    grad_column<M, T>(col, w);
+    for (int i = 0; i < N; ++i) r[i][j] = w[i];
   }
-  for (int i = 0; i < 4; ++i) {  // columns: (A g) A^T
-    st(i * 4 + 0, r[i][0]);
-    st(i * 4 + 1, r[i][0] + r[i][1]);
-    st(i * 4 + 2, r[i][0] - r[i][1]);
-    st(i * 4 + 3, -r[i][1]);
+  for (int i = 0; i < N; ++i) {  // rows: (A g) A^T
+    T w[N];
+    grad_column<M, T>(r[i], w);
+    for (int j = 0; j < N; ++j) put_lanes<T>(out + (i * N + j) * xi_stride + oi, w[j]);
   }
 }
 
 // W[xi][t][o] = (A g_t A^T)[xi] for the tiles of tile rows [ty0, ty1) of output
 // plane (bi, z); g pixels outside the image read `zeros` (o floats).
+template <int M>
 void winograd_grad_output(const float* g, const Geom& s, const WinoGeom& wg,
                           int64_t bi, int64_t z, int64_t ty0, int64_t ty1,
                           const float* zeros, std::vector<float>* w) {
   const int64_t o = s.o, tiles = (ty1 - ty0) * wg.nt;
   const int64_t xi_stride = position_stride(tiles * o);
-  w->resize(kXi * xi_stride);
+  w->resize(kPositions<M> * xi_stride);
   for (int64_t ty = ty0; ty < ty1; ++ty)
     for (int64_t t = 0; t < wg.nt; ++t) {
-      const float* gp[2][2];
-      for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 2; ++j) {
-          const int64_t yy = 2 * ty + i, xx = 2 * t + j;
+      const float* gp[M][M];
+      for (int i = 0; i < M; ++i)
+        for (int j = 0; j < M; ++j) {
+          const int64_t yy = M * ty + i, xx = M * t + j;
           gp[i][j] = yy < s.h && xx < s.w ? g + (s.row_offset(bi, z, yy) + xx) * o
                                           : zeros;
         }
       float* out = w->data() + ((ty - ty0) * wg.nt + t) * o;
       int64_t oi = 0;
-      for (; oi + kLanes <= o; oi += kLanes) grad_transform<vec>(gp, oi, xi_stride, out);
-      for (; oi < o; ++oi) grad_transform<float>(gp, oi, xi_stride, out);
+      for (; oi + kLanes <= o; oi += kLanes)
+        grad_transform<M, vec>(gp, oi, xi_stride, out);
+      for (; oi < o; ++oi) grad_transform<M, float>(gp, oi, xi_stride, out);
     }
 }
 
 // m[a][xi] ([C, O]) += V[xi]^T W[xi] over the tiles of blocks [k0, k1), for each depth
 // tap a whose input plane exists.
+template <int M>
 void winograd_wgrad_blocks(const float* x, const float* g, const Geom& s,
                            const WinoGeom& wg, int64_t k0, int64_t k1, float* m) {
+  constexpr int kP = kPositions<M>;
   thread_local WinoScratch sc;
   const int64_t co = s.c * s.o;
   sc.spare.assign(s.o, 0.0f);
@@ -1014,39 +1035,57 @@ void winograd_wgrad_blocks(const float* x, const float* g, const Geom& s,
     const int64_t ty0 = k % wg.blocks_per_plane * wg.rows_per_block;
     const int64_t ty1 = std::min(wg.nty, ty0 + wg.rows_per_block);
     const int64_t tiles = (ty1 - ty0) * wg.nt;
-    winograd_grad_output(g, s, wg, bi, z, ty0, ty1, sc.spare.data(), &sc.w);
+    winograd_grad_output<M>(g, s, wg, bi, z, ty0, ty1, sc.spare.data(), &sc.w);
     for (int64_t a = 0; a < s.kd; ++a) {
       const int64_t zz = z + a - s.pd;
       if (zz < 0 || zz >= s.d) continue;
-      winograd_input<2>(x, s, wg, bi, zz, ty0, ty1, &sc);
-      for (int xi = 0; xi < kXi; ++xi)
+      winograd_input<M>(x, s, wg, bi, zz, ty0, ty1, &sc);
+      for (int xi = 0; xi < kP; ++xi)
         row_product(sc.v.data() + xi * position_stride(tiles * s.c),
                     sc.w.data() + xi * position_stride(tiles * s.o), tiles, s.c, s.o,
-                    m + (a * kXi + xi) * position_stride(co));
+                    m + (a * kP + xi) * position_stride(co));
     }
   }
 }
 
+// G^T m for one column of the (M + 2) x (M + 2) sum m (G: that of F(M x M, 3 x 3)).
+template <int M>
+inline void wgrad_column(const float (&m)[M + 2], float (&r)[3]) {
+  if constexpr (M == 2) {
+    r[0] = m[0] + 0.5f * (m[1] + m[2]);
+    r[1] = 0.5f * (m[1] - m[2]);
+    r[2] = 0.5f * (m[1] + m[2]) + m[3];
+  } else {
+    constexpr float k4 = 1.0f / 4, k6 = 1.0f / 6, k12 = 1.0f / 12, k24 = 1.0f / 24;
+    const float s12 = m[1] + m[2], d12 = m[1] - m[2];
+    const float s34 = m[3] + m[4], d34 = m[3] - m[4];
+    r[0] = k4 * m[0] - k6 * s12 + k24 * s34;
+    r[1] = k12 * d34 - k6 * d12;
+    r[2] = k6 * (s34 - s12) + m[5];
+  }
+}
+
 // dK[a, i, j] = (G^T M[a] G)[i, j], entries [q0, q1) of each [C, O] slice.
+template <int M>
 void winograd_wgrad_output(const float* m, const Geom& s, int64_t q0, int64_t q1,
                            float* dk) {
+  constexpr int N = M + 2;
   const int64_t co = s.c * s.o, ms = position_stride(co);
   for (int64_t a = 0; a < s.kd; ++a) {
-    const float* ma = m + a * kXi * ms;
+    const float* ma = m + a * kPositions<M> * ms;
     float* da = dk + a * 9 * co;
     for (int64_t q = q0; q < q1; ++q) {
-      float r[3][4];
-      for (int j = 0; j < 4; ++j) {  // rows: G^T M
-        const float m0 = ma[(0 * 4 + j) * ms + q], m1 = ma[(1 * 4 + j) * ms + q];
-        const float m2 = ma[(2 * 4 + j) * ms + q], m3 = ma[(3 * 4 + j) * ms + q];
-        r[0][j] = m0 + 0.5f * (m1 + m2);
-        r[1][j] = 0.5f * (m1 - m2);
-        r[2][j] = 0.5f * (m1 + m2) + m3;
+      float r[3][N];
+      for (int j = 0; j < N; ++j) {  // columns: G^T M
+        float col[N], out[3];
+        for (int i = 0; i < N; ++i) col[i] = ma[(i * N + j) * ms + q];
+        wgrad_column<M>(col, out);
+        for (int i = 0; i < 3; ++i) r[i][j] = out[i];
       }
-      for (int i = 0; i < 3; ++i) {  // columns: (G^T M) G
-        da[(i * 3 + 0) * co + q] = r[i][0] + 0.5f * (r[i][1] + r[i][2]);
-        da[(i * 3 + 1) * co + q] = 0.5f * (r[i][1] - r[i][2]);
-        da[(i * 3 + 2) * co + q] = 0.5f * (r[i][1] + r[i][2]) + r[i][3];
+      for (int i = 0; i < 3; ++i) {  // rows: (G^T M) G
+        float out[3];
+        wgrad_column<M>(r[i], out);
+        for (int j = 0; j < 3; ++j) da[(i * 3 + j) * co + q] = out[j];
       }
     }
   }
@@ -1218,9 +1257,39 @@ ffi::Error ConvWinogradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ConvWinogradTileImpl(pool, x, k, y, pad_d, pad_h, pad_w, 0);
 }
 
-ffi::Error ConvWinogradWgradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                                 ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dk,
-                                 int64_t pad_d, int64_t pad_h, int64_t pad_w) {
+template <int M>
+void winograd_wgrad(ffi::ThreadPool& pool, const float* x, const float* g, float* dk,
+                    const Geom& s) {
+  const WinoGeom wg(s, M);
+  const int64_t co = s.c * s.o, size = s.kd * kPositions<M> * position_stride(co);
+  const int64_t blocks = s.b * s.d * wg.blocks_per_plane;
+  std::vector<float> m(size);
+  sum_over_chunks(pool, blocks, num_wgrad_chunks(pool, blocks, kWinoTiles * M * M), size,
+                  m.data(), [&](int64_t k0, int64_t k1, float* partial) {
+                    winograd_wgrad_blocks<M>(x, g, s, wg, k0, k1, partial);
+                  });
+  parallel_rows(pool, co, num_chunks(pool, co), [&](int64_t, int64_t q0, int64_t q1) {
+    winograd_wgrad_output<M>(m.data(), s, q0, q1, dk);
+  });
+}
+
+// The kernel gradient's tile: F(3x3, 4x4) where a plane holds a whole block of 4 x 4
+// tiles, else F(3x3, 2x2). Unlike the forward pass, a small plane of few channels
+// keeps 2 x 2 (16³ x 64 in 3D: 0.91x with 4 x 4): the products, one per position and
+// block, are V^T W over the block's tiles, too few in a small plane to fill the
+// register tiles' loop.
+int wgrad_tile(const Geom& s) {
+  return (s.h + 3) / 4 * ((s.w + 3) / 4) >= kWinoTiles ? 4 : 2;
+}
+
+// `tile` as in ConvWinogradTileImpl: F(3x3, 4x4) or F(3x3, 2x2), `wgrad_tile`'s choice
+// for 0.
+ffi::Error ConvWinogradWgradTileImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                     ffi::Buffer<ffi::F32> g,
+                                     ffi::ResultBuffer<ffi::F32> dk, int64_t pad_d,
+                                     int64_t pad_h, int64_t pad_w, int64_t tile) {
+  if (tile != 0 && tile != 2 && tile != 4)
+    return ffi::Error::InvalidArgument("conv_winograd_wgrad: tile must be 0, 2 or 4");
   Geom s;
   ffi::Error error = geometry("conv_winograd_wgrad", x.dimensions(), dk->dimensions(),
                               g.dimensions(), pad_d, pad_h, pad_w, &s);
@@ -1228,21 +1297,17 @@ ffi::Error ConvWinogradWgradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (s.kh != 3 || s.kw != 3 || s.ph != 1 || s.pw != 1)
     return ffi::Error::InvalidArgument(
         "conv_winograd_wgrad: takes 3 x 3 kernels in H and W with pads (1, 1) there");
-  const WinoGeom wg(s, 2);
-  const int64_t co = s.c * s.o, size = s.kd * kXi * position_stride(co);
-  const int64_t blocks = s.b * s.d * wg.blocks_per_plane;
-  std::vector<float> m(size);
-  const float* xv = x.typed_data();
-  const float* gv = g.typed_data();
-  sum_over_chunks(pool, blocks, num_wgrad_chunks(pool, blocks, kWinoTiles * 4), size,
-                  m.data(), [&](int64_t k0, int64_t k1, float* partial) {
-                    winograd_wgrad_blocks(xv, gv, s, wg, k0, k1, partial);
-                  });
-  float* out = dk->typed_data();
-  parallel_rows(pool, co, num_chunks(pool, co), [&](int64_t, int64_t q0, int64_t q1) {
-    winograd_wgrad_output(m.data(), s, q0, q1, out);
-  });
+  if ((tile == 0 ? wgrad_tile(s) : tile) == 4)
+    winograd_wgrad<4>(pool, x.typed_data(), g.typed_data(), dk->typed_data(), s);
+  else
+    winograd_wgrad<2>(pool, x.typed_data(), g.typed_data(), dk->typed_data(), s);
   return ffi::Error::Success();
+}
+
+ffi::Error ConvWinogradWgradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                 ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dk,
+                                 int64_t pad_d, int64_t pad_h, int64_t pad_w) {
+  return ConvWinogradWgradTileImpl(pool, x, g, dk, pad_d, pad_h, pad_w, 0);
 }
 
 // x [B, D, H, W, C] and the pooled shape [B, D/wd, H/wh, W/ww, C] of y, idx or g.
@@ -1312,6 +1377,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetConvWgrad, ConvWgradImpl, ConvBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetConvWinograd, ConvWinogradImpl, ConvBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetConvWinogradTile, ConvWinogradTileImpl,
+                              ConvBinding().Attr<int64_t>("tile"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetConvWinogradWgradTile, ConvWinogradWgradTileImpl,
                               ConvBinding().Attr<int64_t>("tile"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(UnetConvWinogradWgrad, ConvWinogradWgradImpl,
