@@ -9,9 +9,10 @@ three parts of a 'same' convolution's train step on their own:
 
 as XLA's convolutions, as the direct native C++ kernels (`unet_jax.ops.native`)
 and as the native Winograd kernels (`winograd=True`: F(4x4, 3x3) or F(2x2, 3x3) by
-shape, and F(3x3, 4x4) or F(3x3, 2x2) for the kernel gradient), and prints GFLOP/s (2 * pixels * taps * C * O over the
-median time of `--repeats` calls, after one warm-up; for Winograd too, so it is the
-speed of the same work, not of its fewer products).
+shape, and F(3x3, 4x4) or F(3x3, 2x2) for the kernel gradient), and prints GFLOP/s
+(2 * pixels * taps * C * O over the median time of `--repeats` calls, after one
+warm-up; for Winograd too, so it is the speed of the same work, not of its fewer
+products).
 XLA's side is what the library falls back to: autodiff of `lax.conv_general_dilated`
 in 2D, the folded 2D convolution in 3D (`conv.conv3d_same(fold_depth=True)`; XLA's
 own 3D convolution is slower still). All run in this process, one after the other,
