@@ -605,29 +605,30 @@ void sum_over_chunks(ffi::ThreadPool& pool, int64_t nrows, int64_t nchunks,
 }
 
 // ---------------------------------------------------------------------------------
-// Forward pass by Winograd's minimal filtering F(4x4, 3x3) (Lavin and Gray, "Fast
-// Algorithms for Convolutional Neural Networks", 2016), for 3 x 3 kernels in H and W
-// with pads (1, 1) there ('same'); any depth taps are summed. Each 4 x 4 block of
-// output pixels ("tile") reads the 6 x 6 input pixels around it. With
+// Forward pass by Winograd's minimal filtering F(M x M, 3 x 3), M = 4 or 2
+// (`forward_tile`) (Lavin and Gray, "Fast Algorithms for Convolutional Neural
+// Networks", 2016), for 3 x 3 kernels in H and W with pads (1, 1) there ('same'); any
+// depth taps are summed. Each M x M block of output pixels ("tile") reads the (M + 2)
+// x (M + 2) input pixels around it. With, for M = 4,
 //
 //   B^T = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
 //          [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]],
 //   G = [[1/4, 0, 0], [-1/6, -1/6, -1/6], [-1/6, 1/6, -1/6], [1/24, 1/12, 1/6],
 //        [1/24, -1/12, 1/6], [0, 0, 1]],
 //   A^T = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
-//          [0, 1, -1, 8, -8, 1]],
+//          [0, 1, -1, 8, -8, 1]]
 //
-// the tile's output is y = A^T [sum_c (B^T x_c B) * (G k_c G^T)] A (elementwise
-// product inside), for each output channel. So the sum over input channels becomes
-// 36 matrix products, one per position xi of the 6 x 6 transformed tile: M[xi] =
-// V[xi] U[xi], with V[xi] [tiles, C] the transformed input and U[xi] [C, O] the
-// transformed kernel. They take 36 multiply-adds per input and output channel for
-// 16 output pixels, where the direct kernel takes 144: 4 times fewer (F(2x2, 3x3),
-// which the kernel gradient below uses, takes 16 for 4 pixels: 2.25 times). The
+// (for M = 2 see the kernel gradient below), the tile's output is y = A^T [sum_c
+// (B^T x_c B) * (G k_c G^T)] A (elementwise product inside), for each output channel.
+// So the sum over input channels becomes (M + 2)^2 matrix products, one per position
+// xi of the transformed tile: M[xi] = V[xi] U[xi], with V[xi] [tiles, C] the
+// transformed input and U[xi] [C, O] the transformed kernel. For M = 4 they take 36
+// multiply-adds per input and output channel for 16 output pixels, where the direct
+// kernel takes 144: 4 times fewer; for M = 2, 16 for 4 pixels: 2.25 times fewer. The
 // products run in the direct kernel's register tiles (kWide tiles x 2 vectors of
 // output channels, or kNarrow x 1). Tiles that overhang the image read zeros and
 // store only their pixels inside. The kernel gradient shares the input pass
-// (`winograd_input`) with tiles of 2 x 2.
+// (`winograd_input`).
 
 // Positions of a transformed tile of M x M output pixels (M + 2 input pixels a side).
 template <int M>
@@ -687,9 +688,9 @@ void winograd_kernel(const float* k, const Geom& s, int64_t q0, int64_t q1, floa
 // rows per plane, and how many tile rows of one plane make a block.
 // An image without pixels (H or W zero) has no blocks.
 struct WinoGeom {
-  int64_t m, nt, nty, rows_per_block, blocks_per_plane;
+  int64_t nt, nty, rows_per_block, blocks_per_plane;
   WinoGeom(const Geom& s, int64_t m)
-      : m(m), nt((s.w + m - 1) / m), nty((s.h + m - 1) / m),
+      : nt((s.w + m - 1) / m), nty((s.h + m - 1) / m),
         rows_per_block(std::max<int64_t>(
             1, std::min(nty, (kWinoTiles + nt - 1) / std::max<int64_t>(1, nt)))),
         blocks_per_plane(nt == 0 ? 0 : (nty + rows_per_block - 1) / rows_per_block) {}
@@ -1229,21 +1230,31 @@ void winograd_forward(ffi::ThreadPool& pool, const float* x, const float* k, flo
                 });
 }
 
+// `geometry` for the Winograd kernels, which take 3 x 3 kernels in H and W with pads
+// (1, 1) there, and a `tile` of 0 (the kernel's choice), 2 or 4.
+ffi::Error winograd_geometry(const char* name, ffi::Span<const int64_t> xd,
+                             ffi::Span<const int64_t> kd, ffi::Span<const int64_t> od,
+                             int64_t pd, int64_t ph, int64_t pw, int64_t tile, Geom* s) {
+  if (tile != 0 && tile != 2 && tile != 4)
+    return ffi::Error::InvalidArgument(std::string(name) + ": tile must be 0, 2 or 4");
+  ffi::Error error = geometry(name, xd, kd, od, pd, ph, pw, s);
+  if (error.failure()) return error;
+  if (s->kh != 3 || s->kw != 3 || s->ph != 1 || s->pw != 1)
+    return ffi::Error::InvalidArgument(
+        std::string(name) + ": takes 3 x 3 kernels in H and W with pads (1, 1) there");
+  return ffi::Error::Success();
+}
+
 // `tile` 0: `forward_tile`'s choice; 2 or 4: that tile ("UnetConvWinogradTile", for
 // tests and A/Bs).
 ffi::Error ConvWinogradTileImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                 ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> y,
                                 int64_t pad_d, int64_t pad_h, int64_t pad_w,
                                 int64_t tile) {
-  if (tile != 0 && tile != 2 && tile != 4)
-    return ffi::Error::InvalidArgument("conv_winograd: tile must be 0, 2 or 4");
   Geom s;
-  ffi::Error error = geometry("conv_winograd", x.dimensions(), k.dimensions(),
-                              y->dimensions(), pad_d, pad_h, pad_w, &s);
+  ffi::Error error = winograd_geometry("conv_winograd", x.dimensions(), k.dimensions(),
+                                       y->dimensions(), pad_d, pad_h, pad_w, tile, &s);
   if (error.failure()) return error;
-  if (s.kh != 3 || s.kw != 3 || s.ph != 1 || s.pw != 1)
-    return ffi::Error::InvalidArgument(
-        "conv_winograd: takes 3 x 3 kernels in H and W with pads (1, 1) there");
   if ((tile == 0 ? forward_tile(s) : tile) == 4)
     winograd_forward<4>(pool, x.typed_data(), k.typed_data(), y->typed_data(), s);
   else
@@ -1288,15 +1299,11 @@ ffi::Error ConvWinogradWgradTileImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32>
                                      ffi::Buffer<ffi::F32> g,
                                      ffi::ResultBuffer<ffi::F32> dk, int64_t pad_d,
                                      int64_t pad_h, int64_t pad_w, int64_t tile) {
-  if (tile != 0 && tile != 2 && tile != 4)
-    return ffi::Error::InvalidArgument("conv_winograd_wgrad: tile must be 0, 2 or 4");
   Geom s;
-  ffi::Error error = geometry("conv_winograd_wgrad", x.dimensions(), dk->dimensions(),
-                              g.dimensions(), pad_d, pad_h, pad_w, &s);
+  ffi::Error error =
+      winograd_geometry("conv_winograd_wgrad", x.dimensions(), dk->dimensions(),
+                        g.dimensions(), pad_d, pad_h, pad_w, tile, &s);
   if (error.failure()) return error;
-  if (s.kh != 3 || s.kw != 3 || s.ph != 1 || s.pw != 1)
-    return ffi::Error::InvalidArgument(
-        "conv_winograd_wgrad: takes 3 x 3 kernels in H and W with pads (1, 1) there");
   if ((tile == 0 ? wgrad_tile(s) : tile) == 4)
     winograd_wgrad<4>(pool, x.typed_data(), g.typed_data(), dk->typed_data(), s);
   else
