@@ -33,15 +33,26 @@ import signal
 import sys
 import threading
 
-from absl import app
-from absl import flags
-from absl import logging
-import jax
-from ml_collections import config_flags
+from unet_jax.ops import host_memory  # Neither JAX nor NumPy: see below.
 
-from unet_jax import train
-from unet_jax.ops import host_memory
-from unet_jax.train import lock
+if __name__ == '__main__':
+  # glibc's allocator settings for XLA:CPU's step buffers: this script again, under
+  # GLIBC_TUNABLES, where they are wanted and not yet set (unet_jax/ops/host_memory.py).
+  # Before the imports below, which take seconds that a re-executed image repeats.
+  try:
+    host_memory.reexec_if_wanted()
+  except ValueError as e:  # A bad UNET_JAX_HOST_MALLOC.
+    print(f'Error: {e}', file=sys.stderr, flush=True)
+    sys.exit(2)
+
+from absl import app  # noqa: E402 (after the re-execution above)
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+import jax  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from unet_jax import train  # noqa: E402
+from unet_jax.train import lock  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('mode', 'train', ['train', 'predict', 'export'], 'What to do.')
@@ -283,11 +294,4 @@ def _summary(name: str, metrics: dict) -> str:
 
 
 if __name__ == '__main__':
-  # glibc's allocator settings for XLA:CPU's step buffers: this script again, under
-  # GLIBC_TUNABLES, where they are wanted and not yet set (unet_jax/ops/host_memory.py).
-  try:
-    host_memory.reexec_if_wanted()
-  except ValueError as e:  # A bad UNET_JAX_HOST_MALLOC.
-    print(f'Error: {e}', file=sys.stderr, flush=True)
-    sys.exit(2)
   app.run(main)

@@ -136,3 +136,25 @@ def test_launch_refuses_a_bad_setting_before_any_work(tmp_path):
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "Error: UNET_JAX_HOST_MALLOC='yes'" in proc.stderr
   assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.skipif(not GLIBC, reason='the settings are glibc-only; elsewhere a no-op')
+def test_launch_reexecutes_before_it_imports_jax():
+  # -X importtime (an interpreter option, kept by the re-execution) lists every module
+  # each image imports: host_memory in both, JAX and NumPy only in the second.
+  env = {
+    k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', host_memory.ENV)
+  }
+  proc = subprocess.run(
+    [sys.executable, '-X', 'importtime', os.path.join(ROOT, 'launch.py'), '--helpshort'],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=dict(env, JAX_PLATFORMS='cpu'),
+    timeout=240,
+    check=False,
+  )
+  imported = [line.rsplit('|', 1)[-1].strip() for line in proc.stderr.splitlines()]
+  assert '--workdir' in proc.stdout + proc.stderr  # The help of the second image.
+  assert imported.count('unet_jax.ops.host_memory') == 2, proc.stderr[-2000:]
+  assert imported.count('jax') == 1 and imported.count('numpy') == 1
