@@ -1,7 +1,9 @@
 """End-to-end training on generated data: outputs, exact resume, SIGKILL, devices, NaN."""
 
+import contextlib
 import importlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -431,3 +433,42 @@ def test_folder_with_a_bad_mask_fails_naming_the_file(tmp_path):
   )
   with pytest.raises(ValueError, match=r'broken\.png'):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+def test_the_train_state_is_the_models_init_as_one_program():
+  model = factory.create_model(tiny_config('unused').model)
+  tx = train.create_optimizer(tiny_config('unused'))
+  shape = (1, 24, 40, 1)  # A shape no other test initialises: a fresh compile.
+  key = jax.random.key(7)
+  with jax.log_compiles(True), _compile_messages() as messages:
+    state = train.create_train_state(key, model, tx, shape)
+  assert len(messages) == 1, messages  # Eagerly, Flax's init compiles dozens.
+  eager = model.init({'params': key}, np.zeros(shape, np.float32), train=False)
+  # The same numbers; the unoptimised program may round the last bit differently.
+  for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(eager['params'])):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-6)
+  for got, want in zip(
+    jax.tree.leaves(state.batch_stats), jax.tree.leaves(eager['batch_stats'])
+  ):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert int(state.step) == 0
+  assert jax.tree.structure(state.opt_state) == jax.tree.structure(tx.init(eager['params']))
+
+
+@contextlib.contextmanager
+def _compile_messages():
+  """The 'Finished XLA compilation' messages that JAX logs while the block runs."""
+  messages = []
+
+  class Handler(logging.Handler):
+    def emit(self, record):
+      if 'Finished XLA compilation' in record.getMessage():
+        messages.append(record.getMessage())
+
+  handler = Handler()
+  jax_logger = logging.getLogger('jax')
+  jax_logger.addHandler(handler)
+  try:
+    yield messages
+  finally:
+    jax_logger.removeHandler(handler)

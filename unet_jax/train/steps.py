@@ -85,20 +85,39 @@ def create_optimizer(
   return tx
 
 
+# XLA options for compiling `create_train_state` on the CPU.
+INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
+
+
 def create_train_state(
   key: jax.Array,
   model: nn.Module,
   tx: optax.GradientTransformation,
   input_shape: tuple[int, ...],
 ) -> TrainState:
-  variables = model.init({'params': key}, jnp.zeros(input_shape, jnp.float32), train=False)
-  params = variables['params']
-  return TrainState(
-    step=jnp.zeros((), jnp.int32),
-    params=params,
-    batch_stats=variables.get('batch_stats', {}),
-    opt_state=tx.init(params),
-  )
+  """The model's initial variables and the optimizer's state, on the default device.
+
+  One compiled program: run eagerly, Flax's `init` compiles each of its hundreds of
+  operations apart. What is left of the program once JAX has pruned the forward pass
+  is random numbers for the parameters, which need no optimising, so on the CPU it is
+  compiled without the backend's optimisation passes (`INIT_COMPILER_OPTIONS`), which
+  take most of the compile time there (benchmarks/RESULTS.md, "Start-up").
+  """
+
+  def init(key):
+    variables = model.init(
+      {'params': key}, jnp.zeros(input_shape, jnp.float32), train=False
+    )
+    params = variables['params']
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=variables.get('batch_stats', {}),
+      opt_state=tx.init(params),
+    )
+
+  options = INIT_COMPILER_OPTIONS if jax.default_backend() == 'cpu' else None
+  return jax.jit(init, compiler_options=options)(key)
 
 
 def _augment(
