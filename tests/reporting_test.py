@@ -1,10 +1,15 @@
 """The progress line and the metric files, with a fake clock (no real timing)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 from unet_jax import reporting
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class FakeClock:
@@ -108,3 +113,54 @@ def test_resuming_drops_the_rows_past_the_restored_step(tmp_path):
   assert [r['step'] for r in rows] == [1, 2, 3, 4]
   assert rows[-1]['train_loss'] == 40.0
   assert list((tmp_path / 'tensorboard').iterdir())
+
+
+def _tensorboard_scalars(folder):
+  """{tag: [(step, value)]} as TensorBoard itself reads `folder` (its event loader,
+  which checks every record's CRC through TensorFlow's reader)."""
+  from tensorboard.backend.event_processing import event_accumulator
+
+  acc = event_accumulator.EventAccumulator(str(folder))
+  acc.Reload()
+  return {
+    tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()['scalars']
+  }
+
+
+def test_tensorboard_reads_the_scalars_of_every_run_in_the_folder(tmp_path):
+  writer = reporting.MetricWriter(str(tmp_path))
+  writer.write(1, {'train_loss': 0.5, 'lr': 1e-3, 'note': 'text'})
+  writer.write(2, {'train_loss': 0.25, 'dice_per_class': [0.75, float('nan')]})
+  writer.close()
+  # A resumed run in the same process and second: a second file, the first intact.
+  writer = reporting.MetricWriter(str(tmp_path), start_step=2)
+  writer.write(3, {'train_loss': 0.125})
+  writer.close()
+  assert len(list((tmp_path / 'tensorboard').iterdir())) == 2
+  assert _tensorboard_scalars(tmp_path / 'tensorboard') == {
+    'train_loss': [(1, 0.5), (2, 0.25), (3, 0.125)],
+    'lr': [(1, pytest.approx(1e-3))],
+    'dice_per_class/0': [(2, 0.75)],  # NaN is left out of TensorBoard, kept in jsonl.
+  }
+
+
+def test_the_metric_writer_does_not_import_tensorflow(tmp_path):
+  script = (
+    'import sys\n'
+    'from unet_jax import reporting\n'
+    f'w = reporting.MetricWriter({str(tmp_path)!r})\n'
+    "w.write(1, {'loss': 1.0})\n"
+    'w.close()\n'
+    "print('tensorflow' in sys.modules)\n"
+  )
+  proc = subprocess.run(
+    [sys.executable, '-c', script],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    timeout=120,
+    check=False,
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split() == ['False']

@@ -3,7 +3,9 @@
 * `MetricWriter` appends one JSON object per step to `metrics.jsonl` and the
   same scalars to TensorBoard event files, from process 0 only. On resume it
   first drops the rows written after the restored step, so a step's row never
-  appears twice.
+  appears twice. The event files are written with TensorBoard's own protocol
+  buffers and record framing (`EventFile`), not with TensorFlow, whose import
+  would take seconds of every run's start.
 * `Progress` times the loop and logs `step, loss, steps/s, input wait, ETA`
   every `every_steps` steps. Time spent in `timed('data')` is the input wait;
   time inside `paused()` (evaluation, checkpointing) is left out of the rates.
@@ -15,17 +17,20 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import json
 import math
 import os
+import socket
 import sys
 import time
 from typing import Any, Iterator, Sequence
 
 from absl import logging
 import jax
-
-from unet_jax.data import cpu_tensorflow
+from tensorboard.compat.proto import event_pb2
+from tensorboard.compat.proto import summary_pb2
+from tensorboard.summary.writer import record_writer
 
 
 def _drop_rows_after(path: str, step: int) -> int:
@@ -42,6 +47,39 @@ def _drop_rows_after(path: str, step: int) -> int:
     f.writelines(keep)
   os.replace(partial, path)
   return len(lines) - len(keep)
+
+
+_EVENT_FILES = itertools.count()  # Tells apart the files of one process and second.
+
+
+class EventFile:
+  """A TensorBoard event file of scalars in `folder` (created), as TensorFlow's
+  summary writer names and frames it: `events.out.tfevents.<time>.<host>.<pid>.<n>.v2`,
+  a version record, then one record of `Event` per step."""
+
+  def __init__(self, folder: str):
+    os.makedirs(folder, exist_ok=True)
+    name = (
+      f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}'
+      f'.{next(_EVENT_FILES)}.v2'
+    )
+    self.path = os.path.join(folder, name)
+    self._records = record_writer.RecordWriter(open(self.path, 'xb'))
+    self._write(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
+
+  def _write(self, event: event_pb2.Event) -> None:
+    self._records.write(event.SerializeToString())
+    self._records.flush()
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    """One event at `step` holding every (tag, value) of `values`."""
+    summary = summary_pb2.Summary(
+      value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()]
+    )
+    self._write(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+
+  def close(self) -> None:
+    self._records.close()
 
 
 class MetricWriter:
@@ -66,8 +104,7 @@ class MetricWriter:
         start_step,
         path,
       )
-    self._tf = cpu_tensorflow.import_tensorflow()
-    self._tb = self._tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
+    self._tb = EventFile(os.path.join(workdir, 'tensorboard'))
     self._jsonl = open(path, 'a')
 
   def write(self, step: int, values: dict[str, Any]) -> None:
@@ -76,13 +113,13 @@ class MetricWriter:
       return
     self._jsonl.write(json.dumps({'step': step, **values}) + '\n')
     self._jsonl.flush()
-    with self._tb.as_default(step=step):
-      for name, value in values.items():
-        items = enumerate(value) if isinstance(value, (list, tuple)) else [(None, value)]
-        for i, v in items:
-          if isinstance(v, (int, float)) and math.isfinite(v):
-            self._tf.summary.scalar(name if i is None else f'{name}/{i}', v)
-    self._tb.flush()
+    scalars = {}
+    for name, value in values.items():
+      items = enumerate(value) if isinstance(value, (list, tuple)) else [(None, value)]
+      for i, v in items:
+        if isinstance(v, (int, float)) and math.isfinite(v):
+          scalars[name if i is None else f'{name}/{i}'] = v
+    self._tb.scalars(step, scalars)
 
   def close(self) -> None:
     if self.active:
