@@ -110,14 +110,19 @@ def fold_batchnorm(
     raise ValueError(
       f'fold_batchnorm needs batch_stats beside the params; got {sorted(variables)}.'
     )
-  stats = variables['batch_stats']
-  params = {}
-  for name, sub in variables['params'].items():
-    if name in stats:
-      params[name] = _fold_block(sub, stats[name], name)
-    else:
-      params[name] = sub
+  params = _fold_params(variables['params'], variables['batch_stats'])
   return model.clone(norm='none', remat=False), {'params': params}
+
+
+@jax.jit
+def _fold_params(params: dict, stats: dict) -> dict:
+  """Every block's folding as one compiled program: eagerly, each of its few
+  operations per convolution would be compiled apart, at every prediction's start
+  (benchmarks/RESULTS.md, "Start-up")."""
+  return {
+    name: _fold_block(sub, stats[name], name) if name in stats else sub
+    for name, sub in params.items()
+  }
 
 
 def for_inference(
