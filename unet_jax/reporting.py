@@ -72,7 +72,9 @@ class EventFile:
     self._records.flush()
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
-    """One event at `step` holding every (tag, value) of `values`."""
+    """One event at `step` holding every (tag, value) of `values` (none if empty)."""
+    if not values:
+      return
     summary = summary_pb2.Summary(
       value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()]
     )
